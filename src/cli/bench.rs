@@ -1,0 +1,139 @@
+//! `weft bench`: end-to-end throughput and capture-to-apply lag on loopback.
+//!
+//! N regions (all-to-all) each get an application writer inserting fresh rows, either paced at
+//! `--rate` changes/s per region (the lag figure) or as fast as SQLite takes them (`--rate 0`,
+//! the throughput figure). Applied throughput is counted from the first write until every
+//! region has applied every other region's changes and the databases compare equal, so it
+//! includes the catch-up tail: nothing is counted that did not land.
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::config::{ReplicationConfig, Strategy, TableConfig};
+use crate::loopback::LoopbackMesh;
+use crate::telemetry::Metrics;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Regions in the mesh.
+    #[arg(long, default_value_t = 3)]
+    pub regions: usize,
+    /// Changes per second written in each region; 0 writes as fast as possible.
+    #[arg(long, default_value_t = 1000)]
+    pub rate: u64,
+    /// Seconds of writing.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// Rows per application transaction when `--rate 0`.
+    #[arg(long, default_value_t = 200)]
+    pub txn_rows: u64,
+    /// Folder for the databases (default: a fresh temporary folder).
+    #[arg(long)]
+    pub dir: Option<std::path::PathBuf>,
+}
+
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS bench (id INTEGER PRIMARY KEY, origin TEXT NOT NULL, n INTEGER NOT NULL, payload TEXT NOT NULL);";
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!((2..=9).contains(&args.regions), "--regions must be 2 to 9");
+    let (dir, _temp) = super::work_dir(args.dir.as_deref())?;
+    let names: Vec<String> = (0..args.regions).map(|i| format!("region{i}")).collect();
+    let names_ref: Vec<&str> = names.iter().map(String::as_str).collect();
+    let tables = [TableConfig {
+        name: "bench".into(),
+        strategy: Strategy::Lww,
+    }];
+    let mut mesh = LoopbackMesh::create(&dir, &names_ref, SCHEMA, &tables, &ReplicationConfig::default()).await?;
+    mesh.start_all().await?;
+    let mode = if args.rate == 0 {
+        format!("as fast as possible, {} rows per transaction", args.txn_rows)
+    } else {
+        format!("{} changes/s per region", args.rate)
+    };
+    println!(
+        "weft bench: {} regions, all-to-all, loopback, SQLite (synchronous=FULL); {mode}; {} s",
+        args.regions, args.duration
+    );
+
+    let duration = Duration::from_secs(args.duration);
+    let written: Vec<Arc<AtomicU64>> = names.iter().map(|_| Arc::new(AtomicU64::new(0))).collect();
+    let mut writers = tokio::task::JoinSet::new();
+    let started = Instant::now();
+    for (i, region) in mesh.regions.iter().enumerate() {
+        let app = region.app.clone();
+        let count = written[i].clone();
+        let origin = region.region.clone();
+        let (rows_per_txn, period) = if args.rate == 0 {
+            (args.txn_rows.max(1), Duration::ZERO)
+        } else {
+            // 100 transactions a second, like a busy OLTP application.
+            ((args.rate / 100).max(1), Duration::from_millis(10))
+        };
+        writers.spawn(async move {
+            let mut next_id = (i as i64) << 40;
+            let mut tick = (!period.is_zero()).then(|| tokio::time::interval(period));
+            let end = Instant::now() + duration;
+            while Instant::now() < end {
+                if let Some(tick) = &mut tick {
+                    tick.tick().await;
+                }
+                let mut tx = app.begin().await?;
+                for _ in 0..rows_per_txn {
+                    next_id += 1;
+                    sqlx::query("INSERT INTO bench (id, origin, n, payload) VALUES (?, ?, ?, ?)")
+                        .bind(next_id)
+                        .bind(&origin)
+                        .bind(next_id & 0xffff)
+                        .bind("a typical row of payload text, about sixty bytes long......")
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+                count.fetch_add(rows_per_txn, Ordering::Relaxed);
+            }
+            anyhow::Ok(())
+        });
+    }
+    // Lag is measured in the steady state: forget the first second.
+    tokio::time::sleep(Duration::from_secs(1).min(duration / 2)).await;
+    for region in &mesh.regions {
+        region.metrics.reset_lag();
+    }
+    while let Some(result) = writers.join_next().await {
+        result??;
+    }
+    let writing = started.elapsed();
+    mesh.wait_converged(Duration::from_secs(300)).await?;
+    let total = started.elapsed();
+
+    println!("\nregion     written   write rate   applied   applied/s (until converged)   lag p50   lag p99   lag max");
+    let mut applied_rates = Vec::new();
+    let mut p99s = Vec::new();
+    for (region, count) in mesh.regions.iter().zip(&written) {
+        let w = count.load(Ordering::Relaxed);
+        let applied = Metrics::get(&region.metrics.applied);
+        let rate = applied as f64 / total.as_secs_f64();
+        let lag = region.metrics.lag();
+        applied_rates.push(rate);
+        p99s.push(lag.p99_ms);
+        println!(
+            "{:<9} {:>8} {:>10.0}/s {:>9} {:>18.0}/s {:>18.2}ms {:>7.2}ms {:>7.2}ms",
+            region.region,
+            w,
+            w as f64 / writing.as_secs_f64(),
+            applied,
+            rate,
+            lag.p50_ms,
+            lag.p99_ms,
+            lag.max_ms
+        );
+    }
+    let min_rate = applied_rates.iter().copied().fold(f64::INFINITY, f64::min);
+    let worst_p99 = p99s.iter().copied().fold(0.0, f64::max);
+    println!(
+        "\nsummary: applied >= {min_rate:.0} changes/s per region; worst lag p99 {worst_p99:.2} ms; converged {:.2} s after the last write",
+        (total - writing).as_secs_f64()
+    );
+    mesh.stop_all().await;
+    Ok(())
+}

@@ -1,0 +1,140 @@
+//! The `weft` command line: argument parsing and the commands' top level.
+//!
+//! Errors reach the user through `anyhow` here only; each says what failed and what to do.
+mod bench;
+mod demo;
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use crate::config::NodeConfig;
+use crate::node::Node;
+use crate::store::sqlite::{Identity, SqliteStore};
+
+#[derive(Parser, Debug)]
+#[command(name = "weft", version, about = "Active-active multi-region replication mesh")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run one sidecar until Ctrl-C or SIGTERM (then drain, wait for acks, exit).
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Three regions on loopback with a concurrent workload, a region restart, and a
+    /// convergence check. Exits non-zero if the regions do not converge.
+    Demo(demo::Args),
+    /// Measure end-to-end throughput and capture-to-apply lag on loopback.
+    Bench(bench::Args),
+    /// Replication state read from a node's database: frontiers, backlog, RPO exposure.
+    Status {
+        #[arg(long)]
+        config: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub async fn main(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run { config } => run(config).await,
+        Command::Demo(args) => demo::run(args).await,
+        Command::Bench(args) => bench::run(args).await,
+        Command::Status { config, json } => status(config, json).await,
+    }
+}
+
+/// The folder for a loopback mesh: the one given, or a temporary one removed when the
+/// returned guard drops.
+fn work_dir(dir: Option<&std::path::Path>) -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)> {
+    match dir {
+        Some(dir) => Ok((dir.to_owned(), None)),
+        None => {
+            let temp = tempfile::tempdir()?;
+            Ok((temp.path().to_owned(), Some(temp)))
+        }
+    }
+}
+
+async fn run(path: PathBuf) -> anyhow::Result<()> {
+    let config = NodeConfig::load(&path)?;
+    let node = Node::start(config)
+        .await
+        .with_context(|| format!("starting the node of {}", path.display()))?;
+    shutdown_signal().await;
+    tracing::info!("stopping: draining and waiting for acknowledgements");
+    node.stop().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn status(path: PathBuf, json: bool) -> anyhow::Result<()> {
+    let config = NodeConfig::load(&path)?;
+    let crate::config::Database::Sqlite(db) = &config.database;
+    let tables: Vec<String> = config.tables.iter().map(|t| t.name.clone()).collect();
+    let identity = Identity {
+        node: config.node.clone(),
+        region: config.region().to_owned(),
+    };
+    let store = SqliteStore::open(db, identity, &tables, config.replication.max_clock_skew()).await?;
+    let peers: Vec<(String, Vec<String>)> = crate::topology::downstream(&config.topology, &config.node)
+        .into_iter()
+        .map(|p| {
+            let origins = crate::topology::origins_for(&config.topology, &config.node, &p.id);
+            (p.id.clone(), origins.into_iter().map(str::to_owned).collect())
+        })
+        .collect();
+    let status = store.status(&peers).await?;
+    store.close().await;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(());
+    }
+    let now = crate::telemetry::now_micros();
+    println!(
+        "node {}: last seq {}, outbox pending {}, log {} events",
+        status.node, status.last_seq, status.outbox_pending, status.log_events
+    );
+    println!(
+        "dead letters {}, conflicts logged {}",
+        status.dead_letters, status.conflicts
+    );
+    println!("\napplied from            frontier   processed");
+    for (origin, seq, processed) in &status.frontiers {
+        println!("  {origin:<20} {seq:>9} {processed:>11}");
+    }
+    println!("\nsending to   origin          acked   unacked   oldest unacked (RPO exposure)");
+    for p in &status.peers {
+        let age = p
+            .oldest_unacked_micros
+            .map(|at| format!("{:.1} s", (now - at) as f64 / 1e6))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "  {:<10} {:<12} {:>8} {:>9}   {age}",
+            p.peer, p.origin, p.acked, p.unacked
+        );
+    }
+    Ok(())
+}

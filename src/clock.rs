@@ -1,0 +1,136 @@
+//! The node's hybrid logical clock.
+//!
+//! Guarantees: timestamps from `now` strictly increase, also across restarts when the caller
+//! restores the last persisted value with `Clock::restore` (stores persist `last()` in the same
+//! transaction as the events stamped with it). `observe` folds a remote timestamp in, unless it
+//! lies further ahead of physical time than `max_skew`: such a timestamp is counted, logged
+//! and ignored, so one bad peer clock cannot drag the mesh into the future.
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use hlc_gen::{HlcGenerator, HlcTimestamp};
+
+use crate::event::Hlc;
+
+pub struct Clock {
+    // Drift checks are ours (see `observe`), so the generator runs with its own check off.
+    generator: HlcGenerator,
+    max_skew_ms: i64,
+    skew_reports: AtomicU64,
+}
+
+/// A remote timestamp that was too far ahead to adopt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SkewReport {
+    pub remote: Hlc,
+    pub ahead_ms: i64,
+}
+
+impl Clock {
+    pub fn new(max_skew: Duration) -> Self {
+        Self {
+            generator: HlcGenerator::new(0),
+            max_skew_ms: max_skew.as_millis().min(i64::MAX as u128) as i64,
+            skew_reports: AtomicU64::new(0),
+        }
+    }
+
+    /// Continues from a persisted timestamp: every later `now` is greater than `last`, even if
+    /// the wall clock went backwards while the node was down.
+    pub fn restore(max_skew: Duration, last: Hlc) -> Self {
+        let clock = Self::new(max_skew);
+        if let Ok(ts) = HlcTimestamp::try_from(last.0) {
+            // Our own persisted value is trusted: no skew check.
+            let _ = clock.generator.update(&ts);
+        }
+        clock
+    }
+
+    /// A fresh timestamp for a local event.
+    pub fn now(&self) -> Hlc {
+        let ts = self
+            .generator
+            .next_timestamp()
+            .expect("the HLC logical counter overflowed: more than 4 million events in one ms");
+        Hlc(ts.as_u64())
+    }
+
+    /// The greatest timestamp issued or observed so far (what a store persists).
+    pub fn last(&self) -> Hlc {
+        Hlc(self.generator.timestamp().as_u64())
+    }
+
+    /// Folds in a timestamp received from a peer.
+    pub fn observe(&self, remote: Hlc, physical_now_ms: i64) -> Result<(), SkewReport> {
+        let ahead_ms = remote.physical_ms() - physical_now_ms;
+        if ahead_ms > self.max_skew_ms {
+            self.skew_reports.fetch_add(1, Ordering::Relaxed);
+            return Err(SkewReport { remote, ahead_ms });
+        }
+        if let Ok(ts) = HlcTimestamp::try_from(remote.0) {
+            let _ = self.generator.update(&ts);
+        }
+        Ok(())
+    }
+
+    /// `observe` against the wall clock now.
+    pub fn observe_now(&self, remote: Hlc) -> Result<(), SkewReport> {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        self.observe(remote, now_ms)
+    }
+
+    /// How many remote timestamps were refused for skew since start.
+    pub fn skew_reports(&self) -> u64 {
+        self.skew_reports.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wall_ms() -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    }
+
+    #[test]
+    fn timestamps_strictly_increase() {
+        let clock = Clock::new(Duration::from_millis(500));
+        let mut last = clock.now();
+        for _ in 0..10_000 {
+            let next = clock.now();
+            assert!(next > last);
+            last = next;
+        }
+    }
+
+    #[test]
+    fn restore_never_goes_backwards() {
+        let ahead = Hlc(hlc_gen::HlcTimestamp::from_parts(wall_ms() + 3_600_000, 7)
+            .unwrap()
+            .as_u64());
+        let clock = Clock::restore(Duration::from_millis(500), ahead);
+        assert!(clock.now() > ahead);
+    }
+
+    #[test]
+    fn observe_adopts_near_timestamps_and_refuses_far_ones() {
+        let clock = Clock::new(Duration::from_millis(500));
+        let now = wall_ms();
+        let near = Hlc(hlc_gen::HlcTimestamp::from_parts(now + 200, 3).unwrap().as_u64());
+        clock.observe(near, now).unwrap();
+        assert!(clock.now() > near);
+
+        let far = Hlc(hlc_gen::HlcTimestamp::from_parts(now + 60_000, 0).unwrap().as_u64());
+        let report = clock.observe(far, now).unwrap_err();
+        assert!(report.ahead_ms >= 60_000);
+        assert_eq!(clock.skew_reports(), 1);
+        assert!(clock.now() < far, "a refused timestamp must not be adopted");
+    }
+}

@@ -1,0 +1,464 @@
+//! Configuration files: the mesh topology (`topology/*.toml`) and one node's config.
+//!
+//! Both are TOML with a `version` field; unknown keys are refused. Parsing and `validate` do
+//! no IO (the one IO step, reading the files, is `NodeConfig::load`), and every error names
+//! the file and the key so a bad deploy is caught before anything starts.
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::NodeId;
+
+pub const CONFIG_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read { file: PathBuf, source: std::io::Error },
+    #[error("{file}: {message}")]
+    Parse { file: PathBuf, message: String },
+    #[error("{file}: {key}: {message}")]
+    Invalid {
+        file: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+fn invalid(file: &Path, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        file: file.to_owned(),
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// The shape of the mesh: who sends which events to whom.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Shape {
+    /// Each node sends its own events to every other node; nobody relays.
+    AllToAll,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSpec {
+    pub id: NodeId,
+    pub region: String,
+    /// `host:port` where this node's sidecar accepts replication streams.
+    pub address: String,
+}
+
+/// A topology file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Topology {
+    pub version: u32,
+    /// Name of the mesh; nodes of different meshes refuse to talk.
+    pub mesh: String,
+    pub shape: Shape,
+    pub nodes: Vec<NodeSpec>,
+}
+
+impl Topology {
+    pub fn parse(text: &str, file: &Path) -> Result<Self, ConfigError> {
+        let topology: Topology = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: file.to_owned(),
+            message: e.to_string(),
+        })?;
+        topology.validate(file)?;
+        Ok(topology)
+    }
+
+    pub fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        if self.version != CONFIG_VERSION {
+            return Err(invalid(
+                file,
+                "version",
+                format!("is {}, this weft reads version {CONFIG_VERSION}", self.version),
+            ));
+        }
+        if self.mesh.trim().is_empty() {
+            return Err(invalid(file, "mesh", "must name the mesh"));
+        }
+        if self.nodes.len() < 2 {
+            return Err(invalid(file, "nodes", "a mesh needs at least two nodes"));
+        }
+        let mut ids = HashSet::new();
+        let mut addresses = HashSet::new();
+        for (i, node) in self.nodes.iter().enumerate() {
+            let key = format!("nodes[{i}]");
+            validate_name(&node.id).map_err(|m| invalid(file, format!("{key}.id"), m))?;
+            validate_name(&node.region).map_err(|m| invalid(file, format!("{key}.region"), m))?;
+            if !ids.insert(node.id.as_str()) {
+                return Err(invalid(
+                    file,
+                    format!("{key}.id"),
+                    format!("duplicate node id `{}`", node.id),
+                ));
+            }
+            if node
+                .address
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_none()
+            {
+                return Err(invalid(
+                    file,
+                    format!("{key}.address"),
+                    format!("`{}` is not host:port", node.address),
+                ));
+            }
+            if !addresses.insert(node.address.as_str()) {
+                return Err(invalid(
+                    file,
+                    format!("{key}.address"),
+                    format!("duplicate address `{}`", node.address),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn node(&self, id: &str) -> Option<&NodeSpec> {
+        self.nodes.iter().find(|n| n.id == id)
+    }
+}
+
+fn validate_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{name}` must be 1 to 64 characters of a-z, A-Z, 0-9, '-', '_', '.'"
+        ))
+    }
+}
+
+/// How concurrent writes to a table are resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// Greatest (hlc, origin node) wins; exact ties by row content.
+    Lww,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableConfig {
+    pub name: String,
+    pub strategy: Strategy,
+}
+
+/// Tuning knobs; every one has a default that suits a LAN-to-WAN mesh.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicationConfig {
+    /// Most events in one batch on the wire (a capture batch is never split).
+    pub batch_max_events: usize,
+    /// Batches a sender may have unacknowledged per peer (back-pressure).
+    pub window: usize,
+    pub heartbeat_ms: u64,
+    /// A peer silent this long is disconnected and redialled.
+    pub peer_timeout_ms: u64,
+    /// How often the outbox is checked for new commits.
+    pub poll_ms: u64,
+    /// A remote HLC further ahead of our wall clock than this is refused and reported.
+    pub max_clock_skew_ms: u64,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        Self {
+            batch_max_events: 2_000,
+            window: 8,
+            heartbeat_ms: 1_000,
+            peer_timeout_ms: 5_000,
+            poll_ms: 2,
+            max_clock_skew_ms: 500,
+        }
+    }
+}
+
+impl ReplicationConfig {
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms)
+    }
+    pub fn peer_timeout(&self) -> Duration {
+        Duration::from_millis(self.peer_timeout_ms)
+    }
+    pub fn poll(&self) -> Duration {
+        Duration::from_millis(self.poll_ms)
+    }
+    pub fn max_clock_skew(&self) -> Duration {
+        Duration::from_millis(self.max_clock_skew_ms)
+    }
+}
+
+/// A node config file as written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfigFile {
+    pub version: u32,
+    /// This node's id in the topology.
+    pub node: NodeId,
+    /// Path of the topology file, relative to this file's folder.
+    pub topology: PathBuf,
+    /// `sqlite://PATH` (or a plain path).
+    pub database: String,
+    /// Address to listen on; defaults to this node's address in the topology.
+    #[serde(default)]
+    pub listen: Option<String>,
+    #[serde(default)]
+    pub replication: ReplicationConfig,
+    pub tables: Vec<TableConfig>,
+}
+
+/// Where a node's database lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Database {
+    Sqlite(PathBuf),
+}
+
+impl Database {
+    pub fn parse(url: &str) -> Result<Self, String> {
+        if let Some(rest) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
+            if rest.is_empty() {
+                return Err("`sqlite://` needs a file path".into());
+            }
+            return Ok(Database::Sqlite(PathBuf::from(rest)));
+        }
+        if url.contains("://") {
+            return Err(format!("`{url}`: unsupported database; use sqlite://PATH"));
+        }
+        Ok(Database::Sqlite(PathBuf::from(url)))
+    }
+}
+
+/// A node's resolved configuration: what `node::run` needs, built from files or in code.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub node: NodeId,
+    pub topology: Topology,
+    pub database: Database,
+    pub listen: String,
+    pub replication: ReplicationConfig,
+    pub tables: Vec<TableConfig>,
+}
+
+impl NodeConfig {
+    /// Reads and validates a node config file and the topology file it names.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_owned(),
+            source,
+        })?;
+        let file: NodeConfigFile = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            file: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let topology_path = base.join(&file.topology);
+        let topology_text = std::fs::read_to_string(&topology_path).map_err(|source| ConfigError::Read {
+            file: topology_path.clone(),
+            source,
+        })?;
+        let topology = Topology::parse(&topology_text, &topology_path)?;
+        let mut database = file.database.clone();
+        if let Ok(Database::Sqlite(p)) = Database::parse(&file.database)
+            && p.is_relative()
+        {
+            database = format!("sqlite://{}", base.join(p).display());
+        }
+        Self::resolve(NodeConfigFile { database, ..file }, topology, path)
+    }
+
+    /// Validates a parsed file against its topology.
+    pub fn resolve(file: NodeConfigFile, topology: Topology, path: &Path) -> Result<Self, ConfigError> {
+        if file.version != CONFIG_VERSION {
+            return Err(invalid(
+                path,
+                "version",
+                format!("is {}, this weft reads version {CONFIG_VERSION}", file.version),
+            ));
+        }
+        let Some(spec) = topology.node(&file.node) else {
+            let known: Vec<&str> = topology.nodes.iter().map(|n| n.id.as_str()).collect();
+            return Err(invalid(
+                path,
+                "node",
+                format!("`{}` is not in the topology (nodes: {})", file.node, known.join(", ")),
+            ));
+        };
+        let database = Database::parse(&file.database).map_err(|m| invalid(path, "database", m))?;
+        if file.tables.is_empty() {
+            return Err(invalid(path, "tables", "list at least one table to replicate"));
+        }
+        let mut names = HashSet::new();
+        for (i, table) in file.tables.iter().enumerate() {
+            let ok = !table.name.is_empty()
+                && !table.name.starts_with("_weft")
+                && !table.name.starts_with("sqlite_")
+                && table.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !ok {
+                return Err(invalid(
+                    path,
+                    format!("tables[{i}].name"),
+                    format!(
+                        "`{}` must be a plain table name (letters, digits, '_'; not _weft*/sqlite_*)",
+                        table.name
+                    ),
+                ));
+            }
+            if !names.insert(table.name.as_str()) {
+                return Err(invalid(
+                    path,
+                    format!("tables[{i}].name"),
+                    format!("`{}` listed twice", table.name),
+                ));
+            }
+        }
+        let r = &file.replication;
+        if r.batch_max_events == 0 || r.window == 0 || r.poll_ms == 0 || r.heartbeat_ms == 0 {
+            return Err(invalid(
+                path,
+                "replication",
+                "batch_max_events, window, poll_ms and heartbeat_ms must be > 0",
+            ));
+        }
+        if r.peer_timeout_ms <= r.heartbeat_ms {
+            return Err(invalid(
+                path,
+                "replication.peer_timeout_ms",
+                "must be greater than heartbeat_ms",
+            ));
+        }
+        Ok(Self {
+            listen: file.listen.clone().unwrap_or_else(|| spec.address.clone()),
+            node: file.node,
+            topology,
+            database,
+            replication: file.replication,
+            tables: file.tables,
+        })
+    }
+
+    pub fn region(&self) -> &str {
+        &self.topology.node(&self.node).expect("validated").region
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOPOLOGY: &str = r#"
+version = 1
+mesh = "test"
+shape = "all-to-all"
+[[nodes]]
+id = "a"
+region = "ra"
+address = "127.0.0.1:1"
+[[nodes]]
+id = "b"
+region = "rb"
+address = "127.0.0.1:2"
+"#;
+
+    #[test]
+    fn parses_a_good_topology() {
+        let t = Topology::parse(TOPOLOGY, Path::new("t.toml")).unwrap();
+        assert_eq!(t.nodes.len(), 2);
+        assert_eq!(t.shape, Shape::AllToAll);
+    }
+
+    #[test]
+    fn refuses_bad_topologies_with_file_and_key() {
+        let cases = [
+            (TOPOLOGY.replace("mesh =", "mesh_name ="), "unknown field `mesh_name`"),
+            (TOPOLOGY.replace("version = 1", "version = 2"), "version: is 2"),
+            (TOPOLOGY.replace("\"b\"", "\"a\""), "duplicate node id `a`"),
+            (TOPOLOGY.replace(":2\"", ":1\""), "duplicate address"),
+            (TOPOLOGY.replace("127.0.0.1:2", "nowhere"), "is not host:port"),
+            (
+                TOPOLOGY.replace("all-to-all", "mesh-of-doom"),
+                "unknown variant `mesh-of-doom`",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = Topology::parse(&text, Path::new("bad.toml")).unwrap_err().to_string();
+            assert!(err.starts_with("bad.toml"), "{err}");
+            assert!(err.contains(want), "{err} should contain {want}");
+        }
+    }
+
+    #[test]
+    fn every_shipped_topology_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("topology");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                Topology::parse(&text, &path).unwrap_or_else(|e| panic!("{e}"));
+                seen += 1;
+            }
+        }
+        assert!(seen > 0, "no topology files found in {}", dir.display());
+    }
+
+    fn node_file(extra: &str) -> NodeConfigFile {
+        toml::from_str(&format!(
+            "version = 1\nnode = \"a\"\ntopology = \"t.toml\"\ndatabase = \"sqlite://a.db\"\n{extra}\n[[tables]]\nname = \"items\"\nstrategy = \"lww\"\n"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn resolves_a_node_config() {
+        let t = Topology::parse(TOPOLOGY, Path::new("t.toml")).unwrap();
+        let c = NodeConfig::resolve(node_file(""), t, Path::new("a.toml")).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:1");
+        assert_eq!(c.database, Database::Sqlite("a.db".into()));
+        assert_eq!(c.region(), "ra");
+    }
+
+    #[test]
+    fn refuses_bad_node_configs() {
+        let t = Topology::parse(TOPOLOGY, Path::new("t.toml")).unwrap();
+        let mut f = node_file("");
+        f.node = "z".into();
+        let err = NodeConfig::resolve(f, t.clone(), Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("a.toml: node: `z` is not in the topology (nodes: a, b)"),
+            "{err}"
+        );
+
+        let mut f = node_file("");
+        f.tables[0].name = "_weft_log".into();
+        let err = NodeConfig::resolve(f, t.clone(), Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tables[0].name"), "{err}");
+
+        let err = toml::from_str::<NodeConfigFile>("version = 1\nnodes = 3")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `nodes`"), "{err}");
+
+        let f = node_file("[replication]\nheartbeat_ms = 5000\npeer_timeout_ms = 100");
+        let err = NodeConfig::resolve(f, t, Path::new("a.toml")).unwrap_err().to_string();
+        assert!(err.contains("peer_timeout_ms"), "{err}");
+    }
+}

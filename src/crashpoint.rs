@@ -1,0 +1,29 @@
+//! Crash points for the crash tests: `WEFT_CRASHPOINT=NAME:N` aborts the process (no unwinding,
+//! no destructors, no flushing: what a `kill -9` does) the Nth time execution reaches the
+//! point named NAME. Unset, a crash point costs one relaxed atomic load.
+//!
+//! Points: `after-drain` (events committed to the log, not yet sent) and `after-apply`
+//! (a batch committed, not yet acknowledged).
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+static ARMED: OnceLock<Option<(String, u64)>> = OnceLock::new();
+static HITS: AtomicU64 = AtomicU64::new(0);
+
+fn armed() -> &'static Option<(String, u64)> {
+    ARMED.get_or_init(|| {
+        let spec = std::env::var("WEFT_CRASHPOINT").ok()?;
+        let (name, count) = spec.split_once(':').unwrap_or((spec.as_str(), "1"));
+        Some((name.to_owned(), count.parse().unwrap_or(1)))
+    })
+}
+
+pub fn hit(name: &str) {
+    if let Some((armed, count)) = armed()
+        && armed == name
+        && HITS.fetch_add(1, Ordering::Relaxed) + 1 == *count
+    {
+        eprintln!("weft: crash point {name} reached; aborting");
+        std::process::abort();
+    }
+}

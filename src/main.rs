@@ -1,0 +1,26 @@
+//! The `weft` binary: logging set-up, then the command line in `weft::cli`.
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = weft::cli::Cli::parse();
+    // The loopback commands print their own progress; their nodes only speak up on trouble.
+    let quiet = matches!(cli.command, weft::cli::Command::Demo(_) | weft::cli::Command::Bench(_));
+    let default_filter = if quiet { "weft=error" } else { "weft=info" };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("starting the tokio runtime");
+    match runtime.block_on(weft::cli::main(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("weft: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

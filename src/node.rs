@@ -1,0 +1,248 @@
+//! A running sidecar: the only module that spawns tasks.
+//!
+//! `Node::start` opens the store (installing schema and triggers), binds the listener and
+//! spawns: the gRPC server (receiving), one feeder per downstream peer (sending), the capture
+//! loop (drains the outbox whenever another connection commits), and upkeep (persists
+//! acknowledgements, trims the log, logs a status line). `Node::stop` is graceful: one shutdown
+//! signal, a final drain, feeders wait briefly for outstanding acks, then the store closes.
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::{Database, NodeConfig};
+use crate::event::NodeId;
+use crate::shutdown::stopped;
+use crate::store::StoreError;
+use crate::store::sqlite::{Identity, SqliteStore};
+use crate::telemetry::Metrics;
+use crate::topology;
+use crate::transport::grpc::{self, Context, MAX_MESSAGE_BYTES, ReplicationServer, Service};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {address}: {source}; is another weft running there?")]
+    Listen { address: String, source: std::io::Error },
+}
+
+pub struct Node {
+    pub config: Arc<NodeConfig>,
+    pub store: Arc<SqliteStore>,
+    pub metrics: Arc<Metrics>,
+    pub listen: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl Node {
+    pub async fn start(config: NodeConfig) -> Result<Self, NodeError> {
+        Self::start_with_metrics(config, Arc::new(Metrics::default())).await
+    }
+
+    /// Like `start`, adding to existing figures (a restarted region keeps its history).
+    pub async fn start_with_metrics(config: NodeConfig, metrics: Arc<Metrics>) -> Result<Self, NodeError> {
+        let config = Arc::new(config);
+        let Database::Sqlite(path) = &config.database;
+        let tables: Vec<String> = config.tables.iter().map(|t| t.name.clone()).collect();
+        let identity = Identity {
+            node: config.node.clone(),
+            region: config.region().to_owned(),
+        };
+        let store = Arc::new(SqliteStore::open(path, identity, &tables, config.replication.max_clock_skew()).await?);
+        let listener = TcpListener::bind(&config.listen)
+            .await
+            .map_err(|source| NodeError::Listen {
+                address: config.listen.clone(),
+                source,
+            })?;
+        let listen = listener.local_addr().map_err(|source| NodeError::Listen {
+            address: config.listen.clone(),
+            source,
+        })?;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (log_grew, _) = watch::channel(store.last_seq().await);
+        let ctx = Context {
+            config: config.clone(),
+            store: store.clone(),
+            metrics,
+            log_grew,
+            acks: Default::default(),
+            shutdown: shutdown_rx.clone(),
+        };
+        let mut tasks = JoinSet::new();
+
+        let service = ReplicationServer::new(Service::new(ctx.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let mut server_stop = shutdown_rx.clone();
+        let (keepalive, keepalive_timeout) = (config.replication.heartbeat(), config.replication.peer_timeout());
+        tasks.spawn(async move {
+            let result = tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .http2_keepalive_interval(Some(keepalive))
+                .http2_keepalive_timeout(Some(keepalive_timeout))
+                .add_service(service)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                    stopped(&mut server_stop).await;
+                })
+                .await;
+            if let Err(error) = result {
+                tracing::error!(%error, "replication server stopped");
+            }
+        });
+        for peer in topology::downstream(&config.topology, &config.node) {
+            tasks.spawn(grpc::feed_peer(ctx.clone(), peer.clone()));
+        }
+        tasks.spawn(capture_loop(ctx.clone()));
+        tasks.spawn(upkeep_loop(ctx.clone()));
+        tracing::info!(node = %config.node, %listen, peers = topology::downstream(&config.topology, &config.node).len(), "weft node started");
+        Ok(Self {
+            config,
+            store,
+            metrics: ctx.metrics,
+            listen,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Graceful stop: final drain, outstanding acks awaited briefly, store closed.
+    pub async fn stop(mut self) {
+        self.shutdown.send_replace(true);
+        let deadline = tokio::time::sleep(Duration::from_secs(10));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                next = self.tasks.join_next() => if next.is_none() { break },
+                _ = &mut deadline => {
+                    tracing::warn!("tasks did not stop in time; aborting them");
+                    self.tasks.abort_all();
+                    while self.tasks.join_next().await.is_some() {}
+                    break;
+                }
+            }
+        }
+        if let Ok(store) = Arc::try_unwrap(self.store) {
+            store.close().await;
+        }
+    }
+
+    /// Peers and the origins each must acknowledge (for status and log trimming).
+    pub fn needs(&self) -> Vec<(NodeId, Vec<NodeId>)> {
+        needs(&self.config)
+    }
+}
+
+fn needs(config: &NodeConfig) -> Vec<(NodeId, Vec<NodeId>)> {
+    topology::downstream(&config.topology, &config.node)
+        .into_iter()
+        .map(|peer| {
+            let origins = topology::origins_for(&config.topology, &config.node, &peer.id);
+            (peer.id.clone(), origins.into_iter().map(str::to_owned).collect())
+        })
+        .collect()
+}
+
+/// Drains the outbox whenever another connection has committed; once more at shutdown.
+async fn capture_loop(ctx: Context) {
+    let mut shutdown = ctx.shutdown.clone();
+    let mut seen = None;
+    let mut failures = 0u32;
+    loop {
+        let stopping = *shutdown.borrow();
+        match ctx.store.data_version().await {
+            Ok(version) if Some(version) == seen && !stopping => {}
+            Ok(version) => match ctx.store.drain().await {
+                Ok(report) => {
+                    seen = Some(version);
+                    failures = 0;
+                    if report.events > 0 {
+                        crate::crashpoint::hit("after-drain");
+                        ctx.metrics
+                            .captured
+                            .fetch_add(report.events, std::sync::atomic::Ordering::Relaxed);
+                        ctx.log_grew.send_replace(report.last_seq);
+                    }
+                }
+                Err(error) => {
+                    failures += 1;
+                    if failures == 1 || failures.is_multiple_of(100) {
+                        tracing::error!(%error, failures, "capture failed; retrying");
+                    }
+                }
+            },
+            Err(error) => tracing::error!(%error, "cannot poll the database"),
+        }
+        if stopping {
+            return;
+        }
+        tokio::select! {
+            _ = stopped(&mut shutdown) => {}
+            _ = tokio::time::sleep(ctx.config.replication.poll()) => {}
+        }
+    }
+}
+
+/// Persists acknowledgements, trims the log, and logs a status line now and then.
+async fn upkeep_loop(ctx: Context) {
+    let mut shutdown = ctx.shutdown.clone();
+    let needs_by_origin: BTreeMap<NodeId, Vec<NodeId>> = {
+        let mut map: BTreeMap<NodeId, Vec<NodeId>> = BTreeMap::new();
+        for (peer, origins) in needs(&ctx.config) {
+            for origin in origins {
+                map.entry(origin).or_default().push(peer.clone());
+            }
+        }
+        map
+    };
+    let mut persisted: BTreeMap<(NodeId, NodeId), u64> = BTreeMap::new();
+    let mut ticks = 0u64;
+    loop {
+        let stopping = tokio::select! {
+            _ = stopped(&mut shutdown) => true,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => false,
+        };
+        let fresh: Vec<(NodeId, NodeId, u64)> = ctx
+            .acks
+            .lock()
+            .expect("ack book lock")
+            .iter()
+            .filter(|(k, v)| persisted.get(*k) != Some(*v))
+            .map(|((peer, origin), &seq)| (peer.clone(), origin.clone(), seq))
+            .collect();
+        if !fresh.is_empty() {
+            match ctx.store.record_acks_and_collect(&fresh, &needs_by_origin).await {
+                Ok(_) => {
+                    for (peer, origin, seq) in fresh {
+                        persisted.insert((peer, origin), seq);
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "cannot persist acknowledgements; will retry"),
+            }
+        }
+        ticks += 1;
+        if ticks.is_multiple_of(50) {
+            let m = &ctx.metrics;
+            let lag = m.lag();
+            tracing::info!(
+                captured = Metrics::get(&m.captured),
+                applied = Metrics::get(&m.applied),
+                conflicts = Metrics::get(&m.conflicts),
+                dead_lettered = Metrics::get(&m.dead_lettered),
+                lag_p50_ms = lag.p50_ms,
+                lag_p99_ms = lag.p99_ms,
+                "status"
+            );
+        }
+        if stopping {
+            return;
+        }
+    }
+}

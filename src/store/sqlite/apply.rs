@@ -1,0 +1,321 @@
+//! Apply: remote events into the local database, exactly once.
+//!
+//! One `BEGIN IMMEDIATE` transaction per run of events: mark the transaction as the applier's
+//! (so capture triggers skip its writes), drain pending local changes first (so a remote event
+//! never overwrites an undrained local change: the race becomes a visible conflict), then per
+//! origin in seq order: drop duplicates, stop at a gap, decide with `replicate::decide`, write,
+//! and advance the frontier. Frontier, data, metadata and clock commit together; the caller
+//! acknowledges only after commit. An event that cannot be applied goes to
+//! `_weft_dead_letters` with the reason and still advances the frontier: it never blocks the
+//! stream and is never silently lost.
+use std::collections::{BTreeMap, HashSet};
+
+use sqlx::{AssertSqlSafe, Connection as _, SqliteConnection};
+
+use super::SqliteStore;
+use super::capture::{load_version, read_row, store_version};
+use super::schema::{NOW_MICROS, TableInfo, quote};
+use super::values::bind;
+use crate::config::Strategy;
+use crate::event::{Event, Op, Row};
+use crate::replicate::{Decision, RowVersion, decide};
+use crate::resolve::Winner;
+use crate::store::{ApplyReport, StoreError};
+use crate::topology;
+use crate::wire;
+
+/// The frontier of one origin while a run is applied.
+struct Frontier {
+    seq: u64,
+    processed: u64,
+}
+
+/// Whether a database error is about this event's content (dead-letter it) rather than about
+/// the database itself (fail the run, retry later).
+fn rejects_event(error: &sqlx::Error) -> Option<String> {
+    let sqlx::Error::Database(db) = error else { return None };
+    let code: i32 = db.code()?.parse().ok()?;
+    // SQLITE_ERROR (e.g. no such column), TOOBIG, CONSTRAINT, MISMATCH, RANGE.
+    matches!(code & 0xff, 1 | 18 | 19 | 20 | 25).then(|| db.message().to_owned())
+}
+
+fn version_json(version: &RowVersion, row: Option<&Row>) -> serde_json::Value {
+    serde_json::json!({
+        "origin": version.origin,
+        "hlc": version.hlc.to_string(),
+        "version": serde_json::from_str::<serde_json::Value>(&version.version.to_json()).unwrap_or_default(),
+        "deleted": version.deleted,
+        "row": row.map(Row::to_json),
+    })
+}
+
+impl SqliteStore {
+    /// Applies a run of remote events (one stream's frame) in one transaction.
+    pub async fn apply(&self, events: Vec<Event>) -> Result<ApplyReport, StoreError> {
+        let mut guard = self.writer.lock().await;
+        let last_seq = guard.last_seq;
+        let mut tx = guard.conn.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query("INSERT INTO _weft_applying (marker) VALUES (1)")
+            .execute(&mut *tx)
+            .await?;
+        let mut report = ApplyReport {
+            drained: self.drain_in(&mut tx, last_seq).await?,
+            ..ApplyReport::default()
+        };
+
+        let complete = complete_batches(&events);
+        let mut frontiers: BTreeMap<String, Frontier> = BTreeMap::new();
+        let mut stopped: HashSet<String> = HashSet::new();
+        for event in events {
+            if topology::admit(&self.identity.node, &event).is_err() {
+                report.looped += 1;
+                continue;
+            }
+            if stopped.contains(&event.origin) {
+                continue;
+            }
+            if !frontiers.contains_key(&event.origin) {
+                let row: Option<(i64, i64)> =
+                    sqlx::query_as("SELECT seq, processed FROM _weft_frontier WHERE origin = ?")
+                        .bind(&event.origin)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                let (seq, processed) = row.unwrap_or((0, 0));
+                frontiers.insert(
+                    event.origin.clone(),
+                    Frontier {
+                        seq: seq as u64,
+                        processed: processed as u64,
+                    },
+                );
+            }
+            let frontier = frontiers.get_mut(&event.origin).expect("inserted above");
+            if event.seq <= frontier.seq {
+                report.duplicates += 1;
+                continue;
+            }
+            let batch_incomplete = complete.get(&event.origin).is_none_or(|&end| event.seq > end);
+            if event.seq != frontier.seq + 1 || batch_incomplete {
+                report
+                    .gap
+                    .get_or_insert((event.origin.clone(), frontier.seq, event.seq));
+                stopped.insert(event.origin.clone());
+                continue;
+            }
+            frontier.seq = event.seq;
+            frontier.processed += 1;
+            report.committed_at.push(event.committed_at_micros);
+            if let Err(skew) = self.clock.observe_now(event.hlc) {
+                report.skew.push(skew);
+            }
+            self.apply_one(&mut tx, &event, &mut report).await?;
+        }
+
+        for (origin, frontier) in &frontiers {
+            sqlx::query(
+                "INSERT INTO _weft_frontier (origin, seq, processed) VALUES (?, ?, ?) \
+                 ON CONFLICT (origin) DO UPDATE SET seq = excluded.seq, processed = excluded.processed",
+            )
+            .bind(origin)
+            .bind(frontier.seq as i64)
+            .bind(frontier.processed as i64)
+            .execute(&mut *tx)
+            .await?;
+        }
+        self.persist_clock(&mut tx).await?;
+        sqlx::query("DELETE FROM _weft_applying").execute(&mut *tx).await?;
+        tx.commit().await?;
+        guard.last_seq = report.drained.last_seq;
+        report.frontiers = frontiers.into_iter().map(|(o, f)| (o, f.seq)).collect();
+        Ok(report)
+    }
+
+    async fn apply_one(
+        &self,
+        tx: &mut SqliteConnection,
+        event: &Event,
+        report: &mut ApplyReport,
+    ) -> Result<(), StoreError> {
+        let Some(table) = self.tables.get(&event.table).cloned() else {
+            let reason = format!(
+                "table `{}` is not replicated on this node; add it to the node config",
+                event.table
+            );
+            return self.dead_letter(tx, event, &reason, report).await;
+        };
+        if let Some(reason) = shape_problem(&table, event) {
+            return self.dead_letter(tx, event, &reason, report).await;
+        }
+        let key_bytes = event.key.to_bytes();
+        let local = load_version(tx, &table.name, &key_bytes).await?;
+        let strategy = Strategy::Lww;
+        let mut decision = decide(strategy, local.as_ref(), event, None);
+        let mut local_row = None;
+        if decision == Decision::NeedsLocalContent {
+            local_row = read_row(tx, &table, &event.key).await?;
+            let content = local_row.clone().map(Op::Upsert).unwrap_or(Op::Delete).content_bytes();
+            decision = decide(strategy, local.as_ref(), event, Some(&content));
+        }
+        match decision {
+            Decision::Stale => report.stale += 1,
+            Decision::NeedsLocalContent => unreachable!("content was supplied"),
+            Decision::FastForward { next } => {
+                if let Err(reason) = self.write_row(tx, &table, event).await? {
+                    return self.dead_letter(tx, event, &reason, report).await;
+                }
+                store_version(tx, &table.name, &key_bytes, &next).await?;
+                report.applied += 1;
+            }
+            Decision::Conflict { winner, next } => {
+                let local = local.expect("a conflict needs a local version");
+                if local_row.is_none() && !local.deleted {
+                    local_row = read_row(tx, &table, &event.key).await?;
+                }
+                if winner == Winner::Remote {
+                    if let Err(reason) = self.write_row(tx, &table, event).await? {
+                        return self.dead_letter(tx, event, &reason, report).await;
+                    }
+                    report.applied += 1;
+                }
+                store_version(tx, &table.name, &key_bytes, &next).await?;
+                let remote_row = match &event.op {
+                    Op::Upsert(row) => Some(row),
+                    Op::Delete => None,
+                };
+                let local_json = version_json(&local, local_row.as_ref());
+                let remote_json = version_json(&RowVersion::of_event(event), remote_row);
+                let (won, lost) = match winner {
+                    Winner::Local => (local_json, remote_json),
+                    Winner::Remote => (remote_json, local_json),
+                };
+                sqlx::query(AssertSqlSafe(format!(
+                    "INSERT INTO _weft_conflicts (tbl, key, strategy, winner, loser, at) VALUES (?, ?, ?, ?, ?, {NOW_MICROS})"
+                )))
+                .bind(&table.name)
+                .bind(event.key.to_string())
+                .bind("lww")
+                .bind(won.to_string())
+                .bind(lost.to_string())
+                .execute(&mut *tx)
+                .await?;
+                report.conflicts += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the event's op to the table. `Ok(Err(reason))`: the database refused this
+    /// event's content (the statement was rolled back, the transaction goes on).
+    async fn write_row(
+        &self,
+        tx: &mut SqliteConnection,
+        table: &TableInfo,
+        event: &Event,
+    ) -> Result<Result<(), String>, StoreError> {
+        let result = match &event.op {
+            Op::Delete => {
+                let mut query = sqlx::query(AssertSqlSafe(table.delete_sql.as_str()));
+                for value in &event.key.0 {
+                    query = bind(query, value);
+                }
+                query.execute(&mut *tx).await
+            }
+            Op::Upsert(row) => {
+                let names: Vec<String> = row.0.iter().map(|(c, _)| quote(c)).collect();
+                let updates: Vec<String> = row
+                    .0
+                    .iter()
+                    .filter(|(c, _)| !table.key.contains(c))
+                    .map(|(c, _)| format!("{0} = excluded.{0}", quote(c)))
+                    .collect();
+                let on_conflict = if updates.is_empty() {
+                    "DO NOTHING".to_owned()
+                } else {
+                    format!("DO UPDATE SET {}", updates.join(", "))
+                };
+                let sql = format!(
+                    "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) {on_conflict}",
+                    quote(&table.name),
+                    names.join(", "),
+                    vec!["?"; names.len()].join(", "),
+                    table.key.iter().map(|k| quote(k)).collect::<Vec<_>>().join(", "),
+                );
+                let mut query = sqlx::query(AssertSqlSafe(sql));
+                for (_, value) in &row.0 {
+                    query = bind(query, value);
+                }
+                query.execute(&mut *tx).await
+            }
+        };
+        match result {
+            Ok(_) => Ok(Ok(())),
+            Err(error) => match rejects_event(&error) {
+                Some(reason) => Ok(Err(reason)),
+                None => Err(error.into()),
+            },
+        }
+    }
+
+    async fn dead_letter(
+        &self,
+        tx: &mut SqliteConnection,
+        event: &Event,
+        reason: &str,
+        report: &mut ApplyReport,
+    ) -> Result<(), StoreError> {
+        tracing::warn!(origin = %event.origin, seq = event.seq, table = %event.table, key = %event.key, reason, "dead-lettered event");
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO _weft_dead_letters (origin, seq, tbl, key, reason, event, at) VALUES (?, ?, ?, ?, ?, ?, {NOW_MICROS})"
+        )))
+        .bind(&event.origin)
+        .bind(event.seq as i64)
+        .bind(&event.table)
+        .bind(event.key.to_string())
+        .bind(reason)
+        .bind(wire::encode_event(event))
+        .execute(&mut *tx)
+        .await?;
+        report.dead_lettered += 1;
+        Ok(())
+    }
+}
+
+/// Why an event does not fit the local table, if it does not.
+fn shape_problem(table: &TableInfo, event: &Event) -> Option<String> {
+    if event.key.0.len() != table.key.len() {
+        return Some(format!(
+            "key has {} values but table `{}` has {} key columns",
+            event.key.0.len(),
+            table.name,
+            table.key.len()
+        ));
+    }
+    if let Op::Upsert(row) = &event.op {
+        for (column, _) in &row.0 {
+            if !table.columns.contains(column) {
+                return Some(format!(
+                    "column `{column}` does not exist in table `{}` on this node; add it, then retry the dead letter",
+                    table.name
+                ));
+            }
+        }
+        for (i, key_column) in table.key.iter().enumerate() {
+            if row.get(key_column) != Some(&event.key.0[i]) {
+                return Some(format!("row image disagrees with the key on column `{key_column}`"));
+            }
+        }
+    }
+    None
+}
+
+/// Per origin, the last seq of the run that closes a capture batch: events past it belong to
+/// a batch the run does not hold completely and must not be applied yet.
+fn complete_batches(events: &[Event]) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for event in events {
+        if event.seq == event.batch_end {
+            out.insert(event.origin.clone(), event.seq);
+        }
+    }
+    out
+}

@@ -1,0 +1,263 @@
+//! SQLite schema: weft's metadata tables and the capture triggers on replicated tables.
+//!
+//! `install` is idempotent: it creates what is missing, replaces triggers whose text changed,
+//! drops triggers of tables no longer replicated, and refuses a table without a primary key.
+//! Triggers record only the primary key of each changed row (plus the commit time); the drain
+//! reads the row image itself, so triggers never depend on non-key columns and a schema change
+//! to a replicated table needs no trigger change.
+use sqlx::{AssertSqlSafe, Row as _, SqliteConnection};
+
+use crate::store::StoreError;
+
+/// At most this many primary-key columns (the outbox has one typed slot per key column).
+pub const MAX_KEY_COLUMNS: usize = 4;
+
+pub(crate) const METADATA: &str = r#"
+CREATE TABLE IF NOT EXISTS _weft_node (name TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS _weft_outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    tbl TEXT NOT NULL,
+    k1, k2, k3, k4,
+    at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS _weft_applying (marker INTEGER);
+CREATE TABLE IF NOT EXISTS _weft_rows (
+    tbl TEXT NOT NULL,
+    key BLOB NOT NULL,
+    version TEXT NOT NULL,
+    hlc INTEGER NOT NULL,
+    origin TEXT NOT NULL,
+    deleted INTEGER NOT NULL,
+    PRIMARY KEY (tbl, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS _weft_log (
+    origin TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    batch_end INTEGER NOT NULL,
+    committed_at INTEGER NOT NULL,
+    event BLOB NOT NULL,
+    PRIMARY KEY (origin, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS _weft_frontier (
+    origin TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    processed INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS _weft_acks (
+    peer TEXT NOT NULL,
+    origin TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (peer, origin)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS _weft_dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    origin TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    tbl TEXT NOT NULL,
+    key TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    event BLOB NOT NULL,
+    at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS _weft_conflicts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    tbl TEXT NOT NULL,
+    key TEXT NOT NULL,
+    strategy TEXT NOT NULL,
+    winner TEXT NOT NULL,
+    loser TEXT NOT NULL,
+    at INTEGER NOT NULL
+);
+"#;
+
+/// SQL for "now" in µs since the Unix epoch, valid in every SQLite an application may link.
+pub(crate) const NOW_MICROS: &str = "CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER)";
+
+/// What weft knows of one replicated table.
+#[derive(Debug, Clone)]
+pub struct TableInfo {
+    pub name: String,
+    /// All columns, in table order.
+    pub columns: Vec<String>,
+    /// Primary-key columns, in key order.
+    pub key: Vec<String>,
+    /// `SELECT cols FROM t WHERE k1 = ? AND ...`
+    pub select_sql: String,
+    /// `DELETE FROM t WHERE k1 = ? AND ...`
+    pub delete_sql: String,
+}
+
+pub(crate) fn quote(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+fn key_predicate(key: &[String]) -> String {
+    key.iter()
+        .map(|k| format!("{} = ?", quote(k)))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// Reads a table's columns and primary key.
+pub async fn describe(conn: &mut SqliteConnection, table: &str) -> Result<TableInfo, StoreError> {
+    let rows = sqlx::query(AssertSqlSafe(format!("PRAGMA table_info({})", quote(table))))
+        .fetch_all(&mut *conn)
+        .await?;
+    let problem = |message: String| StoreError::Table {
+        table: table.to_owned(),
+        message,
+    };
+    if rows.is_empty() {
+        return Err(problem(
+            "does not exist in the database; create it before starting weft, or remove it from the config".into(),
+        ));
+    }
+    let mut columns = Vec::new();
+    let mut key: Vec<(i64, String)> = Vec::new();
+    for row in rows {
+        let name: String = row.try_get("name")?;
+        let pk: i64 = row.try_get("pk")?;
+        if pk > 0 {
+            key.push((pk, name.clone()));
+        }
+        columns.push(name);
+    }
+    if key.is_empty() {
+        return Err(problem(
+            "has no primary key; weft identifies rows by primary key, so add one (for example `id INTEGER PRIMARY KEY`)".into(),
+        ));
+    }
+    if key.len() > MAX_KEY_COLUMNS {
+        return Err(problem(format!(
+            "has a primary key of {} columns; weft supports at most {MAX_KEY_COLUMNS}",
+            key.len()
+        )));
+    }
+    key.sort();
+    let key: Vec<String> = key.into_iter().map(|(_, name)| name).collect();
+    let column_list = columns.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", ");
+    Ok(TableInfo {
+        select_sql: format!(
+            "SELECT {column_list} FROM {} WHERE {}",
+            quote(table),
+            key_predicate(&key)
+        ),
+        delete_sql: format!("DELETE FROM {} WHERE {}", quote(table), key_predicate(&key)),
+        name: table.to_owned(),
+        columns,
+        key,
+    })
+}
+
+fn trigger_name(table: &str, event: &str) -> String {
+    format!("_weft_capture_{table}_{event}")
+}
+
+/// The three capture triggers of a table, as (name, full SQL).
+fn trigger_sql(info: &TableInfo) -> Vec<(String, String)> {
+    let table = &info.name;
+    let slots = |row: &str| -> String {
+        (0..MAX_KEY_COLUMNS)
+            .map(|i| match info.key.get(i) {
+                Some(k) => format!("{row}.{}", quote(k)),
+                None => "0".into(),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let null_guard = |row: &str| -> String {
+        info.key
+            .iter()
+            .map(|k| {
+                format!(
+                    "SELECT RAISE(ABORT, 'weft: {table}.{k} is NULL; weft replicates rows by primary key, so give it a value') WHERE {row}.{} IS NULL;",
+                    quote(k)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n  ")
+    };
+    let record = |row: &str| {
+        format!(
+            "INSERT INTO _weft_outbox (tbl, k1, k2, k3, k4, at) VALUES ('{table}', {}, {NOW_MICROS});",
+            slots(row)
+        )
+    };
+    let key_changed = info
+        .key
+        .iter()
+        .map(|k| format!("OLD.{0} IS NOT NEW.{0}", quote(k)))
+        .collect::<Vec<_>>()
+        .join(" OR ");
+    let skip = "WHEN NOT EXISTS (SELECT 1 FROM _weft_applying)";
+    let q = quote(table);
+    let insert = trigger_name(table, "insert");
+    let update = trigger_name(table, "update");
+    let delete = trigger_name(table, "delete");
+    vec![
+        (
+            insert.clone(),
+            format!(
+                "CREATE TRIGGER {insert} AFTER INSERT ON {q} {skip}\nBEGIN\n  {}\n  {}\nEND",
+                null_guard("NEW"),
+                record("NEW")
+            ),
+        ),
+        (
+            update.clone(),
+            // A key change moves the row: capture the old key (now gone) and the new one.
+            format!(
+                "CREATE TRIGGER {update} AFTER UPDATE ON {q} {skip}\nBEGIN\n  {}\n  INSERT INTO _weft_outbox (tbl, k1, k2, k3, k4, at) SELECT '{table}', {}, {NOW_MICROS} WHERE {key_changed};\n  {}\nEND",
+                null_guard("NEW"),
+                slots("OLD"),
+                record("NEW")
+            ),
+        ),
+        (
+            delete.clone(),
+            format!(
+                "CREATE TRIGGER {delete} AFTER DELETE ON {q} {skip}\nBEGIN\n  {}\nEND",
+                record("OLD")
+            ),
+        ),
+    ]
+}
+
+/// Creates or updates weft's tables and triggers. Runs inside the caller's transaction.
+pub async fn install(conn: &mut SqliteConnection, tables: &[String]) -> Result<Vec<TableInfo>, StoreError> {
+    sqlx::raw_sql(METADATA).execute(&mut *conn).await?;
+    let mut infos = Vec::new();
+    let mut wanted = std::collections::HashSet::new();
+    for table in tables {
+        let info = describe(conn, table).await?;
+        for (name, sql) in trigger_sql(&info) {
+            let existing: Option<String> =
+                sqlx::query_scalar("SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = ?")
+                    .bind(&name)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+            if existing.as_deref() != Some(sql.as_str()) {
+                if existing.is_some() {
+                    sqlx::query(AssertSqlSafe(format!("DROP TRIGGER {name}")))
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                sqlx::query(AssertSqlSafe(sql)).execute(&mut *conn).await?;
+            }
+            wanted.insert(name);
+        }
+        infos.push(info);
+    }
+    let stale: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE type = 'trigger' AND name LIKE '\\_weft\\_capture\\_%' ESCAPE '\\'",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    for name in stale.into_iter().filter(|n| !wanted.contains(n)) {
+        tracing::info!(trigger = %name, "dropping capture trigger of a table no longer replicated");
+        sqlx::query(AssertSqlSafe(format!("DROP TRIGGER {}", quote(&name))))
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(infos)
+}

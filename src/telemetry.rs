@@ -1,0 +1,126 @@
+//! Live figures of one node: counters, capture-to-apply lag, per-peer replication state.
+//!
+//! Everything here is cheap to update from hot paths (atomics; one short mutex for the lag
+//! histogram and the peer table) and is read by `weft demo`, `weft bench`, the periodic status
+//! log line and tests. Lag is measured from the application's commit (stamped by the capture
+//! trigger) to the remote apply commit, on the wall clocks of the two machines.
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use hdrhistogram::Histogram;
+
+use crate::event::NodeId;
+use crate::store::ApplyReport;
+
+#[derive(Default, Debug, Clone, serde::Serialize)]
+pub struct PeerState {
+    pub connected: bool,
+    /// Highest own seq sent and acknowledged on the current connection.
+    pub sent: u64,
+    pub acked: u64,
+    pub reconnects: u64,
+}
+
+pub struct Metrics {
+    pub captured: AtomicU64,
+    pub applied: AtomicU64,
+    pub stale: AtomicU64,
+    pub conflicts: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub looped: AtomicU64,
+    pub skew_reports: AtomicU64,
+    pub gaps: AtomicU64,
+    /// Events processed past a frontier (applied, stale, conflicting or dead-lettered).
+    pub processed: AtomicU64,
+    lag_micros: Mutex<Histogram<u64>>,
+    peers: Mutex<BTreeMap<NodeId, PeerState>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            captured: AtomicU64::new(0),
+            applied: AtomicU64::new(0),
+            stale: AtomicU64::new(0),
+            conflicts: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            looped: AtomicU64::new(0),
+            skew_reports: AtomicU64::new(0),
+            gaps: AtomicU64::new(0),
+            processed: AtomicU64::new(0),
+            lag_micros: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")),
+            peers: Mutex::new(BTreeMap::new()),
+        }
+    }
+}
+
+/// Lag percentiles in milliseconds.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Lag {
+    pub samples: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Metrics {
+    pub fn record_apply(&self, report: &ApplyReport, now_micros: i64) {
+        let add = |counter: &AtomicU64, n: u64| {
+            counter.fetch_add(n, Ordering::Relaxed);
+        };
+        add(&self.captured, report.drained.events);
+        add(&self.applied, report.applied);
+        add(&self.stale, report.stale);
+        add(&self.conflicts, report.conflicts);
+        add(&self.dead_lettered, report.dead_lettered);
+        add(&self.duplicates, report.duplicates);
+        add(&self.looped, report.looped);
+        add(&self.skew_reports, report.skew.len() as u64);
+        add(&self.gaps, u64::from(report.gap.is_some()));
+        add(&self.processed, report.committed_at.len() as u64);
+        let mut lag = self.lag_micros.lock().expect("lag histogram lock");
+        for &at in &report.committed_at {
+            let _ = lag.record((now_micros - at).max(1) as u64);
+        }
+    }
+
+    pub fn lag(&self) -> Lag {
+        let h = self.lag_micros.lock().expect("lag histogram lock");
+        let ms = |v: u64| v as f64 / 1000.0;
+        Lag {
+            samples: h.len(),
+            p50_ms: ms(h.value_at_quantile(0.50)),
+            p99_ms: ms(h.value_at_quantile(0.99)),
+            max_ms: ms(h.max()),
+        }
+    }
+
+    /// Forgets lag samples (benchmarks measure a steady state after warm-up).
+    pub fn reset_lag(&self) {
+        self.lag_micros.lock().expect("lag histogram lock").reset();
+    }
+
+    pub fn update_peer(&self, peer: &str, update: impl FnOnce(&mut PeerState)) {
+        let mut peers = self.peers.lock().expect("peer table lock");
+        update(peers.entry(peer.to_owned()).or_default());
+    }
+
+    pub fn peers(&self) -> BTreeMap<NodeId, PeerState> {
+        self.peers.lock().expect("peer table lock").clone()
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// Wall-clock now in µs since the Unix epoch.
+pub fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}

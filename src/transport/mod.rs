@@ -1,0 +1,2 @@
+//! Transports: how events travel between peers. gRPC (tonic) is the built-in one.
+pub mod grpc;

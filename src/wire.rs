@@ -1,0 +1,192 @@
+//! The wire format: generated protobuf types (package `weft.v1`) and the one place they are
+//! converted to and from domain types.
+//!
+//! Decoding validates: an event without an op or with a value of unknown kind is refused
+//! with a `WireError`, never guessed at. Unknown fields are ignored by prost, which is what
+//! lets newer peers add fields.
+use crate::event::{Event, Hlc, Key, Op, Row, Value};
+use crate::version::VersionVector;
+
+#[allow(clippy::all, clippy::pedantic)]
+pub mod proto {
+    tonic::include_proto!("weft.v1");
+}
+
+pub const PROTOCOL: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("event {origin}/{seq}: {what}")]
+    Malformed {
+        origin: String,
+        seq: u64,
+        what: &'static str,
+    },
+    #[error("cannot decode event: {0}")]
+    Decode(#[from] prost::DecodeError),
+}
+
+fn value_to_proto(value: &Value) -> proto::Value {
+    use proto::value::Kind;
+    let kind = match value {
+        Value::Null => Kind::Null(true),
+        Value::Integer(i) => Kind::Integer(*i),
+        Value::Real(f) => Kind::Real(*f),
+        Value::Text(s) => Kind::Text(s.clone()),
+        Value::Blob(b) => Kind::Blob(b.clone()),
+    };
+    proto::Value { kind: Some(kind) }
+}
+
+fn value_from_proto(value: proto::Value) -> Option<Value> {
+    use proto::value::Kind;
+    Some(match value.kind? {
+        Kind::Null(_) => Value::Null,
+        Kind::Integer(i) => Value::Integer(i),
+        Kind::Real(f) => Value::Real(f),
+        Kind::Text(s) => Value::Text(s),
+        Kind::Blob(b) => Value::Blob(b),
+    })
+}
+
+pub fn event_to_proto(event: &Event) -> proto::Event {
+    let op = match &event.op {
+        Op::Upsert(row) => proto::event::Op::Upsert(proto::Upsert {
+            columns: row
+                .0
+                .iter()
+                .map(|(name, value)| proto::Column {
+                    name: name.clone(),
+                    value: Some(value_to_proto(value)),
+                })
+                .collect(),
+        }),
+        Op::Delete => proto::event::Op::Delete(proto::Delete {}),
+    };
+    proto::Event {
+        origin_node: event.origin.clone(),
+        origin_region: event.origin_region.clone(),
+        seq: event.seq,
+        batch_end: event.batch_end,
+        hlc: event.hlc.0,
+        table: event.table.clone(),
+        key: event.key.0.iter().map(value_to_proto).collect(),
+        op: Some(op),
+        version: event
+            .version
+            .iter()
+            .map(|(node, counter)| proto::VersionEntry {
+                node: node.to_owned(),
+                counter,
+            })
+            .collect(),
+        path: event.path.clone(),
+        committed_at_micros: event.committed_at_micros,
+    }
+}
+
+pub fn event_from_proto(event: proto::Event) -> Result<Event, WireError> {
+    let malformed = |what| WireError::Malformed {
+        origin: event.origin_node.clone(),
+        seq: event.seq,
+        what,
+    };
+    if event.origin_node.is_empty() || event.seq == 0 || event.batch_end < event.seq {
+        return Err(malformed("missing origin, seq or batch end"));
+    }
+    let key = event
+        .key
+        .iter()
+        .cloned()
+        .map(value_from_proto)
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| malformed("key value of unknown kind"))?;
+    let op = match event.op.clone() {
+        Some(proto::event::Op::Upsert(upsert)) => {
+            let mut columns = Vec::with_capacity(upsert.columns.len());
+            for column in upsert.columns {
+                let value = column
+                    .value
+                    .and_then(value_from_proto)
+                    .ok_or_else(|| malformed("column value of unknown kind"))?;
+                columns.push((column.name, value));
+            }
+            Op::Upsert(Row(columns))
+        }
+        Some(proto::event::Op::Delete(_)) => Op::Delete,
+        None => return Err(malformed("no op")),
+    };
+    Ok(Event {
+        version: event
+            .version
+            .into_iter()
+            .map(|entry| (entry.node, entry.counter))
+            .collect::<VersionVector>(),
+        origin: event.origin_node,
+        origin_region: event.origin_region,
+        seq: event.seq,
+        batch_end: event.batch_end,
+        hlc: Hlc(event.hlc),
+        table: event.table,
+        key: Key(key),
+        op,
+        path: event.path,
+        committed_at_micros: event.committed_at_micros,
+    })
+}
+
+pub fn encode_event(event: &Event) -> Vec<u8> {
+    prost::Message::encode_to_vec(&event_to_proto(event))
+}
+
+pub fn decode_event(bytes: &[u8]) -> Result<Event, WireError> {
+    let event: proto::Event = prost::Message::decode(bytes)?;
+    event_from_proto(event)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_round_trip_through_bytes() {
+        let event = Event {
+            origin: "a".into(),
+            origin_region: "ra".into(),
+            seq: 7,
+            batch_end: 9,
+            hlc: Hlc(123_456),
+            table: "t".into(),
+            key: Key(vec![Value::Integer(-5), Value::Text("k".into())]),
+            op: Op::Upsert(Row(vec![
+                ("n".into(), Value::Null),
+                ("f".into(), Value::Real(-0.0)),
+                ("b".into(), Value::Blob(vec![0, 255])),
+            ])),
+            version: [("a".to_string(), 3), ("b".to_string(), 1)].into_iter().collect(),
+            path: vec!["a".into()],
+            committed_at_micros: 42,
+        };
+        assert_eq!(decode_event(&encode_event(&event)).unwrap(), event);
+    }
+
+    #[test]
+    fn refuses_an_event_without_op() {
+        let mut p = event_to_proto(&Event {
+            origin: "a".into(),
+            origin_region: "r".into(),
+            seq: 1,
+            batch_end: 1,
+            hlc: Hlc(1),
+            table: "t".into(),
+            key: Key(vec![]),
+            op: Op::Delete,
+            version: Default::default(),
+            path: vec![],
+            committed_at_micros: 0,
+        });
+        p.op = None;
+        let err = event_from_proto(p).unwrap_err().to_string();
+        assert_eq!(err, "event a/1: no op");
+    }
+}

@@ -1,0 +1,127 @@
+//! Shared set-up for the integration tests: real SQLite files in a temporary folder.
+#![allow(dead_code)]
+use std::path::Path;
+use std::time::Duration;
+
+use sqlx::SqlitePool;
+use weft::event::Event;
+use weft::store::ApplyReport;
+use weft::store::sqlite::{Identity, SqliteStore};
+
+pub struct Replica {
+    pub node: String,
+    pub store: SqliteStore,
+    pub app: SqlitePool,
+}
+
+pub const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS items (id INTEGER PRIMARY KEY, name TEXT, qty INTEGER, price REAL, data BLOB);
+CREATE TABLE IF NOT EXISTS pairs (a TEXT NOT NULL, b INTEGER NOT NULL, v TEXT, PRIMARY KEY (a, b));
+";
+
+pub async fn replica(dir: &Path, node: &str) -> Replica {
+    replica_with(dir, node, SCHEMA, &["items", "pairs"]).await
+}
+
+pub async fn replica_with(dir: &Path, node: &str, schema: &str, tables: &[&str]) -> Replica {
+    let db = dir.join(format!("{node}.db"));
+    let app = weft::loopback::app_pool(&db).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(schema.to_owned()))
+        .execute(&app)
+        .await
+        .unwrap();
+    let tables: Vec<String> = tables.iter().map(|t| t.to_string()).collect();
+    let identity = Identity {
+        node: node.into(),
+        region: format!("region-of-{node}"),
+    };
+    let store = SqliteStore::open(&db, identity, &tables, Duration::from_millis(500))
+        .await
+        .unwrap();
+    Replica {
+        node: node.into(),
+        store,
+        app,
+    }
+}
+
+impl Replica {
+    pub async fn exec(&self, sql: &str) {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+            .execute(&self.app)
+            .await
+            .unwrap();
+    }
+
+    pub async fn drain(&self) -> u64 {
+        self.store.drain().await.unwrap().events
+    }
+
+    /// This replica's own events after `after`, decoded from its log.
+    pub async fn events(&self, after: u64) -> Vec<Event> {
+        self.store
+            .read_log(&self.node, after, usize::MAX >> 1)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| weft::wire::decode_event(&e.bytes).unwrap())
+            .collect()
+    }
+
+    /// Ships every event of `from` that this replica has not applied yet.
+    pub async fn pull(&self, from: &Replica) -> ApplyReport {
+        let frontier = self
+            .store
+            .frontiers()
+            .await
+            .unwrap()
+            .get(&from.node)
+            .copied()
+            .unwrap_or(0);
+        let events = from.events(frontier).await;
+        self.store.apply(events).await.unwrap()
+    }
+
+    pub async fn rows(&self, sql: &str) -> Vec<String> {
+        use sqlx::Row;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
+            .fetch_all(&self.app)
+            .await
+            .unwrap();
+        rows.iter()
+            .map(|r| {
+                (0..r.len())
+                    .map(|i| {
+                        let raw = r.try_get_raw(i).unwrap();
+                        use sqlx::ValueRef;
+                        if raw.is_null() {
+                            "NULL".to_string()
+                        } else if let Ok(v) = r.try_get::<i64, _>(i) {
+                            v.to_string()
+                        } else if let Ok(v) = r.try_get::<f64, _>(i) {
+                            v.to_string()
+                        } else if let Ok(v) = r.try_get::<String, _>(i) {
+                            v
+                        } else {
+                            format!("{:?}", r.try_get::<Vec<u8>, _>(i).unwrap())
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join("|")
+            })
+            .collect()
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+            .fetch_one(&self.app)
+            .await
+            .unwrap()
+    }
+
+    pub async fn snapshot(&self) -> std::collections::BTreeMap<String, Vec<String>> {
+        weft::store::sqlite::snapshot(&self.app, &["items".to_string(), "pairs".to_string()])
+            .await
+            .unwrap()
+    }
+}
