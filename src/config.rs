@@ -182,7 +182,7 @@ impl Default for ReplicationConfig {
             window: 8,
             heartbeat_ms: 1_000,
             peer_timeout_ms: 5_000,
-            poll_ms: 2,
+            poll_ms: 1,
             max_clock_skew_ms: 500,
         }
     }

@@ -1,6 +1,11 @@
 //! The `weft` binary: logging set-up, then the command line in `weft::cli`.
 use clap::Parser;
 
+// Replication moves many small rows through short-lived buffers; mimalloc handles that
+// allocation pattern markedly faster than the system allocator under threads.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = weft::cli::Cli::parse();
     // The loopback commands print their own progress; their nodes only speak up on trouble.

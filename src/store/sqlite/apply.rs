@@ -12,10 +12,10 @@ use std::collections::{BTreeMap, HashSet};
 
 use sqlx::{AssertSqlSafe, Connection as _, SqliteConnection};
 
-use super::SqliteStore;
 use super::capture::{load_version, read_row, store_version};
 use super::schema::{NOW_MICROS, TableInfo, quote};
 use super::values::bind;
+use super::{SqliteStore, Writer};
 use crate::config::Strategy;
 use crate::event::{Event, Op, Row};
 use crate::replicate::{Decision, RowVersion, decide};
@@ -24,15 +24,26 @@ use crate::store::{ApplyReport, StoreError};
 use crate::topology;
 use crate::wire;
 
+/// How a run is applied.
+#[derive(Clone, Copy)]
+enum Mode {
+    /// Set-based: decisions in memory, grouped writes, bulk metadata.
+    Bulk,
+    /// One event at a time; a refused write dead-letters just that event.
+    EventByEvent,
+}
+
 /// The frontier of one origin while a run is applied.
 struct Frontier {
     seq: u64,
     processed: u64,
+    /// Advanced by this run (only those are written back).
+    changed: bool,
 }
 
 /// Whether a database error is about this event's content (dead-letter it) rather than about
 /// the database itself (fail the run, retry later).
-fn rejects_event(error: &sqlx::Error) -> Option<String> {
+pub(super) fn rejects_event(error: &sqlx::Error) -> Option<String> {
     let sqlx::Error::Database(db) = error else { return None };
     let code: i32 = db.code()?.parse().ok()?;
     // SQLITE_ERROR (e.g. no such column), TOOBIG, CONSTRAINT, MISMATCH, RANGE.
@@ -51,41 +62,71 @@ fn version_json(version: &RowVersion, row: Option<&Row>) -> serde_json::Value {
 
 impl SqliteStore {
     /// Applies a run of remote events (one stream's frame) in one transaction.
+    ///
+    /// The set-based path runs first; if the database refuses any grouped write for its
+    /// content, the whole transaction rolls back and the run is replayed event by event,
+    /// which finds and dead-letters exactly the refused events.
     pub async fn apply(&self, events: Vec<Event>) -> Result<ApplyReport, StoreError> {
         let mut guard = self.writer.lock().await;
-        let last_seq = guard.last_seq;
-        let mut tx = guard.conn.begin_with("BEGIN IMMEDIATE").await?;
+        if let Some(report) = self.attempt(&mut guard, &events, Mode::Bulk).await? {
+            return Ok(report);
+        }
+        tracing::debug!("a grouped write was refused; replaying the run event by event");
+        let report = self.attempt(&mut guard, &events, Mode::EventByEvent).await?;
+        Ok(report.expect("the event-by-event path dead-letters instead of refusing"))
+    }
+
+    /// One try at applying `events`; `None` when `Mode::Bulk` met a refused write (nothing
+    /// was committed).
+    async fn attempt(
+        &self,
+        writer: &mut Writer,
+        events: &[Event],
+        mode: Mode,
+    ) -> Result<Option<ApplyReport>, StoreError> {
+        let mut tx = writer.conn.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query("INSERT INTO _weft_applying (marker) VALUES (1)")
             .execute(&mut *tx)
             .await?;
         let mut report = ApplyReport {
-            drained: self.drain_in(&mut tx, last_seq).await?,
+            drained: self.drain_in(&mut tx, writer.last_seq).await?,
             ..ApplyReport::default()
         };
 
-        let complete = complete_batches(&events);
-        let mut frontiers: BTreeMap<String, Frontier> = BTreeMap::new();
-        let mut stopped: HashSet<String> = HashSet::new();
-        for event in events {
-            if topology::admit(&self.identity.node, &event).is_err() {
-                report.looped += 1;
-                continue;
-            }
-            if stopped.contains(&event.origin) {
-                continue;
-            }
-            if !frontiers.contains_key(&event.origin) {
-                let row: Option<(i64, i64)> =
-                    sqlx::query_as("SELECT seq, processed FROM _weft_frontier WHERE origin = ?")
-                        .bind(&event.origin)
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                let (seq, processed) = row.unwrap_or((0, 0));
-                frontiers.insert(
-                    event.origin.clone(),
+        let complete = complete_batches(events);
+        let known: Vec<(String, i64, i64)> = sqlx::query_as("SELECT origin, seq, processed FROM _weft_frontier")
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut frontiers: BTreeMap<String, Frontier> = known
+            .into_iter()
+            .map(|(origin, seq, processed)| {
+                (
+                    origin,
                     Frontier {
                         seq: seq as u64,
                         processed: processed as u64,
+                        changed: false,
+                    },
+                )
+            })
+            .collect();
+        let mut stopped: HashSet<&str> = HashSet::new();
+        let mut admitted = Vec::with_capacity(events.len());
+        for event in events {
+            if topology::admit(&self.identity.node, event).is_err() {
+                report.looped += 1;
+                continue;
+            }
+            if stopped.contains(event.origin.as_str()) {
+                continue;
+            }
+            if !frontiers.contains_key(&event.origin) {
+                frontiers.insert(
+                    event.origin.clone(),
+                    Frontier {
+                        seq: 0,
+                        processed: 0,
+                        changed: false,
                     },
                 );
             }
@@ -99,19 +140,33 @@ impl SqliteStore {
                 report
                     .gap
                     .get_or_insert((event.origin.clone(), frontier.seq, event.seq));
-                stopped.insert(event.origin.clone());
+                stopped.insert(&event.origin);
                 continue;
             }
             frontier.seq = event.seq;
             frontier.processed += 1;
+            frontier.changed = true;
             report.committed_at.push(event.committed_at_micros);
             if let Err(skew) = self.clock.observe_now(event.hlc) {
                 report.skew.push(skew);
             }
-            self.apply_one(&mut tx, &event, &mut report).await?;
+            admitted.push(event);
         }
 
-        for (origin, frontier) in &frontiers {
+        match mode {
+            Mode::Bulk => {
+                if !self.apply_bulk(&mut tx, &admitted, &mut report).await? {
+                    return Ok(None);
+                }
+            }
+            Mode::EventByEvent => {
+                for event in admitted {
+                    self.apply_one(&mut tx, event, &mut report).await?;
+                }
+            }
+        }
+
+        for (origin, frontier) in frontiers.iter().filter(|(_, f)| f.changed) {
             sqlx::query(
                 "INSERT INTO _weft_frontier (origin, seq, processed) VALUES (?, ?, ?) \
                  ON CONFLICT (origin) DO UPDATE SET seq = excluded.seq, processed = excluded.processed",
@@ -125,9 +180,14 @@ impl SqliteStore {
         self.persist_clock(&mut tx).await?;
         sqlx::query("DELETE FROM _weft_applying").execute(&mut *tx).await?;
         tx.commit().await?;
-        guard.last_seq = report.drained.last_seq;
-        report.frontiers = frontiers.into_iter().map(|(o, f)| (o, f.seq)).collect();
-        Ok(report)
+        writer.last_seq = report.drained.last_seq;
+        let origins: HashSet<&str> = events.iter().map(|e| e.origin.as_str()).collect();
+        report.frontiers = frontiers
+            .into_iter()
+            .filter(|(o, _)| origins.contains(o.as_str()))
+            .map(|(o, f)| (o, f.seq))
+            .collect();
+        Ok(Some(report))
     }
 
     async fn apply_one(
@@ -178,29 +238,44 @@ impl SqliteStore {
                     report.applied += 1;
                 }
                 store_version(tx, &table.name, &key_bytes, &next).await?;
-                let remote_row = match &event.op {
-                    Op::Upsert(row) => Some(row),
-                    Op::Delete => None,
-                };
-                let local_json = version_json(&local, local_row.as_ref());
-                let remote_json = version_json(&RowVersion::of_event(event), remote_row);
-                let (won, lost) = match winner {
-                    Winner::Local => (local_json, remote_json),
-                    Winner::Remote => (remote_json, local_json),
-                };
-                sqlx::query(AssertSqlSafe(format!(
-                    "INSERT INTO _weft_conflicts (tbl, key, strategy, winner, loser, at) VALUES (?, ?, ?, ?, ?, {NOW_MICROS})"
-                )))
-                .bind(&table.name)
-                .bind(event.key.to_string())
-                .bind("lww")
-                .bind(won.to_string())
-                .bind(lost.to_string())
-                .execute(&mut *tx)
-                .await?;
+                self.log_conflict(tx, &table, event, &local, local_row.as_ref(), winner)
+                    .await?;
                 report.conflicts += 1;
             }
         }
+        Ok(())
+    }
+
+    /// Records a resolved conflict with both versions, for audit.
+    pub(super) async fn log_conflict(
+        &self,
+        tx: &mut SqliteConnection,
+        table: &TableInfo,
+        event: &Event,
+        local: &RowVersion,
+        local_row: Option<&Row>,
+        winner: Winner,
+    ) -> Result<(), StoreError> {
+        let remote_row = match &event.op {
+            Op::Upsert(row) => Some(row),
+            Op::Delete => None,
+        };
+        let local_json = version_json(local, local_row);
+        let remote_json = version_json(&RowVersion::of_event(event), remote_row);
+        let (won, lost) = match winner {
+            Winner::Local => (local_json, remote_json),
+            Winner::Remote => (remote_json, local_json),
+        };
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO _weft_conflicts (tbl, key, strategy, winner, loser, at) VALUES (?, ?, ?, ?, ?, {NOW_MICROS})"
+        )))
+        .bind(&table.name)
+        .bind(event.key.to_string())
+        .bind("lww")
+        .bind(won.to_string())
+        .bind(lost.to_string())
+        .execute(&mut *tx)
+        .await?;
         Ok(())
     }
 
@@ -256,7 +331,7 @@ impl SqliteStore {
         }
     }
 
-    async fn dead_letter(
+    pub(super) async fn dead_letter(
         &self,
         tx: &mut SqliteConnection,
         event: &Event,
@@ -281,7 +356,7 @@ impl SqliteStore {
 }
 
 /// Why an event does not fit the local table, if it does not.
-fn shape_problem(table: &TableInfo, event: &Event) -> Option<String> {
+pub(super) fn shape_problem(table: &TableInfo, event: &Event) -> Option<String> {
     if event.key.0.len() != table.key.len() {
         return Some(format!(
             "key has {} values but table `{}` has {} key columns",

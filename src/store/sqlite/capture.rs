@@ -11,10 +11,11 @@ use std::sync::Arc;
 
 use sqlx::{AssertSqlSafe, Row as _, SqliteConnection};
 
+use super::bulk;
 use super::schema::TableInfo;
 use super::values::{bind, value_at};
 use super::{SqliteStore, Writer};
-use crate::event::{Event, Key, Op, Row};
+use crate::event::{Event, Key, Op, Row, Value};
 use crate::replicate::RowVersion;
 use crate::store::{DrainReport, StoreError};
 use crate::version::VersionVector;
@@ -26,6 +27,8 @@ struct Pending {
     key_bytes: Vec<u8>,
     committed_at: i64,
     last_id: i64,
+    /// The row's image at drain time; `None` if it no longer exists.
+    image: Option<Row>,
 }
 
 pub(super) async fn load_version(
@@ -123,103 +126,145 @@ impl SqliteStore {
     /// The drain, inside the caller's write transaction. The caller adopts
     /// `report.last_seq` only once that transaction commits.
     pub(super) async fn drain_in(&self, tx: &mut SqliteConnection, last_seq: u64) -> Result<DrainReport, StoreError> {
-        let rows = sqlx::query("SELECT id, tbl, k1, k2, k3, k4, at FROM _weft_outbox ORDER BY id")
-            .fetch_all(&mut *tx)
-            .await?;
-        let Some(last_row) = rows.last() else {
-            return Ok(DrainReport { events: 0, last_seq });
+        let unchanged = DrainReport { events: 0, last_seq };
+        let Some(max_id): Option<i64> = sqlx::query_scalar("SELECT max(id) FROM _weft_outbox")
+            .fetch_one(&mut *tx)
+            .await?
+        else {
+            return Ok(unchanged);
         };
-        let max_id: i64 = last_row.try_get(0)?;
 
-        // Coalesce per row; the event takes the position of the row's last change, which
-        // keeps parent/child order for foreign keys (insert parent, then child; delete child,
-        // then parent).
+        // One statement per table returns its outbox rows joined with the rows' current
+        // images. Several changes to one row coalesce; the event takes the position of the
+        // row's last change, which keeps parent/child order for foreign keys (insert parent,
+        // then child; delete child, then parent).
         let mut pending: Vec<Pending> = Vec::new();
-        let mut index: HashMap<(String, Vec<u8>), usize> = HashMap::new();
-        let mut orphans = 0u64;
-        for row in &rows {
-            let id: i64 = row.try_get(0)?;
-            let table_name: String = row.try_get(1)?;
-            let Some(table) = self.tables.get(&table_name) else {
-                orphans += 1;
-                continue;
-            };
-            let key = Key((0..table.key.len())
-                .map(|i| value_at(row, 2 + i))
-                .collect::<Result<_, _>>()?);
-            let key_bytes = key.to_bytes();
-            let committed_at: i64 = row.try_get(6)?;
-            match index.get(&(table_name.clone(), key_bytes.clone())) {
-                Some(&i) => {
+        let mut index: HashMap<(&str, Vec<u8>), usize> = HashMap::new();
+        let mut matched = 0u64;
+        for table in self.tables.values() {
+            let rows = sqlx::query(AssertSqlSafe(table.drain_sql.as_str()))
+                .bind(max_id)
+                .fetch_all(&mut *tx)
+                .await?;
+            matched += rows.len() as u64;
+            let n = table.key.len();
+            for row in &rows {
+                let id: i64 = row.try_get(0)?;
+                let committed_at: i64 = row.try_get(1)?;
+                let key = Key((0..n).map(|i| value_at(row, 2 + i)).collect::<Result<_, _>>()?);
+                let key_bytes = key.to_bytes();
+                if let Some(&i) = index.get(&(table.name.as_str(), key_bytes.clone())) {
                     pending[i].committed_at = pending[i].committed_at.max(committed_at);
                     pending[i].last_id = id;
+                    continue;
                 }
-                None => {
-                    index.insert((table_name, key_bytes.clone()), pending.len());
-                    pending.push(Pending {
-                        table: table.clone(),
-                        key,
-                        key_bytes,
-                        committed_at,
-                        last_id: id,
-                    });
-                }
+                let present: bool = row.try_get(2 + n)?;
+                let image = if present {
+                    let mut columns = Vec::with_capacity(table.columns.len());
+                    for (j, name) in table.columns.iter().enumerate() {
+                        columns.push((name.clone(), value_at(row, 3 + n + j)?));
+                    }
+                    Some(Row(columns))
+                } else {
+                    None
+                };
+                index.insert((table.name.as_str(), key_bytes.clone()), pending.len());
+                pending.push(Pending {
+                    table: table.clone(),
+                    key,
+                    key_bytes,
+                    committed_at,
+                    last_id: id,
+                    image,
+                });
             }
         }
-        if orphans > 0 {
-            tracing::warn!(orphans, "dropped outbox rows of tables no longer replicated");
-        }
-
         pending.sort_by_key(|p| p.last_id);
+
+        let mut local = HashMap::new();
+        for table in self.tables.values() {
+            let keys: Vec<Vec<u8>> = pending
+                .iter()
+                .filter(|p| p.table.name == table.name)
+                .map(|p| p.key_bytes.clone())
+                .collect();
+            if !keys.is_empty() {
+                local.insert(table.name.as_str(), bulk::load_versions(tx, &table.name, &keys).await?);
+            }
+        }
 
         let me = &self.identity.node;
         let mut events = Vec::with_capacity(pending.len());
-        for p in &pending {
-            let image = read_row(tx, &p.table, &p.key).await?;
-            let local = load_version(tx, &p.table.name, &p.key_bytes).await?;
-            if image.is_none() && local.is_none() {
+        for p in pending {
+            let previous = local.get(p.table.name.as_str()).and_then(|m| m.get(&p.key_bytes));
+            if p.image.is_none() && previous.is_none() {
                 // Inserted and deleted between two drains: nobody ever saw it.
                 continue;
             }
-            let mut version = local.map(|l| l.version).unwrap_or_default();
+            let mut version = previous.map(|l| l.version.clone()).unwrap_or_default();
             version.increment(me);
-            events.push(Event {
-                origin: me.clone(),
-                origin_region: self.identity.region.clone(),
-                seq: 0,
-                batch_end: 0,
-                hlc: self.clock.now(),
-                table: p.table.name.clone(),
-                key: p.key.clone(),
-                op: image.map(Op::Upsert).unwrap_or(Op::Delete),
-                version,
-                path: vec![me.clone()],
-                committed_at_micros: p.committed_at,
-            });
+            events.push((
+                p.key_bytes,
+                Event {
+                    origin: me.clone(),
+                    origin_region: self.identity.region.clone(),
+                    seq: 0,
+                    batch_end: 0,
+                    hlc: self.clock.now(),
+                    table: p.table.name.clone(),
+                    key: p.key,
+                    op: p.image.map(Op::Upsert).unwrap_or(Op::Delete),
+                    version,
+                    path: vec![me.clone()],
+                    committed_at_micros: p.committed_at,
+                },
+            ));
         }
         let batch_end = last_seq + events.len() as u64;
-        for (i, event) in events.iter_mut().enumerate() {
+        let mut versions = Vec::with_capacity(events.len());
+        let mut log = Vec::with_capacity(events.len());
+        for (i, (_, event)) in events.iter_mut().enumerate() {
             event.seq = last_seq + 1 + i as u64;
             event.batch_end = batch_end;
-            store_version(tx, &event.table, &event.key.to_bytes(), &RowVersion::of_event(event)).await?;
-            sqlx::query("INSERT INTO _weft_log (origin, seq, batch_end, committed_at, event) VALUES (?, ?, ?, ?, ?)")
-                .bind(me)
-                .bind(event.seq as i64)
-                .bind(batch_end as i64)
-                .bind(event.committed_at_micros)
-                .bind(wire::encode_event(event))
-                .execute(&mut *tx)
-                .await?;
+            versions.push(RowVersion::of_event(event));
+            log.push(vec![
+                Value::Text(me.clone()),
+                Value::Integer(event.seq as i64),
+                Value::Integer(batch_end as i64),
+                Value::Integer(event.committed_at_micros),
+                Value::Blob(wire::encode_event(event)),
+            ]);
         }
+        let stored: Vec<(&str, &[u8], &RowVersion)> = events
+            .iter()
+            .zip(&versions)
+            .map(|((key, event), version)| (event.table.as_str(), key.as_slice(), version))
+            .collect();
+        bulk::store_versions(tx, &stored).await?;
+        bulk::insert(
+            tx,
+            "INSERT INTO _weft_log (origin, seq, batch_end, committed_at, event) VALUES",
+            "",
+            5,
+            &log,
+        )
+        .await?;
         sqlx::query("UPDATE _weft_node SET value = ? WHERE name = 'last_seq'")
             .bind(batch_end as i64)
             .execute(&mut *tx)
             .await?;
         self.persist_clock(tx).await?;
-        sqlx::query("DELETE FROM _weft_outbox WHERE id <= ?")
+        let removed = sqlx::query("DELETE FROM _weft_outbox WHERE id <= ?")
             .bind(max_id)
             .execute(&mut *tx)
-            .await?;
+            .await?
+            .rows_affected();
+        if removed > matched {
+            tracing::warn!(
+                orphans = removed - matched,
+                "dropped outbox rows of tables no longer replicated"
+            );
+        }
         Ok(DrainReport {
             events: events.len() as u64,
             last_seq: batch_end,

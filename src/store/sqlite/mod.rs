@@ -6,6 +6,8 @@
 //! for longer than one batch, and weft waits (never fails) while the application writes.
 //! Commits use `synchronous = FULL`: an acknowledged event survives power loss.
 mod apply;
+mod apply_bulk;
+mod bulk;
 mod capture;
 pub mod schema;
 mod values;
@@ -147,8 +149,8 @@ impl SqliteStore {
     /// Log entries of `origin` after `after`, about `max` of them, but always ending on a
     /// capture-batch boundary so a source transaction is never split on the wire.
     pub async fn read_log(&self, origin: &str, after: u64, max: usize) -> Result<Vec<LogEntry>, StoreError> {
-        let mut conn = self.readers.acquire().await?;
-        let mut tx = conn.begin().await?;
+        // No read transaction needed: log entries are immutable, and entries past `after`
+        // cannot be trimmed (they are not acknowledged yet).
         let mut out = Vec::new();
         let mut cursor = after;
         let mut limit = max as i64;
@@ -159,7 +161,7 @@ impl SqliteStore {
             .bind(origin)
             .bind(cursor as i64)
             .bind(limit)
-            .fetch_all(&mut *tx)
+            .fetch_all(&self.readers)
             .await?;
             let fetched = rows.len();
             for row in rows {
@@ -177,7 +179,6 @@ impl SqliteStore {
             cursor = last.seq;
             limit = (last.batch_end - last.seq) as i64;
         }
-        tx.commit().await?;
         Ok(out)
     }
 

@@ -85,6 +85,9 @@ pub struct TableInfo {
     pub select_sql: String,
     /// `DELETE FROM t WHERE k1 = ? AND ...`
     pub delete_sql: String,
+    /// Outbox rows of this table up to an id, each with the row's current image:
+    /// `id, at, k1..kn, present, columns...`.
+    pub drain_sql: String,
 }
 
 pub(crate) fn quote(ident: &str) -> String {
@@ -136,7 +139,31 @@ pub async fn describe(conn: &mut SqliteConnection, table: &str) -> Result<TableI
     key.sort();
     let key: Vec<String> = key.into_iter().map(|(_, name)| name).collect();
     let column_list = columns.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", ");
+    let join = key
+        .iter()
+        .enumerate()
+        .map(|(i, k)| format!("t.{} = o.k{}", quote(k), i + 1))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let slots = (1..=key.len())
+        .map(|i| format!("o.k{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let image = columns
+        .iter()
+        .map(|c| format!("t.{}", quote(c)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    // Capture triggers refuse NULL keys, so a matched row always has a non-NULL first key.
+    let drain_sql = format!(
+        "SELECT o.id, o.at, {slots}, t.{} IS NOT NULL, {image} FROM _weft_outbox o LEFT JOIN {} t ON {join} \
+         WHERE o.tbl = '{}' AND o.id <= ? ORDER BY o.id",
+        quote(&key[0]),
+        quote(table),
+        table.replace('\'', "''"),
+    );
     Ok(TableInfo {
+        drain_sql,
         select_sql: format!(
             "SELECT {column_list} FROM {} WHERE {}",
             quote(table),
