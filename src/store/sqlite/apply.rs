@@ -12,26 +12,15 @@ use std::collections::{BTreeMap, HashSet};
 
 use sqlx::{AssertSqlSafe, Connection as _, SqliteConnection};
 
-use super::capture::{load_version, read_row, store_version};
-use super::schema::{NOW_MICROS, TableInfo, quote};
-use super::values::bind;
+use super::run::Mode;
+use super::schema::{NOW_MICROS, TableInfo};
 use super::{SqliteStore, Writer};
-use crate::config::Strategy;
 use crate::event::{Event, Op, Row};
-use crate::replicate::{Decision, RowVersion, decide};
+use crate::replicate::RowVersion;
 use crate::resolve::Winner;
 use crate::store::{ApplyReport, StoreError};
 use crate::topology;
 use crate::wire;
-
-/// How a run is applied.
-#[derive(Clone, Copy)]
-enum Mode {
-    /// Set-based: decisions in memory, grouped writes, bulk metadata.
-    Bulk,
-    /// One event at a time; a refused write dead-letters just that event.
-    EventByEvent,
-}
 
 /// The frontier of one origin while a run is applied.
 struct Frontier {
@@ -63,12 +52,12 @@ fn version_json(version: &RowVersion, row: Option<&Row>) -> serde_json::Value {
 impl SqliteStore {
     /// Applies a run of remote events (one stream's frame) in one transaction.
     ///
-    /// The set-based path runs first; if the database refuses any grouped write for its
+    /// Writes are grouped first; if the database refuses any grouped write for its
     /// content, the whole transaction rolls back and the run is replayed event by event,
     /// which finds and dead-letters exactly the refused events.
     pub async fn apply(&self, events: Vec<Event>) -> Result<ApplyReport, StoreError> {
         let mut guard = self.writer.lock().await;
-        if let Some(report) = self.attempt(&mut guard, &events, Mode::Bulk).await? {
+        if let Some(report) = self.attempt(&mut guard, &events, Mode::Grouped).await? {
             return Ok(report);
         }
         tracing::debug!("a grouped write was refused; replaying the run event by event");
@@ -76,7 +65,7 @@ impl SqliteStore {
         Ok(report.expect("the event-by-event path dead-letters instead of refusing"))
     }
 
-    /// One try at applying `events`; `None` when `Mode::Bulk` met a refused write (nothing
+    /// One try at applying `events`; `None` when `Mode::Grouped` met a refused write (nothing
     /// was committed).
     async fn attempt(
         &self,
@@ -153,17 +142,8 @@ impl SqliteStore {
             admitted.push(event);
         }
 
-        match mode {
-            Mode::Bulk => {
-                if !self.apply_bulk(&mut tx, &admitted, &mut report).await? {
-                    return Ok(None);
-                }
-            }
-            Mode::EventByEvent => {
-                for event in admitted {
-                    self.apply_one(&mut tx, event, &mut report).await?;
-                }
-            }
+        if !self.apply_events(&mut tx, &admitted, &mut report, mode).await? {
+            return Ok(None);
         }
 
         for (origin, frontier) in frontiers.iter().filter(|(_, f)| f.changed) {
@@ -188,62 +168,6 @@ impl SqliteStore {
             .map(|(o, f)| (o, f.seq))
             .collect();
         Ok(Some(report))
-    }
-
-    async fn apply_one(
-        &self,
-        tx: &mut SqliteConnection,
-        event: &Event,
-        report: &mut ApplyReport,
-    ) -> Result<(), StoreError> {
-        let Some(table) = self.tables.get(&event.table).cloned() else {
-            let reason = format!(
-                "table `{}` is not replicated on this node; add it to the node config",
-                event.table
-            );
-            return self.dead_letter(tx, event, &reason, report).await;
-        };
-        if let Some(reason) = shape_problem(&table, event) {
-            return self.dead_letter(tx, event, &reason, report).await;
-        }
-        let key_bytes = event.key.to_bytes();
-        let local = load_version(tx, &table.name, &key_bytes).await?;
-        let strategy = Strategy::Lww;
-        let mut decision = decide(strategy, local.as_ref(), event, None);
-        let mut local_row = None;
-        if decision == Decision::NeedsLocalContent {
-            local_row = read_row(tx, &table, &event.key).await?;
-            let content = local_row.clone().map(Op::Upsert).unwrap_or(Op::Delete).content_bytes();
-            decision = decide(strategy, local.as_ref(), event, Some(&content));
-        }
-        match decision {
-            Decision::Stale => report.stale += 1,
-            Decision::NeedsLocalContent => unreachable!("content was supplied"),
-            Decision::FastForward { next } => {
-                if let Err(reason) = self.write_row(tx, &table, event).await? {
-                    return self.dead_letter(tx, event, &reason, report).await;
-                }
-                store_version(tx, &table.name, &key_bytes, &next).await?;
-                report.applied += 1;
-            }
-            Decision::Conflict { winner, next } => {
-                let local = local.expect("a conflict needs a local version");
-                if local_row.is_none() && !local.deleted {
-                    local_row = read_row(tx, &table, &event.key).await?;
-                }
-                if winner == Winner::Remote {
-                    if let Err(reason) = self.write_row(tx, &table, event).await? {
-                        return self.dead_letter(tx, event, &reason, report).await;
-                    }
-                    report.applied += 1;
-                }
-                store_version(tx, &table.name, &key_bytes, &next).await?;
-                self.log_conflict(tx, &table, event, &local, local_row.as_ref(), winner)
-                    .await?;
-                report.conflicts += 1;
-            }
-        }
-        Ok(())
     }
 
     /// Records a resolved conflict with both versions, for audit.
@@ -277,58 +201,6 @@ impl SqliteStore {
         .execute(&mut *tx)
         .await?;
         Ok(())
-    }
-
-    /// Writes the event's op to the table. `Ok(Err(reason))`: the database refused this
-    /// event's content (the statement was rolled back, the transaction goes on).
-    async fn write_row(
-        &self,
-        tx: &mut SqliteConnection,
-        table: &TableInfo,
-        event: &Event,
-    ) -> Result<Result<(), String>, StoreError> {
-        let result = match &event.op {
-            Op::Delete => {
-                let mut query = sqlx::query(AssertSqlSafe(table.delete_sql.as_str()));
-                for value in &event.key.0 {
-                    query = bind(query, value);
-                }
-                query.execute(&mut *tx).await
-            }
-            Op::Upsert(row) => {
-                let names: Vec<String> = row.0.iter().map(|(c, _)| quote(c)).collect();
-                let updates: Vec<String> = row
-                    .0
-                    .iter()
-                    .filter(|(c, _)| !table.key.contains(c))
-                    .map(|(c, _)| format!("{0} = excluded.{0}", quote(c)))
-                    .collect();
-                let on_conflict = if updates.is_empty() {
-                    "DO NOTHING".to_owned()
-                } else {
-                    format!("DO UPDATE SET {}", updates.join(", "))
-                };
-                let sql = format!(
-                    "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) {on_conflict}",
-                    quote(&table.name),
-                    names.join(", "),
-                    vec!["?"; names.len()].join(", "),
-                    table.key.iter().map(|k| quote(k)).collect::<Vec<_>>().join(", "),
-                );
-                let mut query = sqlx::query(AssertSqlSafe(sql));
-                for (_, value) in &row.0 {
-                    query = bind(query, value);
-                }
-                query.execute(&mut *tx).await
-            }
-        };
-        match result {
-            Ok(_) => Ok(Ok(())),
-            Err(error) => match rejects_event(&error) {
-                Some(reason) => Ok(Err(reason)),
-                None => Err(error.into()),
-            },
-        }
     }
 
     pub(super) async fn dead_letter(

@@ -18,7 +18,6 @@ use super::{SqliteStore, Writer};
 use crate::event::{Event, Key, Op, Row, Value};
 use crate::replicate::RowVersion;
 use crate::store::{DrainReport, StoreError};
-use crate::version::VersionVector;
 use crate::wire;
 
 struct Pending {
@@ -29,47 +28,6 @@ struct Pending {
     last_id: i64,
     /// The row's image at drain time; `None` if it no longer exists.
     image: Option<Row>,
-}
-
-pub(super) async fn load_version(
-    conn: &mut SqliteConnection,
-    table: &str,
-    key: &[u8],
-) -> Result<Option<RowVersion>, StoreError> {
-    let row = sqlx::query("SELECT version, hlc, origin, deleted FROM _weft_rows WHERE tbl = ? AND key = ?")
-        .bind(table)
-        .bind(key)
-        .fetch_optional(&mut *conn)
-        .await?;
-    let Some(row) = row else { return Ok(None) };
-    let version: String = row.try_get(0)?;
-    Ok(Some(RowVersion {
-        version: VersionVector::from_json(&version)
-            .map_err(|e| StoreError::Corrupt(format!("version of {table} row: {e}")))?,
-        hlc: crate::event::Hlc(row.try_get::<i64, _>(1)? as u64),
-        origin: row.try_get(2)?,
-        deleted: row.try_get::<i64, _>(3)? != 0,
-    }))
-}
-
-pub(super) async fn store_version(
-    conn: &mut SqliteConnection,
-    table: &str,
-    key: &[u8],
-    version: &RowVersion,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT OR REPLACE INTO _weft_rows (tbl, key, version, hlc, origin, deleted) VALUES (?, ?, ?, ?, ?, ?)",
-    )
-    .bind(table)
-    .bind(key)
-    .bind(version.version.to_json())
-    .bind(version.hlc.0 as i64)
-    .bind(&version.origin)
-    .bind(i64::from(version.deleted))
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
 }
 
 /// The row's current image, or `None` if it does not exist.

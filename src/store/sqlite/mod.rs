@@ -6,9 +6,9 @@
 //! for longer than one batch, and weft waits (never fails) while the application writes.
 //! Commits use `synchronous = FULL`: an acknowledged event survives power loss.
 mod apply;
-mod apply_bulk;
 mod bulk;
 mod capture;
+mod run;
 pub mod schema;
 mod values;
 

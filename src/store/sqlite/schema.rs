@@ -83,8 +83,6 @@ pub struct TableInfo {
     pub key: Vec<String>,
     /// `SELECT cols FROM t WHERE k1 = ? AND ...`
     pub select_sql: String,
-    /// `DELETE FROM t WHERE k1 = ? AND ...`
-    pub delete_sql: String,
     /// Outbox rows of this table up to an id, each with the row's current image:
     /// `id, at, k1..kn, present, columns...`.
     pub drain_sql: String,
@@ -169,7 +167,6 @@ pub async fn describe(conn: &mut SqliteConnection, table: &str) -> Result<TableI
             quote(table),
             key_predicate(&key)
         ),
-        delete_sql: format!("DELETE FROM {} WHERE {}", quote(table), key_predicate(&key)),
         name: table.to_owned(),
         columns,
         key,

@@ -1,11 +1,11 @@
-//! The set-based apply path: one bulk read of row versions, decisions in memory in event
-//! order, consecutive writes of the same shape grouped into multi-row statements, one bulk
-//! write of the new versions.
+//! Deciding and writing a run of admitted events: one bulk read of row versions, decisions
+//! in memory in event order, writes grouped into multi-row statements (or one by one), one
+//! bulk write of the new versions.
 //!
-//! It gives the same result as applying event by event: decisions see the versions left by
-//! earlier events of the run (the in-memory map), pending writes are flushed before any local
-//! row is read, and a write the database refuses makes the caller roll back and replay event
-//! by event (this path never dead-letters a refused write itself).
+//! Decisions see the versions left by earlier events of the run (the in-memory map), and
+//! pending writes are flushed before any local row is read, so grouping never changes a
+//! result. In `Mode::Grouped` a refused write aborts the run (the caller rolls back and
+//! replays in `Mode::EventByEvent`, which dead-letters exactly the refused events).
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -37,13 +37,13 @@ struct Pending {
 }
 
 impl Pending {
-    /// Queues the event's write. `Ok(false)`: a flush was refused for content.
+    /// Queues the event's write; `Err(reason)` if flushing earlier writes was refused.
     async fn push(
         &mut self,
         tx: &mut SqliteConnection,
         table: &Arc<TableInfo>,
         event: &Event,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Result<(), String>, StoreError> {
         let (shape, values) = match &event.op {
             Op::Upsert(row) => (
                 Shape::Upsert {
@@ -59,20 +59,22 @@ impl Pending {
                 event.key.0.clone(),
             ),
         };
-        if self.shape.as_ref().is_some_and(|(current, _)| *current != shape) && !self.flush(tx).await? {
-            return Ok(false);
+        if self.shape.as_ref().is_some_and(|(current, _)| *current != shape)
+            && let Err(reason) = self.flush(tx).await?
+        {
+            return Ok(Err(reason));
         }
         if self.shape.is_none() {
             self.shape = Some((shape, table.clone()));
         }
         self.rows.push(values);
-        Ok(true)
+        Ok(Ok(()))
     }
 
-    /// Executes what is queued. `Ok(false)`: the database refused it for content.
-    async fn flush(&mut self, tx: &mut SqliteConnection) -> Result<bool, StoreError> {
+    /// Executes what is queued; `Err(reason)`: the database refused it for its content.
+    async fn flush(&mut self, tx: &mut SqliteConnection) -> Result<Result<(), String>, StoreError> {
         let Some((shape, table)) = self.shape.take() else {
-            return Ok(true);
+            return Ok(Ok(()));
         };
         let rows = std::mem::take(&mut self.rows);
         let keys = table.key.iter().map(|k| quote(k)).collect::<Vec<_>>().join(", ");
@@ -98,20 +100,33 @@ impl Pending {
             }
         };
         match result {
-            Ok(()) => Ok(true),
-            Err(error) if rejects_event(&error).is_some() => Ok(false),
-            Err(error) => Err(error.into()),
+            Ok(()) => Ok(Ok(())),
+            Err(error) => match rejects_event(&error) {
+                Some(reason) => Ok(Err(reason)),
+                None => Err(error.into()),
+            },
         }
     }
 }
 
+/// How a run's writes reach the database.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Mode {
+    /// Consecutive writes grouped into multi-row statements; a refused group aborts the run.
+    Grouped,
+    /// Each write on its own; a refused write dead-letters just that event.
+    EventByEvent,
+}
+
 impl SqliteStore {
-    /// Applies admitted events. `Ok(false)`: a write was refused; the caller must roll back.
-    pub(super) async fn apply_bulk(
+    /// Applies admitted events in order. `Ok(false)`: in `Mode::Grouped` a write was refused
+    /// and the caller must roll back and replay in `Mode::EventByEvent`.
+    pub(super) async fn apply_events(
         &self,
         tx: &mut SqliteConnection,
         events: &[&Event],
         report: &mut ApplyReport,
+        mode: Mode,
     ) -> Result<bool, StoreError> {
         // Versions of every row the run touches, in one read per table.
         let mut keys: HashMap<&str, Vec<Vec<u8>>> = HashMap::new();
@@ -146,10 +161,10 @@ impl SqliteStore {
             let local = versions.get(&id).cloned();
             let strategy = Strategy::Lww;
             let mut decision = decide(strategy, local.as_ref(), event, None);
-            let needs_row = matches!(decision, Decision::NeedsLocalContent | Decision::Conflict { .. });
             let mut local_row = None;
-            if needs_row {
-                if !pending.flush(tx).await? {
+            if matches!(decision, Decision::NeedsLocalContent | Decision::Conflict { .. }) {
+                // The local row as earlier events of this run left it.
+                if pending.flush(tx).await?.is_err() {
                     return Ok(false);
                 }
                 local_row = read_row(tx, &table, &event.key).await?;
@@ -158,34 +173,39 @@ impl SqliteStore {
                 let content = local_row.clone().map(Op::Upsert).unwrap_or(Op::Delete).content_bytes();
                 decision = decide(strategy, local.as_ref(), event, Some(&content));
             }
-            match decision {
-                Decision::Stale => report.stale += 1,
-                Decision::NeedsLocalContent => unreachable!("content was supplied"),
-                Decision::FastForward { next } => {
-                    if !pending.push(tx, &table, event).await? {
-                        return Ok(false);
-                    }
-                    versions.insert(id.clone(), next);
-                    changed.push(id);
-                    report.applied += 1;
+            let conflict = matches!(decision, Decision::Conflict { .. });
+            let (next, winner) = match decision {
+                Decision::Stale => {
+                    report.stale += 1;
+                    continue;
                 }
-                Decision::Conflict { winner, next } => {
-                    if winner == Winner::Remote {
-                        if !pending.push(tx, &table, event).await? {
-                            return Ok(false);
-                        }
-                        report.applied += 1;
+                Decision::NeedsLocalContent => unreachable!("content was supplied"),
+                Decision::FastForward { next } => (next, Winner::Remote),
+                Decision::Conflict { winner, next } => (next, winner),
+            };
+            if winner == Winner::Remote {
+                let mut written = pending.push(tx, &table, event).await?;
+                if mode == Mode::EventByEvent && written.is_ok() {
+                    written = pending.flush(tx).await?;
+                }
+                match written {
+                    Ok(()) => report.applied += 1,
+                    Err(_) if mode == Mode::Grouped => return Ok(false),
+                    Err(reason) => {
+                        self.dead_letter(tx, event, &reason, report).await?;
+                        continue;
                     }
-                    let local = local.expect("a conflict needs a local version");
-                    self.log_conflict(tx, &table, event, &local, local_row.as_ref(), winner)
-                        .await?;
-                    report.conflicts += 1;
-                    versions.insert(id.clone(), next);
-                    changed.push(id);
                 }
             }
+            if let Some(local) = local.as_ref().filter(|_| conflict) {
+                self.log_conflict(tx, &table, event, local, local_row.as_ref(), winner)
+                    .await?;
+                report.conflicts += 1;
+            }
+            versions.insert(id.clone(), next);
+            changed.push(id);
         }
-        if !pending.flush(tx).await? {
+        if pending.flush(tx).await?.is_err() {
             return Ok(false);
         }
         changed.sort();
