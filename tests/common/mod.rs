@@ -1,5 +1,7 @@
 //! Shared set-up for the integration tests: real SQLite files in a temporary folder.
 #![allow(dead_code)]
+pub mod sidecars;
+
 use std::path::Path;
 use std::time::Duration;
 

@@ -1,0 +1,238 @@
+#![allow(dead_code)]
+//! Real `weft run` processes on loopback for the process and nemesis suites: spawning,
+//! killing, pausing, an application writing straight into each SQLite file, and the
+//! exactly-once check.
+//!
+//! Exactly-once is checked through the application's own triggers: every replica keeps an
+//! `audit` table (not replicated) that gets a row per insert and per update of `items`. Writes
+//! to `items` only insert fresh rows, so a lost event shows as a missing row and an event
+//! applied twice shows as an `update` audit row. `shared` is a small set of hot rows every
+//! region updates (LWW conflicts); it is checked for convergence only.
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use weft::config::{ReplicationConfig, Strategy, TableConfig};
+use weft::loopback::LoopbackMesh;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS items (id INTEGER PRIMARY KEY, origin TEXT NOT NULL, v INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS shared (id INTEGER PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS audit (id INTEGER NOT NULL, op TEXT NOT NULL);
+CREATE TRIGGER IF NOT EXISTS items_audit_insert AFTER INSERT ON items BEGIN INSERT INTO audit VALUES (NEW.id, 'insert'); END;
+CREATE TRIGGER IF NOT EXISTS items_audit_update AFTER UPDATE ON items BEGIN INSERT INTO audit VALUES (NEW.id, 'update'); END;
+";
+
+pub struct Sidecars {
+    pub mesh: LoopbackMesh,
+    children: std::sync::Mutex<Vec<Option<Child>>>,
+}
+
+impl Sidecars {
+    pub async fn new(dir: &Path) -> Self {
+        let tables = [TableConfig {
+            name: "items".into(),
+            strategy: Strategy::Lww,
+        }];
+        let replication = ReplicationConfig {
+            heartbeat_ms: 200,
+            peer_timeout_ms: 2_000,
+            ..Default::default()
+        };
+        let mesh = LoopbackMesh::create(dir, &["east", "west", "south"], SCHEMA, &tables, &replication)
+            .await
+            .unwrap();
+        let children = std::sync::Mutex::new((0..mesh.regions.len()).map(|_| None).collect());
+        Self { mesh, children }
+    }
+
+    pub fn spawn(&self, i: usize, crashpoint: Option<&str>) {
+        let region = &self.mesh.regions[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.mesh.dir.join(format!("{}.log", region.region)))
+            .unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_weft"));
+        command
+            .args(["run", "--config"])
+            .arg(&region.config_file)
+            .env("RUST_LOG", "weft=info")
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Some(point) = crashpoint {
+            command.env("WEFT_CRASHPOINT", point);
+        }
+        self.children.lock().unwrap()[i] = Some(command.spawn().expect("spawning weft run"));
+        self.wait_listening(i);
+    }
+
+    /// A sidecar listens only after installing its triggers: from then on, writes are captured.
+    fn wait_listening(&self, i: usize) {
+        let topology = std::fs::read_to_string(&self.mesh.topology_file).unwrap();
+        let topology = weft::config::Topology::parse(&topology, &self.mesh.topology_file).unwrap();
+        let address = topology.node(&self.mesh.regions[i].node_id).unwrap().address.clone();
+        let started = Instant::now();
+        while std::net::TcpStream::connect(&address).is_err() {
+            let exited = self.children.lock().unwrap()[i].as_mut().unwrap().try_wait().unwrap();
+            if let Some(status) = exited {
+                panic!(
+                    "weft run for region {i} exited early with {status}; see its log in {}",
+                    self.mesh.dir.display()
+                );
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "region {i} never started listening"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn spawn_all(&self) {
+        for i in 0..self.mesh.regions.len() {
+            self.spawn(i, None);
+        }
+    }
+
+    pub fn is_running(&self, i: usize) -> bool {
+        self.children.lock().unwrap()[i].is_some()
+    }
+
+    /// Sends a signal (`STOP`, `CONT`, ...) to region `i`'s sidecar.
+    pub fn signal(&self, i: usize, signal: &str) {
+        if let Some(child) = &self.children.lock().unwrap()[i] {
+            Command::new("kill")
+                .args([&format!("-{signal}"), &child.id().to_string()])
+                .status()
+                .unwrap();
+        }
+    }
+
+    /// One application transaction updating a hot row every region writes.
+    pub async fn update_shared(&self, i: usize, id: i64, value: &str) {
+        sqlx::query("INSERT INTO shared (id, v) VALUES (?, ?) ON CONFLICT (id) DO UPDATE SET v = excluded.v")
+            .bind(id)
+            .bind(value)
+            .execute(&self.mesh.regions[i].app)
+            .await
+            .unwrap();
+    }
+
+    pub fn kill9(&self, i: usize) {
+        let child = self.children.lock().unwrap()[i].take();
+        if let Some(mut child) = child {
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+        }
+    }
+
+    /// Region `writer`'s application writes small transactions (ids from 0) until region
+    /// `victim`'s sidecar dies at its crash point; returns how many rows were written.
+    pub async fn write_until_crash(&self, victim: usize, writer: usize) -> i64 {
+        let started = Instant::now();
+        let mut written = 0;
+        loop {
+            let exited = self.children.lock().unwrap()[victim]
+                .as_mut()
+                .expect("running")
+                .try_wait()
+                .unwrap();
+            if let Some(status) = exited {
+                assert!(
+                    !status.success(),
+                    "the sidecar should have crashed, it exited with {status}"
+                );
+                self.children.lock().unwrap()[victim] = None;
+                return written;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "crash point of region {victim} never reached"
+            );
+            self.write(writer, written, 10, 10).await;
+            written += 10;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    pub fn terminate_all(&self) {
+        let children: Vec<Child> = self
+            .children
+            .lock()
+            .unwrap()
+            .iter_mut()
+            .filter_map(Option::take)
+            .collect();
+        for child in children {
+            let mut child = child;
+            Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .unwrap();
+            let started = Instant::now();
+            loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    assert!(status.success(), "graceful stop should exit 0, got {status}");
+                    break;
+                }
+                if started.elapsed() > Duration::from_secs(20) {
+                    child.kill().unwrap();
+                    panic!("weft run did not stop within 20 s of SIGTERM");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// `count` fresh rows written by region `i`'s application, `per_txn` per transaction.
+    pub async fn write(&self, i: usize, from: i64, count: i64, per_txn: i64) {
+        let region = &self.mesh.regions[i];
+        let mut id = from;
+        while id < from + count {
+            let mut tx = region.app.begin().await.unwrap();
+            for _ in 0..per_txn.min(from + count - id) {
+                sqlx::query("INSERT INTO items (id, origin, v) VALUES (?, ?, ?)")
+                    .bind((i as i64) * 1_000_000 + id)
+                    .bind(&region.region)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                id += 1;
+            }
+            tx.commit().await.unwrap();
+        }
+    }
+
+    pub async fn assert_exactly_once(&self, expected_rows: i64) {
+        self.mesh.wait_converged(Duration::from_secs(90)).await.unwrap();
+        for region in &self.mesh.regions {
+            let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM items")
+                .fetch_one(&region.app)
+                .await
+                .unwrap();
+            assert_eq!(rows, expected_rows, "{} lost rows", region.region);
+            let audit: Vec<(String, i64)> = sqlx::query_as("SELECT op, count(*) FROM audit GROUP BY op ORDER BY op")
+                .fetch_all(&region.app)
+                .await
+                .unwrap();
+            assert_eq!(
+                audit,
+                vec![("insert".to_string(), expected_rows)],
+                "{}: every row written exactly once",
+                region.region
+            );
+        }
+    }
+}
+
+impl Drop for Sidecars {
+    fn drop(&mut self) {
+        for child in self.children.lock().unwrap().iter_mut().filter_map(Option::take) {
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
