@@ -39,8 +39,15 @@ fn invalid(file: &Path, key: impl Into<String>, message: impl Into<String>) -> C
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Shape {
-    /// Each node sends its own events to every other node; nobody relays.
+    /// Each node sends its own events to every other node; nobody relays (except around a
+    /// failed link, see `ReplicationConfig::relay_after_ms`).
     AllToAll,
+    /// Each node sends its own and relayed events to its successor (and, bidirectional, to its
+    /// predecessor); an event stops before it would reach its origin again.
+    Ring,
+    /// Spokes send their own events to the hub; the hub sends its own events to every spoke
+    /// and relays each spoke's events to the other spokes.
+    Star,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +67,15 @@ pub struct Topology {
     /// Name of the mesh; nodes of different meshes refuse to talk.
     pub mesh: String,
     pub shape: Shape,
+    /// Ring only: send both ways, halving the worst-case hop count.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bidirectional: bool,
+    /// Ring only: node ids in ring order (default: the order of `nodes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<Vec<NodeId>>,
+    /// Star only: the hub's node id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub: Option<NodeId>,
     pub nodes: Vec<NodeSpec>,
 }
 
@@ -120,7 +136,73 @@ impl Topology {
                 ));
             }
         }
-        Ok(())
+        self.validate_shape(file, &ids)
+    }
+
+    fn validate_shape(&self, file: &Path, ids: &HashSet<&str>) -> Result<(), ConfigError> {
+        if self.shape != Shape::Ring {
+            if self.bidirectional {
+                return Err(invalid(file, "bidirectional", "only applies to shape = \"ring\""));
+            }
+            if self.order.is_some() {
+                return Err(invalid(file, "order", "only applies to shape = \"ring\""));
+            }
+        }
+        if self.shape != Shape::Star && self.hub.is_some() {
+            return Err(invalid(file, "hub", "only applies to shape = \"star\""));
+        }
+        match self.shape {
+            Shape::AllToAll => Ok(()),
+            Shape::Ring => {
+                if self.nodes.len() < 3 {
+                    return Err(invalid(
+                        file,
+                        "nodes",
+                        format!(
+                            "a ring needs at least 3 nodes, this one has {}; use all-to-all",
+                            self.nodes.len()
+                        ),
+                    ));
+                }
+                let Some(order) = &self.order else { return Ok(()) };
+                let mut seen = HashSet::new();
+                for (i, id) in order.iter().enumerate() {
+                    if !ids.contains(id.as_str()) {
+                        return Err(invalid(file, format!("order[{i}]"), format!("unknown node `{id}`")));
+                    }
+                    if !seen.insert(id.as_str()) {
+                        return Err(invalid(
+                            file,
+                            format!("order[{i}]"),
+                            format!("`{id}` appears twice in the ring"),
+                        ));
+                    }
+                }
+                let missing: Vec<&str> = self
+                    .nodes
+                    .iter()
+                    .map(|n| n.id.as_str())
+                    .filter(|id| !seen.contains(id))
+                    .collect();
+                if !missing.is_empty() {
+                    return Err(invalid(
+                        file,
+                        "order",
+                        format!("unreachable nodes: {} (not in the ring order)", missing.join(", ")),
+                    ));
+                }
+                Ok(())
+            }
+            Shape::Star => {
+                let Some(hub) = &self.hub else {
+                    return Err(invalid(file, "hub", "a star needs a hub: add hub = \"<node id>\""));
+                };
+                if !ids.contains(hub.as_str()) {
+                    return Err(invalid(file, "hub", format!("unknown node `{hub}`")));
+                }
+                Ok(())
+            }
+        }
     }
 
     pub fn node(&self, id: &str) -> Option<&NodeSpec> {
@@ -173,6 +255,9 @@ pub struct ReplicationConfig {
     pub poll_ms: u64,
     /// A remote HLC further ahead of our wall clock than this is refused and reported.
     pub max_clock_skew_ms: u64,
+    /// All-to-all: when nothing has arrived directly from a node for this long, ask the other
+    /// peers to relay its events (they keep every event until all nodes have it). 0 = never.
+    pub relay_after_ms: u64,
 }
 
 impl Default for ReplicationConfig {
@@ -184,6 +269,7 @@ impl Default for ReplicationConfig {
             peer_timeout_ms: 5_000,
             poll_ms: 1,
             max_clock_skew_ms: 500,
+            relay_after_ms: 5_000,
         }
     }
 }
@@ -201,6 +287,9 @@ impl ReplicationConfig {
     pub fn max_clock_skew(&self) -> Duration {
         Duration::from_millis(self.max_clock_skew_ms)
     }
+    pub fn relay_after(&self) -> Option<Duration> {
+        (self.relay_after_ms > 0).then(|| Duration::from_millis(self.relay_after_ms))
+    }
 }
 
 /// A node config file as written.
@@ -217,6 +306,9 @@ pub struct NodeConfigFile {
     /// Address to listen on; defaults to this node's address in the topology.
     #[serde(default)]
     pub listen: Option<String>,
+    /// Per-peer address to dial instead of the topology's (a proxy, a NAT address).
+    #[serde(default)]
+    pub dial: std::collections::BTreeMap<NodeId, String>,
     #[serde(default)]
     pub replication: ReplicationConfig,
     pub tables: Vec<TableConfig>,
@@ -250,6 +342,7 @@ pub struct NodeConfig {
     pub topology: Topology,
     pub database: Database,
     pub listen: String,
+    pub dial: std::collections::BTreeMap<NodeId, String>,
     pub replication: ReplicationConfig,
     pub tables: Vec<TableConfig>,
 }
@@ -341,7 +434,13 @@ impl NodeConfig {
                 "must be greater than heartbeat_ms",
             ));
         }
+        for peer in file.dial.keys() {
+            if topology.node(peer).is_none() || *peer == file.node {
+                return Err(invalid(path, format!("dial.{peer}"), "is not a peer in the topology"));
+            }
+        }
         Ok(Self {
+            dial: file.dial.clone(),
             listen: file.listen.clone().unwrap_or_else(|| spec.address.clone()),
             node: file.node,
             topology,
@@ -349,6 +448,46 @@ impl NodeConfig {
             replication: file.replication,
             tables: file.tables,
         })
+    }
+
+    /// The address to dial for a peer.
+    pub fn address_of<'a>(&'a self, peer: &'a NodeSpec) -> &'a str {
+        self.dial.get(&peer.id).map(String::as_str).unwrap_or(&peer.address)
+    }
+
+    /// Remote origins whose events this node keeps in its log to pass on: along the static
+    /// routes, and in all-to-all every other node's when relaying around failed links is on.
+    pub fn kept_origins(&self) -> std::collections::BTreeSet<NodeId> {
+        let repair = self.topology.shape == Shape::AllToAll && self.replication.relay_after().is_some();
+        self.topology
+            .nodes
+            .iter()
+            .map(|n| n.id.clone())
+            .filter(|o| *o != self.node && (repair || crate::topology::relays(&self.topology, &self.node, o)))
+            .collect()
+    }
+
+    /// Per origin kept in the log, the peers that must have it before it may be dropped.
+    pub fn log_needs(&self) -> std::collections::BTreeMap<NodeId, Vec<NodeId>> {
+        let repair = self.topology.shape == Shape::AllToAll && self.replication.relay_after().is_some();
+        let mut needs = std::collections::BTreeMap::new();
+        for origin in &self.topology.nodes {
+            let peers: Vec<NodeId> = self
+                .topology
+                .nodes
+                .iter()
+                .filter(|p| p.id != self.node && p.id != origin.id)
+                .filter(|p| {
+                    crate::topology::forwards(&self.topology, &self.node, &p.id, &origin.id)
+                        || (repair && origin.id != self.node)
+                })
+                .map(|p| p.id.clone())
+                .collect();
+            if !peers.is_empty() {
+                needs.insert(origin.id.clone(), peers);
+            }
+        }
+        needs
     }
 
     pub fn region(&self) -> &str {

@@ -13,7 +13,7 @@ use anyhow::{Context as _, bail};
 use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 
-use crate::config::{NodeConfig, ReplicationConfig, TableConfig};
+use crate::config::{NodeConfig, NodeSpec, ReplicationConfig, Shape, TableConfig, Topology};
 use crate::node::Node;
 use crate::store::sqlite;
 use crate::telemetry::Metrics;
@@ -35,6 +35,8 @@ pub struct LoopbackMesh {
     pub regions: Vec<Region>,
     pub tables: Vec<String>,
     pub topology_file: PathBuf,
+    /// The topology as written, with its loopback addresses.
+    pub topology: Topology,
 }
 
 /// Ports the OS says are free right now.
@@ -60,32 +62,53 @@ fn toml_string(s: &str) -> String {
 }
 
 impl LoopbackMesh {
-    /// Creates the files of a mesh in `dir`: topology, one config and one database per region
-    /// (with `schema` applied by the application). No node is started yet.
+    /// An all-to-all topology of one node per region (`{region}-1`), for `create`.
+    pub fn all_to_all(regions: &[&str]) -> Topology {
+        Topology {
+            version: crate::config::CONFIG_VERSION,
+            mesh: "loopback".into(),
+            shape: Shape::AllToAll,
+            bidirectional: false,
+            order: None,
+            hub: None,
+            nodes: regions
+                .iter()
+                .map(|r| NodeSpec {
+                    id: format!("{r}-1"),
+                    region: r.to_string(),
+                    address: String::new(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Creates the files of a mesh in `dir`: the topology (its shape and nodes, on fresh
+    /// loopback ports), one config and one database per node (with `schema` applied by the
+    /// application). No node is started yet.
     pub async fn create(
         dir: &Path,
-        regions: &[&str],
+        topology: &Topology,
         schema: &str,
         tables: &[TableConfig],
         replication: &ReplicationConfig,
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let ports = free_ports(regions.len())?;
-        let mut topology = String::from("version = 1\nmesh = \"loopback\"\nshape = \"all-to-all\"\n");
-        for (region, port) in regions.iter().zip(&ports) {
-            topology +=
-                &format!("\n[[nodes]]\nid = \"{region}-1\"\nregion = \"{region}\"\naddress = \"127.0.0.1:{port}\"\n");
+        let mut topology = topology.clone();
+        let ports = free_ports(topology.nodes.len())?;
+        for (node, port) in topology.nodes.iter_mut().zip(ports) {
+            node.address = format!("127.0.0.1:{port}");
         }
+        topology.validate(Path::new("loopback topology"))?;
         let topology_file = dir.join("topology.toml");
-        std::fs::write(&topology_file, topology)?;
+        std::fs::write(&topology_file, toml::to_string(&topology)?)?;
         let replication_toml = toml::to_string(replication)?;
         let mut out = Vec::new();
-        for region in regions {
-            let node_id = format!("{region}-1");
-            let db = dir.join(format!("{region}.db"));
+        for node in &topology.nodes {
+            let db = dir.join(format!("{}.db", node.id));
             let mut config = format!(
-                "version = 1\nnode = \"{node_id}\"\ntopology = \"topology.toml\"\ndatabase = {}\n",
-                toml_string(&format!("sqlite://{region}.db"))
+                "version = 1\nnode = \"{}\"\ntopology = \"topology.toml\"\ndatabase = {}\n",
+                node.id,
+                toml_string(&format!("sqlite://{}.db", node.id))
             );
             for table in tables {
                 config += &format!(
@@ -95,15 +118,15 @@ impl LoopbackMesh {
                 );
             }
             config += &format!("\n[replication]\n{replication_toml}");
-            let config_file = dir.join(format!("{node_id}.toml"));
+            let config_file = dir.join(format!("{}.toml", node.id));
             std::fs::write(&config_file, config)?;
             let app = app_pool(&db).await?;
             sqlx::raw_sql(sqlx::AssertSqlSafe(schema.to_owned()))
                 .execute(&app)
                 .await?;
             out.push(Region {
-                region: region.to_string(),
-                node_id,
+                region: node.region.clone(),
+                node_id: node.id.clone(),
                 db,
                 config_file,
                 app,
@@ -116,6 +139,7 @@ impl LoopbackMesh {
             regions: out,
             tables: tables.iter().map(|t| t.name.clone()).collect(),
             topology_file,
+            topology,
         })
     }
 

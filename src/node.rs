@@ -55,7 +55,11 @@ impl Node {
             node: config.node.clone(),
             region: config.region().to_owned(),
         };
-        let store = Arc::new(SqliteStore::open(path, identity, &tables, config.replication.max_clock_skew()).await?);
+        let store = Arc::new(
+            SqliteStore::open(path, identity, &tables, config.replication.max_clock_skew())
+                .await?
+                .relaying(config.kept_origins()),
+        );
         let listener = TcpListener::bind(&config.listen)
             .await
             .map_err(|source| NodeError::Listen {
@@ -74,6 +78,8 @@ impl Node {
             metrics,
             log_grew,
             acks: Default::default(),
+            heard: Default::default(),
+            started: tokio::time::Instant::now(),
             shutdown: shutdown_rx.clone(),
         };
         let mut tasks = JoinSet::new();
@@ -193,15 +199,7 @@ async fn capture_loop(ctx: Context) {
 /// Persists acknowledgements, trims the log, and logs a status line now and then.
 async fn upkeep_loop(ctx: Context) {
     let mut shutdown = ctx.shutdown.clone();
-    let needs_by_origin: BTreeMap<NodeId, Vec<NodeId>> = {
-        let mut map: BTreeMap<NodeId, Vec<NodeId>> = BTreeMap::new();
-        for (peer, origins) in needs(&ctx.config) {
-            for origin in origins {
-                map.entry(origin).or_default().push(peer.clone());
-            }
-        }
-        map
-    };
+    let needs_by_origin = ctx.config.log_needs();
     let mut persisted: BTreeMap<(NodeId, NodeId), u64> = BTreeMap::new();
     let mut ticks = 0u64;
     loop {
@@ -236,6 +234,8 @@ async fn upkeep_loop(ctx: Context) {
                 applied = Metrics::get(&m.applied),
                 conflicts = Metrics::get(&m.conflicts),
                 dead_lettered = Metrics::get(&m.dead_lettered),
+                dropped_looped = Metrics::get(&m.looped),
+                dropped_duplicate = Metrics::get(&m.duplicates),
                 lag_p50_ms = lag.p50_ms,
                 lag_p99_ms = lag.p99_ms,
                 "status"

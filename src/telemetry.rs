@@ -20,6 +20,8 @@ pub struct PeerState {
     pub sent: u64,
     pub acked: u64,
     pub reconnects: u64,
+    /// Origins relayed to this peer because their direct link to it is down.
+    pub relaying: Vec<NodeId>,
 }
 
 pub struct Metrics {

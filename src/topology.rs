@@ -1,26 +1,86 @@
-//! Routing rules: which events a node sends to which peer, and which it drops on arrival.
+//! Routing rules: which events a node sends to which peer, which it keeps to relay, and which
+//! it drops on arrival; plus `simulate`, which walks the rules to prove delivery.
 //!
-//! Pure functions over a validated `Topology`. The loop rule holds in every shape: a node
-//! drops an event whose origin is itself or whose path already contains it; duplicates are
-//! dropped later, by the per-origin frontier.
+//! Pure functions over a validated `Topology`. Routing depends only on (shape, this node,
+//! peer, origin), never on timing, so every node agrees on every route. The loop rule holds in
+//! every shape: a node drops an event whose origin is itself or whose path already contains
+//! it; duplicates are dropped later, by the per-origin frontier.
+use std::collections::BTreeMap;
+
 use crate::config::{NodeSpec, Shape, Topology};
-use crate::event::Event;
+use crate::event::{Event, NodeId};
+
+/// Node ids in ring order.
+fn ring(topology: &Topology) -> Vec<&str> {
+    match &topology.order {
+        Some(order) => order.iter().map(String::as_str).collect(),
+        None => topology.nodes.iter().map(|n| n.id.as_str()).collect(),
+    }
+}
+
+/// Clockwise distance from `from` to `to` in the ring.
+fn clockwise(ring: &[&str], from: &str, to: &str) -> usize {
+    let n = ring.len();
+    let a = ring.iter().position(|&id| id == from).expect("validated ring member");
+    let b = ring.iter().position(|&id| id == to).expect("validated ring member");
+    (b + n - a) % n
+}
+
+/// How many hops an event travels clockwise; the rest of the ring is reached the other way.
+fn clockwise_span(topology: &Topology, ring: &[&str]) -> usize {
+    let others = ring.len() - 1;
+    if topology.bidirectional {
+        others.div_ceil(2)
+    } else {
+        others
+    }
+}
 
 /// The peers `me` opens a sending stream to.
 pub fn downstream<'t>(topology: &'t Topology, me: &str) -> Vec<&'t NodeSpec> {
-    match topology.shape {
-        Shape::AllToAll => topology.nodes.iter().filter(|n| n.id != me).collect(),
-    }
+    topology
+        .nodes
+        .iter()
+        .filter(|peer| peer.id != me && topology.nodes.iter().any(|o| forwards(topology, me, &peer.id, &o.id)))
+        .collect()
 }
 
-/// Whether `me` forwards events of `origin` to `peer`.
+/// Whether `me`, holding an event of `origin`, sends it to `peer`.
 pub fn forwards(topology: &Topology, me: &str, peer: &str, origin: &str) -> bool {
+    if peer == me || peer == origin {
+        return false;
+    }
     match topology.shape {
-        Shape::AllToAll => origin == me && peer != me,
+        Shape::AllToAll => origin == me,
+        Shape::Ring => {
+            let ring = ring(topology);
+            let n = ring.len();
+            let span = clockwise_span(topology, &ring);
+            let at = clockwise(&ring, origin, me);
+            if clockwise(&ring, me, peer) == 1 {
+                // Successor: continue clockwise while within the clockwise span.
+                at < span
+            } else if topology.bidirectional && clockwise(&ring, peer, me) == 1 {
+                // Predecessor: carry the event counter-clockwise over the nodes the clockwise
+                // span leaves out; `n - at` is how far counter-clockwise we already are.
+                let counter_span = n - 1 - span;
+                if at == 0 {
+                    counter_span > 0
+                } else {
+                    at > span && n - at < counter_span
+                }
+            } else {
+                false
+            }
+        }
+        Shape::Star => {
+            let hub = topology.hub.as_deref().expect("validated star");
+            if me == hub { true } else { peer == hub && origin == me }
+        }
     }
 }
 
-/// The origins whose events `me` sends to `peer`, given the mesh's node ids.
+/// The origins whose events `me` sends to `peer`.
 pub fn origins_for<'t>(topology: &'t Topology, me: &str, peer: &str) -> Vec<&'t str> {
     topology
         .nodes
@@ -30,11 +90,14 @@ pub fn origins_for<'t>(topology: &'t Topology, me: &str, peer: &str) -> Vec<&'t 
         .collect()
 }
 
-/// Whether `me` keeps events received from other origins in its log to pass them on.
-pub fn relays(topology: &Topology, _me: &str) -> bool {
-    match topology.shape {
-        Shape::AllToAll => false,
-    }
+/// Whether `me` relays events of `origin` (another node) along static routes, and so must
+/// keep them in its log until the peers it feeds have acknowledged them.
+pub fn relays(topology: &Topology, me: &str, origin: &str) -> bool {
+    origin != me
+        && topology
+            .nodes
+            .iter()
+            .any(|peer| forwards(topology, me, &peer.id, origin))
 }
 
 /// Why an arriving event is dropped before it reaches the store.
@@ -45,10 +108,112 @@ pub enum Drop {
 }
 
 pub fn admit(me: &str, event: &Event) -> Result<(), Drop> {
-    if event.origin == me || event.path.iter().any(|hop| hop == me) {
+    admit_path(me, &event.origin, &event.path)
+}
+
+fn admit_path(me: &str, origin: &str, path: &[NodeId]) -> Result<(), Drop> {
+    if origin == me || path.iter().any(|hop| hop == me) {
         return Err(Drop::Looped);
     }
     Ok(())
+}
+
+/// The route one origin's event takes to one receiver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Nodes the event passes through, origin first, receiver last.
+    pub path: Vec<NodeId>,
+}
+
+impl Route {
+    pub fn hops(&self) -> usize {
+        self.path.len() - 1
+    }
+}
+
+/// What walking the rules found for one origin.
+#[derive(Debug, Clone, Default)]
+pub struct Delivery {
+    /// Every arrival that passed the loop rule, per receiver.
+    pub arrivals: BTreeMap<NodeId, Vec<Route>>,
+    /// Sends the loop rule dropped (wasted, though harmless).
+    pub looped: Vec<Route>,
+}
+
+/// A routing rule: (topology, holder, peer, origin) -> send?
+pub type Rule = fn(&Topology, &str, &str, &str) -> bool;
+
+/// Walks a routing rule for an event of every origin, as the nodes would forward it.
+pub fn simulate(topology: &Topology, rule: Rule) -> BTreeMap<NodeId, Delivery> {
+    let mut out = BTreeMap::new();
+    for origin in &topology.nodes {
+        let mut delivery = Delivery::default();
+        let mut holders = vec![vec![origin.id.clone()]];
+        // Every arrival adds a hop; a sound topology ends within n hops, a broken one is cut.
+        for _ in 0..=topology.nodes.len() {
+            let mut next = Vec::new();
+            for path in holders {
+                let at = path.last().expect("non-empty path");
+                for peer in &topology.nodes {
+                    if !rule(topology, at, &peer.id, &origin.id) {
+                        continue;
+                    }
+                    let mut route = path.clone();
+                    route.push(peer.id.clone());
+                    if admit_path(&peer.id, &origin.id, &path).is_err() {
+                        delivery.looped.push(Route { path: route });
+                        continue;
+                    }
+                    delivery
+                        .arrivals
+                        .entry(peer.id.clone())
+                        .or_default()
+                        .push(Route { path: route.clone() });
+                    next.push(route);
+                }
+            }
+            holders = next;
+        }
+        out.insert(origin.id.clone(), delivery);
+    }
+    out
+}
+
+/// Checks that every node receives every other node's events exactly once under weft's
+/// rules; returns the route of every (origin, receiver) pair, or what is wrong.
+pub fn prove(topology: &Topology) -> Result<BTreeMap<(NodeId, NodeId), Route>, Vec<String>> {
+    prove_rule(topology, forwards)
+}
+
+fn prove_rule(topology: &Topology, rule: Rule) -> Result<BTreeMap<(NodeId, NodeId), Route>, Vec<String>> {
+    let mut routes = BTreeMap::new();
+    let mut problems = Vec::new();
+    for (origin, delivery) in simulate(topology, rule) {
+        for node in &topology.nodes {
+            if node.id == origin {
+                continue;
+            }
+            match delivery.arrivals.get(&node.id).map(Vec::as_slice) {
+                None | Some([]) => problems.push(format!("{} never receives the events of {origin}", node.id)),
+                Some([route]) => {
+                    routes.insert((origin.clone(), node.id.clone()), route.clone());
+                }
+                Some(many) => problems.push(format!(
+                    "{} receives each event of {origin} {} times (via {})",
+                    node.id,
+                    many.len(),
+                    many.iter().map(|r| r.path.join(" → ")).collect::<Vec<_>>().join("; ")
+                )),
+            }
+        }
+        for route in &delivery.looped {
+            problems.push(format!(
+                "an event of {origin} is sent back along its own path: {}",
+                route.path.join(" → ")
+            ));
+        }
+    }
+    if problems.is_empty() { Ok(routes) } else { Err(problems) }
 }
 
 #[cfg(test)]
@@ -56,8 +221,8 @@ mod tests {
     use super::*;
     use std::path::Path;
 
-    fn mesh(n: usize) -> Topology {
-        let mut text = String::from("version = 1\nmesh = \"m\"\nshape = \"all-to-all\"\n");
+    fn mesh(shape: &str, n: usize) -> Topology {
+        let mut text = format!("version = 1\nmesh = \"m\"\n{shape}\n");
         for i in 0..n {
             text += &format!(
                 "[[nodes]]\nid = \"n{i}\"\nregion = \"r{i}\"\naddress = \"127.0.0.1:{}\"\n",
@@ -67,47 +232,87 @@ mod tests {
         Topology::parse(&text, Path::new("m.toml")).unwrap()
     }
 
-    /// Walks the rules: every origin's event must reach every other node exactly once.
+    fn worst(routes: &BTreeMap<(NodeId, NodeId), Route>) -> usize {
+        routes.values().map(Route::hops).max().unwrap()
+    }
+
+    /// Table: shape, sizes, and the worst-case hop count each must prove.
     #[test]
-    fn all_to_all_delivers_every_event_to_every_node_once_in_one_hop() {
-        for n in 2..=6 {
-            let t = mesh(n);
-            for origin in &t.nodes {
-                let mut received = std::collections::HashMap::<&str, usize>::new();
-                for peer in downstream(&t, &origin.id) {
-                    if forwards(&t, &origin.id, &peer.id, &origin.id) {
-                        *received.entry(peer.id.as_str()).or_default() += 1;
-                        // Nobody relays in all-to-all.
-                        for next in downstream(&t, &peer.id) {
-                            assert!(!forwards(&t, &peer.id, &next.id, &origin.id));
-                        }
-                    }
-                }
-                for node in &t.nodes {
-                    let want = usize::from(node.id != origin.id);
-                    assert_eq!(received.get(node.id.as_str()).copied().unwrap_or(0), want);
-                }
-            }
+    fn every_shape_delivers_every_event_to_every_node_exactly_once() {
+        let cases: &[(&str, usize, usize)] = &[
+            ("shape = \"all-to-all\"", 2, 1),
+            ("shape = \"all-to-all\"", 5, 1),
+            ("shape = \"ring\"", 3, 2),
+            ("shape = \"ring\"", 4, 3),
+            ("shape = \"ring\"", 7, 6),
+            ("shape = \"ring\"\nbidirectional = true", 3, 1),
+            ("shape = \"ring\"\nbidirectional = true", 4, 2),
+            ("shape = \"ring\"\nbidirectional = true", 5, 2),
+            ("shape = \"ring\"\nbidirectional = true", 8, 4),
+            ("shape = \"star\"\nhub = \"n0\"", 2, 1),
+            ("shape = \"star\"\nhub = \"n0\"", 5, 2),
+            ("shape = \"star\"\nhub = \"n2\"", 4, 2),
+        ];
+        for &(shape, n, hops) in cases {
+            let t = mesh(shape, n);
+            let routes = prove(&t).unwrap_or_else(|p| panic!("{shape} with {n}: {p:?}"));
+            assert_eq!(routes.len(), n * (n - 1), "{shape} with {n}");
+            assert_eq!(worst(&routes), hops, "{shape} with {n}");
         }
     }
 
     #[test]
+    fn ring_routes_follow_the_order_and_stop_before_the_origin() {
+        let t = mesh("shape = \"ring\"\norder = [\"n0\", \"n2\", \"n1\", \"n3\"]", 4);
+        let routes = prove(&t).unwrap();
+        let path = &routes[&("n0".to_string(), "n3".to_string())].path;
+        assert_eq!(path, &["n0", "n2", "n1", "n3"]);
+        assert!(!forwards(&t, "n3", "n0", "n0"), "never back to the origin");
+        assert!(forwards(&t, "n3", "n0", "n1"));
+        assert_eq!(
+            downstream(&t, "n0").iter().map(|n| n.id.as_str()).collect::<Vec<_>>(),
+            vec!["n2"]
+        );
+        assert!(relays(&t, "n2", "n0") && !relays(&t, "n3", "n0"));
+    }
+
+    #[test]
+    fn star_spokes_talk_only_to_the_hub() {
+        let t = mesh("shape = \"star\"\nhub = \"n0\"", 4);
+        assert_eq!(
+            downstream(&t, "n1").iter().map(|n| n.id.as_str()).collect::<Vec<_>>(),
+            vec!["n0"]
+        );
+        assert_eq!(downstream(&t, "n0").len(), 3);
+        assert!(relays(&t, "n0", "n1") && !relays(&t, "n1", "n2"));
+        assert_eq!(origins_for(&t, "n0", "n1"), vec!["n0", "n2", "n3"]);
+    }
+
+    #[test]
+    fn the_walk_catches_broken_rules() {
+        let t = mesh("shape = \"all-to-all\"", 3);
+        let flood: Rule = |_, me, peer, _| me != peer;
+        let problems = prove_rule(&t, flood).unwrap_err();
+        assert!(
+            problems.iter().any(|p| p.contains("receives each event of n0 2 times")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.contains("sent back along its own path")),
+            "{problems:?}"
+        );
+        let silent: Rule = |_, _, _, _| false;
+        let problems = prove_rule(&t, silent).unwrap_err();
+        assert!(
+            problems.contains(&"n1 never receives the events of n0".to_string()),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
     fn admit_drops_loops() {
-        let event = crate::event::Event {
-            origin: "a".into(),
-            origin_region: "r".into(),
-            seq: 1,
-            batch_end: 1,
-            hlc: Default::default(),
-            table: "t".into(),
-            key: crate::event::Key(vec![]),
-            op: crate::event::Op::Delete,
-            version: Default::default(),
-            path: vec!["a".into(), "b".into()],
-            committed_at_micros: 0,
-        };
-        assert_eq!(admit("a", &event), Err(Drop::Looped));
-        assert_eq!(admit("b", &event), Err(Drop::Looped));
-        assert_eq!(admit("c", &event), Ok(()));
+        assert_eq!(admit_path("a", "a", &["a".into()]), Err(Drop::Looped));
+        assert_eq!(admit_path("b", "a", &["a".into(), "b".into()]), Err(Drop::Looped));
+        assert_eq!(admit_path("c", "a", &["a".into(), "b".into()]), Ok(()));
     }
 }

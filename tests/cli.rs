@@ -111,3 +111,120 @@ fn status_reads_a_nodes_database() {
     assert_eq!(status["outbox_pending"], 2);
     assert_eq!(status["peers"][0]["peer"], "b");
 }
+
+#[test]
+fn topology_check_proves_every_shipped_file() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("topology");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        let (ok, stdout, stderr) = weft(&["topology", "check", path.to_str().unwrap()]);
+        assert!(ok, "{}: {stderr}", path.display());
+        assert!(
+            stdout.contains("OK: every node receives every other node's events exactly once"),
+            "{stdout}"
+        );
+        assert!(stdout.contains("worst case:"), "{stdout}");
+        let (ok, stdout, _) = weft(&["topology", "show", path.to_str().unwrap()]);
+        assert!(ok && stdout.contains("mesh `"), "{stdout}");
+        checked += 1;
+    }
+    assert!(checked >= 3);
+    let (_, stdout, _) = weft(&["topology", "check", dir.join("ring.toml").to_str().unwrap()]);
+    assert!(stdout.contains("worst case: 3 hops"), "{stdout}");
+    assert!(
+        stdout.contains("us-east-1 → sa-east-1: us-east-1 → eu-west-1 → ap-south-1 → sa-east-1 (3 hops)"),
+        "{stdout}"
+    );
+    let (_, stdout, _) = weft(&["topology", "check", dir.join("star.toml").to_str().unwrap()]);
+    assert!(stdout.contains("worst case: 2 hops"), "{stdout}");
+}
+
+#[test]
+fn topology_check_refuses_broken_files_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = |id: &str, port: u16| {
+        format!("[[nodes]]\nid = \"{id}\"\nregion = \"r-{id}\"\naddress = \"127.0.0.1:{port}\"\n")
+    };
+    let three = format!("{}{}{}", node("a", 1), node("b", 2), node("c", 3));
+    let cases = [
+        (
+            format!("version = 1\nmesh = \"m\"\nshape = \"star\"\n{three}"),
+            "hub: a star needs a hub",
+        ),
+        (
+            format!("version = 1\nmesh = \"m\"\nshape = \"star\"\nhub = \"z\"\n{three}"),
+            "hub: unknown node `z`",
+        ),
+        (
+            format!(
+                "version = 1\nmesh = \"m\"\nshape = \"ring\"\n{}{}",
+                node("a", 1),
+                node("b", 2)
+            ),
+            "a ring needs at least 3 nodes",
+        ),
+        (
+            format!("version = 1\nmesh = \"m\"\nshape = \"ring\"\norder = [\"a\", \"b\", \"x\"]\n{three}"),
+            "order[2]: unknown node `x`",
+        ),
+        (
+            format!("version = 1\nmesh = \"m\"\nshape = \"ring\"\norder = [\"a\", \"b\"]\n{three}"),
+            "order: unreachable nodes: c",
+        ),
+        (
+            format!(
+                "version = 1\nmesh = \"m\"\nshape = \"all-to-all\"\n{}{}",
+                node("a", 1),
+                node("a", 2)
+            ),
+            "duplicate node id `a`",
+        ),
+        (
+            format!(
+                "version = 1\nmesh = \"m\"\nshape = \"all-to-all\"\n{}{}",
+                node("a", 1),
+                node("b", 1)
+            ),
+            "duplicate address `127.0.0.1:1`",
+        ),
+        (
+            format!("version = 1\nmesh = \"m\"\nshape = \"all-to-all\"\nhub = \"a\"\n{three}"),
+            "hub: only applies to shape = \"star\"",
+        ),
+        (
+            format!("version = 1\nmesh = \"m\"\nshape = \"circle\"\n{three}"),
+            "unknown variant `circle`",
+        ),
+    ];
+    for (text, want) in cases {
+        let path = dir.path().join("broken.toml");
+        std::fs::write(&path, &text).unwrap();
+        let (ok, _, stderr) = weft(&["topology", "check", path.to_str().unwrap()]);
+        assert!(!ok, "should refuse:\n{text}");
+        assert!(
+            stderr.contains("broken.toml") && stderr.contains(want),
+            "expected {want:?} in {stderr}"
+        );
+    }
+}
+
+#[test]
+fn demo_runs_on_a_ring() {
+    let ring = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("topology/ring.toml");
+    let (ok, stdout, stderr) = weft(&[
+        "demo",
+        "--topology",
+        ring.to_str().unwrap(),
+        "--duration",
+        "6",
+        "--rate",
+        "50",
+    ]);
+    assert!(ok, "demo failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("4 regions on loopback, \"ring\""), "{stdout}");
+    assert!(stdout.contains("CONVERGED: all 4 regions"), "{stdout}");
+}

@@ -372,3 +372,42 @@ async fn one_run_with_many_writes_to_the_same_row_applies_them_in_order() {
     assert_eq!(b.rows("SELECT id, name FROM items").await, vec!["1|v3"]);
     assert_eq!(a.snapshot().await, b.snapshot().await);
 }
+
+#[tokio::test]
+async fn a_relaying_node_keeps_events_unchanged_but_for_its_place_in_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = replica(dir.path(), "a").await;
+    let b = replica(dir.path(), "b").await;
+    let b = Replica {
+        store: b.store.relaying(["a".to_string()].into_iter().collect()),
+        ..b
+    };
+    let c = replica(dir.path(), "c").await;
+    a.exec("INSERT INTO items (id, name) VALUES (1, 'x'); INSERT INTO items (id, name) VALUES (2, 'y');")
+        .await;
+    a.drain().await;
+    let sent = a.events(0).await;
+    b.pull(&a).await;
+    let relayed: Vec<weft::event::Event> = b
+        .store
+        .read_log("a", 0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| weft::wire::decode_event(&e.bytes).unwrap())
+        .collect();
+    assert_eq!(relayed.len(), 2);
+    for (original, relayed) in sent.iter().zip(&relayed) {
+        assert_eq!(relayed.path, vec!["a".to_string(), "b".to_string()]);
+        let mut unchanged = relayed.clone();
+        unchanged.path.pop();
+        assert_eq!(
+            &unchanged, original,
+            "origin, seq, batch, HLC and version travel unchanged"
+        );
+    }
+    // c applies the relayed copies; b itself would drop them as looped.
+    assert_eq!(c.store.apply(relayed.clone()).await.unwrap().applied, 2);
+    assert_eq!(b.store.apply(relayed).await.unwrap().looped, 2);
+    assert_eq!(a.snapshot().await, c.snapshot().await);
+}

@@ -43,7 +43,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         name: "bench".into(),
         strategy: Strategy::Lww,
     }];
-    let mut mesh = LoopbackMesh::create(&dir, &names_ref, SCHEMA, &tables, &ReplicationConfig::default()).await?;
+    let mut mesh = LoopbackMesh::create(
+        &dir,
+        &LoopbackMesh::all_to_all(&names_ref),
+        SCHEMA,
+        &tables,
+        &ReplicationConfig::default(),
+    )
+    .await?;
     mesh.start_all().await?;
     let mode = if args.rate == 0 {
         format!("as fast as possible, {} rows per transaction", args.txn_rows)

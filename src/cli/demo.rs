@@ -49,6 +49,10 @@ pub struct Args {
     /// Workload seed (printed, so a run can be replayed).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Run on the shape and nodes of this topology file (on loopback ports); default: three
+    /// regions, all-to-all.
+    #[arg(long)]
+    pub topology: Option<std::path::PathBuf>,
 }
 
 /// One application transaction of the demo workload.
@@ -106,7 +110,11 @@ async fn write_once(
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let seed = args.seed.unwrap_or_else(rand::random);
     let (dir, _temp) = super::work_dir(args.dir.as_deref())?;
-    let regions = ["us-east", "eu-west", "ap-south"];
+    let topology = match &args.topology {
+        Some(file) => super::topology::load(file)?,
+        None => LoopbackMesh::all_to_all(&["us-east", "eu-west", "ap-south"]),
+    };
+    let regions: Vec<String> = topology.nodes.iter().map(|n| n.region.clone()).collect();
     let tables = [
         TableConfig {
             name: "profiles".into(),
@@ -118,11 +126,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         },
     ];
     println!(
-        "weft demo: {} regions on loopback, all-to-all, LWW; seed {seed}; files in {}",
+        "weft demo: {} regions on loopback, {}, LWW; seed {seed}; files in {}",
         regions.len(),
+        toml::Value::try_from(topology.shape)
+            .map(|v| v.to_string())
+            .unwrap_or_default(),
         dir.display()
     );
-    let mut mesh = LoopbackMesh::create(&dir, &regions, SCHEMA, &tables, &ReplicationConfig::default()).await?;
+    let mut mesh = LoopbackMesh::create(&dir, &topology, SCHEMA, &tables, &ReplicationConfig::default()).await?;
     mesh.start_all().await?;
 
     let duration = Duration::from_secs(args.duration);
@@ -206,13 +217,15 @@ fn print_progress(mesh: &LoopbackMesh, written: &[Arc<AtomicU64>], t: Duration) 
 }
 
 async fn print_summary(mesh: &LoopbackMesh, written: &[Arc<AtomicU64>]) -> anyhow::Result<()> {
-    println!("\nregion      app txns   events   applied   stale   conflicts   dead   lag p50   lag p99   lag max");
+    println!(
+        "\nregion      app txns   events   applied   stale   conflicts   dead   looped    dups   lag p50   lag p99   lag max"
+    );
     for (region, count) in mesh.regions.iter().zip(written) {
         let m = &region.metrics;
         let (last_seq, _, _) = crate::store::sqlite::progress(&region.app).await?;
         let lag = m.lag();
         println!(
-            "{:<10} {:>9} {:>8} {:>9} {:>7} {:>11} {:>6} {:>7.1}ms {:>7.1}ms {:>7.1}ms",
+            "{:<10} {:>9} {:>8} {:>9} {:>7} {:>11} {:>6} {:>8} {:>7} {:>7.1}ms {:>7.1}ms {:>7.1}ms",
             region.region,
             count.load(Ordering::Relaxed),
             last_seq,
@@ -220,6 +233,8 @@ async fn print_summary(mesh: &LoopbackMesh, written: &[Arc<AtomicU64>]) -> anyho
             Metrics::get(&m.stale),
             Metrics::get(&m.conflicts),
             Metrics::get(&m.dead_lettered),
+            Metrics::get(&m.looped),
+            Metrics::get(&m.duplicates),
             lag.p50_ms,
             lag.p99_ms,
             lag.max_ms,

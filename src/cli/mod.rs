@@ -3,6 +3,7 @@
 //! Errors reach the user through `anyhow` here only; each says what failed and what to do.
 mod bench;
 mod demo;
+mod topology;
 
 use std::path::PathBuf;
 
@@ -32,6 +33,11 @@ pub enum Command {
     Demo(demo::Args),
     /// Measure end-to-end throughput and capture-to-apply lag on loopback.
     Bench(bench::Args),
+    /// Validate a topology file and prove its routes, or draw it.
+    Topology {
+        #[command(subcommand)]
+        command: TopologyCommand,
+    },
     /// Replication state read from a node's database: frontiers, backlog, RPO exposure.
     Status {
         #[arg(long)]
@@ -42,12 +48,27 @@ pub enum Command {
     },
 }
 
+#[derive(Subcommand, Debug)]
+pub enum TopologyCommand {
+    /// Parse and validate FILE, prove every node gets every other node's events exactly
+    /// once, print routes and hop counts; exit non-zero on any defect.
+    Check { file: PathBuf },
+    /// Draw the graph of FILE in the terminal.
+    Show { file: PathBuf },
+}
+
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config } => run(config).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Status { config, json } => status(config, json).await,
+        Command::Topology {
+            command: TopologyCommand::Check { file },
+        } => topology::check(&file),
+        Command::Topology {
+            command: TopologyCommand::Show { file },
+        } => topology::show(&file),
     }
 }
 

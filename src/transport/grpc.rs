@@ -62,7 +62,52 @@ pub struct Context {
     pub log_grew: watch::Sender<u64>,
     /// Latest acknowledged seq per (peer, origin), persisted by the node's upkeep task.
     pub acks: Arc<std::sync::Mutex<BTreeMap<(NodeId, NodeId), u64>>>,
+    /// When each peer's inbound stream last delivered a frame.
+    pub heard: Arc<std::sync::Mutex<BTreeMap<NodeId, Instant>>>,
+    /// When this node started (a peer never heard counts as heard then).
+    pub started: Instant,
     pub shutdown: watch::Receiver<bool>,
+}
+
+impl Context {
+    /// The origins `peer` should relay to this node: in all-to-all, those whose direct link
+    /// has been silent longer than `relay_after`, each asked of exactly one peer (the
+    /// lowest-id peer still heard from) so that only one relay runs per origin.
+    fn relay_wanted_from(&self, peer: &str) -> Vec<String> {
+        let config = &self.config;
+        let Some(after) = config.replication.relay_after() else {
+            return Vec::new();
+        };
+        if config.topology.shape != crate::config::Shape::AllToAll {
+            return Vec::new();
+        }
+        let heard = self.heard.lock().expect("heard lock");
+        let alive = |node: &str| heard.get(node).copied().unwrap_or(self.started).elapsed() <= after;
+        config
+            .topology
+            .nodes
+            .iter()
+            .map(|n| n.id.as_str())
+            .filter(|&origin| origin != config.node && origin != peer && !alive(origin))
+            .filter(|&origin| {
+                let relay = config
+                    .topology
+                    .nodes
+                    .iter()
+                    .map(|n| n.id.as_str())
+                    .find(|&p| p != config.node && p != origin && heard.contains_key(p) && alive(p));
+                relay == Some(peer)
+            })
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn mark_heard(&self, peer: &str) {
+        self.heard
+            .lock()
+            .expect("heard lock")
+            .insert(peer.to_owned(), Instant::now());
+    }
 }
 
 fn frontiers_to_proto(frontiers: &BTreeMap<NodeId, u64>) -> Vec<proto::Frontier> {
@@ -111,6 +156,9 @@ impl Inbound {
             _ = crate::shutdown::stopped(&mut self.shutdown) => return None,
             frame = timeout(silence, self.frames.message()) => frame,
         };
+        if matches!(frame, Ok(Ok(Some(_)))) {
+            self.ctx.mark_heard(&self.peer);
+        }
         let result = match frame {
             Err(_) => Err(Status::deadline_exceeded(format!(
                 "no frame from {} for {silence:?}",
@@ -120,10 +168,15 @@ impl Inbound {
             Ok(Ok(None)) => return None,
             Ok(Ok(Some(proto::SendFrame {
                 body: Some(Outgoing::Heartbeat(_)),
-            }))) => Ok(reply(Reply::Heartbeat(proto::Heartbeat {
-                sent_at_micros: now_micros(),
-                hlc: self.ctx.store.clock().last().0,
-            }))),
+            }))) => match self.ctx.store.frontiers().await {
+                Ok(frontiers) => Ok(reply(Reply::Heartbeat(proto::Heartbeat {
+                    sent_at_micros: now_micros(),
+                    hlc: self.ctx.store.clock().last().0,
+                    frontiers: frontiers_to_proto(&frontiers),
+                    relay_wanted: self.ctx.relay_wanted_from(&self.peer),
+                }))),
+                Err(e) => Err(Status::unavailable(e.to_string())),
+            },
             Ok(Ok(Some(proto::SendFrame {
                 body: Some(Outgoing::Batch(batch)),
             }))) => self.apply(batch).await,
@@ -162,6 +215,7 @@ impl Inbound {
         }
         Ok(reply(Reply::Ack(proto::Ack {
             frontiers: frontiers_to_proto(&report.frontiers),
+            relay_wanted: self.ctx.relay_wanted_from(&self.peer),
         })))
     }
 }
@@ -270,7 +324,7 @@ pub async fn feed_peer(ctx: Context, peer: NodeSpec) {
 async fn session(ctx: &Context, peer: &NodeSpec) -> Result<(), TransportError> {
     let config = &ctx.config;
     let tuning = &config.replication;
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", peer.address))
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", config.address_of(peer)))
         .map_err(|source| TransportError::Connect {
             peer: peer.id.clone(),
             source,
@@ -324,16 +378,18 @@ async fn session(ctx: &Context, peer: &NodeSpec) -> Result<(), TransportError> {
     else {
         return Err(protocol("expected Welcome"));
     };
-    let origins: Vec<NodeId> = topology::origins_for(&config.topology, &config.node, &peer.id)
+    let routed: Vec<NodeId> = topology::origins_for(&config.topology, &config.node, &peer.id)
         .into_iter()
         .map(str::to_owned)
         .collect();
-    let theirs: BTreeMap<NodeId, u64> = welcome.frontiers.into_iter().map(|f| (f.origin, f.seq)).collect();
+    let kept = config.kept_origins();
+    let mut theirs: BTreeMap<NodeId, u64> = welcome.frontiers.into_iter().map(|f| (f.origin, f.seq)).collect();
+    let mut origins = routed.clone();
     let mut sent: BTreeMap<NodeId, u64> = origins
         .iter()
         .map(|o| (o.clone(), theirs.get(o).copied().unwrap_or(0)))
         .collect();
-    record_acks(ctx, &peer.id, &theirs, &origins);
+    record_acks(ctx, &peer.id, &theirs);
     ctx.metrics.update_peer(&peer.id, |p| {
         p.connected = true;
         p.sent = sent.get(&config.node).copied().unwrap_or(0);
@@ -350,7 +406,7 @@ async fn session(ctx: &Context, peer: &NodeSpec) -> Result<(), TransportError> {
     loop {
         // Fill the window.
         log_grew.borrow_and_update();
-        while in_flight.len() < tuning.window {
+        while in_flight.len() < tuning.window && !origins.is_empty() {
             let mut events = Vec::new();
             for origin in &origins {
                 let after = sent[origin];
@@ -395,13 +451,19 @@ async fn session(ctx: &Context, peer: &NodeSpec) -> Result<(), TransportError> {
                 match message.map_err(refused)? {
                     Some(proto::ReceiveFrame { body: Some(Reply::Ack(ack)) }) => {
                         in_flight.pop_front();
-                        let acked: BTreeMap<NodeId, u64> = ack.frontiers.into_iter().map(|f| (f.origin, f.seq)).collect();
-                        record_acks(ctx, &peer.id, &acked, &origins);
-                        if let Some(&own) = acked.get(&config.node) {
+                        theirs = ack.frontiers.into_iter().map(|f| (f.origin, f.seq)).collect();
+                        record_acks(ctx, &peer.id, &theirs);
+                        if let Some(&own) = theirs.get(&config.node) {
                             ctx.metrics.update_peer(&peer.id, |p| p.acked = p.acked.max(own));
                         }
+                        relay_on_request(ctx, peer, &routed, &kept, &ack.relay_wanted, &theirs, &mut origins, &mut sent);
                     }
                     Some(proto::ReceiveFrame { body: Some(Reply::Heartbeat(beat)) }) => {
+                        if !beat.frontiers.is_empty() {
+                            theirs = beat.frontiers.iter().map(|f| (f.origin.clone(), f.seq)).collect();
+                            record_acks(ctx, &peer.id, &theirs);
+                        }
+                        relay_on_request(ctx, peer, &routed, &kept, &beat.relay_wanted, &theirs, &mut origins, &mut sent);
                         if let Err(skew) = ctx.store.clock().observe_now(crate::event::Hlc(beat.hlc)) {
                             tracing::warn!(peer = %peer.id, ahead_ms = skew.ahead_ms, "peer clock ahead of max_clock_skew");
                             ctx.metrics.skew_reports.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -423,6 +485,7 @@ async fn session(ctx: &Context, peer: &NodeSpec) -> Result<(), TransportError> {
                 let beat = proto::SendFrame { body: Some(Outgoing::Heartbeat(proto::Heartbeat {
                     sent_at_micros: now_micros(),
                     hlc: ctx.store.clock().last().0,
+                    ..Default::default()
                 })) };
                 if out.send(beat).await.is_err() {
                     return Err(protocol("stream closed"));
@@ -432,12 +495,46 @@ async fn session(ctx: &Context, peer: &NodeSpec) -> Result<(), TransportError> {
     }
 }
 
-fn record_acks(ctx: &Context, peer: &str, frontiers: &BTreeMap<NodeId, u64>, origins: &[NodeId]) {
+/// Records a peer's frontiers: they are its acknowledgements, for every origin.
+fn record_acks(ctx: &Context, peer: &str, frontiers: &BTreeMap<NodeId, u64>) {
     let mut acks = ctx.acks.lock().expect("ack book lock");
-    for origin in origins {
-        if let Some(&seq) = frontiers.get(origin) {
-            let entry = acks.entry((peer.to_owned(), origin.clone())).or_insert(0);
-            *entry = (*entry).max(seq);
-        }
+    for (origin, &seq) in frontiers {
+        let entry = acks.entry((peer.to_owned(), origin.clone())).or_insert(0);
+        *entry = (*entry).max(seq);
     }
+}
+
+/// Adjusts the origins streamed to `peer` to its relay requests: routed origins always, plus
+/// requested ones this node keeps in its log; a new origin starts at the peer's frontier.
+#[allow(clippy::too_many_arguments)]
+fn relay_on_request(
+    ctx: &Context,
+    peer: &NodeSpec,
+    routed: &[NodeId],
+    kept: &std::collections::BTreeSet<NodeId>,
+    wanted: &[String],
+    theirs: &BTreeMap<NodeId, u64>,
+    origins: &mut Vec<NodeId>,
+    sent: &mut BTreeMap<NodeId, u64>,
+) {
+    let mut next: Vec<NodeId> = routed.to_vec();
+    next.extend(
+        wanted
+            .iter()
+            .filter(|o| kept.contains(*o) && !routed.contains(o))
+            .cloned(),
+    );
+    if next == *origins {
+        return;
+    }
+    for origin in next.iter().filter(|o| !origins.contains(o)) {
+        tracing::warn!(peer = %peer.id, %origin, "relaying {origin}'s events to {}: their direct link is down", peer.id);
+        sent.insert(origin.clone(), theirs.get(origin).copied().unwrap_or(0));
+    }
+    for origin in origins.iter().filter(|o| !next.contains(o)) {
+        tracing::info!(peer = %peer.id, %origin, "stopped relaying {origin}'s events to {}: their link is back", peer.id);
+    }
+    let relayed: Vec<NodeId> = next.iter().filter(|o| !routed.contains(o)).cloned().collect();
+    ctx.metrics.update_peer(&peer.id, |p| p.relaying = relayed);
+    *origins = next;
 }

@@ -30,16 +30,33 @@ pub struct Sidecars {
 
 impl Sidecars {
     pub async fn new(dir: &Path) -> Self {
-        let tables = [TableConfig {
-            name: "items".into(),
-            strategy: Strategy::Lww,
-        }];
+        Self::with(
+            dir,
+            LoopbackMesh::all_to_all(&["east", "west", "south"]),
+            ReplicationConfig::default(),
+        )
+        .await
+    }
+
+    /// Sidecars on `topology`'s shape and nodes (on loopback ports); `replication` tunes them
+    /// (the heartbeat and peer timeout are shortened for tests).
+    pub async fn with(dir: &Path, topology: weft::config::Topology, replication: ReplicationConfig) -> Self {
+        let tables = [
+            TableConfig {
+                name: "items".into(),
+                strategy: Strategy::Lww,
+            },
+            TableConfig {
+                name: "shared".into(),
+                strategy: Strategy::Lww,
+            },
+        ];
         let replication = ReplicationConfig {
             heartbeat_ms: 200,
             peer_timeout_ms: 2_000,
-            ..Default::default()
+            ..replication
         };
-        let mesh = LoopbackMesh::create(dir, &["east", "west", "south"], SCHEMA, &tables, &replication)
+        let mesh = LoopbackMesh::create(dir, &topology, SCHEMA, &tables, &replication)
             .await
             .unwrap();
         let children = std::sync::Mutex::new((0..mesh.regions.len()).map(|_| None).collect());

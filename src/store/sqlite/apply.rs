@@ -12,10 +12,11 @@ use std::collections::{BTreeMap, HashSet};
 
 use sqlx::{AssertSqlSafe, Connection as _, SqliteConnection};
 
+use super::bulk;
 use super::run::Mode;
 use super::schema::{NOW_MICROS, TableInfo};
 use super::{SqliteStore, Writer};
-use crate::event::{Event, Op, Row};
+use crate::event::{Event, Op, Row, Value};
 use crate::replicate::RowVersion;
 use crate::resolve::Winner;
 use crate::store::{ApplyReport, StoreError};
@@ -145,6 +146,7 @@ impl SqliteStore {
         if !self.apply_events(&mut tx, &admitted, &mut report, mode).await? {
             return Ok(None);
         }
+        self.keep_for_relay(&mut tx, &admitted).await?;
 
         for (origin, frontier) in frontiers.iter().filter(|(_, f)| f.changed) {
             sqlx::query(
@@ -161,13 +163,28 @@ impl SqliteStore {
         sqlx::query("DELETE FROM _weft_applying").execute(&mut *tx).await?;
         tx.commit().await?;
         writer.last_seq = report.drained.last_seq;
-        let origins: HashSet<&str> = events.iter().map(|e| e.origin.as_str()).collect();
-        report.frontiers = frontiers
-            .into_iter()
-            .filter(|(o, _)| origins.contains(o.as_str()))
-            .map(|(o, f)| (o, f.seq))
-            .collect();
+        report.frontiers = frontiers.into_iter().map(|(o, f)| (o, f.seq)).collect();
         Ok(Some(report))
+    }
+
+    /// Appends admitted events of relayed origins to the log, unchanged but for this node
+    /// added to their path. Every admitted event is kept, whatever its local outcome: a
+    /// table this node does not replicate may well be replicated further along.
+    async fn keep_for_relay(&self, tx: &mut SqliteConnection, admitted: &[&Event]) -> Result<(), StoreError> {
+        let mut rows = Vec::new();
+        for event in admitted.iter().filter(|e| self.relayed.contains(&e.origin)) {
+            let mut relayed = (*event).clone();
+            relayed.path.push(self.identity.node.clone());
+            rows.push(vec![
+                Value::Text(relayed.origin.clone()),
+                Value::Integer(relayed.seq as i64),
+                Value::Integer(relayed.batch_end as i64),
+                Value::Integer(relayed.committed_at_micros),
+                Value::Blob(wire::encode_event(&relayed)),
+            ]);
+        }
+        bulk::insert(tx, bulk::LOG_INSERT, "", 5, &rows).await?;
+        Ok(())
     }
 
     /// Records a resolved conflict with both versions, for audit.

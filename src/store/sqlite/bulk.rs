@@ -14,6 +14,9 @@ use crate::replicate::RowVersion;
 use crate::store::StoreError;
 use crate::version::VersionVector;
 
+/// Appends log entries: (origin, seq, batch_end, committed_at, event).
+pub(super) const LOG_INSERT: &str = "INSERT INTO _weft_log (origin, seq, batch_end, committed_at, event) VALUES";
+
 /// SQLite accepts up to 32766 parameters per statement; stay below it.
 const MAX_PARAMS: usize = 32_000;
 

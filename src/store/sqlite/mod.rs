@@ -12,7 +12,7 @@ mod run;
 pub mod schema;
 mod values;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -41,6 +41,8 @@ pub struct SqliteStore {
     poller: Mutex<SqliteConnection>,
     tables: HashMap<String, Arc<TableInfo>>,
     clock: Arc<Clock>,
+    /// Remote origins whose applied events are appended to the log, to be passed on.
+    relayed: BTreeSet<NodeId>,
 }
 
 /// The single write connection and the counters only it changes.
@@ -113,7 +115,15 @@ impl SqliteStore {
             readers,
             poller: Mutex::new(poller),
             tables: infos.into_iter().map(|i| (i.name.clone(), Arc::new(i))).collect(),
+            relayed: BTreeSet::new(),
         })
+    }
+
+    /// Keeps the events of these remote origins in the log once applied (with this node
+    /// appended to their path), so they can be relayed.
+    pub fn relaying(mut self, origins: BTreeSet<NodeId>) -> Self {
+        self.relayed = origins;
+        self
     }
 
     pub fn identity(&self) -> &Identity {
