@@ -231,6 +231,8 @@ fn validate_name(name: &str) -> Result<(), String> {
 pub enum Strategy {
     /// Greatest (hlc, origin node) wins; exact ties by row content.
     Lww,
+    /// Listed columns are CRDTs (`columns`), merged; the other columns follow LWW.
+    Crdt,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -238,6 +240,19 @@ pub enum Strategy {
 pub struct TableConfig {
     pub name: String,
     pub strategy: Strategy,
+    /// `crdt` tables: the CRDT type of each CRDT column (`qty = "counter"`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub columns: std::collections::BTreeMap<String, crate::resolve::crdt::CrdtType>,
+}
+
+impl TableConfig {
+    pub fn lww(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            strategy: Strategy::Lww,
+            columns: Default::default(),
+        }
+    }
 }
 
 /// Tuning knobs; every one has a default that suits a LAN-to-WAN mesh.
@@ -410,6 +425,23 @@ impl NodeConfig {
                         table.name
                     ),
                 ));
+            }
+            match (table.strategy, table.columns.is_empty()) {
+                (Strategy::Crdt, true) => {
+                    return Err(invalid(
+                        path,
+                        format!("tables[{i}].columns"),
+                        "a crdt table lists its CRDT columns, for example columns = { qty = \"counter\" }",
+                    ));
+                }
+                (Strategy::Lww, false) => {
+                    return Err(invalid(
+                        path,
+                        format!("tables[{i}].columns"),
+                        "only applies to strategy = \"crdt\"",
+                    ));
+                }
+                _ => {}
             }
             if !names.insert(table.name.as_str()) {
                 return Err(invalid(

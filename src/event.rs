@@ -13,7 +13,7 @@ use crate::version::VersionVector;
 pub type NodeId = String;
 
 /// One typed column value.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum Value {
     Null,
     Integer(i64),
@@ -232,6 +232,8 @@ pub struct Event {
     pub path: Vec<NodeId>,
     /// Application commit time, µs since the Unix epoch: for lag figures only.
     pub committed_at_micros: i64,
+    /// CRDT tables: the whole state of each CRDT column after this write.
+    pub crdt: Vec<(String, crate::resolve::crdt::ColumnState)>,
 }
 
 #[cfg(test)]

@@ -110,13 +110,11 @@ impl LoopbackMesh {
                 node.id,
                 toml_string(&format!("sqlite://{}.db", node.id))
             );
-            for table in tables {
-                config += &format!(
-                    "\n[[tables]]\nname = \"{}\"\nstrategy = \"{}\"\n",
-                    table.name,
-                    serde_json::to_value(table.strategy)?.as_str().unwrap_or("lww")
-                );
+            #[derive(serde::Serialize)]
+            struct Tables<'a> {
+                tables: &'a [TableConfig],
             }
+            config += &format!("\n{}", toml::to_string(&Tables { tables })?);
             config += &format!("\n[replication]\n{replication_toml}");
             let config_file = dir.join(format!("{}.toml", node.id));
             std::fs::write(&config_file, config)?;

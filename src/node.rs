@@ -50,13 +50,12 @@ impl Node {
     pub async fn start_with_metrics(config: NodeConfig, metrics: Arc<Metrics>) -> Result<Self, NodeError> {
         let config = Arc::new(config);
         let Database::Sqlite(path) = &config.database;
-        let tables: Vec<String> = config.tables.iter().map(|t| t.name.clone()).collect();
         let identity = Identity {
             node: config.node.clone(),
             region: config.region().to_owned(),
         };
         let store = Arc::new(
-            SqliteStore::open(path, identity, &tables, config.replication.max_clock_skew())
+            SqliteStore::open(path, identity, &config.tables, config.replication.max_clock_skew())
                 .await?
                 .relaying(config.kept_origins()),
         );

@@ -58,7 +58,9 @@ pub fn decide(strategy: Strategy, local: Option<&RowVersion>, event: &Event, loc
         },
         Causality::Concurrent => {
             let winner = match strategy {
-                Strategy::Lww => {
+                // CRDT tables merge their CRDT columns (see the store); the rest of the row
+                // follows LWW.
+                Strategy::Lww | Strategy::Crdt => {
                     let stamp_local = lww::Stamp {
                         hlc: local.hlc,
                         origin: &local.origin,

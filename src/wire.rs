@@ -82,6 +82,14 @@ pub fn event_to_proto(event: &Event) -> proto::Event {
             .collect(),
         path: event.path.clone(),
         committed_at_micros: event.committed_at_micros,
+        crdt: event
+            .crdt
+            .iter()
+            .map(|(column, state)| proto::CrdtState {
+                column: column.clone(),
+                state: state.to_json(),
+            })
+            .collect(),
     }
 }
 
@@ -116,7 +124,17 @@ pub fn event_from_proto(event: proto::Event) -> Result<Event, WireError> {
         Some(proto::event::Op::Delete(_)) => Op::Delete,
         None => return Err(malformed("no op")),
     };
+    let crdt = event
+        .crdt
+        .iter()
+        .map(|c| {
+            crate::resolve::crdt::ColumnState::from_json(&c.column, &c.state)
+                .map(|state| (c.column.clone(), state))
+                .map_err(|_| malformed("CRDT state that does not parse"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Event {
+        crdt,
         version: event
             .version
             .into_iter()
@@ -166,6 +184,7 @@ mod tests {
             version: [("a".to_string(), 3), ("b".to_string(), 1)].into_iter().collect(),
             path: vec!["a".into()],
             committed_at_micros: 42,
+            crdt: vec![],
         };
         assert_eq!(decode_event(&encode_event(&event)).unwrap(), event);
     }
@@ -184,6 +203,7 @@ mod tests {
             version: Default::default(),
             path: vec![],
             committed_at_micros: 0,
+            crdt: vec![],
         });
         p.op = None;
         let err = event_from_proto(p).unwrap_err().to_string();

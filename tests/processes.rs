@@ -83,3 +83,36 @@ async fn repeated_kill_9_under_load_loses_and_doubles_nothing() {
     sidecars.assert_exactly_once(written.iter().sum()).await;
     sidecars.terminate_all();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_regions_decrement_one_counter_a_thousand_times_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let sidecars = Sidecars::new(dir.path()).await;
+    sidecars.spawn_all();
+    sqlx::query("INSERT INTO stock (id, qty) VALUES (1, 5000)")
+        .execute(&sidecars.mesh.regions[0].app)
+        .await
+        .unwrap();
+    sidecars.mesh.wait_converged(Duration::from_secs(30)).await.unwrap();
+    let decrement = |i: usize| {
+        let app = sidecars.mesh.regions[i].app.clone();
+        async move {
+            for _ in 0..1000 {
+                sqlx::query("UPDATE stock SET qty = qty - 1 WHERE id = 1")
+                    .execute(&app)
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    tokio::join!(decrement(0), decrement(1));
+    sidecars.mesh.wait_converged(Duration::from_secs(60)).await.unwrap();
+    for region in &sidecars.mesh.regions {
+        let qty: i64 = sqlx::query_scalar("SELECT qty FROM stock WHERE id = 1")
+            .fetch_one(&region.app)
+            .await
+            .unwrap();
+        assert_eq!(qty, 3000, "{}: 5000 - 1000 - 1000", region.region);
+    }
+    sidecars.terminate_all();
+}

@@ -99,16 +99,17 @@ async fn refuses_a_table_without_primary_key_and_a_missing_table() {
         node: "x".into(),
         region: "r".into(),
     };
-    let open = |tables: Vec<String>| {
+    let open = |tables: Vec<&str>| {
+        let tables: Vec<weft::config::TableConfig> = tables.into_iter().map(weft::config::TableConfig::lww).collect();
         let identity = identity.clone();
         let db = db.clone();
         async move {
             weft::store::sqlite::SqliteStore::open(&db, identity, &tables, std::time::Duration::from_secs(1)).await
         }
     };
-    let err = open(vec!["loose".into()]).await.err().unwrap().to_string();
+    let err = open(vec!["loose"]).await.err().unwrap().to_string();
     assert!(err.contains("table `loose`: has no primary key"), "{err}");
-    let err = open(vec!["ghost".into()]).await.err().unwrap().to_string();
+    let err = open(vec!["ghost"]).await.err().unwrap().to_string();
     assert!(err.contains("table `ghost`: does not exist"), "{err}");
 }
 
@@ -147,7 +148,7 @@ async fn a_database_of_another_node_is_refused() {
     let err = weft::store::sqlite::SqliteStore::open(
         &dir.path().join("a.db"),
         identity,
-        &["items".into()],
+        &[weft::config::TableConfig::lww("items")],
         std::time::Duration::from_secs(1),
     )
     .await

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::config::{ReplicationConfig, Strategy, TableConfig};
+use crate::config::{ReplicationConfig, TableConfig};
 use crate::loopback::LoopbackMesh;
 use crate::telemetry::Metrics;
 
@@ -39,10 +39,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let (dir, _temp) = super::work_dir(args.dir.as_deref())?;
     let names: Vec<String> = (0..args.regions).map(|i| format!("region{i}")).collect();
     let names_ref: Vec<&str> = names.iter().map(String::as_str).collect();
-    let tables = [TableConfig {
-        name: "bench".into(),
-        strategy: Strategy::Lww,
-    }];
+    let tables = [TableConfig::lww("bench")];
     let mut mesh = LoopbackMesh::create(
         &dir,
         &LoopbackMesh::all_to_all(&names_ref),

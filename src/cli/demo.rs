@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use rand::{Rng, SeedableRng};
 use sqlx::SqlitePool;
 
-use crate::config::{ReplicationConfig, Strategy, TableConfig};
+use crate::config::{ReplicationConfig, TableConfig};
 use crate::loopback::LoopbackMesh;
 use crate::telemetry::Metrics;
 
@@ -115,16 +115,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         None => LoopbackMesh::all_to_all(&["us-east", "eu-west", "ap-south"]),
     };
     let regions: Vec<String> = topology.nodes.iter().map(|n| n.region.clone()).collect();
-    let tables = [
-        TableConfig {
-            name: "profiles".into(),
-            strategy: Strategy::Lww,
-        },
-        TableConfig {
-            name: "orders".into(),
-            strategy: Strategy::Lww,
-        },
-    ];
+    let tables = [TableConfig::lww("profiles"), TableConfig::lww("orders")];
     println!(
         "weft demo: {} regions on loopback, {}, LWW; seed {seed}; files in {}",
         regions.len(),

@@ -114,12 +114,11 @@ async fn shutdown_signal() {
 async fn status(path: PathBuf, json: bool) -> anyhow::Result<()> {
     let config = NodeConfig::load(&path)?;
     let crate::config::Database::Sqlite(db) = &config.database;
-    let tables: Vec<String> = config.tables.iter().map(|t| t.name.clone()).collect();
     let identity = Identity {
         node: config.node.clone(),
         region: config.region().to_owned(),
     };
-    let store = SqliteStore::open(db, identity, &tables, config.replication.max_clock_skew()).await?;
+    let store = SqliteStore::open(db, identity, &config.tables, config.replication.max_clock_skew()).await?;
     let peers: Vec<(String, Vec<String>)> = crate::topology::downstream(&config.topology, &config.node)
         .into_iter()
         .map(|p| {

@@ -2,6 +2,7 @@
 //!
 //! Every strategy's result depends only on the set of versions, never on arrival order, so
 //! all replicas converge. A conflict is a value here, never an error.
+pub mod crdt;
 pub mod lww;
 
 /// Which side of a conflict becomes the visible row.

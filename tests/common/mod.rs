@@ -27,18 +27,23 @@ pub async fn replica(dir: &Path, node: &str) -> Replica {
 }
 
 pub async fn replica_with(dir: &Path, node: &str, schema: &str, tables: &[&str]) -> Replica {
+    let tables: Vec<weft::config::TableConfig> = tables.iter().map(|t| weft::config::TableConfig::lww(t)).collect();
+    replica_configured(dir, node, schema, &tables).await
+}
+
+/// A replica whose tables are configured in full (strategies, CRDT columns).
+pub async fn replica_configured(dir: &Path, node: &str, schema: &str, tables: &[weft::config::TableConfig]) -> Replica {
     let db = dir.join(format!("{node}.db"));
     let app = weft::loopback::app_pool(&db).await.unwrap();
     sqlx::raw_sql(sqlx::AssertSqlSafe(schema.to_owned()))
         .execute(&app)
         .await
         .unwrap();
-    let tables: Vec<String> = tables.iter().map(|t| t.to_string()).collect();
     let identity = Identity {
         node: node.into(),
         region: format!("region-of-{node}"),
     };
-    let store = SqliteStore::open(&db, identity, &tables, Duration::from_millis(500))
+    let store = SqliteStore::open(&db, identity, tables, Duration::from_millis(500))
         .await
         .unwrap();
     Replica {

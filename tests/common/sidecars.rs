@@ -12,12 +12,13 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use weft::config::{ReplicationConfig, Strategy, TableConfig};
+use weft::config::{ReplicationConfig, TableConfig};
 use weft::loopback::LoopbackMesh;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS items (id INTEGER PRIMARY KEY, origin TEXT NOT NULL, v INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS shared (id INTEGER PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS stock (id INTEGER PRIMARY KEY, qty INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS audit (id INTEGER NOT NULL, op TEXT NOT NULL);
 CREATE TRIGGER IF NOT EXISTS items_audit_insert AFTER INSERT ON items BEGIN INSERT INTO audit VALUES (NEW.id, 'insert'); END;
 CREATE TRIGGER IF NOT EXISTS items_audit_update AFTER UPDATE ON items BEGIN INSERT INTO audit VALUES (NEW.id, 'update'); END;
@@ -42,13 +43,14 @@ impl Sidecars {
     /// (the heartbeat and peer timeout are shortened for tests).
     pub async fn with(dir: &Path, topology: weft::config::Topology, replication: ReplicationConfig) -> Self {
         let tables = [
+            TableConfig::lww("items"),
+            TableConfig::lww("shared"),
             TableConfig {
-                name: "items".into(),
-                strategy: Strategy::Lww,
-            },
-            TableConfig {
-                name: "shared".into(),
-                strategy: Strategy::Lww,
+                name: "stock".into(),
+                strategy: weft::config::Strategy::Crdt,
+                columns: [("qty".to_string(), weft::resolve::crdt::CrdtType::Counter)]
+                    .into_iter()
+                    .collect(),
             },
         ];
         let replication = ReplicationConfig {

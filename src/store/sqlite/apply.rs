@@ -212,7 +212,10 @@ impl SqliteStore {
         )))
         .bind(&table.name)
         .bind(event.key.to_string())
-        .bind("lww")
+        .bind(match table.strategy {
+            crate::config::Strategy::Lww => "lww",
+            crate::config::Strategy::Crdt => "crdt",
+        })
         .bind(won.to_string())
         .bind(lost.to_string())
         .execute(&mut *tx)

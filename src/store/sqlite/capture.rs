@@ -12,11 +12,13 @@ use std::sync::Arc;
 use sqlx::{AssertSqlSafe, Row as _, SqliteConnection};
 
 use super::bulk;
+use super::crdt;
 use super::schema::TableInfo;
 use super::values::{bind, value_at};
 use super::{SqliteStore, Writer};
 use crate::event::{Event, Key, Op, Row, Value};
 use crate::replicate::RowVersion;
+use crate::resolve::crdt::ColumnState;
 use crate::store::{DrainReport, StoreError};
 use crate::wire;
 
@@ -51,6 +53,39 @@ pub(super) async fn read_row(
 }
 
 impl SqliteStore {
+    /// Folds a local write into the row's CRDT column states, attaches them to the event,
+    /// and makes the event's image (and the local row, if it differs) carry the
+    /// materialized values.
+    async fn fold_local_crdt(
+        &self,
+        tx: &mut SqliteConnection,
+        table: &TableInfo,
+        key_bytes: &[u8],
+        event: &mut Event,
+    ) -> Result<(), StoreError> {
+        let mut states = crdt::load(tx, &table.name, key_bytes).await?;
+        if let Op::Upsert(row) = &mut event.op {
+            for (column, kind) in &table.crdt {
+                let state = states.entry(column.clone()).or_insert_with(|| ColumnState::new(*kind));
+                let written = row.get(column).cloned().unwrap_or(Value::Null);
+                if let Err(error) = state.observe_local(column, &self.identity.node, &written, event.hlc) {
+                    tracing::warn!(table = %table.name, key = %event.key, %error, "local write to a CRDT column ignored; the column keeps its replicated value");
+                }
+            }
+            let values = crdt::materialize(table, &states)?;
+            let changed: Vec<(String, Value)> = values.iter().filter(|(c, v)| row.get(c) != Some(v)).cloned().collect();
+            for (column, value) in values {
+                if let Some(slot) = row.0.iter_mut().find(|(c, _)| *c == column) {
+                    slot.1 = value;
+                }
+            }
+            crdt::write_values(tx, table, &event.key, &changed).await?;
+        }
+        crdt::store(tx, &table.name, key_bytes, &states).await?;
+        event.crdt = states.into_iter().collect();
+        Ok(())
+    }
+
     /// Persists the clock's high-water mark with the events stamped by it, so a restart
     /// never issues a smaller timestamp.
     pub(super) async fn persist_clock(&self, tx: &mut SqliteConnection) -> Result<(), StoreError> {
@@ -175,15 +210,19 @@ impl SqliteStore {
                     version,
                     path: vec![me.clone()],
                     committed_at_micros: p.committed_at,
+                    crdt: Vec::new(),
                 },
             ));
         }
         let batch_end = last_seq + events.len() as u64;
         let mut versions = Vec::with_capacity(events.len());
         let mut log = Vec::with_capacity(events.len());
-        for (i, (_, event)) in events.iter_mut().enumerate() {
+        for (i, (key_bytes, event)) in events.iter_mut().enumerate() {
             event.seq = last_seq + 1 + i as u64;
             event.batch_end = batch_end;
+            if let Some(table) = self.tables.get(&event.table).filter(|t| !t.crdt.is_empty()) {
+                self.fold_local_crdt(tx, table, key_bytes, event).await?;
+            }
             versions.push(RowVersion::of_event(event));
             log.push(vec![
                 Value::Text(me.clone()),

@@ -8,6 +8,7 @@
 mod apply;
 mod bulk;
 mod capture;
+mod crdt;
 mod run;
 pub mod schema;
 mod values;
@@ -75,7 +76,7 @@ impl SqliteStore {
     pub async fn open(
         path: &Path,
         identity: Identity,
-        tables: &[String],
+        tables: &[crate::config::TableConfig],
         max_clock_skew: Duration,
     ) -> Result<Self, StoreError> {
         let mut conn = SqliteConnection::connect_with(&options(path)).await?;

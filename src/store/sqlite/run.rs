@@ -15,8 +15,8 @@ use super::SqliteStore;
 use super::apply::{rejects_event, shape_problem};
 use super::bulk;
 use super::capture::read_row;
+use super::crdt;
 use super::schema::{TableInfo, quote};
-use crate::config::Strategy;
 use crate::event::{Event, Op, Value};
 use crate::replicate::{Decision, RowVersion, decide};
 use crate::resolve::Winner;
@@ -118,7 +118,68 @@ pub(super) enum Mode {
     EventByEvent,
 }
 
+/// An event's CRDT states merged into the row's local states.
+struct Merged {
+    states: crdt::States,
+    values: Vec<(String, Value)>,
+    /// The event brought something the local states did not have.
+    changed: bool,
+}
+
 impl SqliteStore {
+    /// Merges the event's CRDT states into the row's (crdt tables only). `Ok(Err(reason))`:
+    /// the states cannot merge (a column's type differs between nodes).
+    async fn merge_crdt(
+        &self,
+        tx: &mut SqliteConnection,
+        table: &TableInfo,
+        key: &[u8],
+        event: &Event,
+    ) -> Result<Result<Option<Merged>, String>, StoreError> {
+        if table.crdt.is_empty() {
+            return Ok(Ok(None));
+        }
+        let mut states = crdt::load(tx, &table.name, key).await?;
+        let before = states.clone();
+        for (column, remote) in event.crdt.iter().filter(|(c, _)| table.crdt.contains_key(c)) {
+            match states.get_mut(column) {
+                Some(local) => {
+                    if let Err(error) = local.merge(column, remote) {
+                        return Ok(Err(error.to_string()));
+                    }
+                }
+                None => {
+                    states.insert(column.clone(), remote.clone());
+                }
+            }
+        }
+        let values = crdt::materialize(table, &states)?;
+        Ok(Ok(Some(Merged {
+            changed: states != before,
+            states,
+            values,
+        })))
+    }
+
+    /// Stores merged states and, if asked, writes their values into the existing row.
+    async fn settle_crdt(
+        &self,
+        tx: &mut SqliteConnection,
+        table: &TableInfo,
+        key: &[u8],
+        event: &Event,
+        merged: Merged,
+        update_row: bool,
+    ) -> Result<(), StoreError> {
+        if update_row {
+            crdt::write_values(tx, table, &event.key, &merged.values).await?;
+        }
+        if merged.changed {
+            crdt::store(tx, &table.name, key, &merged.states).await?;
+        }
+        Ok(())
+    }
+
     /// Applies admitted events in order. `Ok(false)`: in `Mode::Grouped` a write was refused
     /// and the caller must roll back and replay in `Mode::EventByEvent`.
     pub(super) async fn apply_events(
@@ -159,7 +220,16 @@ impl SqliteStore {
             }
             let id = (table.name.clone(), event.key.to_bytes());
             let local = versions.get(&id).cloned();
-            let strategy = Strategy::Lww;
+            let strategy = table.strategy;
+            // CRDT columns merge whatever the row-level decision; their values follow.
+            let merged = match self.merge_crdt(tx, &table, &id.1, event).await? {
+                Ok(merged) => merged,
+                Err(reason) => {
+                    self.dead_letter(tx, event, &reason, report).await?;
+                    continue;
+                }
+            };
+            let local_row_exists = local.as_ref().is_some_and(|l| !l.deleted);
             let mut decision = decide(strategy, local.as_ref(), event, None);
             let mut local_row = None;
             if matches!(decision, Decision::NeedsLocalContent | Decision::Conflict { .. }) {
@@ -177,14 +247,39 @@ impl SqliteStore {
             let (next, winner) = match decision {
                 Decision::Stale => {
                     report.stale += 1;
+                    if let Some(merged) = merged.filter(|m| m.changed) {
+                        if local_row_exists && pending.flush(tx).await?.is_err() {
+                            return Ok(false);
+                        }
+                        self.settle_crdt(tx, &table, &id.1, event, merged, local_row_exists)
+                            .await?;
+                    }
                     continue;
                 }
                 Decision::NeedsLocalContent => unreachable!("content was supplied"),
                 Decision::FastForward { next } => (next, Winner::Remote),
                 Decision::Conflict { winner, next } => (next, winner),
             };
+            let patched;
+            let to_write = match (&merged, &event.op) {
+                (Some(merged), Op::Upsert(row)) if winner == Winner::Remote => {
+                    let mut row = row.clone();
+                    for (column, value) in &merged.values {
+                        match row.0.iter_mut().find(|(c, _)| c == column) {
+                            Some(slot) => slot.1 = value.clone(),
+                            None => row.0.push((column.clone(), value.clone())),
+                        }
+                    }
+                    patched = Event {
+                        op: Op::Upsert(row),
+                        ..event.clone()
+                    };
+                    &patched
+                }
+                _ => event,
+            };
             if winner == Winner::Remote {
-                let mut written = pending.push(tx, &table, event).await?;
+                let mut written = pending.push(tx, &table, to_write).await?;
                 if mode == Mode::EventByEvent && written.is_ok() {
                     written = pending.flush(tx).await?;
                 }
@@ -196,6 +291,14 @@ impl SqliteStore {
                         continue;
                     }
                 }
+            }
+            if let Some(merged) = merged {
+                // A remote image already carries the merged values; a kept local row needs them.
+                let update_row = winner == Winner::Local && merged.changed && local_row_exists;
+                if update_row && pending.flush(tx).await?.is_err() {
+                    return Ok(false);
+                }
+                self.settle_crdt(tx, &table, &id.1, event, merged, update_row).await?;
             }
             if let Some(local) = local.as_ref().filter(|_| conflict) {
                 self.log_conflict(tx, &table, event, local, local_row.as_ref(), winner)

@@ -7,6 +7,10 @@
 //! to a replicated table needs no trigger change.
 use sqlx::{AssertSqlSafe, Row as _, SqliteConnection};
 
+use std::collections::BTreeMap;
+
+use crate::config::{Strategy, TableConfig};
+use crate::resolve::crdt::CrdtType;
 use crate::store::StoreError;
 
 /// At most this many primary-key columns (the outbox has one typed slot per key column).
@@ -59,6 +63,13 @@ CREATE TABLE IF NOT EXISTS _weft_dead_letters (
     event BLOB NOT NULL,
     at INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS _weft_crdt (
+    tbl TEXT NOT NULL,
+    key BLOB NOT NULL,
+    col TEXT NOT NULL,
+    state TEXT NOT NULL,
+    PRIMARY KEY (tbl, key, col)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS _weft_conflicts (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     tbl TEXT NOT NULL,
@@ -86,6 +97,10 @@ pub struct TableInfo {
     /// Outbox rows of this table up to an id, each with the row's current image:
     /// `id, at, k1..kn, present, columns...`.
     pub drain_sql: String,
+    /// How concurrent writes to this table are resolved.
+    pub strategy: Strategy,
+    /// CRDT columns and their types (`crdt` tables only).
+    pub crdt: BTreeMap<String, CrdtType>,
 }
 
 pub(crate) fn quote(ident: &str) -> String {
@@ -161,6 +176,8 @@ pub async fn describe(conn: &mut SqliteConnection, table: &str) -> Result<TableI
         table.replace('\'', "''"),
     );
     Ok(TableInfo {
+        strategy: Strategy::Lww,
+        crdt: BTreeMap::new(),
         drain_sql,
         select_sql: format!(
             "SELECT {column_list} FROM {} WHERE {}",
@@ -248,12 +265,30 @@ fn trigger_sql(info: &TableInfo) -> Vec<(String, String)> {
 }
 
 /// Creates or updates weft's tables and triggers. Runs inside the caller's transaction.
-pub async fn install(conn: &mut SqliteConnection, tables: &[String]) -> Result<Vec<TableInfo>, StoreError> {
+pub async fn install(conn: &mut SqliteConnection, tables: &[TableConfig]) -> Result<Vec<TableInfo>, StoreError> {
     sqlx::raw_sql(METADATA).execute(&mut *conn).await?;
     let mut infos = Vec::new();
     let mut wanted = std::collections::HashSet::new();
-    for table in tables {
-        let info = describe(conn, table).await?;
+    for config in tables {
+        let table = &config.name;
+        let mut info = describe(conn, table).await?;
+        for column in config.columns.keys() {
+            let problem = if !info.columns.contains(column) {
+                Some("does not exist")
+            } else if info.key.contains(column) {
+                Some("is part of the primary key")
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                return Err(StoreError::Table {
+                    table: table.clone(),
+                    message: format!("CRDT column `{column}` {problem}; list existing non-key columns under columns"),
+                });
+            }
+        }
+        info.strategy = config.strategy;
+        info.crdt = config.columns.clone();
         for (name, sql) in trigger_sql(&info) {
             let existing: Option<String> =
                 sqlx::query_scalar("SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = ?")
