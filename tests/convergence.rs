@@ -8,7 +8,7 @@
 //! real SQLite files through the real store; proptest prints the failing case and its seed.
 mod common;
 
-use common::{Replica, replica};
+use common::replica;
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -49,25 +49,6 @@ fn step() -> impl Strategy<Value = Step> {
     ]
 }
 
-async fn deliver(to: &Replica, from: &Replica, back: u64, ahead: u64, len: usize) {
-    if to.node == from.node {
-        return;
-    }
-    let frontier = to
-        .store
-        .frontiers()
-        .await
-        .unwrap()
-        .get(&from.node)
-        .copied()
-        .unwrap_or(0);
-    let start = (frontier + 1 + ahead).saturating_sub(back).max(1);
-    let events: Vec<_> = from.events(start - 1).await.into_iter().take(len).collect();
-    if !events.is_empty() {
-        to.store.apply(events).await.unwrap();
-    }
-}
-
 async fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
     let mut replicas = Vec::new();
@@ -95,7 +76,7 @@ async fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
                 ahead,
                 len,
             } => {
-                deliver(&replicas[to], &replicas[from], back, ahead, len).await;
+                replicas[to].deliver(&replicas[from], back, ahead, len).await;
             }
         }
     }

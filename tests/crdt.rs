@@ -4,7 +4,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{Replica, replica_configured};
+use common::{Replica, replica_configured, sync};
 use weft::config::{Strategy, TableConfig};
 use weft::resolve::crdt::CrdtType;
 
@@ -25,19 +25,6 @@ async fn stock(dir: &Path, node: &str) -> Replica {
         .collect(),
     };
     replica_configured(dir, node, SCHEMA, &[table]).await
-}
-
-async fn sync(replicas: &[&Replica]) {
-    for r in replicas {
-        r.drain().await;
-    }
-    for to in replicas {
-        for from in replicas {
-            if to.node != from.node {
-                to.pull(from).await;
-            }
-        }
-    }
 }
 
 async fn rows(r: &Replica) -> Vec<String> {
@@ -186,23 +173,7 @@ mod property {
                     }
                 }
                 Step::Deliver { to, from, back, len } => {
-                    if to == from {
-                        continue;
-                    }
-                    let (to, from) = (&replicas[to], &replicas[from]);
-                    let frontier = to
-                        .store
-                        .frontiers()
-                        .await
-                        .unwrap()
-                        .get(&from.node)
-                        .copied()
-                        .unwrap_or(0);
-                    let start = (frontier + 1).saturating_sub(back).max(1);
-                    let events: Vec<_> = from.events(start - 1).await.into_iter().take(len).collect();
-                    if !events.is_empty() {
-                        to.store.apply(events).await.unwrap();
-                    }
+                    replicas[to].deliver(&replicas[from], back, 0, len).await;
                 }
             }
         }

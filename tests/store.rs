@@ -239,16 +239,7 @@ async fn an_undrained_local_change_is_never_overwritten_silently() {
 }
 
 async fn converge(replicas: &[&Replica]) {
-    for r in replicas {
-        r.drain().await;
-    }
-    for to in replicas {
-        for from in replicas {
-            if to.node != from.node {
-                to.pull(from).await;
-            }
-        }
-    }
+    common::sync(replicas).await;
     let first = replicas[0].snapshot().await;
     for r in &replicas[1..] {
         assert_eq!(

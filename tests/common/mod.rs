@@ -78,16 +78,7 @@ impl Replica {
 
     /// Ships every event of `from` that this replica has not applied yet.
     pub async fn pull(&self, from: &Replica) -> ApplyReport {
-        let frontier = self
-            .store
-            .frontiers()
-            .await
-            .unwrap()
-            .get(&from.node)
-            .copied()
-            .unwrap_or(0);
-        let events = from.events(frontier).await;
-        self.store.apply(events).await.unwrap()
+        self.deliver(from, 0, 0, usize::MAX).await
     }
 
     pub async fn rows(&self, sql: &str) -> Vec<String> {
@@ -131,5 +122,41 @@ impl Replica {
         weft::store::sqlite::snapshot(&self.app, &["items".to_string(), "pairs".to_string()])
             .await
             .unwrap()
+    }
+
+    /// Hands this replica `len` events of `from`, starting `back` before its frontier for
+    /// `from` (duplicates) or `ahead` past it (a gap); the store must sort it out.
+    pub async fn deliver(&self, from: &Replica, back: u64, ahead: u64, len: usize) -> ApplyReport {
+        if self.node == from.node {
+            return ApplyReport::default();
+        }
+        let frontier = self
+            .store
+            .frontiers()
+            .await
+            .unwrap()
+            .get(&from.node)
+            .copied()
+            .unwrap_or(0);
+        let start = (frontier + 1 + ahead).saturating_sub(back).max(1);
+        let events: Vec<_> = from.events(start - 1).await.into_iter().take(len).collect();
+        if events.is_empty() {
+            return ApplyReport::default();
+        }
+        self.store.apply(events).await.unwrap()
+    }
+}
+
+/// Drains every replica, then ships everything to everyone.
+pub async fn sync(replicas: &[&Replica]) {
+    for r in replicas {
+        r.drain().await;
+    }
+    for to in replicas {
+        for from in replicas {
+            if to.node != from.node {
+                to.pull(from).await;
+            }
+        }
     }
 }
