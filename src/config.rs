@@ -233,6 +233,9 @@ pub enum Strategy {
     Lww,
     /// Listed columns are CRDTs (`columns`), merged; the other columns follow LWW.
     Crdt,
+    /// Concurrent versions are kept as siblings for a person to resolve (`weft conflicts`);
+    /// the row shows the LWW winner meanwhile.
+    Queue,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -434,7 +437,7 @@ impl NodeConfig {
                         "a crdt table lists its CRDT columns, for example columns = { qty = \"counter\" }",
                     ));
                 }
-                (Strategy::Lww, false) => {
+                (Strategy::Lww | Strategy::Queue, false) => {
                     return Err(invalid(
                         path,
                         format!("tables[{i}].columns"),

@@ -2,6 +2,7 @@
 //!
 //! Errors reach the user through `anyhow` here only; each says what failed and what to do.
 mod bench;
+mod conflicts;
 mod demo;
 mod topology;
 
@@ -33,6 +34,13 @@ pub enum Command {
     Demo(demo::Args),
     /// Measure end-to-end throughput and capture-to-apply lag on loopback.
     Bench(bench::Args),
+    /// Review and resolve conflicts of `queue` tables; audit every resolved conflict.
+    Conflicts {
+        #[arg(long)]
+        config: PathBuf,
+        #[command(subcommand)]
+        command: conflicts::Command,
+    },
     /// Validate a topology file and prove its routes, or draw it.
     Topology {
         #[command(subcommand)]
@@ -63,6 +71,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Status { config, json } => status(config, json).await,
+        Command::Conflicts { config, command } => conflicts::run(&config, command).await,
         Command::Topology {
             command: TopologyCommand::Check { file },
         } => topology::check(&file),

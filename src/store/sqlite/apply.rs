@@ -215,6 +215,7 @@ impl SqliteStore {
         .bind(match table.strategy {
             crate::config::Strategy::Lww => "lww",
             crate::config::Strategy::Crdt => "crdt",
+            crate::config::Strategy::Queue => "queue",
         })
         .bind(won.to_string())
         .bind(lost.to_string())

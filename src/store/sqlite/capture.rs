@@ -220,8 +220,14 @@ impl SqliteStore {
         for (i, (key_bytes, event)) in events.iter_mut().enumerate() {
             event.seq = last_seq + 1 + i as u64;
             event.batch_end = batch_end;
-            if let Some(table) = self.tables.get(&event.table).filter(|t| !t.crdt.is_empty()) {
-                self.fold_local_crdt(tx, table, key_bytes, event).await?;
+            if let Some(table) = self.tables.get(&event.table) {
+                if !table.crdt.is_empty() {
+                    self.fold_local_crdt(tx, table, key_bytes, event).await?;
+                }
+                if table.strategy == crate::config::Strategy::Queue {
+                    // A local write has seen every sibling: it resolves the row.
+                    super::queue::close(tx, &table.name, key_bytes, &self.identity.node).await?;
+                }
             }
             versions.push(RowVersion::of_event(event));
             log.push(vec![

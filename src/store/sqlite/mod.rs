@@ -9,9 +9,10 @@ mod apply;
 mod bulk;
 mod capture;
 mod crdt;
+pub mod queue;
 mod run;
 pub mod schema;
-mod values;
+pub mod values;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;

@@ -16,6 +16,7 @@ use super::apply::{rejects_event, shape_problem};
 use super::bulk;
 use super::capture::read_row;
 use super::crdt;
+use super::queue;
 use super::schema::{TableInfo, quote};
 use crate::event::{Event, Op, Value};
 use crate::replicate::{Decision, RowVersion, decide};
@@ -299,6 +300,14 @@ impl SqliteStore {
                     return Ok(false);
                 }
                 self.settle_crdt(tx, &table, &id.1, event, merged, update_row).await?;
+            }
+            if table.strategy == crate::config::Strategy::Queue {
+                match (&local, conflict) {
+                    (Some(local), true) => {
+                        queue::add_concurrent(tx, &table, &id.1, local, local_row.as_ref(), event).await?;
+                    }
+                    _ => queue::close(tx, &table.name, &id.1, &event.origin).await?,
+                }
             }
             if let Some(local) = local.as_ref().filter(|_| conflict) {
                 self.log_conflict(tx, &table, event, local, local_row.as_ref(), winner)

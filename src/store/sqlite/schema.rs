@@ -70,6 +70,34 @@ CREATE TABLE IF NOT EXISTS _weft_crdt (
     state TEXT NOT NULL,
     PRIMARY KEY (tbl, key, col)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS _weft_queue (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    tbl TEXT NOT NULL,
+    key BLOB NOT NULL,
+    key_text TEXT NOT NULL,
+    opened_at INTEGER NOT NULL,
+    closed_at INTEGER,
+    closed_by TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS _weft_queue_open ON _weft_queue (tbl, key) WHERE closed_at IS NULL;
+CREATE TABLE IF NOT EXISTS _weft_siblings (
+    tbl TEXT NOT NULL,
+    key BLOB NOT NULL,
+    origin TEXT NOT NULL,
+    hlc INTEGER NOT NULL,
+    event BLOB NOT NULL,
+    PRIMARY KEY (tbl, key, origin, hlc)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS _weft_resolutions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue_id INTEGER NOT NULL,
+    tbl TEXT NOT NULL,
+    key_text TEXT NOT NULL,
+    decided_by TEXT NOT NULL,
+    decision TEXT NOT NULL,
+    row TEXT,
+    at INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS _weft_conflicts (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     tbl TEXT NOT NULL,
@@ -82,7 +110,7 @@ CREATE TABLE IF NOT EXISTS _weft_conflicts (
 "#;
 
 /// SQL for "now" in µs since the Unix epoch, valid in every SQLite an application may link.
-pub(crate) const NOW_MICROS: &str = "CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER)";
+pub const NOW_MICROS: &str = "CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER)";
 
 /// What weft knows of one replicated table.
 #[derive(Debug, Clone)]
@@ -103,7 +131,7 @@ pub struct TableInfo {
     pub crdt: BTreeMap<String, CrdtType>,
 }
 
-pub(crate) fn quote(ident: &str) -> String {
+pub fn quote(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
