@@ -13,8 +13,9 @@ use anyhow::Context as _;
 use rand::{Rng, SeedableRng};
 use sqlx::SqlitePool;
 
-use crate::config::{ReplicationConfig, TableConfig};
+use crate::config::{ReplicationConfig, Strategy, TableConfig};
 use crate::loopback::LoopbackMesh;
+use crate::resolve::crdt::CrdtType;
 use crate::telemetry::Metrics;
 
 pub const SCHEMA: &str = "
@@ -33,6 +34,8 @@ CREATE TABLE IF NOT EXISTS orders (
     qty INTEGER NOT NULL,
     PRIMARY KEY (region, id)
 );
+CREATE TABLE IF NOT EXISTS inventory (sku TEXT PRIMARY KEY, qty INTEGER NOT NULL, tags TEXT);
+CREATE TABLE IF NOT EXISTS contracts (id INTEGER PRIMARY KEY, client TEXT NOT NULL, amount INTEGER NOT NULL, terms TEXT);
 ";
 
 #[derive(clap::Args, Debug)]
@@ -61,12 +64,32 @@ async fn write_once(
     region: &str,
     rng: &mut rand::rngs::StdRng,
     next_order: &mut i64,
+    sold: &AtomicU64,
 ) -> sqlx::Result<()> {
     let mut tx = app.begin().await?;
     let ops = if rng.random_ratio(1, 10) { 3 } else { 1 };
     for _ in 0..ops {
         let roll = rng.random_range(0..100);
         let profile = format!("p{:02}", rng.random_range(0..40));
+        if roll < 8 {
+            // Everyone sells from the same stock: a CRDT counter, so no sale is lost.
+            sqlx::query("UPDATE inventory SET qty = qty - 1 WHERE sku = ?")
+                .bind(format!("sku-{}", rng.random_range(0..STOCK_ITEMS)))
+                .execute(&mut *tx)
+                .await?;
+            sold.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        if roll < 9 {
+            // A contract edit: concurrent edits wait in the resolution queue.
+            sqlx::query("UPDATE contracts SET amount = ?, terms = ? WHERE id = ?")
+                .bind(rng.random_range(100..1000i64))
+                .bind(format!("terms from {region}"))
+                .bind(rng.random_range(0..3i64))
+                .execute(&mut *tx)
+                .await?;
+            continue;
+        }
         if roll < 45 {
             let avatar: Vec<u8> = (0..8).map(|_| rng.random()).collect();
             sqlx::query(
@@ -115,7 +138,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         None => LoopbackMesh::all_to_all(&["us-east", "eu-west", "ap-south"]),
     };
     let regions: Vec<String> = topology.nodes.iter().map(|n| n.region.clone()).collect();
-    let tables = [TableConfig::lww("profiles"), TableConfig::lww("orders")];
+    let tables = [
+        TableConfig::lww("profiles"),
+        TableConfig::lww("orders"),
+        TableConfig {
+            name: "inventory".into(),
+            strategy: Strategy::Crdt,
+            columns: [
+                ("qty".to_string(), CrdtType::Counter),
+                ("tags".to_string(), CrdtType::Set),
+            ]
+            .into_iter()
+            .collect(),
+        },
+        TableConfig {
+            name: "contracts".into(),
+            strategy: Strategy::Queue,
+            columns: Default::default(),
+        },
+    ];
     println!(
         "weft demo: {} regions on loopback, {}, LWW; seed {seed}; files in {}",
         regions.len(),
@@ -126,6 +167,24 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     );
     let mut mesh = LoopbackMesh::create(&dir, &topology, SCHEMA, &tables, &ReplicationConfig::default()).await?;
     mesh.start_all().await?;
+    // Stock and contracts exist everywhere before the regions start competing for them.
+    let seed_app = &mesh.regions[0].app;
+    for i in 0..STOCK_ITEMS {
+        sqlx::query("INSERT INTO inventory (sku, qty, tags) VALUES (?, ?, '[]')")
+            .bind(format!("sku-{i}"))
+            .bind(STOCK_EACH)
+            .execute(seed_app)
+            .await?;
+    }
+    for i in 0..3i64 {
+        sqlx::query("INSERT INTO contracts (id, client, amount, terms) VALUES (?, ?, 500, 'net 30')")
+            .bind(i)
+            .bind(format!("client-{i}"))
+            .execute(seed_app)
+            .await?;
+    }
+    mesh.wait_converged(Duration::from_secs(30)).await?;
+    let sold = Arc::new(AtomicU64::new(0));
 
     let duration = Duration::from_secs(args.duration);
     let written: Vec<Arc<AtomicU64>> = regions.iter().map(|_| Arc::new(AtomicU64::new(0))).collect();
@@ -134,6 +193,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let app = region.app.clone();
         let name = region.region.clone();
         let count = written[i].clone();
+        let sold = sold.clone();
         let period = Duration::from_micros(1_000_000 / args.rate.max(1));
         writers.spawn(async move {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ (i as u64 + 1));
@@ -142,7 +202,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             let end = Instant::now() + duration;
             while Instant::now() < end {
                 tick.tick().await;
-                write_once(&app, &name, &mut rng, &mut next_order).await?;
+                write_once(&app, &name, &mut rng, &mut next_order, &sold).await?;
                 count.fetch_add(1, Ordering::Relaxed);
             }
             anyhow::Ok(())
@@ -180,12 +240,58 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     println!("workload done; waiting for every region to apply everything...");
     let converge = mesh.wait_converged(Duration::from_secs(60)).await;
     print_summary(&mesh, &written).await?;
+    let strategies = print_strategies(&mesh, sold.load(Ordering::Relaxed), &dir).await;
     mesh.stop_all().await;
     let took = converge.context("the regions did NOT converge")?;
+    strategies?;
     println!(
         "\nCONVERGED: all {} regions hold identical rows and row metadata ({} ms after the last write).",
         regions.len(),
         took.as_millis()
+    );
+    Ok(())
+}
+
+const STOCK_ITEMS: i64 = 5;
+const STOCK_EACH: i64 = 100_000;
+
+/// What each strategy did, and the exactness check of the CRDT counters.
+async fn print_strategies(mesh: &LoopbackMesh, sold: u64, dir: &std::path::Path) -> anyhow::Result<()> {
+    println!("\nconflicts resolved, by strategy (as logged in each region's _weft_conflicts):");
+    for region in &mesh.regions {
+        let counts: Vec<(String, i64)> =
+            sqlx::query_as("SELECT strategy, count(*) FROM _weft_conflicts GROUP BY strategy ORDER BY strategy")
+                .fetch_all(&region.app)
+                .await?;
+        let open: i64 = sqlx::query_scalar("SELECT count(*) FROM _weft_queue WHERE closed_at IS NULL")
+            .fetch_one(&region.app)
+            .await?;
+        let counts: Vec<String> = counts.iter().map(|(s, n)| format!("{s} {n}")).collect();
+        println!(
+            "  {:<10} {}; waiting for review: {open}",
+            region.region,
+            counts.join(", ")
+        );
+    }
+    let expected = STOCK_ITEMS * STOCK_EACH - sold as i64;
+    for region in &mesh.regions {
+        let total: i64 = sqlx::query_scalar("SELECT sum(qty) FROM inventory")
+            .fetch_one(&region.app)
+            .await?;
+        if total != expected {
+            anyhow::bail!(
+                "{}: inventory holds {total}, expected {expected}: a sale was lost",
+                region.region
+            );
+        }
+    }
+    println!(
+        "inventory (CRDT counter): {} - {sold} sales = {expected} in every region; no sale lost",
+        STOCK_ITEMS * STOCK_EACH
+    );
+    println!(
+        "contracts waiting for a person: weft conflicts --config {} list (run the demo with --dir to keep the files)",
+        dir.join(format!("{}.toml", mesh.regions[0].node_id)).display()
     );
     Ok(())
 }
