@@ -29,7 +29,7 @@ async fn pauses_and_kills_under_load_lose_and_double_nothing() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
     let sidecars = Sidecars::new(dir.path()).await;
-    sidecars.spawn_all();
+    sidecars.spawn_all().await;
 
     let mut written = [0i64; 3];
     let started = Instant::now();
@@ -74,7 +74,7 @@ async fn pauses_and_kills_under_load_lose_and_double_nothing() {
                 }
                 Fault::Kill(down) => {
                     tokio::time::sleep(down).await;
-                    sidecars.spawn(victim, None);
+                    sidecars.spawn(victim, None).await;
                 }
             }
         };

@@ -236,6 +236,9 @@ pub enum Strategy {
     /// Concurrent versions are kept as siblings for a person to resolve (`weft conflicts`);
     /// the row shows the LWW winner meanwhile.
     Queue,
+    /// Each row belongs to the region named in `owner_column`; only that region writes it,
+    /// and ownership moves by `weft ownership transfer`.
+    Ownership,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -246,6 +249,9 @@ pub struct TableConfig {
     /// `crdt` tables: the CRDT type of each CRDT column (`qty = "counter"`).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub columns: std::collections::BTreeMap<String, crate::resolve::crdt::CrdtType>,
+    /// `ownership` tables: the column holding each row's owner region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_column: Option<String>,
 }
 
 impl TableConfig {
@@ -254,6 +260,7 @@ impl TableConfig {
             name: name.to_owned(),
             strategy: Strategy::Lww,
             columns: Default::default(),
+            owner_column: None,
         }
     }
 }
@@ -437,7 +444,7 @@ impl NodeConfig {
                         "a crdt table lists its CRDT columns, for example columns = { qty = \"counter\" }",
                     ));
                 }
-                (Strategy::Lww | Strategy::Queue, false) => {
+                (Strategy::Lww | Strategy::Queue | Strategy::Ownership, false) => {
                     return Err(invalid(
                         path,
                         format!("tables[{i}].columns"),
@@ -445,6 +452,23 @@ impl NodeConfig {
                     ));
                 }
                 _ => {}
+            }
+            match (table.strategy, &table.owner_column) {
+                (Strategy::Ownership, None) => {
+                    return Err(invalid(
+                        path,
+                        format!("tables[{i}].owner_column"),
+                        "an ownership table names the column holding each row's owner region",
+                    ));
+                }
+                (Strategy::Ownership, Some(_)) | (_, None) => {}
+                (_, Some(_)) => {
+                    return Err(invalid(
+                        path,
+                        format!("tables[{i}].owner_column"),
+                        "only applies to strategy = \"ownership\"",
+                    ));
+                }
             }
             if !names.insert(table.name.as_str()) {
                 return Err(invalid(

@@ -234,6 +234,19 @@ pub struct Event {
     pub committed_at_micros: i64,
     /// CRDT tables: the whole state of each CRDT column after this write.
     pub crdt: Vec<(String, crate::resolve::crdt::ColumnState)>,
+    /// Ownership tables: the row's owner after this write.
+    pub ownership: Option<Ownership>,
+}
+
+/// Who owns a row of an ownership table, and since which transfer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ownership {
+    /// The owning region.
+    pub owner: String,
+    /// Transfers the row has seen; 0 for its first owner.
+    pub epoch: u64,
+    /// This write is the transfer itself, made by the previous owner.
+    pub transfer: bool,
 }
 
 #[cfg(test)]

@@ -60,7 +60,7 @@ pub fn decide(strategy: Strategy, local: Option<&RowVersion>, event: &Event, loc
             let winner = match strategy {
                 // CRDT tables merge their CRDT columns (see the store); the rest of the row
                 // follows LWW.
-                Strategy::Lww | Strategy::Crdt | Strategy::Queue => {
+                Strategy::Lww | Strategy::Crdt | Strategy::Queue | Strategy::Ownership => {
                     let stamp_local = lww::Stamp {
                         hlc: local.hlc,
                         origin: &local.origin,

@@ -90,6 +90,11 @@ pub fn event_to_proto(event: &Event) -> proto::Event {
                 state: state.to_json(),
             })
             .collect(),
+        ownership: event.ownership.as_ref().map(|o| proto::Ownership {
+            owner: o.owner.clone(),
+            epoch: o.epoch,
+            transfer: o.transfer,
+        }),
     }
 }
 
@@ -133,7 +138,13 @@ pub fn event_from_proto(event: proto::Event) -> Result<Event, WireError> {
                 .map_err(|_| malformed("CRDT state that does not parse"))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let ownership = event.ownership.as_ref().map(|o| crate::event::Ownership {
+        owner: o.owner.clone(),
+        epoch: o.epoch,
+        transfer: o.transfer,
+    });
     Ok(Event {
+        ownership,
         crdt,
         version: event
             .version
@@ -185,6 +196,7 @@ mod tests {
             path: vec!["a".into()],
             committed_at_micros: 42,
             crdt: vec![],
+            ownership: None,
         };
         assert_eq!(decode_event(&encode_event(&event)).unwrap(), event);
     }
@@ -204,6 +216,7 @@ mod tests {
             path: vec![],
             committed_at_micros: 0,
             crdt: vec![],
+            ownership: None,
         });
         p.op = None;
         let err = event_from_proto(p).unwrap_err().to_string();

@@ -23,6 +23,7 @@ async fn stock(dir: &Path, node: &str) -> Replica {
         .into_iter()
         .map(|(c, t)| (c.to_string(), t))
         .collect(),
+        owner_column: None,
     };
     replica_configured(dir, node, SCHEMA, &[table]).await
 }

@@ -12,7 +12,7 @@ use common::sidecars::Sidecars;
 async fn three_sidecar_processes_converge() {
     let dir = tempfile::tempdir().unwrap();
     let sidecars = Sidecars::new(dir.path()).await;
-    sidecars.spawn_all();
+    sidecars.spawn_all().await;
     let (a, b, c) = tokio::join!(
         sidecars.write(0, 0, 600, 7),
         sidecars.write(1, 0, 600, 1),
@@ -27,14 +27,14 @@ async fn three_sidecar_processes_converge() {
 async fn crash_between_drain_and_send_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let sidecars = Sidecars::new(dir.path()).await;
-    sidecars.spawn(0, Some("after-drain:3"));
-    sidecars.spawn(1, None);
-    sidecars.spawn(2, None);
+    sidecars.spawn(0, Some("after-drain:3")).await;
+    sidecars.spawn(1, None).await;
+    sidecars.spawn(2, None).await;
     let before = sidecars.write_until_crash(0, 0).await;
     // The application keeps writing while its sidecar is down.
     sidecars.write(0, before, 200, 10).await;
     sidecars.write(1, 0, 200, 10).await;
-    sidecars.spawn(0, None);
+    sidecars.spawn(0, None).await;
     sidecars.assert_exactly_once(before + 400).await;
     sidecars.terminate_all();
 }
@@ -43,12 +43,12 @@ async fn crash_between_drain_and_send_loses_nothing() {
 async fn crash_between_apply_and_ack_applies_nothing_twice() {
     let dir = tempfile::tempdir().unwrap();
     let sidecars = Sidecars::new(dir.path()).await;
-    sidecars.spawn(0, None);
-    sidecars.spawn(1, Some("after-apply:4"));
-    sidecars.spawn(2, None);
+    sidecars.spawn(0, None).await;
+    sidecars.spawn(1, Some("after-apply:4")).await;
+    sidecars.spawn(2, None).await;
     // Region 0 writes until the receiver in region 1 dies right after an apply commit.
     let written = sidecars.write_until_crash(1, 0).await;
-    sidecars.spawn(1, None);
+    sidecars.spawn(1, None).await;
     sidecars.write(1, 0, 100, 5).await;
     sidecars.write(2, 0, 100, 5).await;
     sidecars.assert_exactly_once(written + 200).await;
@@ -59,7 +59,7 @@ async fn crash_between_apply_and_ack_applies_nothing_twice() {
 async fn repeated_kill_9_under_load_loses_and_doubles_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let sidecars = Sidecars::new(dir.path()).await;
-    sidecars.spawn_all();
+    sidecars.spawn_all().await;
     let seed: u64 = rand::random();
     println!("seed {seed}");
     let mut written = [0i64; 3];
@@ -78,7 +78,7 @@ async fn repeated_kill_9_under_load_loses_and_doubles_nothing() {
         for w in &mut written {
             *w += 150;
         }
-        sidecars.spawn(victim, None);
+        sidecars.spawn(victim, None).await;
     }
     sidecars.assert_exactly_once(written.iter().sum()).await;
     sidecars.terminate_all();
@@ -88,7 +88,7 @@ async fn repeated_kill_9_under_load_loses_and_doubles_nothing() {
 async fn two_regions_decrement_one_counter_a_thousand_times_each() {
     let dir = tempfile::tempdir().unwrap();
     let sidecars = Sidecars::new(dir.path()).await;
-    sidecars.spawn_all();
+    sidecars.spawn_all().await;
     sqlx::query("INSERT INTO stock (id, qty) VALUES (1, 5000)")
         .execute(&sidecars.mesh.regions[0].app)
         .await
@@ -113,6 +113,111 @@ async fn two_regions_decrement_one_counter_a_thousand_times_each() {
             .await
             .unwrap();
         assert_eq!(qty, 3000, "{}: 5000 - 1000 - 1000", region.region);
+    }
+    sidecars.terminate_all();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ownership_transfer_under_load_loses_no_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let sidecars = Sidecars::new(dir.path()).await;
+    sidecars.spawn_all().await;
+    let east = &sidecars.mesh.regions[0];
+    for id in 0..20 {
+        sqlx::query("INSERT INTO accounts (id, home, balance) VALUES (?, 'east', 0)")
+            .bind(id)
+            .execute(&east.app)
+            .await
+            .unwrap();
+    }
+    sidecars.mesh.wait_converged(Duration::from_secs(30)).await.unwrap();
+
+    // East keeps writing; halfway through, it hands every account to west.
+    let config = east.config_file.clone();
+    let mut committed = [0i64; 20];
+    let mut refused = 0;
+    for round in 1..=60i64 {
+        if round == 30 {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_weft"))
+                .args([
+                    "ownership",
+                    "--config",
+                    config.to_str().unwrap(),
+                    "transfer",
+                    "--table",
+                    "accounts",
+                    "--all",
+                    "--to",
+                    "west",
+                ])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        }
+        for (id, last) in committed.iter_mut().enumerate() {
+            let result = sqlx::query("UPDATE accounts SET balance = ? WHERE id = ?")
+                .bind(round)
+                .bind(id as i64)
+                .execute(&east.app)
+                .await;
+            match result {
+                Ok(_) => *last = round,
+                Err(e) => {
+                    assert!(e.to_string().contains("owned by west"), "{e}");
+                    refused += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(
+        refused,
+        31 * 20,
+        "every write after the transfer is refused at the source"
+    );
+
+    // West takes over once the transfer has reached it, and writes on top.
+    let west = &sidecars.mesh.regions[1];
+    let started = std::time::Instant::now();
+    loop {
+        let owned: i64 = sqlx::query_scalar("SELECT count(*) FROM accounts WHERE home = 'west'")
+            .fetch_one(&west.app)
+            .await
+            .unwrap();
+        if owned == 20 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the transfer never reached west"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for id in 0..10i64 {
+        sqlx::query("UPDATE accounts SET balance = balance + 1000 WHERE id = ?")
+            .bind(id)
+            .execute(&west.app)
+            .await
+            .unwrap();
+    }
+    sidecars.mesh.wait_converged(Duration::from_secs(60)).await.unwrap();
+    for region in &sidecars.mesh.regions {
+        let balances: Vec<i64> = sqlx::query_scalar("SELECT balance FROM accounts ORDER BY id")
+            .fetch_all(&region.app)
+            .await
+            .unwrap();
+        let expected: Vec<i64> = (0..20)
+            .map(|id| committed[id] + if id < 10 { 1000 } else { 0 })
+            .collect();
+        assert_eq!(
+            balances, expected,
+            "{}: every committed write survives the transfer",
+            region.region
+        );
+        let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM _weft_dead_letters")
+            .fetch_one(&region.app)
+            .await
+            .unwrap();
+        assert_eq!(dead, 0);
     }
     sidecars.terminate_all();
 }

@@ -16,6 +16,7 @@ async fn node(dir: &Path, name: &str) -> Replica {
         name: "contracts".into(),
         strategy: Strategy::Queue,
         columns: Default::default(),
+        owner_column: None,
     };
     replica_configured(dir, name, SCHEMA, &[table]).await
 }

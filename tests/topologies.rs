@@ -33,11 +33,11 @@ async fn write_everywhere(sidecars: &Sidecars, from: i64, rows: i64) {
 async fn converges_through_a_relay_restart(shape: &str, nodes: usize, victim: usize) {
     let dir = tempfile::tempdir().unwrap();
     let sidecars = Sidecars::with(dir.path(), topology(shape, nodes), ReplicationConfig::default()).await;
-    sidecars.spawn_all();
+    sidecars.spawn_all().await;
     write_everywhere(&sidecars, 0, 150).await;
     sidecars.kill9(victim);
     write_everywhere(&sidecars, 150, 100).await;
-    sidecars.spawn(victim, None);
+    sidecars.spawn(victim, None).await;
     write_everywhere(&sidecars, 250, 50).await;
     sidecars.assert_exactly_once(nodes as i64 * 300).await;
     sidecars.terminate_all();
@@ -54,7 +54,7 @@ async fn a_bidirectional_ring_of_five_converges() {
     let dir = tempfile::tempdir().unwrap();
     let shape = "shape = \"ring\"\nbidirectional = true";
     let sidecars = Sidecars::with(dir.path(), topology(shape, 5), ReplicationConfig::default()).await;
-    sidecars.spawn_all();
+    sidecars.spawn_all().await;
     write_everywhere(&sidecars, 0, 120).await;
     sidecars.assert_exactly_once(5 * 120).await;
     sidecars.terminate_all();
@@ -88,7 +88,7 @@ async fn all_to_all_relays_around_a_cut_link_until_it_is_back() {
     let mut text = std::fs::read_to_string(config).unwrap();
     text += &format!("\n[dial]\n\"r2-1\" = \"{}\"\n", proxy.listen);
     std::fs::write(config, text).unwrap();
-    sidecars.spawn_all();
+    sidecars.spawn_all().await;
     write_everywhere(&sidecars, 0, 50).await;
     sidecars.mesh.wait_converged(Duration::from_secs(30)).await.unwrap();
 

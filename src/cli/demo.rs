@@ -150,11 +150,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             ]
             .into_iter()
             .collect(),
+            owner_column: None,
         },
         TableConfig {
             name: "contracts".into(),
             strategy: Strategy::Queue,
             columns: Default::default(),
+            owner_column: None,
         },
     ];
     println!(

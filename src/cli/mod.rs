@@ -4,6 +4,7 @@
 mod bench;
 mod conflicts;
 mod demo;
+mod ownership;
 mod topology;
 
 use std::path::PathBuf;
@@ -41,6 +42,13 @@ pub enum Command {
         #[command(subcommand)]
         command: conflicts::Command,
     },
+    /// Move rows of an ownership table to another region.
+    Ownership {
+        #[arg(long)]
+        config: PathBuf,
+        #[command(subcommand)]
+        command: ownership::Command,
+    },
     /// Validate a topology file and prove its routes, or draw it.
     Topology {
         #[command(subcommand)]
@@ -72,6 +80,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(args).await,
         Command::Status { config, json } => status(config, json).await,
         Command::Conflicts { config, command } => conflicts::run(&config, command).await,
+        Command::Ownership { config, command } => ownership::run(&config, command).await,
         Command::Topology {
             command: TopologyCommand::Check { file },
         } => topology::check(&file),

@@ -4,6 +4,7 @@
 //! all replicas converge. A conflict is a value here, never an error.
 pub mod crdt;
 pub mod lww;
+pub mod ownership;
 
 /// Which side of a conflict becomes the visible row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -118,6 +118,11 @@ impl Replica {
             .unwrap()
     }
 
+    pub async fn snapshot_of(&self, tables: &[&str]) -> std::collections::BTreeMap<String, Vec<String>> {
+        let tables: Vec<String> = tables.iter().map(|t| t.to_string()).collect();
+        weft::store::sqlite::snapshot(&self.app, &tables).await.unwrap()
+    }
+
     pub async fn snapshot(&self) -> std::collections::BTreeMap<String, Vec<String>> {
         weft::store::sqlite::snapshot(&self.app, &["items".to_string(), "pairs".to_string()])
             .await

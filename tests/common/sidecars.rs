@@ -19,6 +19,7 @@ const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS items (id INTEGER PRIMARY KEY, origin TEXT NOT NULL, v INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS shared (id INTEGER PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS stock (id INTEGER PRIMARY KEY, qty INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS accounts (id INTEGER PRIMARY KEY, home TEXT NOT NULL, balance INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS audit (id INTEGER NOT NULL, op TEXT NOT NULL);
 CREATE TRIGGER IF NOT EXISTS items_audit_insert AFTER INSERT ON items BEGIN INSERT INTO audit VALUES (NEW.id, 'insert'); END;
 CREATE TRIGGER IF NOT EXISTS items_audit_update AFTER UPDATE ON items BEGIN INSERT INTO audit VALUES (NEW.id, 'update'); END;
@@ -51,6 +52,13 @@ impl Sidecars {
                 columns: [("qty".to_string(), weft::resolve::crdt::CrdtType::Counter)]
                     .into_iter()
                     .collect(),
+                owner_column: None,
+            },
+            TableConfig {
+                name: "accounts".into(),
+                strategy: weft::config::Strategy::Ownership,
+                columns: Default::default(),
+                owner_column: Some("home".into()),
             },
         ];
         let replication = ReplicationConfig {
@@ -65,7 +73,7 @@ impl Sidecars {
         Self { mesh, children }
     }
 
-    pub fn spawn(&self, i: usize, crashpoint: Option<&str>) {
+    pub async fn spawn(&self, i: usize, crashpoint: Option<&str>) {
         let region = &self.mesh.regions[i];
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -83,16 +91,18 @@ impl Sidecars {
             command.env("WEFT_CRASHPOINT", point);
         }
         self.children.lock().unwrap()[i] = Some(command.spawn().expect("spawning weft run"));
-        self.wait_listening(i);
+        self.wait_listening(i).await;
     }
 
     /// A sidecar listens only after installing its triggers: from then on, writes are captured.
-    fn wait_listening(&self, i: usize) {
+    /// Yields while it waits: the application's load may run in the same task and hold
+    /// SQLite's write lock, which the starting sidecar needs to install its schema.
+    async fn wait_listening(&self, i: usize) {
         let topology = std::fs::read_to_string(&self.mesh.topology_file).unwrap();
         let topology = weft::config::Topology::parse(&topology, &self.mesh.topology_file).unwrap();
         let address = topology.node(&self.mesh.regions[i].node_id).unwrap().address.clone();
         let started = Instant::now();
-        while std::net::TcpStream::connect(&address).is_err() {
+        while tokio::net::TcpStream::connect(&address).await.is_err() {
             let exited = self.children.lock().unwrap()[i].as_mut().unwrap().try_wait().unwrap();
             if let Some(status) = exited {
                 panic!(
@@ -104,13 +114,13 @@ impl Sidecars {
                 started.elapsed() < Duration::from_secs(30),
                 "region {i} never started listening"
             );
-            std::thread::sleep(Duration::from_millis(10));
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
-    pub fn spawn_all(&self) {
+    pub async fn spawn_all(&self) {
         for i in 0..self.mesh.regions.len() {
-            self.spawn(i, None);
+            self.spawn(i, None).await;
         }
     }
 

@@ -216,6 +216,7 @@ impl SqliteStore {
             crate::config::Strategy::Lww => "lww",
             crate::config::Strategy::Crdt => "crdt",
             crate::config::Strategy::Queue => "queue",
+            crate::config::Strategy::Ownership => "ownership",
         })
         .bind(won.to_string())
         .bind(lost.to_string())

@@ -211,6 +211,7 @@ impl SqliteStore {
                     path: vec![me.clone()],
                     committed_at_micros: p.committed_at,
                     crdt: Vec::new(),
+                    ownership: None,
                 },
             ));
         }
@@ -223,6 +224,28 @@ impl SqliteStore {
             if let Some(table) = self.tables.get(&event.table) {
                 if !table.crdt.is_empty() {
                     self.fold_local_crdt(tx, table, key_bytes, event).await?;
+                }
+                if let Some(column) = &table.owner_column {
+                    let previous = super::owners::load(tx, &table.name, key_bytes).await?;
+                    // The trigger let this write through, so the owner column names the owner
+                    // (this region, or the new owner of a transfer).
+                    let owner_now = match &event.op {
+                        Op::Upsert(row) => match row.get(column) {
+                            Some(Value::Text(region)) => region.clone(),
+                            _ => self.identity.region.clone(),
+                        },
+                        Op::Delete => previous
+                            .as_ref()
+                            .map(|p| p.region.clone())
+                            .unwrap_or_else(|| self.identity.region.clone()),
+                    };
+                    let claim = crate::resolve::ownership::local_write(previous.as_ref(), &owner_now);
+                    let owner = crate::resolve::ownership::Owner {
+                        region: claim.owner.clone(),
+                        epoch: claim.epoch,
+                    };
+                    super::owners::store(tx, &table.name, key_bytes, &owner).await?;
+                    event.ownership = Some(claim);
                 }
                 if table.strategy == crate::config::Strategy::Queue {
                     // A local write has seen every sibling: it resolves the row.

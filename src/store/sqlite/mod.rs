@@ -9,6 +9,7 @@ mod apply;
 mod bulk;
 mod capture;
 mod crdt;
+mod owners;
 pub mod queue;
 mod run;
 pub mod schema;
@@ -82,7 +83,7 @@ impl SqliteStore {
     ) -> Result<Self, StoreError> {
         let mut conn = SqliteConnection::connect_with(&options(path)).await?;
         let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-        let infos = schema::install(&mut tx, tables).await?;
+        let infos = schema::install(&mut tx, tables, &identity.region).await?;
         let found: Option<String> = sqlx::query_scalar("SELECT value FROM _weft_node WHERE name = 'node_id'")
             .fetch_optional(&mut *tx)
             .await?;

@@ -58,6 +58,7 @@ pub(super) async fn add_concurrent(
             path: Vec::new(),
             committed_at_micros: 0,
             crdt: Vec::new(),
+            ownership: None,
         });
     }
     set.retain(|s| {

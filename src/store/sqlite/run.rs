@@ -16,11 +16,13 @@ use super::apply::{rejects_event, shape_problem};
 use super::bulk;
 use super::capture::read_row;
 use super::crdt;
+use super::owners;
 use super::queue;
 use super::schema::{TableInfo, quote};
 use crate::event::{Event, Op, Value};
 use crate::replicate::{Decision, RowVersion, decide};
 use crate::resolve::Winner;
+use crate::resolve::ownership;
 use crate::store::{ApplyReport, StoreError};
 
 /// What a group of consecutive writes does; a new shape starts a new group.
@@ -245,6 +247,25 @@ impl SqliteStore {
                 decision = decide(strategy, local.as_ref(), event, Some(&content));
             }
             let conflict = matches!(decision, Decision::Conflict { .. });
+            let mut claimed = None;
+            if table.owner_column.is_some() && decision != Decision::Stale {
+                let known = owners::load(tx, &table.name, &id.1).await?;
+                let reason =
+                    ownership::refusal(known.as_ref(), &event.origin_region, event.ownership.as_ref(), conflict);
+                if let Some(reason) = reason {
+                    self.dead_letter(tx, event, &format!("ownership: {reason}"), report)
+                        .await?;
+                    continue;
+                }
+                claimed = event
+                    .ownership
+                    .as_ref()
+                    .filter(|c| known.as_ref().is_none_or(|k| c.epoch >= k.epoch))
+                    .map(|c| ownership::Owner {
+                        region: c.owner.clone(),
+                        epoch: c.epoch,
+                    });
+            }
             let (next, winner) = match decision {
                 Decision::Stale => {
                     report.stale += 1;
@@ -300,6 +321,9 @@ impl SqliteStore {
                     return Ok(false);
                 }
                 self.settle_crdt(tx, &table, &id.1, event, merged, update_row).await?;
+            }
+            if let Some(owner) = claimed.filter(|_| winner == Winner::Remote) {
+                owners::store(tx, &table.name, &id.1, &owner).await?;
             }
             if table.strategy == crate::config::Strategy::Queue {
                 match (&local, conflict) {

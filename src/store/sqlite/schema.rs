@@ -98,6 +98,24 @@ CREATE TABLE IF NOT EXISTS _weft_resolutions (
     row TEXT,
     at INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS _weft_owners (
+    tbl TEXT NOT NULL,
+    key BLOB NOT NULL,
+    owner TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    PRIMARY KEY (tbl, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS _weft_transfer (marker INTEGER);
+CREATE TABLE IF NOT EXISTS _weft_transfers (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    tbl TEXT NOT NULL,
+    rows TEXT NOT NULL,
+    moved INTEGER NOT NULL,
+    from_region TEXT NOT NULL,
+    to_region TEXT NOT NULL,
+    decided_by TEXT NOT NULL,
+    at INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS _weft_conflicts (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     tbl TEXT NOT NULL,
@@ -129,6 +147,8 @@ pub struct TableInfo {
     pub strategy: Strategy,
     /// CRDT columns and their types (`crdt` tables only).
     pub crdt: BTreeMap<String, CrdtType>,
+    /// The column naming each row's owner region (`ownership` tables only).
+    pub owner_column: Option<String>,
 }
 
 pub fn quote(ident: &str) -> String {
@@ -206,6 +226,7 @@ pub async fn describe(conn: &mut SqliteConnection, table: &str) -> Result<TableI
     Ok(TableInfo {
         strategy: Strategy::Lww,
         crdt: BTreeMap::new(),
+        owner_column: None,
         drain_sql,
         select_sql: format!(
             "SELECT {column_list} FROM {} WHERE {}",
@@ -223,7 +244,7 @@ fn trigger_name(table: &str, event: &str) -> String {
 }
 
 /// The three capture triggers of a table, as (name, full SQL).
-fn trigger_sql(info: &TableInfo) -> Vec<(String, String)> {
+fn trigger_sql(info: &TableInfo, region: &str) -> Vec<(String, String)> {
     let table = &info.name;
     let slots = |row: &str| -> String {
         (0..MAX_KEY_COLUMNS)
@@ -259,6 +280,24 @@ fn trigger_sql(info: &TableInfo) -> Vec<(String, String)> {
         .collect::<Vec<_>>()
         .join(" OR ");
     let skip = "WHEN NOT EXISTS (SELECT 1 FROM _weft_applying)";
+    // Ownership tables: only the owner region writes a row, and the owner column changes
+    // only inside `weft ownership transfer` (which sets the _weft_transfer marker).
+    let owned = |row: &str| match &info.owner_column {
+        None => String::new(),
+        Some(column) => {
+            let c = quote(column);
+            format!(
+                "SELECT RAISE(ABORT, 'weft: this ' || '{table}' || ' row is owned by ' || coalesce({row}.{c}, 'no region') || ', not by {region}: write it in its owner region, or move it there with weft ownership transfer') WHERE {row}.{c} IS NOT '{region}';\n  "
+            )
+        }
+    };
+    let owner_kept = match &info.owner_column {
+        None => String::new(),
+        Some(column) => format!(
+            "SELECT RAISE(ABORT, 'weft: the owner of a ' || '{table}' || ' row changes only by weft ownership transfer') WHERE NEW.{0} IS NOT OLD.{0} AND NOT EXISTS (SELECT 1 FROM _weft_transfer);\n  ",
+            quote(column)
+        ),
+    };
     let q = quote(table);
     let insert = trigger_name(table, "insert");
     let update = trigger_name(table, "update");
@@ -267,7 +306,8 @@ fn trigger_sql(info: &TableInfo) -> Vec<(String, String)> {
         (
             insert.clone(),
             format!(
-                "CREATE TRIGGER {insert} AFTER INSERT ON {q} {skip}\nBEGIN\n  {}\n  {}\nEND",
+                "CREATE TRIGGER {insert} AFTER INSERT ON {q} {skip}\nBEGIN\n  {}{}\n  {}\nEND",
+                owned("NEW"),
                 null_guard("NEW"),
                 record("NEW")
             ),
@@ -276,7 +316,8 @@ fn trigger_sql(info: &TableInfo) -> Vec<(String, String)> {
             update.clone(),
             // A key change moves the row: capture the old key (now gone) and the new one.
             format!(
-                "CREATE TRIGGER {update} AFTER UPDATE ON {q} {skip}\nBEGIN\n  {}\n  INSERT INTO _weft_outbox (tbl, k1, k2, k3, k4, at) SELECT '{table}', {}, {NOW_MICROS} WHERE {key_changed};\n  {}\nEND",
+                "CREATE TRIGGER {update} AFTER UPDATE ON {q} {skip}\nBEGIN\n  {}{owner_kept}{}\n  INSERT INTO _weft_outbox (tbl, k1, k2, k3, k4, at) SELECT '{table}', {}, {NOW_MICROS} WHERE {key_changed};\n  {}\nEND",
+                owned("OLD"),
                 null_guard("NEW"),
                 slots("OLD"),
                 record("NEW")
@@ -285,7 +326,8 @@ fn trigger_sql(info: &TableInfo) -> Vec<(String, String)> {
         (
             delete.clone(),
             format!(
-                "CREATE TRIGGER {delete} AFTER DELETE ON {q} {skip}\nBEGIN\n  {}\nEND",
+                "CREATE TRIGGER {delete} AFTER DELETE ON {q} {skip}\nBEGIN\n  {}{}\nEND",
+                owned("OLD"),
                 record("OLD")
             ),
         ),
@@ -293,7 +335,11 @@ fn trigger_sql(info: &TableInfo) -> Vec<(String, String)> {
 }
 
 /// Creates or updates weft's tables and triggers. Runs inside the caller's transaction.
-pub async fn install(conn: &mut SqliteConnection, tables: &[TableConfig]) -> Result<Vec<TableInfo>, StoreError> {
+pub async fn install(
+    conn: &mut SqliteConnection,
+    tables: &[TableConfig],
+    region: &str,
+) -> Result<Vec<TableInfo>, StoreError> {
     sqlx::raw_sql(METADATA).execute(&mut *conn).await?;
     let mut infos = Vec::new();
     let mut wanted = std::collections::HashSet::new();
@@ -317,7 +363,16 @@ pub async fn install(conn: &mut SqliteConnection, tables: &[TableConfig]) -> Res
         }
         info.strategy = config.strategy;
         info.crdt = config.columns.clone();
-        for (name, sql) in trigger_sql(&info) {
+        if let Some(column) = &config.owner_column {
+            if !info.columns.contains(column) || info.key.contains(column) {
+                return Err(StoreError::Table {
+                    table: table.clone(),
+                    message: format!("owner column `{column}` must be an existing non-key column"),
+                });
+            }
+            info.owner_column = Some(column.clone());
+        }
+        for (name, sql) in trigger_sql(&info, region) {
             let existing: Option<String> =
                 sqlx::query_scalar("SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = ?")
                     .bind(&name)
