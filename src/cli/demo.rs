@@ -36,6 +36,7 @@ CREATE TABLE IF NOT EXISTS orders (
 );
 CREATE TABLE IF NOT EXISTS inventory (sku TEXT PRIMARY KEY, qty INTEGER NOT NULL, tags TEXT);
 CREATE TABLE IF NOT EXISTS contracts (id INTEGER PRIMARY KEY, client TEXT NOT NULL, amount INTEGER NOT NULL, terms TEXT);
+CREATE TABLE IF NOT EXISTS accounts (id INTEGER PRIMARY KEY, home_region TEXT NOT NULL, balance INTEGER NOT NULL);
 ";
 
 #[derive(clap::Args, Debug)]
@@ -65,6 +66,8 @@ async fn write_once(
     rng: &mut rand::rngs::StdRng,
     next_order: &mut i64,
     sold: &AtomicU64,
+    refused: &AtomicU64,
+    regions: &[String],
 ) -> sqlx::Result<()> {
     let mut tx = app.begin().await?;
     let ops = if rng.random_ratio(1, 10) { 3 } else { 1 };
@@ -80,7 +83,25 @@ async fn write_once(
             sold.fetch_add(1, Ordering::Relaxed);
             continue;
         }
-        if roll < 9 {
+        if roll < 12 {
+            // Accounts belong to one region. Writing another region's account is refused
+            // right here, in the application's transaction; only that statement is undone.
+            let home = rng.random_range(0..regions.len());
+            let id = home as i64 * 1000 + rng.random_range(0..ACCOUNTS_EACH);
+            let result = sqlx::query("UPDATE accounts SET balance = balance + 1 WHERE id = ?")
+                .bind(id)
+                .execute(&mut *tx)
+                .await;
+            match result {
+                Ok(_) => {}
+                Err(e) if e.to_string().contains("is owned by") => {
+                    refused.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
+            continue;
+        }
+        if roll < 13 {
             // A contract edit: concurrent edits wait in the resolution queue.
             sqlx::query("UPDATE contracts SET amount = ?, terms = ? WHERE id = ?")
                 .bind(rng.random_range(100..1000i64))
@@ -153,6 +174,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             owner_column: None,
         },
         TableConfig {
+            name: "accounts".into(),
+            strategy: Strategy::Ownership,
+            columns: Default::default(),
+            owner_column: Some("home_region".into()),
+        },
+        TableConfig {
             name: "contracts".into(),
             strategy: Strategy::Queue,
             columns: Default::default(),
@@ -185,8 +212,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .execute(seed_app)
             .await?;
     }
+    for (i, region) in mesh.regions.iter().enumerate() {
+        for n in 0..ACCOUNTS_EACH {
+            sqlx::query("INSERT INTO accounts (id, home_region, balance) VALUES (?, ?, 0)")
+                .bind(i as i64 * 1000 + n)
+                .bind(&region.region)
+                .execute(&region.app)
+                .await?;
+        }
+    }
     mesh.wait_converged(Duration::from_secs(30)).await?;
     let sold = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
 
     let duration = Duration::from_secs(args.duration);
     let written: Vec<Arc<AtomicU64>> = regions.iter().map(|_| Arc::new(AtomicU64::new(0))).collect();
@@ -196,6 +233,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let name = region.region.clone();
         let count = written[i].clone();
         let sold = sold.clone();
+        let refused = refused.clone();
+        let regions = regions.clone();
         let period = Duration::from_micros(1_000_000 / args.rate.max(1));
         writers.spawn(async move {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ (i as u64 + 1));
@@ -204,7 +243,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             let end = Instant::now() + duration;
             while Instant::now() < end {
                 tick.tick().await;
-                write_once(&app, &name, &mut rng, &mut next_order, &sold).await?;
+                write_once(&app, &name, &mut rng, &mut next_order, &sold, &refused, &regions).await?;
                 count.fetch_add(1, Ordering::Relaxed);
             }
             anyhow::Ok(())
@@ -242,6 +281,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     println!("workload done; waiting for every region to apply everything...");
     let converge = mesh.wait_converged(Duration::from_secs(60)).await;
     print_summary(&mesh, &written).await?;
+    println!(
+        "\naccounts (ownership): {} writes to another region's account refused at the source",
+        refused.load(Ordering::Relaxed)
+    );
     let strategies = print_strategies(&mesh, sold.load(Ordering::Relaxed), &dir).await;
     mesh.stop_all().await;
     let took = converge.context("the regions did NOT converge")?;
@@ -255,6 +298,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 const STOCK_ITEMS: i64 = 5;
+const ACCOUNTS_EACH: i64 = 10;
 const STOCK_EACH: i64 = 100_000;
 
 /// What each strategy did, and the exactness check of the CRDT counters.
