@@ -174,3 +174,126 @@ async fn a_transfer_replicates_and_the_old_owner_can_no_longer_write() {
         vec!["1|region-of-a|region-of-b|ops"]
     );
 }
+
+mod property {
+    use super::{Replica, node, sync, try_exec};
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Write {
+            node: usize,
+            id: i64,
+            balance: i64,
+            drain: bool,
+        },
+        Transfer {
+            node: usize,
+            id: i64,
+            to: usize,
+        },
+        Deliver {
+            to: usize,
+            from: usize,
+            back: u64,
+            len: usize,
+        },
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            4 => (0..3usize, 0..3i64, 0..1000i64, proptest::bool::weighted(0.7))
+                .prop_map(|(node, id, balance, drain)| Step::Write { node, id, balance, drain }),
+            1 => (0..3usize, 0..3i64, 0..3usize).prop_map(|(node, id, to)| Step::Transfer { node, id, to }),
+            4 => (0..4usize, 0..3usize, 0..3u64, 1..5usize).prop_map(|(to, from, back, len)| Step::Deliver { to, from, back, len }),
+        ]
+    }
+
+    const NODES: [&str; 3] = ["a", "b", "c"];
+
+    async fn state(r: &Replica) -> (Vec<String>, Vec<String>) {
+        (
+            r.rows("SELECT * FROM accounts ORDER BY id").await,
+            r.rows("SELECT owner, epoch FROM _weft_owners ORDER BY key").await,
+        )
+    }
+
+    async fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
+        let dir = tempfile::tempdir().unwrap();
+        let mut replicas = Vec::new();
+        for name in ["a", "b", "c", "observer"] {
+            replicas.push(node(dir.path(), name).await);
+        }
+        for (i, name) in NODES.iter().enumerate() {
+            replicas[i]
+                .exec(&format!("INSERT INTO accounts VALUES ({i}, 'region-of-{name}', 0);"))
+                .await;
+        }
+        let all: Vec<&Replica> = replicas.iter().collect();
+        sync(&all).await;
+        for step in steps {
+            match step {
+                // Non-owners are refused at the source: that is fine, it never leaves.
+                Step::Write {
+                    node,
+                    id,
+                    balance,
+                    drain,
+                } => {
+                    let _ = try_exec(
+                        &replicas[node],
+                        &format!("UPDATE accounts SET balance = {balance} WHERE id = {id};"),
+                    )
+                    .await;
+                    if drain {
+                        replicas[node].drain().await;
+                    }
+                }
+                // As `weft ownership transfer` does it; a non-owner's attempt rolls back whole.
+                Step::Transfer { node, id, to } => {
+                    let mut tx = replicas[node].app.begin().await.unwrap();
+                    sqlx::query("INSERT INTO _weft_transfer VALUES (1)")
+                        .execute(&mut *tx)
+                        .await
+                        .unwrap();
+                    let moved = sqlx::query("UPDATE accounts SET home = ? WHERE id = ?")
+                        .bind(format!("region-of-{}", NODES[to]))
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await;
+                    if moved.is_ok() {
+                        sqlx::query("DELETE FROM _weft_transfer")
+                            .execute(&mut *tx)
+                            .await
+                            .unwrap();
+                        tx.commit().await.unwrap();
+                    }
+                }
+                Step::Deliver { to, from, back, len } => {
+                    replicas[to].deliver(&replicas[from], back, 0, len).await;
+                }
+            }
+        }
+        sync(&all).await;
+        let first = state(&replicas[0]).await;
+        for r in &replicas {
+            prop_assert_eq!(&state(r).await, &first, "{} differs from a", r.node);
+            prop_assert_eq!(
+                r.count("SELECT count(*) FROM _weft_dead_letters").await,
+                0,
+                "a legitimate write was refused at {}",
+                r.node
+            );
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+        #[test]
+        fn ownership_tables_converge_whatever_the_delivery_order(steps in proptest::collection::vec(step(), 5..50)) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(run(steps))?;
+        }
+    }
+}

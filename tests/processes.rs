@@ -221,3 +221,95 @@ async fn an_ownership_transfer_under_load_loses_no_write() {
     }
     sidecars.terminate_all();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_regions_edit_one_queued_row_and_one_resolution_reaches_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let sidecars = Sidecars::new(dir.path()).await;
+    sidecars.spawn_all().await;
+    let regions = &sidecars.mesh.regions;
+    sqlx::query("INSERT INTO contracts VALUES (1, 100, 'net 30')")
+        .execute(&regions[0].app)
+        .await
+        .unwrap();
+    sidecars.mesh.wait_converged(Duration::from_secs(30)).await.unwrap();
+
+    // With every sidecar down, no region sees another's edit: the three are truly
+    // concurrent. (Killed, not paused: a paused sidecar may hold SQLite's write lock.)
+    for i in 0..3 {
+        sidecars.kill9(i);
+    }
+    for (i, region) in regions.iter().enumerate() {
+        sqlx::query("UPDATE contracts SET amount = ?, terms = ? WHERE id = 1")
+            .bind(200 + i as i64)
+            .bind(format!("terms of {}", region.region))
+            .execute(&region.app)
+            .await
+            .unwrap();
+    }
+    sidecars.spawn_all().await;
+    let siblings = "SELECT count(*) FROM _weft_siblings s JOIN _weft_queue q ON q.tbl = s.tbl AND q.key = s.key WHERE q.closed_at IS NULL";
+    let started = std::time::Instant::now();
+    for region in regions {
+        loop {
+            let n: i64 = sqlx::query_scalar(siblings).fetch_one(&region.app).await.unwrap();
+            let open: i64 = sqlx::query_scalar("SELECT count(*) FROM _weft_queue WHERE closed_at IS NULL")
+                .fetch_one(&region.app)
+                .await
+                .unwrap();
+            if n == 3 && open == 1 {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "{}: {open} open entries, {n} siblings",
+                region.region
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    let config = regions[1].config_file.to_str().unwrap().to_owned();
+    let weft = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_weft"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let list = weft(&["conflicts", "--config", &config, "list", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    let id = list[0]["id"].to_string();
+    let out = weft(&[
+        "conflicts",
+        "--config",
+        &config,
+        "resolve",
+        &id,
+        "--take",
+        "1",
+        "--by",
+        "carol",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    sidecars.mesh.wait_converged(Duration::from_secs(30)).await.unwrap();
+    let started = std::time::Instant::now();
+    for region in regions {
+        loop {
+            let open: i64 = sqlx::query_scalar("SELECT count(*) FROM _weft_queue WHERE closed_at IS NULL")
+                .fetch_one(&region.app)
+                .await
+                .unwrap();
+            if open == 0 {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "{} never closed the conflict",
+                region.region
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    sidecars.terminate_all();
+}

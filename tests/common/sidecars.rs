@@ -20,6 +20,7 @@ CREATE TABLE IF NOT EXISTS items (id INTEGER PRIMARY KEY, origin TEXT NOT NULL, 
 CREATE TABLE IF NOT EXISTS shared (id INTEGER PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS stock (id INTEGER PRIMARY KEY, qty INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS accounts (id INTEGER PRIMARY KEY, home TEXT NOT NULL, balance INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS contracts (id INTEGER PRIMARY KEY, amount INTEGER NOT NULL, terms TEXT);
 CREATE TABLE IF NOT EXISTS audit (id INTEGER NOT NULL, op TEXT NOT NULL);
 CREATE TRIGGER IF NOT EXISTS items_audit_insert AFTER INSERT ON items BEGIN INSERT INTO audit VALUES (NEW.id, 'insert'); END;
 CREATE TRIGGER IF NOT EXISTS items_audit_update AFTER UPDATE ON items BEGIN INSERT INTO audit VALUES (NEW.id, 'update'); END;
@@ -59,6 +60,12 @@ impl Sidecars {
                 strategy: weft::config::Strategy::Ownership,
                 columns: Default::default(),
                 owner_column: Some("home".into()),
+            },
+            TableConfig {
+                name: "contracts".into(),
+                strategy: weft::config::Strategy::Queue,
+                columns: Default::default(),
+                owner_column: None,
             },
         ];
         let replication = ReplicationConfig {
