@@ -27,6 +27,9 @@ pub struct Args {
     /// Rows per application transaction when `--rate 0`.
     #[arg(long, default_value_t = 200)]
     pub txn_rows: u64,
+    /// All-to-all relaying around failed links (0 = off; default as in the node config).
+    #[arg(long, default_value_t = ReplicationConfig::default().relay_after_ms)]
+    pub relay_after_ms: u64,
     /// Folder for the databases (default: a fresh temporary folder).
     #[arg(long)]
     pub dir: Option<std::path::PathBuf>,
@@ -45,7 +48,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         &LoopbackMesh::all_to_all(&names_ref),
         SCHEMA,
         &tables,
-        &ReplicationConfig::default(),
+        &ReplicationConfig {
+            relay_after_ms: args.relay_after_ms,
+            ..ReplicationConfig::default()
+        },
     )
     .await?;
     mesh.start_all().await?;
