@@ -526,6 +526,17 @@ impl NodeConfig {
             .collect()
     }
 
+    /// Each downstream peer with the origins routed to it (what `weft status` reports on).
+    pub fn routed_origins(&self) -> Vec<(NodeId, Vec<NodeId>)> {
+        crate::topology::downstream(&self.topology, &self.node)
+            .into_iter()
+            .map(|peer| {
+                let origins = crate::topology::origins_for(&self.topology, &self.node, &peer.id);
+                (peer.id.clone(), origins.into_iter().map(str::to_owned).collect())
+            })
+            .collect()
+    }
+
     /// Per origin kept in the log, the peers that must have it before it may be dropped.
     pub fn log_needs(&self) -> std::collections::BTreeMap<NodeId, Vec<NodeId>> {
         let repair = self.topology.shape == Shape::AllToAll && self.replication.relay_after().is_some();

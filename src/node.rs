@@ -138,21 +138,6 @@ impl Node {
             store.close().await;
         }
     }
-
-    /// Peers and the origins each must acknowledge (for status and log trimming).
-    pub fn needs(&self) -> Vec<(NodeId, Vec<NodeId>)> {
-        needs(&self.config)
-    }
-}
-
-fn needs(config: &NodeConfig) -> Vec<(NodeId, Vec<NodeId>)> {
-    topology::downstream(&config.topology, &config.node)
-        .into_iter()
-        .map(|peer| {
-            let origins = topology::origins_for(&config.topology, &config.node, &peer.id);
-            (peer.id.clone(), origins.into_iter().map(str::to_owned).collect())
-        })
-        .collect()
 }
 
 /// Drains the outbox whenever another connection has committed; once more at shutdown.

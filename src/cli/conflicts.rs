@@ -358,12 +358,7 @@ async fn write_resolution(
     let info = schema::describe(conn, &open.table).await?;
     let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
     let table = quote(&open.table);
-    let keys = info
-        .key
-        .iter()
-        .map(|k| format!("{} = ?", quote(k)))
-        .collect::<Vec<_>>()
-        .join(" AND ");
+    let keys = schema::key_predicate(&info.key);
     match op {
         Op::Delete => {
             let mut q = sqlx::query(AssertSqlSafe(format!("DELETE FROM {table} WHERE {keys}")));

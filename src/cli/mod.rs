@@ -137,14 +137,7 @@ async fn status(path: PathBuf, json: bool) -> anyhow::Result<()> {
         region: config.region().to_owned(),
     };
     let store = SqliteStore::open(db, identity, &config.tables, config.replication.max_clock_skew()).await?;
-    let peers: Vec<(String, Vec<String>)> = crate::topology::downstream(&config.topology, &config.node)
-        .into_iter()
-        .map(|p| {
-            let origins = crate::topology::origins_for(&config.topology, &config.node, &p.id);
-            (p.id.clone(), origins.into_iter().map(str::to_owned).collect())
-        })
-        .collect();
-    let status = store.status(&peers).await?;
+    let status = store.status(&config.routed_origins()).await?;
     store.close().await;
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);

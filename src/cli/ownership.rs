@@ -95,12 +95,7 @@ pub async fn run(config_path: &std::path::Path, command: Command) -> anyhow::Res
             .await?
             .rows_affected();
     } else {
-        let predicate = info
-            .key
-            .iter()
-            .map(|k| format!("{} = ?", quote(k)))
-            .collect::<Vec<_>>()
-            .join(" AND ");
+        let predicate = schema::key_predicate(&info.key);
         for key in &keys {
             let values = key_values(key, info.key.len())?;
             let mut query = sqlx::query(AssertSqlSafe(format!("{set} WHERE {predicate}"))).bind(&to);

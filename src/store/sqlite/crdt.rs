@@ -81,12 +81,7 @@ pub(super) async fn write_values(
         .map(|(c, _)| format!("{} = ?", quote(c)))
         .collect::<Vec<_>>()
         .join(", ");
-    let keys = table
-        .key
-        .iter()
-        .map(|k| format!("{} = ?", quote(k)))
-        .collect::<Vec<_>>()
-        .join(" AND ");
+    let keys = super::schema::key_predicate(&table.key);
     // Marker 2: a drain outside an apply marks its own write; inside an apply the apply's
     // marker row is there already and stays.
     sqlx::query("INSERT INTO _weft_applying (marker) VALUES (2)")

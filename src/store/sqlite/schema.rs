@@ -155,7 +155,8 @@ pub fn quote(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
-fn key_predicate(key: &[String]) -> String {
+/// `k1 = ? AND k2 = ? ...` over the primary-key columns, for binding key values in order.
+pub fn key_predicate(key: &[String]) -> String {
     key.iter()
         .map(|k| format!("{} = ?", quote(k)))
         .collect::<Vec<_>>()
