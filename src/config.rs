@@ -236,8 +236,9 @@ pub enum Strategy {
     /// Concurrent versions are kept as siblings for a person to resolve (`weft conflicts`);
     /// the row shows the LWW winner meanwhile.
     Queue,
-    /// Each row belongs to the region named in `owner_column`; only that region writes it,
-    /// and ownership moves by `weft ownership transfer`.
+    /// Each row belongs to one region, named by `owner_column` or computed by `owner_rule`
+    /// from the key; only that region writes it, and ownership moves by
+    /// `weft ownership transfer`.
     Ownership,
 }
 
@@ -252,6 +253,80 @@ pub struct TableConfig {
     /// `ownership` tables: the column holding each row's owner region.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner_column: Option<String>,
+    /// `ownership` tables: the rule that finds a row's owner region from its key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_rule: Option<OwnerRule>,
+}
+
+/// Finds a row's owner region from one primary-key column. Exactly one of `prefix` and
+/// `ranges` is given. A key the rule maps to no region is writable nowhere. Transfers
+/// (`weft ownership transfer`) override the rule for the rows they move.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OwnerRule {
+    /// The primary-key column the rule reads; default: the first key column.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub column: Option<String>,
+    /// Text keys: the text before the first `prefix` names the owner (`"eu-1042"` with
+    /// `prefix = "-"` belongs to region `eu`), through `regions` when that is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// With `prefix`: key prefix → region (`{ e = "eu-west" }`). Prefixes not listed map to
+    /// no region.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub regions: std::collections::BTreeMap<String, String>,
+    /// Integer keys: inclusive ranges, each owned by a region.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ranges: Vec<OwnerRange>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OwnerRange {
+    pub from: i64,
+    pub to: i64,
+    pub region: String,
+}
+
+impl OwnerRule {
+    /// The regions this rule can name.
+    pub fn named_regions(&self) -> Vec<&str> {
+        if !self.ranges.is_empty() {
+            self.ranges.iter().map(|r| r.region.as_str()).collect()
+        } else {
+            self.regions.values().map(String::as_str).collect()
+        }
+    }
+
+    /// What is wrong with the rule, if anything (the regions are checked by the caller).
+    pub fn problem(&self) -> Option<String> {
+        match (&self.prefix, self.ranges.is_empty()) {
+            (Some(_), false) | (None, true) => {
+                return Some("give exactly one of prefix = \"-\" or ranges = [{ from, to, region }]".into());
+            }
+            (Some(p), true) if p.is_empty() => return Some("prefix must not be empty".into()),
+            (None, false) if !self.regions.is_empty() => {
+                return Some("regions applies to prefix rules; ranges name their region".into());
+            }
+            _ => {}
+        }
+        let mut ranges: Vec<&OwnerRange> = self.ranges.iter().collect();
+        ranges.sort_by_key(|r| r.from);
+        for r in &ranges {
+            if r.from > r.to {
+                return Some(format!("range {}..={} is empty; from must be <= to", r.from, r.to));
+            }
+        }
+        for pair in ranges.windows(2) {
+            if pair[1].from <= pair[0].to {
+                return Some(format!(
+                    "ranges {}..={} and {}..={} overlap; every key has one owner",
+                    pair[0].from, pair[0].to, pair[1].from, pair[1].to
+                ));
+            }
+        }
+        None
+    }
 }
 
 impl TableConfig {
@@ -261,6 +336,7 @@ impl TableConfig {
             strategy: Strategy::Lww,
             columns: Default::default(),
             owner_column: None,
+            owner_rule: None,
         }
     }
 }
@@ -453,21 +529,43 @@ impl NodeConfig {
                 }
                 _ => {}
             }
-            match (table.strategy, &table.owner_column) {
-                (Strategy::Ownership, None) => {
+            match (table.strategy, &table.owner_column, &table.owner_rule) {
+                (Strategy::Ownership, None, None) => {
                     return Err(invalid(
                         path,
                         format!("tables[{i}].owner_column"),
-                        "an ownership table names the column holding each row's owner region",
+                        "an ownership table finds each row's owner region: name the column holding it (owner_column = \"home\") or give a rule on the key (owner_rule = { prefix = \"-\" })",
                     ));
                 }
-                (Strategy::Ownership, Some(_)) | (_, None) => {}
-                (_, Some(_)) => {
+                (Strategy::Ownership, Some(_), Some(_)) => {
                     return Err(invalid(
                         path,
-                        format!("tables[{i}].owner_column"),
+                        format!("tables[{i}].owner_rule"),
+                        "give owner_column or owner_rule, not both",
+                    ));
+                }
+                (Strategy::Ownership, _, _) | (_, None, None) => {}
+                (_, column, _) => {
+                    let field = if column.is_some() { "owner_column" } else { "owner_rule" };
+                    return Err(invalid(
+                        path,
+                        format!("tables[{i}].{field}"),
                         "only applies to strategy = \"ownership\"",
                     ));
+                }
+            }
+            if let Some(rule) = &table.owner_rule {
+                if let Some(problem) = rule.problem() {
+                    return Err(invalid(path, format!("tables[{i}].owner_rule"), problem));
+                }
+                for region in rule.named_regions() {
+                    if !topology.nodes.iter().any(|n| n.region == region) {
+                        return Err(invalid(
+                            path,
+                            format!("tables[{i}].owner_rule"),
+                            format!("`{region}` is not a region of the topology"),
+                        ));
+                    }
                 }
             }
             if !names.insert(table.name.as_str()) {
@@ -669,5 +767,61 @@ address = "127.0.0.1:2"
         let f = node_file("[replication]\nheartbeat_ms = 5000\npeer_timeout_ms = 100");
         let err = NodeConfig::resolve(f, t, Path::new("a.toml")).unwrap_err().to_string();
         assert!(err.contains("peer_timeout_ms"), "{err}");
+    }
+
+    #[test]
+    fn checks_owner_rules() {
+        let t = Topology::parse(TOPOLOGY, Path::new("t.toml")).unwrap();
+        let owned = |extra: &str| {
+            let f: NodeConfigFile = toml::from_str(&format!(
+                "version = 1\nnode = \"a\"\ntopology = \"t.toml\"\ndatabase = \"sqlite://a.db\"\n[[tables]]\nname = \"w\"\nstrategy = \"ownership\"\n{extra}\n"
+            ))
+            .map_err(|e| e.to_string())?;
+            NodeConfig::resolve(f, t.clone(), Path::new("a.toml"))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(owned("owner_rule = { prefix = \"-\" }"), Ok(()));
+        assert_eq!(
+            owned("owner_rule = { column = \"id\", prefix = \":\", regions = { e = \"ra\" } }"),
+            Ok(())
+        );
+        assert_eq!(
+            owned(
+                "owner_rule = { ranges = [{ from = 0, to = 9, region = \"ra\" }, { from = 10, to = 19, region = \"rb\" }] }"
+            ),
+            Ok(())
+        );
+        let cases = [
+            ("", "name the column holding it (owner_column"),
+            ("owner_column = \"h\"\nowner_rule = { prefix = \"-\" }", "not both"),
+            ("owner_rule = { }", "exactly one of prefix"),
+            (
+                "owner_rule = { prefix = \"-\", ranges = [{ from = 0, to = 1, region = \"ra\" }] }",
+                "exactly one of prefix",
+            ),
+            ("owner_rule = { prefix = \"\" }", "prefix must not be empty"),
+            (
+                "owner_rule = { prefix = \"-\", regions = { e = \"mars\" } }",
+                "`mars` is not a region",
+            ),
+            (
+                "owner_rule = { ranges = [{ from = 0, to = 10, region = \"ra\" }, { from = 10, to = 19, region = \"rb\" }] }",
+                "overlap",
+            ),
+            (
+                "owner_rule = { ranges = [{ from = 5, to = 1, region = \"ra\" }] }",
+                "from must be <= to",
+            ),
+            (
+                "owner_rule = { ranges = [{ from = 0, to = 1, region = \"ra\" }], regions = { e = \"ra\" } }",
+                "regions applies to prefix",
+            ),
+            ("owner_rule = { prefix = \"-\", colour = 1 }", "unknown field `colour`"),
+        ];
+        for (extra, expected) in cases {
+            let err = owned(extra).unwrap_err();
+            assert!(err.contains(expected), "{extra}: {err}");
+        }
     }
 }

@@ -24,6 +24,7 @@ async fn stock(dir: &Path, node: &str) -> Replica {
         .map(|(c, t)| (c.to_string(), t))
         .collect(),
         owner_column: None,
+        owner_rule: None,
     };
     replica_configured(dir, node, SCHEMA, &[table]).await
 }

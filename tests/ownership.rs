@@ -18,11 +18,31 @@ fn table() -> TableConfig {
         strategy: Strategy::Ownership,
         columns: Default::default(),
         owner_column: Some("home".into()),
+        owner_rule: None,
     }
 }
 
 async fn node(dir: &Path, name: &str) -> Replica {
     replica_configured(dir, name, SCHEMA, &[table()]).await
+}
+
+/// Writes the topology of nodes a, b, c and node `n`'s config (for the CLI) into `dir`.
+fn cli_config(dir: &Path, n: &str, tables: &str) -> String {
+    let mut topology = "version = 1\nmesh = \"o\"\nshape = \"all-to-all\"\n".to_owned();
+    for (i, node) in ["a", "b", "c"].iter().enumerate() {
+        topology += &format!(
+            "[[nodes]]\nid = \"{node}\"\nregion = \"region-of-{node}\"\naddress = \"127.0.0.1:{}\"\n",
+            i + 1
+        );
+    }
+    std::fs::write(dir.join("t.toml"), topology).unwrap();
+    let path = dir.join(format!("{n}.toml"));
+    std::fs::write(
+        &path,
+        format!("version = 1\nnode = \"{n}\"\ntopology = \"t.toml\"\ndatabase = \"sqlite://{n}.db\"\n{tables}"),
+    )
+    .unwrap();
+    path.to_str().unwrap().to_owned()
 }
 
 async fn try_exec(r: &Replica, sql: &str) -> Result<(), String> {
@@ -92,15 +112,12 @@ async fn a_transfer_replicates_and_the_old_owner_can_no_longer_write() {
         .await;
     sync(&[&a, &b, &c]).await;
 
-    std::fs::write(
-        dir.path().join("t.toml"),
-        "version = 1\nmesh = \"o\"\nshape = \"all-to-all\"\n[[nodes]]\nid = \"a\"\nregion = \"region-of-a\"\naddress = \"127.0.0.1:1\"\n[[nodes]]\nid = \"b\"\nregion = \"region-of-b\"\naddress = \"127.0.0.1:2\"\n[[nodes]]\nid = \"c\"\nregion = \"region-of-c\"\naddress = \"127.0.0.1:3\"\n",
-    )
-    .unwrap();
     let config = |n: &str| {
-        let path = dir.path().join(format!("{n}.toml"));
-        std::fs::write(&path, format!("version = 1\nnode = \"{n}\"\ntopology = \"t.toml\"\ndatabase = \"sqlite://{n}.db\"\n[[tables]]\nname = \"accounts\"\nstrategy = \"ownership\"\nowner_column = \"home\"\n")).unwrap();
-        path.to_str().unwrap().to_owned()
+        cli_config(
+            dir.path(),
+            n,
+            "[[tables]]\nname = \"accounts\"\nstrategy = \"ownership\"\nowner_column = \"home\"\n",
+        )
     };
     let transfer = |config: &str, key: &str, to: &str| {
         Command::new(env!("CARGO_BIN_EXE_weft"))
@@ -295,5 +312,268 @@ mod property {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             runtime.block_on(run(steps))?;
         }
+    }
+}
+
+/// Ownership by a rule on the key: no owner column; transfers override the rule per row.
+mod rule {
+    use super::{Command, Replica, Strategy, TableConfig, cli_config, replica_configured, sync, try_exec};
+    use std::path::Path;
+    use weft::config::{OwnerRange, OwnerRule};
+
+    const SCHEMA: &str = "CREATE TABLE wallets (id TEXT PRIMARY KEY, balance INTEGER NOT NULL);
+        CREATE TABLE ledger (shard INTEGER, seq INTEGER, amount INTEGER, PRIMARY KEY (shard, seq));";
+
+    fn tables(regions: &[(&str, &str)]) -> Vec<TableConfig> {
+        let wallets = OwnerRule {
+            column: None,
+            prefix: Some("-".into()),
+            regions: regions.iter().map(|(p, r)| (p.to_string(), r.to_string())).collect(),
+            ranges: vec![],
+        };
+        let ledger = OwnerRule {
+            column: Some("shard".into()),
+            prefix: None,
+            regions: Default::default(),
+            ranges: vec![
+                OwnerRange {
+                    from: 0,
+                    to: 9,
+                    region: "region-of-a".into(),
+                },
+                OwnerRange {
+                    from: 10,
+                    to: 19,
+                    region: "region-of-b".into(),
+                },
+            ],
+        };
+        [("wallets", wallets), ("ledger", ledger)]
+            .into_iter()
+            .map(|(name, rule)| TableConfig {
+                name: name.into(),
+                strategy: Strategy::Ownership,
+                columns: Default::default(),
+                owner_column: None,
+                owner_rule: Some(rule),
+            })
+            .collect()
+    }
+
+    const REGIONS: [(&str, &str); 3] = [("a", "region-of-a"), ("b", "region-of-b"), ("c", "region-of-c")];
+
+    async fn node(dir: &Path, name: &str) -> Replica {
+        replica_configured(dir, name, SCHEMA, &tables(&REGIONS)).await
+    }
+
+    async fn refused(r: &Replica, sql: &str, expected: &str) {
+        let err = try_exec(r, sql).await.expect_err(sql);
+        assert!(err.contains(expected), "{sql}: {err}");
+    }
+
+    #[tokio::test]
+    async fn the_rule_decides_who_writes_and_refusals_happen_at_the_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, c) = (
+            node(dir.path(), "a").await,
+            node(dir.path(), "b").await,
+            node(dir.path(), "c").await,
+        );
+        a.exec("INSERT INTO wallets VALUES ('a-1', 10), ('a-2', 20); INSERT INTO ledger VALUES (3, 1, 5);")
+            .await;
+        b.exec("INSERT INTO wallets VALUES ('b-1', 30); INSERT INTO ledger VALUES (12, 1, 7);")
+            .await;
+        refused(
+            &a,
+            "INSERT INTO wallets VALUES ('b-7', 1);",
+            "owned by region-of-b, not by region-of-a",
+        )
+        .await;
+        refused(&a, "INSERT INTO wallets VALUES ('x-7', 1);", "owned by no region").await;
+        refused(&a, "INSERT INTO wallets VALUES ('a7', 1);", "owned by no region").await;
+        refused(&a, "INSERT INTO wallets VALUES ('-7', 1);", "owned by no region").await;
+        refused(&a, "INSERT INTO ledger VALUES (10, 1, 1);", "owned by region-of-b").await;
+        refused(&a, "INSERT INTO ledger VALUES (20, 1, 1);", "owned by no region").await;
+        refused(&a, "INSERT INTO ledger VALUES (3.5, 1, 1);", "owned by no region").await;
+        // Moving a row to a key another region owns is a write in that region.
+        refused(
+            &a,
+            "UPDATE wallets SET id = 'b-2' WHERE id = 'a-2';",
+            "owned by region-of-b",
+        )
+        .await;
+        a.exec("UPDATE wallets SET id = 'a-3' WHERE id = 'a-2';").await;
+        sync(&[&a, &b, &c]).await;
+        refused(
+            &b,
+            "UPDATE wallets SET balance = 0 WHERE id = 'a-1';",
+            "owned by region-of-a, not by region-of-b",
+        )
+        .await;
+        refused(
+            &c,
+            "DELETE FROM wallets WHERE id = 'b-1';",
+            "owned by region-of-b, not by region-of-c",
+        )
+        .await;
+        refused(
+            &c,
+            "UPDATE ledger SET amount = 0;",
+            "owned by region-of-a, not by region-of-c",
+        )
+        .await;
+        for r in [&b, &c] {
+            assert_eq!(r.count("SELECT count(*) FROM _weft_outbox").await, 0, "{}", r.node);
+        }
+        b.exec("UPDATE wallets SET balance = 31 WHERE id = 'b-1'; DELETE FROM ledger WHERE shard = 12;")
+            .await;
+        sync(&[&a, &b, &c]).await;
+        for r in [&a, &b, &c] {
+            assert_eq!(
+                r.rows("SELECT * FROM wallets ORDER BY id").await,
+                vec!["a-1|10", "a-3|20", "b-1|31"],
+                "{}",
+                r.node
+            );
+            assert_eq!(r.rows("SELECT * FROM ledger").await, vec!["3|1|5"], "{}", r.node);
+            assert_eq!(r.count("SELECT count(*) FROM _weft_dead_letters").await, 0);
+        }
+        assert_eq!(
+            a.snapshot_of(&["wallets", "ledger"]).await,
+            c.snapshot_of(&["wallets", "ledger"]).await
+        );
+    }
+
+    #[tokio::test]
+    async fn a_write_the_receivers_rule_does_not_give_its_origin_is_dead_lettered() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = node(dir.path(), "a").await;
+        // A misconfigured region whose rule says prefix `a` is its own.
+        let rogue = replica_configured(dir.path(), "rogue", SCHEMA, &tables(&[("a", "region-of-rogue")])).await;
+        rogue.exec("INSERT INTO wallets VALUES ('a-9', 1);").await;
+        rogue.drain().await;
+        let report = a.pull(&rogue).await;
+        assert_eq!((report.applied, report.dead_lettered), (0, 1));
+        let reason = a.rows("SELECT reason FROM _weft_dead_letters").await;
+        assert!(reason[0].contains("the owner rule gives region-of-a"), "{reason:?}");
+        assert_eq!(a.count("SELECT count(*) FROM wallets").await, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_transfer_overrides_the_rule_and_replicates() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, c) = (
+            node(dir.path(), "a").await,
+            node(dir.path(), "b").await,
+            node(dir.path(), "c").await,
+        );
+        a.exec("INSERT INTO wallets VALUES ('a-1', 10), ('a-2', 20), ('a-3', 30); INSERT INTO ledger VALUES (1, 1, 1), (2, 1, 2);")
+            .await;
+        sync(&[&a, &b, &c]).await;
+        let config = |n: &str| {
+            cli_config(
+                dir.path(),
+                n,
+                "[[tables]]\nname = \"wallets\"\nstrategy = \"ownership\"\n\
+                 owner_rule = { prefix = \"-\", regions = { a = \"region-of-a\", b = \"region-of-b\", c = \"region-of-c\" } }\n\
+                 [[tables]]\nname = \"ledger\"\nstrategy = \"ownership\"\n\
+                 owner_rule = { column = \"shard\", ranges = [{ from = 0, to = 9, region = \"region-of-a\" }, { from = 10, to = 19, region = \"region-of-b\" }] }\n",
+            )
+        };
+        let transfer = |config: &str, table: &str, rows: &[&str], to: &str| {
+            let mut args = vec![
+                "ownership",
+                "--config",
+                config,
+                "transfer",
+                "--table",
+                table,
+                "--to",
+                to,
+            ];
+            args.extend_from_slice(rows);
+            Command::new(env!("CARGO_BIN_EXE_weft")).args(&args).output().unwrap()
+        };
+        let out = transfer(&config("b"), "wallets", &["--key", "a-1"], "region-of-c");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains("owned by region-of-a, not by region-of-b"),
+            "{stderr}"
+        );
+        let out = transfer(
+            &config("a"),
+            "wallets",
+            &["--key", "a-1", "--key", "a-2"],
+            "region-of-b",
+        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("moved 2 wallets row(s)"));
+        let out = transfer(&config("a"), "ledger", &["--all"], "region-of-c");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("moved 2 ledger row(s)"));
+        // From the transfer's commit on, a's triggers refuse, before anything is drained.
+        refused(
+            &a,
+            "UPDATE wallets SET balance = 0 WHERE id = 'a-1';",
+            "owned by region-of-b, not by region-of-a",
+        )
+        .await;
+        refused(&a, "DELETE FROM ledger;", "owned by region-of-c").await;
+        a.exec("UPDATE wallets SET balance = 33 WHERE id = 'a-3';").await;
+        a.drain().await;
+        let claims: Vec<_> = a
+            .events(0)
+            .await
+            .into_iter()
+            .filter(|e| e.ownership.as_ref().is_some_and(|o| o.transfer))
+            .map(|e| (e.table, e.key.to_string(), e.ownership.unwrap().owner))
+            .collect();
+        assert_eq!(claims.len(), 4, "{claims:?}");
+
+        // b learns of the transfer and writes; c gets b's write before a's transfer.
+        b.pull(&a).await;
+        b.exec("UPDATE wallets SET balance = 11 WHERE id = 'a-1';").await;
+        b.drain().await;
+        let report = c.pull(&b).await;
+        assert_eq!(
+            (report.applied, report.dead_lettered),
+            (1, 0),
+            "b's write descends from the transfer"
+        );
+        c.pull(&a).await;
+        c.exec("UPDATE ledger SET amount = amount + 100;").await;
+        sync(&[&a, &b, &c]).await;
+        for r in [&a, &b, &c] {
+            assert_eq!(
+                r.rows("SELECT * FROM wallets ORDER BY id").await,
+                vec!["a-1|11", "a-2|20", "a-3|33"],
+                "{}",
+                r.node
+            );
+            assert_eq!(
+                r.rows("SELECT * FROM ledger ORDER BY shard").await,
+                vec!["1|1|101", "2|1|102"]
+            );
+            assert_eq!(
+                r.count("SELECT count(*) FROM _weft_dead_letters").await,
+                0,
+                "{}",
+                r.node
+            );
+            assert_eq!(
+                r.rows("SELECT owner, epoch, moving_to IS NULL FROM _weft_owners WHERE tbl = 'wallets' ORDER BY key")
+                    .await,
+                vec!["region-of-b|1|1", "region-of-b|1|1", "region-of-a|0|1"],
+                "{}",
+                r.node
+            );
+        }
+        // A row the rule gives a, but that has moved, stays refused at a.
+        refused(
+            &a,
+            "UPDATE wallets SET balance = 0 WHERE id = 'a-2';",
+            "owned by region-of-b",
+        )
+        .await;
     }
 }

@@ -17,6 +17,7 @@ async fn node(dir: &Path, name: &str) -> Replica {
         strategy: Strategy::Queue,
         columns: Default::default(),
         owner_column: None,
+        owner_rule: None,
     };
     replica_configured(dir, name, SCHEMA, &[table]).await
 }

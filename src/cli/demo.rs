@@ -172,18 +172,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .into_iter()
             .collect(),
             owner_column: None,
+            owner_rule: None,
         },
         TableConfig {
             name: "accounts".into(),
             strategy: Strategy::Ownership,
             columns: Default::default(),
             owner_column: Some("home_region".into()),
+            owner_rule: None,
         },
         TableConfig {
             name: "contracts".into(),
             strategy: Strategy::Queue,
             columns: Default::default(),
             owner_column: None,
+            owner_rule: None,
         },
     ];
     println!(

@@ -1,16 +1,20 @@
 //! `weft ownership transfer`: move rows of an ownership table to another region.
 //!
-//! Run it on the current owner's node. The transfer is an ordinary write of the owner column
-//! (allowed by the capture trigger only inside this command's transaction), so it replicates
-//! like data; the drain numbers it as the row's next epoch. Afterwards the old owner's writes
-//! are refused at its source, and anywhere else if they are sent at all.
+//! Run it on the current owner's node. With an owner column, the transfer is an ordinary write
+//! of that column (allowed by the capture trigger only inside this command's transaction).
+//! With an owner rule, it records the new owner as `moving_to` in `_weft_owners` (which the
+//! triggers already obey) and queues the row for capture. Either way the drain numbers it as
+//! the row's next epoch and it replicates like data. Afterwards the old owner's writes are
+//! refused at its source, and anywhere else if they are sent at all.
 use anyhow::{Context as _, bail};
-use sqlx::{AssertSqlSafe, Connection as _};
+use sqlx::{AssertSqlSafe, Connection as _, SqliteConnection};
 
-use crate::config::{Database, NodeConfig, Strategy};
-use crate::event::Value;
-use crate::store::sqlite::schema::{self, NOW_MICROS, quote};
-use crate::store::sqlite::values::bind;
+use crate::config::{Database, NodeConfig, OwnerRule, Strategy};
+use crate::event::{Key, Value};
+use crate::resolve::ownership::{Owner, rule_owner};
+use crate::store::sqlite::owners;
+use crate::store::sqlite::schema::{self, NOW_MICROS, TableInfo, quote};
+use crate::store::sqlite::values::{bind, value_at};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Command {
@@ -67,9 +71,9 @@ pub async fn run(config_path: &std::path::Path, command: Command) -> anyhow::Res
     let Some(table_config) = config.tables.iter().find(|t| t.name == table) else {
         bail!("table `{table}` is not in {}", config_path.display());
     };
-    let (Strategy::Ownership, Some(column)) = (table_config.strategy, &table_config.owner_column) else {
-        bail!("table `{table}` is not an ownership table (strategy = \"ownership\", owner_column = ...)");
-    };
+    if table_config.strategy != Strategy::Ownership {
+        bail!("table `{table}` is not an ownership table (strategy = \"ownership\" with owner_column or owner_rule)");
+    }
     if !config.topology.nodes.iter().any(|n| n.region == to) {
         bail!("`{to}` is not a region of this mesh");
     }
@@ -85,34 +89,11 @@ pub async fn run(config_path: &std::path::Path, command: Command) -> anyhow::Res
     sqlx::query("INSERT INTO _weft_transfer (marker) VALUES (1)")
         .execute(&mut *tx)
         .await?;
-    let set = format!("UPDATE {} SET {} = ?", quote(&table), quote(column));
-    let mut moved = 0;
-    if all {
-        moved = sqlx::query(AssertSqlSafe(format!("{set} WHERE {} = ?", quote(column))))
-            .bind(&to)
-            .bind(&me)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-    } else {
-        let predicate = schema::key_predicate(&info.key);
-        for key in &keys {
-            let values = key_values(key, info.key.len())?;
-            let mut query = sqlx::query(AssertSqlSafe(format!("{set} WHERE {predicate}"))).bind(&to);
-            for v in &values {
-                query = bind(query, v);
-            }
-            let n = query
-                .execute(&mut *tx)
-                .await
-                .with_context(|| format!("transferring {table} {key}"))?
-                .rows_affected();
-            if n == 0 {
-                bail!("{table} has no row with key {key}");
-            }
-            moved += n;
-        }
-    }
+    let moved = match (&table_config.owner_column, &table_config.owner_rule) {
+        (Some(column), _) => by_column(&mut tx, &info, column, &keys, all, (&me, &to)).await?,
+        (None, Some(rule)) => by_rule(&mut tx, &info, rule, &keys, all, (&me, &to)).await?,
+        (None, None) => bail!("table `{table}` has neither owner_column nor owner_rule"),
+    };
     sqlx::query("DELETE FROM _weft_transfer").execute(&mut *tx).await?;
     let by = by
         .or_else(|| std::env::var("USER").ok())
@@ -138,4 +119,122 @@ pub async fn run(config_path: &std::path::Path, command: Command) -> anyhow::Res
         "moved {moved} {table} row(s) ({rows}) from {me} to {to}, by {by}; the transfer replicates like any write"
     );
     Ok(())
+}
+
+/// Moves rows by writing their owner column; the trigger allows it inside the transfer.
+async fn by_column(
+    tx: &mut SqliteConnection,
+    info: &TableInfo,
+    column: &str,
+    keys: &[String],
+    all: bool,
+    (me, to): (&str, &str),
+) -> anyhow::Result<u64> {
+    let table = &info.name;
+    let set = format!("UPDATE {} SET {} = ?", quote(table), quote(column));
+    if all {
+        return Ok(sqlx::query(AssertSqlSafe(format!("{set} WHERE {} = ?", quote(column))))
+            .bind(to)
+            .bind(me)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected());
+    }
+    let predicate = schema::key_predicate(&info.key);
+    let mut moved = 0;
+    for key in keys {
+        let values = key_values(key, info.key.len())?;
+        let mut query = sqlx::query(AssertSqlSafe(format!("{set} WHERE {predicate}"))).bind(to);
+        for v in &values {
+            query = bind(query, v);
+        }
+        let n = query
+            .execute(&mut *tx)
+            .await
+            .with_context(|| format!("transferring {table} {key}"))?
+            .rows_affected();
+        if n == 0 {
+            bail!("{table} has no row with key {key}");
+        }
+        moved += n;
+    }
+    Ok(moved)
+}
+
+/// Moves rows of a rule table: records `moving_to` (the triggers refuse this region's writes
+/// from now on) and queues each row for capture, where it becomes the next epoch.
+async fn by_rule(
+    tx: &mut SqliteConnection,
+    info: &TableInfo,
+    rule: &OwnerRule,
+    keys: &[String],
+    all: bool,
+    (me, to): (&str, &str),
+) -> anyhow::Result<u64> {
+    let table = &info.name;
+    let key_list = info.key.iter().map(|k| quote(k)).collect::<Vec<_>>().join(", ");
+    let select = format!("SELECT {key_list} FROM {}", quote(table));
+    let rows = if all {
+        sqlx::query(AssertSqlSafe(select)).fetch_all(&mut *tx).await?
+    } else {
+        let predicate = schema::key_predicate(&info.key);
+        let mut rows = Vec::new();
+        for key in keys {
+            let values = key_values(key, info.key.len())?;
+            let mut query = sqlx::query(AssertSqlSafe(format!("{select} WHERE {predicate}")));
+            for v in &values {
+                query = bind(query, v);
+            }
+            match query.fetch_optional(&mut *tx).await? {
+                Some(row) => rows.push(row),
+                None => bail!("{table} has no row with key {key}"),
+            }
+        }
+        rows
+    };
+    let slots = (1..=info.key.len())
+        .map(|i| format!("k{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let marks = vec!["?"; info.key.len()].join(", ");
+    let queue = format!("INSERT INTO _weft_outbox (tbl, {slots}, at) VALUES (?, {marks}, {NOW_MICROS})");
+    let mut moved = 0;
+    for row in rows {
+        let key = Key((0..info.key.len())
+            .map(|i| value_at(&row, i))
+            .collect::<Result<_, _>>()?);
+        let key_bytes = key.to_bytes();
+        let known = owners::load_known(tx, table, &key_bytes).await?;
+        if let Some(moving) = known.as_ref().and_then(|k| k.moving_to.as_ref()) {
+            if all {
+                continue;
+            }
+            bail!("{table} {key} is being transferred to {moving} already; wait for the sidecar to capture it");
+        }
+        let owner = match known {
+            Some(k) => k.owner,
+            None => Owner {
+                region: rule_owner(rule, &info.key, &key).unwrap_or_else(|| "no region".into()),
+                epoch: 0,
+            },
+        };
+        if owner.region != me {
+            if all {
+                continue;
+            }
+            bail!(
+                "{table} {key} is owned by {}, not by {me}: run the transfer on a node of {}",
+                owner.region,
+                owner.region
+            );
+        }
+        owners::store(tx, table, &key_bytes, &key, &owner, Some(to)).await?;
+        let mut query = sqlx::query(AssertSqlSafe(queue.as_str())).bind(table);
+        for v in &key.0 {
+            query = bind(query, v);
+        }
+        query.execute(&mut *tx).await?;
+        moved += 1;
+    }
+    Ok(moved)
 }

@@ -8,13 +8,40 @@
 //! then arrives as a stale event). Concurrent first claims of a new key (two regions insert
 //! it at once, both at epoch 0) are not an ownership violation: LWW decides, identically
 //! everywhere, and the conflict is logged.
-use crate::event::Ownership;
+use crate::config::OwnerRule;
+use crate::event::{Key, Ownership, Value};
 
 /// What a node knows of a row's owner.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Owner {
     pub region: String,
     pub epoch: u64,
+}
+
+/// The region `rule` gives a key, before any transfer. `key_columns` names the key's values
+/// in order. Store triggers compute the same thing in SQL; `tests/ownership.rs` holds them
+/// to agreement.
+pub fn rule_owner(rule: &OwnerRule, key_columns: &[String], key: &Key) -> Option<String> {
+    let index = match &rule.column {
+        Some(column) => key_columns.iter().position(|c| c == column)?,
+        None => 0,
+    };
+    match (key.0.get(index)?, &rule.prefix) {
+        (Value::Text(text), Some(separator)) => {
+            let (prefix, _) = text.split_once(separator.as_str())?;
+            if rule.regions.is_empty() {
+                Some(prefix.to_owned())
+            } else {
+                rule.regions.get(prefix).cloned()
+            }
+        }
+        (Value::Integer(i), None) => rule
+            .ranges
+            .iter()
+            .find(|r| r.from <= *i && *i <= r.to)
+            .map(|r| r.region.clone()),
+        _ => None,
+    }
 }
 
 /// The claim a local write carries, given the row's owner column after the write.
@@ -96,6 +123,68 @@ mod tests {
             epoch,
             transfer,
         }
+    }
+
+    #[test]
+    fn rules_map_keys_to_regions() {
+        use crate::config::OwnerRange;
+        let columns = vec!["tenant".to_owned(), "id".to_owned()];
+        let key = |a: Value, b: Value| Key(vec![a, b]);
+        let prefix = OwnerRule {
+            column: None,
+            prefix: Some("-".into()),
+            regions: Default::default(),
+            ranges: vec![],
+        };
+        let text = |s: &str| Value::Text(s.into());
+        assert_eq!(
+            rule_owner(&prefix, &columns, &key(text("eu-7"), Value::Integer(1))).as_deref(),
+            Some("eu")
+        );
+        assert_eq!(
+            rule_owner(&prefix, &columns, &key(text("eu-7-x"), Value::Integer(1))).as_deref(),
+            Some("eu")
+        );
+        assert_eq!(
+            rule_owner(&prefix, &columns, &key(text("eu7"), Value::Integer(1))),
+            None
+        );
+        assert_eq!(
+            rule_owner(&prefix, &columns, &key(Value::Integer(5), Value::Integer(1))),
+            None
+        );
+        let mapped = OwnerRule {
+            regions: [("e".to_owned(), "eu-west".to_owned())].into(),
+            ..prefix.clone()
+        };
+        assert_eq!(
+            rule_owner(&mapped, &columns, &key(text("e-1"), Value::Null)).as_deref(),
+            Some("eu-west")
+        );
+        assert_eq!(rule_owner(&mapped, &columns, &key(text("u-1"), Value::Null)), None);
+        let ranges = OwnerRule {
+            column: Some("id".into()),
+            prefix: None,
+            regions: Default::default(),
+            ranges: vec![
+                OwnerRange {
+                    from: 0,
+                    to: 99,
+                    region: "a".into(),
+                },
+                OwnerRange {
+                    from: 100,
+                    to: 199,
+                    region: "b".into(),
+                },
+            ],
+        };
+        let at = |i: i64| rule_owner(&ranges, &columns, &key(text("t"), Value::Integer(i)));
+        assert_eq!(at(0).as_deref(), Some("a"));
+        assert_eq!(at(99).as_deref(), Some("a"));
+        assert_eq!(at(100).as_deref(), Some("b"));
+        assert_eq!(at(200), None);
+        assert_eq!(at(-1), None);
     }
 
     #[test]

@@ -54,18 +54,21 @@ impl Sidecars {
                     .into_iter()
                     .collect(),
                 owner_column: None,
+                owner_rule: None,
             },
             TableConfig {
                 name: "accounts".into(),
                 strategy: weft::config::Strategy::Ownership,
                 columns: Default::default(),
                 owner_column: Some("home".into()),
+                owner_rule: None,
             },
             TableConfig {
                 name: "contracts".into(),
                 strategy: weft::config::Strategy::Queue,
                 columns: Default::default(),
                 owner_column: None,
+                owner_rule: None,
             },
         ];
         let replication = ReplicationConfig {

@@ -225,26 +225,29 @@ impl SqliteStore {
                 if !table.crdt.is_empty() {
                     self.fold_local_crdt(tx, table, key_bytes, event).await?;
                 }
-                if let Some(column) = &table.owner_column {
-                    let previous = super::owners::load(tx, &table.name, key_bytes).await?;
-                    // The trigger let this write through, so the owner column names the owner
-                    // (this region, or the new owner of a transfer).
-                    let owner_now = match &event.op {
-                        Op::Upsert(row) => match row.get(column) {
+                if table.is_owned() {
+                    let known = super::owners::load_known(tx, &table.name, key_bytes).await?;
+                    let previous = known.as_ref().map(|k| k.owner.clone());
+                    // The trigger let this write through, so this region owns the row, or the
+                    // write is a transfer naming the new owner: the owner column after the
+                    // write, or the `moving_to` a rule table's transfer recorded.
+                    let here = || self.identity.region.clone();
+                    let owner_now = match (&table.owner_column, &event.op) {
+                        (Some(column), Op::Upsert(row)) => match row.get(column) {
                             Some(Value::Text(region)) => region.clone(),
-                            _ => self.identity.region.clone(),
+                            _ => here(),
                         },
-                        Op::Delete => previous
-                            .as_ref()
-                            .map(|p| p.region.clone())
-                            .unwrap_or_else(|| self.identity.region.clone()),
+                        (None, _) if known.as_ref().is_some_and(|k| k.moving_to.is_some()) => {
+                            known.as_ref().and_then(|k| k.moving_to.clone()).unwrap_or_else(here)
+                        }
+                        _ => previous.as_ref().map(|p| p.region.clone()).unwrap_or_else(here),
                     };
                     let claim = crate::resolve::ownership::local_write(previous.as_ref(), &owner_now);
                     let owner = crate::resolve::ownership::Owner {
                         region: claim.owner.clone(),
                         epoch: claim.epoch,
                     };
-                    super::owners::store(tx, &table.name, key_bytes, &owner).await?;
+                    super::owners::store(tx, &table.name, key_bytes, &event.key, &owner, None).await?;
                     event.ownership = Some(claim);
                 }
                 if table.strategy == crate::config::Strategy::Queue {

@@ -9,7 +9,7 @@ mod apply;
 mod bulk;
 mod capture;
 mod crdt;
-mod owners;
+pub(crate) mod owners;
 pub mod queue;
 mod run;
 pub mod schema;
@@ -361,7 +361,9 @@ pub async fn snapshot(pool: &SqlitePool, tables: &[String]) -> Result<BTreeMap<S
 /// What a region has captured and applied, read from its database: (last own seq,
 /// outbox rows pending, frontier per origin).
 pub async fn progress(pool: &SqlitePool) -> Result<(u64, u64, BTreeMap<NodeId, u64>), StoreError> {
-    let mut conn = pool.acquire().await?;
+    // One read transaction: a drain committing between two of these reads would otherwise
+    // show an old last seq next to an empty outbox, and look caught up.
+    let mut conn = pool.begin().await?;
     let last: Option<i64> = sqlx::query_scalar("SELECT value FROM _weft_node WHERE name = 'last_seq'")
         .fetch_optional(&mut *conn)
         .await?;
@@ -375,5 +377,6 @@ pub async fn progress(pool: &SqlitePool) -> Result<(u64, u64, BTreeMap<NodeId, u
     for row in rows {
         frontiers.insert(row.try_get(0)?, row.try_get::<i64, _>(1)? as u64);
     }
+    conn.commit().await?;
     Ok((last.unwrap_or(0) as u64, pending as u64, frontiers))
 }

@@ -248,10 +248,28 @@ impl SqliteStore {
             }
             let conflict = matches!(decision, Decision::Conflict { .. });
             let mut claimed = None;
-            if table.owner_column.is_some() && decision != Decision::Stale {
-                let known = owners::load(tx, &table.name, &id.1).await?;
-                let reason =
-                    ownership::refusal(known.as_ref(), &event.origin_region, event.ownership.as_ref(), conflict);
+            if table.is_owned() && decision != Decision::Stale {
+                let mut known = owners::load(tx, &table.name, &id.1).await?;
+                let mut reason = None;
+                if let Some(rule) = &table.owner_rule {
+                    // Before any transfer, the rule names the owner at epoch 0.
+                    let by_rule = ownership::rule_owner(rule, &table.key, &event.key);
+                    if known.is_none() {
+                        known = by_rule.clone().map(|region| ownership::Owner { region, epoch: 0 });
+                    }
+                    if let Some(claim) = event.ownership.as_ref().filter(|c| c.epoch == 0)
+                        && by_rule.as_deref() != Some(claim.owner.as_str())
+                    {
+                        reason = Some(format!(
+                            "{} claims the row at epoch 0, but the owner rule gives {}; align the owner rules in the node configs",
+                            event.origin_region,
+                            by_rule.as_deref().unwrap_or("no region")
+                        ));
+                    }
+                }
+                let reason = reason.or_else(|| {
+                    ownership::refusal(known.as_ref(), &event.origin_region, event.ownership.as_ref(), conflict)
+                });
                 if let Some(reason) = reason {
                     self.dead_letter(tx, event, &format!("ownership: {reason}"), report)
                         .await?;
@@ -323,7 +341,7 @@ impl SqliteStore {
                 self.settle_crdt(tx, &table, &id.1, event, merged, update_row).await?;
             }
             if let Some(owner) = claimed.filter(|_| winner == Winner::Remote) {
-                owners::store(tx, &table.name, &id.1, &owner).await?;
+                owners::store(tx, &table.name, &id.1, &event.key, &owner, None).await?;
             }
             if table.strategy == crate::config::Strategy::Queue {
                 match (&local, conflict) {

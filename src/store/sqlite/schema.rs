@@ -9,7 +9,7 @@ use sqlx::{AssertSqlSafe, Row as _, SqliteConnection};
 
 use std::collections::BTreeMap;
 
-use crate::config::{Strategy, TableConfig};
+use crate::config::{OwnerRule, Strategy, TableConfig};
 use crate::resolve::crdt::CrdtType;
 use crate::store::StoreError;
 
@@ -103,6 +103,8 @@ CREATE TABLE IF NOT EXISTS _weft_owners (
     key BLOB NOT NULL,
     owner TEXT NOT NULL,
     epoch INTEGER NOT NULL,
+    k1, k2, k3, k4,
+    moving_to TEXT,
     PRIMARY KEY (tbl, key)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS _weft_transfer (marker INTEGER);
@@ -149,6 +151,62 @@ pub struct TableInfo {
     pub crdt: BTreeMap<String, CrdtType>,
     /// The column naming each row's owner region (`ownership` tables only).
     pub owner_column: Option<String>,
+    /// The rule finding each row's owner region from its key (`ownership` tables only).
+    pub owner_rule: Option<OwnerRule>,
+}
+
+impl TableInfo {
+    pub fn is_owned(&self) -> bool {
+        self.owner_column.is_some() || self.owner_rule.is_some()
+    }
+}
+
+fn literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// The region `rule` gives the row `row` (NEW or OLD), in SQL; NULL for none. Agrees with
+/// `resolve::ownership::rule_owner`.
+fn rule_sql(rule: &OwnerRule, info: &TableInfo, row: &str) -> String {
+    let column = rule.column.as_ref().unwrap_or(&info.key[0]);
+    let v = format!("{row}.{}", quote(column));
+    if let Some(separator) = &rule.prefix {
+        let sep = literal(separator);
+        let prefix = format!(
+            "CASE WHEN typeof({v}) = 'text' AND instr({v}, {sep}) > 0 THEN substr({v}, 1, instr({v}, {sep}) - 1) END"
+        );
+        if rule.regions.is_empty() {
+            return prefix;
+        }
+        let arms: String = rule
+            .regions
+            .iter()
+            .map(|(p, r)| format!(" WHEN {} THEN {}", literal(p), literal(r)))
+            .collect();
+        return format!("CASE {prefix}{arms} END");
+    }
+    let arms: String = rule
+        .ranges
+        .iter()
+        .map(|r| format!(" WHEN {v} BETWEEN {} AND {} THEN {}", r.from, r.to, literal(&r.region)))
+        .collect();
+    format!("CASE WHEN typeof({v}) = 'integer' THEN CASE{arms} END END")
+}
+
+/// The owner of row `row` (NEW or OLD) of a rule table, in SQL: a transfer in progress, else
+/// the recorded owner (moved by a transfer), else the rule.
+fn rule_owner_sql(rule: &OwnerRule, info: &TableInfo, row: &str) -> String {
+    let slots = info
+        .key
+        .iter()
+        .enumerate()
+        .map(|(i, k)| format!(" AND w.k{} = {row}.{}", i + 1, quote(k)))
+        .collect::<String>();
+    format!(
+        "coalesce((SELECT coalesce(w.moving_to, w.owner) FROM _weft_owners w WHERE w.tbl = {}{slots}), {})",
+        literal(&info.name),
+        rule_sql(rule, info, row)
+    )
 }
 
 pub fn quote(ident: &str) -> String {
@@ -228,6 +286,7 @@ pub async fn describe(conn: &mut SqliteConnection, table: &str) -> Result<TableI
         strategy: Strategy::Lww,
         crdt: BTreeMap::new(),
         owner_column: None,
+        owner_rule: None,
         drain_sql,
         select_sql: format!(
             "SELECT {column_list} FROM {} WHERE {}",
@@ -283,9 +342,13 @@ fn trigger_sql(info: &TableInfo, region: &str) -> Vec<(String, String)> {
     let skip = "WHEN NOT EXISTS (SELECT 1 FROM _weft_applying)";
     // Ownership tables: only the owner region writes a row, and the owner column changes
     // only inside `weft ownership transfer` (which sets the _weft_transfer marker).
-    let owned = |row: &str| match &info.owner_column {
-        None => String::new(),
-        Some(column) => {
+    let owned = |row: &str| match (&info.owner_column, &info.owner_rule) {
+        (None, None) => String::new(),
+        (None, Some(rule)) => format!(
+            "SELECT RAISE(ABORT, 'weft: this ' || '{table}' || ' row is owned by ' || coalesce(o, 'no region (the owner rule maps its key to none)') || ', not by {region}: write it in its owner region, or move it there with weft ownership transfer') FROM (SELECT {} AS o) WHERE o IS NOT '{region}';\n  ",
+            rule_owner_sql(rule, info, row)
+        ),
+        (Some(column), _) => {
             let c = quote(column);
             format!(
                 "SELECT RAISE(ABORT, 'weft: this ' || '{table}' || ' row is owned by ' || coalesce({row}.{c}, 'no region') || ', not by {region}: write it in its owner region, or move it there with weft ownership transfer') WHERE {row}.{c} IS NOT '{region}';\n  "
@@ -299,6 +362,14 @@ fn trigger_sql(info: &TableInfo, region: &str) -> Vec<(String, String)> {
             quote(column)
         ),
     };
+    // A key change moves the row: under a rule, the new key must be this region's too.
+    let owned_new_key = match &info.owner_rule {
+        Some(_) => owned("NEW").replace(
+            &format!("WHERE o IS NOT '{region}'"),
+            &format!("WHERE o IS NOT '{region}' AND ({key_changed})"),
+        ),
+        None => String::new(),
+    };
     let q = quote(table);
     let insert = trigger_name(table, "insert");
     let update = trigger_name(table, "update");
@@ -307,9 +378,9 @@ fn trigger_sql(info: &TableInfo, region: &str) -> Vec<(String, String)> {
         (
             insert.clone(),
             format!(
-                "CREATE TRIGGER {insert} AFTER INSERT ON {q} {skip}\nBEGIN\n  {}{}\n  {}\nEND",
-                owned("NEW"),
+                "CREATE TRIGGER {insert} AFTER INSERT ON {q} {skip}\nBEGIN\n  {}\n  {}{}\nEND",
                 null_guard("NEW"),
+                owned("NEW"),
                 record("NEW")
             ),
         ),
@@ -317,9 +388,10 @@ fn trigger_sql(info: &TableInfo, region: &str) -> Vec<(String, String)> {
             update.clone(),
             // A key change moves the row: capture the old key (now gone) and the new one.
             format!(
-                "CREATE TRIGGER {update} AFTER UPDATE ON {q} {skip}\nBEGIN\n  {}{owner_kept}{}\n  INSERT INTO _weft_outbox (tbl, k1, k2, k3, k4, at) SELECT '{table}', {}, {NOW_MICROS} WHERE {key_changed};\n  {}\nEND",
-                owned("OLD"),
+                "CREATE TRIGGER {update} AFTER UPDATE ON {q} {skip}\nBEGIN\n  {}{}{}{owner_kept}\n  INSERT INTO _weft_outbox (tbl, k1, k2, k3, k4, at) SELECT '{table}', {}, {NOW_MICROS} WHERE {key_changed};\n  {}\nEND",
                 null_guard("NEW"),
+                owned("OLD"),
+                owned_new_key,
                 slots("OLD"),
                 record("NEW")
             ),
@@ -335,6 +407,27 @@ fn trigger_sql(info: &TableInfo, region: &str) -> Vec<(String, String)> {
     ]
 }
 
+/// Brings metadata tables created by older versions up to date.
+async fn migrate(conn: &mut SqliteConnection) -> Result<(), StoreError> {
+    let slots: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pragma_table_info('_weft_owners') WHERE name = 'moving_to'")
+            .fetch_one(&mut *conn)
+            .await?;
+    if slots == 0 {
+        sqlx::raw_sql(
+            "ALTER TABLE _weft_owners ADD COLUMN k1; ALTER TABLE _weft_owners ADD COLUMN k2; \
+             ALTER TABLE _weft_owners ADD COLUMN k3; ALTER TABLE _weft_owners ADD COLUMN k4; \
+             ALTER TABLE _weft_owners ADD COLUMN moving_to TEXT;",
+        )
+        .execute(&mut *conn)
+        .await?;
+    }
+    sqlx::raw_sql("CREATE INDEX IF NOT EXISTS _weft_owners_by_key ON _weft_owners (tbl, k1, k2, k3, k4)")
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
 /// Creates or updates weft's tables and triggers. Runs inside the caller's transaction.
 pub async fn install(
     conn: &mut SqliteConnection,
@@ -342,6 +435,7 @@ pub async fn install(
     region: &str,
 ) -> Result<Vec<TableInfo>, StoreError> {
     sqlx::raw_sql(METADATA).execute(&mut *conn).await?;
+    migrate(conn).await?;
     let mut infos = Vec::new();
     let mut wanted = std::collections::HashSet::new();
     for config in tables {
@@ -372,6 +466,18 @@ pub async fn install(
                 });
             }
             info.owner_column = Some(column.clone());
+        }
+        if let Some(rule) = &config.owner_rule {
+            if let Some(column) = rule.column.as_ref().filter(|c| !info.key.contains(c)) {
+                return Err(StoreError::Table {
+                    table: table.clone(),
+                    message: format!(
+                        "owner_rule column `{column}` is not a primary-key column (the key is {}); a rule reads the key",
+                        info.key.join(", ")
+                    ),
+                });
+            }
+            info.owner_rule = Some(rule.clone());
         }
         for (name, sql) in trigger_sql(&info, region) {
             let existing: Option<String> =
