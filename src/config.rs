@@ -419,6 +419,8 @@ pub struct NodeConfigFile {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Database {
     Sqlite(PathBuf),
+    /// A PostgreSQL connection URL (`postgres://user@host:port/db`).
+    Postgres(String),
 }
 
 impl Database {
@@ -429,8 +431,13 @@ impl Database {
             }
             return Ok(Database::Sqlite(PathBuf::from(rest)));
         }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(Database::Postgres(url.to_owned()));
+        }
         if url.contains("://") {
-            return Err(format!("`{url}`: unsupported database; use sqlite://PATH"));
+            return Err(format!(
+                "`{url}`: unsupported database; use sqlite://PATH or postgres://USER@HOST:PORT/DB"
+            ));
         }
         Ok(Database::Sqlite(PathBuf::from(url)))
     }

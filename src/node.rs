@@ -15,11 +15,12 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::TcpListenerStream;
 
-use crate::config::{Database, NodeConfig};
+use crate::config::NodeConfig;
 use crate::event::NodeId;
 use crate::shutdown::stopped;
+use crate::store::Store;
 use crate::store::StoreError;
-use crate::store::sqlite::{Identity, SqliteStore};
+use crate::store::sqlite::Identity;
 use crate::telemetry::Metrics;
 use crate::topology;
 use crate::transport::grpc::{self, Context, MAX_MESSAGE_BYTES, ReplicationServer, Service};
@@ -34,7 +35,7 @@ pub enum NodeError {
 
 pub struct Node {
     pub config: Arc<NodeConfig>,
-    pub store: Arc<SqliteStore>,
+    pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
     pub listen: SocketAddr,
     shutdown: watch::Sender<bool>,
@@ -49,15 +50,19 @@ impl Node {
     /// Like `start`, adding to existing figures (a restarted region keeps its history).
     pub async fn start_with_metrics(config: NodeConfig, metrics: Arc<Metrics>) -> Result<Self, NodeError> {
         let config = Arc::new(config);
-        let Database::Sqlite(path) = &config.database;
         let identity = Identity {
             node: config.node.clone(),
             region: config.region().to_owned(),
         };
         let store = Arc::new(
-            SqliteStore::open(path, identity, &config.tables, config.replication.max_clock_skew())
-                .await?
-                .relaying(config.kept_origins()),
+            Store::open(
+                &config.database,
+                identity,
+                &config.tables,
+                config.replication.max_clock_skew(),
+            )
+            .await?
+            .relaying(config.kept_origins()),
         );
         let listener = TcpListener::bind(&config.listen)
             .await
@@ -175,7 +180,7 @@ async fn capture_loop(ctx: Context) {
         }
         tokio::select! {
             _ = stopped(&mut shutdown) => {}
-            _ = tokio::time::sleep(ctx.config.replication.poll()) => {}
+            _ = ctx.store.wait_for_change(ctx.config.replication.poll()) => {}
         }
     }
 }

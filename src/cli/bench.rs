@@ -30,6 +30,10 @@ pub struct Args {
     /// All-to-all relaying around failed links (0 = off; default as in the node config).
     #[arg(long, default_value_t = ReplicationConfig::default().relay_after_ms)]
     pub relay_after_ms: u64,
+    /// `sqlite`: N regions all-to-all. `postgres`: two PostgreSQL regions one way, against
+    /// PostgreSQL's own logical replication on the same rows.
+    #[arg(long, value_enum, default_value_t = StoreKind::Sqlite)]
+    pub store: StoreKind,
     /// Folder for the databases (default: a fresh temporary folder).
     #[arg(long)]
     pub dir: Option<std::path::PathBuf>,
@@ -37,7 +41,16 @@ pub struct Args {
 
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS bench (id INTEGER PRIMARY KEY, origin TEXT NOT NULL, n INTEGER NOT NULL, payload TEXT NOT NULL);";
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreKind {
+    Sqlite,
+    Postgres,
+}
+
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    if args.store == StoreKind::Postgres {
+        return super::bench_pg::run(args).await;
+    }
     anyhow::ensure!((2..=9).contains(&args.regions), "--regions must be 2 to 9");
     let (dir, _temp) = super::work_dir(args.dir.as_deref())?;
     let names: Vec<String> = (0..args.regions).map(|i| format!("region{i}")).collect();

@@ -51,7 +51,9 @@ pub enum Command {
 
 async fn open(config: &Path) -> anyhow::Result<(NodeConfig, SqlitePool)> {
     let config = NodeConfig::load(config)?;
-    let Database::Sqlite(path) = &config.database;
+    let Database::Sqlite(path) = &config.database else {
+        anyhow::bail!("this command works on SQLite regions so far; on PostgreSQL only LWW tables replicate yet");
+    };
     if !path.exists() {
         bail!("{}: no database there; is this the node's config?", path.display());
     }

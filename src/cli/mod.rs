@@ -2,6 +2,7 @@
 //!
 //! Errors reach the user through `anyhow` here only; each says what failed and what to do.
 mod bench;
+mod bench_pg;
 mod conflicts;
 mod demo;
 mod ownership;
@@ -14,7 +15,8 @@ use clap::{Parser, Subcommand};
 
 use crate::config::NodeConfig;
 use crate::node::Node;
-use crate::store::sqlite::{Identity, SqliteStore};
+use crate::store::Store;
+use crate::store::sqlite::Identity;
 
 #[derive(Parser, Debug)]
 #[command(name = "weft", version, about = "Active-active multi-region replication mesh")]
@@ -131,12 +133,11 @@ async fn shutdown_signal() {
 
 async fn status(path: PathBuf, json: bool) -> anyhow::Result<()> {
     let config = NodeConfig::load(&path)?;
-    let crate::config::Database::Sqlite(db) = &config.database;
     let identity = Identity {
         node: config.node.clone(),
         region: config.region().to_owned(),
     };
-    let store = SqliteStore::open(db, identity, &config.tables, config.replication.max_clock_skew()).await?;
+    let store = Store::inspect(&config.database, identity, &config.tables).await?;
     let status = store.status(&config.routed_origins()).await?;
     store.close().await;
     if json {

@@ -81,7 +81,9 @@ pub async fn run(config_path: &std::path::Path, command: Command) -> anyhow::Res
     if to == me {
         bail!("this node is in `{to}` already");
     }
-    let Database::Sqlite(path) = &config.database;
+    let Database::Sqlite(path) = &config.database else {
+        anyhow::bail!("this command works on SQLite regions so far; on PostgreSQL only LWW tables replicate yet");
+    };
     let pool = crate::loopback::app_pool(path).await?;
     let mut conn = pool.acquire().await?;
     let info = schema::describe(&mut conn, &table).await?;

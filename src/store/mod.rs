@@ -8,6 +8,8 @@
 //!   and a remote event never overwrites an undrained local change;
 //! - the log keeps every event some peer still needs until `collect_garbage` is told all
 //!   peers that need it have acknowledged it.
+pub mod admit;
+pub mod postgres;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
@@ -28,6 +30,8 @@ pub enum StoreError {
     WrongNode { found: String, expected: String },
     #[error("corrupt metadata: {0}")]
     Corrupt(String),
+    #[error("{0}")]
+    Busy(String),
 }
 
 /// The result of one drain.
@@ -97,4 +101,122 @@ pub struct PeerStatus {
     pub unacked: u64,
     /// Commit time of the oldest unacknowledged event (µs since epoch): the RPO exposure.
     pub oldest_unacked_micros: Option<i64>,
+}
+
+/// A region's store, SQLite or PostgreSQL: the one interface the node and the transport use.
+/// There is one per node, behind an `Arc`, so the size difference does not matter.
+#[allow(clippy::large_enum_variant)]
+pub enum Store {
+    Sqlite(sqlite::SqliteStore),
+    Postgres(postgres::PgStore),
+}
+
+macro_rules! both {
+    ($self:expr, $store:ident => $body:expr) => {
+        match $self {
+            Store::Sqlite($store) => $body,
+            Store::Postgres($store) => $body,
+        }
+    };
+}
+
+impl Store {
+    /// Opens the database of `config`, installing weft's schema and triggers.
+    pub async fn open(
+        database: &crate::config::Database,
+        identity: sqlite::Identity,
+        tables: &[crate::config::TableConfig],
+        max_clock_skew: std::time::Duration,
+    ) -> Result<Self, StoreError> {
+        Ok(match database {
+            crate::config::Database::Sqlite(path) => {
+                Store::Sqlite(sqlite::SqliteStore::open(path, identity, tables, max_clock_skew).await?)
+            }
+            crate::config::Database::Postgres(url) => {
+                Store::Postgres(postgres::PgStore::open(url, identity, tables, max_clock_skew).await?)
+            }
+        })
+    }
+
+    /// Opens a database for `weft status` while a sidecar may be serving it.
+    pub async fn inspect(
+        database: &crate::config::Database,
+        identity: sqlite::Identity,
+        tables: &[crate::config::TableConfig],
+    ) -> Result<Self, StoreError> {
+        Ok(match database {
+            crate::config::Database::Sqlite(path) => Store::Sqlite(
+                sqlite::SqliteStore::open(path, identity, tables, std::time::Duration::from_secs(1)).await?,
+            ),
+            crate::config::Database::Postgres(url) => Store::Postgres(postgres::PgStore::inspect(url, identity).await?),
+        })
+    }
+
+    pub fn relaying(self, origins: std::collections::BTreeSet<NodeId>) -> Self {
+        match self {
+            Store::Sqlite(s) => Store::Sqlite(s.relaying(origins)),
+            Store::Postgres(s) => Store::Postgres(s.relaying(origins)),
+        }
+    }
+
+    pub fn identity(&self) -> &sqlite::Identity {
+        both!(self, s => s.identity())
+    }
+
+    pub fn clock(&self) -> &std::sync::Arc<crate::clock::Clock> {
+        both!(self, s => s.clock())
+    }
+
+    /// Changes when there may be something new to drain.
+    pub async fn data_version(&self) -> Result<i64, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.data_version().await,
+            Store::Postgres(s) => Ok(s.data_version()),
+        }
+    }
+
+    /// Waits until capture should look again: `poll` on SQLite; a notification (or, as a
+    /// fallback, a second) on PostgreSQL.
+    pub async fn wait_for_change(&self, poll: std::time::Duration) {
+        match self {
+            Store::Sqlite(_) => tokio::time::sleep(poll).await,
+            Store::Postgres(s) => s.wait_for_change(poll.max(std::time::Duration::from_secs(1))).await,
+        }
+    }
+
+    pub async fn last_seq(&self) -> u64 {
+        both!(self, s => s.last_seq().await)
+    }
+
+    pub async fn frontiers(&self) -> Result<BTreeMap<NodeId, u64>, StoreError> {
+        both!(self, s => s.frontiers().await)
+    }
+
+    pub async fn read_log(&self, origin: &str, after: u64, max: usize) -> Result<Vec<LogEntry>, StoreError> {
+        both!(self, s => s.read_log(origin, after, max).await)
+    }
+
+    pub async fn record_acks_and_collect(
+        &self,
+        acks: &[(NodeId, NodeId, u64)],
+        needs: &BTreeMap<NodeId, Vec<NodeId>>,
+    ) -> Result<u64, StoreError> {
+        both!(self, s => s.record_acks_and_collect(acks, needs).await)
+    }
+
+    pub async fn status(&self, peers: &[(NodeId, Vec<NodeId>)]) -> Result<Status, StoreError> {
+        both!(self, s => s.status(peers).await)
+    }
+
+    pub async fn drain(&self) -> Result<DrainReport, StoreError> {
+        both!(self, s => s.drain().await)
+    }
+
+    pub async fn apply(&self, events: Vec<crate::event::Event>) -> Result<ApplyReport, StoreError> {
+        both!(self, s => s.apply(events).await)
+    }
+
+    pub async fn close(self) {
+        both!(self, s => s.close().await)
+    }
 }

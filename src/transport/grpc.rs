@@ -22,7 +22,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::{NodeConfig, NodeSpec};
 use crate::event::NodeId;
-use crate::store::sqlite::SqliteStore;
+use crate::store::Store;
 use crate::telemetry::{Metrics, now_micros};
 use crate::topology;
 use crate::wire::{self, PROTOCOL, proto};
@@ -56,7 +56,7 @@ pub enum TransportError {
 #[derive(Clone)]
 pub struct Context {
     pub config: Arc<NodeConfig>,
-    pub store: Arc<SqliteStore>,
+    pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
     /// Bumped whenever this node's log grows.
     pub log_grew: watch::Sender<u64>,

@@ -1,6 +1,8 @@
 //! Shared set-up for the integration tests: real SQLite files in a temporary folder.
 #![allow(dead_code)]
+pub mod mixed;
 pub mod proxy;
+pub mod regions;
 pub mod sidecars;
 
 use std::path::Path;

@@ -8,7 +8,7 @@
 //! acknowledges only after commit. An event that cannot be applied goes to
 //! `_weft_dead_letters` with the reason and still advances the frontier: it never blocks the
 //! stream and is never silently lost.
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
 use sqlx::{AssertSqlSafe, Connection as _, SqliteConnection};
 
@@ -16,20 +16,12 @@ use super::bulk;
 use super::run::Mode;
 use super::schema::{NOW_MICROS, TableInfo};
 use super::{SqliteStore, Writer};
-use crate::event::{Event, Op, Row, Value};
+use crate::event::{Event, Row, Value};
 use crate::replicate::RowVersion;
 use crate::resolve::Winner;
+use crate::store::admit::{Frontier, admit, conflict_record, strategy_name};
 use crate::store::{ApplyReport, StoreError};
-use crate::topology;
 use crate::wire;
-
-/// The frontier of one origin while a run is applied.
-struct Frontier {
-    seq: u64,
-    processed: u64,
-    /// Advanced by this run (only those are written back).
-    changed: bool,
-}
 
 /// Whether a database error is about this event's content (dead-letter it) rather than about
 /// the database itself (fail the run, retry later).
@@ -38,16 +30,6 @@ pub(super) fn rejects_event(error: &sqlx::Error) -> Option<String> {
     let code: i32 = db.code()?.parse().ok()?;
     // SQLITE_ERROR (e.g. no such column), TOOBIG, CONSTRAINT, MISMATCH, RANGE.
     matches!(code & 0xff, 1 | 18 | 19 | 20 | 25).then(|| db.message().to_owned())
-}
-
-fn version_json(version: &RowVersion, row: Option<&Row>) -> serde_json::Value {
-    serde_json::json!({
-        "origin": version.origin,
-        "hlc": version.hlc.to_string(),
-        "version": serde_json::from_str::<serde_json::Value>(&version.version.to_json()).unwrap_or_default(),
-        "deleted": version.deleted,
-        "row": row.map(Row::to_json),
-    })
 }
 
 impl SqliteStore {
@@ -83,65 +65,21 @@ impl SqliteStore {
             ..ApplyReport::default()
         };
 
-        let complete = complete_batches(events);
         let known: Vec<(String, i64, i64)> = sqlx::query_as("SELECT origin, seq, processed FROM _weft_frontier")
             .fetch_all(&mut *tx)
             .await?;
         let mut frontiers: BTreeMap<String, Frontier> = known
             .into_iter()
             .map(|(origin, seq, processed)| {
-                (
-                    origin,
-                    Frontier {
-                        seq: seq as u64,
-                        processed: processed as u64,
-                        changed: false,
-                    },
-                )
+                let frontier = Frontier {
+                    seq: seq as u64,
+                    processed: processed as u64,
+                    changed: false,
+                };
+                (origin, frontier)
             })
             .collect();
-        let mut stopped: HashSet<&str> = HashSet::new();
-        let mut admitted = Vec::with_capacity(events.len());
-        for event in events {
-            if topology::admit(&self.identity.node, event).is_err() {
-                report.looped += 1;
-                continue;
-            }
-            if stopped.contains(event.origin.as_str()) {
-                continue;
-            }
-            if !frontiers.contains_key(&event.origin) {
-                frontiers.insert(
-                    event.origin.clone(),
-                    Frontier {
-                        seq: 0,
-                        processed: 0,
-                        changed: false,
-                    },
-                );
-            }
-            let frontier = frontiers.get_mut(&event.origin).expect("inserted above");
-            if event.seq <= frontier.seq {
-                report.duplicates += 1;
-                continue;
-            }
-            let batch_incomplete = complete.get(&event.origin).is_none_or(|&end| event.seq > end);
-            if event.seq != frontier.seq + 1 || batch_incomplete {
-                report
-                    .gap
-                    .get_or_insert((event.origin.clone(), frontier.seq, event.seq));
-                stopped.insert(&event.origin);
-                continue;
-            }
-            frontier.seq = event.seq;
-            frontier.processed += 1;
-            frontier.changed = true;
-            report.committed_at.push(event.committed_at_micros);
-            if let Err(skew) = self.clock.observe_now(event.hlc) {
-                report.skew.push(skew);
-            }
-            admitted.push(event);
-        }
+        let admitted = admit(&self.identity.node, &self.clock, events, &mut frontiers, &mut report);
 
         if !self.apply_events(&mut tx, &admitted, &mut report, mode).await? {
             return Ok(None);
@@ -197,29 +135,15 @@ impl SqliteStore {
         local_row: Option<&Row>,
         winner: Winner,
     ) -> Result<(), StoreError> {
-        let remote_row = match &event.op {
-            Op::Upsert(row) => Some(row),
-            Op::Delete => None,
-        };
-        let local_json = version_json(local, local_row);
-        let remote_json = version_json(&RowVersion::of_event(event), remote_row);
-        let (won, lost) = match winner {
-            Winner::Local => (local_json, remote_json),
-            Winner::Remote => (remote_json, local_json),
-        };
+        let (won, lost) = conflict_record(event, local, local_row, winner);
         sqlx::query(AssertSqlSafe(format!(
             "INSERT INTO _weft_conflicts (tbl, key, strategy, winner, loser, at) VALUES (?, ?, ?, ?, ?, {NOW_MICROS})"
         )))
         .bind(&table.name)
         .bind(event.key.to_string())
-        .bind(match table.strategy {
-            crate::config::Strategy::Lww => "lww",
-            crate::config::Strategy::Crdt => "crdt",
-            crate::config::Strategy::Queue => "queue",
-            crate::config::Strategy::Ownership => "ownership",
-        })
-        .bind(won.to_string())
-        .bind(lost.to_string())
+        .bind(strategy_name(table.strategy))
+        .bind(won)
+        .bind(lost)
         .execute(&mut *tx)
         .await?;
         Ok(())
@@ -251,40 +175,12 @@ impl SqliteStore {
 
 /// Why an event does not fit the local table, if it does not.
 pub(super) fn shape_problem(table: &TableInfo, event: &Event) -> Option<String> {
-    if event.key.0.len() != table.key.len() {
+    if let crate::event::Op::Upsert(row) = &event.op
+        && let Some((column, _)) = row.0.iter().find(|(_, v)| matches!(v, Value::Real(f) if f.is_nan()))
+    {
         return Some(format!(
-            "key has {} values but table `{}` has {} key columns",
-            event.key.0.len(),
-            table.name,
-            table.key.len()
+            "column `{column}` holds NaN, which SQLite cannot store (it would read back as NULL)"
         ));
     }
-    if let Op::Upsert(row) = &event.op {
-        for (column, _) in &row.0 {
-            if !table.columns.contains(column) {
-                return Some(format!(
-                    "column `{column}` does not exist in table `{}` on this node; add it, then retry the dead letter",
-                    table.name
-                ));
-            }
-        }
-        for (i, key_column) in table.key.iter().enumerate() {
-            if row.get(key_column) != Some(&event.key.0[i]) {
-                return Some(format!("row image disagrees with the key on column `{key_column}`"));
-            }
-        }
-    }
-    None
-}
-
-/// Per origin, the last seq of the run that closes a capture batch: events past it belong to
-/// a batch the run does not hold completely and must not be applied yet.
-fn complete_batches(events: &[Event]) -> BTreeMap<String, u64> {
-    let mut out = BTreeMap::new();
-    for event in events {
-        if event.seq == event.batch_end {
-            out.insert(event.origin.clone(), event.seq);
-        }
-    }
-    out
+    crate::store::admit::shape_problem(&table.name, &table.columns, &table.key, event)
 }

@@ -1,0 +1,639 @@
+//! Apply on PostgreSQL: remote events into the local database, exactly once.
+//!
+//! One transaction per run, marked `SET LOCAL weft.applying = 'on'` so the capture triggers
+//! skip its writes. Order inside it:
+//! 1. admission against the frontiers (`store::admit`);
+//! 2. `SELECT ... FOR UPDATE` of every row the run touches: an application transaction that
+//!    changed one of them has committed by now, and no other can until we commit;
+//! 3. the drain of local changes, so those changes become versions the run compares with;
+//! 4. decisions with `replicate::decide`, writes grouped into `unnest` statements, row
+//!    metadata, frontiers and clock; commit.
+//!
+//! Rows absent at step 2 are written with `ON CONFLICT DO NOTHING`. If the application
+//! inserted one meanwhile, the count comes up short and the whole run is rolled back and
+//! retried, so that insert is drained and compared, never overwritten. A write PostgreSQL
+//! refuses for its content (a cast, a constraint) rolls the run back, and the run is replayed
+//! event by event under savepoints, which dead-letters exactly the refused events.
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use sqlx::{AssertSqlSafe, PgConnection};
+
+use super::PgStore;
+use super::capture::{append_log, load_versions, read_image, store_versions};
+use super::schema::{PgTable, quote};
+use crate::config::Strategy;
+use crate::event::{Event, Key, Op, Row, Value};
+use crate::replicate::{Decision, RowVersion, decide};
+use crate::resolve::Winner;
+use crate::store::admit::{Frontier, admit, conflict_record, shape_problem, strategy_name};
+use crate::store::{ApplyReport, StoreError};
+
+/// How many times a run is retried after losing a race with an application insert.
+const MAX_RACES: usize = 20;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Grouped,
+    EventByEvent,
+}
+
+enum Outcome {
+    Done(ApplyReport),
+    /// A grouped write was refused for its content: replay event by event.
+    Refused,
+    /// An application inserted a row this run was inserting: retry the run.
+    Raced,
+}
+
+/// Whether a database error is about the event's content (dead-letter it) rather than the
+/// database (fail the run and retry later).
+fn rejects_event(error: &sqlx::Error) -> Option<String> {
+    let sqlx::Error::Database(db) = error else { return None };
+    let code = db.code()?;
+    // 22: data exception (bad input, out of range); 23: integrity constraint;
+    // 42804 datatype mismatch; 42703 undefined column.
+    (code.starts_with("22") || code.starts_with("23") || code == "42804" || code == "42703")
+        .then(|| format!("{} (SQLSTATE {code})", db.message()))
+}
+
+#[derive(PartialEq)]
+enum Shape {
+    /// Rows that existed (locked) or that this run created.
+    Upsert {
+        table: String,
+        columns: Vec<String>,
+    },
+    /// Rows absent when locked.
+    Insert {
+        table: String,
+        columns: Vec<String>,
+    },
+    Delete {
+        table: String,
+    },
+}
+
+/// Writes waiting to be executed, all of one shape, no key twice.
+#[derive(Default)]
+struct Pending {
+    shape: Option<(Shape, Arc<PgTable>)>,
+    /// Column values as text, one vector per column.
+    columns: Vec<Vec<Option<String>>>,
+    keys: HashSet<Vec<u8>>,
+}
+
+/// Keys of one table: their canonical bytes, and their values as text, column by column.
+type KeyColumns = (Vec<Vec<u8>>, Vec<Vec<Option<String>>>);
+
+/// A flush's result: `Err(reason)` when the database refused the content.
+type Written = Result<(), String>;
+
+impl Pending {
+    /// Queues a write; flushes first if the shape changes or the key repeats.
+    async fn push(
+        &mut self,
+        tx: &mut PgConnection,
+        shape: Shape,
+        table: &Arc<PgTable>,
+        key: Vec<u8>,
+        values: Vec<Option<String>>,
+    ) -> Result<Result<Written, Outcome>, StoreError> {
+        if self.shape.as_ref().is_some_and(|(s, _)| *s != shape) || self.keys.contains(&key) {
+            match self.flush(tx).await? {
+                Ok(Ok(())) => {}
+                other => return Ok(other),
+            }
+        }
+        if self.shape.is_none() {
+            self.shape = Some((shape, table.clone()));
+            self.columns = vec![Vec::new(); values.len()];
+        }
+        for (column, value) in self.columns.iter_mut().zip(values) {
+            column.push(value);
+        }
+        self.keys.insert(key);
+        Ok(Ok(Ok(())))
+    }
+
+    async fn flush(&mut self, tx: &mut PgConnection) -> Result<Result<Written, Outcome>, StoreError> {
+        let Some((shape, table)) = self.shape.take() else {
+            return Ok(Ok(Ok(())));
+        };
+        let columns = std::mem::take(&mut self.columns);
+        self.keys.clear();
+        let rows = columns.first().map_or(0, Vec::len) as u64;
+        let names = |cols: &[String]| cols.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", ");
+        let unnest = |cols: &[String]| {
+            let casts = cols
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let ty = &table.types[table.columns.iter().position(|x| x == c).expect("checked column")];
+                    format!("u.c{i}::{ty}")
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            let arrays = (1..=cols.len())
+                .map(|i| format!("${i}::text[]"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let aliases = (0..cols.len()).map(|i| format!("c{i}")).collect::<Vec<_>>().join(", ");
+            format!("SELECT {casts} FROM unnest({arrays}) AS u({aliases})")
+        };
+        let key_names = names(&table.key);
+        let sql = match &shape {
+            Shape::Upsert { columns: cols, .. } | Shape::Insert { columns: cols, .. } => {
+                let updates: Vec<String> = cols
+                    .iter()
+                    .filter(|c| !table.key.contains(c))
+                    .map(|c| format!("{0} = excluded.{0}", quote(c)))
+                    .collect();
+                let on_conflict = match (&shape, updates.is_empty()) {
+                    (Shape::Upsert { .. }, false) => {
+                        format!("ON CONFLICT ({key_names}) DO UPDATE SET {}", updates.join(", "))
+                    }
+                    _ => "ON CONFLICT DO NOTHING".to_owned(),
+                };
+                format!(
+                    "INSERT INTO {} ({}) {} {on_conflict}",
+                    table.qualified(),
+                    names(cols),
+                    unnest(cols)
+                )
+            }
+            Shape::Delete { .. } => format!(
+                "DELETE FROM {} WHERE ({key_names}) IN ({})",
+                table.qualified(),
+                unnest(&table.key)
+            ),
+        };
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for column in columns {
+            query = query.bind(column);
+        }
+        match query.execute(&mut *tx).await {
+            Ok(done) => {
+                if matches!(shape, Shape::Insert { .. }) && done.rows_affected() < rows {
+                    return Ok(Err(Outcome::Raced));
+                }
+                Ok(Ok(Ok(())))
+            }
+            Err(error) => match rejects_event(&error) {
+                Some(reason) => Ok(Ok(Err(reason))),
+                None => Err(error.into()),
+            },
+        }
+    }
+}
+
+/// `values` as text for `columns` of `table`; `Err` says why a column cannot hold its value.
+fn texts(table: &PgTable, columns: &[String], values: &[&Value]) -> Result<Vec<Option<String>>, String> {
+    columns
+        .iter()
+        .zip(values)
+        .map(|(c, v)| {
+            let i = table.columns.iter().position(|x| x == c).expect("checked column");
+            table.kinds[i].text(v).map_err(|e| format!("column `{c}`: {e}"))
+        })
+        .collect()
+}
+
+/// The row's current image, or `None`.
+async fn read_row(tx: &mut PgConnection, table: &PgTable, key: &Key) -> Result<Option<Row>, StoreError> {
+    let predicate = table
+        .key
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            let ty = &table.types[table.key_index[i]];
+            format!("t.{} = ${}::text::{ty}", quote(k), i + 1)
+        })
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let sql = format!(
+        "SELECT {} FROM {} t WHERE {predicate}",
+        table.select_list("t"),
+        table.qualified()
+    );
+    let mut query = sqlx::query(AssertSqlSafe(sql));
+    for (i, value) in key.0.iter().enumerate() {
+        let text = table.kinds[table.key_index[i]].text(value).unwrap_or(None);
+        query = query.bind(text);
+    }
+    match query.fetch_optional(&mut *tx).await? {
+        Some(row) => Ok(Some(read_image(table, &row, 0)?)),
+        None => Ok(None),
+    }
+}
+
+impl PgStore {
+    /// Applies a run of remote events (one stream's frame) in one transaction.
+    pub async fn apply(&self, events: Vec<Event>) -> Result<ApplyReport, StoreError> {
+        self.with_writer(async |store: &Self, conn: &mut PgConnection, last_seq: &mut u64| {
+            let mut mode = Mode::Grouped;
+            for _ in 0..MAX_RACES {
+                match store.attempt(conn, &events, mode, last_seq).await? {
+                    Outcome::Done(report) => return Ok(report),
+                    Outcome::Refused => {
+                        tracing::debug!("a grouped write was refused; replaying the run event by event");
+                        mode = Mode::EventByEvent;
+                    }
+                    Outcome::Raced => {
+                        tracing::debug!("an application insert raced the run; retrying it");
+                    }
+                }
+            }
+            Err(StoreError::Busy(format!(
+                "the application kept inserting rows this run was inserting ({MAX_RACES} tries); retrying later"
+            )))
+        })
+        .await
+    }
+
+    async fn attempt(
+        &self,
+        conn: &mut PgConnection,
+        events: &[Event],
+        mode: Mode,
+        last_seq: &mut u64,
+    ) -> Result<Outcome, StoreError> {
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        sqlx::query("SELECT set_config('weft.applying', 'on', true)")
+            .execute(&mut *tx)
+            .await?;
+        let known: Vec<(String, i64, i64)> = sqlx::query_as("SELECT origin, seq, processed FROM weft.frontier")
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut frontiers: BTreeMap<String, Frontier> = known
+            .into_iter()
+            .map(|(origin, seq, processed)| {
+                let frontier = Frontier {
+                    seq: seq as u64,
+                    processed: processed as u64,
+                    changed: false,
+                };
+                (origin, frontier)
+            })
+            .collect();
+        let mut report = ApplyReport::default();
+        let admitted = admit(&self.identity.node, &self.clock, events, &mut frontiers, &mut report);
+        let mut exists = self.lock_rows(&mut tx, &admitted).await?;
+        report.drained = self.drain_in(&mut tx, *last_seq).await?;
+        match self
+            .apply_events(&mut tx, &admitted, &mut exists, &mut report, mode)
+            .await?
+        {
+            None => {}
+            Some(outcome) => return Ok(outcome),
+        }
+        let relayed: Vec<Event> = admitted
+            .iter()
+            .filter(|e| self.relayed.contains(&e.origin))
+            .map(|e| {
+                let mut relayed = (*e).clone();
+                relayed.path.push(self.identity.node.clone());
+                relayed
+            })
+            .collect();
+        append_log(&mut tx, &relayed.iter().collect::<Vec<_>>()).await?;
+        let changed: Vec<(&String, &Frontier)> = frontiers.iter().filter(|(_, f)| f.changed).collect();
+        if !changed.is_empty() {
+            sqlx::query(
+                "INSERT INTO weft.frontier (origin, seq, processed) \
+                 SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[]) \
+                 ON CONFLICT (origin) DO UPDATE SET seq = excluded.seq, processed = excluded.processed",
+            )
+            .bind(changed.iter().map(|(o, _)| o.as_str()).collect::<Vec<_>>())
+            .bind(changed.iter().map(|(_, f)| f.seq as i64).collect::<Vec<_>>())
+            .bind(changed.iter().map(|(_, f)| f.processed as i64).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        }
+        self.persist_clock(&mut tx).await?;
+        tx.commit().await?;
+        *last_seq = report.drained.last_seq;
+        report.frontiers = frontiers.into_iter().map(|(o, f)| (o, f.seq)).collect();
+        Ok(Outcome::Done(report))
+    }
+
+    /// Locks the existing rows the events touch and returns their (table, key) set. A key
+    /// that cannot even be compared with its column (a bad cast) is taken as absent: its
+    /// write will be dead-lettered.
+    async fn lock_rows(
+        &self,
+        tx: &mut PgConnection,
+        events: &[&Event],
+    ) -> Result<HashSet<(String, Vec<u8>)>, StoreError> {
+        let mut by_table: HashMap<&str, KeyColumns> = HashMap::new();
+        let mut seen = HashSet::new();
+        for event in events {
+            let Some(table) = self.tables.get(&event.table) else {
+                continue;
+            };
+            let bytes = event.key.to_bytes();
+            if event.key.0.len() != table.key.len() || !seen.insert((event.table.as_str(), bytes.clone())) {
+                continue;
+            }
+            let Ok(texts) = texts(table, &table.key, &event.key.0.iter().collect::<Vec<_>>()) else {
+                continue;
+            };
+            let entry = by_table
+                .entry(event.table.as_str())
+                .or_insert_with(|| (Vec::new(), vec![Vec::new(); table.key.len()]));
+            entry.0.push(bytes);
+            for (column, text) in entry.1.iter_mut().zip(texts) {
+                column.push(text);
+            }
+        }
+        let mut exists = HashSet::new();
+        for (name, (keys, columns)) in by_table {
+            let table = &self.tables[name];
+            let arrays = (1..=table.key.len())
+                .map(|i| format!("${i}::text[]"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let aliases = (0..table.key.len())
+                .map(|i| format!("c{i}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let join = table
+                .key
+                .iter()
+                .enumerate()
+                .map(|(i, k)| format!("t.{} = u.c{i}::{}", quote(k), table.types[table.key_index[i]]))
+                .collect::<Vec<_>>()
+                .join(" AND ");
+            let sql = format!(
+                "SELECT u.ord FROM unnest({arrays}) WITH ORDINALITY AS u({aliases}, ord) \
+                 JOIN {} t ON {join} FOR UPDATE OF t",
+                table.qualified()
+            );
+            sqlx::raw_sql("SAVEPOINT weft_lock").execute(&mut *tx).await?;
+            let mut query = sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql));
+            for column in &columns {
+                query = query.bind(column);
+            }
+            match query.fetch_all(&mut *tx).await {
+                Ok(found) => {
+                    sqlx::raw_sql("RELEASE SAVEPOINT weft_lock").execute(&mut *tx).await?;
+                    for ord in found {
+                        exists.insert((name.to_owned(), keys[ord as usize - 1].clone()));
+                    }
+                }
+                Err(error) if rejects_event(&error).is_some() => {
+                    // Some key does not fit its column: lock key by key instead.
+                    sqlx::raw_sql("ROLLBACK TO SAVEPOINT weft_lock")
+                        .execute(&mut *tx)
+                        .await?;
+                    for (i, key) in keys.iter().enumerate() {
+                        let values: Vec<Option<String>> = columns.iter().map(|c| c[i].clone()).collect();
+                        if self.lock_one(tx, table, &values).await? {
+                            exists.insert((name.to_owned(), key.clone()));
+                        }
+                    }
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Ok(exists)
+    }
+
+    async fn lock_one(
+        &self,
+        tx: &mut PgConnection,
+        table: &PgTable,
+        key: &[Option<String>],
+    ) -> Result<bool, StoreError> {
+        let predicate = table
+            .key
+            .iter()
+            .enumerate()
+            .map(|(i, k)| format!("t.{} = ${}::text::{}", quote(k), i + 1, table.types[table.key_index[i]]))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        let sql = format!("SELECT 1 FROM {} t WHERE {predicate} FOR UPDATE", table.qualified());
+        sqlx::raw_sql("SAVEPOINT weft_lock_one").execute(&mut *tx).await?;
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for value in key {
+            query = query.bind(value.clone());
+        }
+        match query.fetch_optional(&mut *tx).await {
+            Ok(found) => {
+                sqlx::raw_sql("RELEASE SAVEPOINT weft_lock_one")
+                    .execute(&mut *tx)
+                    .await?;
+                Ok(found.is_some())
+            }
+            Err(error) if rejects_event(&error).is_some() => {
+                sqlx::raw_sql("ROLLBACK TO SAVEPOINT weft_lock_one")
+                    .execute(&mut *tx)
+                    .await?;
+                Ok(false)
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Decides and writes admitted events; `Some(outcome)` ends the attempt early (the
+    /// caller rolls back).
+    async fn apply_events(
+        &self,
+        tx: &mut PgConnection,
+        events: &[&Event],
+        exists: &mut HashSet<(String, Vec<u8>)>,
+        report: &mut ApplyReport,
+        mode: Mode,
+    ) -> Result<Option<Outcome>, StoreError> {
+        let mut keys: HashMap<&str, Vec<Vec<u8>>> = HashMap::new();
+        for event in events {
+            if self.tables.contains_key(&event.table) {
+                keys.entry(event.table.as_str()).or_default().push(event.key.to_bytes());
+            }
+        }
+        let mut versions: HashMap<(String, Vec<u8>), RowVersion> = HashMap::new();
+        for (table, keys) in keys {
+            for (key, version) in load_versions(tx, table, &keys).await? {
+                versions.insert((table.to_owned(), key), version);
+            }
+        }
+        let mut pending = Pending::default();
+        let mut changed: Vec<(String, Vec<u8>)> = Vec::new();
+        macro_rules! flushed {
+            ($result:expr) => {
+                match $result {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(reason)) => Err(reason),
+                    Err(outcome) => return Ok(Some(outcome)),
+                }
+            };
+        }
+        for &event in events {
+            let Some(table) = self.tables.get(&event.table).cloned() else {
+                let reason = format!(
+                    "table `{}` is not replicated on this node; add it to the node config",
+                    event.table
+                );
+                self.dead_letter(tx, event, &reason, report).await?;
+                continue;
+            };
+            if let Some(reason) = shape_problem(&table.name, &table.columns, &table.key, event) {
+                self.dead_letter(tx, event, &reason, report).await?;
+                continue;
+            }
+            let id = (table.name.clone(), event.key.to_bytes());
+            let local = versions.get(&id).cloned();
+            let mut decision = decide(Strategy::Lww, local.as_ref(), event, None);
+            let mut local_row = None;
+            if matches!(decision, Decision::NeedsLocalContent | Decision::Conflict { .. }) {
+                if let Err(reason) = flushed!(pending.flush(tx).await?) {
+                    debug_assert!(mode == Mode::Grouped, "event-by-event flushes after each write");
+                    let _ = reason;
+                    return Ok(Some(Outcome::Refused));
+                }
+                local_row = read_row(tx, &table, &event.key).await?;
+            }
+            if decision == Decision::NeedsLocalContent {
+                let content = local_row.clone().map(Op::Upsert).unwrap_or(Op::Delete).content_bytes();
+                decision = decide(Strategy::Lww, local.as_ref(), event, Some(&content));
+            }
+            let conflict = matches!(decision, Decision::Conflict { .. });
+            let (next, winner) = match decision {
+                Decision::Stale => {
+                    report.stale += 1;
+                    continue;
+                }
+                Decision::NeedsLocalContent => unreachable!("content was supplied"),
+                Decision::FastForward { next } => (next, Winner::Remote),
+                Decision::Conflict { winner, next } => (next, winner),
+            };
+            if winner == Winner::Remote {
+                let (shape, values) = match &event.op {
+                    Op::Upsert(row) => {
+                        let columns: Vec<String> = row.0.iter().map(|(c, _)| c.clone()).collect();
+                        let values: Vec<&Value> = row.0.iter().map(|(_, v)| v).collect();
+                        let shape = if exists.contains(&id) {
+                            Shape::Upsert {
+                                table: table.name.clone(),
+                                columns: columns.clone(),
+                            }
+                        } else {
+                            Shape::Insert {
+                                table: table.name.clone(),
+                                columns: columns.clone(),
+                            }
+                        };
+                        (shape, texts(&table, &columns, &values))
+                    }
+                    Op::Delete => (
+                        Shape::Delete {
+                            table: table.name.clone(),
+                        },
+                        texts(&table, &table.key, &event.key.0.iter().collect::<Vec<_>>()),
+                    ),
+                };
+                let values = match values {
+                    Ok(values) => values,
+                    Err(reason) => {
+                        self.dead_letter(tx, event, &reason, report).await?;
+                        continue;
+                    }
+                };
+                if mode == Mode::EventByEvent {
+                    sqlx::raw_sql("SAVEPOINT weft_event").execute(&mut *tx).await?;
+                }
+                let is_delete = matches!(shape, Shape::Delete { .. });
+                let mut written = flushed!(pending.push(tx, shape, &table, id.1.clone(), values).await?);
+                if mode == Mode::EventByEvent && written.is_ok() {
+                    written = flushed!(pending.flush(tx).await?);
+                }
+                match written {
+                    Ok(()) => {
+                        if mode == Mode::EventByEvent {
+                            sqlx::raw_sql("RELEASE SAVEPOINT weft_event").execute(&mut *tx).await?;
+                        }
+                        report.applied += 1;
+                        if is_delete {
+                            exists.remove(&id);
+                        } else {
+                            exists.insert(id.clone());
+                        }
+                    }
+                    Err(_) if mode == Mode::Grouped => return Ok(Some(Outcome::Refused)),
+                    Err(reason) => {
+                        sqlx::raw_sql("ROLLBACK TO SAVEPOINT weft_event")
+                            .execute(&mut *tx)
+                            .await?;
+                        self.dead_letter(tx, event, &reason, report).await?;
+                        continue;
+                    }
+                }
+            }
+            if let Some(local) = local.as_ref().filter(|_| conflict) {
+                self.log_conflict(tx, &table, event, local, local_row.as_ref(), winner)
+                    .await?;
+                report.conflicts += 1;
+            }
+            versions.insert(id.clone(), next);
+            changed.push(id);
+        }
+        if flushed!(pending.flush(tx).await?).is_err() {
+            return Ok(Some(Outcome::Refused));
+        }
+        let stored: Vec<(&str, &[u8], &RowVersion)> = changed
+            .iter()
+            .map(|id| (id.0.as_str(), id.1.as_slice(), &versions[id]))
+            .collect();
+        if !stored.is_empty() {
+            store_versions(tx, &stored).await?;
+        }
+        Ok(None)
+    }
+
+    async fn log_conflict(
+        &self,
+        tx: &mut PgConnection,
+        table: &PgTable,
+        event: &Event,
+        local: &RowVersion,
+        local_row: Option<&Row>,
+        winner: Winner,
+    ) -> Result<(), StoreError> {
+        let (won, lost) = conflict_record(event, local, local_row, winner);
+        sqlx::query(
+            "INSERT INTO weft.conflicts (tbl, key, strategy, winner, loser, at) VALUES ($1, $2, $3, $4, $5, weft.now_micros())",
+        )
+        .bind(&table.name)
+        .bind(event.key.to_string())
+        .bind(strategy_name(table.strategy))
+        .bind(won)
+        .bind(lost)
+        .execute(&mut *tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn dead_letter(
+        &self,
+        tx: &mut PgConnection,
+        event: &Event,
+        reason: &str,
+        report: &mut ApplyReport,
+    ) -> Result<(), StoreError> {
+        tracing::warn!(origin = %event.origin, seq = event.seq, table = %event.table, key = %event.key, reason, "dead-lettered event");
+        sqlx::query(
+            "INSERT INTO weft.dead_letters (origin, seq, tbl, key, reason, event, at) \
+             VALUES ($1, $2, $3, $4, $5, $6, weft.now_micros())",
+        )
+        .bind(&event.origin)
+        .bind(event.seq as i64)
+        .bind(&event.table)
+        .bind(event.key.to_string())
+        .bind(reason)
+        .bind(crate::wire::encode_event(event))
+        .execute(&mut *tx)
+        .await?;
+        report.dead_lettered += 1;
+        Ok(())
+    }
+}

@@ -1,0 +1,293 @@
+//! Capture on PostgreSQL: turning committed outbox rows into events.
+//!
+//! The drain first lists the outbox ids visible now, in one statement: that snapshot holds
+//! whole committed transactions only, never part of one. A transaction that took an earlier
+//! id but commits later (the classic outbox gap) is simply not in this list; its rows stay
+//! in the outbox and the next drain takes them, because drained rows are deleted rather than
+//! passed by a cursor. Every outbox row carries the row's image from its own transaction, so
+//! reading the images later in the drain sees exactly those versions. Several changes to one
+//! row coalesce into the last one. Seq, HLC, version vector, row metadata, log append and
+//! outbox delete commit together, as on SQLite.
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use sqlx::{AssertSqlSafe, PgConnection, Row as _};
+
+use super::PgStore;
+use super::schema::PgTable;
+use crate::event::{Event, Hlc, Key, Op, Row};
+use crate::replicate::RowVersion;
+use crate::store::{DrainReport, StoreError};
+use crate::version::VersionVector;
+use crate::wire;
+
+struct Pending {
+    table: Arc<PgTable>,
+    key: Key,
+    key_bytes: Vec<u8>,
+    committed_at: i64,
+    last_id: i64,
+    /// The row's last image; `None` if its last change deleted it.
+    image: Option<Row>,
+}
+
+/// The stored versions of `keys` of one table; absent keys are missing from the map.
+pub(super) async fn load_versions(
+    conn: &mut PgConnection,
+    table: &str,
+    keys: &[Vec<u8>],
+) -> Result<HashMap<Vec<u8>, RowVersion>, StoreError> {
+    let rows = sqlx::query("SELECT key, version, hlc, origin, deleted FROM weft.rows WHERE tbl = $1 AND key = ANY($2)")
+        .bind(table)
+        .bind(keys)
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut out = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let version: String = row.try_get(1)?;
+        out.insert(
+            row.try_get::<Vec<u8>, _>(0)?,
+            RowVersion {
+                version: VersionVector::from_json(&version)
+                    .map_err(|e| StoreError::Corrupt(format!("version of a {table} row: {e}")))?,
+                hlc: Hlc(row.try_get::<i64, _>(2)? as u64),
+                origin: row.try_get(3)?,
+                deleted: row.try_get(4)?,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Stores row versions, replacing what was there; a key listed twice keeps its last version.
+pub(super) async fn store_versions(
+    conn: &mut PgConnection,
+    versions: &[(&str, &[u8], &RowVersion)],
+) -> Result<(), StoreError> {
+    let mut last: HashMap<(&str, &[u8]), usize> = HashMap::new();
+    for (i, (table, key, _)) in versions.iter().enumerate() {
+        last.insert((*table, *key), i);
+    }
+    let mut order: Vec<usize> = last.into_values().collect();
+    order.sort_unstable();
+    let tables: Vec<&str> = order.iter().map(|&i| versions[i].0).collect();
+    let keys: Vec<&[u8]> = order.iter().map(|&i| versions[i].1).collect();
+    let vectors: Vec<String> = order.iter().map(|&i| versions[i].2.version.to_json()).collect();
+    let hlcs: Vec<i64> = order.iter().map(|&i| versions[i].2.hlc.0 as i64).collect();
+    let origins: Vec<&str> = order.iter().map(|&i| versions[i].2.origin.as_str()).collect();
+    let deleted: Vec<bool> = order.iter().map(|&i| versions[i].2.deleted).collect();
+    sqlx::query(
+        "INSERT INTO weft.rows (tbl, key, version, hlc, origin, deleted) \
+         SELECT * FROM unnest($1::text[], $2::bytea[], $3::text[], $4::int8[], $5::text[], $6::bool[]) \
+         ON CONFLICT (tbl, key) DO UPDATE SET version = excluded.version, hlc = excluded.hlc, \
+         origin = excluded.origin, deleted = excluded.deleted",
+    )
+    .bind(tables)
+    .bind(keys)
+    .bind(vectors)
+    .bind(hlcs)
+    .bind(origins)
+    .bind(deleted)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Appends events to the log.
+pub(super) async fn append_log(conn: &mut PgConnection, events: &[&Event]) -> Result<(), StoreError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let origins: Vec<&str> = events.iter().map(|e| e.origin.as_str()).collect();
+    let seqs: Vec<i64> = events.iter().map(|e| e.seq as i64).collect();
+    let ends: Vec<i64> = events.iter().map(|e| e.batch_end as i64).collect();
+    let at: Vec<i64> = events.iter().map(|e| e.committed_at_micros).collect();
+    let bytes: Vec<Vec<u8>> = events.iter().map(|e| wire::encode_event(e)).collect();
+    sqlx::query(
+        "INSERT INTO weft.log (origin, seq, batch_end, committed_at, event) \
+         SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::bytea[])",
+    )
+    .bind(origins)
+    .bind(seqs)
+    .bind(ends)
+    .bind(at)
+    .bind(bytes)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Reads a row's values (as selected by `PgTable::select_list`) starting at column `first`.
+pub(super) fn read_image(table: &PgTable, row: &sqlx::postgres::PgRow, first: usize) -> Result<Row, sqlx::Error> {
+    let mut columns = Vec::with_capacity(table.columns.len());
+    for (j, (name, kind)) in table.columns.iter().zip(&table.kinds).enumerate() {
+        columns.push((name.clone(), kind.read(row, first + j)?));
+    }
+    Ok(Row(columns))
+}
+
+impl PgStore {
+    /// Persists the clock's high-water mark with the events stamped by it.
+    pub(super) async fn persist_clock(&self, tx: &mut PgConnection) -> Result<(), StoreError> {
+        sqlx::query("UPDATE weft.node SET value = $1 WHERE name = 'hlc'")
+            .bind((self.clock.last().0 as i64).to_string())
+            .execute(&mut *tx)
+            .await?;
+        Ok(())
+    }
+
+    /// Drains the outbox into the log in its own transaction.
+    pub async fn drain(&self) -> Result<DrainReport, StoreError> {
+        self.with_writer(async |store: &Self, conn: &mut PgConnection, last_seq: &mut u64| {
+            let pending: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM weft.outbox)")
+                .fetch_one(&mut *conn)
+                .await?;
+            if !pending {
+                return Ok(DrainReport {
+                    events: 0,
+                    last_seq: *last_seq,
+                });
+            }
+            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+            let report = store.drain_in(&mut tx, *last_seq).await?;
+            tx.commit().await?;
+            *last_seq = report.last_seq;
+            Ok(report)
+        })
+        .await
+    }
+
+    /// The drain, inside the caller's transaction. The caller adopts `report.last_seq`
+    /// only once that transaction commits.
+    pub(super) async fn drain_in(&self, tx: &mut PgConnection, last_seq: u64) -> Result<DrainReport, StoreError> {
+        let unchanged = DrainReport { events: 0, last_seq };
+        let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM weft.outbox ORDER BY id")
+            .fetch_all(&mut *tx)
+            .await?;
+        if ids.is_empty() {
+            return Ok(unchanged);
+        }
+        let mut pending: Vec<Pending> = Vec::new();
+        let mut index: HashMap<(&str, Vec<u8>), usize> = HashMap::new();
+        let mut matched = 0usize;
+        for table in self.tables.values() {
+            let sql = format!(
+                "SELECT o.id, o.at, o.deleted, {} FROM weft.outbox o \
+                 CROSS JOIN LATERAL jsonb_populate_record(NULL::{}, o.image) r \
+                 WHERE o.tbl = $1 AND o.id = ANY($2) ORDER BY o.id",
+                table.select_list("r"),
+                table.qualified()
+            );
+            let rows = sqlx::query(AssertSqlSafe(sql))
+                .bind(&table.name)
+                .bind(&ids)
+                .fetch_all(&mut *tx)
+                .await?;
+            matched += rows.len();
+            for row in &rows {
+                let id: i64 = row.try_get(0)?;
+                let committed_at: i64 = row.try_get(1)?;
+                let deleted: bool = row.try_get(2)?;
+                let image = read_image(table, row, 3)?;
+                let key = Key(table.key_index.iter().map(|&i| image.0[i].1.clone()).collect());
+                let key_bytes = key.to_bytes();
+                let image = (!deleted).then_some(image);
+                match index.get(&(table.name.as_str(), key_bytes.clone())) {
+                    Some(&i) => {
+                        let p = &mut pending[i];
+                        p.committed_at = p.committed_at.max(committed_at);
+                        p.last_id = id;
+                        p.image = image;
+                    }
+                    None => {
+                        index.insert((table.name.as_str(), key_bytes.clone()), pending.len());
+                        pending.push(Pending {
+                            table: table.clone(),
+                            key,
+                            key_bytes,
+                            committed_at,
+                            last_id: id,
+                            image,
+                        });
+                    }
+                }
+            }
+        }
+        if matched < ids.len() {
+            tracing::warn!(
+                orphans = ids.len() - matched,
+                "dropping outbox rows of tables no longer replicated"
+            );
+        }
+        pending.sort_by_key(|p| p.last_id);
+
+        let mut local: HashMap<&str, HashMap<Vec<u8>, RowVersion>> = HashMap::new();
+        for table in self.tables.values() {
+            let keys: Vec<Vec<u8>> = pending
+                .iter()
+                .filter(|p| p.table.name == table.name)
+                .map(|p| p.key_bytes.clone())
+                .collect();
+            if !keys.is_empty() {
+                local.insert(table.name.as_str(), load_versions(tx, &table.name, &keys).await?);
+            }
+        }
+        let me = &self.identity.node;
+        let mut events = Vec::with_capacity(pending.len());
+        for p in pending {
+            let previous = local.get(p.table.name.as_str()).and_then(|m| m.get(&p.key_bytes));
+            if p.image.is_none() && previous.is_none() {
+                // Inserted and deleted between two drains: nobody ever saw it.
+                continue;
+            }
+            let mut version = previous.map(|l| l.version.clone()).unwrap_or_default();
+            version.increment(me);
+            events.push((
+                p.key_bytes,
+                Event {
+                    origin: me.clone(),
+                    origin_region: self.identity.region.clone(),
+                    seq: 0,
+                    batch_end: 0,
+                    hlc: self.clock.now(),
+                    table: p.table.name.clone(),
+                    key: p.key,
+                    op: p.image.map(Op::Upsert).unwrap_or(Op::Delete),
+                    version,
+                    path: vec![me.clone()],
+                    committed_at_micros: p.committed_at,
+                    crdt: Vec::new(),
+                    ownership: None,
+                },
+            ));
+        }
+        let batch_end = last_seq + events.len() as u64;
+        for (i, (_, event)) in events.iter_mut().enumerate() {
+            event.seq = last_seq + 1 + i as u64;
+            event.batch_end = batch_end;
+        }
+        let versions: Vec<RowVersion> = events.iter().map(|(_, e)| RowVersion::of_event(e)).collect();
+        let stored: Vec<(&str, &[u8], &RowVersion)> = events
+            .iter()
+            .zip(&versions)
+            .map(|((key, event), version)| (event.table.as_str(), key.as_slice(), version))
+            .collect();
+        if !stored.is_empty() {
+            store_versions(tx, &stored).await?;
+        }
+        append_log(tx, &events.iter().map(|(_, e)| e).collect::<Vec<_>>()).await?;
+        sqlx::query("UPDATE weft.node SET value = $1 WHERE name = 'last_seq'")
+            .bind(batch_end.to_string())
+            .execute(&mut *tx)
+            .await?;
+        self.persist_clock(tx).await?;
+        sqlx::query("DELETE FROM weft.outbox WHERE id = ANY($1)")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+        Ok(DrainReport {
+            events: events.len() as u64,
+            last_seq: batch_end,
+        })
+    }
+}

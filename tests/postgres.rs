@@ -1,0 +1,268 @@
+//! The PostgreSQL store against real, throw-away PostgreSQL clusters (started by the tests
+//! as the `postgres` user): capture, typed values across stores, applier writes not
+//! recaptured, late-committing transactions, row locks against undrained local changes,
+//! dead letters, and one sidecar per database.
+mod common;
+
+use common::regions::{Region, lww, sync};
+use sqlx::Connection as _;
+use weft::event::{Op, Value};
+use weft::store::postgres::cluster::{Cluster, Settings};
+
+const PG_SCHEMA: &str = "CREATE TABLE t (
+    id bigint PRIMARY KEY, n integer, f double precision, s text, b bytea, ok boolean,
+    amount numeric(12, 2), at timestamptz, doc jsonb, missing text, small real,
+    twice bigint GENERATED ALWAYS AS (n * 2) STORED);
+    CREATE TABLE pairs (a text, b integer, v text, PRIMARY KEY (a, b));";
+
+const SQLITE_SCHEMA: &str = "CREATE TABLE t (
+    id INTEGER PRIMARY KEY, n INTEGER, f REAL, s TEXT, b BLOB, ok BOOLEAN,
+    amount TEXT, at TEXT, doc TEXT, missing TEXT, small REAL);
+    CREATE TABLE pairs (a TEXT, b INTEGER, v TEXT, PRIMARY KEY (a, b));";
+
+fn cluster() -> Cluster {
+    Cluster::start(Settings::default()).expect("a throw-away PostgreSQL cluster")
+}
+
+#[tokio::test]
+async fn captures_typed_rows_and_round_trips_them_through_sqlite_exactly() {
+    let pg = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let a = Region::pg(&pg, "a", PG_SCHEMA, &lww(&["t", "pairs"])).await;
+    let b = Region::sqlite(dir.path(), "b", SQLITE_SCHEMA, &lww(&["t", "pairs"])).await;
+    a.exec(
+        "INSERT INTO t (id, n, f, s, b, ok, amount, at, doc, missing, small) VALUES
+         (1, 7, 0.1, 'é ''quoted''', '\\x00ff10', true, 12.50, '2026-11-22 18:00:00.123456+02', '{\"k\": [1, 2.5, null]}', NULL, 0.1),
+         (2, -1, 'Infinity', '', '\\x', false, -0.01, '1970-01-01 00:00:00+00', '[]', 'x', '-Infinity'),
+         (3, 0, 1e300, 's', NULL, NULL, NULL, NULL, NULL, NULL, NULL);
+         INSERT INTO pairs VALUES ('k', 1, 'v');
+         UPDATE t SET n = 8 WHERE id = 1;
+         DELETE FROM t WHERE id = 3;",
+    )
+    .await;
+    assert_eq!(a.drain().await, 3, "id 3 was inserted and deleted before any drain");
+    let events = a.events(0).await;
+    let Op::Upsert(row) = &events.iter().find(|e| e.key.0 == [Value::Integer(1)]).unwrap().op else {
+        panic!("row 1 is an upsert")
+    };
+    let get = |c: &str| row.get(c).cloned().unwrap();
+    assert_eq!(get("n"), Value::Integer(8));
+    assert_eq!(get("f"), Value::Real(0.1));
+    assert_eq!(get("s"), Value::Text("é 'quoted'".into()));
+    assert_eq!(get("b"), Value::Blob(vec![0, 255, 16]));
+    assert_eq!(get("ok"), Value::Integer(1));
+    assert_eq!(get("amount"), Value::Text("12.50".into()));
+    assert_eq!(get("at"), Value::Text("2026-11-22 16:00:00.123456+00".into()));
+    assert_eq!(get("doc"), Value::Text("{\"k\": [1, 2.5, null]}".into()));
+    assert_eq!(get("missing"), Value::Null);
+    assert_eq!(get("small"), Value::Real(0.1f32 as f64));
+    assert!(
+        row.get("twice").is_none(),
+        "generated columns are computed in each region"
+    );
+
+    let before = a.snapshot(&["t", "pairs"]).await;
+    b.pull(&a).await;
+    assert_eq!(b.count("SELECT count(*) FROM _weft_dead_letters").await, 0);
+    assert_eq!(b.snapshot(&["pairs"]).await["pairs"], before["pairs"]);
+    // SQLite changes one column; everything else must come back to PostgreSQL unchanged.
+    b.exec("UPDATE t SET s = 'from sqlite' WHERE id = 1; UPDATE t SET s = 'two' WHERE id = 2;")
+        .await;
+    b.drain().await;
+    a.pull(&b).await;
+    assert_eq!(a.count("SELECT count(*) FROM weft.dead_letters").await, 0);
+    let after = a.snapshot(&["t", "pairs"]).await;
+    let expected: Vec<String> = before["t"]
+        .iter()
+        .map(|r| {
+            r.replace("\"é 'quoted'\"", "\"from sqlite\"")
+                .replacen(" | \"\" | ", " | \"two\" | ", 1)
+        })
+        .collect();
+    assert_eq!(after["t"], expected);
+    assert_eq!(
+        a.count("SELECT count(*) FROM t WHERE twice = n * 2 AND amount = 12.50 AND at = '2026-11-22 16:00:00.123456+00' AND b = '\\x00ff10'")
+            .await,
+        1
+    );
+    assert_eq!(after["_weft_rows"], b.snapshot(&["t"]).await["_weft_rows"]);
+}
+
+#[tokio::test]
+async fn applier_writes_are_not_captured_again() {
+    let pg = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let a = Region::sqlite(dir.path(), "a", SQLITE_SCHEMA, &lww(&["t", "pairs"])).await;
+    let b = Region::pg(&pg, "b", PG_SCHEMA, &lww(&["t", "pairs"])).await;
+    a.exec("INSERT INTO t (id, n) VALUES (1, 1), (2, 2); INSERT INTO pairs VALUES ('x', 1, 'y');")
+        .await;
+    a.drain().await;
+    let report = b.pull(&a).await;
+    assert_eq!(report.applied, 3);
+    assert_eq!(b.count("SELECT count(*) FROM weft.outbox").await, 0);
+    assert_eq!(b.drain().await, 0);
+    assert_eq!(b.count("SELECT count(*) FROM t").await, 2);
+    // The application's own writes still are.
+    b.exec("UPDATE t SET n = 3 WHERE id = 1").await;
+    assert_eq!(b.drain().await, 1);
+}
+
+#[tokio::test]
+async fn a_transaction_that_commits_late_with_an_earlier_id_is_not_missed() {
+    let pg = cluster();
+    let a = Region::pg(&pg, "a", PG_SCHEMA, &lww(&["t", "pairs"])).await;
+    let url = pg.url("a");
+    let mut early = sqlx::PgConnection::connect(&url).await.unwrap();
+    let mut late = sqlx::PgConnection::connect(&url).await.unwrap();
+    let mut t1 = early.begin().await.unwrap();
+    sqlx::raw_sql("INSERT INTO t (id, n) VALUES (1, 1); INSERT INTO pairs VALUES ('one', 1, 'first')")
+        .execute(&mut *t1)
+        .await
+        .unwrap();
+    let mut t2 = late.begin().await.unwrap();
+    sqlx::raw_sql("INSERT INTO t (id, n) VALUES (2, 2)")
+        .execute(&mut *t2)
+        .await
+        .unwrap();
+    t2.commit().await.unwrap();
+    assert_eq!(a.drain().await, 1, "only the committed transaction");
+    t1.commit().await.unwrap();
+    assert_eq!(a.drain().await, 2, "the late commit, whole");
+    let events = a.events(0).await;
+    let keys: Vec<String> = events.iter().map(|e| format!("{} {}", e.table, e.key)).collect();
+    assert_eq!(keys, ["t [2]", "t [1]", "pairs [\"one\", 1]"]);
+    assert_eq!(
+        (events[1].batch_end, events[2].batch_end),
+        (3, 3),
+        "one batch: never split"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let b = Region::sqlite(dir.path(), "b", SQLITE_SCHEMA, &lww(&["t", "pairs"])).await;
+    b.pull(&a).await;
+    assert_eq!(b.count("SELECT count(*) FROM t").await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_write_never_overwrites_an_undrained_local_change() {
+    let pg = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let a = Region::sqlite(dir.path(), "a", SQLITE_SCHEMA, &lww(&["t", "pairs"])).await;
+    let b = Region::pg(&pg, "b", PG_SCHEMA, &lww(&["t", "pairs"])).await;
+    a.exec("INSERT INTO t (id, s) VALUES (1, 'a0'), (2, 'a0')").await;
+    sync(&[&a, &b]).await;
+
+    // Row 1: b's change is committed but not drained when a's concurrent one arrives.
+    b.exec("UPDATE t SET s = 'b1' WHERE id = 1").await;
+    // Row 2: b's change is still in an open transaction, holding the row, when apply starts.
+    let mut app = sqlx::PgConnection::connect(&pg.url("b")).await.unwrap();
+    let mut open = app.begin().await.unwrap();
+    sqlx::query("UPDATE t SET s = 'b2' WHERE id = 2")
+        .execute(&mut *open)
+        .await
+        .unwrap();
+    a.exec("UPDATE t SET s = 'a1' WHERE id = 1; UPDATE t SET s = 'a2' WHERE id = 2;")
+        .await;
+    a.drain().await;
+    let events = a.events(0).await;
+    let apply = async { b.store.apply(events).await.unwrap() };
+    let commit_later = async {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        open.commit().await.unwrap();
+    };
+    let (report, ()) = tokio::join!(apply, commit_later);
+    assert_eq!(
+        report.drained.events, 2,
+        "both local changes were drained inside the apply"
+    );
+    assert_eq!(report.conflicts, 2, "{report:?}");
+    assert_eq!(b.count("SELECT count(*) FROM weft.conflicts").await, 2);
+    sync(&[&a, &b]).await;
+    assert_eq!(a.snapshot(&["t"]).await, b.snapshot(&["t"]).await);
+}
+
+#[tokio::test]
+async fn a_value_postgres_cannot_hold_is_dead_lettered_and_the_rest_applies() {
+    let pg = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let a = Region::sqlite(dir.path(), "a", SQLITE_SCHEMA, &lww(&["t", "pairs"])).await;
+    let b = Region::pg(&pg, "b", PG_SCHEMA, &lww(&["t", "pairs"])).await;
+    a.exec(
+        "INSERT INTO t (id, n) VALUES (1, 1), (2, 'not a number'), (3, 3);
+         INSERT INTO t (id, b) VALUES (4, 'text, not bytes');
+         INSERT INTO t (id, amount) VALUES (5, '1e400');
+         INSERT INTO pairs VALUES ('ok', 1, 'v');",
+    )
+    .await;
+    a.drain().await;
+    let report = b.pull(&a).await;
+    assert_eq!((report.applied, report.dead_lettered), (3, 3), "{report:?}");
+    let reasons: Vec<String> = sqlx::query_scalar("SELECT key || ': ' || reason FROM weft.dead_letters ORDER BY key")
+        .fetch_all(b.pg_pool())
+        .await
+        .unwrap();
+    assert!(
+        reasons[0].starts_with("[2]: invalid input syntax for type integer"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[1].starts_with("[4]: column `b`: a bytea column cannot hold text"),
+        "{reasons:?}"
+    );
+    assert!(reasons[2].starts_with("[5]: "), "{reasons:?}");
+    assert_eq!(b.count("SELECT count(*) FROM t").await, 2);
+    assert_eq!(b.count("SELECT count(*) FROM pairs").await, 1);
+    // Nothing blocks: later events flow.
+    a.exec("UPDATE t SET n = 10 WHERE id = 1").await;
+    a.drain().await;
+    assert_eq!(b.pull(&a).await.applied, 1);
+}
+
+#[tokio::test]
+async fn a_nan_sqlite_cannot_store_is_dead_lettered_there() {
+    let pg = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let a = Region::pg(&pg, "a", PG_SCHEMA, &lww(&["t"])).await;
+    let b = Region::sqlite(dir.path(), "b", SQLITE_SCHEMA, &lww(&["t"])).await;
+    a.exec("INSERT INTO t (id, f) VALUES (1, 'NaN'), (2, 1.5)").await;
+    a.drain().await;
+    let report = b.pull(&a).await;
+    assert_eq!((report.applied, report.dead_lettered), (1, 1), "{report:?}");
+    let reasons = b
+        .count("SELECT count(*) FROM _weft_dead_letters WHERE reason LIKE '%NaN, which SQLite cannot store%'")
+        .await;
+    assert_eq!(reasons, 1);
+}
+
+#[tokio::test]
+async fn only_one_sidecar_serves_a_database() {
+    let pg = cluster();
+    let a = Region::pg(&pg, "a", PG_SCHEMA, &lww(&["t"])).await;
+    let second = weft::store::Store::open(
+        &a.database,
+        weft::store::sqlite::Identity {
+            node: "a".into(),
+            region: "region-of-a".into(),
+        },
+        &lww(&["t"]),
+        std::time::Duration::from_secs(1),
+    )
+    .await;
+    let error = second.err().expect("a second sidecar must be refused").to_string();
+    assert!(
+        error.contains("another weft sidecar already serves this database"),
+        "{error}"
+    );
+    // Once the first one is gone, a new one may start.
+    a.store.close().await;
+    let third = weft::store::Store::open(
+        &a.database,
+        weft::store::sqlite::Identity {
+            node: "a".into(),
+            region: "region-of-a".into(),
+        },
+        &lww(&["t"]),
+        std::time::Duration::from_secs(1),
+    )
+    .await;
+    assert!(third.is_ok(), "{:?}", third.err());
+}
