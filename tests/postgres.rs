@@ -89,6 +89,42 @@ async fn captures_typed_rows_and_round_trips_them_through_sqlite_exactly() {
 }
 
 #[tokio::test]
+async fn a_key_change_deletes_the_old_key_everywhere() {
+    let pg = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let a = Region::pg(&pg, "a", PG_SCHEMA, &lww(&["t", "pairs"])).await;
+    let b = Region::sqlite(dir.path(), "b", SQLITE_SCHEMA, &lww(&["t", "pairs"])).await;
+    a.exec("INSERT INTO t (id, s) VALUES (1, 'one'), (2, 'two'), (3, 'three'); INSERT INTO pairs VALUES ('k', 1, 'v')")
+        .await;
+    sync(&[&a, &b]).await;
+    // A move to a fresh key, two moves in one statement, and a composite key change.
+    a.exec(
+        "UPDATE t SET id = 10 WHERE id = 1; UPDATE t SET id = id + 100 WHERE id IN (2, 3); \
+         UPDATE pairs SET b = 2 WHERE a = 'k'",
+    )
+    .await;
+    sync(&[&a, &b]).await;
+    let ids: Vec<(i64, String)> = match &b.app {
+        common::regions::App::Sqlite(pool) => sqlx::query_as("SELECT id, s FROM t ORDER BY id")
+            .fetch_all(pool)
+            .await
+            .unwrap(),
+        _ => unreachable!(),
+    };
+    assert_eq!(
+        ids,
+        [
+            (10, "one".to_string()),
+            (102, "two".to_string()),
+            (103, "three".to_string())
+        ]
+    );
+    assert_eq!(b.count("SELECT count(*) FROM pairs WHERE a = 'k' AND b = 2").await, 1);
+    assert_eq!(b.count("SELECT count(*) FROM pairs").await, 1);
+    assert_eq!(a.snapshot(&["t", "pairs"]).await, b.snapshot(&["t", "pairs"]).await);
+}
+
+#[tokio::test]
 async fn applier_writes_are_not_captured_again() {
     let pg = cluster();
     let dir = tempfile::tempdir().unwrap();

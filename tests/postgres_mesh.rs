@@ -1,7 +1,7 @@
 //! Mixed meshes of real `weft run` processes: a SQLite region and two PostgreSQL regions
 //! (on a throw-away cluster the test starts) converge under concurrent writes, and nothing
 //! is lost or applied twice when a PostgreSQL sidecar is killed mid-apply or when the
-//! database server restarts mid-stream.
+//! database server restarts mid-stream; a ring relays through PostgreSQL regions.
 mod common;
 
 use std::time::{Duration, Instant};
@@ -27,6 +27,18 @@ async fn a_sqlite_region_and_two_postgres_regions_converge() {
     write_everywhere(&mesh, 0, 30).await;
     mesh.wait_converged(Duration::from_secs(60)).await;
     mesh.assert_exactly_once(3 * 300).await;
+    // `weft status` reads a PostgreSQL region while its sidecar serves it.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["status", "--json", "--config"])
+        .arg(&mesh.regions[1].config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["node"], "r1");
+    assert_eq!(status["outbox_pending"], 0);
+    let frontiers = status["frontiers"].as_array().unwrap();
+    assert_eq!(frontiers.len(), 2, "{status}");
     mesh.terminate_all();
 }
 
@@ -101,5 +113,21 @@ async fn a_database_restart_mid_stream_loses_nothing() {
         log.contains("connecting to PostgreSQL"),
         "the sidecar should log its reconnect: {log}"
     );
+    mesh.terminate_all();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ring_relayed_by_postgres_regions_converges() {
+    // r0 -> r1 -> r2 -> r3 -> r0: every PostgreSQL region relays the others' events.
+    let kinds = [Kind::Sqlite, Kind::Postgres, Kind::Postgres, Kind::Sqlite];
+    let mesh = Mesh::shaped(&kinds, "shape = \"ring\"").await;
+    mesh.spawn_all().await;
+    write_everywhere(&mesh, 0, 10).await;
+    // A relaying PostgreSQL sidecar dies mid-stream and comes back.
+    mesh.kill9(1);
+    write_everywhere(&mesh, 100, 5).await;
+    mesh.spawn(1, None).await;
+    mesh.wait_converged(Duration::from_secs(60)).await;
+    mesh.assert_exactly_once(4 * 150).await;
     mesh.terminate_all();
 }

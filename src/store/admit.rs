@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashSet};
 
 use crate::clock::Clock;
-use crate::event::{Event, Op, Row};
+use crate::event::{Event, Key, Op, Row};
 use crate::replicate::RowVersion;
 use crate::store::ApplyReport;
 use crate::topology;
@@ -16,6 +16,55 @@ pub struct Frontier {
     pub processed: u64,
     /// Advanced by this run (only those are written back).
     pub changed: bool,
+}
+
+/// Frontiers as read from a store's frontier table: (origin, seq, processed).
+pub fn frontiers_from(rows: impl IntoIterator<Item = (String, i64, i64)>) -> BTreeMap<String, Frontier> {
+    rows.into_iter()
+        .map(|(origin, seq, processed)| {
+            let frontier = Frontier {
+                seq: seq as u64,
+                processed: processed as u64,
+                changed: false,
+            };
+            (origin, frontier)
+        })
+        .collect()
+}
+
+/// A drained local change as an event (seq and batch end are set by the caller): the row's
+/// stored vector plus one for this node, a fresh HLC. `None` for a row inserted and deleted
+/// between two drains, which nobody ever saw.
+pub fn local_event(
+    identity: &crate::store::sqlite::Identity,
+    clock: &Clock,
+    table: &str,
+    key: Key,
+    image: Option<Row>,
+    previous: Option<&RowVersion>,
+    committed_at: i64,
+) -> Option<Event> {
+    if image.is_none() && previous.is_none() {
+        return None;
+    }
+    let me = &identity.node;
+    let mut version = previous.map(|l| l.version.clone()).unwrap_or_default();
+    version.increment(me);
+    Some(Event {
+        origin: me.clone(),
+        origin_region: identity.region.clone(),
+        seq: 0,
+        batch_end: 0,
+        hlc: clock.now(),
+        table: table.to_owned(),
+        key,
+        op: image.map(Op::Upsert).unwrap_or(Op::Delete),
+        version,
+        path: vec![me.clone()],
+        committed_at_micros: committed_at,
+        crdt: Vec::new(),
+        ownership: None,
+    })
 }
 
 /// Per origin, the last seq of the run that closes a capture batch: events past it belong to

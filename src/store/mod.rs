@@ -78,6 +78,32 @@ pub struct LogEntry {
     pub bytes: Vec<u8>,
 }
 
+/// Log entries after `after`, about `max` of them, but always ending on a capture-batch
+/// boundary so a source transaction is never split on the wire. `fetch(cursor, limit)` reads
+/// up to `limit` entries with seq > `cursor`, in seq order.
+pub async fn read_whole_batches<F, Fut>(after: u64, max: usize, mut fetch: F) -> Result<Vec<LogEntry>, StoreError>
+where
+    F: FnMut(u64, i64) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<LogEntry>, StoreError>>,
+{
+    let mut out: Vec<LogEntry> = Vec::new();
+    let mut cursor = after;
+    let mut limit = max as i64;
+    loop {
+        let rows = fetch(cursor, limit).await?;
+        let fetched = rows.len();
+        out.extend(rows);
+        let Some(last) = out.last() else { break };
+        if last.seq >= last.batch_end || fetched == 0 {
+            break;
+        }
+        // Finish the batch the limit cut into.
+        cursor = last.seq;
+        limit = (last.batch_end - last.seq) as i64;
+    }
+    Ok(out)
+}
+
 /// Replication state read from the database, for `weft status` and the RPO figures.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Status {

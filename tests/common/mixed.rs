@@ -62,11 +62,16 @@ fn free_port() -> u16 {
 impl Mesh {
     /// An all-to-all mesh with one region per entry of `kinds` (nodes r0, r1, ...).
     pub async fn new(kinds: &[Kind]) -> Mesh {
+        Self::shaped(kinds, "shape = \"all-to-all\"").await
+    }
+
+    /// A mesh of the given shape (`shape = "ring"`, ...), nodes in order r0, r1, ...
+    pub async fn shaped(kinds: &[Kind], shape: &str) -> Mesh {
         let dir = tempfile::tempdir().unwrap();
         let cluster = kinds
             .contains(&Kind::Postgres)
             .then(|| Cluster::start(Settings::default()).expect("a throw-away PostgreSQL cluster"));
-        let mut topology = "version = 1\nmesh = \"mixed\"\nshape = \"all-to-all\"\n".to_owned();
+        let mut topology = format!("version = 1\nmesh = \"mixed\"\n{shape}\n");
         let mut regions = Vec::new();
         for (i, kind) in kinds.iter().enumerate() {
             let node = format!("r{i}");

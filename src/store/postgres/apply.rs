@@ -14,19 +14,19 @@
 //! retried, so that insert is drained and compared, never overwritten. A write PostgreSQL
 //! refuses for its content (a cast, a constraint) rolls the run back, and the run is replayed
 //! event by event under savepoints, which dead-letters exactly the refused events.
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use sqlx::{AssertSqlSafe, PgConnection};
 
 use super::PgStore;
-use super::capture::{append_log, load_versions, read_image, store_versions};
+use super::capture::{Meta, load_versions, read_image, write_meta};
 use super::schema::{PgTable, quote};
 use crate::config::Strategy;
 use crate::event::{Event, Key, Op, Row, Value};
 use crate::replicate::{Decision, RowVersion, decide};
 use crate::resolve::Winner;
-use crate::store::admit::{Frontier, admit, conflict_record, shape_problem, strategy_name};
+use crate::store::admit::{admit, conflict_record, frontiers_from, shape_problem, strategy_name};
 use crate::store::{ApplyReport, StoreError};
 
 /// How many times a run is retried after losing a race with an application insert.
@@ -231,10 +231,18 @@ impl PgStore {
     /// Applies a run of remote events (one stream's frame) in one transaction.
     pub async fn apply(&self, events: Vec<Event>) -> Result<ApplyReport, StoreError> {
         self.with_writer(async |store: &Self, conn: &mut PgConnection, last_seq: &mut u64| {
+            let started = std::time::Instant::now();
             let mut mode = Mode::Grouped;
             for _ in 0..MAX_RACES {
                 match store.attempt(conn, &events, mode, last_seq).await? {
-                    Outcome::Done(report) => return Ok(report),
+                    Outcome::Done(report) => {
+                        tracing::debug!(
+                            events = events.len(),
+                            ms = started.elapsed().as_secs_f64() * 1e3,
+                            "applied"
+                        );
+                        return Ok(report);
+                    }
                     Outcome::Refused => {
                         tracing::debug!("a grouped write was refused; replaying the run event by event");
                         mode = Mode::EventByEvent;
@@ -259,34 +267,26 @@ impl PgStore {
         last_seq: &mut u64,
     ) -> Result<Outcome, StoreError> {
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-        sqlx::query("SELECT set_config('weft.applying', 'on', true)")
-            .execute(&mut *tx)
-            .await?;
-        let known: Vec<(String, i64, i64)> = sqlx::query_as("SELECT origin, seq, processed FROM weft.frontier")
-            .fetch_all(&mut *tx)
-            .await?;
-        let mut frontiers: BTreeMap<String, Frontier> = known
-            .into_iter()
-            .map(|(origin, seq, processed)| {
-                let frontier = Frontier {
-                    seq: seq as u64,
-                    processed: processed as u64,
-                    changed: false,
-                };
-                (origin, frontier)
-            })
-            .collect();
+        // Marks the transaction as the applier's and reads the frontiers, in one round trip.
+        let known: Vec<(Option<String>, Option<i64>, Option<i64>)> = sqlx::query_as(
+            "WITH mark AS (SELECT set_config('weft.applying', 'on', true)) \
+             SELECT f.origin, f.seq, f.processed FROM mark LEFT JOIN weft.frontier f ON true",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let known = known.into_iter().filter_map(|(o, s, p)| Some((o?, s?, p?)));
+        let mut frontiers = frontiers_from(known);
         let mut report = ApplyReport::default();
         let admitted = admit(&self.identity.node, &self.clock, events, &mut frontiers, &mut report);
         let mut exists = self.lock_rows(&mut tx, &admitted).await?;
         report.drained = self.drain_in(&mut tx, *last_seq).await?;
-        match self
+        let written = match self
             .apply_events(&mut tx, &admitted, &mut exists, &mut report, mode)
             .await?
         {
-            None => {}
-            Some(outcome) => return Ok(outcome),
-        }
+            Ok(written) => written,
+            Err(outcome) => return Ok(outcome),
+        };
         let relayed: Vec<Event> = admitted
             .iter()
             .filter(|e| self.relayed.contains(&e.origin))
@@ -296,21 +296,21 @@ impl PgStore {
                 relayed
             })
             .collect();
-        append_log(&mut tx, &relayed.iter().collect::<Vec<_>>()).await?;
-        let changed: Vec<(&String, &Frontier)> = frontiers.iter().filter(|(_, f)| f.changed).collect();
-        if !changed.is_empty() {
-            sqlx::query(
-                "INSERT INTO weft.frontier (origin, seq, processed) \
-                 SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[]) \
-                 ON CONFLICT (origin) DO UPDATE SET seq = excluded.seq, processed = excluded.processed",
-            )
-            .bind(changed.iter().map(|(o, _)| o.as_str()).collect::<Vec<_>>())
-            .bind(changed.iter().map(|(_, f)| f.seq as i64).collect::<Vec<_>>())
-            .bind(changed.iter().map(|(_, f)| f.processed as i64).collect::<Vec<_>>())
-            .execute(&mut *tx)
-            .await?;
-        }
-        self.persist_clock(&mut tx).await?;
+        write_meta(
+            &mut tx,
+            Meta {
+                versions: written.iter().map(|(t, k, v)| (t.as_str(), k.as_slice(), v)).collect(),
+                log: relayed.iter().collect(),
+                frontiers: frontiers
+                    .iter()
+                    .filter(|(_, f)| f.changed)
+                    .map(|(o, f)| (o.as_str(), f.seq, f.processed))
+                    .collect(),
+                hlc: self.clock.last().0,
+                ..Meta::default()
+            },
+        )
+        .await?;
         tx.commit().await?;
         *last_seq = report.drained.last_seq;
         report.frontiers = frontiers.into_iter().map(|(o, f)| (o, f.seq)).collect();
@@ -444,7 +444,7 @@ impl PgStore {
         exists: &mut HashSet<(String, Vec<u8>)>,
         report: &mut ApplyReport,
         mode: Mode,
-    ) -> Result<Option<Outcome>, StoreError> {
+    ) -> Result<Result<Vec<(String, Vec<u8>, RowVersion)>, Outcome>, StoreError> {
         let mut keys: HashMap<&str, Vec<Vec<u8>>> = HashMap::new();
         for event in events {
             if self.tables.contains_key(&event.table) {
@@ -464,7 +464,7 @@ impl PgStore {
                 match $result {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(reason)) => Err(reason),
-                    Err(outcome) => return Ok(Some(outcome)),
+                    Err(outcome) => return Ok(Err(outcome)),
                 }
             };
         }
@@ -489,7 +489,7 @@ impl PgStore {
                 if let Err(reason) = flushed!(pending.flush(tx).await?) {
                     debug_assert!(mode == Mode::Grouped, "event-by-event flushes after each write");
                     let _ = reason;
-                    return Ok(Some(Outcome::Refused));
+                    return Ok(Err(Outcome::Refused));
                 }
                 local_row = read_row(tx, &table, &event.key).await?;
             }
@@ -559,7 +559,7 @@ impl PgStore {
                             exists.insert(id.clone());
                         }
                     }
-                    Err(_) if mode == Mode::Grouped => return Ok(Some(Outcome::Refused)),
+                    Err(_) if mode == Mode::Grouped => return Ok(Err(Outcome::Refused)),
                     Err(reason) => {
                         sqlx::raw_sql("ROLLBACK TO SAVEPOINT weft_event")
                             .execute(&mut *tx)
@@ -578,16 +578,15 @@ impl PgStore {
             changed.push(id);
         }
         if flushed!(pending.flush(tx).await?).is_err() {
-            return Ok(Some(Outcome::Refused));
+            return Ok(Err(Outcome::Refused));
         }
-        let stored: Vec<(&str, &[u8], &RowVersion)> = changed
-            .iter()
-            .map(|id| (id.0.as_str(), id.1.as_slice(), &versions[id]))
-            .collect();
-        if !stored.is_empty() {
-            store_versions(tx, &stored).await?;
-        }
-        Ok(None)
+        Ok(Ok(changed
+            .into_iter()
+            .map(|id| {
+                let version = versions[&id].clone();
+                (id.0, id.1, version)
+            })
+            .collect()))
     }
 
     async fn log_conflict(

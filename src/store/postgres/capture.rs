@@ -15,7 +15,7 @@ use sqlx::{AssertSqlSafe, PgConnection, Row as _};
 
 use super::PgStore;
 use super::schema::PgTable;
-use crate::event::{Event, Hlc, Key, Op, Row};
+use crate::event::{Event, Hlc, Key, Row};
 use crate::replicate::RowVersion;
 use crate::store::{DrainReport, StoreError};
 use crate::version::VersionVector;
@@ -37,11 +37,14 @@ pub(super) async fn load_versions(
     table: &str,
     keys: &[Vec<u8>],
 ) -> Result<HashMap<Vec<u8>, RowVersion>, StoreError> {
-    let rows = sqlx::query("SELECT key, version, hlc, origin, deleted FROM weft.rows WHERE tbl = $1 AND key = ANY($2)")
-        .bind(table)
-        .bind(keys)
-        .fetch_all(&mut *conn)
-        .await?;
+    let rows = sqlx::query(
+        "SELECT r.key, r.version, r.hlc, r.origin, r.deleted FROM unnest($2::bytea[]) AS k(key) \
+         JOIN weft.rows r ON r.tbl = $1 AND r.key = k.key",
+    )
+    .bind(table)
+    .bind(keys)
+    .fetch_all(&mut *conn)
+    .await?;
     let mut out = HashMap::with_capacity(rows.len());
     for row in rows {
         let version: String = row.try_get(1)?;
@@ -59,59 +62,64 @@ pub(super) async fn load_versions(
     Ok(out)
 }
 
-/// Stores row versions, replacing what was there; a key listed twice keeps its last version.
-pub(super) async fn store_versions(
-    conn: &mut PgConnection,
-    versions: &[(&str, &[u8], &RowVersion)],
-) -> Result<(), StoreError> {
+/// Everything a drain or an applied run records besides the rows themselves, written in one
+/// statement (data-modifying CTEs), so a transaction costs few round trips.
+#[derive(Default)]
+pub(super) struct Meta<'a> {
+    /// Row versions; a key listed twice keeps its last version.
+    pub versions: Vec<(&'a str, &'a [u8], &'a RowVersion)>,
+    pub log: Vec<&'a Event>,
+    /// (origin, seq, processed) of frontiers that moved.
+    pub frontiers: Vec<(&'a str, u64, u64)>,
+    /// Outbox rows drained.
+    pub drained: &'a [i64],
+    /// The new last own seq, if it moved.
+    pub last_seq: Option<u64>,
+    /// The clock's high-water mark, persisted with the events it stamped.
+    pub hlc: u64,
+}
+
+pub(super) async fn write_meta(conn: &mut PgConnection, meta: Meta<'_>) -> Result<(), StoreError> {
     let mut last: HashMap<(&str, &[u8]), usize> = HashMap::new();
-    for (i, (table, key, _)) in versions.iter().enumerate() {
+    for (i, (table, key, _)) in meta.versions.iter().enumerate() {
         last.insert((*table, *key), i);
     }
     let mut order: Vec<usize> = last.into_values().collect();
     order.sort_unstable();
-    let tables: Vec<&str> = order.iter().map(|&i| versions[i].0).collect();
-    let keys: Vec<&[u8]> = order.iter().map(|&i| versions[i].1).collect();
-    let vectors: Vec<String> = order.iter().map(|&i| versions[i].2.version.to_json()).collect();
-    let hlcs: Vec<i64> = order.iter().map(|&i| versions[i].2.hlc.0 as i64).collect();
-    let origins: Vec<&str> = order.iter().map(|&i| versions[i].2.origin.as_str()).collect();
-    let deleted: Vec<bool> = order.iter().map(|&i| versions[i].2.deleted).collect();
+    let v = |i: &usize| &meta.versions[*i];
+    // Joins, not `= ANY`, for the outbox: a backlog of many ids must stay linear.
     sqlx::query(
-        "INSERT INTO weft.rows (tbl, key, version, hlc, origin, deleted) \
-         SELECT * FROM unnest($1::text[], $2::bytea[], $3::text[], $4::int8[], $5::text[], $6::bool[]) \
-         ON CONFLICT (tbl, key) DO UPDATE SET version = excluded.version, hlc = excluded.hlc, \
-         origin = excluded.origin, deleted = excluded.deleted",
+        "WITH v AS (INSERT INTO weft.rows (tbl, key, version, hlc, origin, deleted) \
+              SELECT * FROM unnest($1::text[], $2::bytea[], $3::text[], $4::int8[], $5::text[], $6::bool[]) \
+              ON CONFLICT (tbl, key) DO UPDATE SET version = excluded.version, hlc = excluded.hlc, \
+              origin = excluded.origin, deleted = excluded.deleted), \
+         l AS (INSERT INTO weft.log (origin, seq, batch_end, committed_at, event) \
+              SELECT * FROM unnest($7::text[], $8::int8[], $9::int8[], $10::int8[], $11::bytea[])), \
+         f AS (INSERT INTO weft.frontier (origin, seq, processed) \
+              SELECT * FROM unnest($12::text[], $13::int8[], $14::int8[]) \
+              ON CONFLICT (origin) DO UPDATE SET seq = excluded.seq, processed = excluded.processed), \
+         d AS (DELETE FROM weft.outbox o USING unnest($15::int8[]) AS s(id) WHERE o.id = s.id), \
+         n AS (UPDATE weft.node SET value = CASE name WHEN 'hlc' THEN $16 ELSE coalesce($17, value) END \
+              WHERE name IN ('hlc', 'last_seq')) \
+         SELECT 1",
     )
-    .bind(tables)
-    .bind(keys)
-    .bind(vectors)
-    .bind(hlcs)
-    .bind(origins)
-    .bind(deleted)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
-/// Appends events to the log.
-pub(super) async fn append_log(conn: &mut PgConnection, events: &[&Event]) -> Result<(), StoreError> {
-    if events.is_empty() {
-        return Ok(());
-    }
-    let origins: Vec<&str> = events.iter().map(|e| e.origin.as_str()).collect();
-    let seqs: Vec<i64> = events.iter().map(|e| e.seq as i64).collect();
-    let ends: Vec<i64> = events.iter().map(|e| e.batch_end as i64).collect();
-    let at: Vec<i64> = events.iter().map(|e| e.committed_at_micros).collect();
-    let bytes: Vec<Vec<u8>> = events.iter().map(|e| wire::encode_event(e)).collect();
-    sqlx::query(
-        "INSERT INTO weft.log (origin, seq, batch_end, committed_at, event) \
-         SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::bytea[])",
-    )
-    .bind(origins)
-    .bind(seqs)
-    .bind(ends)
-    .bind(at)
-    .bind(bytes)
+    .bind(order.iter().map(|i| v(i).0).collect::<Vec<_>>())
+    .bind(order.iter().map(|i| v(i).1).collect::<Vec<_>>())
+    .bind(order.iter().map(|i| v(i).2.version.to_json()).collect::<Vec<_>>())
+    .bind(order.iter().map(|i| v(i).2.hlc.0 as i64).collect::<Vec<_>>())
+    .bind(order.iter().map(|i| v(i).2.origin.as_str()).collect::<Vec<_>>())
+    .bind(order.iter().map(|i| v(i).2.deleted).collect::<Vec<_>>())
+    .bind(meta.log.iter().map(|e| e.origin.as_str()).collect::<Vec<_>>())
+    .bind(meta.log.iter().map(|e| e.seq as i64).collect::<Vec<_>>())
+    .bind(meta.log.iter().map(|e| e.batch_end as i64).collect::<Vec<_>>())
+    .bind(meta.log.iter().map(|e| e.committed_at_micros).collect::<Vec<_>>())
+    .bind(meta.log.iter().map(|e| wire::encode_event(e)).collect::<Vec<_>>())
+    .bind(meta.frontiers.iter().map(|f| f.0).collect::<Vec<_>>())
+    .bind(meta.frontiers.iter().map(|f| f.1 as i64).collect::<Vec<_>>())
+    .bind(meta.frontiers.iter().map(|f| f.2 as i64).collect::<Vec<_>>())
+    .bind(meta.drained)
+    .bind((meta.hlc as i64).to_string())
+    .bind(meta.last_seq.map(|s| s.to_string()))
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -127,30 +135,18 @@ pub(super) fn read_image(table: &PgTable, row: &sqlx::postgres::PgRow, first: us
 }
 
 impl PgStore {
-    /// Persists the clock's high-water mark with the events stamped by it.
-    pub(super) async fn persist_clock(&self, tx: &mut PgConnection) -> Result<(), StoreError> {
-        sqlx::query("UPDATE weft.node SET value = $1 WHERE name = 'hlc'")
-            .bind((self.clock.last().0 as i64).to_string())
-            .execute(&mut *tx)
-            .await?;
-        Ok(())
-    }
-
     /// Drains the outbox into the log in its own transaction.
     pub async fn drain(&self) -> Result<DrainReport, StoreError> {
         self.with_writer(async |store: &Self, conn: &mut PgConnection, last_seq: &mut u64| {
-            let pending: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM weft.outbox)")
-                .fetch_one(&mut *conn)
-                .await?;
-            if !pending {
-                return Ok(DrainReport {
-                    events: 0,
-                    last_seq: *last_seq,
-                });
-            }
+            let started = std::time::Instant::now();
             let mut tx = sqlx::Connection::begin(&mut *conn).await?;
             let report = store.drain_in(&mut tx, *last_seq).await?;
             tx.commit().await?;
+            tracing::debug!(
+                events = report.events,
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "drained"
+            );
             *last_seq = report.last_seq;
             Ok(report)
         })
@@ -172,9 +168,10 @@ impl PgStore {
         let mut matched = 0usize;
         for table in self.tables.values() {
             let sql = format!(
-                "SELECT o.id, o.at, o.deleted, {} FROM weft.outbox o \
+                "SELECT o.id, o.at, o.deleted, {} FROM unnest($2::int8[]) AS s(id) \
+                 JOIN weft.outbox o ON o.id = s.id \
                  CROSS JOIN LATERAL jsonb_populate_record(NULL::{}, o.image) r \
-                 WHERE o.tbl = $1 AND o.id = ANY($2) ORDER BY o.id",
+                 WHERE o.tbl = $1 ORDER BY o.id",
                 table.select_list("r"),
                 table.qualified()
             );
@@ -232,34 +229,19 @@ impl PgStore {
                 local.insert(table.name.as_str(), load_versions(tx, &table.name, &keys).await?);
             }
         }
-        let me = &self.identity.node;
         let mut events = Vec::with_capacity(pending.len());
         for p in pending {
             let previous = local.get(p.table.name.as_str()).and_then(|m| m.get(&p.key_bytes));
-            if p.image.is_none() && previous.is_none() {
-                // Inserted and deleted between two drains: nobody ever saw it.
-                continue;
-            }
-            let mut version = previous.map(|l| l.version.clone()).unwrap_or_default();
-            version.increment(me);
-            events.push((
-                p.key_bytes,
-                Event {
-                    origin: me.clone(),
-                    origin_region: self.identity.region.clone(),
-                    seq: 0,
-                    batch_end: 0,
-                    hlc: self.clock.now(),
-                    table: p.table.name.clone(),
-                    key: p.key,
-                    op: p.image.map(Op::Upsert).unwrap_or(Op::Delete),
-                    version,
-                    path: vec![me.clone()],
-                    committed_at_micros: p.committed_at,
-                    crdt: Vec::new(),
-                    ownership: None,
-                },
-            ));
+            let event = crate::store::admit::local_event(
+                &self.identity,
+                &self.clock,
+                &p.table.name,
+                p.key,
+                p.image,
+                previous,
+                p.committed_at,
+            );
+            events.extend(event.map(|e| (p.key_bytes, e)));
         }
         let batch_end = last_seq + events.len() as u64;
         for (i, (_, event)) in events.iter_mut().enumerate() {
@@ -267,24 +249,22 @@ impl PgStore {
             event.batch_end = batch_end;
         }
         let versions: Vec<RowVersion> = events.iter().map(|(_, e)| RowVersion::of_event(e)).collect();
-        let stored: Vec<(&str, &[u8], &RowVersion)> = events
-            .iter()
-            .zip(&versions)
-            .map(|((key, event), version)| (event.table.as_str(), key.as_slice(), version))
-            .collect();
-        if !stored.is_empty() {
-            store_versions(tx, &stored).await?;
-        }
-        append_log(tx, &events.iter().map(|(_, e)| e).collect::<Vec<_>>()).await?;
-        sqlx::query("UPDATE weft.node SET value = $1 WHERE name = 'last_seq'")
-            .bind(batch_end.to_string())
-            .execute(&mut *tx)
-            .await?;
-        self.persist_clock(tx).await?;
-        sqlx::query("DELETE FROM weft.outbox WHERE id = ANY($1)")
-            .bind(&ids)
-            .execute(&mut *tx)
-            .await?;
+        write_meta(
+            tx,
+            Meta {
+                versions: events
+                    .iter()
+                    .zip(&versions)
+                    .map(|((key, event), version)| (event.table.as_str(), key.as_slice(), version))
+                    .collect(),
+                log: events.iter().map(|(_, e)| e).collect(),
+                drained: &ids,
+                last_seq: Some(batch_end),
+                hlc: self.clock.last().0,
+                ..Meta::default()
+            },
+        )
+        .await?;
         Ok(DrainReport {
             events: events.len() as u64,
             last_seq: batch_end,

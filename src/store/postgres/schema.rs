@@ -1,9 +1,10 @@
 //! PostgreSQL schema: weft's metadata tables (schema `weft`) and the capture triggers.
 //!
-//! `install` is idempotent. Each replicated table gets a row trigger that writes the row's
-//! whole image (`to_jsonb`) to `weft.outbox` in the application's own transaction, and a
-//! statement trigger that wakes the sidecar with `NOTIFY weft_capture`. Both skip writes
-//! made by the applier, whose transactions `SET LOCAL weft.applying = 'on'`. Because every
+//! `install` is idempotent. Each replicated table gets statement-level triggers (one per
+//! event, with transition tables) that write every changed row's whole image (`to_jsonb`)
+//! to `weft.outbox` in the application's own transaction and wake the sidecar with
+//! `NOTIFY weft_capture`. They skip writes made by the applier, whose transactions
+//! `SET LOCAL weft.applying = 'on'`. Because every
 //! outbox row carries its image, a drain reads each source transaction exactly as it
 //! committed, whatever commits while it runs. Generated columns are not replicated: each
 //! region computes them.
@@ -26,6 +27,9 @@ CREATE TABLE IF NOT EXISTS weft.outbox (
     image jsonb NOT NULL,
     at bigint NOT NULL
 );
+-- A queue table: vacuum it often, or dead rows slow every drain.
+ALTER TABLE weft.outbox SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 5000,
+    autovacuum_vacuum_insert_scale_factor = 0, autovacuum_vacuum_insert_threshold = 5000);
 CREATE TABLE IF NOT EXISTS weft.rows (
     tbl text NOT NULL,
     key bytea NOT NULL,
@@ -75,42 +79,6 @@ CREATE TABLE IF NOT EXISTS weft.conflicts (
 );
 CREATE OR REPLACE FUNCTION weft.now_micros() RETURNS bigint LANGUAGE sql VOLATILE AS
 $$ SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint $$;
-CREATE OR REPLACE FUNCTION weft.capture() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-    old_image jsonb;
-    new_image jsonb;
-    i int;
-BEGIN
-    IF current_setting('weft.applying', true) = 'on' THEN
-        RETURN NULL;
-    END IF;
-    IF TG_OP <> 'INSERT' THEN
-        old_image := to_jsonb(OLD);
-    END IF;
-    IF TG_OP <> 'DELETE' THEN
-        new_image := to_jsonb(NEW);
-    END IF;
-    -- A key change moves the row: the old key is deleted. TG_ARGV lists the key columns.
-    IF TG_OP = 'UPDATE' THEN
-        FOR i IN 0 .. TG_NARGS - 1 LOOP
-            IF old_image -> TG_ARGV[i] IS DISTINCT FROM new_image -> TG_ARGV[i] THEN
-                INSERT INTO weft.outbox (tbl, deleted, image, at)
-                VALUES (TG_TABLE_NAME, true, old_image, weft.now_micros());
-                EXIT;
-            END IF;
-        END LOOP;
-    END IF;
-    INSERT INTO weft.outbox (tbl, deleted, image, at)
-    VALUES (TG_TABLE_NAME, TG_OP = 'DELETE', coalesce(new_image, old_image), weft.now_micros());
-    RETURN NULL;
-END $$;
-CREATE OR REPLACE FUNCTION weft.wake() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF current_setting('weft.applying', true) IS DISTINCT FROM 'on' THEN
-        PERFORM pg_notify('weft_capture', TG_TABLE_NAME);
-    END IF;
-    RETURN NULL;
-END $$;
 "#;
 
 /// A replicated table as this node sees it.
@@ -150,6 +118,68 @@ impl PgTable {
             .collect::<Vec<_>>()
             .join(", ")
     }
+}
+
+/// The capture triggers of a table: (name, event).
+const TRIGGERS: [(&str, &str); 3] = [
+    ("weft_capture_ins", "INSERT"),
+    ("weft_capture_upd", "UPDATE"),
+    ("weft_capture_del", "DELETE"),
+];
+
+/// Functions and statement-level triggers capturing `table`. Each statement's rows are
+/// written to the outbox in one `INSERT ... SELECT` from its transition tables (far cheaper
+/// than a trigger call per row), followed by one `NOTIFY`. An update that changes a key
+/// first records the old key as deleted.
+fn capture_sql(table: &PgTable) -> String {
+    let name = literal(&table.name);
+    let q = table.qualified();
+    let record = |deleted: bool, source: &str, filter: &str| {
+        format!(
+            "INSERT INTO weft.outbox (tbl, deleted, image, at) SELECT {name}, {deleted}, to_jsonb(r), stamp FROM {source} r{filter};"
+        )
+    };
+    let key_kept = table
+        .key
+        .iter()
+        .map(|k| format!("n.{0} = r.{0}", quote(k)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let bodies = [
+        record(false, "weft_new", ""),
+        format!(
+            "{} {}",
+            record(
+                true,
+                "weft_old",
+                &format!(" WHERE NOT EXISTS (SELECT 1 FROM weft_new n WHERE {key_kept})")
+            ),
+            record(false, "weft_new", "")
+        ),
+        record(true, "weft_old", ""),
+    ];
+    let mut sql = String::new();
+    for ((trigger, event), body) in TRIGGERS.iter().zip(bodies) {
+        let function = format!("weft.{}", quote(&format!("{trigger}_{}", table.name)));
+        let referencing = match *event {
+            "INSERT" => "NEW TABLE AS weft_new",
+            "UPDATE" => "OLD TABLE AS weft_old NEW TABLE AS weft_new",
+            _ => "OLD TABLE AS weft_old",
+        };
+        sql += &format!(
+            "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $weft$\n\
+             DECLARE stamp bigint := weft.now_micros();\n\
+             BEGIN\n\
+             IF current_setting('weft.applying', true) = 'on' THEN RETURN NULL; END IF;\n\
+             {body}\n\
+             PERFORM pg_notify('{CHANNEL}', {name});\n\
+             RETURN NULL;\n\
+             END $weft$;\n\
+             CREATE OR REPLACE TRIGGER {trigger} AFTER {event} ON {q} REFERENCING {referencing} \
+             FOR EACH STATEMENT EXECUTE FUNCTION {function}();\n"
+        );
+    }
+    sql
 }
 
 /// Reads a table's replicated columns, their types and its primary key.
@@ -248,34 +278,31 @@ pub async fn install(conn: &mut PgConnection, tables: &[TableConfig]) -> Result<
         }
         let mut table = describe(conn, &config.name).await?;
         table.strategy = config.strategy;
-        let args = table.key.iter().map(|k| literal(k)).collect::<Vec<_>>().join(", ");
-        let q = table.qualified();
-        sqlx::raw_sql(AssertSqlSafe(format!(
-            "CREATE OR REPLACE TRIGGER weft_capture AFTER INSERT OR UPDATE OR DELETE ON {q} \
-             FOR EACH ROW EXECUTE FUNCTION weft.capture({args}); \
-             CREATE OR REPLACE TRIGGER weft_wake AFTER INSERT OR UPDATE OR DELETE ON {q} \
-             FOR EACH STATEMENT EXECUTE FUNCTION weft.wake();"
-        )))
-        .execute(&mut *conn)
-        .await?;
+        sqlx::raw_sql(AssertSqlSafe(capture_sql(&table)))
+            .execute(&mut *conn)
+            .await?;
         out.push(table);
     }
-    // Tables no longer replicated lose their triggers.
-    let stale: Vec<String> = sqlx::query_scalar(
-        "SELECT DISTINCT c.relname::text FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid \
+    // Triggers of tables no longer replicated (or of an older weft) go.
+    let installed: Vec<(String, String)> = sqlx::query_as(
+        "SELECT c.relname::text, t.tgname::text FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid \
          JOIN pg_namespace n ON n.oid = c.relnamespace \
-         WHERE n.nspname = 'public' AND t.tgname IN ('weft_capture', 'weft_wake')",
+         WHERE n.nspname = 'public' AND t.tgname LIKE 'weft\\_%'",
     )
     .fetch_all(&mut *conn)
     .await?;
-    for name in stale.iter().filter(|n| !tables.iter().any(|t| &t.name == *n)) {
-        tracing::info!(table = %name, "dropping capture triggers of a table no longer replicated");
-        let q = format!("public.{}", quote(name));
-        sqlx::raw_sql(AssertSqlSafe(format!(
-            "DROP TRIGGER IF EXISTS weft_capture ON {q}; DROP TRIGGER IF EXISTS weft_wake ON {q};"
-        )))
-        .execute(&mut *conn)
-        .await?;
+    for (table, trigger) in installed {
+        let wanted = tables.iter().any(|t| t.name == table) && TRIGGERS.iter().any(|(name, _)| *name == trigger);
+        if !wanted {
+            tracing::info!(%table, %trigger, "dropping a capture trigger weft no longer uses");
+            sqlx::raw_sql(AssertSqlSafe(format!(
+                "DROP TRIGGER IF EXISTS {} ON public.{}",
+                quote(&trigger),
+                quote(&table)
+            )))
+            .execute(&mut *conn)
+            .await?;
+        }
     }
     Ok(out)
 }

@@ -8,7 +8,6 @@
 //! acknowledges only after commit. An event that cannot be applied goes to
 //! `_weft_dead_letters` with the reason and still advances the frontier: it never blocks the
 //! stream and is never silently lost.
-use std::collections::BTreeMap;
 
 use sqlx::{AssertSqlSafe, Connection as _, SqliteConnection};
 
@@ -19,7 +18,7 @@ use super::{SqliteStore, Writer};
 use crate::event::{Event, Row, Value};
 use crate::replicate::RowVersion;
 use crate::resolve::Winner;
-use crate::store::admit::{Frontier, admit, conflict_record, strategy_name};
+use crate::store::admit::{admit, conflict_record, frontiers_from, strategy_name};
 use crate::store::{ApplyReport, StoreError};
 use crate::wire;
 
@@ -68,17 +67,7 @@ impl SqliteStore {
         let known: Vec<(String, i64, i64)> = sqlx::query_as("SELECT origin, seq, processed FROM _weft_frontier")
             .fetch_all(&mut *tx)
             .await?;
-        let mut frontiers: BTreeMap<String, Frontier> = known
-            .into_iter()
-            .map(|(origin, seq, processed)| {
-                let frontier = Frontier {
-                    seq: seq as u64,
-                    processed: processed as u64,
-                    changed: false,
-                };
-                (origin, frontier)
-            })
-            .collect();
+        let mut frontiers = frontiers_from(known);
         let admitted = admit(&self.identity.node, &self.clock, events, &mut frontiers, &mut report);
 
         if !self.apply_events(&mut tx, &admitted, &mut report, mode).await? {

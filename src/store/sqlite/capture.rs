@@ -190,30 +190,16 @@ impl SqliteStore {
         let mut events = Vec::with_capacity(pending.len());
         for p in pending {
             let previous = local.get(p.table.name.as_str()).and_then(|m| m.get(&p.key_bytes));
-            if p.image.is_none() && previous.is_none() {
-                // Inserted and deleted between two drains: nobody ever saw it.
-                continue;
-            }
-            let mut version = previous.map(|l| l.version.clone()).unwrap_or_default();
-            version.increment(me);
-            events.push((
-                p.key_bytes,
-                Event {
-                    origin: me.clone(),
-                    origin_region: self.identity.region.clone(),
-                    seq: 0,
-                    batch_end: 0,
-                    hlc: self.clock.now(),
-                    table: p.table.name.clone(),
-                    key: p.key,
-                    op: p.image.map(Op::Upsert).unwrap_or(Op::Delete),
-                    version,
-                    path: vec![me.clone()],
-                    committed_at_micros: p.committed_at,
-                    crdt: Vec::new(),
-                    ownership: None,
-                },
-            ));
+            let event = crate::store::admit::local_event(
+                &self.identity,
+                &self.clock,
+                &p.table.name,
+                p.key,
+                p.image,
+                previous,
+                p.committed_at,
+            );
+            events.extend(event.map(|e| (p.key_bytes, e)));
         }
         let batch_end = last_seq + events.len() as u64;
         let mut versions = Vec::with_capacity(events.len());

@@ -162,12 +162,9 @@ impl SqliteStore {
     /// Log entries of `origin` after `after`, about `max` of them, but always ending on a
     /// capture-batch boundary so a source transaction is never split on the wire.
     pub async fn read_log(&self, origin: &str, after: u64, max: usize) -> Result<Vec<LogEntry>, StoreError> {
-        // No read transaction needed: log entries are immutable, and entries past `after`
-        // cannot be trimmed (they are not acknowledged yet).
-        let mut out = Vec::new();
-        let mut cursor = after;
-        let mut limit = max as i64;
-        loop {
+        // Log entries are immutable, and entries past `after` cannot be trimmed (they are not
+        // acknowledged yet), so no read transaction is needed.
+        crate::store::read_whole_batches(after, max, async |cursor, limit| {
             let rows = sqlx::query(
                 "SELECT seq, batch_end, event FROM _weft_log WHERE origin = ? AND seq > ? ORDER BY seq LIMIT ?",
             )
@@ -176,23 +173,17 @@ impl SqliteStore {
             .bind(limit)
             .fetch_all(&self.readers)
             .await?;
-            let fetched = rows.len();
-            for row in rows {
-                out.push(LogEntry {
-                    seq: row.try_get::<i64, _>(0)? as u64,
-                    batch_end: row.try_get::<i64, _>(1)? as u64,
-                    bytes: row.try_get(2)?,
-                });
-            }
-            let Some(last) = out.last() else { break };
-            if last.seq >= last.batch_end || fetched == 0 {
-                break;
-            }
-            // Finish the batch the limit cut into.
-            cursor = last.seq;
-            limit = (last.batch_end - last.seq) as i64;
-        }
-        Ok(out)
+            rows.iter()
+                .map(|row| {
+                    Ok(LogEntry {
+                        seq: row.try_get::<i64, _>(0)? as u64,
+                        batch_end: row.try_get::<i64, _>(1)? as u64,
+                        bytes: row.try_get(2)?,
+                    })
+                })
+                .collect()
+        })
+        .await
     }
 
     /// Records acknowledgements and drops log entries every peer that needs them has.
