@@ -3,7 +3,9 @@
 //! point named NAME. Unset, a crash point costs one relaxed atomic load.
 //!
 //! Points: `after-drain` (events committed to the log, not yet sent) and `after-apply`
-//! (a batch committed, not yet acknowledged).
+//! (a batch committed, not yet acknowledged). A few points are not crashes but lost replies
+//! (`reply_lost`): `pg-drain-reply-lost` makes a PostgreSQL drain report an error after its
+//! commit succeeded, as when the server goes away while answering.
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -26,4 +28,16 @@ pub fn hit(name: &str) {
         eprintln!("weft: crash point {name} reached; aborting");
         std::process::abort();
     }
+}
+
+/// Whether to pretend, this time, that the reply to a commit was lost (see the module doc).
+pub fn reply_lost(name: &str) -> bool {
+    if let Some((armed, count)) = armed()
+        && armed == name
+        && HITS.fetch_add(1, Ordering::Relaxed) + 1 == *count
+    {
+        eprintln!("weft: failpoint {name} reached; reporting the commit as failed");
+        return true;
+    }
+    false
 }

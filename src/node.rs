@@ -163,8 +163,14 @@ async fn capture_loop(ctx: Context) {
                         ctx.metrics
                             .captured
                             .fetch_add(report.events, std::sync::atomic::Ordering::Relaxed);
-                        ctx.log_grew.send_replace(report.last_seq);
                     }
+                    // Also when nothing was drained now: a drain whose commit reply was lost
+                    // may have grown the log (the store rereads its last seq after an error).
+                    ctx.log_grew.send_if_modified(|last| {
+                        let grew = report.last_seq > *last;
+                        *last = (*last).max(report.last_seq);
+                        grew
+                    });
                 }
                 Err(error) => {
                     failures += 1;

@@ -131,3 +131,23 @@ async fn a_ring_relayed_by_postgres_regions_converges() {
     mesh.assert_exactly_once(4 * 150).await;
     mesh.terminate_all();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_whose_commit_reply_is_lost_loses_nothing() {
+    // r1's second drain commits, but the sidecar is told it failed. Its events must still
+    // be sent, and the next drain must not reuse their seqs (once peers have acknowledged
+    // and the log was trimmed, a reused seq would be skipped as a duplicate everywhere).
+    let mesh = Mesh::new(&KINDS).await;
+    mesh.spawn(0, None).await;
+    mesh.spawn(1, Some("pg-drain-reply-lost:2")).await;
+    mesh.spawn(2, None).await;
+    for round in 0..6 {
+        mesh.write(1, round * 10, 10).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    mesh.wait_converged(Duration::from_secs(60)).await;
+    mesh.assert_exactly_once(60).await;
+    let log = std::fs::read_to_string(mesh.log(1)).unwrap();
+    assert!(log.contains("failpoint pg-drain-reply-lost reached"), "{log}");
+    mesh.terminate_all();
+}

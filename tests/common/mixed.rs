@@ -172,6 +172,64 @@ impl Mesh {
         }
     }
 
+    /// Sends a signal (`STOP`, `CONT`, ...) to region `i`'s sidecar.
+    pub fn signal(&self, i: usize, signal: &str) {
+        if let Some(child) = &self.children.lock().unwrap()[i] {
+            Command::new("kill")
+                .args([&format!("-{signal}"), &child.id().to_string()])
+                .status()
+                .unwrap();
+        }
+    }
+
+    /// Cuts every connection weft has to region `i`'s PostgreSQL database, as a network
+    /// failure or an administrator would. `Err` if the server is down.
+    pub async fn drop_connections(&self, i: usize) -> Result<u64, sqlx::Error> {
+        let App::Pg(pool) = &self.regions[i].app else {
+            return Ok(0);
+        };
+        let killed: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = 'weft' AND datname = current_database()",
+        )
+        .fetch_all(pool)
+        .await?;
+        Ok(killed.len() as u64)
+    }
+
+    /// Like `write`, but retries until the transaction is known to have committed: after
+    /// an error (the server may be restarting) the rows are looked for, since a commit can
+    /// succeed even when its reply is lost.
+    pub async fn write_surely(&self, i: usize, first: i64, n: i64) {
+        let started = Instant::now();
+        loop {
+            if self.write(i, first, n).await.is_ok() {
+                return;
+            }
+            let id = (i as i64) * 1_000_000 + first;
+            let found = match &self.regions[i].app {
+                App::Sqlite(pool) => sqlx::query_scalar::<_, i64>("SELECT count(*) FROM items WHERE id = ?")
+                    .bind(id)
+                    .fetch_one(pool)
+                    .await
+                    .ok(),
+                App::Pg(pool) => sqlx::query_scalar::<_, i64>("SELECT count(*) FROM items WHERE id = $1")
+                    .bind(id)
+                    .fetch_one(pool)
+                    .await
+                    .ok(),
+            };
+            if found == Some(1) {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "r{i} could not write for a minute"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// `Some(status)` once region `i`'s sidecar has exited (and forgets it).
     pub fn exited(&self, i: usize) -> Option<std::process::ExitStatus> {
         let mut children = self.children.lock().unwrap();

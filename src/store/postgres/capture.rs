@@ -142,6 +142,9 @@ impl PgStore {
             let mut tx = sqlx::Connection::begin(&mut *conn).await?;
             let report = store.drain_in(&mut tx, *last_seq).await?;
             tx.commit().await?;
+            if report.events > 0 && crate::crashpoint::reply_lost("pg-drain-reply-lost") {
+                return Err(StoreError::Busy("failpoint: the drain's commit reply was lost".into()));
+            }
             tracing::debug!(
                 events = report.events,
                 ms = started.elapsed().as_secs_f64() * 1e3,

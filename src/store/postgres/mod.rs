@@ -38,6 +38,9 @@ pub use schema::PgTable;
 const SESSION: &str = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'iso_8601'; \
                        SET extra_float_digits = 3; SET bytea_output = 'hex'";
 
+/// How long a starting sidecar waits for another session's sidecar lock.
+const LOCK_WAIT: Duration = Duration::from_secs(10);
+
 pub struct PgStore {
     identity: Identity,
     options: PgConnectOptions,
@@ -114,7 +117,20 @@ impl PgStore {
         max_clock_skew: Duration,
     ) -> Result<Self, StoreError> {
         let options = options(url)?;
-        let mut conn = connect_writer(&options).await?;
+        // The session of a sidecar that just died can outlive it briefly (until the server
+        // notices the closed socket): wait a little for its lock before giving up.
+        let started = std::time::Instant::now();
+        let mut conn = loop {
+            match connect_writer(&options).await {
+                Err(StoreError::Busy(message)) if started.elapsed() < LOCK_WAIT => {
+                    if started.elapsed() < Duration::from_millis(300) {
+                        tracing::warn!("{message}; waiting up to {LOCK_WAIT:?} in case it is a session that is ending");
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                other => break other?,
+            }
+        };
         let mut tx = conn.begin().await?;
         let infos = schema::install(&mut tx, tables).await?;
         match node_value(&mut tx, "node_id").await? {
@@ -386,7 +402,11 @@ impl PgStore {
         let writer = &mut *guard;
         if writer.conn.is_none() {
             tracing::info!("connecting to PostgreSQL");
-            writer.conn = Some(connect_writer(&self.options).await?);
+            let mut conn = connect_writer(&self.options).await?;
+            // The last transaction may have committed even though its reply was lost: the
+            // database, not memory, says which seq comes next.
+            writer.last_seq = number(node_value(&mut conn, "last_seq").await?, "last_seq")?;
+            writer.conn = Some(conn);
         }
         let conn = writer.conn.as_mut().expect("connected above");
         let result = f(self, conn, &mut writer.last_seq).await;
