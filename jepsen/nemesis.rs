@@ -9,7 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::sidecars::Sidecars;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 
 #[derive(Debug, Clone, Copy)]
 enum Fault {
@@ -21,12 +21,7 @@ enum Fault {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pauses_and_kills_under_load_lose_and_double_nothing() {
-    let seed: u64 = std::env::var("WEFT_NEMESIS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    println!("nemesis seed {seed} (replay with WEFT_NEMESIS_SEED={seed})");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (seed, mut rng) = common::nemesis_rng();
     let dir = tempfile::tempdir().unwrap();
     let sidecars = Sidecars::new(dir.path()).await;
     sidecars.spawn_all().await;

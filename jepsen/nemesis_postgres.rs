@@ -10,7 +10,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::mixed::{Kind, Mesh};
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 
 #[derive(Debug, Clone, Copy)]
 enum Fault {
@@ -26,12 +26,7 @@ enum Fault {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sidecar_and_database_faults_under_load_lose_and_double_nothing() {
-    let seed: u64 = std::env::var("WEFT_NEMESIS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    println!("nemesis seed {seed} (replay with WEFT_NEMESIS_SEED={seed})");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (_seed, mut rng) = common::nemesis_rng();
     let mesh = Mesh::new(&[Kind::Sqlite, Kind::Postgres, Kind::Postgres]).await;
     mesh.spawn_all().await;
     let cluster = mesh.cluster.as_ref().unwrap();

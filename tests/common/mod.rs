@@ -167,3 +167,15 @@ pub async fn sync(replicas: &[&Replica]) {
         }
     }
 }
+
+/// The nemesis schedule's random source: seeded from `WEFT_NEMESIS_SEED` when set (to replay
+/// a run), else at random; the seed is printed either way.
+pub fn nemesis_rng() -> (u64, rand::rngs::StdRng) {
+    use rand::SeedableRng;
+    let seed: u64 = std::env::var("WEFT_NEMESIS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    println!("nemesis seed {seed} (replay with WEFT_NEMESIS_SEED={seed})");
+    (seed, rand::rngs::StdRng::seed_from_u64(seed))
+}
