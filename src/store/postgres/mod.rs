@@ -69,7 +69,7 @@ async fn connect_writer(options: &PgConnectOptions) -> Result<PgConnection, Stor
     sqlx::raw_sql(SESSION).execute(&mut conn).await?;
     // Durable commits whatever the server's default; and an application transaction that
     // holds a row for long makes a run fail (and retry) instead of hanging the sidecar.
-    sqlx::raw_sql("SET synchronous_commit = on; SET lock_timeout = '10s'")
+    sqlx::raw_sql("SET synchronous_commit = on; SET lock_timeout = '10s'; SET plan_cache_mode = force_generic_plan")
         .execute(&mut conn)
         .await?;
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('weft.sidecar'))")
