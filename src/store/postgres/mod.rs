@@ -69,6 +69,9 @@ async fn connect_writer(options: &PgConnectOptions) -> Result<PgConnection, Stor
     sqlx::raw_sql(SESSION).execute(&mut conn).await?;
     // Durable commits whatever the server's default; and an application transaction that
     // holds a row for long makes a run fail (and retry) instead of hanging the sidecar.
+    // Generic plans skip planning on every drain and apply; the writer's statements join
+    // `unnest` arrays to primary keys, which plans as index nested loops at any array size
+    // (checked with EXPLAIN against a million-row weft.rows).
     sqlx::raw_sql("SET synchronous_commit = on; SET lock_timeout = '10s'; SET plan_cache_mode = force_generic_plan")
         .execute(&mut conn)
         .await?;
