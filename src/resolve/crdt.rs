@@ -9,13 +9,13 @@
 //! - `counter`: a PN-counter; two regions each running `qty = qty - 1` end at -2 together.
 //! - `set`: an observed-remove set, stored in the column as a JSON array (sorted).
 //! - `register`: a last-writer-wins register per column, ordered by (HLC, node, content).
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crdts::{CmRDT, CvRDT, LWWReg, Orswot, PNCounter};
 use num_bigint::BigInt;
 use serde::{Deserialize, Serialize};
 
-use crate::event::{Hlc, Value};
+use crate::event::{Hlc, Row, Value};
 
 /// The CRDT type of one column, as configured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,6 +53,72 @@ pub enum CrdtError {
     Overflow(String),
     #[error("column `{0}`: corrupt state: {1}")]
     Corrupt(String, String),
+}
+
+/// The states of one row's CRDT columns, by column.
+pub type States = BTreeMap<String, ColumnState>;
+
+/// The materialized values of the configured `columns` that have a state.
+pub fn materialize_all(
+    columns: &BTreeMap<String, CrdtType>,
+    states: &States,
+) -> Result<Vec<(String, Value)>, CrdtError> {
+    columns
+        .keys()
+        .filter_map(|column| states.get(column).map(|state| (column, state)))
+        .map(|(column, state)| Ok((column.clone(), state.materialize(column)?)))
+        .collect()
+}
+
+/// What `fold_local` did: columns to write back, and writes it ignored.
+pub type Folded = (Vec<(String, Value)>, Vec<CrdtError>);
+
+/// Folds a local write (the captured row image) into the row's states, as node `me` at
+/// `hlc`. The image then carries the materialized values; the returned columns are those
+/// whose written value differed (to be written back to the row). A value a column cannot
+/// hold is ignored, with its error in the second list: the column keeps its state's value.
+pub fn fold_local(
+    columns: &BTreeMap<String, CrdtType>,
+    states: &mut States,
+    me: &str,
+    row: &mut Row,
+    hlc: Hlc,
+) -> Result<Folded, CrdtError> {
+    let mut ignored = Vec::new();
+    for (column, kind) in columns {
+        let state = states.entry(column.clone()).or_insert_with(|| ColumnState::new(*kind));
+        let written = row.get(column).cloned().unwrap_or(Value::Null);
+        if let Err(error) = state.observe_local(column, me, &written, hlc) {
+            ignored.push(error);
+        }
+    }
+    let values = materialize_all(columns, states)?;
+    let changed: Vec<(String, Value)> = values.iter().filter(|(c, v)| row.get(c) != Some(v)).cloned().collect();
+    for (column, value) in values {
+        if let Some(slot) = row.0.iter_mut().find(|(c, _)| *c == column) {
+            slot.1 = value;
+        }
+    }
+    Ok((changed, ignored))
+}
+
+/// Merges a remote event's states (of configured `columns` only) into the row's; returns
+/// whether they brought anything new.
+pub fn merge_remote(
+    columns: &BTreeMap<String, CrdtType>,
+    states: &mut States,
+    remote: &[(String, ColumnState)],
+) -> Result<bool, CrdtError> {
+    let before = states.clone();
+    for (column, state) in remote.iter().filter(|(c, _)| columns.contains_key(c)) {
+        match states.get_mut(column) {
+            Some(local) => local.merge(column, state)?,
+            None => {
+                states.insert(column.clone(), state.clone());
+            }
+        }
+    }
+    Ok(*states != before)
 }
 
 impl ColumnState {
@@ -185,6 +251,55 @@ fn set_members(value: &Value) -> Option<BTreeSet<String>> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_row_folds_its_local_write_and_merges_remote_states() {
+        let columns: BTreeMap<String, CrdtType> = [
+            ("qty".to_string(), CrdtType::Counter),
+            ("tags".to_string(), CrdtType::Set),
+        ]
+        .into();
+        let row = |qty: Value, tags: &str| {
+            Row(vec![
+                ("id".into(), Value::Integer(1)),
+                ("qty".into(), qty),
+                ("tags".into(), Value::Text(tags.into())),
+            ])
+        };
+        // a writes qty 5 and an unsorted set: the image is normalized, the set written back.
+        let mut a = States::new();
+        let mut image = row(Value::Integer(5), "[\"y\",\"x\"]");
+        let (changed, ignored) = fold_local(&columns, &mut a, "a", &mut image, Hlc(1)).unwrap();
+        assert!(ignored.is_empty());
+        assert_eq!(changed, vec![("tags".to_string(), Value::Text("[\"x\",\"y\"]".into()))]);
+        // b decrements concurrently from its copy of a's state; text in a counter is ignored.
+        let mut b = a.clone();
+        let (_, ignored) = fold_local(&columns, &mut b, "b", &mut row(Value::Integer(4), "[]"), Hlc(2)).unwrap();
+        assert!(ignored.is_empty());
+        let mut bad = row(Value::Text("many".into()), "[]");
+        let (_, ignored) = fold_local(&columns, &mut b.clone(), "b", &mut bad, Hlc(3)).unwrap();
+        assert_eq!(ignored.len(), 1);
+        let (_, _) = fold_local(
+            &columns,
+            &mut a,
+            "a",
+            &mut row(Value::Integer(4), "[\"x\",\"y\"]"),
+            Hlc(2),
+        )
+        .unwrap();
+        // Merging is idempotent, ignores unconfigured columns, and both decrements count.
+        let remote: Vec<(String, ColumnState)> = b
+            .clone()
+            .into_iter()
+            .chain([("other".to_string(), ColumnState::new(CrdtType::Counter))])
+            .collect();
+        assert!(merge_remote(&columns, &mut a, &remote).unwrap());
+        assert!(!merge_remote(&columns, &mut a, &remote).unwrap());
+        assert!(!a.contains_key("other"));
+        let values = materialize_all(&columns, &a).unwrap();
+        assert_eq!(values[0], ("qty".to_string(), Value::Integer(3)));
+        assert_eq!(values[1], ("tags".to_string(), Value::Text("[]".into())));
+    }
 
     fn counter_after(writes: &[(&str, i64)]) -> ColumnState {
         let mut state = ColumnState::new(CrdtType::Counter);

@@ -18,7 +18,6 @@ use super::values::{bind, value_at};
 use super::{SqliteStore, Writer};
 use crate::event::{Event, Key, Op, Row, Value};
 use crate::replicate::RowVersion;
-use crate::resolve::crdt::ColumnState;
 use crate::store::{DrainReport, StoreError};
 use crate::wire;
 
@@ -65,19 +64,11 @@ impl SqliteStore {
     ) -> Result<(), StoreError> {
         let mut states = crdt::load(tx, &table.name, key_bytes).await?;
         if let Op::Upsert(row) = &mut event.op {
-            for (column, kind) in &table.crdt {
-                let state = states.entry(column.clone()).or_insert_with(|| ColumnState::new(*kind));
-                let written = row.get(column).cloned().unwrap_or(Value::Null);
-                if let Err(error) = state.observe_local(column, &self.identity.node, &written, event.hlc) {
-                    tracing::warn!(table = %table.name, key = %event.key, %error, "local write to a CRDT column ignored; the column keeps its replicated value");
-                }
-            }
-            let values = crdt::materialize(table, &states)?;
-            let changed: Vec<(String, Value)> = values.iter().filter(|(c, v)| row.get(c) != Some(v)).cloned().collect();
-            for (column, value) in values {
-                if let Some(slot) = row.0.iter_mut().find(|(c, _)| *c == column) {
-                    slot.1 = value;
-                }
+            let (changed, ignored) =
+                crate::resolve::crdt::fold_local(&table.crdt, &mut states, &self.identity.node, row, event.hlc)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            for error in ignored {
+                tracing::warn!(table = %table.name, key = %event.key, %error, "local write to a CRDT column ignored; the column keeps its replicated value");
             }
             crdt::write_values(tx, table, &event.key, &changed).await?;
         }

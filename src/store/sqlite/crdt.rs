@@ -14,7 +14,7 @@ use crate::event::{Key, Value};
 use crate::resolve::crdt::ColumnState;
 use crate::store::StoreError;
 
-pub(super) type States = BTreeMap<String, ColumnState>;
+pub(super) use crate::resolve::crdt::States;
 
 pub(super) async fn load(conn: &mut SqliteConnection, table: &str, key: &[u8]) -> Result<States, StoreError> {
     let rows = sqlx::query("SELECT col, state FROM _weft_crdt WHERE tbl = ? AND key = ?")
@@ -52,18 +52,7 @@ pub(super) async fn store(
 
 /// Materialized values of the table's CRDT columns.
 pub(super) fn materialize(table: &TableInfo, states: &States) -> Result<Vec<(String, Value)>, StoreError> {
-    let mut out = Vec::new();
-    for column in table.crdt.keys() {
-        if let Some(state) = states.get(column) {
-            out.push((
-                column.clone(),
-                state
-                    .materialize(column)
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?,
-            ));
-        }
-    }
-    Ok(out)
+    crate::resolve::crdt::materialize_all(&table.crdt, states).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
 /// Sets CRDT column values of an existing row, as the applier (not captured again).

@@ -143,22 +143,13 @@ impl SqliteStore {
             return Ok(Ok(None));
         }
         let mut states = crdt::load(tx, &table.name, key).await?;
-        let before = states.clone();
-        for (column, remote) in event.crdt.iter().filter(|(c, _)| table.crdt.contains_key(c)) {
-            match states.get_mut(column) {
-                Some(local) => {
-                    if let Err(error) = local.merge(column, remote) {
-                        return Ok(Err(error.to_string()));
-                    }
-                }
-                None => {
-                    states.insert(column.clone(), remote.clone());
-                }
-            }
-        }
+        let changed = match crate::resolve::crdt::merge_remote(&table.crdt, &mut states, &event.crdt) {
+            Ok(changed) => changed,
+            Err(error) => return Ok(Err(error.to_string())),
+        };
         let values = crdt::materialize(table, &states)?;
         Ok(Ok(Some(Merged {
-            changed: states != before,
+            changed,
             states,
             values,
         })))
