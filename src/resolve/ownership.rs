@@ -44,6 +44,62 @@ pub fn rule_owner(rule: &OwnerRule, key_columns: &[String], key: &Key) -> Option
     }
 }
 
+/// Judges a remote write to an ownership table: `Err(reason)` if it must be dead-lettered,
+/// else the owner to record if the write wins (its claim, unless it is older than what is
+/// known). `known` is the recorded owner; with a `rule`, a row never transferred belongs at
+/// epoch 0 to the region the rule gives, and an epoch-0 claim must name that region.
+pub fn judge_remote(
+    rule: Option<(&OwnerRule, &[String])>,
+    key: &Key,
+    known: Option<Owner>,
+    origin_region: &str,
+    claim: Option<&Ownership>,
+    concurrent: bool,
+) -> Result<Option<Owner>, String> {
+    let mut known = known;
+    if let Some((rule, key_columns)) = rule {
+        let by_rule = rule_owner(rule, key_columns, key);
+        if known.is_none() {
+            known = by_rule.clone().map(|region| Owner { region, epoch: 0 });
+        }
+        if let Some(claim) = claim.filter(|c| c.epoch == 0)
+            && by_rule.as_deref() != Some(claim.owner.as_str())
+        {
+            return Err(format!(
+                "{origin_region} claims the row at epoch 0, but the owner rule gives {}; align the owner rules in the node configs",
+                by_rule.as_deref().unwrap_or("no region")
+            ));
+        }
+    }
+    if let Some(reason) = refusal(known.as_ref(), origin_region, claim, concurrent) {
+        return Err(reason);
+    }
+    Ok(claim
+        .filter(|c| known.as_ref().is_none_or(|k| c.epoch >= k.epoch))
+        .map(|c| Owner {
+            region: c.owner.clone(),
+            epoch: c.epoch,
+        }))
+}
+
+/// The owner a local write leaves the row with, as the capture trigger allowed it: the
+/// owner column's value after the write (`written`; `None` for a delete or a rule table), or
+/// a transfer recorded by `weft ownership transfer` (`moving_to`), else the known owner,
+/// else this region (`here`: a new row).
+pub fn owner_after_local_write(
+    known: Option<&Owner>,
+    moving_to: Option<&str>,
+    written: Option<&Value>,
+    here: &str,
+) -> String {
+    match (written, moving_to) {
+        (Some(Value::Text(region)), _) => region.clone(),
+        (Some(_), _) => here.to_owned(),
+        (None, Some(to)) => to.to_owned(),
+        (None, None) => known.map(|k| k.region.clone()).unwrap_or_else(|| here.to_owned()),
+    }
+}
+
 /// The claim a local write carries, given the row's owner column after the write.
 pub fn local_write(previous: Option<&Owner>, owner_now: &str) -> Ownership {
     match previous {
@@ -185,6 +241,55 @@ mod tests {
         assert_eq!(at(100).as_deref(), Some("b"));
         assert_eq!(at(200), None);
         assert_eq!(at(-1), None);
+    }
+
+    #[test]
+    fn the_owner_after_a_local_write() {
+        let a0 = owner("a", 0);
+        let text = |s: &str| Value::Text(s.into());
+        assert_eq!(owner_after_local_write(None, None, Some(&text("b")), "a"), "b");
+        assert_eq!(owner_after_local_write(Some(&a0), None, Some(&Value::Null), "a"), "a");
+        assert_eq!(owner_after_local_write(Some(&a0), Some("c"), None, "a"), "c");
+        assert_eq!(owner_after_local_write(Some(&owner("b", 2)), None, None, "a"), "b");
+        assert_eq!(owner_after_local_write(None, None, None, "a"), "a");
+    }
+
+    #[test]
+    fn remote_writes_under_a_rule() {
+        use crate::config::OwnerRange;
+        let rule = OwnerRule {
+            column: None,
+            prefix: None,
+            regions: Default::default(),
+            ranges: vec![OwnerRange {
+                from: 0,
+                to: 9,
+                region: "a".into(),
+            }],
+        };
+        let columns = vec!["id".to_string()];
+        let key = |i: i64| Key(vec![Value::Integer(i)]);
+        let judge = |k: i64, known: Option<Owner>, origin: &str, c: Ownership| {
+            judge_remote(Some((&rule, &columns)), &key(k), known, origin, Some(&c), false)
+        };
+        // The rule's region creates; another region's epoch-0 claim is refused.
+        assert_eq!(judge(1, None, "a", claim("a", 0, false)), Ok(Some(owner("a", 0))));
+        let err = judge(1, None, "b", claim("b", 0, false)).unwrap_err();
+        assert!(err.contains("the owner rule gives a"), "{err}");
+        assert!(
+            judge(20, None, "a", claim("a", 0, false))
+                .unwrap_err()
+                .contains("gives no region")
+        );
+        // A transfer by the rule's owner, and the new owner's write before it arrives.
+        assert_eq!(judge(1, None, "a", claim("b", 1, true)), Ok(Some(owner("b", 1))));
+        assert_eq!(judge(1, None, "b", claim("b", 1, false)), Ok(Some(owner("b", 1))));
+        assert!(judge(1, Some(owner("b", 1)), "a", claim("a", 0, false)).is_err());
+        // Without a rule, nothing is known until a claim arrives.
+        assert_eq!(
+            judge_remote(None, &key(1), None, "b", Some(&claim("b", 0, false)), false),
+            Ok(Some(owner("b", 0)))
+        );
     }
 
     #[test]

@@ -208,17 +208,16 @@ impl SqliteStore {
                     // The trigger let this write through, so this region owns the row, or the
                     // write is a transfer naming the new owner: the owner column after the
                     // write, or the `moving_to` a rule table's transfer recorded.
-                    let here = || self.identity.region.clone();
-                    let owner_now = match (&table.owner_column, &event.op) {
-                        (Some(column), Op::Upsert(row)) => match row.get(column) {
-                            Some(Value::Text(region)) => region.clone(),
-                            _ => here(),
-                        },
-                        (None, _) if known.as_ref().is_some_and(|k| k.moving_to.is_some()) => {
-                            known.as_ref().and_then(|k| k.moving_to.clone()).unwrap_or_else(here)
-                        }
-                        _ => previous.as_ref().map(|p| p.region.clone()).unwrap_or_else(here),
+                    let written = match (&table.owner_column, &event.op) {
+                        (Some(column), Op::Upsert(row)) => Some(row.get(column).unwrap_or(&Value::Null)),
+                        _ => None,
                     };
+                    let owner_now = crate::resolve::ownership::owner_after_local_write(
+                        previous.as_ref(),
+                        known.as_ref().and_then(|k| k.moving_to.as_deref()),
+                        written,
+                        &self.identity.region,
+                    );
                     let claim = crate::resolve::ownership::local_write(previous.as_ref(), &owner_now);
                     let owner = crate::resolve::ownership::Owner {
                         region: claim.owner.clone(),

@@ -240,40 +240,23 @@ impl SqliteStore {
             let conflict = matches!(decision, Decision::Conflict { .. });
             let mut claimed = None;
             if table.is_owned() && decision != Decision::Stale {
-                let mut known = owners::load(tx, &table.name, &id.1).await?;
-                let mut reason = None;
-                if let Some(rule) = &table.owner_rule {
-                    // Before any transfer, the rule names the owner at epoch 0.
-                    let by_rule = ownership::rule_owner(rule, &table.key, &event.key);
-                    if known.is_none() {
-                        known = by_rule.clone().map(|region| ownership::Owner { region, epoch: 0 });
-                    }
-                    if let Some(claim) = event.ownership.as_ref().filter(|c| c.epoch == 0)
-                        && by_rule.as_deref() != Some(claim.owner.as_str())
-                    {
-                        reason = Some(format!(
-                            "{} claims the row at epoch 0, but the owner rule gives {}; align the owner rules in the node configs",
-                            event.origin_region,
-                            by_rule.as_deref().unwrap_or("no region")
-                        ));
+                let known = owners::load(tx, &table.name, &id.1).await?;
+                let rule = table.owner_rule.as_ref().map(|r| (r, table.key.as_slice()));
+                match ownership::judge_remote(
+                    rule,
+                    &event.key,
+                    known,
+                    &event.origin_region,
+                    event.ownership.as_ref(),
+                    conflict,
+                ) {
+                    Ok(owner) => claimed = owner,
+                    Err(reason) => {
+                        self.dead_letter(tx, event, &format!("ownership: {reason}"), report)
+                            .await?;
+                        continue;
                     }
                 }
-                let reason = reason.or_else(|| {
-                    ownership::refusal(known.as_ref(), &event.origin_region, event.ownership.as_ref(), conflict)
-                });
-                if let Some(reason) = reason {
-                    self.dead_letter(tx, event, &format!("ownership: {reason}"), report)
-                        .await?;
-                    continue;
-                }
-                claimed = event
-                    .ownership
-                    .as_ref()
-                    .filter(|c| known.as_ref().is_none_or(|k| c.epoch >= k.epoch))
-                    .map(|c| ownership::Owner {
-                        region: c.owner.clone(),
-                        epoch: c.epoch,
-                    });
             }
             let (next, winner) = match decision {
                 Decision::Stale => {
