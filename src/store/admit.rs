@@ -32,39 +32,57 @@ pub fn frontiers_from(rows: impl IntoIterator<Item = (String, i64, i64)>) -> BTr
         .collect()
 }
 
-/// A drained local change as an event (seq and batch end are set by the caller): the row's
-/// stored vector plus one for this node, a fresh HLC. `None` for a row inserted and deleted
-/// between two drains, which nobody ever saw.
-pub fn local_event(
+/// A drained local change: the row's key, its image after the drain (`None`: deleted), its
+/// stored version before it, and its commit time.
+pub struct LocalChange<'a> {
+    pub table: String,
+    pub key: Key,
+    pub key_bytes: Vec<u8>,
+    pub image: Option<Row>,
+    pub previous: Option<&'a RowVersion>,
+    pub committed_at: i64,
+}
+
+/// One drain's changes as one capture batch of events, in order, numbered after `last_seq`:
+/// each gets the row's stored vector plus one for this node and a fresh HLC. A row inserted
+/// and deleted between two drains, which nobody ever saw, gives no event.
+pub fn local_events<'a>(
     identity: &crate::store::sqlite::Identity,
     clock: &Clock,
-    table: &str,
-    key: Key,
-    image: Option<Row>,
-    previous: Option<&RowVersion>,
-    committed_at: i64,
-) -> Option<Event> {
-    if image.is_none() && previous.is_none() {
-        return None;
-    }
+    last_seq: u64,
+    changes: impl IntoIterator<Item = LocalChange<'a>>,
+) -> Vec<(Vec<u8>, Event)> {
     let me = &identity.node;
-    let mut version = previous.map(|l| l.version.clone()).unwrap_or_default();
-    version.increment(me);
-    Some(Event {
-        origin: me.clone(),
-        origin_region: identity.region.clone(),
-        seq: 0,
-        batch_end: 0,
-        hlc: clock.now(),
-        table: table.to_owned(),
-        key,
-        op: image.map(Op::Upsert).unwrap_or(Op::Delete),
-        version,
-        path: vec![me.clone()],
-        committed_at_micros: committed_at,
-        crdt: Vec::new(),
-        ownership: None,
-    })
+    let mut events: Vec<(Vec<u8>, Event)> = changes
+        .into_iter()
+        .filter(|c| c.image.is_some() || c.previous.is_some())
+        .map(|c| {
+            let mut version = c.previous.map(|l| l.version.clone()).unwrap_or_default();
+            version.increment(me);
+            let event = Event {
+                origin: me.clone(),
+                origin_region: identity.region.clone(),
+                seq: 0,
+                batch_end: 0,
+                hlc: clock.now(),
+                table: c.table,
+                key: c.key,
+                op: c.image.map(Op::Upsert).unwrap_or(Op::Delete),
+                version,
+                path: vec![me.clone()],
+                committed_at_micros: c.committed_at,
+                crdt: Vec::new(),
+                ownership: None,
+            };
+            (c.key_bytes, event)
+        })
+        .collect();
+    let batch_end = last_seq + events.len() as u64;
+    for (i, (_, event)) in events.iter_mut().enumerate() {
+        event.seq = last_seq + 1 + i as u64;
+        event.batch_end = batch_end;
+    }
+    events
 }
 
 /// Per origin, the last seq of the run that closes a capture batch: events past it belong to

@@ -10,12 +10,12 @@ use std::time::Duration;
 
 use sqlx::SqlitePool;
 use weft::event::Event;
-use weft::store::ApplyReport;
 use weft::store::sqlite::{Identity, SqliteStore};
+use weft::store::{ApplyReport, Store};
 
 pub struct Replica {
     pub node: String,
-    pub store: SqliteStore,
+    pub store: Store,
     pub app: SqlitePool,
 }
 
@@ -45,9 +45,11 @@ pub async fn replica_configured(dir: &Path, node: &str, schema: &str, tables: &[
         node: node.into(),
         region: format!("region-of-{node}"),
     };
-    let store = SqliteStore::open(&db, identity, tables, Duration::from_millis(500))
-        .await
-        .unwrap();
+    let store = Store::Sqlite(
+        SqliteStore::open(&db, identity, tables, Duration::from_millis(500))
+            .await
+            .unwrap(),
+    );
     Replica {
         node: node.into(),
         store,
@@ -69,13 +71,7 @@ impl Replica {
 
     /// This replica's own events after `after`, decoded from its log.
     pub async fn events(&self, after: u64) -> Vec<Event> {
-        self.store
-            .read_log(&self.node, after, usize::MAX >> 1)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|e| weft::wire::decode_event(&e.bytes).unwrap())
-            .collect()
+        own_events(&self.store, &self.node, after).await
     }
 
     /// Ships every event of `from` that this replica has not applied yet.
@@ -134,24 +130,44 @@ impl Replica {
     /// Hands this replica `len` events of `from`, starting `back` before its frontier for
     /// `from` (duplicates) or `ahead` past it (a gap); the store must sort it out.
     pub async fn deliver(&self, from: &Replica, back: u64, ahead: u64, len: usize) -> ApplyReport {
-        if self.node == from.node {
-            return ApplyReport::default();
-        }
-        let frontier = self
-            .store
-            .frontiers()
-            .await
-            .unwrap()
-            .get(&from.node)
-            .copied()
-            .unwrap_or(0);
-        let start = (frontier + 1 + ahead).saturating_sub(back).max(1);
-        let events: Vec<_> = from.events(start - 1).await.into_iter().take(len).collect();
-        if events.is_empty() {
-            return ApplyReport::default();
-        }
-        self.store.apply(events).await.unwrap()
+        deliver((&self.node, &self.store), (&from.node, &from.store), back, ahead, len).await
     }
+}
+
+/// Node `node`'s own events after `after`, decoded from `store`'s log.
+pub async fn own_events(store: &Store, node: &str, after: u64) -> Vec<Event> {
+    store
+        .read_log(node, after, usize::MAX >> 1)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| weft::wire::decode_event(&e.bytes).unwrap())
+        .collect()
+}
+
+/// Hands store `to` up to `len` events of node `from`, starting `back` before its frontier
+/// for `from` (duplicates) or `ahead` past it (a gap); the store must sort it out.
+pub async fn deliver(
+    (to_node, to): (&str, &Store),
+    (from_node, from): (&str, &Store),
+    back: u64,
+    ahead: u64,
+    len: usize,
+) -> ApplyReport {
+    if to_node == from_node {
+        return ApplyReport::default();
+    }
+    let frontier = to.frontiers().await.unwrap().get(from_node).copied().unwrap_or(0);
+    let start = (frontier + 1 + ahead).saturating_sub(back).max(1);
+    let events: Vec<_> = own_events(from, from_node, start - 1)
+        .await
+        .into_iter()
+        .take(len)
+        .collect();
+    if events.is_empty() {
+        return ApplyReport::default();
+    }
+    to.apply(events).await.unwrap()
 }
 
 /// Drains every replica, then ships everything to everyone.

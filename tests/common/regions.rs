@@ -108,30 +108,12 @@ impl Region {
 
     /// This region's own events after `after`, decoded from its log.
     pub async fn events(&self, after: u64) -> Vec<Event> {
-        self.store
-            .read_log(&self.node, after, usize::MAX >> 1)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|e| weft::wire::decode_event(&e.bytes).unwrap())
-            .collect()
+        super::own_events(&self.store, &self.node, after).await
     }
 
     /// Ships every event of `from` that this region has not applied yet.
     pub async fn pull(&self, from: &Region) -> ApplyReport {
-        let frontier = self
-            .store
-            .frontiers()
-            .await
-            .unwrap()
-            .get(&from.node)
-            .copied()
-            .unwrap_or(0);
-        let events = from.events(frontier).await;
-        if events.is_empty() {
-            return ApplyReport::default();
-        }
-        self.store.apply(events).await.unwrap()
+        super::deliver((&self.node, &self.store), (&from.node, &from.store), 0, 0, usize::MAX).await
     }
 
     /// Table rows (sorted, so text collations do not matter) and row metadata.

@@ -222,10 +222,6 @@ impl PgStore {
         &self.clock
     }
 
-    pub fn readers(&self) -> &PgPool {
-        &self.readers
-    }
-
     /// Counts wake-ups: a change means "drain now".
     pub fn data_version(&self) -> i64 {
         self.wakeups.load(Ordering::Relaxed)

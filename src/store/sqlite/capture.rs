@@ -178,26 +178,19 @@ impl SqliteStore {
         }
 
         let me = &self.identity.node;
-        let mut events = Vec::with_capacity(pending.len());
-        for p in pending {
-            let previous = local.get(p.table.name.as_str()).and_then(|m| m.get(&p.key_bytes));
-            let event = crate::store::admit::local_event(
-                &self.identity,
-                &self.clock,
-                &p.table.name,
-                p.key,
-                p.image,
-                previous,
-                p.committed_at,
-            );
-            events.extend(event.map(|e| (p.key_bytes, e)));
-        }
+        let changes = pending.into_iter().map(|p| crate::store::admit::LocalChange {
+            previous: local.get(p.table.name.as_str()).and_then(|m| m.get(&p.key_bytes)),
+            table: p.table.name.clone(),
+            key: p.key,
+            key_bytes: p.key_bytes,
+            image: p.image,
+            committed_at: p.committed_at,
+        });
+        let mut events = crate::store::admit::local_events(&self.identity, &self.clock, last_seq, changes);
         let batch_end = last_seq + events.len() as u64;
         let mut versions = Vec::with_capacity(events.len());
         let mut log = Vec::with_capacity(events.len());
-        for (i, (key_bytes, event)) in events.iter_mut().enumerate() {
-            event.seq = last_seq + 1 + i as u64;
-            event.batch_end = batch_end;
+        for (key_bytes, event) in events.iter_mut() {
             if let Some(table) = self.tables.get(&event.table) {
                 if !table.crdt.is_empty() {
                     self.fold_local_crdt(tx, table, key_bytes, event).await?;
