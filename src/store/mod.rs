@@ -9,6 +9,7 @@
 //! - the log keeps every event some peer still needs until `collect_garbage` is told all
 //!   peers that need it have acknowledged it.
 pub mod admit;
+pub(crate) mod engine;
 pub mod postgres;
 pub mod sqlite;
 

@@ -12,13 +12,14 @@
 use sqlx::{AssertSqlSafe, Connection as _, SqliteConnection};
 
 use super::bulk;
-use super::run::Mode;
+use super::run::SqliteRows;
 use super::schema::{NOW_MICROS, TableInfo};
 use super::{SqliteStore, Writer};
 use crate::event::{Event, Row, Value};
 use crate::replicate::RowVersion;
 use crate::resolve::Winner;
 use crate::store::admit::{admit, conflict_record, frontiers_from, strategy_name};
+use crate::store::engine::{self, Mode};
 use crate::store::{ApplyReport, StoreError};
 use crate::wire;
 
@@ -70,9 +71,16 @@ impl SqliteStore {
         let mut frontiers = frontiers_from(known);
         let admitted = admit(&self.identity.node, &self.clock, events, &mut frontiers, &mut report);
 
-        if !self.apply_events(&mut tx, &admitted, &mut report, mode).await? {
-            return Ok(None);
-        }
+        let written = {
+            let mut rows = SqliteRows::new(self, &mut tx);
+            match engine::apply_events(&mut rows, &admitted, &mut report, mode).await? {
+                Ok(written) => written,
+                Err(_) => return Ok(None),
+            }
+        };
+        let stored: Vec<(&str, &[u8], &RowVersion)> =
+            written.iter().map(|(t, k, v)| (t.as_str(), k.as_slice(), v)).collect();
+        bulk::store_versions(&mut tx, &stored).await?;
         self.keep_for_relay(&mut tx, &admitted).await?;
 
         for (origin, frontier) in frontiers.iter().filter(|(_, f)| f.changed) {
@@ -160,16 +168,4 @@ impl SqliteStore {
         report.dead_lettered += 1;
         Ok(())
     }
-}
-
-/// Why an event does not fit the local table, if it does not.
-pub(super) fn shape_problem(table: &TableInfo, event: &Event) -> Option<String> {
-    if let crate::event::Op::Upsert(row) = &event.op
-        && let Some((column, _)) = row.0.iter().find(|(_, v)| matches!(v, Value::Real(f) if f.is_nan()))
-    {
-        return Some(format!(
-            "column `{column}` holds NaN, which SQLite cannot store (it would read back as NULL)"
-        ));
-    }
-    crate::store::admit::shape_problem(&table.name, &table.columns, &table.key, event)
 }

@@ -12,11 +12,11 @@ use std::sync::Arc;
 use sqlx::{AssertSqlSafe, Row as _, SqliteConnection};
 
 use super::bulk;
-use super::crdt;
+use super::run::SqliteRows;
 use super::schema::TableInfo;
 use super::values::{bind, value_at};
 use super::{SqliteStore, Writer};
-use crate::event::{Event, Key, Op, Row, Value};
+use crate::event::{Key, Row, Value};
 use crate::replicate::RowVersion;
 use crate::store::{DrainReport, StoreError};
 use crate::wire;
@@ -52,31 +52,6 @@ pub(super) async fn read_row(
 }
 
 impl SqliteStore {
-    /// Folds a local write into the row's CRDT column states, attaches them to the event,
-    /// and makes the event's image (and the local row, if it differs) carry the
-    /// materialized values.
-    async fn fold_local_crdt(
-        &self,
-        tx: &mut SqliteConnection,
-        table: &TableInfo,
-        key_bytes: &[u8],
-        event: &mut Event,
-    ) -> Result<(), StoreError> {
-        let mut states = crdt::load(tx, &table.name, key_bytes).await?;
-        if let Op::Upsert(row) = &mut event.op {
-            let (changed, ignored) =
-                crate::resolve::crdt::fold_local(&table.crdt, &mut states, &self.identity.node, row, event.hlc)
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            for error in ignored {
-                tracing::warn!(table = %table.name, key = %event.key, %error, "local write to a CRDT column ignored; the column keeps its replicated value");
-            }
-            crdt::write_values(tx, table, &event.key, &changed).await?;
-        }
-        crdt::store(tx, &table.name, key_bytes, &states).await?;
-        event.crdt = states.into_iter().collect();
-        Ok(())
-    }
-
     /// Persists the clock's high-water mark with the events stamped by it, so a restart
     /// never issues a smaller timestamp.
     pub(super) async fn persist_clock(&self, tx: &mut SqliteConnection) -> Result<(), StoreError> {
@@ -192,37 +167,8 @@ impl SqliteStore {
         let mut log = Vec::with_capacity(events.len());
         for (key_bytes, event) in events.iter_mut() {
             if let Some(table) = self.tables.get(&event.table) {
-                if !table.crdt.is_empty() {
-                    self.fold_local_crdt(tx, table, key_bytes, event).await?;
-                }
-                if table.is_owned() {
-                    let known = super::owners::load_known(tx, &table.name, key_bytes).await?;
-                    let previous = known.as_ref().map(|k| k.owner.clone());
-                    // The trigger let this write through, so this region owns the row, or the
-                    // write is a transfer naming the new owner: the owner column after the
-                    // write, or the `moving_to` a rule table's transfer recorded.
-                    let written = match (&table.owner_column, &event.op) {
-                        (Some(column), Op::Upsert(row)) => Some(row.get(column).unwrap_or(&Value::Null)),
-                        _ => None,
-                    };
-                    let owner_now = crate::resolve::ownership::owner_after_local_write(
-                        previous.as_ref(),
-                        known.as_ref().and_then(|k| k.moving_to.as_deref()),
-                        written,
-                        &self.identity.region,
-                    );
-                    let claim = crate::resolve::ownership::local_write(previous.as_ref(), &owner_now);
-                    let owner = crate::resolve::ownership::Owner {
-                        region: claim.owner.clone(),
-                        epoch: claim.epoch,
-                    };
-                    super::owners::store(tx, &table.name, key_bytes, &event.key, &owner, None).await?;
-                    event.ownership = Some(claim);
-                }
-                if table.strategy == crate::config::Strategy::Queue {
-                    // A local write has seen every sibling: it resolves the row.
-                    super::queue::close(tx, &table.name, key_bytes, &self.identity.node).await?;
-                }
+                let mut rows = SqliteRows::new(self, tx);
+                crate::store::engine::settle_local(&mut rows, &self.identity, table, key_bytes, event, true).await?;
             }
             versions.push(RowVersion::of_event(event));
             log.push(vec![

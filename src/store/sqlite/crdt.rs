@@ -50,11 +50,6 @@ pub(super) async fn store(
     Ok(())
 }
 
-/// Materialized values of the table's CRDT columns.
-pub(super) fn materialize(table: &TableInfo, states: &States) -> Result<Vec<(String, Value)>, StoreError> {
-    crate::resolve::crdt::materialize_all(&table.crdt, states).map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
 /// Sets CRDT column values of an existing row, as the applier (not captured again).
 pub(super) async fn write_values(
     conn: &mut SqliteConnection,

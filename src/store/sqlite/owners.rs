@@ -18,10 +18,6 @@ pub(crate) struct Known {
     pub moving_to: Option<String>,
 }
 
-pub(crate) async fn load(conn: &mut SqliteConnection, table: &str, key: &[u8]) -> Result<Option<Owner>, StoreError> {
-    Ok(load_known(conn, table, key).await?.map(|k| k.owner))
-}
-
 pub(crate) async fn load_known(
     conn: &mut SqliteConnection,
     table: &str,

@@ -1,17 +1,15 @@
-//! The resolution queue: concurrent versions of a `queue` table's row kept as siblings.
+//! The resolution queue on SQLite: concurrent versions of a `queue` table's row kept as
+//! siblings in `_weft_siblings`, and the row's entry in `_weft_queue`.
 //!
-//! The sibling set is the antichain of maximal versions seen for the row, so it is the same
-//! at every node whatever the arrival order: a concurrent version joins it and removes the
-//! siblings it descends from. The row shows the LWW winner among the siblings (the normal
-//! LWW decision already picks it). A write whose vector covers every sibling, local or
-//! remote (a resolution from `weft conflicts resolve` is such a write), closes the entry.
+//! Which versions are siblings is decided by `store::engine` (the antichain of maximal
+//! versions, the same at every node whatever the arrival order). The row shows the LWW
+//! winner among them. A write whose vector covers every sibling, local or remote (a
+//! resolution from `weft conflicts resolve` is such a write), closes the entry.
 use sqlx::{AssertSqlSafe, Row as _, SqliteConnection};
 
-use super::schema::{NOW_MICROS, TableInfo};
-use crate::event::{Event, Op, Row};
-use crate::replicate::RowVersion;
+use super::schema::NOW_MICROS;
+use crate::event::Event;
 use crate::store::StoreError;
-use crate::version::Causality;
 use crate::wire;
 
 /// The siblings of a row, oldest (hlc, origin) first.
@@ -29,55 +27,22 @@ pub async fn siblings(conn: &mut SqliteConnection, table: &str, key: &[u8]) -> R
         .collect()
 }
 
-/// Adds a version concurrent with the row's current one(s), opening a queue entry.
-pub(super) async fn add_concurrent(
+/// Replaces a row's siblings; two or more open its queue entry (if not open already).
+pub(super) async fn replace(
     tx: &mut SqliteConnection,
-    table: &TableInfo,
+    table: &str,
     key: &[u8],
-    local: &RowVersion,
-    local_row: Option<&Row>,
-    event: &Event,
+    key_text: &str,
+    set: &[Event],
 ) -> Result<(), StoreError> {
-    let mut set = siblings(tx, &table.name, key).await?;
-    if set.is_empty() {
-        // The row had one version so far: it becomes the first sibling. Siblings are
-        // versions, not stream positions: seq 1 only keeps the event encoding valid.
-        set.push(Event {
-            origin: local.origin.clone(),
-            origin_region: String::new(),
-            seq: 1,
-            batch_end: 1,
-            hlc: local.hlc,
-            table: table.name.clone(),
-            key: event.key.clone(),
-            op: match local_row {
-                Some(row) if !local.deleted => Op::Upsert(row.clone()),
-                _ => Op::Delete,
-            },
-            version: local.version.clone(),
-            path: Vec::new(),
-            committed_at_micros: 0,
-            crdt: Vec::new(),
-            ownership: None,
-        });
-    }
-    set.retain(|s| {
-        !matches!(
-            event.version.compare(&s.version),
-            Causality::Dominates | Causality::Equal
-        )
-    });
-    let mut newcomer = event.clone();
-    newcomer.path.clear();
-    set.push(newcomer);
     sqlx::query("DELETE FROM _weft_siblings WHERE tbl = ? AND key = ?")
-        .bind(&table.name)
+        .bind(table)
         .bind(key)
         .execute(&mut *tx)
         .await?;
-    for sibling in &set {
+    for sibling in set {
         sqlx::query("INSERT INTO _weft_siblings (tbl, key, origin, hlc, event) VALUES (?, ?, ?, ?, ?)")
-            .bind(&table.name)
+            .bind(table)
             .bind(key)
             .bind(&sibling.origin)
             .bind(sibling.hlc.0 as i64)
@@ -89,9 +54,9 @@ pub(super) async fn add_concurrent(
         sqlx::query(AssertSqlSafe(format!(
             "INSERT OR IGNORE INTO _weft_queue (tbl, key, key_text, opened_at) VALUES (?, ?, ?, {NOW_MICROS})"
         )))
-        .bind(&table.name)
+        .bind(table)
         .bind(key)
-        .bind(event.key.to_string())
+        .bind(key_text)
         .execute(&mut *tx)
         .await?;
     }
