@@ -1,15 +1,16 @@
 //! `weft conflicts`: the review tool for `queue` tables, and the audit of every conflict.
 //!
-//! It works on the node's database directly, so it serves a running node and a stopped one
-//! alike. A resolution is an ordinary application write of the chosen row (captured like any
-//! write, so its version covers every sibling and it replicates and closes the entry
-//! everywhere), recorded with who decided what, and when, in `_weft_resolutions`.
+//! It works on the node's database directly (SQLite or PostgreSQL), so it serves a running
+//! node and a stopped one alike. A resolution is an ordinary application write of the chosen
+//! row (captured like any write, so its version covers every sibling and it replicates and
+//! closes the entry everywhere), recorded with who decided what, and when, in the
+//! resolutions table (`_weft_resolutions`, `weft.resolutions`).
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
 use serde_json::json;
-use sqlx::{AssertSqlSafe, Row as _, SqlitePool};
+use sqlx::{AssertSqlSafe, PgPool, SqlitePool};
 
 use crate::config::{Database, NodeConfig};
 use crate::event::{Event, Op, Value};
@@ -49,16 +50,34 @@ pub enum Command {
     },
 }
 
-async fn open(config: &Path) -> anyhow::Result<(NodeConfig, SqlitePool)> {
+/// The node's database, whichever store it is.
+enum Db {
+    Sqlite(SqlitePool),
+    Pg(PgPool),
+}
+
+async fn open(config: &Path) -> anyhow::Result<(NodeConfig, Db)> {
     let config = NodeConfig::load(config)?;
-    let Database::Sqlite(path) = &config.database else {
-        anyhow::bail!("this command works on SQLite regions so far; on PostgreSQL only LWW tables replicate yet");
+    let db = match &config.database {
+        Database::Sqlite(path) => {
+            if !path.exists() {
+                bail!("{}: no database there; is this the node's config?", path.display());
+            }
+            Db::Sqlite(crate::loopback::app_pool(path).await?)
+        }
+        Database::Postgres(url) => {
+            let pool = crate::store::postgres::PgStore::app_pool(url).await?;
+            let installed: bool = sqlx::query_scalar("SELECT to_regclass('weft.queue') IS NOT NULL")
+                .fetch_one(&pool)
+                .await
+                .context("reading the node's PostgreSQL database (is it up, and is the URL in the config right?)")?;
+            if !installed {
+                bail!("this database has no weft schema yet; start the node's sidecar once (weft run) first");
+            }
+            Db::Pg(pool)
+        }
     };
-    if !path.exists() {
-        bail!("{}: no database there; is this the node's config?", path.display());
-    }
-    let pool = crate::loopback::app_pool(path).await?;
-    Ok((config, pool))
+    Ok((config, db))
 }
 
 struct Open {
@@ -69,20 +88,90 @@ struct Open {
     opened_at: i64,
 }
 
-async fn open_conflict(pool: &SqlitePool, id: i64) -> anyhow::Result<Open> {
-    let row =
-        sqlx::query("SELECT id, tbl, key, key_text, opened_at FROM _weft_queue WHERE id = ? AND closed_at IS NULL")
-            .bind(id)
-            .fetch_optional(pool)
+impl Db {
+    /// Open entries, oldest first (or just `id`).
+    async fn open_entries(&self, id: Option<i64>) -> anyhow::Result<Vec<Open>> {
+        let (sqlite, pg) = (
+            "SELECT id, tbl, key, key_text, opened_at FROM _weft_queue WHERE closed_at IS NULL AND (? IS NULL OR id = ?) ORDER BY id",
+            "SELECT id, tbl, key, key_text, opened_at FROM weft.queue WHERE closed_at IS NULL AND ($1::int8 IS NULL OR id = $1) ORDER BY id",
+        );
+        let rows: Vec<(i64, String, Vec<u8>, String, i64)> = match self {
+            Db::Sqlite(pool) => sqlx::query_as(sqlite).bind(id).bind(id).fetch_all(pool).await?,
+            Db::Pg(pool) => sqlx::query_as(pg).bind(id).fetch_all(pool).await?,
+        };
+        Ok(rows
+            .into_iter()
+            .map(|(id, table, key, key_text, opened_at)| Open {
+                id,
+                table,
+                key,
+                key_text,
+                opened_at,
+            })
+            .collect())
+    }
+
+    async fn open_conflict(&self, id: i64) -> anyhow::Result<Open> {
+        self.open_entries(Some(id))
             .await?
-            .with_context(|| format!("no open conflict {id}; `weft conflicts list` shows the open ones"))?;
-    Ok(Open {
-        id: row.try_get(0)?,
-        table: row.try_get(1)?,
-        key: row.try_get(2)?,
-        key_text: row.try_get(3)?,
-        opened_at: row.try_get(4)?,
-    })
+            .pop()
+            .with_context(|| format!("no open conflict {id}; `weft conflicts list` shows the open ones"))
+    }
+
+    async fn siblings(&self, table: &str, key: &[u8]) -> anyhow::Result<Vec<Event>> {
+        Ok(match self {
+            Db::Sqlite(pool) => siblings(&mut *pool.acquire().await?, table, key).await?,
+            Db::Pg(pool) => crate::store::postgres::rows::siblings(&mut *pool.acquire().await?, table, key).await?,
+        })
+    }
+
+    /// The table's columns and primary-key columns.
+    async fn columns(&self, table: &str) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+        Ok(match self {
+            Db::Sqlite(pool) => {
+                let info = schema::describe(&mut *pool.acquire().await?, table).await?;
+                (info.columns, info.key)
+            }
+            Db::Pg(pool) => {
+                let info = crate::store::postgres::schema::describe(&mut *pool.acquire().await?, table).await?;
+                (info.columns, info.key)
+            }
+        })
+    }
+
+    /// (resolved by people, resolved automatically) as rows of JSON.
+    async fn history(&self) -> anyhow::Result<(Vec<serde_json::Value>, Vec<serde_json::Value>)> {
+        let (resolutions, conflicts) = match self {
+            Db::Sqlite(_) => ("_weft_resolutions", "_weft_conflicts"),
+            Db::Pg(_) => ("weft.resolutions", "weft.conflicts"),
+        };
+        let resolved_sql =
+            format!("SELECT queue_id, tbl, key_text, decided_by, decision, at FROM {resolutions} ORDER BY id");
+        let automatic_sql = format!("SELECT id, tbl, key, strategy, winner, loser, at FROM {conflicts} ORDER BY id");
+        type Resolved = (i64, String, String, String, String, i64);
+        type Automatic = (i64, String, String, String, String, String, i64);
+        let (resolved, automatic): (Vec<Resolved>, Vec<Automatic>) = match self {
+            Db::Sqlite(pool) => (
+                sqlx::query_as(AssertSqlSafe(resolved_sql)).fetch_all(pool).await?,
+                sqlx::query_as(AssertSqlSafe(automatic_sql)).fetch_all(pool).await?,
+            ),
+            Db::Pg(pool) => (
+                sqlx::query_as(AssertSqlSafe(resolved_sql)).fetch_all(pool).await?,
+                sqlx::query_as(AssertSqlSafe(automatic_sql)).fetch_all(pool).await?,
+            ),
+        };
+        let parse = |text: &str| serde_json::from_str::<serde_json::Value>(text).unwrap_or_default();
+        Ok((
+            resolved
+                .into_iter()
+                .map(|r| json!({"conflict": r.0, "table": r.1, "key": r.2, "decided_by": r.3, "decision": r.4, "at_micros": r.5}))
+                .collect(),
+            automatic
+                .into_iter()
+                .map(|r| json!({"id": r.0, "table": r.1, "key": r.2, "strategy": r.3, "winner": parse(&r.4), "loser": parse(&r.5), "at_micros": r.6}))
+                .collect(),
+        ))
+    }
 }
 
 fn region_of(config: &NodeConfig, node: &str) -> String {
@@ -115,26 +204,18 @@ fn sibling_json(config: &NodeConfig, n: usize, s: &Event) -> serde_json::Value {
 }
 
 pub async fn run(config_path: &Path, command: Command) -> anyhow::Result<()> {
-    let (config, pool) = open(config_path).await?;
-    let mut conn = pool.acquire().await?;
+    let (config, db) = open(config_path).await?;
     match command {
         Command::List { json } => {
-            let rows = sqlx::query(
-                "SELECT id, tbl, key, key_text, opened_at FROM _weft_queue WHERE closed_at IS NULL ORDER BY id",
-            )
-            .fetch_all(&mut *conn)
-            .await?;
             let mut out = Vec::new();
-            for row in rows {
-                let (table, key): (String, Vec<u8>) = (row.try_get(1)?, row.try_get(2)?);
-                let set = siblings(&mut conn, &table, &key).await?;
+            for open in db.open_entries(None).await? {
+                let set = db.siblings(&open.table, &open.key).await?;
                 let mut regions: Vec<String> = set.iter().map(|s| region_of(&config, &s.origin)).collect();
                 regions.sort();
                 regions.dedup();
-                let opened: i64 = row.try_get(4)?;
                 out.push(json!({
-                    "id": row.try_get::<i64, _>(0)?, "table": table, "key": row.try_get::<String, _>(3)?,
-                    "siblings": set.len(), "age": age(opened), "opened_at_micros": opened, "regions": regions,
+                    "id": open.id, "table": open.table, "key": open.key_text,
+                    "siblings": set.len(), "age": age(open.opened_at), "opened_at_micros": open.opened_at, "regions": regions,
                 }));
             }
             if json {
@@ -166,8 +247,8 @@ pub async fn run(config_path: &Path, command: Command) -> anyhow::Result<()> {
             }
         }
         Command::Show { id, json } => {
-            let open = open_conflict(&pool, id).await?;
-            let set = siblings(&mut conn, &open.table, &open.key).await?;
+            let open = db.open_conflict(id).await?;
+            let set = db.siblings(&open.table, &open.key).await?;
             if json {
                 let siblings: Vec<_> = set
                     .iter()
@@ -189,7 +270,7 @@ pub async fn run(config_path: &Path, command: Command) -> anyhow::Result<()> {
                 open.key_text,
                 age(open.opened_at)
             );
-            let info = schema::describe(&mut conn, &open.table).await?;
+            let (columns, _) = db.columns(&open.table).await?;
             let cell = |s: &Event, column: &str| match &s.op {
                 Op::Delete => "(deleted)".to_owned(),
                 Op::Upsert(row) => row.get(column).map(Value::to_string).unwrap_or_default(),
@@ -208,7 +289,7 @@ pub async fn run(config_path: &Path, command: Command) -> anyhow::Result<()> {
                 print!(" | {:<width$}", s.hlc.to_string());
             }
             println!();
-            for column in &info.columns {
+            for column in &columns {
                 let values: Vec<String> = set.iter().map(|s| cell(s, column)).collect();
                 let differs = values.windows(2).any(|w| w[0] != w[1]);
                 print!("{} {:<16}", if differs { "*" } else { " " }, column);
@@ -225,8 +306,8 @@ pub async fn run(config_path: &Path, command: Command) -> anyhow::Result<()> {
             );
         }
         Command::Resolve { id, take, edit, by } => {
-            let open = open_conflict(&pool, id).await?;
-            let set = siblings(&mut conn, &open.table, &open.key).await?;
+            let open = db.open_conflict(id).await?;
+            let set = db.siblings(&open.table, &open.key).await?;
             let Some(any) = set.first() else {
                 bail!("conflict {id} has no siblings left")
             };
@@ -248,8 +329,8 @@ pub async fn run(config_path: &Path, command: Command) -> anyhow::Result<()> {
                         .into_iter()
                         .map(|(c, v)| Ok((c, json_value(&v)?)))
                         .collect::<anyhow::Result<_>>()?;
-                    let info = schema::describe(&mut conn, &open.table).await?;
-                    for (i, k) in info.key.iter().enumerate() {
+                    let (_, key) = db.columns(&open.table).await?;
+                    for (i, k) in key.iter().enumerate() {
                         row.retain(|(c, _)| c != k);
                         row.push((k.clone(), any.key.0[i].clone()));
                     }
@@ -263,32 +344,19 @@ pub async fn run(config_path: &Path, command: Command) -> anyhow::Result<()> {
             let by = by
                 .or_else(|| std::env::var("USER").ok())
                 .unwrap_or_else(|| "unknown".into());
-            write_resolution(&mut conn, &open, any, &op, &by, &decision).await?;
+            match &db {
+                Db::Sqlite(pool) => {
+                    write_resolution(&mut *pool.acquire().await?, &open, any, &op, &by, &decision).await?
+                }
+                Db::Pg(pool) => write_resolution_pg(pool, &open, any, &op, &by, &decision).await?,
+            }
             println!(
                 "conflict {id} on {} {}: {decision}, by {by}. The write replicates and closes it in every region.",
                 open.table, open.key_text
             );
         }
         Command::History { json } => {
-            let resolved = sqlx::query(
-                "SELECT queue_id, tbl, key_text, decided_by, decision, at FROM _weft_resolutions ORDER BY id",
-            )
-            .fetch_all(&mut *conn)
-            .await?;
-            let automatic =
-                sqlx::query("SELECT id, tbl, key, strategy, winner, loser, at FROM _weft_conflicts ORDER BY id")
-                    .fetch_all(&mut *conn)
-                    .await?;
-            let resolved: Vec<_> = resolved.iter().map(|r| json!({
-                "conflict": r.get::<i64, _>(0), "table": r.get::<String, _>(1), "key": r.get::<String, _>(2),
-                "decided_by": r.get::<String, _>(3), "decision": r.get::<String, _>(4), "at_micros": r.get::<i64, _>(5),
-            })).collect();
-            let automatic: Vec<_> = automatic.iter().map(|r| json!({
-                "id": r.get::<i64, _>(0), "table": r.get::<String, _>(1), "key": r.get::<String, _>(2), "strategy": r.get::<String, _>(3),
-                "winner": serde_json::from_str::<serde_json::Value>(&r.get::<String, _>(4)).unwrap_or_default(),
-                "loser": serde_json::from_str::<serde_json::Value>(&r.get::<String, _>(5)).unwrap_or_default(),
-                "at_micros": r.get::<i64, _>(6),
-            })).collect();
+            let (resolved, automatic) = db.history().await?;
             if json {
                 println!(
                     "{}",
@@ -393,6 +461,82 @@ async fn write_resolution(
         "INSERT INTO _weft_resolutions (queue_id, tbl, key_text, decided_by, decision, row, at) VALUES (?, ?, ?, ?, ?, ?, {})",
         schema::NOW_MICROS
     )))
+    .bind(open.id)
+    .bind(&open.table)
+    .bind(&open.key_text)
+    .bind(by)
+    .bind(decision)
+    .bind(op.to_json().to_string())
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The resolution on PostgreSQL: the chosen row written as an application write (captured by
+/// the triggers), each value cast to its column's type, with its audit record, in one
+/// transaction.
+async fn write_resolution_pg(
+    pool: &PgPool,
+    open: &Open,
+    any: &Event,
+    op: &Op,
+    by: &str,
+    decision: &str,
+) -> anyhow::Result<()> {
+    use crate::store::postgres::schema::{describe, quote};
+    use sqlx::Connection as _;
+    let mut conn = pool.acquire().await?;
+    let table = describe(&mut conn, &open.table).await?;
+    let mut tx = conn.begin().await?;
+    let key_values: Vec<&Value> = any.key.0.iter().collect();
+    let key_texts = table
+        .texts(&table.key, &key_values)
+        .map_err(|e| anyhow::anyhow!("conflict {} key: {e}", open.id))?;
+    match op {
+        Op::Delete => {
+            let sql = format!("DELETE FROM {} t WHERE {}", table.qualified(), table.key_predicate(1));
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for text in key_texts {
+                q = q.bind(text);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        Op::Upsert(row) => {
+            let columns: Vec<String> = row.0.iter().map(|(c, _)| c.clone()).collect();
+            let texts = table
+                .texts(&columns, &row.0.iter().map(|(_, v)| v).collect::<Vec<_>>())
+                .map_err(|e| anyhow::anyhow!("{e}; fix the row and resolve again"))?;
+            let values = columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| format!("${}::text::{}", i + 1, table.type_of(c).unwrap_or("text")))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let updates = columns
+                .iter()
+                .map(|c| format!("{0} = excluded.{0}", quote(c)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "INSERT INTO {} ({}) VALUES ({values}) ON CONFLICT ({}) DO UPDATE SET {updates}",
+                table.qualified(),
+                columns.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", "),
+                table.key.iter().map(|k| quote(k)).collect::<Vec<_>>().join(", ")
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for text in texts {
+                q = q.bind(text);
+            }
+            q.execute(&mut *tx)
+                .await
+                .with_context(|| format!("writing the resolution of conflict {}", open.id))?;
+        }
+    }
+    sqlx::query(
+        "INSERT INTO weft.resolutions (queue_id, tbl, key_text, decided_by, decision, \"row\", at) \
+         VALUES ($1, $2, $3, $4, $5, $6, weft.now_micros())",
+    )
     .bind(open.id)
     .bind(&open.table)
     .bind(&open.key_text)

@@ -20,35 +20,27 @@ use std::sync::Arc;
 use sqlx::{AssertSqlSafe, PgConnection};
 
 use super::PgStore;
-use super::capture::{Meta, load_versions, read_image, write_meta};
+use super::capture::{Meta, read_image, write_meta};
+use super::rows::PgRows;
 use super::schema::{PgTable, quote};
-use crate::config::Strategy;
-use crate::event::{Event, Key, Op, Row, Value};
-use crate::replicate::{Decision, RowVersion, decide};
+use crate::event::{Event, Key, Row, Value};
+use crate::replicate::RowVersion;
 use crate::resolve::Winner;
-use crate::store::admit::{admit, conflict_record, frontiers_from, shape_problem, strategy_name};
+use crate::store::admit::{admit, conflict_record, frontiers_from, strategy_name};
+use crate::store::engine::{self, Mode, Step, Stop};
 use crate::store::{ApplyReport, StoreError};
 
 /// How many times a run is retried after losing a race with an application insert.
 const MAX_RACES: usize = 20;
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    Grouped,
-    EventByEvent,
-}
-
 enum Outcome {
     Done(ApplyReport),
-    /// A grouped write was refused for its content: replay event by event.
-    Refused,
-    /// An application inserted a row this run was inserting: retry the run.
-    Raced,
+    Stopped(Stop),
 }
 
 /// Whether a database error is about the event's content (dead-letter it) rather than the
 /// database (fail the run and retry later).
-fn rejects_event(error: &sqlx::Error) -> Option<String> {
+pub(super) fn rejects_event(error: &sqlx::Error) -> Option<String> {
     let sqlx::Error::Database(db) = error else { return None };
     let code = db.code()?;
     // 22: data exception (bad input, out of range); 23: integrity constraint;
@@ -58,7 +50,7 @@ fn rejects_event(error: &sqlx::Error) -> Option<String> {
 }
 
 #[derive(PartialEq)]
-enum Shape {
+pub(super) enum Shape {
     /// Rows that existed (locked) or that this run created.
     Upsert {
         table: String,
@@ -76,7 +68,7 @@ enum Shape {
 
 /// Writes waiting to be executed, all of one shape, no key twice.
 #[derive(Default)]
-struct Pending {
+pub(super) struct Pending {
     shape: Option<(Shape, Arc<PgTable>)>,
     /// Column values as text, one vector per column.
     columns: Vec<Vec<Option<String>>>,
@@ -86,19 +78,16 @@ struct Pending {
 /// Keys of one table: their canonical bytes, and their values as text, column by column.
 type KeyColumns = (Vec<Vec<u8>>, Vec<Vec<Option<String>>>);
 
-/// A flush's result: `Err(reason)` when the database refused the content.
-type Written = Result<(), String>;
-
 impl Pending {
     /// Queues a write; flushes first if the shape changes or the key repeats.
-    async fn push(
+    pub(super) async fn push(
         &mut self,
         tx: &mut PgConnection,
         shape: Shape,
         table: &Arc<PgTable>,
         key: Vec<u8>,
         values: Vec<Option<String>>,
-    ) -> Result<Result<Written, Outcome>, StoreError> {
+    ) -> Step {
         if self.shape.as_ref().is_some_and(|(s, _)| *s != shape) || self.keys.contains(&key) {
             match self.flush(tx).await? {
                 Ok(Ok(())) => {}
@@ -116,7 +105,7 @@ impl Pending {
         Ok(Ok(Ok(())))
     }
 
-    async fn flush(&mut self, tx: &mut PgConnection) -> Result<Result<Written, Outcome>, StoreError> {
+    pub(super) async fn flush(&mut self, tx: &mut PgConnection) -> Step {
         let Some((shape, table)) = self.shape.take() else {
             return Ok(Ok(Ok(())));
         };
@@ -175,7 +164,7 @@ impl Pending {
         match query.execute(&mut *tx).await {
             Ok(done) => {
                 if matches!(shape, Shape::Insert { .. }) && done.rows_affected() < rows {
-                    return Ok(Err(Outcome::Raced));
+                    return Ok(Err(Stop::Raced));
                 }
                 Ok(Ok(Ok(())))
             }
@@ -188,19 +177,12 @@ impl Pending {
 }
 
 /// `values` as text for `columns` of `table`; `Err` says why a column cannot hold its value.
-fn texts(table: &PgTable, columns: &[String], values: &[&Value]) -> Result<Vec<Option<String>>, String> {
-    columns
-        .iter()
-        .zip(values)
-        .map(|(c, v)| {
-            let i = table.columns.iter().position(|x| x == c).expect("checked column");
-            table.kinds[i].text(v).map_err(|e| format!("column `{c}`: {e}"))
-        })
-        .collect()
+pub(super) fn texts(table: &PgTable, columns: &[String], values: &[&Value]) -> Result<Vec<Option<String>>, String> {
+    table.texts(columns, values)
 }
 
 /// The row's current image, or `None`.
-async fn read_row(tx: &mut PgConnection, table: &PgTable, key: &Key) -> Result<Option<Row>, StoreError> {
+pub(super) async fn read_row(tx: &mut PgConnection, table: &PgTable, key: &Key) -> Result<Option<Row>, StoreError> {
     let predicate = table
         .key
         .iter()
@@ -243,11 +225,11 @@ impl PgStore {
                         );
                         return Ok(report);
                     }
-                    Outcome::Refused => {
+                    Outcome::Stopped(Stop::Refused) => {
                         tracing::debug!("a grouped write was refused; replaying the run event by event");
                         mode = Mode::EventByEvent;
                     }
-                    Outcome::Raced => {
+                    Outcome::Stopped(Stop::Raced) => {
                         tracing::debug!("an application insert raced the run; retrying it");
                     }
                 }
@@ -280,12 +262,12 @@ impl PgStore {
         let admitted = admit(&self.identity.node, &self.clock, events, &mut frontiers, &mut report);
         let mut exists = self.lock_rows(&mut tx, &admitted).await?;
         report.drained = self.drain_in(&mut tx, *last_seq).await?;
-        let written = match self
-            .apply_events(&mut tx, &admitted, &mut exists, &mut report, mode)
-            .await?
-        {
-            Ok(written) => written,
-            Err(outcome) => return Ok(outcome),
+        let written = {
+            let mut rows = PgRows::new(self, &mut tx, &mut exists);
+            match engine::apply_events(&mut rows, &admitted, &mut report, mode).await? {
+                Ok(written) => written,
+                Err(stop) => return Ok(Outcome::Stopped(stop)),
+            }
         };
         let relayed: Vec<Event> = admitted
             .iter()
@@ -435,161 +417,7 @@ impl PgStore {
         }
     }
 
-    /// Decides and writes admitted events; `Some(outcome)` ends the attempt early (the
-    /// caller rolls back).
-    async fn apply_events(
-        &self,
-        tx: &mut PgConnection,
-        events: &[&Event],
-        exists: &mut HashSet<(String, Vec<u8>)>,
-        report: &mut ApplyReport,
-        mode: Mode,
-    ) -> Result<Result<Vec<(String, Vec<u8>, RowVersion)>, Outcome>, StoreError> {
-        let mut keys: HashMap<&str, Vec<Vec<u8>>> = HashMap::new();
-        for event in events {
-            if self.tables.contains_key(&event.table) {
-                keys.entry(event.table.as_str()).or_default().push(event.key.to_bytes());
-            }
-        }
-        let mut versions: HashMap<(String, Vec<u8>), RowVersion> = HashMap::new();
-        for (table, keys) in keys {
-            for (key, version) in load_versions(tx, table, &keys).await? {
-                versions.insert((table.to_owned(), key), version);
-            }
-        }
-        let mut pending = Pending::default();
-        let mut changed: Vec<(String, Vec<u8>)> = Vec::new();
-        macro_rules! flushed {
-            ($result:expr) => {
-                match $result {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(reason)) => Err(reason),
-                    Err(outcome) => return Ok(Err(outcome)),
-                }
-            };
-        }
-        for &event in events {
-            let Some(table) = self.tables.get(&event.table).cloned() else {
-                let reason = format!(
-                    "table `{}` is not replicated on this node; add it to the node config",
-                    event.table
-                );
-                self.dead_letter(tx, event, &reason, report).await?;
-                continue;
-            };
-            if let Some(reason) = shape_problem(&table.name, &table.columns, &table.key, event) {
-                self.dead_letter(tx, event, &reason, report).await?;
-                continue;
-            }
-            let id = (table.name.clone(), event.key.to_bytes());
-            let local = versions.get(&id).cloned();
-            let mut decision = decide(Strategy::Lww, local.as_ref(), event, None);
-            let mut local_row = None;
-            if matches!(decision, Decision::NeedsLocalContent | Decision::Conflict { .. }) {
-                if let Err(reason) = flushed!(pending.flush(tx).await?) {
-                    debug_assert!(mode == Mode::Grouped, "event-by-event flushes after each write");
-                    let _ = reason;
-                    return Ok(Err(Outcome::Refused));
-                }
-                local_row = read_row(tx, &table, &event.key).await?;
-            }
-            if decision == Decision::NeedsLocalContent {
-                let content = local_row.clone().map(Op::Upsert).unwrap_or(Op::Delete).content_bytes();
-                decision = decide(Strategy::Lww, local.as_ref(), event, Some(&content));
-            }
-            let conflict = matches!(decision, Decision::Conflict { .. });
-            let (next, winner) = match decision {
-                Decision::Stale => {
-                    report.stale += 1;
-                    continue;
-                }
-                Decision::NeedsLocalContent => unreachable!("content was supplied"),
-                Decision::FastForward { next } => (next, Winner::Remote),
-                Decision::Conflict { winner, next } => (next, winner),
-            };
-            if winner == Winner::Remote {
-                let (shape, values) = match &event.op {
-                    Op::Upsert(row) => {
-                        let columns: Vec<String> = row.0.iter().map(|(c, _)| c.clone()).collect();
-                        let values: Vec<&Value> = row.0.iter().map(|(_, v)| v).collect();
-                        let shape = if exists.contains(&id) {
-                            Shape::Upsert {
-                                table: table.name.clone(),
-                                columns: columns.clone(),
-                            }
-                        } else {
-                            Shape::Insert {
-                                table: table.name.clone(),
-                                columns: columns.clone(),
-                            }
-                        };
-                        (shape, texts(&table, &columns, &values))
-                    }
-                    Op::Delete => (
-                        Shape::Delete {
-                            table: table.name.clone(),
-                        },
-                        texts(&table, &table.key, &event.key.0.iter().collect::<Vec<_>>()),
-                    ),
-                };
-                let values = match values {
-                    Ok(values) => values,
-                    Err(reason) => {
-                        self.dead_letter(tx, event, &reason, report).await?;
-                        continue;
-                    }
-                };
-                if mode == Mode::EventByEvent {
-                    sqlx::raw_sql("SAVEPOINT weft_event").execute(&mut *tx).await?;
-                }
-                let is_delete = matches!(shape, Shape::Delete { .. });
-                let mut written = flushed!(pending.push(tx, shape, &table, id.1.clone(), values).await?);
-                if mode == Mode::EventByEvent && written.is_ok() {
-                    written = flushed!(pending.flush(tx).await?);
-                }
-                match written {
-                    Ok(()) => {
-                        if mode == Mode::EventByEvent {
-                            sqlx::raw_sql("RELEASE SAVEPOINT weft_event").execute(&mut *tx).await?;
-                        }
-                        report.applied += 1;
-                        if is_delete {
-                            exists.remove(&id);
-                        } else {
-                            exists.insert(id.clone());
-                        }
-                    }
-                    Err(_) if mode == Mode::Grouped => return Ok(Err(Outcome::Refused)),
-                    Err(reason) => {
-                        sqlx::raw_sql("ROLLBACK TO SAVEPOINT weft_event")
-                            .execute(&mut *tx)
-                            .await?;
-                        self.dead_letter(tx, event, &reason, report).await?;
-                        continue;
-                    }
-                }
-            }
-            if let Some(local) = local.as_ref().filter(|_| conflict) {
-                self.log_conflict(tx, &table, event, local, local_row.as_ref(), winner)
-                    .await?;
-                report.conflicts += 1;
-            }
-            versions.insert(id.clone(), next);
-            changed.push(id);
-        }
-        if flushed!(pending.flush(tx).await?).is_err() {
-            return Ok(Err(Outcome::Refused));
-        }
-        Ok(Ok(changed
-            .into_iter()
-            .map(|id| {
-                let version = versions[&id].clone();
-                (id.0, id.1, version)
-            })
-            .collect()))
-    }
-
-    async fn log_conflict(
+    pub(super) async fn log_conflict(
         &self,
         tx: &mut PgConnection,
         table: &PgTable,
@@ -612,7 +440,7 @@ impl PgStore {
         Ok(())
     }
 
-    async fn dead_letter(
+    pub(super) async fn dead_letter(
         &self,
         tx: &mut PgConnection,
         event: &Event,

@@ -14,7 +14,9 @@ use std::sync::Arc;
 use sqlx::{AssertSqlSafe, PgConnection, Row as _};
 
 use super::PgStore;
+use super::rows::PgRows;
 use super::schema::PgTable;
+use crate::config::Strategy;
 use crate::event::{Event, Hlc, Key, Row};
 use crate::replicate::RowVersion;
 use crate::store::{DrainReport, StoreError};
@@ -240,7 +242,15 @@ impl PgStore {
             image: p.image,
             committed_at: p.committed_at,
         });
-        let events = crate::store::admit::local_events(&self.identity, &self.clock, last_seq, changes);
+        let mut events = crate::store::admit::local_events(&self.identity, &self.clock, last_seq, changes);
+        // CRDT states, owners and queue entries of the tables that have them.
+        let mut untouched = std::collections::HashSet::new();
+        for (key_bytes, event) in events.iter_mut() {
+            if let Some(table) = self.tables.get(&event.table).filter(|t| t.strategy != Strategy::Lww) {
+                let mut rows = PgRows::new(self, tx, &mut untouched);
+                crate::store::engine::settle_local(&mut rows, &self.identity, table, key_bytes, event, false).await?;
+            }
+        }
         let batch_end = last_seq + events.len() as u64;
         let versions: Vec<RowVersion> = events.iter().map(|(_, e)| RowVersion::of_event(e)).collect();
         write_meta(

@@ -15,6 +15,7 @@
 mod apply;
 mod capture;
 pub mod cluster;
+pub(crate) mod rows;
 pub mod schema;
 pub mod values;
 
@@ -135,7 +136,7 @@ impl PgStore {
             }
         };
         let mut tx = conn.begin().await?;
-        let infos = schema::install(&mut tx, tables).await?;
+        let infos = schema::install(&mut tx, tables, &identity.region).await?;
         match node_value(&mut tx, "node_id").await? {
             Some(found) if found != identity.node => {
                 return Err(StoreError::WrongNode {
@@ -185,6 +186,12 @@ impl PgStore {
                 })
             })
             .connect_lazy_with(options.clone()))
+    }
+
+    /// A pool for tools working on the database beside the sidecar (`weft conflicts`,
+    /// `weft ownership`), with weft's canonical session settings.
+    pub async fn app_pool(url: &str) -> Result<PgPool, StoreError> {
+        Self::pool(&options(url)?, 2).await
     }
 
     /// Reads the state of a database served by a running sidecar (for `weft status`),
