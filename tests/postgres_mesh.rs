@@ -1,5 +1,6 @@
 //! Mixed meshes of real `weft run` processes: a SQLite region and two PostgreSQL regions
-//! (on a throw-away cluster the test starts) converge under concurrent writes, and nothing
+//! (on a throw-away cluster the test starts) converge under concurrent writes (a CRDT
+//! counter decremented in every region among them), and nothing
 //! is lost or applied twice when a PostgreSQL sidecar is killed mid-apply or when the
 //! database server restarts mid-stream; a ring relays through PostgreSQL regions.
 mod common;
@@ -24,9 +25,33 @@ async fn write_everywhere(mesh: &Mesh, first: i64, rounds: i64) {
 async fn a_sqlite_region_and_two_postgres_regions_converge() {
     let mesh = Mesh::new(&KINDS).await;
     mesh.spawn_all().await;
-    write_everywhere(&mesh, 0, 30).await;
+    mesh.exec(1, "INSERT INTO stock VALUES (1, 1000)").await.unwrap();
+    mesh.wait_converged(Duration::from_secs(30)).await;
+    // Items everywhere, and every region takes stock from the same CRDT counter meanwhile.
+    let take_stock = (0..mesh.regions.len()).map(|i| {
+        let mesh = &mesh;
+        async move {
+            for _ in 0..20 {
+                mesh.exec(i, "UPDATE stock SET qty = qty - 1 WHERE id = 1")
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
+    tokio::join!(
+        write_everywhere(&mesh, 0, 30),
+        futures_util::future::join_all(take_stock)
+    );
     mesh.wait_converged(Duration::from_secs(60)).await;
     mesh.assert_exactly_once(3 * 300).await;
+    for i in 0..mesh.regions.len() {
+        assert_eq!(
+            mesh.snapshot(i).await["stock"],
+            vec!["1 | 940"],
+            "r{i}: 1000 - 3 x 20, every decrement counted once"
+        );
+    }
     // `weft status` reads a PostgreSQL region while its sidecar serves it.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_weft"))
         .args(["status", "--json", "--config"])

@@ -535,3 +535,43 @@ async fn strategy_settings_that_do_not_fit_a_postgres_table_are_refused_at_start
         assert!(error.contains(message), "{error}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_never_overwrites_a_crdt_column_the_application_changed_meanwhile() {
+    let pg = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let a = stock(&pg, dir.path(), "a").await;
+    a.exec("INSERT INTO stock (id, tags) VALUES (1, '[\"x\"]');").await;
+    a.drain().await;
+    // Captured out of order: the drain will write the set back sorted.
+    a.exec("UPDATE stock SET tags = '[\"b\",\"a\"]' WHERE id = 1;").await;
+    // Meanwhile the application changes the row again and holds it until the drain waits.
+    let mut app = a.pg_pool().begin().await.unwrap();
+    sqlx::query("UPDATE stock SET tags = '[\"z\"]' WHERE id = 1")
+        .execute(&mut *app)
+        .await
+        .unwrap();
+    let (drained, ()) = tokio::join!(a.drain(), async {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        app.commit().await.unwrap();
+    });
+    assert_eq!(drained, 1);
+    assert_eq!(
+        a.drain().await,
+        1,
+        "the application's later write is drained on its own"
+    );
+    let tags: String = sqlx::query_scalar("SELECT tags FROM stock WHERE id = 1")
+        .fetch_one(a.pg_pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        tags, "[\"z\"]",
+        "the later write stands; the row and its CRDT state agree"
+    );
+    let last = a.events(0).await.pop().unwrap();
+    let weft::event::Op::Upsert(row) = &last.op else {
+        panic!("an upsert")
+    };
+    assert_eq!(row.get("tags"), Some(&weft::event::Value::Text("[\"z\"]".into())));
+}

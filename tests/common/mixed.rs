@@ -2,7 +2,7 @@
 //! throw-away PostgreSQL cluster, with an application writing into each region and the
 //! exactly-once check (the application's own audit triggers: a row per insert and per update
 //! of `items`, which only ever gets fresh inserts, so a lost event is a missing row and an
-//! event applied twice is an `update` audit row).
+//! event applied twice is an `update` audit row). `stock.qty` is a CRDT counter.
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -17,6 +17,7 @@ use super::regions::App;
 const SQLITE_SCHEMA: &str = "
 CREATE TABLE items (id INTEGER PRIMARY KEY, origin TEXT NOT NULL, v INTEGER NOT NULL);
 CREATE TABLE shared (id INTEGER PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE stock (id INTEGER PRIMARY KEY, qty INTEGER NOT NULL);
 CREATE TABLE audit (id INTEGER NOT NULL, op TEXT NOT NULL);
 CREATE TRIGGER items_audit_insert AFTER INSERT ON items BEGIN INSERT INTO audit VALUES (NEW.id, 'insert'); END;
 CREATE TRIGGER items_audit_update AFTER UPDATE ON items BEGIN INSERT INTO audit VALUES (NEW.id, 'update'); END;
@@ -25,6 +26,7 @@ CREATE TRIGGER items_audit_update AFTER UPDATE ON items BEGIN INSERT INTO audit 
 const PG_SCHEMA: &str = "
 CREATE TABLE items (id bigint PRIMARY KEY, origin text NOT NULL, v bigint NOT NULL);
 CREATE TABLE shared (id bigint PRIMARY KEY, v text NOT NULL);
+CREATE TABLE stock (id bigint PRIMARY KEY, qty bigint NOT NULL);
 CREATE TABLE audit (id bigint NOT NULL, op text NOT NULL);
 CREATE FUNCTION audit_items() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN INSERT INTO audit VALUES (NEW.id, lower(TG_OP)); RETURN NULL; END $$;
@@ -101,7 +103,8 @@ impl Mesh {
                 format!(
                     "version = 1\nnode = \"{node}\"\ntopology = \"topology.toml\"\ndatabase = \"{database}\"\n\
                      [replication]\nheartbeat_ms = 200\npeer_timeout_ms = 2000\n\
-                     [[tables]]\nname = \"items\"\nstrategy = \"lww\"\n[[tables]]\nname = \"shared\"\nstrategy = \"lww\"\n"
+                     [[tables]]\nname = \"items\"\nstrategy = \"lww\"\n[[tables]]\nname = \"shared\"\nstrategy = \"lww\"\n\
+                     [[tables]]\nname = \"stock\"\nstrategy = \"crdt\"\ncolumns = {{ qty = \"counter\" }}\n"
                 ),
             )
             .unwrap();
@@ -243,6 +246,15 @@ impl Mesh {
     /// One application transaction in region `i`: `n` fresh items from `first`, and an
     /// update of a hot row every region writes. `Err` if the database refused (it may be
     /// restarting); nothing of the transaction is then committed.
+    /// The application in region `i` runs `sql`.
+    pub async fn exec(&self, i: usize, sql: &str) -> Result<(), sqlx::Error> {
+        let sql = sqlx::AssertSqlSafe(sql.to_owned());
+        match &self.regions[i].app {
+            App::Sqlite(pool) => sqlx::raw_sql(sql).execute(pool).await.map(|_| ()),
+            App::Pg(pool) => sqlx::raw_sql(sql).execute(pool).await.map(|_| ()),
+        }
+    }
+
     pub async fn write(&self, i: usize, first: i64, n: i64) -> Result<(), sqlx::Error> {
         let origin = format!("r{i}");
         let hot = first % 5;
@@ -293,7 +305,7 @@ impl Mesh {
     }
 
     pub async fn snapshot(&self, i: usize) -> BTreeMap<String, Vec<String>> {
-        let tables = ["items".to_string(), "shared".to_string()];
+        let tables = ["items".to_string(), "shared".to_string(), "stock".to_string()];
         let mut out = match &self.regions[i].app {
             App::Sqlite(pool) => weft::store::sqlite::snapshot(pool, &tables).await.unwrap(),
             App::Pg(pool) => weft::store::postgres::snapshot(pool, &tables).await.unwrap(),
