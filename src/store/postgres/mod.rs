@@ -12,6 +12,7 @@
 //!   fallback when notifications are lost (they are, across a reconnect).
 //! - Apply locks the rows a run touches (`FOR UPDATE`) before it drains local changes: a
 //!   change committed before the lock is drained first, and none can commit after it.
+//! - Decisions and strategies come from `store::engine`; `rows` is this store's row IO.
 mod apply;
 mod capture;
 pub mod cluster;

@@ -7,7 +7,9 @@
 //! `SET LOCAL weft.applying = 'on'`. Because every
 //! outbox row carries its image, a drain reads each source transaction exactly as it
 //! committed, whatever commits while it runs. Generated columns are not replicated: each
-//! region computes them.
+//! region computes them. Ownership tables also get a row-level `weft_owner` trigger that
+//! refuses writes outside the owner region (see `owner_sql`), and `install` checks each
+//! table's strategy settings against its column types.
 use sqlx::{AssertSqlSafe, PgConnection, Row as _};
 
 use std::collections::BTreeMap;
@@ -578,7 +580,7 @@ fn owner_sql(table: &PgTable, region: &str) -> Option<String> {
     };
     let function = format!("weft.{}", quote(&format!("{OWNER_TRIGGER}_{}", table.name)));
     Some(format!(
-        "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql          SET TimeZone = 'UTC' SET DateStyle = 'ISO, YMD' SET IntervalStyle = 'iso_8601' SET extra_float_digits = 3 AS $weft$\n\
+        "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql SET TimeZone = 'UTC' SET DateStyle = 'ISO, YMD' SET IntervalStyle = 'iso_8601' SET extra_float_digits = 3 AS $weft$\n\
          DECLARE holder text;\n\
          BEGIN\n\
          IF current_setting('weft.applying', true) IS DISTINCT FROM 'on' THEN\n\
