@@ -302,3 +302,46 @@ async fn only_one_sidecar_serves_a_database() {
     .await;
     assert!(third.is_ok(), "{:?}", third.err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apply_never_deadlocks_with_an_application_locking_rows_in_another_order() {
+    let pg = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let schema_pg =
+        "CREATE TABLE a_first (id bigint PRIMARY KEY, v text); CREATE TABLE b_second (id bigint PRIMARY KEY, v text);
+                     INSERT INTO a_first VALUES (1, 'x'); INSERT INTO b_second VALUES (1, 'x');";
+    let schema_sqlite = "CREATE TABLE a_first (id INTEGER PRIMARY KEY, v TEXT); CREATE TABLE b_second (id INTEGER PRIMARY KEY, v TEXT);";
+    let a = Region::pg(&pg, "a", schema_pg, &lww(&["a_first", "b_second"])).await;
+    let b = Region::sqlite(dir.path(), "b", schema_sqlite, &lww(&["a_first", "b_second"])).await;
+    b.exec("INSERT INTO a_first VALUES (2, 'remote'); INSERT INTO b_second VALUES (2, 'remote'); UPDATE a_first SET v = 'r' WHERE id = 2;")
+        .await;
+    b.drain().await;
+    // The application holds b_second's row 1 and, a little later, takes a_first's row 1;
+    // the apply locks a_first (row 1 is not in its run, row 2 is) and b_second alike.
+    b.exec("INSERT INTO a_first VALUES (1, 'from b') ON CONFLICT (id) DO UPDATE SET v = excluded.v; INSERT INTO b_second VALUES (1, 'from b') ON CONFLICT (id) DO UPDATE SET v = excluded.v;")
+        .await;
+    b.drain().await;
+    let mut app = a.pg_pool().begin().await.unwrap();
+    sqlx::query("UPDATE b_second SET v = 'app' WHERE id = 1")
+        .execute(&mut *app)
+        .await
+        .unwrap();
+    let (report, committed) = tokio::join!(a.store.apply(b.events(0).await), async {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        sqlx::query("UPDATE a_first SET v = 'app' WHERE id = 1")
+            .execute(&mut *app)
+            .await?;
+        app.commit().await
+    });
+    committed.expect("the application's transaction commits");
+    let report = report.expect("the apply commits, after the application");
+    assert_eq!(
+        report.conflicts, 2,
+        "the application's writes were drained and compared first"
+    );
+    sync(&[&a, &b]).await;
+    assert_eq!(
+        a.snapshot(&["a_first", "b_second"]).await,
+        b.snapshot(&["a_first", "b_second"]).await
+    );
+}

@@ -25,14 +25,14 @@ async fn write_everywhere(mesh: &Mesh, first: i64, rounds: i64) {
 async fn a_sqlite_region_and_two_postgres_regions_converge() {
     let mesh = Mesh::new(&KINDS).await;
     mesh.spawn_all().await;
-    mesh.exec(1, "INSERT INTO stock VALUES (1, 1000)").await.unwrap();
+    mesh.exec(1, "INSERT INTO stock VALUES (2, 1000)").await.unwrap();
     mesh.wait_converged(Duration::from_secs(30)).await;
     // Items everywhere, and every region takes stock from the same CRDT counter meanwhile.
     let take_stock = (0..mesh.regions.len()).map(|i| {
         let mesh = &mesh;
         async move {
             for _ in 0..20 {
-                mesh.exec(i, "UPDATE stock SET qty = qty - 1 WHERE id = 1")
+                mesh.exec(i, "UPDATE stock SET qty = qty - 1 WHERE id = 2")
                     .await
                     .unwrap();
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -48,7 +48,7 @@ async fn a_sqlite_region_and_two_postgres_regions_converge() {
     for i in 0..mesh.regions.len() {
         assert_eq!(
             mesh.snapshot(i).await["stock"],
-            vec!["1 | 940"],
+            vec!["1 | -900".to_string(), "2 | 940".to_string()],
             "r{i}: 1000 - 3 x 20, every decrement counted once"
         );
     }

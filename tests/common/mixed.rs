@@ -2,7 +2,8 @@
 //! throw-away PostgreSQL cluster, with an application writing into each region and the
 //! exactly-once check (the application's own audit triggers: a row per insert and per update
 //! of `items`, which only ever gets fresh inserts, so a lost event is a missing row and an
-//! event applied twice is an `update` audit row). `stock.qty` is a CRDT counter.
+//! event applied twice is an `update` audit row). Each transaction also takes its item count
+//! from the CRDT counter `stock` 1, which must end at minus the items everywhere.
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -243,9 +244,6 @@ impl Mesh {
         status
     }
 
-    /// One application transaction in region `i`: `n` fresh items from `first`, and an
-    /// update of a hot row every region writes. `Err` if the database refused (it may be
-    /// restarting); nothing of the transaction is then committed.
     /// The application in region `i` runs `sql`.
     pub async fn exec(&self, i: usize, sql: &str) -> Result<(), sqlx::Error> {
         let sql = sqlx::AssertSqlSafe(sql.to_owned());
@@ -255,6 +253,10 @@ impl Mesh {
         }
     }
 
+    /// One application transaction in region `i`: `n` fresh items from `first`, an update
+    /// of a hot row every region writes, and `n` taken from the CRDT counter `stock` 1
+    /// (created at 0 by whichever region needs it first). `Err` if the database refused (it
+    /// may be restarting); nothing of the transaction is then committed.
     pub async fn write(&self, i: usize, first: i64, n: i64) -> Result<(), sqlx::Error> {
         let origin = format!("r{i}");
         let hot = first % 5;
@@ -275,6 +277,13 @@ impl Mesh {
                     .bind(&value)
                     .execute(&mut *tx)
                     .await?;
+                sqlx::query("INSERT INTO stock (id, qty) VALUES (1, 0) ON CONFLICT (id) DO NOTHING")
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("UPDATE stock SET qty = qty - ? WHERE id = 1")
+                    .bind(n)
+                    .execute(&mut *tx)
+                    .await?;
                 tx.commit().await
             }
             App::Pg(pool) => {
@@ -290,6 +299,13 @@ impl Mesh {
                 sqlx::query("INSERT INTO shared (id, v) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET v = excluded.v")
                     .bind(hot)
                     .bind(&value)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("INSERT INTO stock (id, qty) VALUES (1, 0) ON CONFLICT (id) DO NOTHING")
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("UPDATE stock SET qty = qty - $1 WHERE id = 1")
+                    .bind(n)
                     .execute(&mut *tx)
                     .await?;
                 tx.commit().await
@@ -365,7 +381,8 @@ impl Mesh {
         }
     }
 
-    /// Every region holds `expected` items, each inserted exactly once.
+    /// Every region holds `expected` items, each inserted exactly once, and the counter
+    /// `stock` 1 at minus `expected`.
     pub async fn assert_exactly_once(&self, expected: i64) {
         for (i, region) in self.regions.iter().enumerate() {
             let (rows, inserts, updates): (i64, i64, i64) = match &region.app {
@@ -375,6 +392,15 @@ impl Mesh {
             assert_eq!(rows, expected, "r{i} lost rows");
             assert_eq!(inserts, expected, "r{i}: inserts");
             assert_eq!(updates, 0, "r{i} applied an event twice");
+            let stock = self.snapshot(i).await["stock"]
+                .iter()
+                .find(|row| row.starts_with("1 |"))
+                .cloned();
+            assert_eq!(
+                stock,
+                Some(format!("1 | {}", -expected)),
+                "r{i}: the counter counts every committed transaction's take exactly once"
+            );
         }
     }
 

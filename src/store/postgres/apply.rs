@@ -4,7 +4,10 @@
 //! skip its writes. Order inside it:
 //! 1. admission against the frontiers (`store::admit`);
 //! 2. `SELECT ... FOR UPDATE` of every row the run touches: an application transaction that
-//!    changed one of them has committed by now, and no other can until we commit;
+//!    changed one of them has committed by now, and no other can until we commit. The first
+//!    tries use `NOWAIT` (a held row rolls the run back, and it is retried shortly), so the
+//!    applier does not wait for a row while holding others, which could deadlock with an
+//!    application taking the same rows in another order;
 //! 3. the drain of local changes, so those changes become versions the run compares with;
 //! 4. decisions with `replicate::decide`, writes grouped into `unnest` statements, row
 //!    metadata, frontiers and clock; commit.
@@ -14,7 +17,7 @@
 //! retried, so that insert is drained and compared, never overwritten. A write PostgreSQL
 //! refuses for its content (a cast, a constraint) rolls the run back, and the run is replayed
 //! event by event under savepoints, which dead-letters exactly the refused events.
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use sqlx::{AssertSqlSafe, PgConnection};
@@ -36,7 +39,15 @@ const MAX_RACES: usize = 20;
 enum Outcome {
     Done(ApplyReport),
     Stopped(Stop),
+    /// A row of the run is locked by another transaction (only when locking without waiting).
+    Busy,
 }
+
+/// How long a run keeps trying to lock its rows without waiting before it waits (up to
+/// `lock_timeout`). A run that waits for a row while holding others can deadlock with an
+/// application transaction that takes the same rows in another order; a run that takes its
+/// locks without waiting never does, and application transactions are usually far shorter.
+const NOWAIT_FOR: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Whether a database error is about the event's content (dead-letter it) rather than the
 /// database (fail the run and retry later).
@@ -47,6 +58,11 @@ pub(super) fn rejects_event(error: &sqlx::Error) -> Option<String> {
     // 42804 datatype mismatch; 42703 undefined column.
     (code.starts_with("22") || code.starts_with("23") || code == "42804" || code == "42703")
         .then(|| format!("{} (SQLSTATE {code})", db.message()))
+}
+
+/// `FOR UPDATE NOWAIT` met a row another transaction holds (SQLSTATE 55P03).
+fn is_lock_not_available(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03"))
 }
 
 #[derive(PartialEq)]
@@ -215,8 +231,11 @@ impl PgStore {
         self.with_writer(async |store: &Self, conn: &mut PgConnection, last_seq: &mut u64| {
             let started = std::time::Instant::now();
             let mut mode = Mode::Grouped;
-            for _ in 0..MAX_RACES {
-                match store.attempt(conn, &events, mode, last_seq).await? {
+            let mut busy = 0u32;
+            let mut races = 0;
+            while races < MAX_RACES {
+                let nowait = started.elapsed() < NOWAIT_FOR;
+                match store.attempt(conn, &events, mode, last_seq, nowait).await? {
                     Outcome::Done(report) => {
                         tracing::debug!(
                             events = events.len(),
@@ -231,6 +250,12 @@ impl PgStore {
                     }
                     Outcome::Stopped(Stop::Raced) => {
                         tracing::debug!("an application insert raced the run; retrying it");
+                        races += 1;
+                    }
+                    Outcome::Busy => {
+                        busy += 1;
+                        tracing::debug!(busy, "a row of the run is locked by the application; retrying the run");
+                        tokio::time::sleep(std::time::Duration::from_millis(1 << busy.min(6))).await;
                     }
                 }
             }
@@ -247,6 +272,7 @@ impl PgStore {
         events: &[Event],
         mode: Mode,
         last_seq: &mut u64,
+        nowait: bool,
     ) -> Result<Outcome, StoreError> {
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         // Marks the transaction as the applier's and reads the frontiers, in one round trip.
@@ -260,7 +286,9 @@ impl PgStore {
         let mut frontiers = frontiers_from(known);
         let mut report = ApplyReport::default();
         let admitted = admit(&self.identity.node, &self.clock, events, &mut frontiers, &mut report);
-        let mut exists = self.lock_rows(&mut tx, &admitted).await?;
+        let Some(mut exists) = self.lock_rows(&mut tx, &admitted, nowait).await? else {
+            return Ok(Outcome::Busy);
+        };
         report.drained = self.drain_in(&mut tx, *last_seq).await?;
         let written = {
             let mut rows = PgRows::new(self, &mut tx, &mut exists);
@@ -299,15 +327,18 @@ impl PgStore {
         Ok(Outcome::Done(report))
     }
 
-    /// Locks the existing rows the events touch and returns their (table, key) set. A key
-    /// that cannot even be compared with its column (a bad cast) is taken as absent: its
-    /// write will be dead-lettered.
+    /// Locks the existing rows the events touch, table by table in name order, and returns
+    /// their (table, key) set; `None` if `nowait` and another transaction holds one of them.
+    /// A key that cannot even be compared with its column (a bad cast) is taken as absent:
+    /// its write will be dead-lettered.
     async fn lock_rows(
         &self,
         tx: &mut PgConnection,
         events: &[&Event],
-    ) -> Result<HashSet<(String, Vec<u8>)>, StoreError> {
-        let mut by_table: HashMap<&str, KeyColumns> = HashMap::new();
+        nowait: bool,
+    ) -> Result<Option<HashSet<(String, Vec<u8>)>>, StoreError> {
+        let wait = if nowait { " NOWAIT" } else { "" };
+        let mut by_table: BTreeMap<&str, KeyColumns> = BTreeMap::new();
         let mut seen = HashSet::new();
         for event in events {
             let Some(table) = self.tables.get(&event.table) else {
@@ -348,7 +379,7 @@ impl PgStore {
                 .join(" AND ");
             let sql = format!(
                 "SELECT u.ord FROM unnest({arrays}) WITH ORDINALITY AS u({aliases}, ord) \
-                 JOIN {} t ON {join} FOR UPDATE OF t",
+                 JOIN {} t ON {join} FOR UPDATE OF t{wait}",
                 table.qualified()
             );
             sqlx::raw_sql("SAVEPOINT weft_lock").execute(&mut *tx).await?;
@@ -363,6 +394,7 @@ impl PgStore {
                         exists.insert((name.to_owned(), keys[ord as usize - 1].clone()));
                     }
                 }
+                Err(error) if is_lock_not_available(&error) => return Ok(None),
                 Err(error) if rejects_event(&error).is_some() => {
                     // Some key does not fit its column: lock key by key instead.
                     sqlx::raw_sql("ROLLBACK TO SAVEPOINT weft_lock")
@@ -370,15 +402,19 @@ impl PgStore {
                         .await?;
                     for (i, key) in keys.iter().enumerate() {
                         let values: Vec<Option<String>> = columns.iter().map(|c| c[i].clone()).collect();
-                        if self.lock_one(tx, table, &values).await? {
-                            exists.insert((name.to_owned(), key.clone()));
+                        match self.lock_one(tx, table, &values, wait).await? {
+                            Some(true) => {
+                                exists.insert((name.to_owned(), key.clone()));
+                            }
+                            Some(false) => {}
+                            None => return Ok(None),
                         }
                     }
                 }
                 Err(error) => return Err(error.into()),
             }
         }
-        Ok(exists)
+        Ok(Some(exists))
     }
 
     async fn lock_one(
@@ -386,7 +422,8 @@ impl PgStore {
         tx: &mut PgConnection,
         table: &PgTable,
         key: &[Option<String>],
-    ) -> Result<bool, StoreError> {
+        wait: &str,
+    ) -> Result<Option<bool>, StoreError> {
         let predicate = table
             .key
             .iter()
@@ -394,7 +431,10 @@ impl PgStore {
             .map(|(i, k)| format!("t.{} = ${}::text::{}", quote(k), i + 1, table.types[table.key_index[i]]))
             .collect::<Vec<_>>()
             .join(" AND ");
-        let sql = format!("SELECT 1 FROM {} t WHERE {predicate} FOR UPDATE", table.qualified());
+        let sql = format!(
+            "SELECT 1 FROM {} t WHERE {predicate} FOR UPDATE{wait}",
+            table.qualified()
+        );
         sqlx::raw_sql("SAVEPOINT weft_lock_one").execute(&mut *tx).await?;
         let mut query = sqlx::query(AssertSqlSafe(sql));
         for value in key {
@@ -405,13 +445,14 @@ impl PgStore {
                 sqlx::raw_sql("RELEASE SAVEPOINT weft_lock_one")
                     .execute(&mut *tx)
                     .await?;
-                Ok(found.is_some())
+                Ok(Some(found.is_some()))
             }
+            Err(error) if is_lock_not_available(&error) => Ok(None),
             Err(error) if rejects_event(&error).is_some() => {
                 sqlx::raw_sql("ROLLBACK TO SAVEPOINT weft_lock_one")
                     .execute(&mut *tx)
                     .await?;
-                Ok(false)
+                Ok(Some(false))
             }
             Err(error) => Err(error.into()),
         }
