@@ -1,0 +1,202 @@
+//! Configuration files: the mesh topology (`topology/*.toml`) and one node's config.
+//!
+//! Both are TOML with a `version` field; unknown keys are refused. Parsing and `validate` do
+//! no IO (the one IO step, reading the files, is `NodeConfig::load`), and every error names
+//! the file and the key so a bad deploy is caught before anything starts.
+
+mod node;
+mod tables;
+mod topology;
+
+use std::path::{Path, PathBuf};
+
+pub use node::{Database, NodeConfig, NodeConfigFile, ReplicationConfig};
+pub use tables::{OwnerRange, OwnerRule, Strategy, TableConfig};
+pub use topology::{NodeSpec, Shape, Topology};
+
+pub const CONFIG_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read { file: PathBuf, source: std::io::Error },
+    #[error("{file}: {message}")]
+    Parse { file: PathBuf, message: String },
+    #[error("{file}: {key}: {message}")]
+    Invalid {
+        file: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+pub(crate) fn invalid(file: &Path, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        file: file.to_owned(),
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOPOLOGY: &str = r#"
+version = 1
+mesh = "test"
+shape = "all-to-all"
+[[nodes]]
+id = "a"
+region = "ra"
+address = "127.0.0.1:1"
+[[nodes]]
+id = "b"
+region = "rb"
+address = "127.0.0.1:2"
+"#;
+
+    #[test]
+    fn parses_a_good_topology() {
+        let t = Topology::parse(TOPOLOGY, Path::new("t.toml")).unwrap();
+        assert_eq!(t.nodes.len(), 2);
+        assert_eq!(t.shape, Shape::AllToAll);
+    }
+
+    #[test]
+    fn refuses_bad_topologies_with_file_and_key() {
+        let cases = [
+            (TOPOLOGY.replace("mesh =", "mesh_name ="), "unknown field `mesh_name`"),
+            (TOPOLOGY.replace("version = 1", "version = 2"), "version: is 2"),
+            (TOPOLOGY.replace("\"b\"", "\"a\""), "duplicate node id `a`"),
+            (TOPOLOGY.replace(":2\"", ":1\""), "duplicate address"),
+            (TOPOLOGY.replace("127.0.0.1:2", "nowhere"), "is not host:port"),
+            (
+                TOPOLOGY.replace("all-to-all", "mesh-of-doom"),
+                "unknown variant `mesh-of-doom`",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = Topology::parse(&text, Path::new("bad.toml")).unwrap_err().to_string();
+            assert!(err.starts_with("bad.toml"), "{err}");
+            assert!(err.contains(want), "{err} should contain {want}");
+        }
+    }
+
+    #[test]
+    fn every_shipped_topology_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("topology");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                Topology::parse(&text, &path).unwrap_or_else(|e| panic!("{e}"));
+                seen += 1;
+            }
+        }
+        assert!(seen > 0, "no topology files found in {}", dir.display());
+    }
+
+    fn node_file(extra: &str) -> NodeConfigFile {
+        toml::from_str(&format!(
+            "version = 1\nnode = \"a\"\ntopology = \"t.toml\"\ndatabase = \"sqlite://a.db\"\n{extra}\n[[tables]]\nname = \"items\"\nstrategy = \"lww\"\n"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn resolves_a_node_config() {
+        let t = Topology::parse(TOPOLOGY, Path::new("t.toml")).unwrap();
+        let c = NodeConfig::resolve(node_file(""), t, Path::new("a.toml")).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:1");
+        assert_eq!(c.database, Database::Sqlite("a.db".into()));
+        assert_eq!(c.region(), "ra");
+    }
+
+    #[test]
+    fn refuses_bad_node_configs() {
+        let t = Topology::parse(TOPOLOGY, Path::new("t.toml")).unwrap();
+        let mut f = node_file("");
+        f.node = "z".into();
+        let err = NodeConfig::resolve(f, t.clone(), Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("a.toml: node: `z` is not in the topology (nodes: a, b)"),
+            "{err}"
+        );
+
+        let mut f = node_file("");
+        f.tables[0].name = "_weft_log".into();
+        let err = NodeConfig::resolve(f, t.clone(), Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tables[0].name"), "{err}");
+
+        let err = toml::from_str::<NodeConfigFile>("version = 1\nnodes = 3")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `nodes`"), "{err}");
+
+        let f = node_file("[replication]\nheartbeat_ms = 5000\npeer_timeout_ms = 100");
+        let err = NodeConfig::resolve(f, t, Path::new("a.toml")).unwrap_err().to_string();
+        assert!(err.contains("peer_timeout_ms"), "{err}");
+    }
+
+    #[test]
+    fn checks_owner_rules() {
+        let t = Topology::parse(TOPOLOGY, Path::new("t.toml")).unwrap();
+        let owned = |extra: &str| {
+            let f: NodeConfigFile = toml::from_str(&format!(
+                "version = 1\nnode = \"a\"\ntopology = \"t.toml\"\ndatabase = \"sqlite://a.db\"\n[[tables]]\nname = \"w\"\nstrategy = \"ownership\"\n{extra}\n"
+            ))
+            .map_err(|e| e.to_string())?;
+            NodeConfig::resolve(f, t.clone(), Path::new("a.toml"))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(owned("owner_rule = { prefix = \"-\" }"), Ok(()));
+        assert_eq!(
+            owned("owner_rule = { column = \"id\", prefix = \":\", regions = { e = \"ra\" } }"),
+            Ok(())
+        );
+        assert_eq!(
+            owned(
+                "owner_rule = { ranges = [{ from = 0, to = 9, region = \"ra\" }, { from = 10, to = 19, region = \"rb\" }] }"
+            ),
+            Ok(())
+        );
+        let cases = [
+            ("", "name the column holding it (owner_column"),
+            ("owner_column = \"h\"\nowner_rule = { prefix = \"-\" }", "not both"),
+            ("owner_rule = { }", "exactly one of prefix"),
+            (
+                "owner_rule = { prefix = \"-\", ranges = [{ from = 0, to = 1, region = \"ra\" }] }",
+                "exactly one of prefix",
+            ),
+            ("owner_rule = { prefix = \"\" }", "prefix must not be empty"),
+            (
+                "owner_rule = { prefix = \"-\", regions = { e = \"mars\" } }",
+                "`mars` is not a region",
+            ),
+            (
+                "owner_rule = { ranges = [{ from = 0, to = 10, region = \"ra\" }, { from = 10, to = 19, region = \"rb\" }] }",
+                "overlap",
+            ),
+            (
+                "owner_rule = { ranges = [{ from = 5, to = 1, region = \"ra\" }] }",
+                "from must be <= to",
+            ),
+            (
+                "owner_rule = { ranges = [{ from = 0, to = 1, region = \"ra\" }], regions = { e = \"ra\" } }",
+                "regions applies to prefix",
+            ),
+            ("owner_rule = { prefix = \"-\", colour = 1 }", "unknown field `colour`"),
+        ];
+        for (extra, expected) in cases {
+            let err = owned(extra).unwrap_err();
+            assert!(err.contains(expected), "{extra}: {err}");
+        }
+    }
+}

@@ -1,0 +1,340 @@
+//! One node's config file: its id, topology, database, replication settings and tables,
+//! resolved against the topology and checked as a whole by `NodeConfig::load`.
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::NodeId;
+
+use super::{CONFIG_VERSION, ConfigError, NodeSpec, Shape, Strategy, TableConfig, Topology, invalid};
+
+/// Tuning knobs; every one has a default that suits a LAN-to-WAN mesh.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicationConfig {
+    /// Most events in one batch on the wire (a capture batch is never split).
+    pub batch_max_events: usize,
+    /// Batches a sender may have unacknowledged per peer (back-pressure).
+    pub window: usize,
+    pub heartbeat_ms: u64,
+    /// A peer silent this long is disconnected and redialled.
+    pub peer_timeout_ms: u64,
+    /// How often the outbox is checked for new commits.
+    pub poll_ms: u64,
+    /// A remote HLC further ahead of our wall clock than this is refused and reported.
+    pub max_clock_skew_ms: u64,
+    /// All-to-all: when nothing has arrived directly from a node for this long, ask the other
+    /// peers to relay its events (they keep every event until all nodes have it). 0 = never.
+    pub relay_after_ms: u64,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        Self {
+            batch_max_events: 2_000,
+            window: 8,
+            heartbeat_ms: 1_000,
+            peer_timeout_ms: 5_000,
+            poll_ms: 1,
+            max_clock_skew_ms: 500,
+            relay_after_ms: 5_000,
+        }
+    }
+}
+
+impl ReplicationConfig {
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms)
+    }
+    pub fn peer_timeout(&self) -> Duration {
+        Duration::from_millis(self.peer_timeout_ms)
+    }
+    pub fn poll(&self) -> Duration {
+        Duration::from_millis(self.poll_ms)
+    }
+    pub fn max_clock_skew(&self) -> Duration {
+        Duration::from_millis(self.max_clock_skew_ms)
+    }
+    pub fn relay_after(&self) -> Option<Duration> {
+        (self.relay_after_ms > 0).then(|| Duration::from_millis(self.relay_after_ms))
+    }
+}
+
+/// A node config file as written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfigFile {
+    pub version: u32,
+    /// This node's id in the topology.
+    pub node: NodeId,
+    /// Path of the topology file, relative to this file's folder.
+    pub topology: PathBuf,
+    /// `sqlite://PATH` (or a plain path).
+    pub database: String,
+    /// Address to listen on; defaults to this node's address in the topology.
+    #[serde(default)]
+    pub listen: Option<String>,
+    /// Per-peer address to dial instead of the topology's (a proxy, a NAT address).
+    #[serde(default)]
+    pub dial: std::collections::BTreeMap<NodeId, String>,
+    #[serde(default)]
+    pub replication: ReplicationConfig,
+    pub tables: Vec<TableConfig>,
+}
+
+/// Where a node's database lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Database {
+    Sqlite(PathBuf),
+    /// A PostgreSQL connection URL (`postgres://user@host:port/db`).
+    Postgres(String),
+}
+
+impl Database {
+    pub fn parse(url: &str) -> Result<Self, String> {
+        if let Some(rest) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
+            if rest.is_empty() {
+                return Err("`sqlite://` needs a file path".into());
+            }
+            return Ok(Database::Sqlite(PathBuf::from(rest)));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(Database::Postgres(url.to_owned()));
+        }
+        if url.contains("://") {
+            return Err(format!(
+                "`{url}`: unsupported database; use sqlite://PATH or postgres://USER@HOST:PORT/DB"
+            ));
+        }
+        Ok(Database::Sqlite(PathBuf::from(url)))
+    }
+}
+
+/// A node's resolved configuration: what `node::run` needs, built from files or in code.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub node: NodeId,
+    pub topology: Topology,
+    pub database: Database,
+    pub listen: String,
+    pub dial: std::collections::BTreeMap<NodeId, String>,
+    pub replication: ReplicationConfig,
+    pub tables: Vec<TableConfig>,
+}
+
+impl NodeConfig {
+    /// Reads and validates a node config file and the topology file it names.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_owned(),
+            source,
+        })?;
+        let file: NodeConfigFile = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            file: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let topology_path = base.join(&file.topology);
+        let topology_text = std::fs::read_to_string(&topology_path).map_err(|source| ConfigError::Read {
+            file: topology_path.clone(),
+            source,
+        })?;
+        let topology = Topology::parse(&topology_text, &topology_path)?;
+        let mut database = file.database.clone();
+        if let Ok(Database::Sqlite(p)) = Database::parse(&file.database)
+            && p.is_relative()
+        {
+            database = format!("sqlite://{}", base.join(p).display());
+        }
+        Self::resolve(NodeConfigFile { database, ..file }, topology, path)
+    }
+
+    /// Validates a parsed file against its topology.
+    pub fn resolve(file: NodeConfigFile, topology: Topology, path: &Path) -> Result<Self, ConfigError> {
+        if file.version != CONFIG_VERSION {
+            return Err(invalid(
+                path,
+                "version",
+                format!("is {}, this weft reads version {CONFIG_VERSION}", file.version),
+            ));
+        }
+        let Some(spec) = topology.node(&file.node) else {
+            let known: Vec<&str> = topology.nodes.iter().map(|n| n.id.as_str()).collect();
+            return Err(invalid(
+                path,
+                "node",
+                format!("`{}` is not in the topology (nodes: {})", file.node, known.join(", ")),
+            ));
+        };
+        let database = Database::parse(&file.database).map_err(|m| invalid(path, "database", m))?;
+        if file.tables.is_empty() {
+            return Err(invalid(path, "tables", "list at least one table to replicate"));
+        }
+        let mut names = HashSet::new();
+        for (i, table) in file.tables.iter().enumerate() {
+            let ok = !table.name.is_empty()
+                && !table.name.starts_with("_weft")
+                && !table.name.starts_with("sqlite_")
+                && table.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !ok {
+                return Err(invalid(
+                    path,
+                    format!("tables[{i}].name"),
+                    format!(
+                        "`{}` must be a plain table name (letters, digits, '_'; not _weft*/sqlite_*)",
+                        table.name
+                    ),
+                ));
+            }
+            match (table.strategy, table.columns.is_empty()) {
+                (Strategy::Crdt, true) => {
+                    return Err(invalid(
+                        path,
+                        format!("tables[{i}].columns"),
+                        "a crdt table lists its CRDT columns, for example columns = { qty = \"counter\" }",
+                    ));
+                }
+                (Strategy::Lww | Strategy::Queue | Strategy::Ownership, false) => {
+                    return Err(invalid(
+                        path,
+                        format!("tables[{i}].columns"),
+                        "only applies to strategy = \"crdt\"",
+                    ));
+                }
+                _ => {}
+            }
+            match (table.strategy, &table.owner_column, &table.owner_rule) {
+                (Strategy::Ownership, None, None) => {
+                    return Err(invalid(
+                        path,
+                        format!("tables[{i}].owner_column"),
+                        "an ownership table finds each row's owner region: name the column holding it (owner_column = \"home\") or give a rule on the key (owner_rule = { prefix = \"-\" })",
+                    ));
+                }
+                (Strategy::Ownership, Some(_), Some(_)) => {
+                    return Err(invalid(
+                        path,
+                        format!("tables[{i}].owner_rule"),
+                        "give owner_column or owner_rule, not both",
+                    ));
+                }
+                (Strategy::Ownership, _, _) | (_, None, None) => {}
+                (_, column, _) => {
+                    let field = if column.is_some() { "owner_column" } else { "owner_rule" };
+                    return Err(invalid(
+                        path,
+                        format!("tables[{i}].{field}"),
+                        "only applies to strategy = \"ownership\"",
+                    ));
+                }
+            }
+            if let Some(rule) = &table.owner_rule {
+                if let Some(problem) = rule.problem() {
+                    return Err(invalid(path, format!("tables[{i}].owner_rule"), problem));
+                }
+                for region in rule.named_regions() {
+                    if !topology.nodes.iter().any(|n| n.region == region) {
+                        return Err(invalid(
+                            path,
+                            format!("tables[{i}].owner_rule"),
+                            format!("`{region}` is not a region of the topology"),
+                        ));
+                    }
+                }
+            }
+            if !names.insert(table.name.as_str()) {
+                return Err(invalid(
+                    path,
+                    format!("tables[{i}].name"),
+                    format!("`{}` listed twice", table.name),
+                ));
+            }
+        }
+        let r = &file.replication;
+        if r.batch_max_events == 0 || r.window == 0 || r.poll_ms == 0 || r.heartbeat_ms == 0 {
+            return Err(invalid(
+                path,
+                "replication",
+                "batch_max_events, window, poll_ms and heartbeat_ms must be > 0",
+            ));
+        }
+        if r.peer_timeout_ms <= r.heartbeat_ms {
+            return Err(invalid(
+                path,
+                "replication.peer_timeout_ms",
+                "must be greater than heartbeat_ms",
+            ));
+        }
+        for peer in file.dial.keys() {
+            if topology.node(peer).is_none() || *peer == file.node {
+                return Err(invalid(path, format!("dial.{peer}"), "is not a peer in the topology"));
+            }
+        }
+        Ok(Self {
+            dial: file.dial.clone(),
+            listen: file.listen.clone().unwrap_or_else(|| spec.address.clone()),
+            node: file.node,
+            topology,
+            database,
+            replication: file.replication,
+            tables: file.tables,
+        })
+    }
+
+    /// The address to dial for a peer.
+    pub fn address_of<'a>(&'a self, peer: &'a NodeSpec) -> &'a str {
+        self.dial.get(&peer.id).map(String::as_str).unwrap_or(&peer.address)
+    }
+
+    /// Remote origins whose events this node keeps in its log to pass on: along the static
+    /// routes, and in all-to-all every other node's when relaying around failed links is on.
+    pub fn kept_origins(&self) -> std::collections::BTreeSet<NodeId> {
+        let repair = self.topology.shape == Shape::AllToAll && self.replication.relay_after().is_some();
+        self.topology
+            .nodes
+            .iter()
+            .map(|n| n.id.clone())
+            .filter(|o| *o != self.node && (repair || crate::topology::relays(&self.topology, &self.node, o)))
+            .collect()
+    }
+
+    /// Each downstream peer with the origins routed to it (what `weft status` reports on).
+    pub fn routed_origins(&self) -> Vec<(NodeId, Vec<NodeId>)> {
+        crate::topology::downstream(&self.topology, &self.node)
+            .into_iter()
+            .map(|peer| {
+                let origins = crate::topology::origins_for(&self.topology, &self.node, &peer.id);
+                (peer.id.clone(), origins.into_iter().map(str::to_owned).collect())
+            })
+            .collect()
+    }
+
+    /// Per origin kept in the log, the peers that must have it before it may be dropped.
+    pub fn log_needs(&self) -> std::collections::BTreeMap<NodeId, Vec<NodeId>> {
+        let repair = self.topology.shape == Shape::AllToAll && self.replication.relay_after().is_some();
+        let mut needs = std::collections::BTreeMap::new();
+        for origin in &self.topology.nodes {
+            let peers: Vec<NodeId> = self
+                .topology
+                .nodes
+                .iter()
+                .filter(|p| p.id != self.node && p.id != origin.id)
+                .filter(|p| {
+                    crate::topology::forwards(&self.topology, &self.node, &p.id, &origin.id)
+                        || (repair && origin.id != self.node)
+                })
+                .map(|p| p.id.clone())
+                .collect();
+            if !peers.is_empty() {
+                needs.insert(origin.id.clone(), peers);
+            }
+        }
+        needs
+    }
+
+    pub fn region(&self) -> &str {
+        &self.topology.node(&self.node).expect("validated").region
+    }
+}
