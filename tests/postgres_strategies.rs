@@ -71,12 +71,17 @@ async fn stock(pg: &Cluster, dir: &Path, node: &str) -> Region {
     .into_iter()
     .map(|(c, t)| (c.to_string(), t))
     .collect();
+    let sqlite = "CREATE TABLE stock (id INTEGER PRIMARY KEY, qty INTEGER NOT NULL DEFAULT 0, tags TEXT, label TEXT, price INTEGER);";
+    let postgres = "CREATE TABLE stock (id bigint PRIMARY KEY, qty integer NOT NULL DEFAULT 0, tags text, label text, price bigint);";
+    region(pg, dir, node, (sqlite, postgres), config).await
+}
+
+/// Region `node` with one table: node c on SQLite, the others on PostgreSQL.
+async fn region(pg: &Cluster, dir: &Path, node: &str, (sqlite, postgres): (&str, &str), config: TableConfig) -> Region {
     if node == "c" {
-        let schema = "CREATE TABLE stock (id INTEGER PRIMARY KEY, qty INTEGER NOT NULL DEFAULT 0, tags TEXT, label TEXT, price INTEGER);";
-        Region::sqlite(dir, node, schema, &[config]).await
+        Region::sqlite(dir, node, sqlite, &[config]).await
     } else {
-        let schema = "CREATE TABLE stock (id bigint PRIMARY KEY, qty integer NOT NULL DEFAULT 0, tags text, label text, price bigint);";
-        Region::pg(pg, node, schema, &[config]).await
+        Region::pg(pg, node, postgres, &[config]).await
     }
 }
 
@@ -141,14 +146,9 @@ async fn crdt_columns_merge_across_postgres_and_sqlite_regions() {
 }
 
 async fn contracts(pg: &Cluster, dir: &Path, node: &str) -> Region {
-    let config = table("contracts", Strategy::Queue);
-    if node == "c" {
-        let schema = "CREATE TABLE contracts (id INTEGER PRIMARY KEY, client TEXT, amount INTEGER, terms TEXT);";
-        Region::sqlite(dir, node, schema, &[config]).await
-    } else {
-        let schema = "CREATE TABLE contracts (id bigint PRIMARY KEY, client text, amount bigint, terms text);";
-        Region::pg(pg, node, schema, &[config]).await
-    }
+    let sqlite = "CREATE TABLE contracts (id INTEGER PRIMARY KEY, client TEXT, amount INTEGER, terms TEXT);";
+    let postgres = "CREATE TABLE contracts (id bigint PRIMARY KEY, client text, amount bigint, terms text);";
+    region(pg, dir, node, (sqlite, postgres), table("contracts", Strategy::Queue)).await
 }
 
 /// (open entries, siblings of the open entry as origin@hlc) of a region.

@@ -13,6 +13,7 @@ use sqlx::{AssertSqlSafe, Connection as _, SqliteConnection};
 use crate::config::{Database, NodeConfig, OwnerRule, Strategy, TableConfig};
 use crate::event::{Key, Value};
 use crate::resolve::ownership::{Owner, rule_owner};
+use crate::store::engine::KnownOwner;
 use crate::store::sqlite::owners;
 use crate::store::sqlite::schema::{self, NOW_MICROS, TableInfo, quote};
 use crate::store::sqlite::values::{bind, value_at};
@@ -221,9 +222,7 @@ async fn by_rule(
             .map(|i| value_at(&row, i))
             .collect::<Result<_, _>>()?);
         let key_bytes = key.to_bytes();
-        let known = owners::load_known(tx, table, &key_bytes)
-            .await?
-            .map(|k| (k.owner, k.moving_to));
+        let known = owners::load_known(tx, table, &key_bytes).await?;
         let Some(owner) = movable(table, (&info.key, &key), rule, known, me, all)? else {
             continue;
         };
@@ -335,9 +334,7 @@ async fn on_postgres(
                     .map(|(n, &i)| info.kinds[i].read(&row, n))
                     .collect::<Result<_, _>>()?);
                 let key_bytes = key.to_bytes();
-                let known = load_owner(&mut tx, table, &key_bytes)
-                    .await?
-                    .map(|k| (k.owner, k.moving_to));
+                let known = load_owner(&mut tx, table, &key_bytes).await?;
                 let Some(owner) = movable(table, (&info.key, &key), rule, known, me, all)? else {
                     continue;
                 };
@@ -382,18 +379,18 @@ fn movable(
     table: &str,
     (columns, key): (&[String], &Key),
     rule: &OwnerRule,
-    known: Option<(Owner, Option<String>)>,
+    known: Option<KnownOwner>,
     me: &str,
     all: bool,
 ) -> anyhow::Result<Option<Owner>> {
-    if let Some(moving) = known.as_ref().and_then(|k| k.1.as_ref()) {
+    if let Some(moving) = known.as_ref().and_then(|k| k.moving_to.as_ref()) {
         if all {
             return Ok(None);
         }
         bail!("{table} {key} is being transferred to {moving} already; wait for the sidecar to capture it");
     }
     let owner = match known {
-        Some((owner, _)) => owner,
+        Some(known) => known.owner,
         None => Owner {
             region: rule_owner(rule, columns, key).unwrap_or_else(|| "no region".into()),
             epoch: 0,

@@ -11,6 +11,7 @@
 pub mod admit;
 pub(crate) mod engine;
 pub mod postgres;
+pub mod sql;
 pub mod sqlite;
 
 use std::collections::BTreeMap;

@@ -26,7 +26,7 @@ use super::PgStore;
 use super::capture::{Meta, read_image, write_meta};
 use super::rows::PgRows;
 use super::schema::{PgTable, quote};
-use crate::event::{Event, Key, Row, Value};
+use crate::event::{Event, Key, Row};
 use crate::replicate::RowVersion;
 use crate::resolve::Winner;
 use crate::store::admit::{admit, conflict_record, frontiers_from, strategy_name};
@@ -192,27 +192,13 @@ impl Pending {
     }
 }
 
-/// `values` as text for `columns` of `table`; `Err` says why a column cannot hold its value.
-pub(super) fn texts(table: &PgTable, columns: &[String], values: &[&Value]) -> Result<Vec<Option<String>>, String> {
-    table.texts(columns, values)
-}
-
 /// The row's current image, or `None`.
 pub(super) async fn read_row(tx: &mut PgConnection, table: &PgTable, key: &Key) -> Result<Option<Row>, StoreError> {
-    let predicate = table
-        .key
-        .iter()
-        .enumerate()
-        .map(|(i, k)| {
-            let ty = &table.types[table.key_index[i]];
-            format!("t.{} = ${}::text::{ty}", quote(k), i + 1)
-        })
-        .collect::<Vec<_>>()
-        .join(" AND ");
     let sql = format!(
-        "SELECT {} FROM {} t WHERE {predicate}",
+        "SELECT {} FROM {} t WHERE {}",
         table.select_list("t"),
-        table.qualified()
+        table.qualified(),
+        table.key_predicate(1)
     );
     let mut query = sqlx::query(AssertSqlSafe(sql));
     for (i, value) in key.0.iter().enumerate() {
@@ -348,7 +334,7 @@ impl PgStore {
             if event.key.0.len() != table.key.len() || !seen.insert((event.table.as_str(), bytes.clone())) {
                 continue;
             }
-            let Ok(texts) = texts(table, &table.key, &event.key.0.iter().collect::<Vec<_>>()) else {
+            let Ok(texts) = table.texts(&table.key, &event.key.0.iter().collect::<Vec<_>>()) else {
                 continue;
             };
             let entry = by_table
@@ -424,16 +410,10 @@ impl PgStore {
         key: &[Option<String>],
         wait: &str,
     ) -> Result<Option<bool>, StoreError> {
-        let predicate = table
-            .key
-            .iter()
-            .enumerate()
-            .map(|(i, k)| format!("t.{} = ${}::text::{}", quote(k), i + 1, table.types[table.key_index[i]]))
-            .collect::<Vec<_>>()
-            .join(" AND ");
         let sql = format!(
-            "SELECT 1 FROM {} t WHERE {predicate} FOR UPDATE{wait}",
-            table.qualified()
+            "SELECT 1 FROM {} t WHERE {} FOR UPDATE{wait}",
+            table.qualified(),
+            table.key_predicate(1)
         );
         sqlx::raw_sql("SAVEPOINT weft_lock_one").execute(&mut *tx).await?;
         let mut query = sqlx::query(AssertSqlSafe(sql));

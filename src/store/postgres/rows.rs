@@ -8,7 +8,7 @@ use std::sync::Arc;
 use sqlx::{AssertSqlSafe, PgConnection, Row as _};
 
 use super::PgStore;
-use super::apply::{Pending, Shape, read_row, texts};
+use super::apply::{Pending, Shape, read_row};
 use super::capture::load_versions;
 use super::schema::{PgTable, quote};
 use crate::config::{OwnerRule, Strategy};
@@ -67,7 +67,8 @@ impl<'a> PgRows<'a> {
 
 /// The key's values as text for binding; a key that does not fit is corrupt metadata.
 fn key_texts(table: &PgTable, key: &Key) -> Result<Vec<Option<String>>, StoreError> {
-    texts(table, &table.key, &key.0.iter().collect::<Vec<_>>())
+    table
+        .texts(&table.key, &key.0.iter().collect::<Vec<_>>())
         .map_err(|e| StoreError::Corrupt(format!("key {key} of table {}: {e}", table.name)))
 }
 
@@ -154,7 +155,7 @@ impl Rows for PgRows<'_> {
             Op::Upsert(row) => {
                 let columns: Vec<String> = row.0.iter().map(|(c, _)| c.clone()).collect();
                 let values: Vec<&Value> = row.0.iter().map(|(_, v)| v).collect();
-                let values = texts(table, &columns, &values);
+                let values = table.texts(&columns, &values);
                 let shape = if self.exists.contains(&id) {
                     Shape::Upsert {
                         table: table.name.clone(),
@@ -172,7 +173,7 @@ impl Rows for PgRows<'_> {
                 Shape::Delete {
                     table: table.name.clone(),
                 },
-                texts(table, &table.key, &event.key.0.iter().collect::<Vec<_>>()),
+                table.texts(&table.key, &event.key.0.iter().collect::<Vec<_>>()),
             ),
         };
         let values = match values {
@@ -265,7 +266,8 @@ impl Rows for PgRows<'_> {
             return Ok(());
         }
         let columns: Vec<String> = values.iter().map(|(c, _)| c.clone()).collect();
-        let new = texts(table, &columns, &values.iter().map(|(_, v)| v).collect::<Vec<_>>())
+        let new = table
+            .texts(&columns, &values.iter().map(|(_, v)| v).collect::<Vec<_>>())
             .map_err(|e| StoreError::Corrupt(format!("merged CRDT value of table {}: {e}", table.name)))?;
         let cast = |column: &str, n: usize| format!("${n}::text::{}", table.type_of(column).unwrap_or("text"));
         let sets = columns
@@ -286,7 +288,9 @@ impl Rows for PgRows<'_> {
                 );
             }
             let was: Vec<&Value> = columns.iter().map(|c| image.get(c).unwrap_or(&Value::Null)).collect();
-            old = texts(table, &columns, &was).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            old = table
+                .texts(&columns, &was)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         }
         // The applier's write: the capture and ownership triggers skip it.
         sqlx::query("SELECT set_config('weft.applying', 'on', true)")

@@ -19,6 +19,8 @@ use crate::config::{OwnerRule, Strategy, TableConfig};
 use crate::resolve::crdt::CrdtType;
 use crate::store::StoreError;
 use crate::store::engine::TableRules as _;
+use crate::store::sql::rule_case;
+pub use crate::store::sql::{literal, quote};
 
 /// The notification channel the capture triggers signal.
 pub const CHANNEL: &str = "weft_capture";
@@ -162,14 +164,6 @@ pub struct PgTable {
     pub owner_column: Option<String>,
     /// The rule finding each row's owner region from its key (`ownership` tables only).
     pub owner_rule: Option<OwnerRule>,
-}
-
-pub fn quote(ident: &str) -> String {
-    format!("\"{}\"", ident.replace('"', "\"\""))
-}
-
-pub fn literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
 }
 
 impl PgTable {
@@ -498,30 +492,15 @@ fn configure(table: &mut PgTable, config: &TableConfig) -> Result<(), StoreError
 /// The row trigger refusing writes of ownership tables outside the owner region.
 const OWNER_TRIGGER: &str = "weft_owner";
 
-/// The region `rule` gives the row `row` (NEW or OLD), in SQL; NULL for none. Agrees with
-/// `resolve::ownership::rule_owner`.
+/// The region `rule` gives the row `row` (NEW or OLD), in SQL; NULL for none. The column's
+/// type is checked at start (text for a prefix, an integer type for ranges).
 fn rule_sql(rule: &OwnerRule, table: &PgTable, row: &str) -> String {
     let column = rule.column.as_ref().unwrap_or(&table.key[0]);
     let v = format!("{row}.{}", quote(column));
-    if let Some(separator) = &rule.prefix {
-        let sep = literal(separator);
-        let prefix = format!("CASE WHEN strpos({v}, {sep}) > 0 THEN substr({v}, 1, strpos({v}, {sep}) - 1) END");
-        if rule.regions.is_empty() {
-            return prefix;
-        }
-        let arms: String = rule
-            .regions
-            .iter()
-            .map(|(p, r)| format!(" WHEN {} THEN {}", literal(p), literal(r)))
-            .collect();
-        return format!("CASE {prefix}{arms} END");
-    }
-    let arms: String = rule
-        .ranges
-        .iter()
-        .map(|r| format!(" WHEN {v} BETWEEN {} AND {} THEN {}", r.from, r.to, literal(&r.region)))
-        .collect();
-    format!("CASE{arms} END")
+    let prefix_of = |v: &str, sep: &str| {
+        format!("CASE WHEN strpos({v}, {sep}) > 0 THEN substr({v}, 1, strpos({v}, {sep}) - 1) END")
+    };
+    rule_case(rule, &v, prefix_of, None)
 }
 
 /// The owner of row `row` (NEW or OLD), in SQL. Owner column: its value. Rule: a transfer in

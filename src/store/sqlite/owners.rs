@@ -8,28 +8,22 @@ use sqlx::{AssertSqlSafe, Row as _, SqliteConnection};
 use crate::event::Key;
 use crate::resolve::ownership::Owner;
 use crate::store::StoreError;
+use crate::store::engine::KnownOwner;
 
 use super::values::bind;
-
-/// What is recorded for one row.
-pub(crate) struct Known {
-    pub owner: Owner,
-    /// A transfer to this region, made here and not yet drained.
-    pub moving_to: Option<String>,
-}
 
 pub(crate) async fn load_known(
     conn: &mut SqliteConnection,
     table: &str,
     key: &[u8],
-) -> Result<Option<Known>, StoreError> {
+) -> Result<Option<KnownOwner>, StoreError> {
     let row = sqlx::query("SELECT owner, epoch, moving_to FROM _weft_owners WHERE tbl = ? AND key = ?")
         .bind(table)
         .bind(key)
         .fetch_optional(&mut *conn)
         .await?;
     Ok(match row {
-        Some(row) => Some(Known {
+        Some(row) => Some(KnownOwner {
             owner: Owner {
                 region: row.try_get(0)?,
                 epoch: row.try_get::<i64, _>(1)? as u64,

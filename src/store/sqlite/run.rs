@@ -204,12 +204,7 @@ impl Rows for SqliteRows<'_> {
     }
 
     async fn owner(&mut self, table: &TableInfo, key: &[u8]) -> Result<Option<KnownOwner>, StoreError> {
-        Ok(owners::load_known(self.tx, &table.name, key)
-            .await?
-            .map(|k| KnownOwner {
-                owner: k.owner,
-                moving_to: k.moving_to,
-            }))
+        owners::load_known(self.tx, &table.name, key).await
     }
 
     async fn store_owner(

@@ -12,6 +12,8 @@ use std::collections::BTreeMap;
 use crate::config::{OwnerRule, Strategy, TableConfig};
 use crate::resolve::crdt::CrdtType;
 use crate::store::StoreError;
+pub use crate::store::sql::quote;
+use crate::store::sql::{literal, rule_case};
 
 /// At most this many primary-key columns (the outbox has one typed slot per key column).
 pub const MAX_KEY_COLUMNS: usize = 4;
@@ -161,36 +163,16 @@ impl TableInfo {
     }
 }
 
-fn literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
-}
-
-/// The region `rule` gives the row `row` (NEW or OLD), in SQL; NULL for none. Agrees with
-/// `resolve::ownership::rule_owner`.
+/// The region `rule` gives the row `row` (NEW or OLD), in SQL; NULL for none.
 fn rule_sql(rule: &OwnerRule, info: &TableInfo, row: &str) -> String {
     let column = rule.column.as_ref().unwrap_or(&info.key[0]);
     let v = format!("{row}.{}", quote(column));
-    if let Some(separator) = &rule.prefix {
-        let sep = literal(separator);
-        let prefix = format!(
+    let prefix_of = |v: &str, sep: &str| {
+        format!(
             "CASE WHEN typeof({v}) = 'text' AND instr({v}, {sep}) > 0 THEN substr({v}, 1, instr({v}, {sep}) - 1) END"
-        );
-        if rule.regions.is_empty() {
-            return prefix;
-        }
-        let arms: String = rule
-            .regions
-            .iter()
-            .map(|(p, r)| format!(" WHEN {} THEN {}", literal(p), literal(r)))
-            .collect();
-        return format!("CASE {prefix}{arms} END");
-    }
-    let arms: String = rule
-        .ranges
-        .iter()
-        .map(|r| format!(" WHEN {v} BETWEEN {} AND {} THEN {}", r.from, r.to, literal(&r.region)))
-        .collect();
-    format!("CASE WHEN typeof({v}) = 'integer' THEN CASE{arms} END END")
+        )
+    };
+    rule_case(rule, &v, prefix_of, Some(format!("typeof({v}) = 'integer'")))
 }
 
 /// The owner of row `row` (NEW or OLD) of a rule table, in SQL: a transfer in progress, else
@@ -207,10 +189,6 @@ fn rule_owner_sql(rule: &OwnerRule, info: &TableInfo, row: &str) -> String {
         literal(&info.name),
         rule_sql(rule, info, row)
     )
-}
-
-pub fn quote(ident: &str) -> String {
-    format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
 /// `k1 = ? AND k2 = ? ...` over the primary-key columns, for binding key values in order.
