@@ -88,6 +88,14 @@ impl Clock {
     }
 }
 
+/// Wall-clock now in µs since the Unix epoch (lag figures and audit times; never ordering).
+pub fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,6 +12,13 @@ use crate::version::VersionVector;
 /// A node id, unique in the mesh (`us-east-1`).
 pub type NodeId = String;
 
+/// Who a node is, as stamped on its events.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub node: NodeId,
+    pub region: String,
+}
+
 /// One typed column value.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum Value {
@@ -233,7 +240,7 @@ pub struct Event {
     /// Application commit time, µs since the Unix epoch: for lag figures only.
     pub committed_at_micros: i64,
     /// CRDT tables: the whole state of each CRDT column after this write.
-    pub crdt: Vec<(String, crate::resolve::crdt::ColumnState)>,
+    pub crdt: Vec<(String, crate::crdt::ColumnState)>,
     /// Ownership tables: the row's owner after this write.
     pub ownership: Option<Ownership>,
 }

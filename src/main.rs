@@ -8,9 +8,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     let cli = weft::cli::Cli::parse();
-    // The loopback commands print their own progress; their nodes only speak up on trouble.
-    let quiet = matches!(cli.command, weft::cli::Command::Demo(_) | weft::cli::Command::Bench(_));
-    let default_filter = if quiet { "weft=error" } else { "weft=info" };
+    let default_filter = cli.command.default_log_filter();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()),

@@ -16,11 +16,11 @@ use tokio::task::JoinSet;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::NodeConfig;
+use crate::event::Identity;
 use crate::event::NodeId;
 use crate::shutdown::stopped;
 use crate::store::Store;
 use crate::store::StoreError;
-use crate::store::sqlite::Identity;
 use crate::telemetry::Metrics;
 use crate::topology;
 use crate::transport::grpc::{self, Context, MAX_MESSAGE_BYTES, ReplicationServer, Service};
@@ -62,7 +62,11 @@ impl Node {
                 config.replication.max_clock_skew(),
             )
             .await?
-            .relaying(config.kept_origins()),
+            .relaying(topology::kept_origins(
+                &config.topology,
+                &config.node,
+                config.relay_repair(),
+            )),
         );
         let listener = TcpListener::bind(&config.listen)
             .await
@@ -194,7 +198,7 @@ async fn capture_loop(ctx: Context) {
 /// Persists acknowledgements, trims the log, and logs a status line now and then.
 async fn upkeep_loop(ctx: Context) {
     let mut shutdown = ctx.shutdown.clone();
-    let needs_by_origin = ctx.config.log_needs();
+    let needs_by_origin = topology::log_needs(&ctx.config.topology, &ctx.config.node, ctx.config.relay_repair());
     let mut persisted: BTreeMap<(NodeId, NodeId), u64> = BTreeMap::new();
     let mut ticks = 0u64;
     loop {

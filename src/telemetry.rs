@@ -118,11 +118,3 @@ impl Metrics {
         counter.load(Ordering::Relaxed)
     }
 }
-
-/// Wall-clock now in µs since the Unix epoch.
-pub fn now_micros() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
-}

@@ -5,7 +5,7 @@
 //! peer, origin), never on timing, so every node agrees on every route. The loop rule holds in
 //! every shape: a node drops an event whose origin is itself or whose path already contains
 //! it; duplicates are dropped later, by the per-origin frontier.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::config::{NodeSpec, Shape, Topology};
 use crate::event::{Event, NodeId};
@@ -105,6 +105,46 @@ pub fn relays(topology: &Topology, me: &str, origin: &str) -> bool {
 pub enum Drop {
     /// It came back to its origin, or passed through us already.
     Looped,
+}
+
+/// Remote origins whose events `me` keeps in its log to pass on: along the static routes,
+/// and with `relay_repair` (all-to-all relaying around failed links) every other node's.
+pub fn kept_origins(topology: &Topology, me: &str, relay_repair: bool) -> BTreeSet<NodeId> {
+    topology
+        .nodes
+        .iter()
+        .map(|n| n.id.clone())
+        .filter(|o| o != me && (relay_repair || relays(topology, me, o)))
+        .collect()
+}
+
+/// Each downstream peer of `me` with the origins routed to it (what `weft status` reports on).
+pub fn routed_origins(topology: &Topology, me: &str) -> Vec<(NodeId, Vec<NodeId>)> {
+    downstream(topology, me)
+        .into_iter()
+        .map(|peer| {
+            let origins = origins_for(topology, me, &peer.id);
+            (peer.id.clone(), origins.into_iter().map(str::to_owned).collect())
+        })
+        .collect()
+}
+
+/// Per origin kept in `me`'s log, the peers that must have it before it may be dropped.
+pub fn log_needs(topology: &Topology, me: &str, relay_repair: bool) -> BTreeMap<NodeId, Vec<NodeId>> {
+    let mut needs = BTreeMap::new();
+    for origin in &topology.nodes {
+        let peers: Vec<NodeId> = topology
+            .nodes
+            .iter()
+            .filter(|p| p.id != me && p.id != origin.id)
+            .filter(|p| forwards(topology, me, &p.id, &origin.id) || (relay_repair && origin.id != me))
+            .map(|p| p.id.clone())
+            .collect();
+        if !peers.is_empty() {
+            needs.insert(origin.id.clone(), peers);
+        }
+    }
+    needs
 }
 
 pub fn admit(me: &str, event: &Event) -> Result<(), Drop> {

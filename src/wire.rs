@@ -133,7 +133,7 @@ pub fn event_from_proto(event: proto::Event) -> Result<Event, WireError> {
         .crdt
         .iter()
         .map(|c| {
-            crate::resolve::crdt::ColumnState::from_json(&c.column, &c.state)
+            crate::crdt::ColumnState::from_json(&c.column, &c.state)
                 .map(|state| (c.column.clone(), state))
                 .map_err(|_| malformed("CRDT state that does not parse"))
         })

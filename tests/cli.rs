@@ -89,7 +89,7 @@ fn status_reads_a_nodes_database() {
     let db = dir.path().join("a.db");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let app = weft::loopback::app_pool(&db).await.unwrap();
+        let app = weft::harness::app_pool(&db).await.unwrap();
         sqlx::raw_sql("CREATE TABLE items (id INTEGER PRIMARY KEY, v TEXT)")
             .execute(&app)
             .await
@@ -99,7 +99,7 @@ fn status_reads_a_nodes_database() {
     assert!(ok, "{stderr}");
     assert!(stdout.contains("node a: last seq 0, outbox pending 0"), "{stdout}");
     rt.block_on(async {
-        let app = weft::loopback::app_pool(&db).await.unwrap();
+        let app = weft::harness::app_pool(&db).await.unwrap();
         sqlx::raw_sql("INSERT INTO items VALUES (1, 'x'), (2, 'y')")
             .execute(&app)
             .await

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use common::{Replica, replica_configured, sync};
 use weft::config::{Strategy, TableConfig};
-use weft::resolve::crdt::CrdtType;
+use weft::crdt::CrdtType;
 
 const SCHEMA: &str =
     "CREATE TABLE stock (id INTEGER PRIMARY KEY, qty INTEGER NOT NULL DEFAULT 0, tags TEXT, label TEXT, note TEXT);";

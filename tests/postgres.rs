@@ -7,7 +7,7 @@ mod common;
 use common::regions::{Region, lww, sync};
 use sqlx::Connection as _;
 use weft::event::{Op, Value};
-use weft::store::postgres::cluster::{Cluster, Settings};
+use weft::harness::cluster::{Cluster, Settings};
 
 const PG_SCHEMA: &str = "CREATE TABLE t (
     id bigint PRIMARY KEY, n integer, f double precision, s text, b bytea, ok boolean,
@@ -275,7 +275,7 @@ async fn only_one_sidecar_serves_a_database() {
     let a = Region::pg(&pg, "a", PG_SCHEMA, &lww(&["t"])).await;
     let second = weft::store::Store::open(
         &a.database,
-        weft::store::sqlite::Identity {
+        weft::event::Identity {
             node: "a".into(),
             region: "region-of-a".into(),
         },
@@ -292,7 +292,7 @@ async fn only_one_sidecar_serves_a_database() {
     a.store.close().await;
     let third = weft::store::Store::open(
         &a.database,
-        weft::store::sqlite::Identity {
+        weft::event::Identity {
             node: "a".into(),
             region: "region-of-a".into(),
         },

@@ -8,8 +8,8 @@ use std::process::Command;
 
 use common::regions::{Region, sync};
 use weft::config::{OwnerRule, Strategy, TableConfig};
-use weft::resolve::crdt::CrdtType;
-use weft::store::postgres::cluster::{Cluster, Settings};
+use weft::crdt::CrdtType;
+use weft::harness::cluster::{Cluster, Settings};
 
 fn cluster() -> Cluster {
     Cluster::start(Settings::default()).expect("a throw-away PostgreSQL cluster")
@@ -504,7 +504,7 @@ async fn strategy_settings_that_do_not_fit_a_postgres_table_are_refused_at_start
         .await
         .unwrap();
     let database = weft::config::Database::Postgres(url);
-    let identity = weft::store::sqlite::Identity {
+    let identity = weft::event::Identity {
         node: "x".into(),
         region: "r".into(),
     };

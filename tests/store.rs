@@ -90,12 +90,12 @@ async fn install_is_idempotent() {
 async fn refuses_a_table_without_primary_key_and_a_missing_table() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("x.db");
-    let app = weft::loopback::app_pool(&db).await.unwrap();
+    let app = weft::harness::app_pool(&db).await.unwrap();
     sqlx::raw_sql("CREATE TABLE loose (a TEXT, b TEXT);")
         .execute(&app)
         .await
         .unwrap();
-    let identity = weft::store::sqlite::Identity {
+    let identity = weft::event::Identity {
         node: "x".into(),
         region: "r".into(),
     };
@@ -141,7 +141,7 @@ async fn a_database_of_another_node_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let a = replica(dir.path(), "a").await;
     a.store.close().await;
-    let identity = weft::store::sqlite::Identity {
+    let identity = weft::event::Identity {
         node: "b".into(),
         region: "r".into(),
     };

@@ -63,7 +63,7 @@ async fn open(config: &Path) -> anyhow::Result<(NodeConfig, Db)> {
             if !path.exists() {
                 bail!("{}: no database there; is this the node's config?", path.display());
             }
-            Db::Sqlite(crate::loopback::app_pool(path).await?)
+            Db::Sqlite(crate::store::sqlite::app_pool(path).await?)
         }
         Database::Postgres(url) => {
             let pool = crate::store::postgres::PgStore::app_pool(url).await?;
@@ -183,7 +183,7 @@ fn region_of(config: &NodeConfig, node: &str) -> String {
 }
 
 fn age(since_micros: i64) -> String {
-    let seconds = (crate::telemetry::now_micros() - since_micros).max(0) / 1_000_000;
+    let seconds = (crate::clock::now_micros() - since_micros).max(0) / 1_000_000;
     match seconds {
         s if s < 120 => format!("{s}s"),
         s if s < 7200 => format!("{}m", s / 60),
@@ -230,8 +230,8 @@ pub async fn run(config_path: &Path, command: Command) -> anyhow::Result<()> {
                 for c in &out {
                     let regions: Vec<&str> = c["regions"]
                         .as_array()
-                        .unwrap()
-                        .iter()
+                        .into_iter()
+                        .flatten()
                         .filter_map(|r| r.as_str())
                         .collect();
                     println!(

@@ -1,10 +1,7 @@
 //! The `weft` command line: argument parsing and the commands' top level.
 //!
 //! Errors reach the user through `anyhow` here only; each says what failed and what to do.
-mod bench;
-mod bench_pg;
 mod conflicts;
-mod demo;
 mod ownership;
 mod topology;
 
@@ -14,9 +11,9 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 use crate::config::NodeConfig;
+use crate::event::Identity;
 use crate::node::Node;
 use crate::store::Store;
-use crate::store::sqlite::Identity;
 
 #[derive(Parser, Debug)]
 #[command(name = "weft", version, about = "Active-active multi-region replication mesh")]
@@ -34,9 +31,11 @@ pub enum Command {
     },
     /// Three regions on loopback with a concurrent workload, a region restart, and a
     /// convergence check. Exits non-zero if the regions do not converge.
-    Demo(demo::Args),
+    #[cfg(feature = "harness")]
+    Demo(crate::harness::demo::Args),
     /// Measure end-to-end throughput and capture-to-apply lag on loopback.
-    Bench(bench::Args),
+    #[cfg(feature = "harness")]
+    Bench(crate::harness::bench::Args),
     /// Review and resolve conflicts of `queue` tables; audit every resolved conflict.
     Conflicts {
         #[arg(long)]
@@ -75,11 +74,25 @@ pub enum TopologyCommand {
     Show { file: PathBuf },
 }
 
+impl Command {
+    /// The log filter when `RUST_LOG` is unset: the loopback commands print their own
+    /// progress, so their nodes only speak up on trouble.
+    pub fn default_log_filter(&self) -> &'static str {
+        match self {
+            #[cfg(feature = "harness")]
+            Command::Demo(_) | Command::Bench(_) => "weft=error",
+            _ => "weft=info",
+        }
+    }
+}
+
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config } => run(config).await,
-        Command::Demo(args) => demo::run(args).await,
-        Command::Bench(args) => bench::run(args).await,
+        #[cfg(feature = "harness")]
+        Command::Demo(args) => crate::harness::demo::run(args).await,
+        #[cfg(feature = "harness")]
+        Command::Bench(args) => crate::harness::bench::run(args).await,
         Command::Status { config, json } => status(config, json).await,
         Command::Conflicts { config, command } => conflicts::run(&config, command).await,
         Command::Ownership { config, command } => ownership::run(&config, command).await,
@@ -89,18 +102,6 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Topology {
             command: TopologyCommand::Show { file },
         } => topology::show(&file),
-    }
-}
-
-/// The folder for a loopback mesh: the one given, or a temporary one removed when the
-/// returned guard drops.
-fn work_dir(dir: Option<&std::path::Path>) -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)> {
-    match dir {
-        Some(dir) => Ok((dir.to_owned(), None)),
-        None => {
-            let temp = tempfile::tempdir()?;
-            Ok((temp.path().to_owned(), Some(temp)))
-        }
     }
 }
 
@@ -138,13 +139,15 @@ async fn status(path: PathBuf, json: bool) -> anyhow::Result<()> {
         region: config.region().to_owned(),
     };
     let store = Store::inspect(&config.database, identity, &config.tables).await?;
-    let status = store.status(&config.routed_origins()).await?;
+    let status = store
+        .status(&crate::topology::routed_origins(&config.topology, &config.node))
+        .await?;
     store.close().await;
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(());
     }
-    let now = crate::telemetry::now_micros();
+    let now = crate::clock::now_micros();
     println!(
         "node {}: last seq {}, outbox pending {}, log {} events",
         status.node, status.last_seq, status.outbox_pending, status.log_events

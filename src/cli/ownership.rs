@@ -111,7 +111,7 @@ async fn on_sqlite(
     (rows, by): (&str, &str),
 ) -> anyhow::Result<u64> {
     let table = &table_config.name;
-    let pool = crate::loopback::app_pool(path).await?;
+    let pool = crate::store::sqlite::app_pool(path).await?;
     let mut conn = pool.acquire().await?;
     let info = schema::describe(&mut conn, table).await?;
     let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;

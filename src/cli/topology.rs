@@ -8,8 +8,7 @@ use crate::config::{Shape, Topology};
 use crate::topology::{downstream, prove};
 
 pub fn load(path: &Path) -> anyhow::Result<Topology> {
-    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", path.display()))?;
-    Ok(Topology::parse(&text, path)?)
+    Ok(Topology::load(path)?)
 }
 
 fn describe(t: &Topology) -> String {

@@ -288,50 +288,9 @@ impl NodeConfig {
         self.dial.get(&peer.id).map(String::as_str).unwrap_or(&peer.address)
     }
 
-    /// Remote origins whose events this node keeps in its log to pass on: along the static
-    /// routes, and in all-to-all every other node's when relaying around failed links is on.
-    pub fn kept_origins(&self) -> std::collections::BTreeSet<NodeId> {
-        let repair = self.topology.shape == Shape::AllToAll && self.replication.relay_after().is_some();
-        self.topology
-            .nodes
-            .iter()
-            .map(|n| n.id.clone())
-            .filter(|o| *o != self.node && (repair || crate::topology::relays(&self.topology, &self.node, o)))
-            .collect()
-    }
-
-    /// Each downstream peer with the origins routed to it (what `weft status` reports on).
-    pub fn routed_origins(&self) -> Vec<(NodeId, Vec<NodeId>)> {
-        crate::topology::downstream(&self.topology, &self.node)
-            .into_iter()
-            .map(|peer| {
-                let origins = crate::topology::origins_for(&self.topology, &self.node, &peer.id);
-                (peer.id.clone(), origins.into_iter().map(str::to_owned).collect())
-            })
-            .collect()
-    }
-
-    /// Per origin kept in the log, the peers that must have it before it may be dropped.
-    pub fn log_needs(&self) -> std::collections::BTreeMap<NodeId, Vec<NodeId>> {
-        let repair = self.topology.shape == Shape::AllToAll && self.replication.relay_after().is_some();
-        let mut needs = std::collections::BTreeMap::new();
-        for origin in &self.topology.nodes {
-            let peers: Vec<NodeId> = self
-                .topology
-                .nodes
-                .iter()
-                .filter(|p| p.id != self.node && p.id != origin.id)
-                .filter(|p| {
-                    crate::topology::forwards(&self.topology, &self.node, &p.id, &origin.id)
-                        || (repair && origin.id != self.node)
-                })
-                .map(|p| p.id.clone())
-                .collect();
-            if !peers.is_empty() {
-                needs.insert(origin.id.clone(), peers);
-            }
-        }
-        needs
+    /// Whether this node relays around failed links: all-to-all with `relay_after_ms` on.
+    pub fn relay_repair(&self) -> bool {
+        self.topology.shape == Shape::AllToAll && self.replication.relay_after().is_some()
     }
 
     pub fn region(&self) -> &str {

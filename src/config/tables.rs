@@ -26,7 +26,7 @@ pub struct TableConfig {
     pub strategy: Strategy,
     /// `crdt` tables: the CRDT type of each CRDT column (`qty = "counter"`).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    pub columns: std::collections::BTreeMap<String, crate::resolve::crdt::CrdtType>,
+    pub columns: std::collections::BTreeMap<String, crate::crdt::CrdtType>,
     /// `ownership` tables: the column holding each row's owner region.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner_column: Option<String>,

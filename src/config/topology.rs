@@ -53,6 +53,15 @@ pub struct Topology {
 }
 
 impl Topology {
+    /// Reads and validates a topology file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
     pub fn parse(text: &str, file: &Path) -> Result<Self, ConfigError> {
         let topology: Topology = toml::from_str(text).map_err(|e| ConfigError::Parse {
             file: file.to_owned(),

@@ -47,7 +47,7 @@ pub struct LocalChange<'a> {
 /// each gets the row's stored vector plus one for this node and a fresh HLC. A row inserted
 /// and deleted between two drains, which nobody ever saw, gives no event.
 pub fn local_events<'a>(
-    identity: &crate::store::sqlite::Identity,
+    identity: &crate::event::Identity,
     clock: &Clock,
     last_seq: u64,
     changes: impl IntoIterator<Item = LocalChange<'a>>,

@@ -18,12 +18,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use crate::config::{OwnerRule, Strategy};
+use crate::crdt::{CrdtType, States};
+use crate::event::Identity;
 use crate::event::{Event, Key, Op, Row, Value};
 use crate::replicate::{Decision, RowVersion, decide};
 use crate::resolve::Winner;
-use crate::resolve::crdt::{CrdtType, States};
 use crate::resolve::ownership::{self, Owner};
-use crate::store::sqlite::Identity;
 use crate::store::{ApplyReport, StoreError};
 use crate::version::Causality;
 

@@ -152,7 +152,7 @@ impl Store {
     /// Opens the database of `config`, installing weft's schema and triggers.
     pub async fn open(
         database: &crate::config::Database,
-        identity: sqlite::Identity,
+        identity: crate::event::Identity,
         tables: &[crate::config::TableConfig],
         max_clock_skew: std::time::Duration,
     ) -> Result<Self, StoreError> {
@@ -169,7 +169,7 @@ impl Store {
     /// Opens a database for `weft status` while a sidecar may be serving it.
     pub async fn inspect(
         database: &crate::config::Database,
-        identity: sqlite::Identity,
+        identity: crate::event::Identity,
         tables: &[crate::config::TableConfig],
     ) -> Result<Self, StoreError> {
         Ok(match database {
@@ -187,7 +187,7 @@ impl Store {
         }
     }
 
-    pub fn identity(&self) -> &sqlite::Identity {
+    pub fn identity(&self) -> &crate::event::Identity {
         both!(self, s => s.identity())
     }
 

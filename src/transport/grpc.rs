@@ -20,10 +20,11 @@ use tokio::time::{Instant, timeout};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::clock::now_micros;
 use crate::config::{NodeConfig, NodeSpec};
 use crate::event::NodeId;
 use crate::store::Store;
-use crate::telemetry::{Metrics, now_micros};
+use crate::telemetry::Metrics;
 use crate::topology;
 use crate::wire::{self, PROTOCOL, proto};
 
@@ -382,7 +383,7 @@ async fn session(ctx: &Context, peer: &NodeSpec) -> Result<(), TransportError> {
         .into_iter()
         .map(str::to_owned)
         .collect();
-    let kept = config.kept_origins();
+    let kept = topology::kept_origins(&config.topology, &config.node, config.relay_repair());
     let mut theirs: BTreeMap<NodeId, u64> = welcome.frontiers.into_iter().map(|f| (f.origin, f.seq)).collect();
     let mut origins = routed.clone();
     let mut sent: BTreeMap<NodeId, u64> = origins

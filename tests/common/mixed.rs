@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use sqlx::{PgPool, SqlitePool};
-use weft::store::postgres::cluster::{Cluster, Settings};
+use weft::harness::cluster::{Cluster, Settings};
 
 use super::regions::App;
 
@@ -83,7 +83,7 @@ impl Mesh {
             let (database, app) = match kind {
                 Kind::Sqlite => {
                     let path = dir.path().join(format!("{node}.db"));
-                    let app = weft::loopback::app_pool(&path).await.unwrap();
+                    let app = weft::harness::app_pool(&path).await.unwrap();
                     sqlx::raw_sql(SQLITE_SCHEMA).execute(&app).await.unwrap();
                     (format!("sqlite://{}", path.display()), App::Sqlite(app))
                 }
@@ -315,16 +315,16 @@ impl Mesh {
 
     async fn progress(&self, i: usize) -> anyhow::Result<(u64, u64, BTreeMap<String, u64>)> {
         Ok(match &self.regions[i].app {
-            App::Sqlite(pool) => weft::store::sqlite::progress(pool).await?,
-            App::Pg(pool) => weft::store::postgres::progress(pool).await?,
+            App::Sqlite(pool) => weft::harness::compare::sqlite_progress(pool).await?,
+            App::Pg(pool) => weft::harness::compare::postgres_progress(pool).await?,
         })
     }
 
     pub async fn snapshot(&self, i: usize) -> BTreeMap<String, Vec<String>> {
         let tables = ["items".to_string(), "shared".to_string(), "stock".to_string()];
         let mut out = match &self.regions[i].app {
-            App::Sqlite(pool) => weft::store::sqlite::snapshot(pool, &tables).await.unwrap(),
-            App::Pg(pool) => weft::store::postgres::snapshot(pool, &tables).await.unwrap(),
+            App::Sqlite(pool) => weft::harness::compare::sqlite_rendering(pool, &tables).await.unwrap(),
+            App::Pg(pool) => weft::harness::compare::postgres_rendering(pool, &tables).await.unwrap(),
         };
         for rows in out.values_mut() {
             rows.sort();

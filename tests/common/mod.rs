@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use sqlx::SqlitePool;
 use weft::event::Event;
-use weft::store::sqlite::{Identity, SqliteStore};
+use weft::event::Identity;
+use weft::store::sqlite::SqliteStore;
 use weft::store::{ApplyReport, Store};
 
 pub struct Replica {
@@ -36,7 +37,7 @@ pub async fn replica_with(dir: &Path, node: &str, schema: &str, tables: &[&str])
 /// A replica whose tables are configured in full (strategies, CRDT columns).
 pub async fn replica_configured(dir: &Path, node: &str, schema: &str, tables: &[weft::config::TableConfig]) -> Replica {
     let db = dir.join(format!("{node}.db"));
-    let app = weft::loopback::app_pool(&db).await.unwrap();
+    let app = weft::harness::app_pool(&db).await.unwrap();
     sqlx::raw_sql(sqlx::AssertSqlSafe(schema.to_owned()))
         .execute(&app)
         .await
@@ -118,11 +119,13 @@ impl Replica {
 
     pub async fn snapshot_of(&self, tables: &[&str]) -> std::collections::BTreeMap<String, Vec<String>> {
         let tables: Vec<String> = tables.iter().map(|t| t.to_string()).collect();
-        weft::store::sqlite::snapshot(&self.app, &tables).await.unwrap()
+        weft::harness::compare::sqlite_rendering(&self.app, &tables)
+            .await
+            .unwrap()
     }
 
     pub async fn snapshot(&self) -> std::collections::BTreeMap<String, Vec<String>> {
-        weft::store::sqlite::snapshot(&self.app, &["items".to_string(), "pairs".to_string()])
+        weft::harness::compare::sqlite_rendering(&self.app, &["items".to_string(), "pairs".to_string()])
             .await
             .unwrap()
     }

@@ -7,8 +7,8 @@ use std::time::Duration;
 use sqlx::{PgPool, SqlitePool};
 use weft::config::{Database, TableConfig};
 use weft::event::Event;
-use weft::store::postgres::cluster::Cluster;
-use weft::store::sqlite::Identity;
+use weft::event::Identity;
+use weft::harness::cluster::Cluster;
 use weft::store::{ApplyReport, Store};
 
 pub enum App {
@@ -37,7 +37,7 @@ pub fn lww(tables: &[&str]) -> Vec<TableConfig> {
 impl Region {
     pub async fn sqlite(dir: &Path, node: &str, schema: &str, tables: &[TableConfig]) -> Region {
         let path = dir.join(format!("{node}.db"));
-        let app = weft::loopback::app_pool(&path).await.unwrap();
+        let app = weft::harness::app_pool(&path).await.unwrap();
         sqlx::raw_sql(sqlx::AssertSqlSafe(schema.to_owned()))
             .execute(&app)
             .await
@@ -120,8 +120,8 @@ impl Region {
     pub async fn snapshot(&self, tables: &[&str]) -> BTreeMap<String, Vec<String>> {
         let tables: Vec<String> = tables.iter().map(|t| t.to_string()).collect();
         let mut out = match &self.app {
-            App::Sqlite(pool) => weft::store::sqlite::snapshot(pool, &tables).await.unwrap(),
-            App::Pg(pool) => weft::store::postgres::snapshot(pool, &tables).await.unwrap(),
+            App::Sqlite(pool) => weft::harness::compare::sqlite_rendering(pool, &tables).await.unwrap(),
+            App::Pg(pool) => weft::harness::compare::postgres_rendering(pool, &tables).await.unwrap(),
         };
         for rows in out.values_mut() {
             rows.sort();

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use weft::config::{ReplicationConfig, TableConfig};
-use weft::loopback::LoopbackMesh;
+use weft::harness::loopback::LoopbackMesh;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS items (id INTEGER PRIMARY KEY, origin TEXT NOT NULL, v INTEGER NOT NULL);
@@ -50,7 +50,7 @@ impl Sidecars {
             TableConfig {
                 name: "stock".into(),
                 strategy: weft::config::Strategy::Crdt,
-                columns: [("qty".to_string(), weft::resolve::crdt::CrdtType::Counter)]
+                columns: [("qty".to_string(), weft::crdt::CrdtType::Counter)]
                     .into_iter()
                     .collect(),
                 owner_column: None,

@@ -15,7 +15,6 @@
 //! - Decisions and strategies come from `store::engine`; `rows` is this store's row IO.
 mod apply;
 mod capture;
-pub mod cluster;
 pub(crate) mod rows;
 pub mod schema;
 pub mod values;
@@ -31,8 +30,8 @@ use sqlx::{Connection as _, PgConnection, Row as _};
 use tokio::sync::Mutex;
 
 use crate::clock::Clock;
+use crate::event::Identity;
 use crate::event::{Hlc, NodeId};
-use crate::store::sqlite::Identity;
 use crate::store::{LogEntry, PeerStatus, Status, StoreError};
 pub use schema::PgTable;
 
@@ -105,6 +104,11 @@ async fn node_value(conn: &mut PgConnection, name: &str) -> Result<Option<String
         .await?)
 }
 
+/// This node's last own seq as the database records it.
+pub(crate) async fn last_seq(conn: &mut PgConnection) -> Result<u64, StoreError> {
+    number(node_value(conn, "last_seq").await?, "last_seq")
+}
+
 fn number(value: Option<String>, name: &str) -> Result<u64, StoreError> {
     value
         .unwrap_or_else(|| "0".into())
@@ -155,7 +159,7 @@ impl PgStore {
                 .await?;
             }
         }
-        let last_seq = number(node_value(&mut tx, "last_seq").await?, "last_seq")?;
+        let last_seq = last_seq(&mut tx).await?;
         let hlc = number(node_value(&mut tx, "hlc").await?, "hlc")?;
         tx.commit().await?;
         let mut listener = PgListener::connect_with(&Self::pool(&options, 1).await?).await?;
@@ -345,7 +349,7 @@ impl PgStore {
         let count = |sql: &'static str| sqlx::query_scalar::<_, i64>(sql);
         let mut status = Status {
             node: self.identity.node.clone(),
-            last_seq: number(node_value(&mut tx, "last_seq").await?, "last_seq")?,
+            last_seq: last_seq(&mut tx).await?,
             outbox_pending: count("SELECT count(*) FROM weft.outbox").fetch_one(&mut *tx).await? as u64,
             log_events: count("SELECT count(*) FROM weft.log").fetch_one(&mut *tx).await? as u64,
             dead_letters: count("SELECT count(*) FROM weft.dead_letters")
@@ -412,7 +416,7 @@ impl PgStore {
             let mut conn = connect_writer(&self.options).await?;
             // The last transaction may have committed even though its reply was lost: the
             // database, not memory, says which seq comes next.
-            writer.last_seq = number(node_value(&mut conn, "last_seq").await?, "last_seq")?;
+            writer.last_seq = last_seq(&mut conn).await?;
             writer.conn = Some(conn);
         }
         let conn = writer.conn.as_mut().expect("connected above");
@@ -425,75 +429,4 @@ impl PgStore {
         }
         result
     }
-}
-
-/// What a region has captured and applied, read in one snapshot: (last own seq, outbox
-/// rows pending, frontier per origin).
-pub async fn progress(pool: &PgPool) -> Result<(u64, u64, BTreeMap<NodeId, u64>), StoreError> {
-    let mut tx = pool.begin().await?;
-    sqlx::raw_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        .execute(&mut *tx)
-        .await?;
-    let last = number(node_value(&mut tx, "last_seq").await?, "last_seq")?;
-    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM weft.outbox")
-        .fetch_one(&mut *tx)
-        .await?;
-    let mut frontiers = BTreeMap::new();
-    for row in sqlx::query("SELECT origin, seq FROM weft.frontier")
-        .fetch_all(&mut *tx)
-        .await?
-    {
-        frontiers.insert(row.try_get(0)?, row.try_get::<i64, _>(1)? as u64);
-    }
-    tx.commit().await?;
-    Ok((last, pending as u64, frontiers))
-}
-
-/// Rows of `tables` and weft's row metadata, rendered for comparison across regions of
-/// either store (see `sqlite::snapshot`).
-pub async fn snapshot(pool: &PgPool, tables: &[String]) -> Result<BTreeMap<String, Vec<String>>, StoreError> {
-    let mut conn = pool.acquire().await?;
-    let mut tx = conn.begin().await?;
-    sqlx::raw_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        .execute(&mut *tx)
-        .await?;
-    let mut out = BTreeMap::new();
-    for table in tables {
-        let info = schema::describe(&mut tx, table).await?;
-        let key_order = info.key.iter().map(|k| schema::quote(k)).collect::<Vec<_>>().join(", ");
-        let sql = format!(
-            "SELECT {} FROM {} t ORDER BY {key_order}",
-            info.select_list("t"),
-            info.qualified()
-        );
-        let mut rendered = Vec::new();
-        for row in sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&mut *tx).await? {
-            let mut values = Vec::new();
-            for (i, kind) in info.kinds.iter().enumerate() {
-                values.push(kind.read(&row, i)?.to_string());
-            }
-            rendered.push(values.join(" | "));
-        }
-        out.insert(table.clone(), rendered);
-    }
-    let mut rendered = Vec::new();
-    for row in sqlx::query(
-        "SELECT tbl, upper(encode(key, 'hex')), version, hlc, origin, deleted::int FROM weft.rows ORDER BY tbl, key",
-    )
-    .fetch_all(&mut *tx)
-    .await?
-    {
-        rendered.push(format!(
-            "{} {} {} {} {} {}",
-            row.try_get::<String, _>(0)?,
-            row.try_get::<String, _>(1)?,
-            row.try_get::<String, _>(2)?,
-            row.try_get::<i64, _>(3)?,
-            row.try_get::<String, _>(4)?,
-            row.try_get::<i32, _>(5)?
-        ));
-    }
-    out.insert("_weft_rows".into(), rendered);
-    tx.commit().await?;
-    Ok(out)
 }

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 
 use super::values::Kind;
 use crate::config::{OwnerRule, Strategy, TableConfig};
-use crate::resolve::crdt::CrdtType;
+use crate::crdt::CrdtType;
 use crate::store::StoreError;
 use crate::store::engine::TableRules as _;
 use crate::store::sql::rule_case;

@@ -10,11 +10,11 @@ use sqlx::{AssertSqlSafe, Row as _, SqliteConnection};
 
 use super::schema::{TableInfo, quote};
 use super::values::bind;
+use crate::crdt::ColumnState;
 use crate::event::{Key, Value};
-use crate::resolve::crdt::ColumnState;
 use crate::store::StoreError;
 
-pub(super) use crate::resolve::crdt::States;
+pub(super) use crate::crdt::States;
 
 pub(super) async fn load(conn: &mut SqliteConnection, table: &str, key: &[u8]) -> Result<States, StoreError> {
     let rows = sqlx::query("SELECT col, state FROM _weft_crdt WHERE tbl = ? AND key = ?")

@@ -17,7 +17,6 @@ pub mod values;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,16 +25,9 @@ use sqlx::{Connection as _, Row as _, SqliteConnection};
 use tokio::sync::Mutex;
 
 use crate::clock::Clock;
-use crate::event::{Hlc, NodeId};
+use crate::event::{Hlc, Identity, NodeId};
 use crate::store::{LogEntry, PeerStatus, Status, StoreError};
 pub use schema::TableInfo;
-
-/// Who this node is, as stamped on its events.
-#[derive(Debug, Clone)]
-pub struct Identity {
-    pub node: NodeId,
-    pub region: String,
-}
 
 pub struct SqliteStore {
     identity: Identity,
@@ -292,82 +284,12 @@ impl SqliteStore {
     }
 }
 
-/// Opens a database by URL path for read-only inspection (tests, `weft status`).
-pub async fn connect_read_only(path: &Path) -> Result<SqlitePool, StoreError> {
-    let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
-        .read_only(true)
+/// An application's connection pool: WAL, and a busy timeout so it waits for the sidecar.
+pub async fn app_pool(db: &Path) -> Result<SqlitePool, sqlx::Error> {
+    let options = SqliteConnectOptions::new()
+        .filename(db)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
         .busy_timeout(Duration::from_secs(30));
-    Ok(SqlitePoolOptions::new()
-        .max_connections(2)
-        .connect_with(options)
-        .await?)
-}
-
-/// Everything replicated in a database, rendered canonically: per table its rows in key
-/// order, and weft's per-row metadata. Two regions have converged when their snapshots are
-/// equal.
-pub async fn snapshot(pool: &SqlitePool, tables: &[String]) -> Result<BTreeMap<String, Vec<String>>, StoreError> {
-    let mut conn = pool.acquire().await?;
-    let mut tx = conn.begin().await?;
-    let mut out = BTreeMap::new();
-    for table in tables {
-        let info = schema::describe(&mut tx, table).await?;
-        let order = info.key.iter().map(|k| schema::quote(k)).collect::<Vec<_>>().join(", ");
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT * FROM {} ORDER BY {order}",
-            schema::quote(table)
-        )))
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut rendered = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let mut values = Vec::with_capacity(row.len());
-            for i in 0..row.len() {
-                values.push(values::value_at(row, i)?.to_string());
-            }
-            rendered.push(values.join(" | "));
-        }
-        out.insert(table.clone(), rendered);
-    }
-    let meta = sqlx::query("SELECT tbl, hex(key), version, hlc, origin, deleted FROM _weft_rows ORDER BY tbl, key")
-        .fetch_all(&mut *tx)
-        .await?;
-    let mut rendered = Vec::with_capacity(meta.len());
-    for row in &meta {
-        rendered.push(format!(
-            "{} {} {} {} {} {}",
-            row.try_get::<String, _>(0)?,
-            row.try_get::<String, _>(1)?,
-            row.try_get::<String, _>(2)?,
-            row.try_get::<i64, _>(3)?,
-            row.try_get::<String, _>(4)?,
-            row.try_get::<i64, _>(5)?
-        ));
-    }
-    out.insert("_weft_rows".into(), rendered);
-    tx.commit().await?;
-    Ok(out)
-}
-
-/// What a region has captured and applied, read from its database: (last own seq,
-/// outbox rows pending, frontier per origin).
-pub async fn progress(pool: &SqlitePool) -> Result<(u64, u64, BTreeMap<NodeId, u64>), StoreError> {
-    // One read transaction: a drain committing between two of these reads would otherwise
-    // show an old last seq next to an empty outbox, and look caught up.
-    let mut conn = pool.begin().await?;
-    let last: Option<i64> = sqlx::query_scalar("SELECT value FROM _weft_node WHERE name = 'last_seq'")
-        .fetch_optional(&mut *conn)
-        .await?;
-    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM _weft_outbox")
-        .fetch_one(&mut *conn)
-        .await?;
-    let rows = sqlx::query("SELECT origin, seq FROM _weft_frontier")
-        .fetch_all(&mut *conn)
-        .await?;
-    let mut frontiers = BTreeMap::new();
-    for row in rows {
-        frontiers.insert(row.try_get(0)?, row.try_get::<i64, _>(1)? as u64);
-    }
-    conn.commit().await?;
-    Ok((last.unwrap_or(0) as u64, pending as u64, frontiers))
+    SqlitePoolOptions::new().max_connections(4).connect_with(options).await
 }

@@ -10,7 +10,7 @@ use sqlx::{AssertSqlSafe, Row as _, SqliteConnection};
 use std::collections::BTreeMap;
 
 use crate::config::{OwnerRule, Strategy, TableConfig};
-use crate::resolve::crdt::CrdtType;
+use crate::crdt::CrdtType;
 use crate::store::StoreError;
 pub use crate::store::sql::quote;
 use crate::store::sql::{literal, rule_case};

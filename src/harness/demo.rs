@@ -14,8 +14,8 @@ use rand::{Rng, SeedableRng};
 use sqlx::SqlitePool;
 
 use crate::config::{ReplicationConfig, Strategy, TableConfig};
-use crate::loopback::LoopbackMesh;
-use crate::resolve::crdt::CrdtType;
+use crate::crdt::CrdtType;
+use crate::harness::loopback::LoopbackMesh;
 use crate::telemetry::Metrics;
 
 pub const SCHEMA: &str = "
@@ -155,7 +155,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let seed = args.seed.unwrap_or_else(rand::random);
     let (dir, _temp) = super::work_dir(args.dir.as_deref())?;
     let topology = match &args.topology {
-        Some(file) => super::topology::load(file)?,
+        Some(file) => crate::config::Topology::load(file)?,
         None => LoopbackMesh::all_to_all(&["us-east", "eu-west", "ap-south"]),
     };
     let regions: Vec<String> = topology.nodes.iter().map(|n| n.region.clone()).collect();
@@ -368,7 +368,7 @@ async fn print_summary(mesh: &LoopbackMesh, written: &[Arc<AtomicU64>]) -> anyho
     );
     for (region, count) in mesh.regions.iter().zip(written) {
         let m = &region.metrics;
-        let (last_seq, _, _) = crate::store::sqlite::progress(&region.app).await?;
+        let (last_seq, _, _) = super::compare::sqlite_progress(&region.app).await?;
         let lag = m.lag();
         println!(
             "{:<10} {:>9} {:>8} {:>9} {:>7} {:>11} {:>6} {:>8} {:>7} {:>7.1}ms {:>7.1}ms {:>7.1}ms",

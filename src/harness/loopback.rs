@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use sqlx::SqlitePool;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 
+use super::compare;
 use crate::config::{NodeConfig, NodeSpec, ReplicationConfig, Shape, TableConfig, Topology};
 use crate::node::Node;
-use crate::store::sqlite;
+use crate::store::sqlite::app_pool;
 use crate::telemetry::Metrics;
 
 pub struct Region {
@@ -45,16 +45,6 @@ pub fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
         .collect::<Result<Vec<_>, _>>()?;
     listeners.iter().map(|l| Ok(l.local_addr()?.port())).collect()
-}
-
-/// An application's connection pool: WAL, and a busy timeout so it waits for the sidecar.
-pub async fn app_pool(db: &Path) -> Result<SqlitePool, sqlx::Error> {
-    let options = SqliteConnectOptions::new()
-        .filename(db)
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        .busy_timeout(Duration::from_secs(30));
-    SqlitePoolOptions::new().max_connections(4).connect_with(options).await
 }
 
 fn toml_string(s: &str) -> String {
@@ -176,7 +166,7 @@ impl LoopbackMesh {
             let mut caught_up = true;
             let mut states = Vec::new();
             for region in &self.regions {
-                states.push((region.node_id.clone(), sqlite::progress(&region.app).await?));
+                states.push((region.node_id.clone(), compare::sqlite_progress(&region.app).await?));
             }
             for (node, (last, pending, _)) in &states {
                 if *pending > 0 {
@@ -203,7 +193,7 @@ impl LoopbackMesh {
     pub async fn snapshots(&self) -> anyhow::Result<Vec<BTreeMap<String, Vec<String>>>> {
         let mut out = Vec::new();
         for region in &self.regions {
-            out.push(sqlite::snapshot(&region.app, &self.tables).await?);
+            out.push(compare::sqlite_rendering(&region.app, &self.tables).await?);
         }
         Ok(out)
     }

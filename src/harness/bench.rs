@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::config::{ReplicationConfig, TableConfig};
-use crate::loopback::LoopbackMesh;
+use crate::harness::loopback::LoopbackMesh;
 use crate::telemetry::Metrics;
 
 #[derive(clap::Args, Debug)]

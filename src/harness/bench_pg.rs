@@ -18,9 +18,9 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
 use crate::config::{NodeConfig, ReplicationConfig, TableConfig};
-use crate::loopback::LoopbackMesh;
+use crate::harness::cluster::{Cluster, Settings};
+use crate::harness::loopback::LoopbackMesh;
 use crate::node::Node;
-use crate::store::postgres::cluster::{Cluster, Settings};
 
 const SOURCE: &str = "CREATE TABLE bench (id bigint PRIMARY KEY, origin text NOT NULL, n bigint NOT NULL, \
                       payload text NOT NULL, written_at timestamptz NOT NULL DEFAULT clock_timestamp())";
@@ -120,7 +120,7 @@ async fn weft_phase(
     sqlx::raw_sql(TARGET).execute(&west_app).await?;
     let topology_file = dir.join("topology.toml");
     let mut topology = LoopbackMesh::all_to_all(&["east", "west"]);
-    for (node, port) in topology.nodes.iter_mut().zip(crate::loopback::free_ports(2)?) {
+    for (node, port) in topology.nodes.iter_mut().zip(crate::harness::loopback::free_ports(2)?) {
         node.address = format!("127.0.0.1:{port}");
     }
     std::fs::write(&topology_file, toml::to_string(&topology)?)?;
