@@ -4,8 +4,9 @@
 //!
 //! Points: `after-drain` (events committed to the log, not yet sent) and `after-apply`
 //! (a batch committed, not yet acknowledged). A few points are not crashes but lost replies
-//! (`reply_lost`): `pg-drain-reply-lost` makes a PostgreSQL drain report an error after its
-//! commit succeeded, as when the server goes away while answering.
+//! (`reply_lost`): `pg-drain-reply-lost` (`sqlite-drain-reply-lost`) makes a PostgreSQL
+//! (SQLite) drain report an error after its commit succeeded, as when the server goes away
+//! while answering.
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 

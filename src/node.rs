@@ -21,6 +21,7 @@ use crate::event::NodeId;
 use crate::shutdown::stopped;
 use crate::store::Store;
 use crate::store::StoreError;
+use crate::store::backend::Ack;
 use crate::telemetry::Metrics;
 use crate::topology;
 use crate::transport::grpc::{self, Context, MAX_MESSAGE_BYTES, ReplicationServer, Service};
@@ -206,19 +207,23 @@ async fn upkeep_loop(ctx: Context) {
             _ = stopped(&mut shutdown) => true,
             _ = tokio::time::sleep(Duration::from_millis(200)) => false,
         };
-        let fresh: Vec<(NodeId, NodeId, u64)> = ctx
+        let fresh: Vec<Ack> = ctx
             .acks
             .lock()
             .expect("ack book lock")
             .iter()
             .filter(|(k, v)| persisted.get(*k) != Some(*v))
-            .map(|((peer, origin), &seq)| (peer.clone(), origin.clone(), seq))
+            .map(|((peer, origin), &seq)| Ack {
+                peer: peer.clone(),
+                origin: origin.clone(),
+                seq,
+            })
             .collect();
         if !fresh.is_empty() {
             match ctx.store.record_acks_and_collect(&fresh, &needs_by_origin).await {
                 Ok(_) => {
-                    for (peer, origin, seq) in fresh {
-                        persisted.insert((peer, origin), seq);
+                    for ack in fresh {
+                        persisted.insert((ack.peer, ack.origin), ack.seq);
                     }
                 }
                 Err(error) => tracing::warn!(%error, "cannot persist acknowledgements; will retry"),

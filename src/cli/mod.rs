@@ -105,6 +105,12 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Who decides, for the audit records: `--by`, else `$USER`.
+fn decided_by(by: Option<String>) -> String {
+    by.or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| "unknown".into())
+}
+
 async fn run(path: PathBuf) -> anyhow::Result<()> {
     let config = NodeConfig::load(&path)?;
     let node = Node::start(config)
@@ -157,8 +163,8 @@ async fn status(path: PathBuf, json: bool) -> anyhow::Result<()> {
         status.dead_letters, status.conflicts
     );
     println!("\napplied from            frontier   processed");
-    for (origin, seq, processed) in &status.frontiers {
-        println!("  {origin:<20} {seq:>9} {processed:>11}");
+    for f in &status.frontiers {
+        println!("  {:<20} {:>9} {:>11}", f.origin, f.seq, f.processed);
     }
     println!("\nsending to   origin          acked   unacked   oldest unacked (RPO exposure)");
     for p in &status.peers {

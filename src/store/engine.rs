@@ -1,6 +1,6 @@
 //! The strategy engine both stores share: deciding and writing a run of admitted remote
 //! events, and settling a drained local write's strategy state (CRDT states, row owner,
-//! resolution queue). Stores supply only row IO, through [`Rows`].
+//! resolution queue). Stores supply only row IO, through [`Txn`].
 //!
 //! Contract:
 //! - Decisions are made in event order and see the versions left by earlier events of the
@@ -8,28 +8,28 @@
 //!   written, so grouping never changes a result.
 //! - In [`Mode::Grouped`] a write the database refuses for its content stops the run with
 //!   [`Stop::Refused`]: the caller rolls back and replays in [`Mode::EventByEvent`], where
-//!   [`Rows::write`] leaves nothing of a refused write behind and the engine dead-letters
+//!   [`Txn::write`] leaves nothing of a refused write behind and the engine dead-letters
 //!   exactly that event.
 //! - CRDT columns merge whatever the row-level decision; the row shows the merged values.
 //!   Ownership tables dead-letter writes the row's owner did not make. `queue` tables keep
 //!   concurrent versions as siblings until a write covering them all closes the entry.
 //!   Every conflict is logged, never silent.
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::config::{OwnerRule, Strategy};
 use crate::crdt::{CrdtType, States};
-use crate::event::Identity;
-use crate::event::{Event, Key, Op, Row, Value};
+use crate::event::{Event, Identity, Op, Row, Value};
 use crate::replicate::{Decision, RowVersion, decide};
 use crate::resolve::Winner;
 use crate::resolve::ownership::{self, Owner};
-use crate::store::{ApplyReport, StoreError};
+use crate::store::backend::Txn;
+use crate::store::{ApplyReport, StoreError, audit};
 use crate::version::Causality;
 
 /// How a run's writes reach the database.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(crate) enum Mode {
+pub enum Mode {
     /// Consecutive writes grouped into multi-row statements; a refused group stops the run.
     Grouped,
     /// Each write on its own; a refused write dead-letters just that event.
@@ -38,18 +38,45 @@ pub(crate) enum Mode {
 
 /// Why a run stopped early; the caller rolls the transaction back.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Stop {
+pub enum Stop {
     /// A grouped write was refused for its content: replay event by event.
     Refused,
     /// An application inserted a row this run was inserting: retry the run.
     Raced,
 }
 
-/// A step that may stop the run; the inner `Err(reason)` is a write refused for its content.
-pub(crate) type Step = Result<Result<Result<(), String>, Stop>, StoreError>;
+/// What became of a write (or of a flush of queued writes).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Written {
+    Done,
+    /// The database refused it for its content, saying why.
+    Refused(String),
+}
+
+/// Why a run ended before its last event: a stop the caller retries, or a store error.
+#[derive(Debug)]
+pub enum Halt {
+    Stop(Stop),
+    Store(StoreError),
+}
+
+impl From<StoreError> for Halt {
+    fn from(error: StoreError) -> Self {
+        Halt::Store(error)
+    }
+}
+
+impl From<sqlx::Error> for Halt {
+    fn from(error: sqlx::Error) -> Self {
+        Halt::Store(error.into())
+    }
+}
+
+/// A write step of a run.
+pub type Step = Result<Written, Halt>;
 
 /// What the engine needs to know of a replicated table.
-pub(crate) trait TableRules {
+pub trait TableRules {
     fn name(&self) -> &str;
     fn columns(&self) -> &[String];
     fn key(&self) -> &[String];
@@ -68,70 +95,10 @@ pub(crate) trait TableRules {
 }
 
 /// What this node knows of one row's owner.
-pub(crate) struct KnownOwner {
+pub struct KnownOwner {
     pub owner: Owner,
     /// A transfer made here and not yet drained.
     pub moving_to: Option<String>,
-}
-
-/// Row IO of one store inside one open transaction.
-pub(crate) trait Rows {
-    type Table: TableRules;
-
-    fn table(&self, name: &str) -> Option<Arc<Self::Table>>;
-    /// Stored versions of `keys` of one table; absent keys are missing from the map.
-    async fn versions(&mut self, table: &str, keys: &[Vec<u8>]) -> Result<HashMap<Vec<u8>, RowVersion>, StoreError>;
-    /// Writes the event's row change as the applier (never captured). In `Mode::Grouped` it
-    /// may be queued (and earlier queued writes flushed); in `Mode::EventByEvent` it is
-    /// executed now, and a refusal leaves nothing of it behind.
-    async fn write(&mut self, table: &Arc<Self::Table>, event: &Event, mode: Mode) -> Step;
-    /// Executes queued writes.
-    async fn flush(&mut self) -> Step;
-    /// The row's current image (queued writes are flushed first by the engine).
-    async fn read_row(&mut self, table: &Self::Table, key: &Key) -> Result<Option<Row>, StoreError>;
-    async fn crdt_states(&mut self, table: &str, key: &[u8]) -> Result<States, StoreError>;
-    async fn store_crdt_states(&mut self, table: &str, key: &[u8], states: &States) -> Result<(), StoreError>;
-    /// Sets CRDT column values of an existing row, not captured. With `unless_changed_from`
-    /// (a drain that does not hold the row), only if those columns still hold that image's
-    /// values: a later application write is drained and normalized on its own.
-    async fn write_crdt_values(
-        &mut self,
-        table: &Self::Table,
-        key: &Key,
-        values: &[(String, Value)],
-        unless_changed_from: Option<&Row>,
-    ) -> Result<(), StoreError>;
-    async fn owner(&mut self, table: &Self::Table, key: &[u8]) -> Result<Option<KnownOwner>, StoreError>;
-    /// Records a row's owner and clears any transfer in progress.
-    async fn store_owner(
-        &mut self,
-        table: &Self::Table,
-        key_bytes: &[u8],
-        key: &Key,
-        owner: &Owner,
-    ) -> Result<(), StoreError>;
-    /// The siblings of a `queue` row, oldest (hlc, origin) first.
-    async fn siblings(&mut self, table: &str, key: &[u8]) -> Result<Vec<Event>, StoreError>;
-    /// Replaces a row's siblings; two or more open its queue entry (if not open already).
-    async fn replace_siblings(
-        &mut self,
-        table: &str,
-        key: &[u8],
-        key_text: &str,
-        set: &[Event],
-    ) -> Result<(), StoreError>;
-    /// Drops a row's siblings and closes its open entry, if any, naming who closed it.
-    async fn close_queue(&mut self, table: &str, key: &[u8], by: &str) -> Result<(), StoreError>;
-    async fn log_conflict(
-        &mut self,
-        table: &Self::Table,
-        event: &Event,
-        local: &RowVersion,
-        local_row: Option<&Row>,
-        winner: Winner,
-    ) -> Result<(), StoreError>;
-    /// Records an event that cannot be applied, with the reason, and counts it.
-    async fn dead_letter(&mut self, event: &Event, reason: &str, report: &mut ApplyReport) -> Result<(), StoreError>;
 }
 
 /// An event's CRDT states merged into the row's local states.
@@ -142,214 +109,338 @@ struct Merged {
     changed: bool,
 }
 
-/// Runs a flush-like step: `Ok(Err(stop))` ends the run, an inner refusal stops a grouped run.
-macro_rules! step {
-    ($step:expr) => {
-        match $step {
-            Ok(Ok(written)) => written,
-            Ok(Err(stop)) => return Ok(Err(stop)),
-            Err(error) => return Err(error),
-        }
-    };
+/// A row: (table, canonical key bytes).
+type RowId = (String, Vec<u8>);
+
+/// A row a run wrote, with its new version.
+pub struct RowWritten {
+    pub table: String,
+    pub key: Vec<u8>,
+    pub version: RowVersion,
 }
 
 /// Flushes queued writes; a refusal stops the run (only grouped runs queue writes).
-macro_rules! flushed {
-    ($rows:expr) => {
-        if step!($rows.flush().await).is_err() {
-            return Ok(Err(Stop::Refused));
-        }
-    };
+async fn flushed<R: Txn>(rows: &mut R) -> Result<(), Halt> {
+    match rows.flush().await? {
+        Written::Done => Ok(()),
+        Written::Refused(_) => Err(Halt::Stop(Stop::Refused)),
+    }
 }
 
-/// Rows written by a run, with their new versions, in first-write order.
-pub(crate) type Written = Vec<(String, Vec<u8>, RowVersion)>;
-
-/// Decides and writes admitted events in order.
-pub(crate) async fn apply_events<R: Rows>(
+/// Decides and writes admitted events in order; returns the rows written, in first-write
+/// order, with their new versions.
+pub async fn apply_events<R: Txn>(
     rows: &mut R,
     events: &[&Event],
     report: &mut ApplyReport,
     mode: Mode,
-) -> Result<Result<Written, Stop>, StoreError> {
-    // Versions of every row the run touches, in one read per table.
+) -> Result<Vec<RowWritten>, Halt> {
+    let mut versions = run_versions(rows, events).await?;
+    let mut changed: Vec<RowId> = Vec::new();
+    for &event in events {
+        if let Some((id, next)) = apply_one(rows, event, &versions, report, mode).await? {
+            versions.insert(id.clone(), next);
+            changed.push(id);
+        }
+    }
+    flushed(rows).await?;
+    let mut seen = HashSet::new();
+    changed.retain(|id| seen.insert(id.clone()));
+    Ok(changed
+        .into_iter()
+        .map(|id| {
+            let version = versions[&id].clone();
+            RowWritten {
+                table: id.0,
+                key: id.1,
+                version,
+            }
+        })
+        .collect())
+}
+
+/// Versions of every row the run touches, in one read per table.
+async fn run_versions<R: Txn>(rows: &mut R, events: &[&Event]) -> Result<HashMap<RowId, RowVersion>, StoreError> {
     let mut keys: HashMap<&str, Vec<Vec<u8>>> = HashMap::new();
     for event in events {
         if rows.table(&event.table).is_some() {
             keys.entry(event.table.as_str()).or_default().push(event.key.to_bytes());
         }
     }
-    let mut versions: HashMap<(String, Vec<u8>), RowVersion> = HashMap::new();
+    let mut versions = HashMap::new();
     for (table, keys) in keys {
         for (key, version) in rows.versions(table, &keys).await? {
             versions.insert((table.to_owned(), key), version);
         }
     }
+    Ok(versions)
+}
 
-    let mut changed: Vec<(String, Vec<u8>)> = Vec::new();
-    for &event in events {
-        let Some(table) = rows.table(&event.table) else {
-            let reason = format!(
-                "table `{}` is not replicated on this node; add it to the node config",
-                event.table
-            );
-            rows.dead_letter(event, &reason, report).await?;
-            continue;
-        };
-        let problem = table
-            .refuses(event)
-            .or_else(|| crate::store::admit::shape_problem(table.name(), table.columns(), table.key(), event));
-        if let Some(reason) = problem {
-            rows.dead_letter(event, &reason, report).await?;
-            continue;
-        }
-        let id = (table.name().to_owned(), event.key.to_bytes());
-        let local = versions.get(&id).cloned();
-        let strategy = table.strategy();
-        // CRDT columns merge whatever the row-level decision; their values follow.
-        let merged = if table.crdt().is_empty() {
-            None
-        } else {
-            let mut states = rows.crdt_states(table.name(), &id.1).await?;
-            match crate::resolve::crdt::merge_remote(table.crdt(), &mut states, &event.crdt) {
-                Ok(changed) => {
-                    let values = crate::resolve::crdt::materialize_all(table.crdt(), &states)
-                        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                    Some(Merged {
-                        states,
-                        values,
-                        changed,
-                    })
-                }
-                Err(error) => {
-                    rows.dead_letter(event, &error.to_string(), report).await?;
-                    continue;
-                }
-            }
-        };
-        let local_row_exists = local.as_ref().is_some_and(|l| !l.deleted);
-        let mut decision = decide(strategy, local.as_ref(), event, None);
-        let mut local_row = None;
-        if matches!(decision, Decision::NeedsLocalContent | Decision::Conflict { .. }) {
-            // The local row as earlier events of this run left it.
-            flushed!(rows);
-            local_row = rows.read_row(&table, &event.key).await?;
-        }
-        if decision == Decision::NeedsLocalContent {
-            let content = local_row.clone().map(Op::Upsert).unwrap_or(Op::Delete).content_bytes();
-            decision = decide(strategy, local.as_ref(), event, Some(&content));
-        }
-        let conflict = matches!(decision, Decision::Conflict { .. });
-        let mut claimed = None;
-        if table.is_owned() && decision != Decision::Stale {
-            let known = rows.owner(&table, &id.1).await?.map(|k| k.owner);
-            let rule = table.owner_rule().map(|r| (r, table.key()));
-            match ownership::judge_remote(
-                rule,
-                &event.key,
-                known,
-                &event.origin_region,
-                event.ownership.as_ref(),
-                conflict,
-            ) {
-                Ok(owner) => claimed = owner,
-                Err(reason) => {
-                    rows.dead_letter(event, &format!("ownership: {reason}"), report).await?;
-                    continue;
-                }
-            }
-        }
-        let (next, winner) = match decision {
-            Decision::Stale => {
-                report.stale += 1;
-                if let Some(merged) = merged.filter(|m| m.changed) {
-                    if local_row_exists {
-                        flushed!(rows);
-                        rows.write_crdt_values(&table, &event.key, &merged.values, None).await?;
-                    }
-                    rows.store_crdt_states(table.name(), &id.1, &merged.states).await?;
-                }
-                continue;
-            }
-            Decision::NeedsLocalContent => unreachable!("content was supplied"),
-            Decision::FastForward { next } => (next, Winner::Remote),
-            Decision::Conflict { winner, next } => (next, winner),
-        };
-        if winner == Winner::Remote {
-            let patched;
-            let to_write = match (&merged, &event.op) {
-                (Some(merged), Op::Upsert(row)) => {
-                    let mut row = row.clone();
-                    for (column, value) in &merged.values {
-                        match row.0.iter_mut().find(|(c, _)| c == column) {
-                            Some(slot) => slot.1 = value.clone(),
-                            None => row.0.push((column.clone(), value.clone())),
-                        }
-                    }
-                    patched = Event {
-                        op: Op::Upsert(row),
-                        ..event.clone()
-                    };
-                    &patched
-                }
-                _ => event,
-            };
-            match step!(rows.write(&table, to_write, mode).await) {
-                Ok(()) => report.applied += 1,
-                Err(_) if mode == Mode::Grouped => return Ok(Err(Stop::Refused)),
-                Err(reason) => {
-                    rows.dead_letter(event, &reason, report).await?;
-                    continue;
-                }
-            }
-        }
-        if let Some(merged) = merged {
-            // A remote image already carries the merged values; a kept local row needs them.
-            if winner == Winner::Local && merged.changed && local_row_exists {
-                flushed!(rows);
-                rows.write_crdt_values(&table, &event.key, &merged.values, None).await?;
-            }
-            if merged.changed {
-                rows.store_crdt_states(table.name(), &id.1, &merged.states).await?;
-            }
-        }
-        if let Some(owner) = claimed.filter(|_| winner == Winner::Remote) {
-            rows.store_owner(&table, &id.1, &event.key, &owner).await?;
-        }
-        if strategy == Strategy::Queue {
-            match (&local, conflict) {
-                (Some(local), true) => {
-                    let set = with_concurrent(rows, &*table, &id.1, local, local_row.as_ref(), event).await?;
-                    rows.replace_siblings(table.name(), &id.1, &event.key.to_string(), &set)
-                        .await?;
-                }
-                _ => rows.close_queue(table.name(), &id.1, &event.origin).await?,
-            }
-        }
-        if let Some(local) = local.as_ref().filter(|_| conflict) {
-            rows.log_conflict(&table, event, local, local_row.as_ref(), winner)
-                .await?;
-            report.conflicts += 1;
-        }
-        versions.insert(id.clone(), next);
-        changed.push(id);
+/// The local table an event is for, or `None` once it is dead-lettered for not fitting.
+async fn fitting_table<R: Txn>(
+    rows: &mut R,
+    event: &Event,
+    report: &mut ApplyReport,
+) -> Result<Option<Arc<R::Table>>, StoreError> {
+    let Some(table) = rows.table(&event.table) else {
+        let reason = format!(
+            "table `{}` is not replicated on this node; add it to the node config",
+            event.table
+        );
+        audit::dead_letter(rows, event, &reason, report).await?;
+        return Ok(None);
+    };
+    let problem = table
+        .refuses(event)
+        .or_else(|| shape_problem(table.name(), table.columns(), table.key(), event));
+    if let Some(reason) = problem {
+        audit::dead_letter(rows, event, &reason, report).await?;
+        return Ok(None);
     }
-    flushed!(rows);
-    let mut seen = std::collections::HashSet::new();
-    changed.retain(|id| seen.insert(id.clone()));
-    Ok(Ok(changed
-        .into_iter()
-        .map(|id| {
-            let version = versions[&id].clone();
-            (id.0, id.1, version)
-        })
-        .collect()))
+    Ok(Some(table))
+}
+
+/// Why an event does not fit a local table with these columns and key, if it does not.
+pub fn shape_problem(table: &str, columns: &[String], key: &[String], event: &Event) -> Option<String> {
+    if event.key.0.len() != key.len() {
+        return Some(format!(
+            "key has {} values but table `{table}` has {} key columns",
+            event.key.0.len(),
+            key.len()
+        ));
+    }
+    if let Op::Upsert(row) = &event.op {
+        for (column, _) in &row.0 {
+            if !columns.contains(column) {
+                return Some(format!(
+                    "column `{column}` does not exist in table `{table}` on this node; add it, then retry the dead letter"
+                ));
+            }
+        }
+        for (i, key_column) in key.iter().enumerate() {
+            if row.get(key_column) != Some(&event.key.0[i]) {
+                return Some(format!("row image disagrees with the key on column `{key_column}`"));
+            }
+        }
+    }
+    None
+}
+
+/// The event's CRDT states merged into the row's: `Ok(None)` for a table without CRDT
+/// columns, `Err(reason)` if they cannot merge (the event is dead-lettered).
+async fn merge_crdt<R: Txn>(
+    rows: &mut R,
+    table: &R::Table,
+    key: &[u8],
+    event: &Event,
+) -> Result<Result<Option<Merged>, String>, StoreError> {
+    if table.crdt().is_empty() {
+        return Ok(Ok(None));
+    }
+    let mut states = rows.crdt_states(table.name(), key).await?;
+    let changed = match crate::resolve::crdt::merge_remote(table.crdt(), &mut states, &event.crdt) {
+        Ok(changed) => changed,
+        Err(error) => return Ok(Err(error.to_string())),
+    };
+    let values = crate::resolve::crdt::materialize_all(table.crdt(), &states)?;
+    Ok(Ok(Some(Merged {
+        states,
+        values,
+        changed,
+    })))
+}
+
+/// The decision for an event, reading the local row (as earlier events of this run left it)
+/// when the decision needs it or a conflict will log it.
+async fn decide_event<R: Txn>(
+    rows: &mut R,
+    table: &R::Table,
+    local: Option<&RowVersion>,
+    event: &Event,
+) -> Result<(Decision, Option<Row>), Halt> {
+    let strategy = table.strategy();
+    let mut decision = decide(strategy, local, event, None);
+    let mut local_row = None;
+    if matches!(decision, Decision::NeedsLocalContent | Decision::Conflict { .. }) {
+        flushed(rows).await?;
+        local_row = rows.read_row(table, &event.key).await?;
+    }
+    if decision == Decision::NeedsLocalContent {
+        let content = local_row.clone().map(Op::Upsert).unwrap_or(Op::Delete).content_bytes();
+        decision = decide(strategy, local, event, Some(&content));
+    }
+    Ok((decision, local_row))
+}
+
+/// The owner an ownership table's row has if the event wins, or why the event is refused.
+async fn judge_owner<R: Txn>(
+    rows: &mut R,
+    table: &R::Table,
+    key: &[u8],
+    event: &Event,
+    conflict: bool,
+) -> Result<Result<Option<Owner>, String>, StoreError> {
+    let known = rows.owner(table, key).await?.map(|k| k.owner);
+    let rule = table.owner_rule().map(|r| (r, table.key()));
+    Ok(ownership::judge_remote(
+        rule,
+        &event.key,
+        known,
+        &event.origin_region,
+        event.ownership.as_ref(),
+        conflict,
+    )
+    .map_err(|reason| format!("ownership: {reason}")))
+}
+
+/// Decides and writes one admitted event; returns the row's new version if it changed.
+async fn apply_one<R: Txn>(
+    rows: &mut R,
+    event: &Event,
+    versions: &HashMap<RowId, RowVersion>,
+    report: &mut ApplyReport,
+    mode: Mode,
+) -> Result<Option<(RowId, RowVersion)>, Halt> {
+    let Some(table) = fitting_table(rows, event, report).await? else {
+        return Ok(None);
+    };
+    let id: RowId = (table.name().to_owned(), event.key.to_bytes());
+    let local = versions.get(&id).cloned();
+    let merged = match merge_crdt(rows, &table, &id.1, event).await? {
+        Ok(merged) => merged,
+        Err(reason) => return dead_lettered(rows, event, &reason, report).await,
+    };
+    let local_row_exists = local.as_ref().is_some_and(|l| !l.deleted);
+    let (decision, local_row) = decide_event(rows, &table, local.as_ref(), event).await?;
+    let conflict = matches!(decision, Decision::Conflict { .. });
+    let mut claimed = None;
+    if table.is_owned() && decision != Decision::Stale {
+        match judge_owner(rows, &table, &id.1, event, conflict).await? {
+            Ok(owner) => claimed = owner,
+            Err(reason) => return dead_lettered(rows, event, &reason, report).await,
+        }
+    }
+    let (next, winner) = match decision {
+        Decision::Stale => {
+            report.stale += 1;
+            if let Some(merged) = merged.filter(|m| m.changed) {
+                settle_merged(rows, &table, event, &id.1, &merged, local_row_exists).await?;
+            }
+            return Ok(None);
+        }
+        Decision::NeedsLocalContent => unreachable!("content was supplied"),
+        Decision::FastForward { next } => (next, Winner::Remote),
+        Decision::Conflict { winner, next } => (next, winner),
+    };
+    if winner == Winner::Remote {
+        match write_remote(rows, &table, event, merged.as_ref(), mode).await? {
+            Written::Done => report.applied += 1,
+            Written::Refused(_) if mode == Mode::Grouped => return Err(Halt::Stop(Stop::Refused)),
+            Written::Refused(reason) => return dead_lettered(rows, event, &reason, report).await,
+        }
+    }
+    if let Some(merged) = merged.filter(|m| m.changed) {
+        // A remote image already carries the merged values; a kept local row needs them.
+        let kept_row = winner == Winner::Local && local_row_exists;
+        settle_merged(rows, &table, event, &id.1, &merged, kept_row).await?;
+    }
+    if let Some(owner) = claimed.filter(|_| winner == Winner::Remote) {
+        rows.store_owner(&table, &event.key, &owner, None).await?;
+    }
+    if table.strategy() == Strategy::Queue {
+        settle_queue(
+            rows,
+            &table,
+            &id.1,
+            local.as_ref().filter(|_| conflict),
+            local_row.as_ref(),
+            event,
+        )
+        .await?;
+    }
+    if let Some(local) = local.as_ref().filter(|_| conflict) {
+        audit::log_conflict(rows, &*table, event, local, local_row.as_ref(), winner).await?;
+        report.conflicts += 1;
+    }
+    Ok(Some((id, next)))
+}
+
+async fn dead_lettered<R: Txn, T>(
+    rows: &mut R,
+    event: &Event,
+    reason: &str,
+    report: &mut ApplyReport,
+) -> Result<Option<T>, Halt> {
+    audit::dead_letter(rows, event, reason, report).await?;
+    Ok(None)
+}
+
+/// Writes the remote event's row, with the merged CRDT values in place of its own.
+async fn write_remote<R: Txn>(
+    rows: &mut R,
+    table: &Arc<R::Table>,
+    event: &Event,
+    merged: Option<&Merged>,
+    mode: Mode,
+) -> Step {
+    let (Some(merged), Op::Upsert(row)) = (merged, &event.op) else {
+        return rows.write(table, event, mode).await;
+    };
+    let mut row = row.clone();
+    for (column, value) in &merged.values {
+        match row.0.iter_mut().find(|(c, _)| c == column) {
+            Some(slot) => slot.1 = value.clone(),
+            None => row.0.push((column.clone(), value.clone())),
+        }
+    }
+    let patched = Event {
+        op: Op::Upsert(row),
+        ..event.clone()
+    };
+    rows.write(table, &patched, mode).await
+}
+
+/// Stores merged CRDT states, and writes their values into the row if it is kept.
+async fn settle_merged<R: Txn>(
+    rows: &mut R,
+    table: &R::Table,
+    event: &Event,
+    key: &[u8],
+    merged: &Merged,
+    write_values: bool,
+) -> Result<(), Halt> {
+    if write_values {
+        flushed(rows).await?;
+        rows.write_crdt_values(table, &event.key, &merged.values, None).await?;
+    }
+    rows.store_crdt_states(table.name(), key, &merged.states).await?;
+    Ok(())
+}
+
+/// A `queue` row after an event: a conflict (`concurrent_with` the local version) adds a
+/// sibling; anything else covers every sibling and closes the row's entry.
+async fn settle_queue<R: Txn>(
+    rows: &mut R,
+    table: &R::Table,
+    key: &[u8],
+    concurrent_with: Option<&RowVersion>,
+    local_row: Option<&Row>,
+    event: &Event,
+) -> Result<(), StoreError> {
+    match concurrent_with {
+        Some(local) => {
+            let set = with_concurrent(rows, table, key, local, local_row, event).await?;
+            rows.replace_siblings(table.name(), key, &event.key.to_string(), &set)
+                .await
+        }
+        None => rows.close_queue(table.name(), key, &event.origin).await,
+    }
 }
 
 /// The sibling set of a `queue` row after a version concurrent with its current one(s)
 /// arrives: the antichain of maximal versions, the same at every node whatever the arrival
 /// order. A row with one version so far makes that version the first sibling.
-async fn with_concurrent<R: Rows>(
+async fn with_concurrent<R: Txn>(
     rows: &mut R,
     table: &R::Table,
     key: &[u8],
@@ -395,7 +486,7 @@ async fn with_concurrent<R: Rows>(
 /// the row's CRDT states (attached to the event; the image and, if it differs, the row get
 /// the materialized values), records the owner it leaves the row with (attached as the
 /// event's claim), and closes the row's queue entry (a local write has seen every sibling).
-pub(crate) async fn settle_local<R: Rows>(
+pub(crate) async fn settle_local<R: Txn>(
     rows: &mut R,
     identity: &Identity,
     table: &R::Table,
@@ -408,8 +499,7 @@ pub(crate) async fn settle_local<R: Rows>(
         if let Op::Upsert(row) = &mut event.op {
             let image = row.clone();
             let (changed, ignored) =
-                crate::resolve::crdt::fold_local(table.crdt(), &mut states, &identity.node, row, event.hlc)
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                crate::resolve::crdt::fold_local(table.crdt(), &mut states, &identity.node, row, event.hlc)?;
             for error in ignored {
                 tracing::warn!(table = %table.name(), key = %event.key, %error, "local write to a CRDT column ignored; the column keeps its replicated value");
             }
@@ -440,7 +530,7 @@ pub(crate) async fn settle_local<R: Rows>(
             region: claim.owner.clone(),
             epoch: claim.epoch,
         };
-        rows.store_owner(table, key_bytes, &event.key, &owner).await?;
+        rows.store_owner(table, &event.key, &owner, None).await?;
         event.ownership = Some(claim);
     }
     if table.strategy() == Strategy::Queue {

@@ -1,5 +1,11 @@
 //! Stores: capture, apply and replication metadata inside the region's own database.
 //!
+//! One algorithm over two dialects. The replication algorithm (`replica`, `capture`,
+//! `apply`), the strategy engine (`engine`), admission (`admit`) and the audit trail
+//! (`audit`) are written once, over the two ports of `backend`; `sqlite` and `postgres`
+//! supply only SQL text, type mapping, locking and error classification. [`Store`] is the one
+//! interface the node, the transport and the CLI use.
+//!
 //! A store guarantees, for its database:
 //! - `drain` turns committed outbox rows into events in one transaction (seq, HLC, version
 //!   vector, log append, outbox delete), never splitting a source transaction;
@@ -8,11 +14,19 @@
 //!   and a remote event never overwrites an undrained local change;
 //! - the log keeps every event some peer still needs until `collect_garbage` is told all
 //!   peers that need it have acknowledged it.
+pub mod admin;
 pub mod admit;
-pub(crate) mod engine;
+mod apply;
+pub mod audit;
+pub mod backend;
+mod capture;
+pub mod engine;
 pub mod postgres;
+pub mod replica;
+pub mod schema;
 pub mod sql;
 pub mod sqlite;
+pub mod table;
 
 use std::collections::BTreeMap;
 
@@ -21,19 +35,41 @@ use crate::event::NodeId;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// A statement failed; the drain or apply is retried after a redial.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    /// A replicated table does not fit weft (missing, no primary key, a bad setting).
     #[error("table `{table}`: {message}")]
     Table { table: String, message: String },
+    /// The database was claimed by another node id.
     #[error(
         "this database belongs to node `{found}`, but the config says `{expected}`; \
          give each node its own database"
     )]
     WrongNode { found: String, expected: String },
+    /// Another sidecar serves this database (fatal: the operator must act).
+    #[error(
+        "another weft sidecar already serves this database ({holder}); run one sidecar per database, or stop the other first"
+    )]
+    SidecarLocked { holder: String },
+    /// The application kept winning races with the applier; retried later.
+    #[error("{0}")]
+    Contended(String),
+    /// A test failpoint fired (`crate::crashpoint`).
+    #[error("failpoint: {0}")]
+    Failpoint(&'static str),
+    /// CRDT state that cannot be read or merged.
+    #[error("CRDT state: {0}")]
+    Crdt(#[from] crate::crdt::CrdtError),
+    /// The database has no weft schema (yet), or is not there.
+    #[error("{0}")]
+    NotInstalled(String),
+    /// An admin request that cannot be carried out, saying why.
+    #[error("{0}")]
+    Refused(String),
+    /// weft's own metadata holds something weft never writes.
     #[error("corrupt metadata: {0}")]
     Corrupt(String),
-    #[error("{0}")]
-    Busy(String),
 }
 
 /// The result of one drain.
@@ -56,6 +92,7 @@ pub struct ApplyReport {
     pub stale: u64,
     /// Concurrent writes resolved (each is also in the conflict log).
     pub conflicts: u64,
+    /// Events that cannot be applied, stored with the reason (they still pass the frontier).
     pub dead_lettered: u64,
     /// Events at or below the frontier.
     pub duplicates: u64,
@@ -80,32 +117,6 @@ pub struct LogEntry {
     pub bytes: Vec<u8>,
 }
 
-/// Log entries after `after`, about `max` of them, but always ending on a capture-batch
-/// boundary so a source transaction is never split on the wire. `fetch(cursor, limit)` reads
-/// up to `limit` entries with seq > `cursor`, in seq order.
-pub async fn read_whole_batches<F, Fut>(after: u64, max: usize, mut fetch: F) -> Result<Vec<LogEntry>, StoreError>
-where
-    F: FnMut(u64, i64) -> Fut,
-    Fut: std::future::Future<Output = Result<Vec<LogEntry>, StoreError>>,
-{
-    let mut out: Vec<LogEntry> = Vec::new();
-    let mut cursor = after;
-    let mut limit = max as i64;
-    loop {
-        let rows = fetch(cursor, limit).await?;
-        let fetched = rows.len();
-        out.extend(rows);
-        let Some(last) = out.last() else { break };
-        if last.seq >= last.batch_end || fetched == 0 {
-            break;
-        }
-        // Finish the batch the limit cut into.
-        cursor = last.seq;
-        limit = (last.batch_end - last.seq) as i64;
-    }
-    Ok(out)
-}
-
 /// Replication state read from the database, for `weft status` and the RPO figures.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Status {
@@ -114,7 +125,7 @@ pub struct Status {
     pub outbox_pending: u64,
     pub log_events: u64,
     /// Applied frontier per origin, with the count of events processed from it.
-    pub frontiers: Vec<(NodeId, u64, u64)>,
+    pub frontiers: Vec<backend::FrontierStatus>,
     pub peers: Vec<PeerStatus>,
     pub dead_letters: u64,
     pub conflicts: u64,
@@ -180,6 +191,7 @@ impl Store {
         })
     }
 
+    /// Keeps the events of these remote origins in the log once applied, to relay them.
     pub fn relaying(self, origins: std::collections::BTreeSet<NodeId>) -> Self {
         match self {
             Store::Sqlite(s) => Store::Sqlite(s.relaying(origins)),
@@ -191,60 +203,80 @@ impl Store {
         both!(self, s => s.identity())
     }
 
+    /// This node's clock, persisted with every drain and apply.
     pub fn clock(&self) -> &std::sync::Arc<crate::clock::Clock> {
         both!(self, s => s.clock())
     }
 
     /// Changes when there may be something new to drain.
     pub async fn data_version(&self) -> Result<i64, StoreError> {
-        match self {
-            Store::Sqlite(s) => s.data_version().await,
-            Store::Postgres(s) => Ok(s.data_version()),
-        }
+        both!(self, s => backend::Backend::data_version(&s.backend).await)
     }
 
     /// Waits until capture should look again: `poll` on SQLite; a notification (or, as a
     /// fallback, a second) on PostgreSQL.
     pub async fn wait_for_change(&self, poll: std::time::Duration) {
-        match self {
-            Store::Sqlite(_) => tokio::time::sleep(poll).await,
-            Store::Postgres(s) => s.wait_for_change(poll.max(std::time::Duration::from_secs(1))).await,
-        }
+        both!(self, s => backend::Backend::wait_for_change(&s.backend, poll).await)
     }
 
+    /// The last own seq committed (as of the last drain or apply).
     pub async fn last_seq(&self) -> u64 {
         both!(self, s => s.last_seq().await)
     }
 
+    /// Applied frontier per origin: what this node has of each origin's events.
     pub async fn frontiers(&self) -> Result<BTreeMap<NodeId, u64>, StoreError> {
         both!(self, s => s.frontiers().await)
     }
 
+    /// About `max` log entries of `origin` after `after`, ending on a capture-batch boundary.
     pub async fn read_log(&self, origin: &str, after: u64, max: usize) -> Result<Vec<LogEntry>, StoreError> {
         both!(self, s => s.read_log(origin, after, max).await)
     }
 
+    /// Records acknowledgements, then trims log entries every peer that needs them has
+    /// (`needs`: per origin, those peers). Returns how many entries went.
     pub async fn record_acks_and_collect(
         &self,
-        acks: &[(NodeId, NodeId, u64)],
+        acks: &[backend::Ack],
         needs: &BTreeMap<NodeId, Vec<NodeId>>,
     ) -> Result<u64, StoreError> {
         both!(self, s => s.record_acks_and_collect(acks, needs).await)
     }
 
+    /// Replication state for `weft status`, read in one snapshot; `peers` lists each peer
+    /// with the origins sent to it.
     pub async fn status(&self, peers: &[(NodeId, Vec<NodeId>)]) -> Result<Status, StoreError> {
         both!(self, s => s.status(peers).await)
     }
 
+    /// Drains committed local changes into the log, in one transaction.
     pub async fn drain(&self) -> Result<DrainReport, StoreError> {
         both!(self, s => s.drain().await)
     }
 
+    /// Applies a run of remote events exactly once, in one transaction with the frontiers.
     pub async fn apply(&self, events: Vec<crate::event::Event>) -> Result<ApplyReport, StoreError> {
         both!(self, s => s.apply(events).await)
     }
 
+    /// Closes every connection.
     pub async fn close(self) {
         both!(self, s => s.close().await)
     }
+}
+/// Compile-time check: every future the node spawns is `Send` (generic async code can lose
+/// that silently, and then only a far-away `tokio::spawn` fails to build).
+#[cfg(test)]
+#[allow(dead_code)]
+fn futures_are_send(s: &'static Store) {
+    fn send<T: Send>(_: T) {}
+    send(s.data_version());
+    send(s.wait_for_change(std::time::Duration::ZERO));
+    send(s.frontiers());
+    send(s.drain());
+    send(s.apply(Vec::new()));
+    send(s.read_log("a", 0, 1));
+    send(s.status(&[]));
+    send(s.record_acks_and_collect(&[], &BTreeMap::new()));
 }

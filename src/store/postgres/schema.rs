@@ -12,22 +12,22 @@
 //! table's strategy settings against its column types.
 use sqlx::{AssertSqlSafe, PgConnection, Row as _};
 
-use std::collections::BTreeMap;
-
 use super::values::Kind;
-use crate::config::{OwnerRule, Strategy, TableConfig};
-use crate::crdt::CrdtType;
+use crate::config::{OwnerRule, TableConfig};
 use crate::store::StoreError;
 use crate::store::engine::TableRules as _;
+use crate::store::schema::{self, META_TABLES, Step, Type, create_table};
 use crate::store::sql::rule_case;
 pub use crate::store::sql::{literal, quote};
+use crate::store::table::{ColumnTypes, Need, Table};
 
 /// The notification channel the capture triggers signal.
 pub const CHANNEL: &str = "weft_capture";
 
-pub(crate) const METADATA: &str = r#"
-CREATE SCHEMA IF NOT EXISTS weft;
-CREATE TABLE IF NOT EXISTS weft.node (name text PRIMARY KEY, value text NOT NULL);
+/// What only PostgreSQL has, or has its own way: the node record, the outbox of row images
+/// (vacuumed often: it is a queue), owner records with the key as text for the ownership
+/// triggers, and the `now` function the triggers and audit records use.
+const DIALECT_TABLES: &str = r#"
 CREATE TABLE IF NOT EXISTS weft.outbox (
     id bigserial PRIMARY KEY,
     tbl text NOT NULL,
@@ -35,92 +35,8 @@ CREATE TABLE IF NOT EXISTS weft.outbox (
     image jsonb NOT NULL,
     at bigint NOT NULL
 );
--- A queue table: vacuum it often, or dead rows slow every drain.
 ALTER TABLE weft.outbox SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 5000,
     autovacuum_vacuum_insert_scale_factor = 0, autovacuum_vacuum_insert_threshold = 5000);
-CREATE TABLE IF NOT EXISTS weft.rows (
-    tbl text NOT NULL,
-    key bytea NOT NULL,
-    version text NOT NULL,
-    hlc bigint NOT NULL,
-    origin text NOT NULL,
-    deleted boolean NOT NULL,
-    PRIMARY KEY (tbl, key)
-);
-CREATE TABLE IF NOT EXISTS weft.log (
-    origin text NOT NULL,
-    seq bigint NOT NULL,
-    batch_end bigint NOT NULL,
-    committed_at bigint NOT NULL,
-    event bytea NOT NULL,
-    PRIMARY KEY (origin, seq)
-);
-CREATE TABLE IF NOT EXISTS weft.frontier (
-    origin text PRIMARY KEY,
-    seq bigint NOT NULL,
-    processed bigint NOT NULL
-);
-CREATE TABLE IF NOT EXISTS weft.acks (
-    peer text NOT NULL,
-    origin text NOT NULL,
-    seq bigint NOT NULL,
-    PRIMARY KEY (peer, origin)
-);
-CREATE TABLE IF NOT EXISTS weft.dead_letters (
-    id bigserial PRIMARY KEY,
-    origin text NOT NULL,
-    seq bigint NOT NULL,
-    tbl text NOT NULL,
-    key text NOT NULL,
-    reason text NOT NULL,
-    event bytea NOT NULL,
-    at bigint NOT NULL
-);
-CREATE TABLE IF NOT EXISTS weft.conflicts (
-    id bigserial PRIMARY KEY,
-    tbl text NOT NULL,
-    key text NOT NULL,
-    strategy text NOT NULL,
-    winner text NOT NULL,
-    loser text NOT NULL,
-    at bigint NOT NULL
-);
-CREATE TABLE IF NOT EXISTS weft.crdt (
-    tbl text NOT NULL,
-    key bytea NOT NULL,
-    col text NOT NULL,
-    state text NOT NULL,
-    PRIMARY KEY (tbl, key, col)
-);
-CREATE TABLE IF NOT EXISTS weft.queue (
-    id bigserial PRIMARY KEY,
-    tbl text NOT NULL,
-    key bytea NOT NULL,
-    key_text text NOT NULL,
-    opened_at bigint NOT NULL,
-    closed_at bigint,
-    closed_by text
-);
-CREATE UNIQUE INDEX IF NOT EXISTS queue_open ON weft.queue (tbl, key) WHERE closed_at IS NULL;
-CREATE TABLE IF NOT EXISTS weft.siblings (
-    tbl text NOT NULL,
-    key bytea NOT NULL,
-    origin text NOT NULL,
-    hlc bigint NOT NULL,
-    event bytea NOT NULL,
-    PRIMARY KEY (tbl, key, origin, hlc)
-);
-CREATE TABLE IF NOT EXISTS weft.resolutions (
-    id bigserial PRIMARY KEY,
-    queue_id bigint NOT NULL,
-    tbl text NOT NULL,
-    key_text text NOT NULL,
-    decided_by text NOT NULL,
-    decision text NOT NULL,
-    "row" text,
-    at bigint NOT NULL
-);
--- ktext: the key's values as text (canonical session settings), for the triggers' lookup.
 CREATE TABLE IF NOT EXISTS weft.owners (
     tbl text NOT NULL,
     key bytea NOT NULL,
@@ -131,39 +47,87 @@ CREATE TABLE IF NOT EXISTS weft.owners (
     PRIMARY KEY (tbl, key)
 );
 CREATE INDEX IF NOT EXISTS owners_by_key ON weft.owners (tbl, ktext);
-CREATE TABLE IF NOT EXISTS weft.transfers (
-    id bigserial PRIMARY KEY,
-    tbl text NOT NULL,
-    "rows" text NOT NULL,
-    moved bigint NOT NULL,
-    from_region text NOT NULL,
-    to_region text NOT NULL,
-    decided_by text NOT NULL,
-    at bigint NOT NULL
-);
 CREATE OR REPLACE FUNCTION weft.now_micros() RETURNS bigint LANGUAGE sql VOLATILE AS
 $$ SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint $$;
 "#;
 
-/// A replicated table as this node sees it.
+/// The schema and the node record come first: the record holds the schema version.
+const NODE_TABLE: &str = "CREATE SCHEMA IF NOT EXISTS weft; CREATE TABLE IF NOT EXISTS weft.node (name text PRIMARY KEY, value text NOT NULL)";
+
+fn column_type(ty: Type) -> &'static str {
+    match ty {
+        Type::Text => "text",
+        Type::Int => "bigint",
+        Type::Bool => "boolean",
+        Type::Bytes => "bytea",
+        Type::Serial => "bigserial PRIMARY KEY",
+    }
+}
+
+/// Every metadata table and index, as this version has them.
+fn baseline() -> String {
+    let mut sql = String::from(DIALECT_TABLES);
+    for def in META_TABLES {
+        let name = format!("weft.{}", def.name);
+        sql += &create_table(def, &name, column_type, column_type(Type::Serial), "");
+    }
+    sql += "CREATE UNIQUE INDEX IF NOT EXISTS queue_open ON weft.queue (tbl, key) WHERE closed_at IS NULL;\n";
+    sql
+}
+
+/// Runs the migrations this database has not run yet, recording each (see `store::schema`).
+async fn migrate(conn: &mut PgConnection) -> Result<(), StoreError> {
+    sqlx::raw_sql(NODE_TABLE).execute(&mut *conn).await?;
+    let version: Option<String> = sqlx::query_scalar("SELECT value FROM weft.node WHERE name = 'schema_version'")
+        .fetch_optional(&mut *conn)
+        .await?;
+    let version = version.and_then(|v| v.parse().ok()).unwrap_or(0);
+    for (number, name, step) in schema::pending(version) {
+        tracing::info!(migration = number, name, "upgrading weft's metadata schema");
+        match step {
+            Step::Baseline => {
+                sqlx::raw_sql(AssertSqlSafe(baseline())).execute(&mut *conn).await?;
+            }
+            // PostgreSQL owner records had their key columns from the start.
+            Step::OwnerKeys => {}
+        }
+        sqlx::query(
+            "INSERT INTO weft.node (name, value) VALUES ('schema_version', $1) \
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        )
+        .bind(number.to_string())
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// What PostgreSQL adds to a table description: the declared type of each replicated
+/// (non-generated) column, in table order, and how its values are read.
 #[derive(Debug, Clone)]
-pub struct PgTable {
-    pub name: String,
-    /// Replicated (non-generated) columns in table order, with their declared types.
-    pub columns: Vec<String>,
+pub struct PgColumns {
     pub types: Vec<String>,
     pub kinds: Vec<Kind>,
-    /// Primary-key columns, in key order.
-    pub key: Vec<String>,
     /// Index into `columns` of each key column.
     pub key_index: Vec<usize>,
-    pub strategy: Strategy,
-    /// CRDT columns and their types (`crdt` tables only).
-    pub crdt: BTreeMap<String, CrdtType>,
-    /// The column naming each row's owner region (`ownership` tables only).
-    pub owner_column: Option<String>,
-    /// The rule finding each row's owner region from its key (`ownership` tables only).
-    pub owner_rule: Option<OwnerRule>,
+    /// The replicated columns again, so a type can be found by name.
+    names: Vec<String>,
+}
+
+/// A replicated table of a PostgreSQL database.
+pub type PgTable = Table<PgColumns>;
+
+impl ColumnTypes for PgColumns {
+    fn fits(&self, column: &str, need: Need) -> Result<(), String> {
+        let Some(i) = self.names.iter().position(|c| c == column) else {
+            return Err("missing".into());
+        };
+        let fits = match need {
+            Need::Counter | Need::IntegerKey => self.kinds[i] == Kind::Int,
+            Need::Text | Need::TextKey => self.kinds[i] == Kind::Text,
+        };
+        if fits { Ok(()) } else { Err(self.types[i].clone()) }
+    }
 }
 
 impl PgTable {
@@ -324,18 +288,7 @@ pub async fn describe(conn: &mut PgConnection, table: &str) -> Result<PgTable, S
             "does not exist in schema public; create it before starting weft, or remove it from the config".into(),
         ));
     }
-    let mut out = PgTable {
-        name: table.to_owned(),
-        columns: Vec::new(),
-        types: Vec::new(),
-        kinds: Vec::new(),
-        key: Vec::new(),
-        key_index: Vec::new(),
-        strategy: Strategy::Lww,
-        crdt: BTreeMap::new(),
-        owner_column: None,
-        owner_rule: None,
-    };
+    let (mut columns, mut types, mut kinds) = (Vec::new(), Vec::new(), Vec::new());
     let mut key: Vec<(i32, String)> = Vec::new();
     for row in rows {
         let name: String = row.try_get(0)?;
@@ -352,9 +305,9 @@ pub async fn describe(conn: &mut PgConnection, table: &str) -> Result<PgTable, S
         if position > 0 {
             key.push((position, name.clone()));
         }
-        out.columns.push(name);
-        out.types.push(row.try_get(1)?);
-        out.kinds.push(Kind::of(&row.try_get::<String, _>(2)?));
+        columns.push(name);
+        types.push(row.try_get(1)?);
+        kinds.push(Kind::of(&row.try_get::<String, _>(2)?));
     }
     if key.is_empty() {
         return Err(problem(
@@ -363,18 +316,18 @@ pub async fn describe(conn: &mut PgConnection, table: &str) -> Result<PgTable, S
         ));
     }
     key.sort();
-    out.key = key.into_iter().map(|(_, k)| k).collect();
-    out.key_index = out
-        .key
+    let key: Vec<String> = key.into_iter().map(|(_, k)| k).collect();
+    let key_index = key
         .iter()
-        .map(|k| {
-            out.columns
-                .iter()
-                .position(|c| c == k)
-                .expect("key columns are columns")
-        })
+        .map(|k| columns.iter().position(|c| c == k).expect("key columns are columns"))
         .collect();
-    Ok(out)
+    let dialect = PgColumns {
+        types,
+        kinds,
+        key_index,
+        names: columns.clone(),
+    };
+    Ok(Table::described(table, columns, key, dialect))
 }
 
 /// Creates or updates weft's schema and triggers. Runs inside the caller's transaction.
@@ -388,11 +341,11 @@ pub async fn install(
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext('weft.install'))")
         .execute(&mut *conn)
         .await?;
-    sqlx::raw_sql(METADATA).execute(&mut *conn).await?;
+    migrate(conn).await?;
     let mut out = Vec::new();
     for config in tables {
         let mut table = describe(conn, &config.name).await?;
-        configure(&mut table, config)?;
+        table.configure(config)?;
         sqlx::raw_sql(AssertSqlSafe(capture_sql(&table)))
             .execute(&mut *conn)
             .await?;
@@ -426,67 +379,6 @@ pub async fn install(
         }
     }
     Ok(out)
-}
-
-/// Applies a table's strategy settings from the config, checking them against the table.
-fn configure(table: &mut PgTable, config: &TableConfig) -> Result<(), StoreError> {
-    let problem = |message: String| StoreError::Table {
-        table: config.name.clone(),
-        message,
-    };
-    table.strategy = config.strategy;
-    for (column, kind) in &config.columns {
-        let Some(found) = table.kind_of(column).filter(|_| !table.key.contains(column)) else {
-            return Err(problem(format!(
-                "CRDT column `{column}` does not exist or is part of the primary key; list existing non-key columns under columns"
-            )));
-        };
-        let fits = match kind {
-            CrdtType::Counter => found == Kind::Int,
-            CrdtType::Set => found == Kind::Text,
-            CrdtType::Register => true,
-        };
-        if !fits {
-            return Err(problem(format!(
-                "CRDT column `{column}` is {}; a {kind:?} column needs {}",
-                table.type_of(column).unwrap_or("?"),
-                match kind {
-                    CrdtType::Counter => "an integer type (smallint, integer, bigint)",
-                    _ => "a text type (text, varchar; a set is stored as a JSON array)",
-                }
-            )));
-        }
-    }
-    table.crdt = config.columns.clone();
-    if let Some(column) = &config.owner_column {
-        if table.kind_of(column) != Some(Kind::Text) || table.key.contains(column) {
-            return Err(problem(format!(
-                "owner column `{column}` must be an existing non-key text column"
-            )));
-        }
-        table.owner_column = Some(column.clone());
-    }
-    if let Some(rule) = &config.owner_rule {
-        let column = rule.column.clone().unwrap_or_else(|| table.key[0].clone());
-        if !table.key.contains(&column) {
-            return Err(problem(format!(
-                "owner_rule column `{column}` is not a primary-key column (the key is {}); a rule reads the key",
-                table.key.join(", ")
-            )));
-        }
-        let (wanted, what) = match rule.prefix {
-            Some(_) => (Kind::Text, "a prefix rule needs a text key column"),
-            None => (Kind::Int, "a ranges rule needs an integer key column"),
-        };
-        if table.kind_of(&column) != Some(wanted) {
-            return Err(problem(format!(
-                "owner_rule column `{column}` is {}; {what}",
-                table.type_of(&column).unwrap_or("?")
-            )));
-        }
-        table.owner_rule = Some(rule.clone());
-    }
-    Ok(())
 }
 
 /// The row trigger refusing writes of ownership tables outside the owner region.

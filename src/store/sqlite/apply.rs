@@ -1,171 +1,148 @@
-//! Apply: remote events into the local database, exactly once.
+//! SQLite apply IO: the applier's mark, grouped row writes and row reads.
 //!
-//! One `BEGIN IMMEDIATE` transaction per run of events: mark the transaction as the applier's
-//! (so capture triggers skip its writes), drain pending local changes first (so a remote event
-//! never overwrites an undrained local change: the race becomes a visible conflict), then per
-//! origin in seq order: drop duplicates, stop at a gap, decide with `replicate::decide`, write,
-//! and advance the frontier. Frontier, data, metadata and clock commit together; the caller
-//! acknowledges only after commit. An event that cannot be applied goes to
-//! `_weft_dead_letters` with the reason and still advances the frontier: it never blocks the
-//! stream and is never silently lost.
+//! The applier marks its transaction with a row in `_weft_applying`; the capture triggers
+//! skip writes while it is there. SQLite holds the whole database's write lock for the
+//! transaction, so no row needs locking. Consecutive writes of one shape (upserts of the same
+//! columns, or deletes) of one table go out as one multi-row statement. A statement SQLite
+//! refuses is rolled back whole by SQLite itself, so an event-by-event write that is refused
+//! leaves nothing behind.
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use sqlx::{AssertSqlSafe, Connection as _, SqliteConnection};
+use sqlx::{AssertSqlSafe, SqliteConnection};
 
-use super::bulk;
-use super::run::SqliteRows;
-use super::schema::{NOW_MICROS, TableInfo};
-use super::{SqliteStore, Writer};
-use crate::event::{Event, Row, Value};
-use crate::replicate::RowVersion;
-use crate::resolve::Winner;
-use crate::store::admit::{admit, conflict_record, frontiers_from, strategy_name};
-use crate::store::engine::{self, Mode};
-use crate::store::{ApplyReport, StoreError};
-use crate::wire;
+use super::capture::{insert, read_image};
+use super::schema::{TableInfo, quote};
+use super::values::bind;
+use crate::event::{Event, Key, Op, Row, Value};
+use crate::store::StoreError;
+use crate::store::admit::{Frontier, frontiers_from};
+use crate::store::engine::Written;
 
 /// Whether a database error is about this event's content (dead-letter it) rather than about
 /// the database itself (fail the run, retry later).
-pub(super) fn rejects_event(error: &sqlx::Error) -> Option<String> {
+fn rejects_event(error: &sqlx::Error) -> Option<String> {
     let sqlx::Error::Database(db) = error else { return None };
     let code: i32 = db.code()?.parse().ok()?;
     // SQLITE_ERROR (e.g. no such column), TOOBIG, CONSTRAINT, MISMATCH, RANGE.
     matches!(code & 0xff, 1 | 18 | 19 | 20 | 25).then(|| db.message().to_owned())
 }
 
-impl SqliteStore {
-    /// Applies a run of remote events (one stream's frame) in one transaction.
-    ///
-    /// Writes are grouped first; if the database refuses any grouped write for its
-    /// content, the whole transaction rolls back and the run is replayed event by event,
-    /// which finds and dead-letters exactly the refused events.
-    pub async fn apply(&self, events: Vec<Event>) -> Result<ApplyReport, StoreError> {
-        let mut guard = self.writer.lock().await;
-        if let Some(report) = self.attempt(&mut guard, &events, Mode::Grouped).await? {
-            return Ok(report);
+pub(super) async fn begin_apply(conn: &mut SqliteConnection) -> Result<BTreeMap<String, Frontier>, StoreError> {
+    sqlx::query("INSERT INTO _weft_applying (marker) VALUES (1)")
+        .execute(&mut *conn)
+        .await?;
+    let known: Vec<(String, i64, i64)> = sqlx::query_as("SELECT origin, seq, processed FROM _weft_frontier")
+        .fetch_all(&mut *conn)
+        .await?;
+    Ok(frontiers_from(known))
+}
+
+pub(super) async fn end_apply(conn: &mut SqliteConnection) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM _weft_applying").execute(&mut *conn).await?;
+    Ok(())
+}
+
+/// What a group of consecutive writes does; a new shape starts a new group.
+#[derive(PartialEq)]
+enum Shape {
+    Upsert { table: String, columns: Vec<String> },
+    Delete { table: String },
+}
+
+/// Writes waiting to be executed, all of one shape.
+#[derive(Default)]
+pub(super) struct Batch {
+    shape: Option<(Shape, Arc<TableInfo>)>,
+    rows: Vec<Vec<Value>>,
+}
+
+impl Batch {
+    /// Queues the event's write, flushing first if the shape changes.
+    pub(super) async fn push(
+        &mut self,
+        conn: &mut SqliteConnection,
+        table: &Arc<TableInfo>,
+        event: &Event,
+    ) -> Result<Written, StoreError> {
+        let (shape, values) = match &event.op {
+            Op::Upsert(row) => (
+                Shape::Upsert {
+                    table: table.name.clone(),
+                    columns: row.0.iter().map(|(c, _)| c.clone()).collect(),
+                },
+                row.0.iter().map(|(_, v)| v.clone()).collect(),
+            ),
+            Op::Delete => (
+                Shape::Delete {
+                    table: table.name.clone(),
+                },
+                event.key.0.clone(),
+            ),
+        };
+        if self.shape.as_ref().is_some_and(|(current, _)| *current != shape) {
+            let written = self.flush(conn).await?;
+            if written != Written::Done {
+                return Ok(written);
+            }
         }
-        tracing::debug!("a grouped write was refused; replaying the run event by event");
-        let report = self.attempt(&mut guard, &events, Mode::EventByEvent).await?;
-        Ok(report.expect("the event-by-event path dead-letters instead of refusing"))
+        if self.shape.is_none() {
+            self.shape = Some((shape, table.clone()));
+        }
+        self.rows.push(values);
+        Ok(Written::Done)
     }
 
-    /// One try at applying `events`; `None` when `Mode::Grouped` met a refused write (nothing
-    /// was committed).
-    async fn attempt(
-        &self,
-        writer: &mut Writer,
-        events: &[Event],
-        mode: Mode,
-    ) -> Result<Option<ApplyReport>, StoreError> {
-        let mut tx = writer.conn.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query("INSERT INTO _weft_applying (marker) VALUES (1)")
-            .execute(&mut *tx)
-            .await?;
-        let mut report = ApplyReport {
-            drained: self.drain_in(&mut tx, writer.last_seq).await?,
-            ..ApplyReport::default()
+    /// Executes the queued writes.
+    pub(super) async fn flush(&mut self, conn: &mut SqliteConnection) -> Result<Written, StoreError> {
+        let Some((shape, table)) = self.shape.take() else {
+            return Ok(Written::Done);
         };
-
-        let known: Vec<(String, i64, i64)> = sqlx::query_as("SELECT origin, seq, processed FROM _weft_frontier")
-            .fetch_all(&mut *tx)
-            .await?;
-        let mut frontiers = frontiers_from(known);
-        let admitted = admit(&self.identity.node, &self.clock, events, &mut frontiers, &mut report);
-
-        let written = {
-            let mut rows = SqliteRows::new(self, &mut tx);
-            match engine::apply_events(&mut rows, &admitted, &mut report, mode).await? {
-                Ok(written) => written,
-                Err(_) => return Ok(None),
+        let rows = std::mem::take(&mut self.rows);
+        let keys = table.key.iter().map(|k| quote(k)).collect::<Vec<_>>().join(", ");
+        let result = match &shape {
+            Shape::Upsert { columns, .. } => {
+                let updates: Vec<String> = columns
+                    .iter()
+                    .filter(|c| !table.key.contains(c))
+                    .map(|c| format!("{0} = excluded.{0}", quote(c)))
+                    .collect();
+                let on_conflict = if updates.is_empty() {
+                    " ON CONFLICT DO NOTHING".to_owned()
+                } else {
+                    format!(" ON CONFLICT ({keys}) DO UPDATE SET {}", updates.join(", "))
+                };
+                let names = columns.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", ");
+                let head = format!("INSERT INTO {} ({names}) VALUES", quote(&table.name));
+                insert(conn, &head, &on_conflict, columns.len(), &rows).await
+            }
+            Shape::Delete { .. } => {
+                let head = format!("DELETE FROM {} WHERE ({keys}) IN (VALUES", quote(&table.name));
+                insert(conn, &head, ")", table.key.len(), &rows).await
             }
         };
-        let stored: Vec<(&str, &[u8], &RowVersion)> =
-            written.iter().map(|(t, k, v)| (t.as_str(), k.as_slice(), v)).collect();
-        bulk::store_versions(&mut tx, &stored).await?;
-        self.keep_for_relay(&mut tx, &admitted).await?;
-
-        for (origin, frontier) in frontiers.iter().filter(|(_, f)| f.changed) {
-            sqlx::query(
-                "INSERT INTO _weft_frontier (origin, seq, processed) VALUES (?, ?, ?) \
-                 ON CONFLICT (origin) DO UPDATE SET seq = excluded.seq, processed = excluded.processed",
-            )
-            .bind(origin)
-            .bind(frontier.seq as i64)
-            .bind(frontier.processed as i64)
-            .execute(&mut *tx)
-            .await?;
+        match result {
+            Ok(()) => Ok(Written::Done),
+            Err(error) => match rejects_event(&error) {
+                Some(reason) => Ok(Written::Refused(reason)),
+                None => Err(error.into()),
+            },
         }
-        self.persist_clock(&mut tx).await?;
-        sqlx::query("DELETE FROM _weft_applying").execute(&mut *tx).await?;
-        tx.commit().await?;
-        writer.last_seq = report.drained.last_seq;
-        report.frontiers = frontiers.into_iter().map(|(o, f)| (o, f.seq)).collect();
-        Ok(Some(report))
     }
+}
 
-    /// Appends admitted events of relayed origins to the log, unchanged but for this node
-    /// added to their path. Every admitted event is kept, whatever its local outcome: a
-    /// table this node does not replicate may well be replicated further along.
-    async fn keep_for_relay(&self, tx: &mut SqliteConnection, admitted: &[&Event]) -> Result<(), StoreError> {
-        let mut rows = Vec::new();
-        for event in admitted.iter().filter(|e| self.relayed.contains(&e.origin)) {
-            let mut relayed = (*event).clone();
-            relayed.path.push(self.identity.node.clone());
-            rows.push(vec![
-                Value::Text(relayed.origin.clone()),
-                Value::Integer(relayed.seq as i64),
-                Value::Integer(relayed.batch_end as i64),
-                Value::Integer(relayed.committed_at_micros),
-                Value::Blob(wire::encode_event(&relayed)),
-            ]);
-        }
-        bulk::insert(tx, bulk::LOG_INSERT, "", 5, &rows).await?;
-        Ok(())
+/// The row's current image, or `None` if it does not exist.
+pub(super) async fn read_row(
+    conn: &mut SqliteConnection,
+    table: &TableInfo,
+    key: &Key,
+) -> Result<Option<Row>, StoreError> {
+    let mut query = sqlx::query(AssertSqlSafe(table.select_sql.as_str()));
+    for value in &key.0 {
+        query = bind(query, value);
     }
-
-    /// Records a resolved conflict with both versions, for audit.
-    pub(super) async fn log_conflict(
-        &self,
-        tx: &mut SqliteConnection,
-        table: &TableInfo,
-        event: &Event,
-        local: &RowVersion,
-        local_row: Option<&Row>,
-        winner: Winner,
-    ) -> Result<(), StoreError> {
-        let (won, lost) = conflict_record(event, local, local_row, winner);
-        sqlx::query(AssertSqlSafe(format!(
-            "INSERT INTO _weft_conflicts (tbl, key, strategy, winner, loser, at) VALUES (?, ?, ?, ?, ?, {NOW_MICROS})"
-        )))
-        .bind(&table.name)
-        .bind(event.key.to_string())
-        .bind(strategy_name(table.strategy))
-        .bind(won)
-        .bind(lost)
-        .execute(&mut *tx)
-        .await?;
-        Ok(())
-    }
-
-    pub(super) async fn dead_letter(
-        &self,
-        tx: &mut SqliteConnection,
-        event: &Event,
-        reason: &str,
-        report: &mut ApplyReport,
-    ) -> Result<(), StoreError> {
-        tracing::warn!(origin = %event.origin, seq = event.seq, table = %event.table, key = %event.key, reason, "dead-lettered event");
-        sqlx::query(AssertSqlSafe(format!(
-            "INSERT INTO _weft_dead_letters (origin, seq, tbl, key, reason, event, at) VALUES (?, ?, ?, ?, ?, ?, {NOW_MICROS})"
-        )))
-        .bind(&event.origin)
-        .bind(event.seq as i64)
-        .bind(&event.table)
-        .bind(event.key.to_string())
-        .bind(reason)
-        .bind(wire::encode_event(event))
-        .execute(&mut *tx)
-        .await?;
-        report.dead_lettered += 1;
-        Ok(())
+    match query.fetch_optional(&mut *conn).await? {
+        Some(row) => Ok(Some(read_image(table, &row, 0)?)),
+        None => Ok(None),
     }
 }

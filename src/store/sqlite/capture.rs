@@ -1,217 +1,217 @@
-//! Capture: turning committed outbox rows into events.
+//! SQLite capture and metadata IO: the outbox, row versions, the log, frontiers and the
+//! node record, in set-based statements (many rows per statement, so the cost per event is a
+//! few bound parameters instead of a round trip to the database thread).
 //!
-//! The drain runs in one `BEGIN IMMEDIATE` transaction, so it sees only whole committed
-//! application transactions and no writer can commit halfway through it. Several changes to
-//! one row in one drain coalesce into one event carrying the row's image at drain time (the
-//! intermediate images were never visible to anyone after the drain either). Each event gets
-//! the next seq, a fresh HLC and the row's vector plus one for this node; row metadata, log
-//! append and outbox delete commit together.
+//! The drain runs inside `BEGIN IMMEDIATE`, so it sees only whole committed application
+//! transactions and no writer can commit halfway through it. The outbox holds only keys; each
+//! row's image is read, joined, in the same statement, and is the row as it is now. Every
+//! multi-row `INSERT` here keeps the order of its input: SQLite processes it row by row, so a
+//! later row for the same key overwrites an earlier one exactly as separate statements would.
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use sqlx::{AssertSqlSafe, Row as _, SqliteConnection};
 
-use super::bulk;
-use super::run::SqliteRows;
 use super::schema::TableInfo;
 use super::values::{bind, value_at};
-use super::{SqliteStore, Writer};
-use crate::event::{Key, Row, Value};
+use crate::event::{Hlc, Key, Row, Value};
 use crate::replicate::RowVersion;
-use crate::store::{DrainReport, StoreError};
+use crate::store::StoreError;
+use crate::store::backend::{Captured, Meta, Tables};
+use crate::version::VersionVector;
 use crate::wire;
 
-struct Pending {
-    table: Arc<TableInfo>,
-    key: Key,
-    key_bytes: Vec<u8>,
-    committed_at: i64,
-    last_id: i64,
-    /// The row's image at drain time; `None` if it no longer exists.
-    image: Option<Row>,
+/// SQLite accepts up to 32766 parameters per statement; stay below it.
+const MAX_PARAMS: usize = 32_000;
+
+/// Which outbox rows a drain took: all up to `max_id`, `matched` of them of replicated tables.
+pub(super) struct Taken {
+    max_id: i64,
+    matched: u64,
 }
 
-/// The row's current image, or `None` if it does not exist.
-pub(super) async fn read_row(
+/// Runs `head (?, ?, ...), (?, ...) tail` over `rows` in as few statements as fit.
+pub(super) async fn insert(
     conn: &mut SqliteConnection,
-    table: &TableInfo,
-    key: &Key,
-) -> Result<Option<Row>, StoreError> {
-    let mut query = sqlx::query(AssertSqlSafe(table.select_sql.as_str()));
-    for value in &key.0 {
-        query = bind(query, value);
+    head: &str,
+    tail: &str,
+    width: usize,
+    rows: &[Vec<Value>],
+) -> Result<(), sqlx::Error> {
+    let per_statement = (MAX_PARAMS / width.max(1)).max(1);
+    let tuple = format!("({})", vec!["?"; width].join(", "));
+    for chunk in rows.chunks(per_statement) {
+        let sql = format!("{head} {}{tail}", vec![tuple.as_str(); chunk.len()].join(", "));
+        let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(chunk.len() == per_statement);
+        for row in chunk {
+            debug_assert_eq!(row.len(), width);
+            for value in row {
+                query = bind(query, value);
+            }
+        }
+        query.execute(&mut *conn).await?;
     }
-    let Some(row) = query.fetch_optional(&mut *conn).await? else {
+    Ok(())
+}
+
+/// The committed outbox rows of replicated tables, each with its row's current image, and
+/// what was taken; `None` if the outbox is empty.
+pub(super) async fn take_outbox(
+    conn: &mut SqliteConnection,
+    tables: &Tables<TableInfo>,
+) -> Result<Option<(Vec<Captured<TableInfo>>, Taken)>, StoreError> {
+    let Some(max_id): Option<i64> = sqlx::query_scalar("SELECT max(id) FROM _weft_outbox")
+        .fetch_one(&mut *conn)
+        .await?
+    else {
         return Ok(None);
     };
-    let mut columns = Vec::with_capacity(table.columns.len());
-    for (i, name) in table.columns.iter().enumerate() {
-        columns.push((name.clone(), value_at(&row, i)?));
-    }
-    Ok(Some(Row(columns)))
-}
-
-impl SqliteStore {
-    /// Persists the clock's high-water mark with the events stamped by it, so a restart
-    /// never issues a smaller timestamp.
-    pub(super) async fn persist_clock(&self, tx: &mut SqliteConnection) -> Result<(), StoreError> {
-        sqlx::query("UPDATE _weft_node SET value = ? WHERE name = 'hlc'")
-            .bind(self.clock.last().0 as i64)
-            .execute(&mut *tx)
+    let mut out = Vec::new();
+    for table in tables.values() {
+        let rows = sqlx::query(AssertSqlSafe(table.drain_sql.as_str()))
+            .bind(max_id)
+            .fetch_all(&mut *conn)
             .await?;
-        Ok(())
-    }
-
-    /// Drains the outbox into the log in its own transaction.
-    pub async fn drain(&self) -> Result<DrainReport, StoreError> {
-        let mut guard = self.writer.lock().await;
-        let writer: &mut Writer = &mut guard;
-        let pending: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM _weft_outbox)")
-            .fetch_one(&mut writer.conn)
-            .await?;
-        if !pending {
-            return Ok(DrainReport {
-                events: 0,
-                last_seq: writer.last_seq,
+        let n = table.key.len();
+        for row in &rows {
+            let key = Key((0..n).map(|i| value_at(row, 2 + i)).collect::<Result<_, _>>()?);
+            let present: bool = row.try_get(2 + n)?;
+            let image = match present {
+                true => Some(read_image(table, row, 3 + n)?),
+                false => None,
+            };
+            out.push(Captured {
+                table: table.clone(),
+                id: row.try_get(0)?,
+                committed_at: row.try_get(1)?,
+                key,
+                image,
             });
         }
-        let mut tx = sqlx::Connection::begin_with(&mut writer.conn, "BEGIN IMMEDIATE").await?;
-        let report = self.drain_in(&mut tx, writer.last_seq).await?;
-        tx.commit().await?;
-        writer.last_seq = report.last_seq;
-        Ok(report)
     }
+    let matched = out.len() as u64;
+    Ok(Some((out, Taken { max_id, matched })))
+}
 
-    /// The drain, inside the caller's write transaction. The caller adopts
-    /// `report.last_seq` only once that transaction commits.
-    pub(super) async fn drain_in(&self, tx: &mut SqliteConnection, last_seq: u64) -> Result<DrainReport, StoreError> {
-        let unchanged = DrainReport { events: 0, last_seq };
-        let Some(max_id): Option<i64> = sqlx::query_scalar("SELECT max(id) FROM _weft_outbox")
-            .fetch_one(&mut *tx)
-            .await?
-        else {
-            return Ok(unchanged);
-        };
+/// A row's columns read from `row`, starting at column `first`.
+pub(super) fn read_image(table: &TableInfo, row: &sqlx::sqlite::SqliteRow, first: usize) -> Result<Row, sqlx::Error> {
+    let mut columns = Vec::with_capacity(table.columns.len());
+    for (j, name) in table.columns.iter().enumerate() {
+        columns.push((name.clone(), value_at(row, first + j)?));
+    }
+    Ok(Row(columns))
+}
 
-        // One statement per table returns its outbox rows joined with the rows' current
-        // images. Several changes to one row coalesce; the event takes the position of the
-        // row's last change, which keeps parent/child order for foreign keys (insert parent,
-        // then child; delete child, then parent).
-        let mut pending: Vec<Pending> = Vec::new();
-        let mut index: HashMap<(&str, Vec<u8>), usize> = HashMap::new();
-        let mut matched = 0u64;
-        for table in self.tables.values() {
-            let rows = sqlx::query(AssertSqlSafe(table.drain_sql.as_str()))
-                .bind(max_id)
-                .fetch_all(&mut *tx)
-                .await?;
-            matched += rows.len() as u64;
-            let n = table.key.len();
-            for row in &rows {
-                let id: i64 = row.try_get(0)?;
-                let committed_at: i64 = row.try_get(1)?;
-                let key = Key((0..n).map(|i| value_at(row, 2 + i)).collect::<Result<_, _>>()?);
-                let key_bytes = key.to_bytes();
-                if let Some(&i) = index.get(&(table.name.as_str(), key_bytes.clone())) {
-                    pending[i].committed_at = pending[i].committed_at.max(committed_at);
-                    pending[i].last_id = id;
-                    continue;
-                }
-                let present: bool = row.try_get(2 + n)?;
-                let image = if present {
-                    let mut columns = Vec::with_capacity(table.columns.len());
-                    for (j, name) in table.columns.iter().enumerate() {
-                        columns.push((name.clone(), value_at(row, 3 + n + j)?));
-                    }
-                    Some(Row(columns))
-                } else {
-                    None
-                };
-                index.insert((table.name.as_str(), key_bytes.clone()), pending.len());
-                pending.push(Pending {
-                    table: table.clone(),
-                    key,
-                    key_bytes,
-                    committed_at,
-                    last_id: id,
-                    image,
-                });
-            }
+/// The stored versions of `keys` of one table; absent keys are missing from the map.
+pub(super) async fn load_versions(
+    conn: &mut SqliteConnection,
+    table: &str,
+    keys: &[Vec<u8>],
+) -> Result<HashMap<Vec<u8>, RowVersion>, StoreError> {
+    let mut out = HashMap::with_capacity(keys.len());
+    for chunk in keys.chunks(MAX_PARAMS - 1) {
+        let sql = format!(
+            "SELECT key, version, hlc, origin, deleted FROM _weft_rows WHERE tbl = ? AND key IN ({})",
+            vec!["?"; chunk.len()].join(", ")
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(false).bind(table);
+        for key in chunk {
+            query = query.bind(key.clone());
         }
-        pending.sort_by_key(|p| p.last_id);
-
-        let mut local = HashMap::new();
-        for table in self.tables.values() {
-            let keys: Vec<Vec<u8>> = pending
-                .iter()
-                .filter(|p| p.table.name == table.name)
-                .map(|p| p.key_bytes.clone())
-                .collect();
-            if !keys.is_empty() {
-                local.insert(table.name.as_str(), bulk::load_versions(tx, &table.name, &keys).await?);
-            }
-        }
-
-        let me = &self.identity.node;
-        let changes = pending.into_iter().map(|p| crate::store::admit::LocalChange {
-            previous: local.get(p.table.name.as_str()).and_then(|m| m.get(&p.key_bytes)),
-            table: p.table.name.clone(),
-            key: p.key,
-            key_bytes: p.key_bytes,
-            image: p.image,
-            committed_at: p.committed_at,
-        });
-        let mut events = crate::store::admit::local_events(&self.identity, &self.clock, last_seq, changes);
-        let batch_end = last_seq + events.len() as u64;
-        let mut versions = Vec::with_capacity(events.len());
-        let mut log = Vec::with_capacity(events.len());
-        for (key_bytes, event) in events.iter_mut() {
-            if let Some(table) = self.tables.get(&event.table) {
-                let mut rows = SqliteRows::new(self, tx);
-                crate::store::engine::settle_local(&mut rows, &self.identity, table, key_bytes, event, true).await?;
-            }
-            versions.push(RowVersion::of_event(event));
-            log.push(vec![
-                Value::Text(me.clone()),
-                Value::Integer(event.seq as i64),
-                Value::Integer(batch_end as i64),
-                Value::Integer(event.committed_at_micros),
-                Value::Blob(wire::encode_event(event)),
-            ]);
-        }
-        let stored: Vec<(&str, &[u8], &RowVersion)> = events
-            .iter()
-            .zip(&versions)
-            .map(|((key, event), version)| (event.table.as_str(), key.as_slice(), version))
-            .collect();
-        bulk::store_versions(tx, &stored).await?;
-        bulk::insert(
-            tx,
-            "INSERT INTO _weft_log (origin, seq, batch_end, committed_at, event) VALUES",
-            "",
-            5,
-            &log,
-        )
-        .await?;
-        sqlx::query("UPDATE _weft_node SET value = ? WHERE name = 'last_seq'")
-            .bind(batch_end as i64)
-            .execute(&mut *tx)
-            .await?;
-        self.persist_clock(tx).await?;
-        let removed = sqlx::query("DELETE FROM _weft_outbox WHERE id <= ?")
-            .bind(max_id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        if removed > matched {
-            tracing::warn!(
-                orphans = removed - matched,
-                "dropped outbox rows of tables no longer replicated"
+        for row in query.fetch_all(&mut *conn).await? {
+            let version: String = row.try_get(1)?;
+            out.insert(
+                row.try_get::<Vec<u8>, _>(0)?,
+                RowVersion {
+                    version: VersionVector::from_json(&version)
+                        .map_err(|e| StoreError::Corrupt(format!("version of a {table} row: {e}")))?,
+                    hlc: Hlc(row.try_get::<i64, _>(2)? as u64),
+                    origin: row.try_get(3)?,
+                    deleted: row.try_get::<i64, _>(4)? != 0,
+                },
             );
         }
-        Ok(DrainReport {
-            events: events.len() as u64,
-            last_seq: batch_end,
-        })
     }
+    Ok(out)
+}
+
+/// Writes what `meta` lists, then deletes the taken outbox rows.
+pub(super) async fn write_meta(
+    conn: &mut SqliteConnection,
+    meta: Meta<'_>,
+    taken: Option<Taken>,
+) -> Result<(), StoreError> {
+    let versions: Vec<Vec<Value>> = meta
+        .versions
+        .iter()
+        .map(|(table, key, v)| {
+            vec![
+                Value::Text((*table).to_owned()),
+                Value::Blob(key.to_vec()),
+                Value::Text(v.version.to_json()),
+                Value::Integer(v.hlc.0 as i64),
+                Value::Text(v.origin.clone()),
+                Value::Integer(i64::from(v.deleted)),
+            ]
+        })
+        .collect();
+    let head = "INSERT OR REPLACE INTO _weft_rows (tbl, key, version, hlc, origin, deleted) VALUES";
+    insert(conn, head, "", 6, &versions).await?;
+    let log: Vec<Vec<Value>> = meta
+        .log
+        .iter()
+        .map(|event| {
+            vec![
+                Value::Text(event.origin.clone()),
+                Value::Integer(event.seq as i64),
+                Value::Integer(event.batch_end as i64),
+                Value::Integer(event.committed_at_micros),
+                Value::Blob(wire::encode_event(event)),
+            ]
+        })
+        .collect();
+    let head = "INSERT INTO _weft_log (origin, seq, batch_end, committed_at, event) VALUES";
+    insert(conn, head, "", 5, &log).await?;
+    for (origin, seq, processed) in &meta.frontiers {
+        sqlx::query(
+            "INSERT INTO _weft_frontier (origin, seq, processed) VALUES (?, ?, ?) \
+             ON CONFLICT (origin) DO UPDATE SET seq = excluded.seq, processed = excluded.processed",
+        )
+        .bind(origin)
+        .bind(*seq as i64)
+        .bind(*processed as i64)
+        .execute(&mut *conn)
+        .await?;
+    }
+    if let Some(last_seq) = meta.last_seq {
+        set_node_value(conn, "last_seq", last_seq).await?;
+    }
+    set_node_value(conn, "hlc", meta.hlc).await?;
+    if let Some(taken) = taken {
+        delete_taken(conn, taken).await?;
+    }
+    Ok(())
+}
+
+async fn set_node_value(conn: &mut SqliteConnection, name: &str, value: u64) -> Result<(), StoreError> {
+    sqlx::query("UPDATE _weft_node SET value = ? WHERE name = ?")
+        .bind(value as i64)
+        .bind(name)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+async fn delete_taken(conn: &mut SqliteConnection, taken: Taken) -> Result<(), StoreError> {
+    let removed = sqlx::query("DELETE FROM _weft_outbox WHERE id <= ?")
+        .bind(taken.max_id)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    if removed > taken.matched {
+        tracing::warn!(
+            orphans = removed - taken.matched,
+            "dropped outbox rows of tables no longer replicated"
+        );
+    }
+    Ok(())
 }

@@ -1,49 +1,47 @@
-//! The SQLite store: the embedded default.
+//! The SQLite dialect: the embedded default.
 //!
 //! The application and the sidecar share one database file in WAL mode. SQLite has a single
-//! writer, so every weft write goes through one connection behind a mutex, in short
+//! writer, so every weft write goes through the one writer connection, in short
 //! `BEGIN IMMEDIATE` transactions, with a busy timeout: the application is never locked out
 //! for longer than one batch, and weft waits (never fails) while the application writes.
-//! Commits use `synchronous = FULL`: an acknowledged event survives power loss.
+//! Acknowledgements go through the writer too. Commits use `synchronous = FULL`: an
+//! acknowledged event survives power loss. Reads (log, frontiers, status) use a small
+//! read-only pool; `PRAGMA data_version` on a connection of its own says when another
+//! connection committed.
+mod admin;
 mod apply;
-mod bulk;
 mod capture;
-mod crdt;
-pub(crate) mod owners;
-pub mod queue;
-mod run;
 pub mod schema;
+mod strategy;
+mod txn;
 pub mod values;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    Sqlite as SqliteDb, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 use sqlx::{Connection as _, Row as _, SqliteConnection};
 use tokio::sync::Mutex;
 
-use crate::clock::Clock;
-use crate::event::{Hlc, Identity, NodeId};
-use crate::store::{LogEntry, PeerStatus, Status, StoreError};
+use crate::config::TableConfig;
+use crate::event::{Identity, NodeId};
+use crate::store::backend::{Ack, Backend, Counts, FrontierStatus, NodeRecord, Tables};
+use crate::store::replica::{Replica, peer_status};
+use crate::store::{LogEntry, PeerStatus, StoreError};
 pub use schema::TableInfo;
 
-pub struct SqliteStore {
-    identity: Identity,
-    writer: Mutex<Writer>,
-    readers: SqlitePool,
-    poller: Mutex<SqliteConnection>,
-    tables: HashMap<String, Arc<TableInfo>>,
-    clock: Arc<Clock>,
-    /// Remote origins whose applied events are appended to the log, to be passed on.
-    relayed: BTreeSet<NodeId>,
-}
+/// A SQLite region's store.
+pub type SqliteStore = Replica<Sqlite>;
 
-/// The single write connection and the counters only it changes.
-struct Writer {
-    conn: SqliteConnection,
-    last_seq: u64,
+/// The SQLite dialect's connections besides the writer.
+pub struct Sqlite {
+    path: std::path::PathBuf,
+    readers: SqlitePool,
+    /// Asks `PRAGMA data_version`, which changes only for commits of other connections.
+    poller: Mutex<Option<SqliteConnection>>,
 }
 
 fn options(path: &Path) -> SqliteConnectOptions {
@@ -57,92 +55,138 @@ fn options(path: &Path) -> SqliteConnectOptions {
         .foreign_keys(false)
 }
 
-async fn node_value(conn: &mut SqliteConnection, name: &str) -> Result<Option<i64>, StoreError> {
-    Ok(sqlx::query_scalar("SELECT value FROM _weft_node WHERE name = ?")
+async fn node_value(conn: &mut SqliteConnection, name: &str) -> Result<Option<sqlx::sqlite::SqliteRow>, StoreError> {
+    Ok(sqlx::query("SELECT value FROM _weft_node WHERE name = ?")
         .bind(name)
         .fetch_optional(&mut *conn)
         .await?)
 }
 
-impl SqliteStore {
+async fn node_number(conn: &mut SqliteConnection, name: &str) -> Result<u64, StoreError> {
+    Ok(match node_value(conn, name).await? {
+        Some(row) => row.try_get::<i64, _>(0)? as u64,
+        None => 0,
+    })
+}
+
+async fn count(conn: &mut SqliteConnection, sql: &'static str) -> Result<u64, StoreError> {
+    Ok(sqlx::query_scalar::<_, i64>(sql).fetch_one(&mut *conn).await? as u64)
+}
+
+impl Replica<Sqlite> {
     /// Opens (creating if needed) the database, installs weft's schema and triggers, and
     /// restores this node's sequence and clock.
     pub async fn open(
         path: &Path,
         identity: Identity,
-        tables: &[crate::config::TableConfig],
+        tables: &[TableConfig],
         max_clock_skew: Duration,
     ) -> Result<Self, StoreError> {
-        let mut conn = SqliteConnection::connect_with(&options(path)).await?;
-        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-        let infos = schema::install(&mut tx, tables, &identity.region).await?;
-        let found: Option<String> = sqlx::query_scalar("SELECT value FROM _weft_node WHERE name = 'node_id'")
-            .fetch_optional(&mut *tx)
-            .await?;
-        match found {
-            Some(found) if found != identity.node => {
-                return Err(StoreError::WrongNode {
-                    found,
-                    expected: identity.node,
-                });
-            }
-            Some(_) => {}
-            None => {
-                sqlx::query("INSERT INTO _weft_node (name, value) VALUES ('node_id', ?), ('last_seq', 0), ('hlc', 0)")
-                    .bind(&identity.node)
-                    .execute(&mut *tx)
-                    .await?;
-            }
+        Replica::open_with(Sqlite::lazy(path), identity, tables, max_clock_skew).await
+    }
+}
+
+impl Sqlite {
+    /// Read-only connections open lazily: the writer creates the file and the schema first.
+    fn lazy(path: &Path) -> Self {
+        Sqlite {
+            path: path.to_owned(),
+            readers: SqlitePoolOptions::new()
+                .max_connections(4)
+                .connect_lazy_with(options(path).read_only(true)),
+            poller: Mutex::new(None),
         }
-        let last_seq = node_value(&mut tx, "last_seq").await?.unwrap_or(0) as u64;
-        let hlc = node_value(&mut tx, "hlc").await?.unwrap_or(0) as u64;
-        tx.commit().await?;
+    }
+}
 
-        let readers = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options(path).read_only(true))
+impl Backend for Sqlite {
+    type Db = SqliteDb;
+    type Table = TableInfo;
+    type Txn<'t> = txn::SqliteTxn<'t>;
+
+    const NAME: &'static str = "SQLite";
+    const DRAIN_REPLY_LOST: &'static str = "sqlite-drain-reply-lost";
+    const BEGIN: &'static str = "BEGIN IMMEDIATE";
+
+    fn txn<'t>(&'t self, tables: &'t Tables<TableInfo>, conn: &'t mut SqliteConnection) -> txn::SqliteTxn<'t> {
+        txn::SqliteTxn::new(tables, conn)
+    }
+
+    async fn connect_writer(&self) -> Result<SqliteConnection, StoreError> {
+        Ok(SqliteConnection::connect_with(&options(&self.path)).await?)
+    }
+
+    async fn install(
+        conn: &mut SqliteConnection,
+        tables: &[TableConfig],
+        region: &str,
+    ) -> Result<Vec<TableInfo>, StoreError> {
+        schema::install(conn, tables, region).await
+    }
+
+    async fn node_record(conn: &mut SqliteConnection) -> Result<Option<NodeRecord>, StoreError> {
+        let Some(node) = node_value(conn, "node_id").await? else {
+            return Ok(None);
+        };
+        Ok(Some(NodeRecord {
+            node_id: node.try_get(0)?,
+            last_seq: node_number(conn, "last_seq").await?,
+            hlc: node_number(conn, "hlc").await?,
+        }))
+    }
+
+    async fn create_node(conn: &mut SqliteConnection, node_id: &str) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO _weft_node (name, value) VALUES ('node_id', ?), ('last_seq', 0), ('hlc', 0)")
+            .bind(node_id)
+            .execute(&mut *conn)
             .await?;
-        let poller = SqliteConnection::connect_with(&options(path).read_only(true)).await?;
-        Ok(Self {
-            clock: Arc::new(Clock::restore(max_clock_skew, Hlc(hlc))),
-            identity,
-            writer: Mutex::new(Writer { conn, last_seq }),
-            readers,
-            poller: Mutex::new(poller),
-            tables: infos.into_iter().map(|i| (i.name.clone(), Arc::new(i))).collect(),
-            relayed: BTreeSet::new(),
-        })
+        Ok(())
     }
 
-    /// Keeps the events of these remote origins in the log once applied (with this node
-    /// appended to their path), so they can be relayed.
-    pub fn relaying(mut self, origins: BTreeSet<NodeId>) -> Self {
-        self.relayed = origins;
-        self
-    }
-
-    pub fn identity(&self) -> &Identity {
-        &self.identity
-    }
-
-    pub fn clock(&self) -> &Arc<Clock> {
-        &self.clock
-    }
-
-    /// Changes whenever another connection commits: a cheap "is there anything new" probe.
-    pub async fn data_version(&self) -> Result<i64, StoreError> {
-        let mut poller = self.poller.lock().await;
-        Ok(sqlx::query_scalar("PRAGMA data_version")
-            .fetch_one(&mut *poller)
+    async fn may_have_changes(conn: &mut SqliteConnection) -> Result<bool, StoreError> {
+        // Checked before `BEGIN IMMEDIATE`, so an idle drain never takes the write lock.
+        Ok(sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM _weft_outbox)")
+            .fetch_one(&mut *conn)
             .await?)
     }
 
-    pub async fn last_seq(&self) -> u64 {
-        self.writer.lock().await.last_seq
+    async fn data_version(&self) -> Result<i64, StoreError> {
+        let mut poller = self.poller.lock().await;
+        if poller.is_none() {
+            *poller = Some(SqliteConnection::connect_with(&options(&self.path).read_only(true)).await?);
+        }
+        let conn = poller.as_mut().expect("connected above");
+        let version: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe("PRAGMA data_version"))
+            .fetch_one(&mut *conn)
+            .await?;
+        Ok(version)
     }
 
-    /// Applied frontier per origin.
-    pub async fn frontiers(&self) -> Result<BTreeMap<NodeId, u64>, StoreError> {
+    async fn wait_for_change(&self, poll: Duration) {
+        tokio::time::sleep(poll).await;
+    }
+
+    async fn read_log(&self, origin: &str, after: u64, limit: i64) -> Result<Vec<LogEntry>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, batch_end, event FROM _weft_log WHERE origin = ? AND seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(origin)
+        .bind(after as i64)
+        .bind(limit)
+        .fetch_all(&self.readers)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(LogEntry {
+                    seq: row.try_get::<i64, _>(0)? as u64,
+                    batch_end: row.try_get::<i64, _>(1)? as u64,
+                    bytes: row.try_get(2)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn frontiers(&self) -> Result<BTreeMap<NodeId, u64>, StoreError> {
         let rows = sqlx::query("SELECT origin, seq FROM _weft_frontier")
             .fetch_all(&self.readers)
             .await?;
@@ -151,136 +195,97 @@ impl SqliteStore {
             .collect()
     }
 
-    /// Log entries of `origin` after `after`, about `max` of them, but always ending on a
-    /// capture-batch boundary so a source transaction is never split on the wire.
-    pub async fn read_log(&self, origin: &str, after: u64, max: usize) -> Result<Vec<LogEntry>, StoreError> {
-        // Log entries are immutable, and entries past `after` cannot be trimmed (they are not
-        // acknowledged yet), so no read transaction is needed.
-        crate::store::read_whole_batches(after, max, async |cursor, limit| {
-            let rows = sqlx::query(
-                "SELECT seq, batch_end, event FROM _weft_log WHERE origin = ? AND seq > ? ORDER BY seq LIMIT ?",
-            )
-            .bind(origin)
-            .bind(cursor as i64)
-            .bind(limit)
-            .fetch_all(&self.readers)
-            .await?;
-            rows.iter()
-                .map(|row| {
-                    Ok(LogEntry {
-                        seq: row.try_get::<i64, _>(0)? as u64,
-                        batch_end: row.try_get::<i64, _>(1)? as u64,
-                        bytes: row.try_get(2)?,
-                    })
-                })
-                .collect()
-        })
-        .await
+    async fn ack_connection(&self) -> Result<Option<sqlx::pool::PoolConnection<SqliteDb>>, StoreError> {
+        Ok(None)
     }
 
-    /// Records acknowledgements and drops log entries every peer that needs them has.
-    /// `needs` lists, per origin kept in the log, the peers that must acknowledge it.
-    pub async fn record_acks_and_collect(
-        &self,
-        acks: &[(NodeId, NodeId, u64)],
-        needs: &BTreeMap<NodeId, Vec<NodeId>>,
-    ) -> Result<u64, StoreError> {
-        let mut writer = self.writer.lock().await;
-        let mut tx = writer.conn.begin_with("BEGIN IMMEDIATE").await?;
-        for (peer, origin, seq) in acks {
+    async fn record_acks(conn: &mut SqliteConnection, acks: &[Ack]) -> Result<(), StoreError> {
+        for ack in acks {
             sqlx::query(
                 "INSERT INTO _weft_acks (peer, origin, seq) VALUES (?, ?, ?) \
                  ON CONFLICT (peer, origin) DO UPDATE SET seq = max(seq, excluded.seq)",
             )
-            .bind(peer)
-            .bind(origin)
-            .bind(*seq as i64)
-            .execute(&mut *tx)
+            .bind(&ack.peer)
+            .bind(&ack.origin)
+            .bind(ack.seq as i64)
+            .execute(&mut *conn)
             .await?;
         }
-        let mut removed = 0;
-        for (origin, peers) in needs {
-            let mut floor = u64::MAX;
-            for peer in peers {
-                let acked: Option<i64> = sqlx::query_scalar("SELECT seq FROM _weft_acks WHERE peer = ? AND origin = ?")
-                    .bind(peer)
-                    .bind(origin)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                floor = floor.min(acked.unwrap_or(0) as u64);
-            }
-            if floor != u64::MAX && floor > 0 {
-                removed += sqlx::query("DELETE FROM _weft_log WHERE origin = ? AND seq <= ?")
-                    .bind(origin)
-                    .bind(floor as i64)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-            }
-        }
-        tx.commit().await?;
-        Ok(removed)
+        Ok(())
     }
 
-    /// Replication state for `weft status`: frontiers, backlog and RPO exposure per peer.
-    pub async fn status(&self, peers: &[(NodeId, Vec<NodeId>)]) -> Result<Status, StoreError> {
-        let mut conn = self.readers.acquire().await?;
-        let mut tx = conn.begin().await?;
-        let scalar = |sql: &'static str| sqlx::query_scalar::<_, i64>(sql);
-        let mut status = Status {
-            node: self.identity.node.clone(),
-            last_seq: node_value(&mut tx, "last_seq").await?.unwrap_or(0) as u64,
-            outbox_pending: scalar("SELECT count(*) FROM _weft_outbox").fetch_one(&mut *tx).await? as u64,
-            log_events: scalar("SELECT count(*) FROM _weft_log").fetch_one(&mut *tx).await? as u64,
-            dead_letters: scalar("SELECT count(*) FROM _weft_dead_letters")
-                .fetch_one(&mut *tx)
-                .await? as u64,
-            conflicts: scalar("SELECT count(*) FROM _weft_conflicts")
-                .fetch_one(&mut *tx)
-                .await? as u64,
-            ..Status::default()
-        };
-        for row in sqlx::query("SELECT origin, seq, processed FROM _weft_frontier ORDER BY origin")
-            .fetch_all(&mut *tx)
+    async fn ack_floor(conn: &mut SqliteConnection, origin: &str, peers: &[NodeId]) -> Result<u64, StoreError> {
+        let mut floor = u64::MAX;
+        for peer in peers {
+            let acked: Option<i64> = sqlx::query_scalar("SELECT seq FROM _weft_acks WHERE peer = ? AND origin = ?")
+                .bind(peer)
+                .bind(origin)
+                .fetch_optional(&mut *conn)
+                .await?;
+            floor = floor.min(acked.unwrap_or(0) as u64);
+        }
+        Ok(if floor == u64::MAX { 0 } else { floor })
+    }
+
+    async fn trim_log(conn: &mut SqliteConnection, origin: &str, through: u64) -> Result<u64, StoreError> {
+        Ok(sqlx::query("DELETE FROM _weft_log WHERE origin = ? AND seq <= ?")
+            .bind(origin)
+            .bind(through as i64)
+            .execute(&mut *conn)
             .await?
-        {
-            status.frontiers.push((
-                row.try_get(0)?,
-                row.try_get::<i64, _>(1)? as u64,
-                row.try_get::<i64, _>(2)? as u64,
-            ));
-        }
-        for (peer, origins) in peers {
-            for origin in origins {
-                let acked: i64 =
-                    sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM _weft_acks WHERE peer = ? AND origin = ?")
-                        .bind(peer)
-                        .bind(origin)
-                        .fetch_one(&mut *tx)
-                        .await?;
-                let row = sqlx::query("SELECT count(*), min(committed_at) FROM _weft_log WHERE origin = ? AND seq > ?")
-                    .bind(origin)
-                    .bind(acked)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                status.peers.push(PeerStatus {
-                    peer: peer.clone(),
-                    origin: origin.clone(),
-                    acked: acked as u64,
-                    unacked: row.try_get::<i64, _>(0)? as u64,
-                    oldest_unacked_micros: row.try_get(1)?,
-                });
-            }
-        }
-        tx.commit().await?;
-        Ok(status)
+            .rows_affected())
     }
 
-    /// Closes every connection (checkpointing the WAL).
-    pub async fn close(self) {
+    async fn begin_read(&self) -> Result<sqlx::Transaction<'static, SqliteDb>, StoreError> {
+        Ok(self.readers.begin().await?)
+    }
+
+    async fn counts(conn: &mut SqliteConnection) -> Result<Counts, StoreError> {
+        Ok(Counts {
+            last_seq: Self::node_record(conn).await?.map_or(0, |r| r.last_seq),
+            outbox_pending: count(conn, "SELECT count(*) FROM _weft_outbox").await?,
+            log_events: count(conn, "SELECT count(*) FROM _weft_log").await?,
+            dead_letters: count(conn, "SELECT count(*) FROM _weft_dead_letters").await?,
+            conflicts: count(conn, "SELECT count(*) FROM _weft_conflicts").await?,
+        })
+    }
+
+    async fn frontier_status(conn: &mut SqliteConnection) -> Result<Vec<FrontierStatus>, StoreError> {
+        let rows: Vec<(String, i64, i64)> =
+            sqlx::query_as("SELECT origin, seq, processed FROM _weft_frontier ORDER BY origin")
+                .fetch_all(&mut *conn)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(origin, seq, processed)| FrontierStatus {
+                origin,
+                seq: seq as u64,
+                processed: processed as u64,
+            })
+            .collect())
+    }
+
+    async fn backlog(conn: &mut SqliteConnection, peer: &str, origin: &str) -> Result<PeerStatus, StoreError> {
+        let acked: i64 =
+            sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM _weft_acks WHERE peer = ? AND origin = ?")
+                .bind(peer)
+                .bind(origin)
+                .fetch_one(&mut *conn)
+                .await?;
+        let (unacked, oldest): (i64, Option<i64>) =
+            sqlx::query_as("SELECT count(*), min(committed_at) FROM _weft_log WHERE origin = ? AND seq > ?")
+                .bind(origin)
+                .bind(acked)
+                .fetch_one(&mut *conn)
+                .await?;
+        Ok(peer_status(peer, origin, acked as u64, unacked as u64, oldest))
+    }
+
+    async fn close(self) {
         self.readers.close().await;
-        let _ = self.poller.into_inner().close().await;
-        let _ = self.writer.into_inner().conn.close().await;
+        if let Some(poller) = self.poller.into_inner() {
+            let _ = poller.close().await;
+        }
     }
 }
 

@@ -7,19 +7,21 @@
 //! to a replicated table needs no trigger change.
 use sqlx::{AssertSqlSafe, Row as _, SqliteConnection};
 
-use std::collections::BTreeMap;
-
-use crate::config::{OwnerRule, Strategy, TableConfig};
-use crate::crdt::CrdtType;
+use crate::config::{OwnerRule, TableConfig};
+use crate::event::{Event, Op, Value};
 use crate::store::StoreError;
+use crate::store::schema::{self, META_TABLES, Step, Type, create_table};
 pub use crate::store::sql::quote;
 use crate::store::sql::{literal, rule_case};
+use crate::store::table::{ColumnTypes, Table};
 
 /// At most this many primary-key columns (the outbox has one typed slot per key column).
 pub const MAX_KEY_COLUMNS: usize = 4;
 
-pub(crate) const METADATA: &str = r#"
-CREATE TABLE IF NOT EXISTS _weft_node (name TEXT PRIMARY KEY, value) WITHOUT ROWID;
+/// The tables only SQLite has, or has its own way: the node record (untyped values), the
+/// outbox of keys, the applier's and the transfer's marks, and owner records with typed key
+/// slots for the triggers.
+const DIALECT_TABLES: &str = r#"
 CREATE TABLE IF NOT EXISTS _weft_outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     tbl TEXT NOT NULL,
@@ -27,79 +29,6 @@ CREATE TABLE IF NOT EXISTS _weft_outbox (
     at INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS _weft_applying (marker INTEGER);
-CREATE TABLE IF NOT EXISTS _weft_rows (
-    tbl TEXT NOT NULL,
-    key BLOB NOT NULL,
-    version TEXT NOT NULL,
-    hlc INTEGER NOT NULL,
-    origin TEXT NOT NULL,
-    deleted INTEGER NOT NULL,
-    PRIMARY KEY (tbl, key)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS _weft_log (
-    origin TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    batch_end INTEGER NOT NULL,
-    committed_at INTEGER NOT NULL,
-    event BLOB NOT NULL,
-    PRIMARY KEY (origin, seq)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS _weft_frontier (
-    origin TEXT PRIMARY KEY,
-    seq INTEGER NOT NULL,
-    processed INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS _weft_acks (
-    peer TEXT NOT NULL,
-    origin TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    PRIMARY KEY (peer, origin)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS _weft_dead_letters (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    origin TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    tbl TEXT NOT NULL,
-    key TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    event BLOB NOT NULL,
-    at INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS _weft_crdt (
-    tbl TEXT NOT NULL,
-    key BLOB NOT NULL,
-    col TEXT NOT NULL,
-    state TEXT NOT NULL,
-    PRIMARY KEY (tbl, key, col)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS _weft_queue (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    tbl TEXT NOT NULL,
-    key BLOB NOT NULL,
-    key_text TEXT NOT NULL,
-    opened_at INTEGER NOT NULL,
-    closed_at INTEGER,
-    closed_by TEXT
-);
-CREATE UNIQUE INDEX IF NOT EXISTS _weft_queue_open ON _weft_queue (tbl, key) WHERE closed_at IS NULL;
-CREATE TABLE IF NOT EXISTS _weft_siblings (
-    tbl TEXT NOT NULL,
-    key BLOB NOT NULL,
-    origin TEXT NOT NULL,
-    hlc INTEGER NOT NULL,
-    event BLOB NOT NULL,
-    PRIMARY KEY (tbl, key, origin, hlc)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS _weft_resolutions (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    queue_id INTEGER NOT NULL,
-    tbl TEXT NOT NULL,
-    key_text TEXT NOT NULL,
-    decided_by TEXT NOT NULL,
-    decision TEXT NOT NULL,
-    row TEXT,
-    at INTEGER NOT NULL
-);
 CREATE TABLE IF NOT EXISTS _weft_owners (
     tbl TEXT NOT NULL,
     key BLOB NOT NULL,
@@ -110,56 +39,101 @@ CREATE TABLE IF NOT EXISTS _weft_owners (
     PRIMARY KEY (tbl, key)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS _weft_transfer (marker INTEGER);
-CREATE TABLE IF NOT EXISTS _weft_transfers (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    tbl TEXT NOT NULL,
-    rows TEXT NOT NULL,
-    moved INTEGER NOT NULL,
-    from_region TEXT NOT NULL,
-    to_region TEXT NOT NULL,
-    decided_by TEXT NOT NULL,
-    at INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS _weft_conflicts (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    tbl TEXT NOT NULL,
-    key TEXT NOT NULL,
-    strategy TEXT NOT NULL,
-    winner TEXT NOT NULL,
-    loser TEXT NOT NULL,
-    at INTEGER NOT NULL
-);
 "#;
+
+/// The node record comes first: it holds the schema version.
+const NODE_TABLE: &str = "CREATE TABLE IF NOT EXISTS _weft_node (name TEXT PRIMARY KEY, value) WITHOUT ROWID";
+
+fn column_type(ty: Type) -> &'static str {
+    match ty {
+        Type::Text => "TEXT",
+        Type::Int | Type::Bool => "INTEGER",
+        Type::Bytes => "BLOB",
+        Type::Serial => "INTEGER PRIMARY KEY AUTOINCREMENT",
+    }
+}
+
+/// Every metadata table and index, as this version has them.
+fn baseline() -> String {
+    let mut sql = String::from(DIALECT_TABLES);
+    for def in META_TABLES {
+        let suffix = if def.key.is_empty() { "" } else { " WITHOUT ROWID" };
+        let name = format!("_weft_{}", def.name);
+        sql += &create_table(def, &name, column_type, column_type(Type::Serial), suffix);
+    }
+    sql += "CREATE UNIQUE INDEX IF NOT EXISTS _weft_queue_open ON _weft_queue (tbl, key) WHERE closed_at IS NULL;\n";
+    sql
+}
+
+/// Runs the migrations this database has not run yet, recording each (see `store::schema`).
+async fn migrate(conn: &mut SqliteConnection) -> Result<(), StoreError> {
+    sqlx::raw_sql(NODE_TABLE).execute(&mut *conn).await?;
+    let version: Option<i64> = sqlx::query_scalar("SELECT value FROM _weft_node WHERE name = 'schema_version'")
+        .fetch_optional(&mut *conn)
+        .await?;
+    for (number, name, step) in schema::pending(version.unwrap_or(0) as u32) {
+        tracing::info!(migration = number, name, "upgrading weft's metadata schema");
+        match step {
+            Step::Baseline => {
+                sqlx::raw_sql(AssertSqlSafe(baseline())).execute(&mut *conn).await?;
+            }
+            Step::OwnerKeys => owner_keys(conn).await?,
+        }
+        sqlx::query("INSERT OR REPLACE INTO _weft_node (name, value) VALUES ('schema_version', ?)")
+            .bind(*number as i64)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Owner records made before owner rules lack the key slots and `moving_to`.
+async fn owner_keys(conn: &mut SqliteConnection) -> Result<(), StoreError> {
+    let present: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pragma_table_info('_weft_owners') WHERE name = 'moving_to'")
+            .fetch_one(&mut *conn)
+            .await?;
+    if present == 0 {
+        sqlx::raw_sql(
+            "ALTER TABLE _weft_owners ADD COLUMN k1; ALTER TABLE _weft_owners ADD COLUMN k2; \
+             ALTER TABLE _weft_owners ADD COLUMN k3; ALTER TABLE _weft_owners ADD COLUMN k4; \
+             ALTER TABLE _weft_owners ADD COLUMN moving_to TEXT;",
+        )
+        .execute(&mut *conn)
+        .await?;
+    }
+    sqlx::raw_sql("CREATE INDEX IF NOT EXISTS _weft_owners_by_key ON _weft_owners (tbl, k1, k2, k3, k4)")
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
 
 /// SQL for "now" in µs since the Unix epoch, valid in every SQLite an application may link.
 pub const NOW_MICROS: &str = "CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER)";
 
-/// What weft knows of one replicated table.
+/// What SQLite adds to a table description: its prepared statements.
 #[derive(Debug, Clone)]
-pub struct TableInfo {
-    pub name: String,
-    /// All columns, in table order.
-    pub columns: Vec<String>,
-    /// Primary-key columns, in key order.
-    pub key: Vec<String>,
+pub struct SqliteSql {
     /// `SELECT cols FROM t WHERE k1 = ? AND ...`
     pub select_sql: String,
     /// Outbox rows of this table up to an id, each with the row's current image:
     /// `id, at, k1..kn, present, columns...`.
     pub drain_sql: String,
-    /// How concurrent writes to this table are resolved.
-    pub strategy: Strategy,
-    /// CRDT columns and their types (`crdt` tables only).
-    pub crdt: BTreeMap<String, CrdtType>,
-    /// The column naming each row's owner region (`ownership` tables only).
-    pub owner_column: Option<String>,
-    /// The rule finding each row's owner region from its key (`ownership` tables only).
-    pub owner_rule: Option<OwnerRule>,
 }
 
-impl TableInfo {
-    pub fn is_owned(&self) -> bool {
-        self.owner_column.is_some() || self.owner_rule.is_some()
+/// A replicated table of a SQLite database.
+pub type TableInfo = Table<SqliteSql>;
+
+impl ColumnTypes for SqliteSql {
+    fn refuses(&self, event: &Event) -> Option<String> {
+        if let Op::Upsert(row) = &event.op
+            && let Some((column, _)) = row.0.iter().find(|(_, v)| matches!(v, Value::Real(f) if f.is_nan()))
+        {
+            return Some(format!(
+                "column `{column}` holds NaN, which SQLite cannot store (it would read back as NULL)"
+            ));
+        }
+        None
     }
 }
 
@@ -260,21 +234,17 @@ pub async fn describe(conn: &mut SqliteConnection, table: &str) -> Result<TableI
         quote(table),
         table.replace('\'', "''"),
     );
-    Ok(TableInfo {
-        strategy: Strategy::Lww,
-        crdt: BTreeMap::new(),
-        owner_column: None,
-        owner_rule: None,
-        drain_sql,
-        select_sql: format!(
-            "SELECT {column_list} FROM {} WHERE {}",
-            quote(table),
-            key_predicate(&key)
-        ),
-        name: table.to_owned(),
+    let select_sql = format!(
+        "SELECT {column_list} FROM {} WHERE {}",
+        quote(table),
+        key_predicate(&key)
+    );
+    Ok(Table::described(
+        table,
         columns,
         key,
-    })
+        SqliteSql { select_sql, drain_sql },
+    ))
 }
 
 fn trigger_name(table: &str, event: &str) -> String {
@@ -385,78 +355,19 @@ fn trigger_sql(info: &TableInfo, region: &str) -> Vec<(String, String)> {
     ]
 }
 
-/// Brings metadata tables created by older versions up to date.
-async fn migrate(conn: &mut SqliteConnection) -> Result<(), StoreError> {
-    let slots: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM pragma_table_info('_weft_owners') WHERE name = 'moving_to'")
-            .fetch_one(&mut *conn)
-            .await?;
-    if slots == 0 {
-        sqlx::raw_sql(
-            "ALTER TABLE _weft_owners ADD COLUMN k1; ALTER TABLE _weft_owners ADD COLUMN k2; \
-             ALTER TABLE _weft_owners ADD COLUMN k3; ALTER TABLE _weft_owners ADD COLUMN k4; \
-             ALTER TABLE _weft_owners ADD COLUMN moving_to TEXT;",
-        )
-        .execute(&mut *conn)
-        .await?;
-    }
-    sqlx::raw_sql("CREATE INDEX IF NOT EXISTS _weft_owners_by_key ON _weft_owners (tbl, k1, k2, k3, k4)")
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
-}
-
 /// Creates or updates weft's tables and triggers. Runs inside the caller's transaction.
 pub async fn install(
     conn: &mut SqliteConnection,
     tables: &[TableConfig],
     region: &str,
 ) -> Result<Vec<TableInfo>, StoreError> {
-    sqlx::raw_sql(METADATA).execute(&mut *conn).await?;
     migrate(conn).await?;
     let mut infos = Vec::new();
     let mut wanted = std::collections::HashSet::new();
     for config in tables {
         let table = &config.name;
         let mut info = describe(conn, table).await?;
-        for column in config.columns.keys() {
-            let problem = if !info.columns.contains(column) {
-                Some("does not exist")
-            } else if info.key.contains(column) {
-                Some("is part of the primary key")
-            } else {
-                None
-            };
-            if let Some(problem) = problem {
-                return Err(StoreError::Table {
-                    table: table.clone(),
-                    message: format!("CRDT column `{column}` {problem}; list existing non-key columns under columns"),
-                });
-            }
-        }
-        info.strategy = config.strategy;
-        info.crdt = config.columns.clone();
-        if let Some(column) = &config.owner_column {
-            if !info.columns.contains(column) || info.key.contains(column) {
-                return Err(StoreError::Table {
-                    table: table.clone(),
-                    message: format!("owner column `{column}` must be an existing non-key column"),
-                });
-            }
-            info.owner_column = Some(column.clone());
-        }
-        if let Some(rule) = &config.owner_rule {
-            if let Some(column) = rule.column.as_ref().filter(|c| !info.key.contains(c)) {
-                return Err(StoreError::Table {
-                    table: table.clone(),
-                    message: format!(
-                        "owner_rule column `{column}` is not a primary-key column (the key is {}); a rule reads the key",
-                        info.key.join(", ")
-                    ),
-                });
-            }
-            info.owner_rule = Some(rule.clone());
-        }
+        info.configure(config)?;
         for (name, sql) in trigger_sql(&info, region) {
             let existing: Option<String> =
                 sqlx::query_scalar("SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = ?")

@@ -1,0 +1,593 @@
+//! The operator's admin API over a node's database, SQLite or PostgreSQL: the resolution
+//! queue (list, show, resolve, history) and ownership transfers. `weft conflicts` and
+//! `weft ownership` only parse and print around it; a console would call it too.
+//!
+//! It works on the database directly, as an application does, so it serves a running node
+//! and a stopped one alike; it never installs anything. Every change it makes is an ordinary
+//! application write, captured by the triggers, so it replicates like any change:
+//! - a resolution writes the chosen row (its version then covers every sibling, which closes
+//!   the entry in every region) and records who decided what, and when;
+//! - a transfer writes the owner column inside a transfer-marked transaction (the only place
+//!   the ownership triggers allow it), or for a rule table records the new owner as
+//!   `moving_to` and queues the row for capture; the drain numbers it as the row's next epoch.
+#![allow(async_fn_in_trait)]
+use std::collections::BTreeMap;
+
+use crate::config::{Database, NodeConfig, OwnerRule, Strategy, TableConfig};
+use crate::event::{Event, Key, Op, Row, Value};
+use crate::resolve::ownership::{Owner, rule_owner};
+use crate::store::backend::{Backend, Conn, Tables, Txn};
+use crate::store::engine::{KnownOwner, TableRules};
+use crate::store::{StoreError, postgres, sqlite};
+
+/// An open entry of the resolution queue, with its siblings (oldest first).
+#[derive(Debug, Clone)]
+pub struct OpenConflict {
+    pub id: i64,
+    pub table: String,
+    pub key: Key,
+    pub key_text: String,
+    pub opened_at_micros: i64,
+    pub siblings: Vec<Event>,
+    /// The table's columns, in table order.
+    pub columns: Vec<String>,
+}
+
+/// How a person resolves a conflict.
+#[derive(Debug, Clone)]
+pub enum Choice {
+    /// Sibling N (from 1, as `OpenConflict::siblings` lists them).
+    Take(usize),
+    /// A row of the person's own: column values; the key columns are the conflict's.
+    Edit { row: Vec<(String, Value)>, source: String },
+}
+
+/// A resolution as recorded.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Resolved {
+    #[serde(rename = "conflict")]
+    pub queue_id: i64,
+    pub table: String,
+    pub key: String,
+    pub decided_by: String,
+    pub decision: String,
+    pub at_micros: i64,
+}
+
+/// A conflict resolved automatically (LWW, CRDT, ownership), from the conflict log.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AutoResolved {
+    pub id: i64,
+    pub table: String,
+    pub key: String,
+    pub strategy: String,
+    pub winner: serde_json::Value,
+    pub loser: serde_json::Value,
+    pub at_micros: i64,
+}
+
+/// Who resolved what, and every automatic resolution.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct History {
+    pub resolved: Vec<Resolved>,
+    pub automatic: Vec<AutoResolved>,
+}
+
+impl History {
+    /// From the rows of the resolutions table (queue id, table, key, by, decision, at) and
+    /// of the conflict log (id, table, key, strategy, winner JSON, loser JSON, at).
+    pub fn from_rows(
+        resolved: Vec<(i64, String, String, String, String, i64)>,
+        automatic: Vec<(i64, String, String, String, String, String, i64)>,
+    ) -> Self {
+        let parse = |text: &str| serde_json::from_str::<serde_json::Value>(text).unwrap_or_default();
+        History {
+            resolved: resolved
+                .into_iter()
+                .map(|r| Resolved {
+                    queue_id: r.0,
+                    table: r.1,
+                    key: r.2,
+                    decided_by: r.3,
+                    decision: r.4,
+                    at_micros: r.5,
+                })
+                .collect(),
+            automatic: automatic
+                .into_iter()
+                .map(|r| AutoResolved {
+                    id: r.0,
+                    table: r.1,
+                    key: r.2,
+                    strategy: r.3,
+                    winner: parse(&r.4),
+                    loser: parse(&r.5),
+                    at_micros: r.6,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Rows of an ownership table to move to another region.
+#[derive(Debug, Clone)]
+pub struct Transfer {
+    pub table: String,
+    /// The rows' keys; `None`: every row this region owns.
+    pub keys: Option<Vec<Key>>,
+    pub to: String,
+    pub by: String,
+    /// What was asked for, as the person put it, for the transfers table.
+    pub asked: String,
+}
+
+/// A transfer as recorded in the transfers table.
+pub struct TransferRecord<'a> {
+    pub table: &'a str,
+    /// What was asked for ("all rows of eu-west", or the keys).
+    pub rows: String,
+    pub moved: u64,
+    pub from: &'a str,
+    pub to: &'a str,
+    pub by: &'a str,
+}
+
+/// The admin operations of a dialect's transaction, beside the `Txn` row IO they reuse. The
+/// transaction is the application's, not the applier's: its writes are captured.
+pub trait AdminTxn: Txn {
+    /// Whether weft's schema is installed in this database.
+    async fn installed(&mut self) -> Result<bool, StoreError>;
+    /// Open queue entries (or just `id`), oldest first: (id, table, key bytes, key text,
+    /// opened at).
+    async fn queue_entries(&mut self, id: Option<i64>) -> Result<Vec<(i64, String, Vec<u8>, String, i64)>, StoreError>;
+    /// Writes `op` for the row `key` as the application does.
+    async fn write_as_application(&mut self, table: &Self::Table, key: &Key, op: &Op) -> Result<(), StoreError>;
+    async fn insert_resolution(&mut self, resolved: &Resolved, row: &str) -> Result<(), StoreError>;
+    async fn history(&mut self) -> Result<History, StoreError>;
+    /// Allows owner changes in this transaction (the ownership triggers check the mark).
+    async fn begin_transfer(&mut self) -> Result<(), StoreError>;
+    /// Sets `column` to `to` on the row `key`, or on every row whose owner is `from`;
+    /// returns how many rows changed.
+    async fn move_owner_column(
+        &mut self,
+        table: &Self::Table,
+        column: &str,
+        key: Option<&Key>,
+        from: &str,
+        to: &str,
+    ) -> Result<u64, StoreError>;
+    /// The keys of the table's rows: the row `key` if it exists, or every row.
+    async fn row_keys(&mut self, table: &Self::Table, key: Option<&Key>) -> Result<Vec<Key>, StoreError>;
+    /// Queues the row for capture, as if the application had written it.
+    async fn queue_capture(&mut self, table: &Self::Table, key: &Key) -> Result<(), StoreError>;
+    /// Records the transfer, ends the transfer mark, and wakes the sidecar.
+    async fn end_transfer(&mut self, record: &TransferRecord<'_>) -> Result<(), StoreError>;
+}
+
+/// The admin side of a dialect: an application connection and the tables as configured.
+pub trait AdminBackend: Backend
+where
+    for<'t> Self::Txn<'t>: AdminTxn,
+{
+    /// A connection as an application has it (it waits for the sidecar's transactions).
+    async fn connect_app(&self) -> Result<Conn<Self>, StoreError>;
+    /// The table as the catalogue describes it, with its config applied; installs nothing.
+    async fn describe(conn: &mut Conn<Self>, config: &TableConfig) -> Result<Self::Table, StoreError>;
+}
+
+/// The admin API of one node's database. One per command, so the variants' sizes do not
+/// matter.
+#[allow(clippy::large_enum_variant)]
+pub enum Admin {
+    Sqlite(On<sqlite::Sqlite>),
+    Postgres(On<postgres::Postgres>),
+}
+
+/// The admin API over one dialect.
+pub struct On<B: AdminBackend>
+where
+    for<'t> B::Txn<'t>: AdminTxn,
+{
+    backend: B,
+    config: NodeConfig,
+}
+
+macro_rules! on {
+    ($self:expr, $on:ident => $body:expr) => {
+        match $self {
+            Admin::Sqlite($on) => $body,
+            Admin::Postgres($on) => $body,
+        }
+    };
+}
+
+impl Admin {
+    /// Opens the node's database as `config` names it.
+    pub async fn open(config: NodeConfig) -> Result<Self, StoreError> {
+        let admin = match &config.database {
+            Database::Sqlite(path) => {
+                if !path.exists() {
+                    return Err(StoreError::NotInstalled(format!(
+                        "{}: no database there; is this the node's config?",
+                        path.display()
+                    )));
+                }
+                Admin::Sqlite(On {
+                    backend: sqlite::Sqlite::for_tools(path),
+                    config,
+                })
+            }
+            Database::Postgres(url) => Admin::Postgres(On {
+                backend: postgres::Postgres::for_tools(url)?,
+                config,
+            }),
+        };
+        Ok(admin)
+    }
+
+    /// Open conflicts, oldest first, with their siblings.
+    pub async fn open_conflicts(&self) -> Result<Vec<OpenConflict>, StoreError> {
+        on!(self, on => on.open_conflicts(None).await)
+    }
+
+    /// One open conflict, or an error saying it is not open.
+    pub async fn conflict(&self, id: i64) -> Result<OpenConflict, StoreError> {
+        on!(self, on => on.conflict(id).await)
+    }
+
+    /// Resolves an open conflict; returns what was decided, as recorded.
+    pub async fn resolve(&self, id: i64, choice: Choice, by: &str) -> Result<Resolved, StoreError> {
+        on!(self, on => on.resolve(id, choice, by).await)
+    }
+
+    pub async fn history(&self) -> Result<History, StoreError> {
+        on!(self, on => on.history().await)
+    }
+
+    /// Moves rows of an ownership table to another region; returns how many moved.
+    pub async fn transfer(&self, transfer: &Transfer) -> Result<u64, StoreError> {
+        on!(self, on => on.transfer(transfer).await)
+    }
+
+    /// The number of key columns of a replicated table (to parse keys given by a person).
+    pub async fn key_width(&self, table: &str) -> Result<usize, StoreError> {
+        on!(self, on => Ok(on.table(table).await?.key().len()))
+    }
+}
+
+/// An error about what a person asked for.
+fn refused(message: String) -> StoreError {
+    StoreError::Refused(message)
+}
+
+impl<B: AdminBackend> On<B>
+where
+    for<'t> B::Txn<'t>: AdminTxn,
+{
+    fn table_config(&self, table: &str) -> TableConfig {
+        let config = self.config.tables.iter().find(|t| t.name == table);
+        config.cloned().unwrap_or_else(|| TableConfig::lww(table))
+    }
+
+    async fn table(&self, table: &str) -> Result<B::Table, StoreError> {
+        let mut conn = self.backend.connect_app().await?;
+        B::describe(&mut conn, &self.table_config(table)).await
+    }
+
+    /// Runs `f` in one application transaction over `tables`.
+    async fn in_transaction<T>(
+        &self,
+        tables: &Tables<B::Table>,
+        f: impl AsyncFnOnce(&mut B::Txn<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.backend.connect_app().await?;
+        let mut tx = sqlx::Connection::begin_with(&mut conn, sqlx::AssertSqlSafe(B::BEGIN)).await?;
+        let result = {
+            let mut txn = self.backend.txn(tables, &mut tx);
+            if !txn.installed().await? {
+                return Err(StoreError::NotInstalled(
+                    "this database has no weft schema yet; start the node's sidecar once (weft run) first".into(),
+                ));
+            }
+            f(&mut txn).await?
+        };
+        tx.commit().await?;
+        Ok(result)
+    }
+
+    async fn open_conflicts(&self, id: Option<i64>) -> Result<Vec<OpenConflict>, StoreError> {
+        let tables = Tables::new();
+        let entries = self
+            .in_transaction(&tables, async |txn| {
+                let mut out = Vec::new();
+                for (id, table, key, key_text, opened_at) in txn.queue_entries(id).await? {
+                    let siblings = txn.siblings(&table, &key).await?;
+                    out.push((id, table, key_text, opened_at, siblings));
+                }
+                Ok(out)
+            })
+            .await?;
+        let mut out = Vec::new();
+        for (id, table, key_text, opened_at_micros, siblings) in entries {
+            let described = self.table(&table).await?;
+            let key = siblings.first().map(|s| s.key.clone()).unwrap_or(Key(Vec::new()));
+            out.push(OpenConflict {
+                id,
+                columns: described.columns().to_vec(),
+                table,
+                key,
+                key_text,
+                opened_at_micros,
+                siblings,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn conflict(&self, id: i64) -> Result<OpenConflict, StoreError> {
+        self.open_conflicts(Some(id)).await?.pop().ok_or_else(|| {
+            refused(format!(
+                "no open conflict {id}; `weft conflicts list` shows the open ones"
+            ))
+        })
+    }
+
+    async fn resolve(&self, id: i64, choice: Choice, by: &str) -> Result<Resolved, StoreError> {
+        let open = self.conflict(id).await?;
+        if open.siblings.is_empty() {
+            return Err(refused(format!("conflict {id} has no siblings left")));
+        }
+        let table = self.table(&open.table).await?;
+        let (op, decision) = match choice {
+            Choice::Take(n) => {
+                let s = open
+                    .siblings
+                    .get(n.wrapping_sub(1))
+                    .ok_or_else(|| refused(format!("conflict {id} has siblings 1 to {}", open.siblings.len())))?;
+                let decision = format!("took sibling {n} (origin {}, hlc {})", s.origin, s.hlc);
+                (s.op.clone(), decision)
+            }
+            Choice::Edit { mut row, source } => {
+                for (i, k) in table.key().iter().enumerate() {
+                    row.retain(|(c, _)| c != k);
+                    row.push((k.clone(), open.key.0[i].clone()));
+                }
+                (Op::Upsert(Row(row)), format!("edited from {source}"))
+            }
+        };
+        let resolved = Resolved {
+            queue_id: open.id,
+            table: open.table.clone(),
+            key: open.key_text.clone(),
+            decided_by: by.to_owned(),
+            decision,
+            at_micros: crate::clock::now_micros(),
+        };
+        let tables = Tables::new();
+        self.in_transaction(&tables, async |txn| {
+            txn.write_as_application(&table, &open.key, &op).await?;
+            txn.insert_resolution(&resolved, &op.to_json().to_string()).await
+        })
+        .await?;
+        Ok(resolved)
+    }
+
+    async fn history(&self) -> Result<History, StoreError> {
+        let tables = Tables::new();
+        self.in_transaction(&tables, async |txn| txn.history().await).await
+    }
+
+    async fn transfer(&self, transfer: &Transfer) -> Result<u64, StoreError> {
+        let config = self.table_config(&transfer.table);
+        let me = self.config.region().to_owned();
+        check_transfer(&self.config, &config, transfer, &me)?;
+        let table = self.table(&transfer.table).await?;
+        let tables = Tables::new();
+        self.in_transaction(&tables, async |txn| {
+            txn.begin_transfer().await?;
+            let moved = match (table.owner_column(), table.owner_rule()) {
+                (Some(column), _) => by_column(txn, &table, column, transfer, &me).await?,
+                (None, Some(rule)) => by_rule(txn, &table, rule, transfer, &me).await?,
+                (None, None) => {
+                    return Err(refused(format!(
+                        "table `{}` has neither owner_column nor owner_rule",
+                        transfer.table
+                    )));
+                }
+            };
+            let record = TransferRecord {
+                table: &transfer.table,
+                rows: transfer.asked.clone(),
+                moved,
+                from: &me,
+                to: &transfer.to,
+                by: &transfer.by,
+            };
+            txn.end_transfer(&record).await?;
+            Ok(moved)
+        })
+        .await
+    }
+}
+
+/// Refuses a transfer the mesh cannot carry out.
+fn check_transfer(config: &NodeConfig, table: &TableConfig, transfer: &Transfer, me: &str) -> Result<(), StoreError> {
+    if !config.tables.iter().any(|t| t.name == transfer.table) {
+        return Err(refused(format!(
+            "table `{}` is not in the node's config",
+            transfer.table
+        )));
+    }
+    if table.strategy != Strategy::Ownership {
+        return Err(refused(format!(
+            "table `{}` is not an ownership table (strategy = \"ownership\" with owner_column or owner_rule)",
+            transfer.table
+        )));
+    }
+    if !config.topology.nodes.iter().any(|n| n.region == transfer.to) {
+        return Err(refused(format!("`{}` is not a region of this mesh", transfer.to)));
+    }
+    if transfer.to == me {
+        return Err(refused(format!("this node is in `{}` already", transfer.to)));
+    }
+    Ok(())
+}
+
+/// Moves rows by writing their owner column; the trigger allows it inside the transfer.
+async fn by_column<T: AdminTxn>(
+    txn: &mut T,
+    table: &T::Table,
+    column: &str,
+    transfer: &Transfer,
+    me: &str,
+) -> Result<u64, StoreError> {
+    let Some(keys) = &transfer.keys else {
+        return txn.move_owner_column(table, column, None, me, &transfer.to).await;
+    };
+    let mut moved = 0;
+    for key in keys {
+        let n = txn
+            .move_owner_column(table, column, Some(key), me, &transfer.to)
+            .await?;
+        if n == 0 {
+            return Err(refused(format!("{} has no row with key {key}", table.name())));
+        }
+        moved += n;
+    }
+    Ok(moved)
+}
+
+/// Moves rows of a rule table: records `moving_to` (the triggers refuse this region's writes
+/// from now on) and queues each row for capture, where it becomes the next epoch.
+async fn by_rule<T: AdminTxn>(
+    txn: &mut T,
+    table: &T::Table,
+    rule: &OwnerRule,
+    transfer: &Transfer,
+    me: &str,
+) -> Result<u64, StoreError> {
+    let all = transfer.keys.is_none();
+    let keys = match &transfer.keys {
+        None => txn.row_keys(table, None).await?,
+        Some(keys) => {
+            let mut found = Vec::new();
+            for key in keys {
+                match txn.row_keys(table, Some(key)).await?.pop() {
+                    Some(key) => found.push(key),
+                    None => return Err(refused(format!("{} has no row with key {key}", table.name()))),
+                }
+            }
+            found
+        }
+    };
+    let mut moved = 0;
+    for key in keys {
+        let known = txn.owner(table, &key.to_bytes()).await?;
+        let Some(owner) = movable(table.name(), (table.key(), &key), rule, known, me, all)? else {
+            continue;
+        };
+        txn.store_owner(table, &key, &owner, Some(&transfer.to)).await?;
+        txn.queue_capture(table, &key).await?;
+        moved += 1;
+    }
+    Ok(moved)
+}
+
+/// The owner record of a row this region may move: `Ok(None)` to skip it under `--all`, or
+/// why not (for a chosen key). `known`: the recorded owner and a transfer in progress.
+fn movable(
+    table: &str,
+    (columns, key): (&[String], &Key),
+    rule: &OwnerRule,
+    known: Option<KnownOwner>,
+    me: &str,
+    all: bool,
+) -> Result<Option<Owner>, StoreError> {
+    if let Some(moving) = known.as_ref().and_then(|k| k.moving_to.as_ref()) {
+        if all {
+            return Ok(None);
+        }
+        return Err(refused(format!(
+            "{table} {key} is being transferred to {moving} already; wait for the sidecar to capture it"
+        )));
+    }
+    let owner = match known {
+        Some(known) => known.owner,
+        None => Owner {
+            region: rule_owner(rule, columns, key).unwrap_or_else(|| "no region".into()),
+            epoch: 0,
+        },
+    };
+    if owner.region != me {
+        if all {
+            return Ok(None);
+        }
+        return Err(refused(format!(
+            "{table} {key} is owned by {}, not by {me}: run the transfer on a node of {}",
+            owner.region, owner.region
+        )));
+    }
+    Ok(Some(owner))
+}
+
+/// A key typed by a person: a JSON value, or an array of them for a composite key; text that
+/// is not JSON is taken as a string.
+pub fn parse_key(text: &str, width: usize) -> Result<Key, StoreError> {
+    let json: serde_json::Value =
+        serde_json::from_str(text).unwrap_or_else(|_| serde_json::Value::String(text.to_owned()));
+    let items = match json {
+        serde_json::Value::Array(items) => items,
+        single => vec![single],
+    };
+    if items.len() != width {
+        return Err(refused(format!(
+            "key {text} has {} values; the table's primary key has {width} columns",
+            items.len()
+        )));
+    }
+    let values = items
+        .iter()
+        .map(|v| match v {
+            serde_json::Value::Number(n) if n.is_i64() => Ok(Value::Integer(n.as_i64().expect("checked"))),
+            serde_json::Value::Number(n) => Ok(Value::Real(n.as_f64().unwrap_or(0.0))),
+            serde_json::Value::String(s) => Ok(Value::Text(s.clone())),
+            other => Err(refused(format!("{other} is not a key value"))),
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Key(values))
+}
+
+/// A row typed by a person (`--edit`): a JSON object of column values, `{"blob": "hex"}` for
+/// bytes.
+pub fn parse_row(text: &str, source: &str) -> Result<Vec<(String, Value)>, StoreError> {
+    let object: BTreeMap<String, serde_json::Value> = serde_json::from_str(text)
+        .map_err(|e| refused(format!("{source}: expected a JSON object of column values ({e})")))?;
+    object.into_iter().map(|(c, v)| Ok((c, json_value(&v)?))).collect()
+}
+
+fn json_value(value: &serde_json::Value) -> Result<Value, StoreError> {
+    Ok(match value {
+        serde_json::Value::Null => Value::Null,
+        serde_json::Value::Bool(b) => Value::Integer(i64::from(*b)),
+        serde_json::Value::Number(n) => match n.as_i64() {
+            Some(i) => Value::Integer(i),
+            None => Value::Real(n.as_f64().ok_or_else(|| refused("number out of range".into()))?),
+        },
+        serde_json::Value::String(s) => Value::Text(s.clone()),
+        serde_json::Value::Object(o) if o.len() == 1 && o.contains_key("blob") => {
+            let bad = || refused("blob must be a hex string".into());
+            let hex = o["blob"].as_str().ok_or_else(bad)?;
+            let bytes = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(hex.get(i..i + 2).unwrap_or("zz"), 16))
+                .collect::<Result<Vec<u8>, _>>()
+                .map_err(|_| bad())?;
+            Value::Blob(bytes)
+        }
+        other => {
+            return Err(refused(format!(
+                "{other} is not a column value; use a number, a string, null or {{\"blob\": \"hex\"}}"
+            )));
+        }
+    })
+}

@@ -1,0 +1,144 @@
+//! Apply: a run of remote events (one stream's frame) into the local database, exactly once.
+//!
+//! One write transaction per attempt. Order inside it:
+//! 1. the applier's mark (capture triggers skip its writes) and the frontiers;
+//! 2. admission against the frontiers (`store::admit`): loops, duplicates, gaps;
+//! 3. the rows the run touches are locked where the dialect needs it (PostgreSQL: an
+//!    application transaction that changed one has committed by now, and none can until we
+//!    commit). The first tries lock without waiting, so the applier never waits for a row
+//!    while holding others, which could deadlock with an application taking the same rows
+//!    in another order;
+//! 4. the drain of pending local changes, so a remote event never overwrites an undrained
+//!    local change: the race becomes a visible conflict;
+//! 5. remote clocks observed, then decisions and writes by `store::engine`;
+//! 6. row metadata, relayed log entries, frontiers and clock; commit. The caller
+//!    acknowledges only after commit, so a crash at any point neither loses nor doubles an
+//!    event.
+//!
+//! Retries: a grouped write the database refuses for its content rolls the attempt back and
+//! the run is replayed event by event, which dead-letters exactly the refused events; a run
+//! that lost a race with an application insert is retried; a run whose rows are held is
+//! retried shortly, and after [`NOWAIT_FOR`] waits for its locks.
+use std::time::Duration;
+
+use crate::event::Event;
+use crate::store::admit::admit;
+use crate::store::backend::{Backend, Conn, Meta, Txn};
+use crate::store::engine::{self, Halt, Mode, Stop};
+use crate::store::replica::Replica;
+use crate::store::{ApplyReport, StoreError};
+
+/// How many times a run is retried after losing a race with an application insert.
+const MAX_RACES: usize = 20;
+
+/// How long a run keeps trying to lock its rows without waiting before it waits (up to the
+/// dialect's lock timeout). Application transactions are usually far shorter.
+const NOWAIT_FOR: Duration = Duration::from_secs(2);
+
+/// How one attempt ended; only `Done` committed anything.
+enum Attempt {
+    Done(ApplyReport),
+    Stopped(Stop),
+    /// A row of the run is locked by another transaction (only when locking without waiting).
+    Busy,
+}
+
+impl<B: Backend> Replica<B> {
+    /// Applies a run of remote events in one transaction (retried as the module doc says).
+    pub async fn apply(&self, events: Vec<Event>) -> Result<ApplyReport, StoreError> {
+        self.with_writer(async |store: &Self, conn: &mut Conn<B>, last_seq: &mut u64| {
+            let started = std::time::Instant::now();
+            let mut mode = Mode::Grouped;
+            let mut busy = 0u32;
+            let mut races = 0;
+            while races < MAX_RACES {
+                let nowait = started.elapsed() < NOWAIT_FOR;
+                match store.attempt(conn, &events, mode, last_seq, nowait).await? {
+                    Attempt::Done(report) => {
+                        let ms = started.elapsed().as_secs_f64() * 1e3;
+                        tracing::debug!(events = events.len(), ms, "applied");
+                        return Ok(report);
+                    }
+                    Attempt::Stopped(Stop::Refused) => {
+                        tracing::debug!("a grouped write was refused; replaying the run event by event");
+                        mode = Mode::EventByEvent;
+                    }
+                    Attempt::Stopped(Stop::Raced) => {
+                        tracing::debug!("an application insert raced the run; retrying it");
+                        races += 1;
+                    }
+                    Attempt::Busy => {
+                        busy += 1;
+                        tracing::debug!(busy, "a row of the run is locked by the application; retrying the run");
+                        tokio::time::sleep(Duration::from_millis(1 << busy.min(6))).await;
+                    }
+                }
+            }
+            Err(StoreError::Contended(format!(
+                "the application kept inserting rows this run was inserting ({MAX_RACES} tries); retrying later"
+            )))
+        })
+        .await
+    }
+
+    async fn attempt(
+        &self,
+        conn: &mut Conn<B>,
+        events: &[Event],
+        mode: Mode,
+        last_seq: &mut u64,
+        nowait: bool,
+    ) -> Result<Attempt, StoreError> {
+        let mut tx = sqlx::Connection::begin_with(conn, sqlx::AssertSqlSafe(B::BEGIN)).await?;
+        let mut txn = self.backend.txn(&self.tables, &mut tx);
+        let mut frontiers = txn.begin_apply().await?;
+        let mut report = ApplyReport::default();
+        let admitted = admit(&self.identity.node, events, &mut frontiers, &mut report);
+        if !txn.lock_rows(&admitted, nowait).await? {
+            return Ok(Attempt::Busy);
+        }
+        report.drained = self.drain_in(&mut txn, *last_seq).await?;
+        for event in &admitted {
+            if let Err(skew) = self.clock.observe_now(event.hlc) {
+                report.skew.push(skew);
+            }
+        }
+        let written = match engine::apply_events(&mut txn, &admitted, &mut report, mode).await {
+            Ok(written) => written,
+            Err(Halt::Stop(stop)) => return Ok(Attempt::Stopped(stop)),
+            Err(Halt::Store(error)) => return Err(error),
+        };
+        // Every admitted event of a relayed origin is kept, whatever its local outcome: a
+        // table this node does not replicate may well be replicated further along.
+        let relayed: Vec<Event> = admitted
+            .iter()
+            .filter(|e| self.relayed.contains(&e.origin))
+            .map(|e| {
+                let mut relayed = (*e).clone();
+                relayed.path.push(self.identity.node.clone());
+                relayed
+            })
+            .collect();
+        let meta = Meta {
+            versions: written
+                .iter()
+                .map(|w| (w.table.as_str(), w.key.as_slice(), &w.version))
+                .collect(),
+            log: relayed.iter().collect(),
+            frontiers: frontiers
+                .iter()
+                .filter(|(_, f)| f.changed)
+                .map(|(o, f)| (o.as_str(), f.seq, f.processed))
+                .collect(),
+            hlc: self.clock.last().0,
+            ..Meta::default()
+        };
+        txn.write_meta(meta).await?;
+        txn.end_apply().await?;
+        drop(txn);
+        tx.commit().await?;
+        *last_seq = report.drained.last_seq;
+        report.frontiers = frontiers.into_iter().map(|(o, f)| (o, f.seq)).collect();
+        Ok(Attempt::Done(report))
+    }
+}

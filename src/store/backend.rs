@@ -1,0 +1,272 @@
+//! The two ports a store dialect implements, so that the replication algorithm
+//! (`store::{replica, capture, apply}`) and the strategy engine (`store::engine`) exist once.
+//!
+//! - [`Backend`]: one region's database at the connection level: the writer connection,
+//!   schema install, the node's own record, wake-ups, log reads, acknowledgements and status.
+//! - [`Txn`]: one open write transaction: the outbox, row versions and metadata, the applier's
+//!   mark and row locks, the row writes and strategy state of the engine, and the audit tables.
+//!
+//! Contract for every method: it does one piece of database IO and nothing else (no retries,
+//! no logging of its own errors, no decisions). An `Err` from a [`Txn`] method means the
+//! transaction is unusable: the caller rolls it back and returns the error, and the node
+//! retries the whole drain or apply later, so nothing is half-applied. `StoreError::Database`
+//! is the only error a dialect returns for a failed statement; a write the database refuses
+//! for its content is not an error but a [`Written::Refused`] value. Keys are passed both as
+//! typed [`Key`]s and as their canonical bytes (`Key::to_bytes`), which is what every
+//! metadata table stores.
+// The traits are implemented only inside weft and used on concrete types (through
+// `store::Store`), so the futures' `Send` bounds are checked where they are spawned.
+#![allow(async_fn_in_trait)]
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::TableConfig;
+use crate::crdt::States;
+use crate::event::{Event, Key, NodeId, Row, Value};
+use crate::replicate::RowVersion;
+use crate::store::admit::Frontier;
+use crate::store::engine::{KnownOwner, Mode, Step, TableRules};
+use crate::store::{LogEntry, PeerStatus, StoreError};
+
+/// The writer's connection type of a backend.
+pub type Conn<B> = <<B as Backend>::Db as sqlx::Database>::Connection;
+
+/// A node's replicated tables by name.
+pub type Tables<T> = HashMap<String, Arc<T>>;
+
+/// This node's own record in its database.
+#[derive(Debug, Clone)]
+pub struct NodeRecord {
+    pub node_id: String,
+    pub last_seq: u64,
+    pub hlc: u64,
+}
+
+/// An acknowledgement: `peer` has durably applied `origin`'s events up to `seq`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ack {
+    pub peer: NodeId,
+    pub origin: NodeId,
+    pub seq: u64,
+}
+
+/// How much the node holds, counted in one snapshot (`weft status`).
+#[derive(Debug, Clone, Default)]
+pub struct Counts {
+    pub last_seq: u64,
+    pub outbox_pending: u64,
+    pub log_events: u64,
+    pub dead_letters: u64,
+    pub conflicts: u64,
+}
+
+/// One origin's applied frontier, with the count of its events processed. In JSON it stays
+/// the `[origin, seq, processed]` triple `weft status --json` has always printed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(into = "(NodeId, u64, u64)")]
+pub struct FrontierStatus {
+    pub origin: NodeId,
+    pub seq: u64,
+    pub processed: u64,
+}
+
+impl From<FrontierStatus> for (NodeId, u64, u64) {
+    fn from(f: FrontierStatus) -> Self {
+        (f.origin, f.seq, f.processed)
+    }
+}
+
+/// A database connection of the backend: the writer's, or a pooled one.
+pub trait Backend: Send + Sync + Sized + 'static {
+    type Db: sqlx::Database;
+    /// What this dialect knows of a replicated table.
+    type Table: TableRules + Send + Sync + 'static;
+    /// The write transaction port over the writer connection.
+    type Txn<'t>: Txn<Table = Self::Table>
+    where
+        Self: 't;
+
+    /// The database kind, for log lines.
+    const NAME: &'static str;
+    /// The statement that opens a write transaction.
+    const BEGIN: &'static str;
+    /// The failpoint (`crate::crashpoint`) that loses a drain's commit reply.
+    const DRAIN_REPLY_LOST: &'static str;
+
+    /// The transaction port over `conn`, on which a write transaction is open.
+    fn txn<'t>(&'t self, tables: &'t Tables<Self::Table>, conn: &'t mut Conn<Self>) -> Self::Txn<'t>;
+
+    /// Dials the writer connection, with the session settings weft's statements rely on.
+    /// Fails with `StoreError::SidecarLocked` if another sidecar serves the database.
+    async fn connect_writer(&self) -> Result<Conn<Self>, StoreError>;
+    /// Creates or updates weft's metadata schema (migrations included) and the capture
+    /// triggers of `tables`, inside the open transaction; checks each table against its
+    /// config. Idempotent.
+    async fn install(
+        conn: &mut Conn<Self>,
+        tables: &[TableConfig],
+        region: &str,
+    ) -> Result<Vec<Self::Table>, StoreError>;
+    /// This node's record, if the database has one yet.
+    async fn node_record(conn: &mut Conn<Self>) -> Result<Option<NodeRecord>, StoreError>;
+    /// Creates the node's record: `node_id`, last seq 0, clock 0.
+    async fn create_node(conn: &mut Conn<Self>, node_id: &str) -> Result<(), StoreError>;
+
+    /// Before a drain takes the write lock: whether the outbox may hold anything (true when
+    /// the dialect cannot tell cheaply).
+    async fn may_have_changes(conn: &mut Conn<Self>) -> Result<bool, StoreError>;
+    /// A value that changes when there may be something new to drain.
+    async fn data_version(&self) -> Result<i64, StoreError>;
+    /// Waits until capture should look again (at most about `poll`).
+    async fn wait_for_change(&self, poll: Duration);
+
+    /// Up to `limit` log entries of `origin` with seq > `after`, in seq order, read without
+    /// the writer (entries past an unacknowledged seq are never trimmed).
+    async fn read_log(&self, origin: &str, after: u64, limit: i64) -> Result<Vec<LogEntry>, StoreError>;
+    /// Applied frontier per origin, read without the writer.
+    async fn frontiers(&self) -> Result<BTreeMap<NodeId, u64>, StoreError>;
+
+    /// A connection on which acknowledgements are recorded beside the writer, or `None` to
+    /// use the writer (SQLite has a single writer).
+    async fn ack_connection(&self) -> Result<Option<sqlx::pool::PoolConnection<Self::Db>>, StoreError>;
+    /// Records acknowledgements, keeping the highest seq per (peer, origin).
+    async fn record_acks(conn: &mut Conn<Self>, acks: &[Ack]) -> Result<(), StoreError>;
+    /// The lowest seq of `origin` every one of `peers` has acknowledged (0 if one has none).
+    async fn ack_floor(conn: &mut Conn<Self>, origin: &str, peers: &[NodeId]) -> Result<u64, StoreError>;
+    /// Drops log entries of `origin` up to `through`; returns how many went.
+    async fn trim_log(conn: &mut Conn<Self>, origin: &str, through: u64) -> Result<u64, StoreError>;
+
+    /// A consistent read-only snapshot of the database, for status.
+    async fn begin_read(&self) -> Result<sqlx::Transaction<'static, Self::Db>, StoreError>;
+    async fn counts(conn: &mut Conn<Self>) -> Result<Counts, StoreError>;
+    /// Frontiers in origin order.
+    async fn frontier_status(conn: &mut Conn<Self>) -> Result<Vec<FrontierStatus>, StoreError>;
+    /// What `peer` has acknowledged of `origin`, and the log backlog past it.
+    async fn backlog(conn: &mut Conn<Self>, peer: &str, origin: &str) -> Result<PeerStatus, StoreError>;
+
+    /// Closes the backend's own connections (the writer is closed by its owner).
+    async fn close(self);
+}
+
+/// One committed outbox change, as the dialect reads it.
+pub struct Captured<T> {
+    pub table: Arc<T>,
+    pub id: i64,
+    pub committed_at: i64,
+    pub key: Key,
+    /// The row's image (`None`: deleted).
+    pub image: Option<Row>,
+}
+
+/// Everything a drain or an applied run records besides the rows themselves.
+#[derive(Default)]
+pub struct Meta<'a> {
+    /// Row versions, (table, key bytes, version); a key listed twice keeps its last version.
+    pub versions: Vec<(&'a str, &'a [u8], &'a RowVersion)>,
+    /// Log entries to append (own events, or relayed ones with this node on their path).
+    pub log: Vec<&'a Event>,
+    /// Frontiers that moved: (origin, seq, processed).
+    pub frontiers: Vec<(&'a str, u64, u64)>,
+    /// Delete the outbox rows `Txn::take_outbox` returned.
+    pub outbox_taken: bool,
+    /// The new last own seq, if it moved.
+    pub last_seq: Option<u64>,
+    /// The clock's high-water mark, persisted with the events it stamped.
+    pub hlc: u64,
+}
+
+/// A resolved conflict, for the conflict log.
+pub struct ConflictRecord<'a> {
+    pub table: &'a str,
+    pub key: String,
+    pub strategy: &'static str,
+    /// JSON of the winning and the losing version.
+    pub winner: String,
+    pub loser: String,
+}
+
+/// An event that cannot be applied, with why.
+pub struct DeadLetter<'a> {
+    pub event: &'a Event,
+    pub reason: &'a str,
+}
+
+/// Row and metadata IO inside one open write transaction.
+pub trait Txn {
+    type Table: TableRules;
+    /// Whether a drain holds every row it reads until commit (SQLite's database lock): then a
+    /// normalized CRDT value may be written back unconditionally.
+    const DRAIN_HOLDS_ROWS: bool;
+
+    fn table(&self, name: &str) -> Option<Arc<Self::Table>>;
+
+    // Capture.
+    /// The committed outbox changes of replicated tables, whole source transactions only, in
+    /// outbox order per table. Remembers which outbox rows it took, for `write_meta`.
+    /// `None` if the outbox is empty.
+    async fn take_outbox(&mut self) -> Result<Option<Vec<Captured<Self::Table>>>, StoreError>;
+    /// Stored versions of `keys` of one table; absent keys are missing from the map.
+    async fn versions(&mut self, table: &str, keys: &[Vec<u8>]) -> Result<HashMap<Vec<u8>, RowVersion>, StoreError>;
+    /// Writes row versions, log entries, frontiers, the node's last seq and clock, and deletes
+    /// the outbox rows taken, as `meta` says.
+    async fn write_meta(&mut self, meta: Meta<'_>) -> Result<(), StoreError>;
+
+    // Apply.
+    /// Marks the transaction as the applier's (capture triggers skip its writes) and reads
+    /// the frontiers.
+    async fn begin_apply(&mut self) -> Result<BTreeMap<String, Frontier>, StoreError>;
+    /// Locks the existing rows `events` touch, so no application write to them commits before
+    /// this transaction; `false` if `nowait` and another transaction holds one.
+    async fn lock_rows(&mut self, events: &[&Event], nowait: bool) -> Result<bool, StoreError>;
+    /// Clears the applier's mark before commit, where the dialect needs it.
+    async fn end_apply(&mut self) -> Result<(), StoreError>;
+
+    // The strategy engine's row IO.
+    /// Writes the event's row change as the applier (never captured). In `Mode::Grouped` it
+    /// may be queued (and earlier queued writes flushed); in `Mode::EventByEvent` it is
+    /// executed now, and a refusal leaves nothing of it behind.
+    async fn write(&mut self, table: &Arc<Self::Table>, event: &Event, mode: Mode) -> Step;
+    /// Executes queued writes.
+    async fn flush(&mut self) -> Step;
+    /// The row's current image (queued writes are flushed first by the engine).
+    async fn read_row(&mut self, table: &Self::Table, key: &Key) -> Result<Option<Row>, StoreError>;
+    async fn crdt_states(&mut self, table: &str, key: &[u8]) -> Result<States, StoreError>;
+    async fn store_crdt_states(&mut self, table: &str, key: &[u8], states: &States) -> Result<(), StoreError>;
+    /// Sets CRDT column values of an existing row, not captured. With `unless_changed_from`
+    /// (a drain that does not hold the row), only if those columns still hold that image's
+    /// values: a later application write is drained and normalized on its own.
+    async fn write_crdt_values(
+        &mut self,
+        table: &Self::Table,
+        key: &Key,
+        values: &[(String, Value)],
+        unless_changed_from: Option<&Row>,
+    ) -> Result<(), StoreError>;
+    async fn owner(&mut self, table: &Self::Table, key: &[u8]) -> Result<Option<KnownOwner>, StoreError>;
+    /// Records a row's owner; with `moving_to`, a transfer made here that is not drained
+    /// yet, else clearing any transfer in progress.
+    async fn store_owner(
+        &mut self,
+        table: &Self::Table,
+        key: &Key,
+        owner: &crate::resolve::ownership::Owner,
+        moving_to: Option<&str>,
+    ) -> Result<(), StoreError>;
+    /// The siblings of a `queue` row, oldest (hlc, origin) first.
+    async fn siblings(&mut self, table: &str, key: &[u8]) -> Result<Vec<Event>, StoreError>;
+    /// Replaces a row's siblings; two or more open its queue entry (if not open already).
+    async fn replace_siblings(
+        &mut self,
+        table: &str,
+        key: &[u8],
+        key_text: &str,
+        set: &[Event],
+    ) -> Result<(), StoreError>;
+    /// Drops a row's siblings and closes its open entry, if any, naming who closed it.
+    async fn close_queue(&mut self, table: &str, key: &[u8], by: &str) -> Result<(), StoreError>;
+
+    // Audit.
+    async fn insert_conflict(&mut self, record: &ConflictRecord<'_>) -> Result<(), StoreError>;
+    async fn insert_dead_letter(&mut self, letter: &DeadLetter<'_>) -> Result<(), StoreError>;
+}

@@ -1,0 +1,183 @@
+//! Capture: turning committed outbox rows into events, in one write transaction.
+//!
+//! The dialect lists whole committed source transactions only (`Txn::take_outbox`). Several
+//! changes to one row in one drain coalesce into one event carrying the row's last image
+//! (the intermediate images were never visible to anyone after the drain either); the event
+//! takes the position of the row's last change, which keeps parent/child order for foreign
+//! keys (insert parent, then child; delete child, then parent). Each event gets the next seq,
+//! a fresh HLC and the row's vector plus one for this node. Strategy state (CRDT states,
+//! owners, queue entries) is settled by `store::engine`; row metadata, log append, last seq,
+//! clock and outbox delete commit together, so a drain happens entirely or not at all.
+use std::collections::HashMap;
+
+use crate::clock::Clock;
+use crate::config::Strategy;
+use crate::event::{Event, Identity, Key, Op, Row};
+use crate::replicate::RowVersion;
+use crate::store::backend::{Backend, Captured, Conn, Meta, Txn};
+use crate::store::engine::{self, TableRules};
+use crate::store::replica::Replica;
+use crate::store::{DrainReport, StoreError};
+
+impl<B: Backend> Replica<B> {
+    /// Drains the outbox into the log in its own transaction.
+    pub async fn drain(&self) -> Result<DrainReport, StoreError> {
+        self.with_writer(async |store: &Self, conn: &mut Conn<B>, last_seq: &mut u64| {
+            if !B::may_have_changes(conn).await? {
+                return Ok(DrainReport {
+                    events: 0,
+                    last_seq: *last_seq,
+                });
+            }
+            let started = std::time::Instant::now();
+            let mut tx = sqlx::Connection::begin_with(conn, sqlx::AssertSqlSafe(B::BEGIN)).await?;
+            let report = {
+                let mut txn = store.backend.txn(&store.tables, &mut tx);
+                store.drain_in(&mut txn, *last_seq).await?
+            };
+            tx.commit().await?;
+            if report.events > 0 && crate::crashpoint::reply_lost(B::DRAIN_REPLY_LOST) {
+                return Err(StoreError::Failpoint("the drain's commit reply was lost"));
+            }
+            tracing::debug!(
+                events = report.events,
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "drained"
+            );
+            *last_seq = report.last_seq;
+            Ok(report)
+        })
+        .await
+    }
+
+    /// The drain, inside the caller's write transaction. The caller adopts
+    /// `report.last_seq` only once that transaction commits.
+    pub(crate) async fn drain_in<T: Txn<Table = B::Table>>(
+        &self,
+        txn: &mut T,
+        last_seq: u64,
+    ) -> Result<DrainReport, StoreError> {
+        let Some(captured) = txn.take_outbox().await? else {
+            return Ok(DrainReport { events: 0, last_seq });
+        };
+        let changes = coalesce(captured);
+        let mut keys: HashMap<&str, Vec<Vec<u8>>> = HashMap::new();
+        for (key, change) in &changes {
+            keys.entry(change.table.name()).or_default().push(key.clone());
+        }
+        let mut stored: HashMap<String, HashMap<Vec<u8>, RowVersion>> = HashMap::new();
+        for (table, keys) in keys {
+            stored.insert(table.to_owned(), txn.versions(table, &keys).await?);
+        }
+        let local = changes.iter().map(|(key, c)| LocalChange {
+            previous: stored.get(c.table.name()).and_then(|m| m.get(key)),
+            table: c.table.name().to_owned(),
+            key: c.key.clone(),
+            key_bytes: key.clone(),
+            image: c.image.clone(),
+            committed_at: c.committed_at,
+        });
+        let mut events = local_events(&self.identity, &self.clock, last_seq, local);
+        for (key, event) in events.iter_mut() {
+            if let Some(table) = self.tables.get(&event.table).filter(|t| t.strategy() != Strategy::Lww) {
+                engine::settle_local(txn, &self.identity, table, key, event, T::DRAIN_HOLDS_ROWS).await?;
+            }
+        }
+        let batch_end = last_seq + events.len() as u64;
+        let versions: Vec<RowVersion> = events.iter().map(|(_, e)| RowVersion::of_event(e)).collect();
+        let meta = Meta {
+            versions: events
+                .iter()
+                .zip(&versions)
+                .map(|((key, event), version)| (event.table.as_str(), key.as_slice(), version))
+                .collect(),
+            log: events.iter().map(|(_, e)| e).collect(),
+            frontiers: Vec::new(),
+            outbox_taken: true,
+            last_seq: Some(batch_end),
+            hlc: self.clock.last().0,
+        };
+        txn.write_meta(meta).await?;
+        Ok(DrainReport {
+            events: events.len() as u64,
+            last_seq: batch_end,
+        })
+    }
+}
+
+/// One change per row, keyed by its canonical key bytes: the last image, the latest commit
+/// time and the position of the last change; in the order of those positions.
+fn coalesce<T: TableRules>(captured: Vec<Captured<T>>) -> Vec<(Vec<u8>, Captured<T>)> {
+    let mut out: Vec<(Vec<u8>, Captured<T>)> = Vec::with_capacity(captured.len());
+    let mut index: HashMap<(String, Vec<u8>), usize> = HashMap::new();
+    for change in captured {
+        let key = change.key.to_bytes();
+        match index.get(&(change.table.name().to_owned(), key.clone())) {
+            Some(&i) => {
+                let kept = &mut out[i].1;
+                kept.committed_at = kept.committed_at.max(change.committed_at);
+                kept.id = change.id;
+                kept.image = change.image;
+            }
+            None => {
+                index.insert((change.table.name().to_owned(), key.clone()), out.len());
+                out.push((key, change));
+            }
+        }
+    }
+    out.sort_by_key(|(_, c)| c.id);
+    out
+}
+
+/// A drained local change: the row's key, its image after the drain (`None`: deleted), its
+/// stored version before it, and its commit time.
+struct LocalChange<'a> {
+    table: String,
+    key: Key,
+    key_bytes: Vec<u8>,
+    image: Option<Row>,
+    previous: Option<&'a RowVersion>,
+    committed_at: i64,
+}
+
+/// One drain's changes as one capture batch of events, in order, numbered after `last_seq`:
+/// each gets the row's stored vector plus one for this node and a fresh HLC. A row inserted
+/// and deleted between two drains, which nobody ever saw, gives no event.
+fn local_events<'a>(
+    identity: &Identity,
+    clock: &Clock,
+    last_seq: u64,
+    changes: impl IntoIterator<Item = LocalChange<'a>>,
+) -> Vec<(Vec<u8>, Event)> {
+    let me = &identity.node;
+    let mut events: Vec<(Vec<u8>, Event)> = changes
+        .into_iter()
+        .filter(|c| c.image.is_some() || c.previous.is_some())
+        .map(|c| {
+            let mut version = c.previous.map(|l| l.version.clone()).unwrap_or_default();
+            version.increment(me);
+            let event = Event {
+                origin: me.clone(),
+                origin_region: identity.region.clone(),
+                seq: 0,
+                batch_end: 0,
+                hlc: clock.now(),
+                table: c.table,
+                key: c.key,
+                op: c.image.map(Op::Upsert).unwrap_or(Op::Delete),
+                version,
+                path: vec![me.clone()],
+                committed_at_micros: c.committed_at,
+                crdt: Vec::new(),
+                ownership: None,
+            };
+            (c.key_bytes, event)
+        })
+        .collect();
+    let batch_end = last_seq + events.len() as u64;
+    for (i, (_, event)) in events.iter_mut().enumerate() {
+        event.seq = last_seq + 1 + i as u64;
+        event.batch_end = batch_end;
+    }
+    events
+}

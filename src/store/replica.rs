@@ -1,0 +1,277 @@
+//! One region's store over a dialect: who the node is, its clock, its replicated tables, the
+//! single writer connection, the log and its acknowledgements, and the status it reports.
+//!
+//! Guarantees, whatever the dialect:
+//! - One writer connection does every drain and apply, one at a time. After any failed
+//!   call it is dropped (its transaction rolled back) and the next call redials and rereads
+//!   the last own seq from the database: a commit can succeed even when its reply is lost, so
+//!   memory never decides which seq comes next.
+//! - The database belongs to one node: opening it as another node fails with
+//!   `StoreError::WrongNode`.
+//! - The log keeps every event some peer still needs: an entry goes only once every peer
+//!   that needs its origin has acknowledged it (`record_acks_and_collect`).
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+
+use crate::clock::Clock;
+use crate::config::TableConfig;
+use crate::event::{Hlc, Identity, NodeId};
+use crate::store::backend::{Ack, Backend, Conn, Tables};
+use crate::store::{LogEntry, PeerStatus, Status, StoreError};
+
+pub struct Replica<B: Backend> {
+    pub(crate) identity: Identity,
+    pub(crate) clock: Arc<Clock>,
+    /// Remote origins whose applied events are appended to the log, to be passed on.
+    pub(crate) relayed: BTreeSet<NodeId>,
+    pub(crate) tables: Tables<B::Table>,
+    writer: Mutex<Writer<B>>,
+    pub(crate) backend: B,
+}
+
+/// The writer connection (dialled on demand) and the last own seq it committed.
+struct Writer<B: Backend> {
+    conn: Option<Conn<B>>,
+    last_seq: u64,
+}
+
+impl<B: Backend> Replica<B> {
+    /// Installs weft's schema and triggers through a fresh writer connection, claims the
+    /// database for this node (or refuses one that belongs to another), and restores the
+    /// node's sequence and clock.
+    pub(crate) async fn open_with(
+        backend: B,
+        identity: Identity,
+        tables: &[TableConfig],
+        max_clock_skew: Duration,
+    ) -> Result<Self, StoreError> {
+        let mut conn = backend.connect_writer().await?;
+        let mut tx = sqlx::Connection::begin_with(&mut conn, sqlx::AssertSqlSafe(B::BEGIN)).await?;
+        let installed = B::install(&mut tx, tables, &identity.region).await?;
+        let record = match B::node_record(&mut tx).await? {
+            Some(record) if record.node_id != identity.node => {
+                return Err(StoreError::WrongNode {
+                    found: record.node_id,
+                    expected: identity.node,
+                });
+            }
+            Some(record) => record,
+            None => {
+                B::create_node(&mut tx, &identity.node).await?;
+                B::node_record(&mut tx)
+                    .await?
+                    .ok_or_else(|| StoreError::Corrupt("the node record just written cannot be read back".into()))?
+            }
+        };
+        tx.commit().await?;
+        Ok(Self::assemble(
+            backend,
+            identity,
+            installed,
+            Some(conn),
+            record,
+            max_clock_skew,
+        ))
+    }
+
+    /// A store that reads a database served by a running sidecar: no writer, no install.
+    pub(crate) fn reading(backend: B, identity: Identity) -> Self {
+        let record = crate::store::backend::NodeRecord {
+            node_id: identity.node.clone(),
+            last_seq: 0,
+            hlc: 0,
+        };
+        Self::assemble(backend, identity, Vec::new(), None, record, Duration::from_secs(1))
+    }
+
+    fn assemble(
+        backend: B,
+        identity: Identity,
+        tables: Vec<B::Table>,
+        conn: Option<Conn<B>>,
+        record: crate::store::backend::NodeRecord,
+        max_clock_skew: Duration,
+    ) -> Self {
+        Self {
+            clock: Arc::new(Clock::restore(max_clock_skew, Hlc(record.hlc))),
+            identity,
+            relayed: BTreeSet::new(),
+            tables: tables
+                .into_iter()
+                .map(|t| (crate::store::engine::TableRules::name(&t).to_owned(), Arc::new(t)))
+                .collect(),
+            writer: Mutex::new(Writer {
+                conn,
+                last_seq: record.last_seq,
+            }),
+            backend,
+        }
+    }
+
+    /// Keeps the events of these remote origins in the log once applied (with this node
+    /// appended to their path), so they can be relayed.
+    pub fn relaying(mut self, origins: BTreeSet<NodeId>) -> Self {
+        self.relayed = origins;
+        self
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    pub fn clock(&self) -> &Arc<Clock> {
+        &self.clock
+    }
+
+    pub async fn last_seq(&self) -> u64 {
+        self.writer.lock().await.last_seq
+    }
+
+    /// Runs `f` on the writer connection, dialling it first if needed. Any error drops the
+    /// connection (its transaction rolled back); the next call redials.
+    pub(crate) async fn with_writer<T>(
+        &self,
+        f: impl AsyncFnOnce(&Self, &mut Conn<B>, &mut u64) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut guard = self.writer.lock().await;
+        let writer = &mut *guard;
+        let conn = match &mut writer.conn {
+            Some(conn) => conn,
+            slot @ None => {
+                tracing::info!("connecting to {}", B::NAME);
+                let mut conn = self.backend.connect_writer().await?;
+                // The last transaction may have committed even though its reply was lost: the
+                // database, not memory, says which seq comes next.
+                let record = B::node_record(&mut conn).await?;
+                writer.last_seq = record.map_or(0, |r| r.last_seq);
+                slot.insert(conn)
+            }
+        };
+        // `self` goes in as an argument, not a capture: a closure capturing `&self` makes the
+        // future's `Send` bound higher-ranked, which rustc cannot prove today.
+        let result = f(self, conn, &mut writer.last_seq).await;
+        if let Err(error) = &result {
+            tracing::warn!(%error, "{} call failed; the connection will be redialled", B::NAME);
+            if let Some(conn) = writer.conn.take() {
+                let _ = tokio::time::timeout(Duration::from_secs(1), sqlx::Connection::close(conn)).await;
+            }
+        }
+        result
+    }
+
+    /// Applied frontier per origin.
+    pub async fn frontiers(&self) -> Result<BTreeMap<NodeId, u64>, StoreError> {
+        self.backend.frontiers().await
+    }
+
+    /// Log entries of `origin` after `after`, about `max` of them, but always ending on a
+    /// capture-batch boundary so a source transaction is never split on the wire.
+    pub async fn read_log(&self, origin: &str, after: u64, max: usize) -> Result<Vec<LogEntry>, StoreError> {
+        let mut out: Vec<LogEntry> = Vec::new();
+        let mut cursor = after;
+        let mut limit = max as i64;
+        loop {
+            let rows = self.backend.read_log(origin, cursor, limit).await?;
+            let fetched = rows.len();
+            out.extend(rows);
+            let Some(last) = out.last() else { break };
+            if last.seq >= last.batch_end || fetched == 0 {
+                break;
+            }
+            // Finish the batch the limit cut into.
+            cursor = last.seq;
+            limit = (last.batch_end - last.seq) as i64;
+        }
+        Ok(out)
+    }
+
+    /// Records acknowledgements and drops log entries every peer that needs them has.
+    /// `needs` lists, per origin kept in the log, the peers that must acknowledge it.
+    pub async fn record_acks_and_collect(
+        &self,
+        acks: &[Ack],
+        needs: &BTreeMap<NodeId, Vec<NodeId>>,
+    ) -> Result<u64, StoreError> {
+        match self.backend.ack_connection().await? {
+            Some(mut conn) => {
+                let mut tx = sqlx::Connection::begin_with(&mut *conn, sqlx::AssertSqlSafe(B::BEGIN)).await?;
+                let removed = record_and_trim::<B>(&mut tx, acks, needs).await?;
+                tx.commit().await?;
+                Ok(removed)
+            }
+            None => {
+                self.with_writer(async |_: &Self, conn: &mut Conn<B>, _: &mut u64| {
+                    let mut tx = sqlx::Connection::begin_with(conn, sqlx::AssertSqlSafe(B::BEGIN)).await?;
+                    let removed = record_and_trim::<B>(&mut tx, acks, needs).await?;
+                    tx.commit().await?;
+                    Ok(removed)
+                })
+                .await
+            }
+        }
+    }
+
+    /// Replication state for `weft status`: frontiers, backlog and RPO exposure per peer,
+    /// read in one snapshot.
+    pub async fn status(&self, peers: &[(NodeId, Vec<NodeId>)]) -> Result<Status, StoreError> {
+        let mut tx = self.backend.begin_read().await?;
+        let counts = B::counts(&mut tx).await?;
+        let mut status = Status {
+            node: self.identity.node.clone(),
+            last_seq: counts.last_seq,
+            outbox_pending: counts.outbox_pending,
+            log_events: counts.log_events,
+            dead_letters: counts.dead_letters,
+            conflicts: counts.conflicts,
+            frontiers: B::frontier_status(&mut tx).await?,
+            peers: Vec::new(),
+        };
+        for (peer, origins) in peers {
+            for origin in origins {
+                status.peers.push(B::backlog(&mut tx, peer, origin).await?);
+            }
+        }
+        tx.commit().await?;
+        Ok(status)
+    }
+
+    /// Closes every connection, the writer last (on SQLite, the last to close checkpoints
+    /// the WAL).
+    pub async fn close(self) {
+        let writer = self.writer.into_inner();
+        self.backend.close().await;
+        if let Some(conn) = writer.conn {
+            let _ = sqlx::Connection::close(conn).await;
+        }
+    }
+}
+
+async fn record_and_trim<B: Backend>(
+    conn: &mut Conn<B>,
+    acks: &[Ack],
+    needs: &BTreeMap<NodeId, Vec<NodeId>>,
+) -> Result<u64, StoreError> {
+    B::record_acks(conn, acks).await?;
+    let mut removed = 0;
+    for (origin, peers) in needs {
+        let floor = B::ack_floor(conn, origin, peers).await?;
+        if floor > 0 {
+            removed += B::trim_log(conn, origin, floor).await?;
+        }
+    }
+    Ok(removed)
+}
+
+/// What a peer status starts as before the dialect counts the backlog.
+pub(crate) fn peer_status(peer: &str, origin: &str, acked: u64, unacked: u64, oldest: Option<i64>) -> PeerStatus {
+    PeerStatus {
+        peer: peer.to_owned(),
+        origin: origin.to_owned(),
+        acked,
+        unacked,
+        oldest_unacked_micros: oldest,
+    }
+}

@@ -1,0 +1,204 @@
+//! The admin API's SQL on SQLite (`store::admin`): queue entries, application writes,
+//! resolution and transfer records, and the `_weft_transfer` mark that lets the ownership
+//! triggers accept an owner change.
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::{AssertSqlSafe, Connection as _, SqliteConnection};
+
+use super::Sqlite;
+use super::schema::{self, NOW_MICROS, TableInfo, key_predicate, quote};
+use super::txn::SqliteTxn;
+use super::values::{bind, value_at};
+use crate::config::TableConfig;
+use crate::event::{Key, Op};
+use crate::store::StoreError;
+use crate::store::admin::{AdminBackend, AdminTxn, History, Resolved, TransferRecord};
+
+impl Sqlite {
+    /// The dialect for the admin tools: no sidecar connections are opened.
+    pub(crate) fn for_tools(path: &std::path::Path) -> Self {
+        Self::lazy(path)
+    }
+}
+
+impl AdminBackend for Sqlite {
+    async fn connect_app(&self) -> Result<SqliteConnection, StoreError> {
+        let options = SqliteConnectOptions::new()
+            .filename(&self.path)
+            .busy_timeout(std::time::Duration::from_secs(30));
+        Ok(SqliteConnection::connect_with(&options).await?)
+    }
+
+    async fn describe(conn: &mut SqliteConnection, config: &TableConfig) -> Result<TableInfo, StoreError> {
+        let mut table = schema::describe(conn, &config.name).await?;
+        table.configure(config)?;
+        Ok(table)
+    }
+}
+
+type Entry = (i64, String, Vec<u8>, String, i64);
+
+impl AdminTxn for SqliteTxn<'_> {
+    async fn installed(&mut self) -> Result<bool, StoreError> {
+        let found: i64 = sqlx::query_scalar("SELECT count(*) FROM sqlite_master WHERE name = '_weft_queue'")
+            .fetch_one(&mut *self.conn)
+            .await?;
+        Ok(found > 0)
+    }
+
+    async fn queue_entries(&mut self, id: Option<i64>) -> Result<Vec<Entry>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT id, tbl, key, key_text, opened_at FROM _weft_queue \
+             WHERE closed_at IS NULL AND (? IS NULL OR id = ?) ORDER BY id",
+        )
+        .bind(id)
+        .bind(id)
+        .fetch_all(&mut *self.conn)
+        .await?)
+    }
+
+    async fn write_as_application(&mut self, table: &TableInfo, key: &Key, op: &Op) -> Result<(), StoreError> {
+        let name = quote(&table.name);
+        let mut query = match op {
+            Op::Delete => sqlx::query(AssertSqlSafe(format!(
+                "DELETE FROM {name} WHERE {}",
+                key_predicate(&table.key)
+            ))),
+            Op::Upsert(row) => {
+                let names = row.0.iter().map(|(c, _)| quote(c)).collect::<Vec<_>>().join(", ");
+                let updates = row
+                    .0
+                    .iter()
+                    .map(|(c, _)| format!("{0} = excluded.{0}", quote(c)))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let keys = table.key.iter().map(|k| quote(k)).collect::<Vec<_>>().join(", ");
+                let marks = vec!["?"; row.0.len()].join(", ");
+                sqlx::query(AssertSqlSafe(format!(
+                    "INSERT INTO {name} ({names}) VALUES ({marks}) ON CONFLICT ({keys}) DO UPDATE SET {updates}"
+                )))
+            }
+        };
+        let values = match op {
+            Op::Delete => key.0.iter().collect::<Vec<_>>(),
+            Op::Upsert(row) => row.0.iter().map(|(_, v)| v).collect(),
+        };
+        for value in values {
+            query = bind(query, value);
+        }
+        query.execute(&mut *self.conn).await?;
+        Ok(())
+    }
+
+    async fn insert_resolution(&mut self, resolved: &Resolved, row: &str) -> Result<(), StoreError> {
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO _weft_resolutions (queue_id, tbl, key_text, decided_by, decision, row, at) \
+             VALUES (?, ?, ?, ?, ?, ?, {NOW_MICROS})"
+        )))
+        .bind(resolved.queue_id)
+        .bind(&resolved.table)
+        .bind(&resolved.key)
+        .bind(&resolved.decided_by)
+        .bind(&resolved.decision)
+        .bind(row)
+        .execute(&mut *self.conn)
+        .await?;
+        Ok(())
+    }
+
+    async fn history(&mut self) -> Result<History, StoreError> {
+        let resolved: Vec<(i64, String, String, String, String, i64)> = sqlx::query_as(
+            "SELECT queue_id, tbl, key_text, decided_by, decision, at FROM _weft_resolutions ORDER BY id",
+        )
+        .fetch_all(&mut *self.conn)
+        .await?;
+        let automatic: Vec<(i64, String, String, String, String, String, i64)> =
+            sqlx::query_as("SELECT id, tbl, key, strategy, winner, loser, at FROM _weft_conflicts ORDER BY id")
+                .fetch_all(&mut *self.conn)
+                .await?;
+        Ok(History::from_rows(resolved, automatic))
+    }
+
+    async fn begin_transfer(&mut self) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO _weft_transfer (marker) VALUES (1)")
+            .execute(&mut *self.conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn move_owner_column(
+        &mut self,
+        table: &TableInfo,
+        column: &str,
+        key: Option<&Key>,
+        from: &str,
+        to: &str,
+    ) -> Result<u64, StoreError> {
+        let set = format!("UPDATE {} SET {} = ?", quote(&table.name), quote(column));
+        let mut query = match key {
+            None => sqlx::query(AssertSqlSafe(format!("{set} WHERE {} = ?", quote(column))))
+                .bind(to.to_owned())
+                .bind(from.to_owned()),
+            Some(_) => {
+                sqlx::query(AssertSqlSafe(format!("{set} WHERE {}", key_predicate(&table.key)))).bind(to.to_owned())
+            }
+        };
+        for value in key.iter().flat_map(|k| &k.0) {
+            query = bind(query, value);
+        }
+        Ok(query.execute(&mut *self.conn).await?.rows_affected())
+    }
+
+    async fn row_keys(&mut self, table: &TableInfo, key: Option<&Key>) -> Result<Vec<Key>, StoreError> {
+        let list = table.key.iter().map(|k| quote(k)).collect::<Vec<_>>().join(", ");
+        let select = format!("SELECT {list} FROM {}", quote(&table.name));
+        let mut query = match key {
+            None => sqlx::query(AssertSqlSafe(select)),
+            Some(_) => sqlx::query(AssertSqlSafe(format!("{select} WHERE {}", key_predicate(&table.key)))),
+        };
+        for value in key.iter().flat_map(|k| &k.0) {
+            query = bind(query, value);
+        }
+        let rows = query.fetch_all(&mut *self.conn).await?;
+        rows.iter()
+            .map(|row| {
+                Ok(Key((0..table.key.len())
+                    .map(|i| value_at(row, i))
+                    .collect::<Result<_, _>>()?))
+            })
+            .collect()
+    }
+
+    async fn queue_capture(&mut self, table: &TableInfo, key: &Key) -> Result<(), StoreError> {
+        let slots = (1..=key.0.len())
+            .map(|i| format!("k{i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let marks = vec!["?"; key.0.len()].join(", ");
+        let sql = format!("INSERT INTO _weft_outbox (tbl, {slots}, at) VALUES (?, {marks}, {NOW_MICROS})");
+        let mut query = sqlx::query(AssertSqlSafe(sql)).bind(table.name.clone());
+        for value in &key.0 {
+            query = bind(query, value);
+        }
+        query.execute(&mut *self.conn).await?;
+        Ok(())
+    }
+
+    async fn end_transfer(&mut self, record: &TransferRecord<'_>) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM _weft_transfer")
+            .execute(&mut *self.conn)
+            .await?;
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO _weft_transfers (tbl, rows, moved, from_region, to_region, decided_by, at) \
+             VALUES (?, ?, ?, ?, ?, ?, {NOW_MICROS})"
+        )))
+        .bind(record.table)
+        .bind(&record.rows)
+        .bind(record.moved as i64)
+        .bind(record.from)
+        .bind(record.to)
+        .bind(record.by)
+        .execute(&mut *self.conn)
+        .await?;
+        Ok(())
+    }
+}

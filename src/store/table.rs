@@ -1,0 +1,177 @@
+//! A replicated table as a store sees it: columns and primary key read from the database
+//! catalogue, the strategy settings of its config checked against them, and what the dialect
+//! adds (prepared SQL on SQLite, column types on PostgreSQL) in `dialect`.
+//!
+//! The strategy checks are made here once for both stores, so the same mistake gets the same
+//! message whatever the database; a dialect only says whether a column's type can hold what
+//! a setting needs ([`ColumnTypes::fits`]).
+use std::collections::BTreeMap;
+use std::ops::Deref;
+
+use crate::config::{OwnerRule, Strategy, TableConfig};
+use crate::crdt::CrdtType;
+use crate::event::Event;
+use crate::store::StoreError;
+use crate::store::engine::TableRules;
+
+/// What a setting needs of a column's type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// A CRDT counter: an integer type.
+    Counter,
+    /// A CRDT set (a JSON array) or an owner column: a text type.
+    Text,
+    /// The key column of a ranges owner rule: an integer type.
+    IntegerKey,
+    /// The key column of a prefix owner rule: a text type.
+    TextKey,
+}
+
+/// The dialect's part of a table description.
+pub trait ColumnTypes {
+    /// `Err(what the column is)` if `column`'s declared type cannot hold what `need` says.
+    fn fits(&self, _column: &str, _need: Need) -> Result<(), String> {
+        Ok(())
+    }
+    /// Why the event does not fit this table in this database, if it does not.
+    fn refuses(&self, _event: &Event) -> Option<String> {
+        None
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Table<D> {
+    pub name: String,
+    /// Replicated columns, in table order.
+    pub columns: Vec<String>,
+    /// Primary-key columns, in key order.
+    pub key: Vec<String>,
+    /// How concurrent writes to this table are resolved.
+    pub strategy: Strategy,
+    /// CRDT columns and their types (`crdt` tables only).
+    pub crdt: BTreeMap<String, CrdtType>,
+    /// The column naming each row's owner region (`ownership` tables only).
+    pub owner_column: Option<String>,
+    /// The rule finding each row's owner region from its key (`ownership` tables only).
+    pub owner_rule: Option<OwnerRule>,
+    pub dialect: D,
+}
+
+/// The dialect's fields read as the table's own (`table.types` on PostgreSQL).
+impl<D> Deref for Table<D> {
+    type Target = D;
+    fn deref(&self) -> &D {
+        &self.dialect
+    }
+}
+
+impl<D> Table<D> {
+    /// A table as the catalogue describes it, before its config is applied (LWW).
+    pub fn described(name: &str, columns: Vec<String>, key: Vec<String>, dialect: D) -> Self {
+        Self {
+            name: name.to_owned(),
+            columns,
+            key,
+            strategy: Strategy::Lww,
+            crdt: BTreeMap::new(),
+            owner_column: None,
+            owner_rule: None,
+            dialect,
+        }
+    }
+}
+
+impl<D: ColumnTypes> Table<D> {
+    /// Applies the table's strategy settings from its config, checking them against the
+    /// table's columns and their types.
+    pub fn configure(&mut self, config: &TableConfig) -> Result<(), StoreError> {
+        let problem = |message: String| StoreError::Table {
+            table: config.name.clone(),
+            message,
+        };
+        self.strategy = config.strategy;
+        for (column, kind) in &config.columns {
+            let what = if !self.columns.contains(column) {
+                Some("does not exist")
+            } else if self.key.contains(column) {
+                Some("is part of the primary key")
+            } else {
+                None
+            };
+            if let Some(what) = what {
+                return Err(problem(format!(
+                    "CRDT column `{column}` {what}; list existing non-key columns under columns"
+                )));
+            }
+            let need = match kind {
+                CrdtType::Counter => Need::Counter,
+                CrdtType::Set => Need::Text,
+                CrdtType::Register => continue,
+            };
+            self.dialect.fits(column, need).map_err(|is| {
+                problem(format!(
+                    "CRDT column `{column}` is {is}; a {kind:?} column needs {}",
+                    match kind {
+                        CrdtType::Counter => "an integer type (smallint, integer, bigint)",
+                        _ => "a text type (text, varchar; a set is stored as a JSON array)",
+                    }
+                ))
+            })?;
+        }
+        self.crdt = config.columns.clone();
+        if let Some(column) = &config.owner_column {
+            let text = self.dialect.fits(column, Need::Text);
+            if !self.columns.contains(column) || self.key.contains(column) || text.is_err() {
+                return Err(problem(format!(
+                    "owner column `{column}` must be an existing non-key text column"
+                )));
+            }
+            self.owner_column = Some(column.clone());
+        }
+        if let Some(rule) = &config.owner_rule {
+            let column = rule.column.clone().unwrap_or_else(|| self.key[0].clone());
+            if !self.key.contains(&column) {
+                return Err(problem(format!(
+                    "owner_rule column `{column}` is not a primary-key column (the key is {}); a rule reads the key",
+                    self.key.join(", ")
+                )));
+            }
+            let (need, what) = match rule.prefix {
+                Some(_) => (Need::TextKey, "a prefix rule needs a text key column"),
+                None => (Need::IntegerKey, "a ranges rule needs an integer key column"),
+            };
+            self.dialect
+                .fits(&column, need)
+                .map_err(|is| problem(format!("owner_rule column `{column}` is {is}; {what}")))?;
+            self.owner_rule = Some(rule.clone());
+        }
+        Ok(())
+    }
+}
+
+impl<D: ColumnTypes> TableRules for Table<D> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn columns(&self) -> &[String] {
+        &self.columns
+    }
+    fn key(&self) -> &[String] {
+        &self.key
+    }
+    fn strategy(&self) -> Strategy {
+        self.strategy
+    }
+    fn crdt(&self) -> &BTreeMap<String, CrdtType> {
+        &self.crdt
+    }
+    fn owner_column(&self) -> Option<&String> {
+        self.owner_column.as_ref()
+    }
+    fn owner_rule(&self) -> Option<&OwnerRule> {
+        self.owner_rule.as_ref()
+    }
+    fn refuses(&self, event: &Event) -> Option<String> {
+        self.dialect.refuses(event)
+    }
+}
