@@ -6,7 +6,7 @@
 //! detect a dead one. Any failure drops the stream and redials with backoff; the receiver's
 //! frontiers make the resend exact.
 //!
-//! Receiver side (`Service`): check Hello (protocol, mesh, a known peer), answer Welcome, then
+//! Receiver side (`Service`): admit the Hello (`handshake::check_hello`), answer Welcome, then
 //! apply each batch durably and only then acknowledge it with the new frontiers. A gap or a
 //! failed apply ends the stream, so the sender resends from the frontier.
 use std::collections::{BTreeMap, VecDeque};
@@ -26,6 +26,7 @@ use crate::event::NodeId;
 use crate::store::Store;
 use crate::telemetry::Metrics;
 use crate::topology;
+use crate::transport::handshake::{self, Hello, Refusal};
 use crate::wire::{self, PROTOCOL, proto};
 
 use proto::receive_frame::Body as Reply;
@@ -119,6 +120,14 @@ fn frontiers_to_proto(frontiers: &BTreeMap<NodeId, u64>) -> Vec<proto::Frontier>
             seq,
         })
         .collect()
+}
+
+fn refusal_status(refusal: Refusal) -> Status {
+    let message = refusal.to_string();
+    match refusal {
+        Refusal::Protocol { .. } => Status::failed_precondition(message),
+        Refusal::OtherMesh { .. } | Refusal::NotAPeer { .. } => Status::permission_denied(message),
+    }
 }
 
 /// The receiving half, served by the node's gRPC server.
@@ -240,24 +249,12 @@ impl proto::replication_server::Replication for Service {
         else {
             return Err(Status::invalid_argument("the first frame must be Hello"));
         };
-        if hello.protocol != PROTOCOL {
-            return Err(Status::failed_precondition(format!(
-                "protocol {} not supported; this node speaks {PROTOCOL}",
-                hello.protocol
-            )));
-        }
-        if hello.mesh != config.topology.mesh {
-            return Err(Status::permission_denied(format!(
-                "node {} is in mesh `{}`, this node is in `{}`",
-                hello.node_id, hello.mesh, config.topology.mesh
-            )));
-        }
-        if config.topology.node(&hello.node_id).is_none() || hello.node_id == config.node {
-            return Err(Status::permission_denied(format!(
-                "`{}` is not a peer in this topology",
-                hello.node_id
-            )));
-        }
+        let claim = Hello {
+            protocol: hello.protocol,
+            node: &hello.node_id,
+            mesh: &hello.mesh,
+        };
+        handshake::check_hello(claim, &config.topology, &config.node).map_err(refusal_status)?;
         let frontiers = self
             .ctx
             .store

@@ -1,2 +1,3 @@
 //! Transports: how events travel between peers. gRPC (tonic) is the built-in one.
 pub mod grpc;
+pub mod handshake;
