@@ -10,7 +10,8 @@
 //! Layers import downward only:
 //! - data (no IO): [`event`], [`version`], [`clock`];
 //! - policy (pure): [`config`], [`topology`], [`resolve`], [`replicate`];
-//! - ports: [`store`] (capture, apply and metadata in the database), [`transport`] (gRPC);
+//! - ports: [`store`] (capture, apply and metadata in the database), [`transport`] (a
+//!   sans-IO session per peer, bound to gRPC);
 //!   [`wire`] is the only place protobuf types meet domain types;
 //! - shell: [`node`] (wiring; the only module that spawns tasks), [`telemetry`], and the
 //!   `weft` binary's commands in [`cli`].

@@ -24,7 +24,8 @@ use crate::store::StoreError;
 use crate::store::backend::Ack;
 use crate::telemetry::Metrics;
 use crate::topology;
-use crate::transport::grpc::{self, Context, MAX_MESSAGE_BYTES, ReplicationServer, Service};
+use crate::transport::grpc::{self, MAX_MESSAGE_BYTES, ReplicationServer, Service};
+use crate::transport::{Context, Heard};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -84,11 +85,10 @@ impl Node {
         let ctx = Context {
             config: config.clone(),
             store: store.clone(),
-            metrics,
+            observer: metrics.clone(),
             log_grew,
             acks: Default::default(),
-            heard: Default::default(),
-            started: tokio::time::Instant::now(),
+            heard: Arc::new(Heard::new(tokio::time::Instant::now())),
             shutdown: shutdown_rx.clone(),
         };
         let mut tasks = JoinSet::new();
@@ -115,13 +115,13 @@ impl Node {
         for peer in topology::downstream(&config.topology, &config.node) {
             tasks.spawn(grpc::feed_peer(ctx.clone(), peer.clone()));
         }
-        tasks.spawn(capture_loop(ctx.clone()));
-        tasks.spawn(upkeep_loop(ctx.clone()));
+        tasks.spawn(capture_loop(ctx.clone(), metrics.clone()));
+        tasks.spawn(upkeep_loop(ctx.clone(), metrics.clone()));
         tracing::info!(node = %config.node, %listen, peers = topology::downstream(&config.topology, &config.node).len(), "weft node started");
         Ok(Self {
             config,
             store,
-            metrics: ctx.metrics,
+            metrics,
             listen,
             shutdown,
             tasks,
@@ -151,7 +151,7 @@ impl Node {
 }
 
 /// Drains the outbox whenever another connection has committed; once more at shutdown.
-async fn capture_loop(ctx: Context) {
+async fn capture_loop(ctx: Context, metrics: Arc<Metrics>) {
     let mut shutdown = ctx.shutdown.clone();
     let mut seen = None;
     let mut failures = 0u32;
@@ -165,7 +165,7 @@ async fn capture_loop(ctx: Context) {
                     failures = 0;
                     if report.events > 0 {
                         crate::crashpoint::hit("after-drain");
-                        ctx.metrics
+                        metrics
                             .captured
                             .fetch_add(report.events, std::sync::atomic::Ordering::Relaxed);
                     }
@@ -197,7 +197,7 @@ async fn capture_loop(ctx: Context) {
 }
 
 /// Persists acknowledgements, trims the log, and logs a status line now and then.
-async fn upkeep_loop(ctx: Context) {
+async fn upkeep_loop(ctx: Context, metrics: Arc<Metrics>) {
     let mut shutdown = ctx.shutdown.clone();
     let needs_by_origin = topology::log_needs(&ctx.config.topology, &ctx.config.node, ctx.config.relay_repair());
     let mut persisted: BTreeMap<(NodeId, NodeId), u64> = BTreeMap::new();
@@ -231,7 +231,7 @@ async fn upkeep_loop(ctx: Context) {
         }
         ticks += 1;
         if ticks.is_multiple_of(50) {
-            let m = &ctx.metrics;
+            let m = &metrics;
             let lag = m.lag();
             tracing::info!(
                 captured = Metrics::get(&m.captured),

@@ -3,7 +3,8 @@
 //! Everything here is cheap to update from hot paths (atomics; one short mutex for the lag
 //! histogram and the peer table) and is read by `weft demo`, `weft bench`, the periodic status
 //! log line and tests. Lag is measured from the application's commit (stamped by the capture
-//! trigger) to the remote apply commit, on the wall clocks of the two machines.
+//! trigger) to the remote apply commit, on the wall clocks of the two machines. The transport
+//! reports into these figures through its `PeerObserver` port, implemented here.
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,6 +13,7 @@ use hdrhistogram::Histogram;
 
 use crate::event::NodeId;
 use crate::store::ApplyReport;
+use crate::transport::PeerObserver;
 
 #[derive(Default, Debug, Clone, serde::Serialize)]
 pub struct PeerState {
@@ -116,5 +118,42 @@ impl Metrics {
 
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+}
+
+impl PeerObserver for Metrics {
+    fn peer_connected(&self, peer: &str, own_sent: u64) {
+        self.update_peer(peer, |p| {
+            p.connected = true;
+            p.sent = own_sent;
+            p.acked = own_sent;
+        });
+    }
+
+    fn peer_lost(&self, peer: &str) {
+        self.update_peer(peer, |p| {
+            p.connected = false;
+            p.reconnects += 1;
+        });
+    }
+
+    fn sent(&self, peer: &str, own_seq: u64) {
+        self.update_peer(peer, |p| p.sent = own_seq);
+    }
+
+    fn acked(&self, peer: &str, own_seq: u64) {
+        self.update_peer(peer, |p| p.acked = p.acked.max(own_seq));
+    }
+
+    fn relaying(&self, peer: &str, origins: &[NodeId]) {
+        self.update_peer(peer, |p| p.relaying = origins.to_vec());
+    }
+
+    fn applied(&self, report: &ApplyReport, now_micros: i64) {
+        self.record_apply(report, now_micros);
+    }
+
+    fn clock_skew(&self) {
+        self.skew_reports.fetch_add(1, Ordering::Relaxed);
     }
 }

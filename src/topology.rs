@@ -1,11 +1,14 @@
 //! Routing rules: which events a node sends to which peer, which it keeps to relay, and which
 //! it drops on arrival; plus `simulate`, which walks the rules to prove delivery.
 //!
-//! Pure functions over a validated `Topology`. Routing depends only on (shape, this node,
-//! peer, origin), never on timing, so every node agrees on every route. The loop rule holds in
-//! every shape: a node drops an event whose origin is itself or whose path already contains
-//! it; duplicates are dropped later, by the per-origin frontier.
+//! Pure functions over a validated `Topology`. Static routing depends only on (shape, this
+//! node, peer, origin), never on timing, so every node agrees on every route. The one timed
+//! rule, `relay_requests` (repairing a failed all-to-all link), is handed how long ago each
+//! node was heard rather than reading a clock, so it is as testable as the rest. The loop rule
+//! holds in every shape: a node drops an event whose origin is itself or whose path already
+//! contains it; duplicates are dropped later, by the per-origin frontier.
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use crate::config::{NodeSpec, Shape, Topology};
 use crate::event::{Event, NodeId};
@@ -145,6 +148,42 @@ pub fn log_needs(topology: &Topology, me: &str, relay_repair: bool) -> BTreeMap<
         }
     }
     needs
+}
+
+/// The origins `me` asks `peer` to relay to it: in all-to-all, every other origin whose direct
+/// link has been silent longer than `relay_after`, each asked of exactly one peer (the first
+/// in topology order that is still heard from) so that only one relay runs per origin.
+///
+/// `heard_ago(node)` is how long ago `node` last delivered a frame, `None` if never; a node
+/// never heard counts as heard when this node came up, `up_for` ago, so a fresh node waits
+/// `relay_after` before asking, but it never picks a relay it has not heard at all.
+pub fn relay_requests(
+    topology: &Topology,
+    me: &str,
+    peer: &str,
+    heard_ago: impl Fn(&str) -> Option<Duration>,
+    up_for: Duration,
+    relay_after: Duration,
+) -> Vec<NodeId> {
+    if topology.shape != Shape::AllToAll {
+        return Vec::new();
+    }
+    let alive = |node: &str| heard_ago(node).unwrap_or(up_for) <= relay_after;
+    let relay_for = |origin: &str| {
+        topology
+            .nodes
+            .iter()
+            .map(|n| n.id.as_str())
+            .find(|&p| p != me && p != origin && heard_ago(p).is_some() && alive(p))
+    };
+    topology
+        .nodes
+        .iter()
+        .map(|n| n.id.as_str())
+        .filter(|&origin| origin != me && origin != peer && !alive(origin))
+        .filter(|&origin| relay_for(origin) == Some(peer))
+        .map(str::to_owned)
+        .collect()
 }
 
 pub fn admit(me: &str, event: &Event) -> Result<(), Drop> {
@@ -347,6 +386,48 @@ mod tests {
             problems.contains(&"n1 never receives the events of n0".to_string()),
             "{problems:?}"
         );
+    }
+
+    /// Table: who was heard when, and what `n0` asks of each peer (relay after 5 s).
+    #[test]
+    fn relay_requests_ask_one_heard_peer_per_silent_origin() {
+        let t = mesh("shape = \"all-to-all\"", 4);
+        let after = Duration::from_secs(5);
+        let s = Duration::from_secs;
+        // (heard ago per n1, n2, n3; up for; expected requests to n1, n2, n3)
+        type Case<'a> = ([Option<u64>; 3], u64, [&'a [&'a str]; 3]);
+        let cases: &[Case] = &[
+            // Everyone fresh: nothing to repair.
+            ([Some(1), Some(1), Some(1)], 60, [&[], &[], &[]]),
+            // n1 silent: asked of n2, the first peer still heard, and of nobody else.
+            ([Some(9), Some(1), Some(1)], 60, [&[], &["n1"], &[]]),
+            // Exactly `relay_after` is not yet silent.
+            ([Some(5), Some(1), Some(1)], 60, [&[], &[], &[]]),
+            // n1 and n2 silent: n3 relays both.
+            ([Some(9), Some(9), Some(1)], 60, [&[], &[], &["n1", "n2"]]),
+            // n1 never heard, node just up: give it time.
+            ([None, Some(1), Some(1)], 2, [&[], &[], &[]]),
+            // n1 never heard for longer than relay_after: silent.
+            ([None, Some(1), Some(1)], 60, [&[], &["n1"], &[]]),
+            // n2 never heard is no relay, even fresh: n3 is asked.
+            ([Some(9), None, Some(1)], 2, [&[], &[], &["n1"]]),
+            // Nobody left to ask.
+            ([Some(9), Some(9), Some(9)], 60, [&[], &[], &[]]),
+        ];
+        for (i, &(heard, up_for, expected)) in cases.iter().enumerate() {
+            let heard_ago = |node: &str| match node {
+                "n1" => heard[0].map(s),
+                "n2" => heard[1].map(s),
+                "n3" => heard[2].map(s),
+                other => panic!("asked about {other}"),
+            };
+            for (peer, want) in ["n1", "n2", "n3"].into_iter().zip(expected) {
+                let got = relay_requests(&t, "n0", peer, heard_ago, s(up_for), after);
+                assert_eq!(got, want.to_vec(), "case {i}, peer {peer}");
+            }
+        }
+        let ring = mesh("shape = \"ring\"", 4);
+        assert!(relay_requests(&ring, "n0", "n2", |_| Some(s(60)), s(60), after).is_empty());
     }
 
     #[test]

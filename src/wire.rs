@@ -4,7 +4,9 @@
 //! Decoding validates: an event without an op or with a value of unknown kind is refused
 //! with a `WireError`, never guessed at. Unknown fields are ignored by prost, which is what
 //! lets newer peers add fields.
-use crate::event::{Event, Hlc, Key, Op, Row, Value};
+use std::collections::BTreeMap;
+
+use crate::event::{Event, Hlc, Key, NodeId, Op, Row, Value};
 use crate::version::VersionVector;
 
 #[allow(clippy::all, clippy::pedantic)]
@@ -171,6 +173,22 @@ pub fn encode_event(event: &Event) -> Vec<u8> {
 pub fn decode_event(bytes: &[u8]) -> Result<Event, WireError> {
     let event: proto::Event = prost::Message::decode(bytes)?;
     event_from_proto(event)
+}
+
+/// A frontier map as sent in Welcome, Ack and Heartbeat.
+pub fn frontiers_to_proto(frontiers: &BTreeMap<NodeId, u64>) -> Vec<proto::Frontier> {
+    frontiers
+        .iter()
+        .map(|(origin, &seq)| proto::Frontier {
+            origin: origin.clone(),
+            seq,
+        })
+        .collect()
+}
+
+/// A received frontier map; should an origin repeat, its last entry counts.
+pub fn frontiers_from_proto(frontiers: Vec<proto::Frontier>) -> BTreeMap<NodeId, u64> {
+    frontiers.into_iter().map(|f| (f.origin, f.seq)).collect()
 }
 
 #[cfg(test)]

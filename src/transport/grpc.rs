@@ -1,34 +1,36 @@
-//! gRPC transport: one long-lived bidirectional stream from each sender to each peer.
+//! The gRPC binding of the session: one long-lived bidirectional stream from each sender to
+//! each peer. This file only moves frames; what to send and what a reply means is decided by
+//! [`session::Feeder`], who may feed us by [`handshake::check_hello`].
 //!
-//! Sender side (`feed_peer`): dial, send Hello, read the receiver's frontiers from Welcome,
-//! and stream log events after them in batches that never split a capture batch, with at most
-//! `window` batches unacknowledged (back-pressure); heartbeats keep an idle stream alive and
-//! detect a dead one. Any failure drops the stream and redials with backoff; the receiver's
-//! frontiers make the resend exact.
+//! Sender side (`feed_peer`): dial, send Hello, hand the receiver's frontiers from Welcome to
+//! the feeder, and send the batches it names; heartbeats keep an idle stream alive and detect
+//! a dead one. Any failure drops the stream and redials after the feeder's backoff; the
+//! receiver's frontiers make the resend exact.
 //!
-//! Receiver side (`Service`): check Hello (protocol, mesh, a known peer), answer Welcome, then
-//! apply each batch durably and only then acknowledge it with the new frontiers. A gap or a
-//! failed apply ends the stream, so the sender resends from the frontier.
-use std::collections::{BTreeMap, VecDeque};
+//! Receiver side (`Service`): admit the Hello, answer Welcome, then apply each batch durably
+//! and only then acknowledge it with the new frontiers and this node's relay requests. A gap
+//! or a failed apply ends the stream, so the sender resends from the frontier.
 use std::pin::Pin;
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::Stream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::Context;
+use super::handshake::{self, Hello, Refusal};
+use super::session::{Backoff, Feeder, Settings, Tick};
 use crate::clock::now_micros;
-use crate::config::{NodeConfig, NodeSpec};
+use crate::config::NodeSpec;
 use crate::event::NodeId;
-use crate::store::Store;
-use crate::telemetry::Metrics;
-use crate::topology;
-use crate::wire::{self, PROTOCOL, proto};
+use crate::shutdown::stopped;
+use crate::wire::{self, PROTOCOL, frontiers_from_proto, frontiers_to_proto, proto};
 
 use proto::receive_frame::Body as Reply;
+use proto::replication_client::ReplicationClient;
 pub use proto::replication_server::ReplicationServer;
 use proto::send_frame::Body as Outgoing;
 
@@ -53,72 +55,12 @@ pub enum TransportError {
     Store(#[from] crate::store::StoreError),
 }
 
-/// What a sender or receiver needs of its node.
-#[derive(Clone)]
-pub struct Context {
-    pub config: Arc<NodeConfig>,
-    pub store: Arc<Store>,
-    pub metrics: Arc<Metrics>,
-    /// Bumped whenever this node's log grows.
-    pub log_grew: watch::Sender<u64>,
-    /// Latest acknowledged seq per (peer, origin), persisted by the node's upkeep task.
-    pub acks: Arc<std::sync::Mutex<BTreeMap<(NodeId, NodeId), u64>>>,
-    /// When each peer's inbound stream last delivered a frame.
-    pub heard: Arc<std::sync::Mutex<BTreeMap<NodeId, Instant>>>,
-    /// When this node started (a peer never heard counts as heard then).
-    pub started: Instant,
-    pub shutdown: watch::Receiver<bool>,
-}
-
-impl Context {
-    /// The origins `peer` should relay to this node: in all-to-all, those whose direct link
-    /// has been silent longer than `relay_after`, each asked of exactly one peer (the
-    /// lowest-id peer still heard from) so that only one relay runs per origin.
-    fn relay_wanted_from(&self, peer: &str) -> Vec<String> {
-        let config = &self.config;
-        let Some(after) = config.replication.relay_after() else {
-            return Vec::new();
-        };
-        if config.topology.shape != crate::config::Shape::AllToAll {
-            return Vec::new();
-        }
-        let heard = self.heard.lock().expect("heard lock");
-        let alive = |node: &str| heard.get(node).copied().unwrap_or(self.started).elapsed() <= after;
-        config
-            .topology
-            .nodes
-            .iter()
-            .map(|n| n.id.as_str())
-            .filter(|&origin| origin != config.node && origin != peer && !alive(origin))
-            .filter(|&origin| {
-                let relay = config
-                    .topology
-                    .nodes
-                    .iter()
-                    .map(|n| n.id.as_str())
-                    .find(|&p| p != config.node && p != origin && heard.contains_key(p) && alive(p));
-                relay == Some(peer)
-            })
-            .map(str::to_owned)
-            .collect()
+fn refusal_status(refusal: Refusal) -> Status {
+    let message = refusal.to_string();
+    match refusal {
+        Refusal::Protocol { .. } => Status::failed_precondition(message),
+        Refusal::OtherMesh { .. } | Refusal::NotAPeer { .. } => Status::permission_denied(message),
     }
-
-    fn mark_heard(&self, peer: &str) {
-        self.heard
-            .lock()
-            .expect("heard lock")
-            .insert(peer.to_owned(), Instant::now());
-    }
-}
-
-fn frontiers_to_proto(frontiers: &BTreeMap<NodeId, u64>) -> Vec<proto::Frontier> {
-    frontiers
-        .iter()
-        .map(|(origin, &seq)| proto::Frontier {
-            origin: origin.clone(),
-            seq,
-        })
-        .collect()
 }
 
 /// The receiving half, served by the node's gRPC server.
@@ -143,7 +85,7 @@ struct Inbound {
     ctx: Context,
     peer: NodeId,
     frames: Streaming<proto::SendFrame>,
-    shutdown: watch::Receiver<bool>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
     done: bool,
 }
 
@@ -154,11 +96,11 @@ impl Inbound {
         }
         let silence = self.ctx.config.replication.peer_timeout();
         let frame = tokio::select! {
-            _ = crate::shutdown::stopped(&mut self.shutdown) => return None,
+            _ = stopped(&mut self.shutdown) => return None,
             frame = timeout(silence, self.frames.message()) => frame,
         };
         if matches!(frame, Ok(Ok(Some(_)))) {
-            self.ctx.mark_heard(&self.peer);
+            self.ctx.heard.mark(&self.peer, Instant::now());
         }
         let result = match frame {
             Err(_) => Err(Status::deadline_exceeded(format!(
@@ -169,15 +111,7 @@ impl Inbound {
             Ok(Ok(None)) => return None,
             Ok(Ok(Some(proto::SendFrame {
                 body: Some(Outgoing::Heartbeat(_)),
-            }))) => match self.ctx.store.frontiers().await {
-                Ok(frontiers) => Ok(reply(Reply::Heartbeat(proto::Heartbeat {
-                    sent_at_micros: now_micros(),
-                    hlc: self.ctx.store.clock().last().0,
-                    frontiers: frontiers_to_proto(&frontiers),
-                    relay_wanted: self.ctx.relay_wanted_from(&self.peer),
-                }))),
-                Err(e) => Err(Status::unavailable(e.to_string())),
-            },
+            }))) => self.heartbeat().await,
             Ok(Ok(Some(proto::SendFrame {
                 body: Some(Outgoing::Batch(batch)),
             }))) => self.apply(batch).await,
@@ -187,6 +121,22 @@ impl Inbound {
             self.done = true;
         }
         Some(result)
+    }
+
+    /// Answers a heartbeat with our clock, frontiers and relay requests.
+    async fn heartbeat(&self) -> Result<proto::ReceiveFrame, Status> {
+        let frontiers = self
+            .ctx
+            .store
+            .frontiers()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(reply(Reply::Heartbeat(proto::Heartbeat {
+            sent_at_micros: now_micros(),
+            hlc: self.ctx.store.clock().last().0,
+            frontiers: frontiers_to_proto(&frontiers),
+            relay_wanted: self.relay_wanted(),
+        })))
     }
 
     async fn apply(&mut self, batch: proto::Batch) -> Result<proto::ReceiveFrame, Status> {
@@ -201,7 +151,7 @@ impl Inbound {
             Status::unavailable(format!("apply failed: {e}"))
         })?;
         crate::crashpoint::hit("after-apply");
-        self.ctx.metrics.record_apply(&report, now_micros());
+        self.ctx.observer.applied(&report, now_micros());
         if report.drained.events > 0 {
             self.ctx.log_grew.send_replace(report.drained.last_seq);
         }
@@ -216,8 +166,14 @@ impl Inbound {
         }
         Ok(reply(Reply::Ack(proto::Ack {
             frontiers: frontiers_to_proto(&report.frontiers),
-            relay_wanted: self.ctx.relay_wanted_from(&self.peer),
+            relay_wanted: self.relay_wanted(),
         })))
+    }
+
+    fn relay_wanted(&self) -> Vec<NodeId> {
+        self.ctx
+            .heard
+            .relay_requests(&self.ctx.config, &self.peer, Instant::now())
     }
 }
 
@@ -240,24 +196,12 @@ impl proto::replication_server::Replication for Service {
         else {
             return Err(Status::invalid_argument("the first frame must be Hello"));
         };
-        if hello.protocol != PROTOCOL {
-            return Err(Status::failed_precondition(format!(
-                "protocol {} not supported; this node speaks {PROTOCOL}",
-                hello.protocol
-            )));
-        }
-        if hello.mesh != config.topology.mesh {
-            return Err(Status::permission_denied(format!(
-                "node {} is in mesh `{}`, this node is in `{}`",
-                hello.node_id, hello.mesh, config.topology.mesh
-            )));
-        }
-        if config.topology.node(&hello.node_id).is_none() || hello.node_id == config.node {
-            return Err(Status::permission_denied(format!(
-                "`{}` is not a peer in this topology",
-                hello.node_id
-            )));
-        }
+        let claim = Hello {
+            protocol: hello.protocol,
+            node: &hello.node_id,
+            mesh: &hello.mesh,
+        };
+        handshake::check_hello(claim, &config.topology, &config.node).map_err(refusal_status)?;
         let frontiers = self
             .ctx
             .store
@@ -285,257 +229,228 @@ impl proto::replication_server::Replication for Service {
     }
 }
 
-/// Feeds one peer until shutdown, redialling with backoff after any failure.
+/// Feeds one peer until shutdown, redialling with the feeder's backoff after any failure.
 pub async fn feed_peer(ctx: Context, peer: NodeSpec) {
     let mut shutdown = ctx.shutdown.clone();
-    let mut backoff = Duration::from_millis(50);
-    let mut failures = 0u32;
+    let mut feeder = Feeder::new(Settings::for_peer(&ctx.config, &peer.id));
+    let mut backoff = Backoff::default();
     loop {
         if *shutdown.borrow() {
             return;
         }
         let started = Instant::now();
-        match session(&ctx, &peer).await {
-            Ok(()) => return,
-            Err(error) => {
-                ctx.metrics.update_peer(&peer.id, |p| {
-                    p.connected = false;
-                    p.reconnects += 1;
-                });
-                if started.elapsed() > Duration::from_secs(10) {
-                    backoff = Duration::from_millis(50);
-                    failures = 0;
-                }
-                failures += 1;
-                // Say it once, then every 20th retry: a peer that is down is not news each time.
-                if failures == 1 || failures.is_multiple_of(20) {
-                    tracing::warn!(peer = %peer.id, %error, failures, "peer stream down; redialling");
-                }
-            }
+        let Err(error) = session(&ctx, &peer, &mut feeder).await else {
+            return;
+        };
+        feeder.on_disconnect();
+        ctx.observer.peer_lost(&peer.id);
+        let redial = backoff.on_failure(started.elapsed());
+        if redial.worth_reporting() {
+            tracing::warn!(peer = %peer.id, %error, failures = redial.failures, "peer stream down; redialling");
         }
         tokio::select! {
-            _ = crate::shutdown::stopped(&mut shutdown) => return,
-            _ = tokio::time::sleep(backoff) => {}
+            _ = stopped(&mut shutdown) => return,
+            _ = tokio::time::sleep(redial.wait) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(2));
     }
 }
 
 /// One connection's life. `Ok` only on shutdown.
-async fn session(ctx: &Context, peer: &NodeSpec) -> Result<(), TransportError> {
-    let config = &ctx.config;
-    let tuning = &config.replication;
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", config.address_of(peer)))
-        .map_err(|source| TransportError::Connect {
-            peer: peer.id.clone(),
-            source,
-        })?
+async fn session(ctx: &Context, peer: &NodeSpec, feeder: &mut Feeder) -> Result<(), TransportError> {
+    let client = dial(ctx, peer).await?;
+    let (out, out_rx) = mpsc::channel::<proto::SendFrame>(ctx.config.replication.window + 2);
+    let mut link = Outbound {
+        ctx,
+        peer: &peer.id,
+        feeder,
+        out,
+    };
+    let inbound = link.open(client, out_rx).await?;
+    link.run(inbound).await
+}
+
+async fn dial(ctx: &Context, peer: &NodeSpec) -> Result<ReplicationClient<Channel>, TransportError> {
+    let tuning = &ctx.config.replication;
+    let unreachable = |source| TransportError::Connect {
+        peer: peer.id.clone(),
+        source,
+    };
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", ctx.config.address_of(peer)))
+        .map_err(unreachable)?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
         // Liveness of the connection itself, even while a long apply holds back our acks.
         .http2_keep_alive_interval(tuning.heartbeat())
         .keep_alive_timeout(tuning.peer_timeout())
         .keep_alive_while_idle(true);
-    let channel = endpoint.connect().await.map_err(|source| TransportError::Connect {
-        peer: peer.id.clone(),
-        source,
-    })?;
-    let mut client = proto::replication_client::ReplicationClient::new(channel)
+    let channel = endpoint.connect().await.map_err(unreachable)?;
+    Ok(ReplicationClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let (out, out_rx) = mpsc::channel::<proto::SendFrame>(tuning.window + 2);
-    let hello = proto::SendFrame {
-        body: Some(Outgoing::Hello(proto::Hello {
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+/// The sending end of one stream: frames out through `out`, decisions by `feeder`.
+struct Outbound<'a> {
+    ctx: &'a Context,
+    peer: &'a NodeId,
+    feeder: &'a mut Feeder,
+    out: mpsc::Sender<proto::SendFrame>,
+}
+
+impl Outbound<'_> {
+    /// Says Hello and hands the Welcome's frontiers to the feeder; returns the reply stream.
+    async fn open(
+        &mut self,
+        mut client: ReplicationClient<Channel>,
+        out_rx: mpsc::Receiver<proto::SendFrame>,
+    ) -> Result<Streaming<proto::ReceiveFrame>, TransportError> {
+        let config = &self.ctx.config;
+        let hello = Outgoing::Hello(proto::Hello {
             protocol: PROTOCOL,
             node_id: config.node.clone(),
             region: config.region().to_owned(),
             mesh: config.topology.mesh.clone(),
-        })),
-    };
-    out.send(hello).await.expect("receiver is alive");
-    let refused = |status| TransportError::Refused {
-        peer: peer.id.clone(),
-        status,
-    };
-    let protocol = |message: &str| TransportError::Protocol {
-        peer: peer.id.clone(),
-        message: message.to_owned(),
-    };
-    let mut inbound = client
-        .replicate(ReceiverStream::new(out_rx))
-        .await
-        .map_err(refused)?
-        .into_inner();
-    let welcome = timeout(tuning.peer_timeout(), inbound.message())
-        .await
-        .map_err(|_| TransportError::Silent {
-            peer: peer.id.clone(),
-            timeout: tuning.peer_timeout(),
-        })?
-        .map_err(refused)?;
-    let Some(proto::ReceiveFrame {
-        body: Some(Reply::Welcome(welcome)),
-    }) = welcome
-    else {
-        return Err(protocol("expected Welcome"));
-    };
-    let routed: Vec<NodeId> = topology::origins_for(&config.topology, &config.node, &peer.id)
-        .into_iter()
-        .map(str::to_owned)
-        .collect();
-    let kept = topology::kept_origins(&config.topology, &config.node, config.relay_repair());
-    let mut theirs: BTreeMap<NodeId, u64> = welcome.frontiers.into_iter().map(|f| (f.origin, f.seq)).collect();
-    let mut origins = routed.clone();
-    let mut sent: BTreeMap<NodeId, u64> = origins
-        .iter()
-        .map(|o| (o.clone(), theirs.get(o).copied().unwrap_or(0)))
-        .collect();
-    record_acks(ctx, &peer.id, &theirs);
-    ctx.metrics.update_peer(&peer.id, |p| {
-        p.connected = true;
-        p.sent = sent.get(&config.node).copied().unwrap_or(0);
-        p.acked = p.sent;
-    });
-    tracing::info!(peer = %peer.id, resume = ?sent, "streaming to peer");
+        });
+        self.out.send(frame(hello)).await.expect("receiver is alive");
+        let mut inbound = client
+            .replicate(ReceiverStream::new(out_rx))
+            .await
+            .map_err(|status| self.refused(status))?
+            .into_inner();
+        let welcome = timeout(config.replication.peer_timeout(), inbound.message())
+            .await
+            .map_err(|_| self.silent())?
+            .map_err(|status| self.refused(status))?;
+        let Some(proto::ReceiveFrame {
+            body: Some(Reply::Welcome(welcome)),
+        }) = welcome
+        else {
+            return Err(self.protocol("expected Welcome"));
+        };
+        let connected = self
+            .feeder
+            .on_welcome(frontiers_from_proto(welcome.frontiers), Instant::now());
+        self.ctx.connected(self.peer, &connected);
+        Ok(inbound)
+    }
 
-    let mut log_grew = ctx.log_grew.subscribe();
-    let mut shutdown = ctx.shutdown.clone();
-    let mut heartbeat = tokio::time::interval(tuning.heartbeat());
-    let mut last_heard = Instant::now();
-    let mut in_flight: VecDeque<()> = VecDeque::new();
-    let mut stopping: Option<Instant> = None;
-    loop {
-        // Fill the window.
-        log_grew.borrow_and_update();
-        while in_flight.len() < tuning.window && !origins.is_empty() {
+    async fn run(&mut self, mut inbound: Streaming<proto::ReceiveFrame>) -> Result<(), TransportError> {
+        let mut log_grew = self.ctx.log_grew.subscribe();
+        let mut shutdown = self.ctx.shutdown.clone();
+        let mut heartbeat = tokio::time::interval(self.ctx.config.replication.heartbeat());
+        loop {
+            log_grew.borrow_and_update();
+            self.fill_window().await?;
+            if self.feeder.may_leave(Instant::now()) {
+                return Ok(());
+            }
+            let stopping = self.feeder.stopping();
+            tokio::select! {
+                changed = log_grew.changed(), if !stopping => {
+                    if changed.is_err() { self.feeder.on_stop(Instant::now()); }
+                }
+                _ = stopped(&mut shutdown), if !stopping => self.feeder.on_stop(Instant::now()),
+                message = inbound.message() => {
+                    let message = message.map_err(|status| self.refused(status))?;
+                    self.on_reply(message)?;
+                }
+                _ = heartbeat.tick() => match self.feeder.on_tick(Instant::now()) {
+                    Tick::Dead => return Err(self.silent()),
+                    Tick::Leave => return Ok(()),
+                    Tick::Beat => self.send(Outgoing::Heartbeat(proto::Heartbeat {
+                        sent_at_micros: now_micros(),
+                        hlc: self.ctx.store.clock().last().0,
+                        ..Default::default()
+                    })).await?,
+                },
+            }
+        }
+    }
+
+    /// Sends the batches the feeder names until its window is full or the log is exhausted.
+    async fn fill_window(&mut self) -> Result<(), TransportError> {
+        while let Some(reads) = self.feeder.next_batch_bounds() {
             let mut events = Vec::new();
-            for origin in &origins {
-                let after = sent[origin];
-                let entries = ctx.store.read_log(origin, after, tuning.batch_max_events).await?;
-                if let Some(last) = entries.last() {
-                    sent.insert(origin.clone(), last.seq);
+            let mut last = Vec::new();
+            for read in reads {
+                let entries = self.ctx.store.read_log(&read.origin, read.after, read.max).await?;
+                if let Some(entry) = entries.last() {
+                    last.push((read.origin, entry.seq));
                 }
                 for entry in entries {
                     let event: proto::Event = prost::Message::decode(entry.bytes.as_slice())
-                        .map_err(|e| protocol(&format!("corrupt log entry: {e}")))?;
+                        .map_err(|e| self.protocol(&format!("corrupt log entry: {e}")))?;
                     events.push(event);
                 }
             }
             if events.is_empty() {
                 break;
             }
-            let frame = proto::SendFrame {
-                body: Some(Outgoing::Batch(proto::Batch { events })),
-            };
-            if out.send(frame).await.is_err() {
-                return Err(protocol("stream closed"));
-            }
-            in_flight.push_back(());
-            let own = sent.get(&config.node).copied().unwrap_or(0);
-            ctx.metrics.update_peer(&peer.id, |p| p.sent = own);
+            self.send(Outgoing::Batch(proto::Batch { events })).await?;
+            let own = self.feeder.record_sent(last);
+            self.ctx.observer.sent(self.peer, own);
         }
-        if let Some(since) = stopping {
-            // Graceful stop: leave once everything sent is acknowledged, or after a grace period.
-            if in_flight.is_empty() || since.elapsed() > Duration::from_secs(3) {
-                return Ok(());
+        Ok(())
+    }
+
+    fn on_reply(&mut self, message: Option<proto::ReceiveFrame>) -> Result<(), TransportError> {
+        let now = Instant::now();
+        match message {
+            Some(proto::ReceiveFrame {
+                body: Some(Reply::Ack(ack)),
+            }) => {
+                let effects = self
+                    .feeder
+                    .on_ack(frontiers_from_proto(ack.frontiers), &ack.relay_wanted, now);
+                self.ctx.follow(self.peer, effects);
             }
+            Some(proto::ReceiveFrame {
+                body: Some(Reply::Heartbeat(beat)),
+            }) => {
+                let effects = self
+                    .feeder
+                    .on_heartbeat(frontiers_from_proto(beat.frontiers), &beat.relay_wanted, now);
+                self.ctx.follow(self.peer, effects);
+                if let Err(skew) = self.ctx.store.clock().observe_now(crate::event::Hlc(beat.hlc)) {
+                    tracing::warn!(peer = %self.peer, ahead_ms = skew.ahead_ms, "peer clock ahead of max_clock_skew");
+                    self.ctx.observer.clock_skew();
+                }
+            }
+            Some(_) => return Err(self.protocol("unexpected frame")),
+            None => return Err(self.protocol("peer closed the stream")),
         }
-        tokio::select! {
-            changed = log_grew.changed(), if stopping.is_none() => {
-                if changed.is_err() { stopping = Some(Instant::now()); }
-            }
-            _ = crate::shutdown::stopped(&mut shutdown), if stopping.is_none() => {
-                stopping = Some(Instant::now());
-            }
-            message = inbound.message() => {
-                last_heard = Instant::now();
-                match message.map_err(refused)? {
-                    Some(proto::ReceiveFrame { body: Some(Reply::Ack(ack)) }) => {
-                        in_flight.pop_front();
-                        theirs = ack.frontiers.into_iter().map(|f| (f.origin, f.seq)).collect();
-                        record_acks(ctx, &peer.id, &theirs);
-                        if let Some(&own) = theirs.get(&config.node) {
-                            ctx.metrics.update_peer(&peer.id, |p| p.acked = p.acked.max(own));
-                        }
-                        relay_on_request(ctx, peer, &routed, &kept, &ack.relay_wanted, &theirs, &mut origins, &mut sent);
-                    }
-                    Some(proto::ReceiveFrame { body: Some(Reply::Heartbeat(beat)) }) => {
-                        if !beat.frontiers.is_empty() {
-                            theirs = beat.frontiers.iter().map(|f| (f.origin.clone(), f.seq)).collect();
-                            record_acks(ctx, &peer.id, &theirs);
-                        }
-                        relay_on_request(ctx, peer, &routed, &kept, &beat.relay_wanted, &theirs, &mut origins, &mut sent);
-                        if let Err(skew) = ctx.store.clock().observe_now(crate::event::Hlc(beat.hlc)) {
-                            tracing::warn!(peer = %peer.id, ahead_ms = skew.ahead_ms, "peer clock ahead of max_clock_skew");
-                            ctx.metrics.skew_reports.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        }
-                    }
-                    Some(_) => return Err(protocol("unexpected frame")),
-                    None => return Err(protocol("peer closed the stream")),
-                }
-            }
-            _ = heartbeat.tick() => {
-                // A receiver busy applying a large batch answers late; only an idle stream
-                // that stays silent is dead (HTTP/2 keepalive covers the busy case).
-                if in_flight.is_empty() && last_heard.elapsed() > tuning.peer_timeout() {
-                    return Err(TransportError::Silent { peer: peer.id.clone(), timeout: tuning.peer_timeout() });
-                }
-                if stopping.is_some_and(|since| since.elapsed() > Duration::from_secs(3)) {
-                    return Ok(());
-                }
-                let beat = proto::SendFrame { body: Some(Outgoing::Heartbeat(proto::Heartbeat {
-                    sent_at_micros: now_micros(),
-                    hlc: ctx.store.clock().last().0,
-                    ..Default::default()
-                })) };
-                if out.send(beat).await.is_err() {
-                    return Err(protocol("stream closed"));
-                }
-            }
+        Ok(())
+    }
+
+    async fn send(&self, body: Outgoing) -> Result<(), TransportError> {
+        self.out
+            .send(frame(body))
+            .await
+            .map_err(|_| self.protocol("stream closed"))
+    }
+
+    fn refused(&self, status: Status) -> TransportError {
+        TransportError::Refused {
+            peer: self.peer.clone(),
+            status,
+        }
+    }
+
+    fn protocol(&self, message: &str) -> TransportError {
+        TransportError::Protocol {
+            peer: self.peer.clone(),
+            message: message.to_owned(),
+        }
+    }
+
+    fn silent(&self) -> TransportError {
+        TransportError::Silent {
+            peer: self.peer.clone(),
+            timeout: self.ctx.config.replication.peer_timeout(),
         }
     }
 }
 
-/// Records a peer's frontiers: they are its acknowledgements, for every origin.
-fn record_acks(ctx: &Context, peer: &str, frontiers: &BTreeMap<NodeId, u64>) {
-    let mut acks = ctx.acks.lock().expect("ack book lock");
-    for (origin, &seq) in frontiers {
-        let entry = acks.entry((peer.to_owned(), origin.clone())).or_insert(0);
-        *entry = (*entry).max(seq);
-    }
-}
-
-/// Adjusts the origins streamed to `peer` to its relay requests: routed origins always, plus
-/// requested ones this node keeps in its log; a new origin starts at the peer's frontier.
-#[allow(clippy::too_many_arguments)]
-fn relay_on_request(
-    ctx: &Context,
-    peer: &NodeSpec,
-    routed: &[NodeId],
-    kept: &std::collections::BTreeSet<NodeId>,
-    wanted: &[String],
-    theirs: &BTreeMap<NodeId, u64>,
-    origins: &mut Vec<NodeId>,
-    sent: &mut BTreeMap<NodeId, u64>,
-) {
-    let mut next: Vec<NodeId> = routed.to_vec();
-    next.extend(
-        wanted
-            .iter()
-            .filter(|o| kept.contains(*o) && !routed.contains(o))
-            .cloned(),
-    );
-    if next == *origins {
-        return;
-    }
-    for origin in next.iter().filter(|o| !origins.contains(o)) {
-        tracing::warn!(peer = %peer.id, %origin, "relaying {origin}'s events to {}: their direct link is down", peer.id);
-        sent.insert(origin.clone(), theirs.get(origin).copied().unwrap_or(0));
-    }
-    for origin in origins.iter().filter(|o| !next.contains(o)) {
-        tracing::info!(peer = %peer.id, %origin, "stopped relaying {origin}'s events to {}: their link is back", peer.id);
-    }
-    let relayed: Vec<NodeId> = next.iter().filter(|o| !routed.contains(o)).cloned().collect();
-    ctx.metrics.update_peer(&peer.id, |p| p.relaying = relayed);
-    *origins = next;
+fn frame(body: Outgoing) -> proto::SendFrame {
+    proto::SendFrame { body: Some(body) }
 }

@@ -1,0 +1,99 @@
+//! Hello admission: whether a node that opens a stream to us may feed us at all.
+//!
+//! A pure function of what the caller claims and our topology, checked before anything is read
+//! from the store, so a stray or misconfigured node is refused before it costs a transaction.
+//! Admitted means: it speaks our protocol version, belongs to our mesh, and is a node of our
+//! topology other than ourselves (a node dialling itself would apply its own events as remote
+//! ones). Every binding calls it on the first frame of a stream and refuses the stream with
+//! the `Refusal`, whose message tells the operator which setting disagrees.
+use crate::config::Topology;
+use crate::wire::PROTOCOL;
+
+/// What a dialling node says about itself, whatever the binding's framing.
+#[derive(Debug, Clone, Copy)]
+pub struct Hello<'a> {
+    pub protocol: u32,
+    pub node: &'a str,
+    pub mesh: &'a str,
+}
+
+/// Why a Hello was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("protocol {offered} not supported; this node speaks {PROTOCOL}")]
+    Protocol { offered: u32 },
+    #[error("node {node} is in mesh `{theirs}`, this node is in `{ours}`")]
+    OtherMesh { node: String, theirs: String, ours: String },
+    #[error("`{node}` is not a peer in this topology")]
+    NotAPeer { node: String },
+}
+
+/// Admits `hello` to node `me` of `topology`, or says why not.
+pub fn check_hello(hello: Hello<'_>, topology: &Topology, me: &str) -> Result<(), Refusal> {
+    if hello.protocol != PROTOCOL {
+        return Err(Refusal::Protocol {
+            offered: hello.protocol,
+        });
+    }
+    if hello.mesh != topology.mesh {
+        return Err(Refusal::OtherMesh {
+            node: hello.node.to_owned(),
+            theirs: hello.mesh.to_owned(),
+            ours: topology.mesh.clone(),
+        });
+    }
+    if topology.node(hello.node).is_none() || hello.node == me {
+        return Err(Refusal::NotAPeer {
+            node: hello.node.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn topology() -> Topology {
+        let mut text = "version = 1\nmesh = \"m\"\nshape = \"all-to-all\"\n".to_string();
+        for i in 0..3 {
+            text += &format!(
+                "[[nodes]]\nid = \"n{i}\"\nregion = \"r{i}\"\naddress = \"127.0.0.1:{}\"\n",
+                7000 + i
+            );
+        }
+        Topology::parse(&text, Path::new("m.toml")).unwrap()
+    }
+
+    fn hello<'a>(protocol: u32, node: &'a str, mesh: &'a str) -> Hello<'a> {
+        Hello { protocol, node, mesh }
+    }
+
+    #[test]
+    fn admits_a_known_peer_of_the_same_mesh_and_protocol() {
+        assert_eq!(check_hello(hello(PROTOCOL, "n1", "m"), &topology(), "n0"), Ok(()));
+    }
+
+    #[test]
+    fn refuses_each_disagreement_with_the_operators_message() {
+        let t = topology();
+        let refused = |h| check_hello(h, &t, "n0").unwrap_err();
+        assert_eq!(
+            refused(hello(PROTOCOL + 1, "n1", "m")).to_string(),
+            format!("protocol {} not supported; this node speaks {PROTOCOL}", PROTOCOL + 1)
+        );
+        assert_eq!(
+            refused(hello(PROTOCOL, "n1", "other")).to_string(),
+            "node n1 is in mesh `other`, this node is in `m`"
+        );
+        assert_eq!(
+            refused(hello(PROTOCOL, "n9", "m")),
+            Refusal::NotAPeer { node: "n9".into() }
+        );
+        assert_eq!(
+            refused(hello(PROTOCOL, "n0", "m")).to_string(),
+            "`n0` is not a peer in this topology"
+        );
+    }
+}
