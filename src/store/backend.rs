@@ -270,3 +270,142 @@ pub trait Txn {
     async fn insert_conflict(&mut self, record: &ConflictRecord<'_>) -> Result<(), StoreError>;
     async fn insert_dead_letter(&mut self, letter: &DeadLetter<'_>) -> Result<(), StoreError>;
 }
+
+/// The `Txn` methods every dialect forwards, unchanged, to functions of the same name and
+/// arguments in its own modules (`capture`, `apply`, `strategy`, `metadata`). Invoked inside
+/// each dialect's `impl Txn`, whose struct has the connection in `self.conn`, the tables in
+/// `self.tables` and the outbox rows a drain took in `self.taken`.
+macro_rules! forward_txn_io {
+    () => {
+        async fn take_outbox(
+            &mut self,
+        ) -> Result<Option<Vec<$crate::store::backend::Captured<Self::Table>>>, $crate::store::StoreError> {
+            let Some((captured, taken)) = capture::take_outbox(self.conn, self.tables).await? else {
+                return Ok(None);
+            };
+            self.taken = Some(taken);
+            Ok(Some(captured))
+        }
+
+        async fn write_meta(
+            &mut self,
+            meta: $crate::store::backend::Meta<'_>,
+        ) -> Result<(), $crate::store::StoreError> {
+            let taken = if meta.outbox_taken {
+                self.taken.take()
+            } else {
+                None
+            };
+            capture::write_meta(self.conn, meta, taken).await
+        }
+
+        async fn end_apply(&mut self) -> Result<(), $crate::store::StoreError> {
+            apply::end_apply(self.conn).await
+        }
+
+        async fn write_crdt_values(
+            &mut self,
+            table: &Self::Table,
+            key: &$crate::event::Key,
+            values: &[(String, $crate::event::Value)],
+            unless_changed_from: Option<&$crate::event::Row>,
+        ) -> Result<(), $crate::store::StoreError> {
+            strategy::write_crdt_values(self.conn, table, key, values, unless_changed_from).await
+        }
+
+        async fn store_owner(
+            &mut self,
+            table: &Self::Table,
+            key: &$crate::event::Key,
+            owner: &$crate::resolve::ownership::Owner,
+            moving_to: Option<&str>,
+        ) -> Result<(), $crate::store::StoreError> {
+            strategy::store_owner(self.conn, table, key, owner, moving_to).await
+        }
+
+        async fn versions(
+            &mut self,
+            table: &str,
+            keys: &[Vec<u8>],
+        ) -> Result<std::collections::HashMap<Vec<u8>, $crate::replicate::RowVersion>, $crate::store::StoreError> {
+            capture::load_versions(self.conn, table, keys).await
+        }
+
+        async fn begin_apply(
+            &mut self,
+        ) -> Result<std::collections::BTreeMap<String, $crate::store::admit::Frontier>, $crate::store::StoreError> {
+            apply::begin_apply(self.conn).await
+        }
+
+        async fn read_row(
+            &mut self,
+            table: &Self::Table,
+            key: &$crate::event::Key,
+        ) -> Result<Option<$crate::event::Row>, $crate::store::StoreError> {
+            apply::read_row(self.conn, table, key).await
+        }
+
+        async fn crdt_states(
+            &mut self,
+            table: &str,
+            key: &[u8],
+        ) -> Result<$crate::crdt::States, $crate::store::StoreError> {
+            metadata::crdt_states(self.conn, table, key).await
+        }
+
+        async fn store_crdt_states(
+            &mut self,
+            table: &str,
+            key: &[u8],
+            states: &$crate::crdt::States,
+        ) -> Result<(), $crate::store::StoreError> {
+            strategy::store_crdt_states(self.conn, table, key, states).await
+        }
+
+        async fn owner(
+            &mut self,
+            table: &Self::Table,
+            key: &[u8],
+        ) -> Result<Option<$crate::store::engine::KnownOwner>, $crate::store::StoreError> {
+            metadata::load_owner(self.conn, &table.name, key).await
+        }
+
+        async fn siblings(
+            &mut self,
+            table: &str,
+            key: &[u8],
+        ) -> Result<Vec<$crate::event::Event>, $crate::store::StoreError> {
+            metadata::siblings(self.conn, table, key).await
+        }
+
+        async fn replace_siblings(
+            &mut self,
+            table: &str,
+            key: &[u8],
+            key_text: &str,
+            set: &[$crate::event::Event],
+        ) -> Result<(), $crate::store::StoreError> {
+            strategy::replace_siblings(self.conn, table, key, key_text, set).await
+        }
+
+        async fn close_queue(&mut self, table: &str, key: &[u8], by: &str) -> Result<(), $crate::store::StoreError> {
+            metadata::close_queue(self.conn, table, key, by).await
+        }
+
+        async fn insert_conflict(
+            &mut self,
+            record: &$crate::store::backend::ConflictRecord<'_>,
+        ) -> Result<(), $crate::store::StoreError> {
+            metadata::insert_conflict(self.conn, record).await
+        }
+
+        async fn insert_dead_letter(
+            &mut self,
+            letter: &$crate::store::backend::DeadLetter<'_>,
+        ) -> Result<(), $crate::store::StoreError> {
+            metadata::insert_dead_letter(self.conn, letter).await
+        }
+    };
+}
+
+pub(crate) use forward_txn_io;

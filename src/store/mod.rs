@@ -21,6 +21,7 @@ pub mod audit;
 pub mod backend;
 mod capture;
 pub mod engine;
+mod metadata;
 pub mod postgres;
 pub mod replica;
 pub mod schema;

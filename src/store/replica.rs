@@ -20,7 +20,7 @@ use crate::clock::Clock;
 use crate::config::TableConfig;
 use crate::event::{Hlc, Identity, NodeId};
 use crate::store::backend::{Ack, Backend, Conn, Tables};
-use crate::store::{LogEntry, PeerStatus, Status, StoreError};
+use crate::store::{LogEntry, Status, StoreError};
 
 pub struct Replica<B: Backend> {
     pub(crate) identity: Identity,
@@ -263,15 +263,4 @@ async fn record_and_trim<B: Backend>(
         }
     }
     Ok(removed)
-}
-
-/// What a peer status starts as before the dialect counts the backlog.
-pub(crate) fn peer_status(peer: &str, origin: &str, acked: u64, unacked: u64, oldest: Option<i64>) -> PeerStatus {
-    PeerStatus {
-        peer: peer.to_owned(),
-        origin: origin.to_owned(),
-        acked,
-        unacked,
-        oldest_unacked_micros: oldest,
-    }
 }

@@ -3,6 +3,7 @@
 //! `weft.transfer = 'on'` setting that lets the ownership trigger accept an owner change.
 use sqlx::{AssertSqlSafe, Connection as _, PgConnection};
 
+use super::metadata;
 use super::schema::{self, CHANNEL, PgTable, quote};
 use super::strategy::key_texts;
 use super::txn::PgTxn;
@@ -54,13 +55,7 @@ impl AdminTxn for PgTxn<'_> {
     }
 
     async fn queue_entries(&mut self, id: Option<i64>) -> Result<Vec<Entry>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT id, tbl, key, key_text, opened_at FROM weft.queue \
-             WHERE closed_at IS NULL AND ($1::int8 IS NULL OR id = $1) ORDER BY id",
-        )
-        .bind(id)
-        .fetch_all(&mut *self.conn)
-        .await?)
+        metadata::queue_entries(self.conn, id).await
     }
 
     async fn write_as_application(&mut self, table: &PgTable, key: &Key, op: &Op) -> Result<(), StoreError> {
@@ -104,32 +99,11 @@ impl AdminTxn for PgTxn<'_> {
     }
 
     async fn insert_resolution(&mut self, resolved: &Resolved, row: &str) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO weft.resolutions (queue_id, tbl, key_text, decided_by, decision, \"row\", at) \
-             VALUES ($1, $2, $3, $4, $5, $6, weft.now_micros())",
-        )
-        .bind(resolved.queue_id)
-        .bind(&resolved.table)
-        .bind(&resolved.key)
-        .bind(&resolved.decided_by)
-        .bind(&resolved.decision)
-        .bind(row)
-        .execute(&mut *self.conn)
-        .await?;
-        Ok(())
+        metadata::insert_resolution(self.conn, resolved, row).await
     }
 
     async fn history(&mut self) -> Result<History, StoreError> {
-        let resolved = sqlx::query_as(
-            "SELECT queue_id, tbl, key_text, decided_by, decision, at FROM weft.resolutions ORDER BY id",
-        )
-        .fetch_all(&mut *self.conn)
-        .await?;
-        let automatic =
-            sqlx::query_as("SELECT id, tbl, key, strategy, winner, loser, at FROM weft.conflicts ORDER BY id")
-                .fetch_all(&mut *self.conn)
-                .await?;
-        Ok(History::from_rows(resolved, automatic))
+        metadata::history(self.conn).await
     }
 
     async fn begin_transfer(&mut self) -> Result<(), StoreError> {
@@ -210,18 +184,7 @@ impl AdminTxn for PgTxn<'_> {
     }
 
     async fn end_transfer(&mut self, record: &TransferRecord<'_>) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO weft.transfers (tbl, \"rows\", moved, from_region, to_region, decided_by, at) \
-             VALUES ($1, $2, $3, $4, $5, $6, weft.now_micros())",
-        )
-        .bind(record.table)
-        .bind(&record.rows)
-        .bind(record.moved as i64)
-        .bind(record.from)
-        .bind(record.to)
-        .bind(record.by)
-        .execute(&mut *self.conn)
-        .await?;
+        metadata::insert_transfer(self.conn, record).await?;
         sqlx::query("SELECT pg_notify($1, $2)")
             .bind(CHANNEL)
             .bind(record.table)

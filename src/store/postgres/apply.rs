@@ -35,6 +35,11 @@ pub(super) async fn begin_apply(conn: &mut PgConnection) -> Result<BTreeMap<Stri
     ))
 }
 
+/// Nothing to clear: `SET LOCAL weft.applying` ends with the transaction.
+pub(super) async fn end_apply(_conn: &mut PgConnection) -> Result<(), StoreError> {
+    Ok(())
+}
+
 /// Whether a database error is about the event's content (dead-letter it) rather than the
 /// database (fail the run and retry later).
 pub(super) fn rejects_event(error: &sqlx::Error) -> Option<String> {

@@ -22,10 +22,13 @@ use crate::wire;
 
 /// The committed outbox rows of replicated tables with their images, and the ids taken;
 /// `None` if the outbox is empty.
+/// Which outbox rows a drain took: their ids.
+pub(super) type Taken = Vec<i64>;
+
 pub(super) async fn take_outbox(
     conn: &mut PgConnection,
     tables: &Tables<PgTable>,
-) -> Result<Option<(Vec<Captured<PgTable>>, Vec<i64>)>, StoreError> {
+) -> Result<Option<(Vec<Captured<PgTable>>, Taken)>, StoreError> {
     let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM weft.outbox ORDER BY id")
         .fetch_all(&mut *conn)
         .await?;
@@ -101,7 +104,12 @@ pub(super) async fn load_versions(
 
 /// Writes what `meta` lists, deleting the outbox rows `drained`, in one statement
 /// (data-modifying CTEs), so a transaction costs few round trips.
-pub(super) async fn write_meta(conn: &mut PgConnection, meta: Meta<'_>, drained: &[i64]) -> Result<(), StoreError> {
+pub(super) async fn write_meta(
+    conn: &mut PgConnection,
+    meta: Meta<'_>,
+    taken: Option<Taken>,
+) -> Result<(), StoreError> {
+    let drained = taken.unwrap_or_default();
     let mut last: HashMap<(&str, &[u8]), usize> = HashMap::new();
     for (i, (table, key, _)) in meta.versions.iter().enumerate() {
         last.insert((*table, *key), i);
@@ -139,7 +147,7 @@ pub(super) async fn write_meta(conn: &mut PgConnection, meta: Meta<'_>, drained:
     .bind(meta.frontiers.iter().map(|f| f.0).collect::<Vec<_>>())
     .bind(meta.frontiers.iter().map(|f| f.1 as i64).collect::<Vec<_>>())
     .bind(meta.frontiers.iter().map(|f| f.2 as i64).collect::<Vec<_>>())
-    .bind(drained)
+    .bind(&drained)
     .bind((meta.hlc as i64).to_string())
     .bind(meta.last_seq.map(|s| s.to_string()))
     .execute(&mut *conn)

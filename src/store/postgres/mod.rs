@@ -15,6 +15,7 @@
 mod admin;
 mod apply;
 mod capture;
+mod metadata;
 pub mod schema;
 mod strategy;
 mod txn;
@@ -26,13 +27,13 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, Postgres as PgDb};
-use sqlx::{Connection as _, PgConnection, Row as _};
+use sqlx::{Connection as _, PgConnection};
 use tokio::sync::Mutex;
 
 use crate::config::TableConfig;
 use crate::event::{Identity, NodeId};
 use crate::store::backend::{Ack, Backend, Counts, FrontierStatus, NodeRecord, Tables};
-use crate::store::replica::{Replica, peer_status};
+use crate::store::replica::Replica;
 use crate::store::{LogEntry, PeerStatus, StoreError};
 pub use schema::PgTable;
 
@@ -242,29 +243,11 @@ impl Backend for Postgres {
     }
 
     async fn read_log(&self, origin: &str, after: u64, limit: i64) -> Result<Vec<LogEntry>, StoreError> {
-        let rows: Vec<(i64, i64, Vec<u8>)> = sqlx::query_as(
-            "SELECT seq, batch_end, event FROM weft.log WHERE origin = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-        )
-        .bind(origin)
-        .bind(after as i64)
-        .bind(limit)
-        .fetch_all(&self.readers)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(seq, batch_end, bytes)| LogEntry {
-                seq: seq as u64,
-                batch_end: batch_end as u64,
-                bytes,
-            })
-            .collect())
+        metadata::read_log(&self.readers, origin, after, limit).await
     }
 
     async fn frontiers(&self) -> Result<BTreeMap<NodeId, u64>, StoreError> {
-        let rows: Vec<(String, i64)> = sqlx::query_as("SELECT origin, seq FROM weft.frontier")
-            .fetch_all(&self.readers)
-            .await?;
-        Ok(rows.into_iter().map(|(origin, seq)| (origin, seq as u64)).collect())
+        metadata::frontiers(&self.readers).await
     }
 
     async fn ack_connection(&self) -> Result<Option<sqlx::pool::PoolConnection<PgDb>>, StoreError> {
@@ -299,12 +282,7 @@ impl Backend for Postgres {
     }
 
     async fn trim_log(conn: &mut PgConnection, origin: &str, through: u64) -> Result<u64, StoreError> {
-        Ok(sqlx::query("DELETE FROM weft.log WHERE origin = $1 AND seq <= $2")
-            .bind(origin)
-            .bind(through as i64)
-            .execute(&mut *conn)
-            .await?
-            .rows_affected())
+        metadata::trim_log(conn, origin, through).await
     }
 
     async fn begin_read(&self) -> Result<sqlx::Transaction<'static, PgDb>, StoreError> {
@@ -332,34 +310,11 @@ impl Backend for Postgres {
     }
 
     async fn frontier_status(conn: &mut PgConnection) -> Result<Vec<FrontierStatus>, StoreError> {
-        let rows = sqlx::query("SELECT origin, seq, processed FROM weft.frontier ORDER BY origin")
-            .fetch_all(&mut *conn)
-            .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(FrontierStatus {
-                    origin: row.try_get(0)?,
-                    seq: row.try_get::<i64, _>(1)? as u64,
-                    processed: row.try_get::<i64, _>(2)? as u64,
-                })
-            })
-            .collect()
+        metadata::frontier_status(conn).await
     }
 
     async fn backlog(conn: &mut PgConnection, peer: &str, origin: &str) -> Result<PeerStatus, StoreError> {
-        let acked: i64 =
-            sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM weft.acks WHERE peer = $1 AND origin = $2")
-                .bind(peer)
-                .bind(origin)
-                .fetch_one(&mut *conn)
-                .await?;
-        let (unacked, oldest): (i64, Option<i64>) =
-            sqlx::query_as("SELECT count(*), min(committed_at) FROM weft.log WHERE origin = $1 AND seq > $2")
-                .bind(origin)
-                .bind(acked)
-                .fetch_one(&mut *conn)
-                .await?;
-        Ok(peer_status(peer, origin, acked as u64, unacked as u64, oldest))
+        metadata::backlog(conn, peer, origin).await
     }
 
     async fn close(self) {

@@ -1,15 +1,13 @@
 //! PostgreSQL IO for strategy state and the audit trail: `weft.crdt`, `weft.owners` (with
 //! `ktext`, the key as text, for the ownership triggers), `weft.siblings`, `weft.queue`, the
 //! conflict log and dead letters. Values are bound as text and cast to the columns' types.
-use sqlx::{AssertSqlSafe, PgConnection, Row as _};
+use sqlx::{AssertSqlSafe, PgConnection};
 
 use super::schema::{PgTable, quote};
 use crate::crdt::{ColumnState, States};
 use crate::event::{Event, Key, Row, Value};
 use crate::resolve::ownership::Owner;
 use crate::store::StoreError;
-use crate::store::backend::{ConflictRecord, DeadLetter};
-use crate::store::engine::KnownOwner;
 use crate::wire;
 
 /// The key's values as text for binding; a key that does not fit is corrupt metadata.
@@ -44,58 +42,6 @@ pub(crate) async fn store_owner(
     }
     query.execute(&mut *conn).await?;
     Ok(())
-}
-
-/// What is recorded of a row's owner.
-pub(crate) async fn load_owner(
-    conn: &mut PgConnection,
-    table: &str,
-    key: &[u8],
-) -> Result<Option<KnownOwner>, StoreError> {
-    let row = sqlx::query("SELECT owner, epoch, moving_to FROM weft.owners WHERE tbl = $1 AND key = $2")
-        .bind(table)
-        .bind(key)
-        .fetch_optional(&mut *conn)
-        .await?;
-    Ok(match row {
-        Some(row) => Some(KnownOwner {
-            owner: Owner {
-                region: row.try_get(0)?,
-                epoch: row.try_get::<i64, _>(1)? as u64,
-            },
-            moving_to: row.try_get(2)?,
-        }),
-        None => None,
-    })
-}
-
-/// The siblings of a `queue` row, oldest (hlc, origin) first.
-pub(crate) async fn siblings(conn: &mut PgConnection, table: &str, key: &[u8]) -> Result<Vec<Event>, StoreError> {
-    let rows: Vec<Vec<u8>> =
-        sqlx::query_scalar("SELECT event FROM weft.siblings WHERE tbl = $1 AND key = $2 ORDER BY hlc, origin")
-            .bind(table)
-            .bind(key)
-            .fetch_all(&mut *conn)
-            .await?;
-    rows.iter()
-        .map(|bytes| {
-            wire::decode_event(bytes).map_err(|e| StoreError::Corrupt(format!("sibling of a {table} row: {e}")))
-        })
-        .collect()
-}
-
-pub(super) async fn crdt_states(conn: &mut PgConnection, table: &str, key: &[u8]) -> Result<States, StoreError> {
-    let rows: Vec<(String, String)> = sqlx::query_as("SELECT col, state FROM weft.crdt WHERE tbl = $1 AND key = $2")
-        .bind(table)
-        .bind(key)
-        .fetch_all(&mut *conn)
-        .await?;
-    rows.into_iter()
-        .map(|(column, state)| {
-            let state = ColumnState::from_json(&column, &state)?;
-            Ok((column, state))
-        })
-        .collect()
 }
 
 pub(super) async fn store_crdt_states(
@@ -193,51 +139,6 @@ pub(super) async fn replace_siblings(
     .bind(set.iter().map(|s| s.origin.as_str()).collect::<Vec<_>>())
     .bind(set.iter().map(|s| s.hlc.0 as i64).collect::<Vec<_>>())
     .bind(set.iter().map(wire::encode_event).collect::<Vec<_>>())
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
-pub(super) async fn close_queue(conn: &mut PgConnection, table: &str, key: &[u8], by: &str) -> Result<(), StoreError> {
-    sqlx::query(
-        "WITH gone AS (DELETE FROM weft.siblings WHERE tbl = $1 AND key = $2 RETURNING 1) \
-             UPDATE weft.queue SET closed_at = weft.now_micros(), closed_by = $3 \
-             WHERE tbl = $1 AND key = $2 AND closed_at IS NULL AND EXISTS (SELECT 1 FROM gone)",
-    )
-    .bind(table)
-    .bind(key)
-    .bind(by)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
-pub(super) async fn insert_conflict(conn: &mut PgConnection, record: &ConflictRecord<'_>) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO weft.conflicts (tbl, key, strategy, winner, loser, at) VALUES ($1, $2, $3, $4, $5, weft.now_micros())",
-    )
-    .bind(record.table)
-    .bind(&record.key)
-    .bind(record.strategy)
-    .bind(&record.winner)
-    .bind(&record.loser)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
-pub(super) async fn insert_dead_letter(conn: &mut PgConnection, letter: &DeadLetter<'_>) -> Result<(), StoreError> {
-    let event = letter.event;
-    sqlx::query(
-        "INSERT INTO weft.dead_letters (origin, seq, tbl, key, reason, event, at) \
-         VALUES ($1, $2, $3, $4, $5, $6, weft.now_micros())",
-    )
-    .bind(&event.origin)
-    .bind(event.seq as i64)
-    .bind(&event.table)
-    .bind(event.key.to_string())
-    .bind(letter.reason)
-    .bind(wire::encode_event(event))
     .execute(&mut *conn)
     .await?;
     Ok(())

@@ -1,7 +1,7 @@
 //! The transaction port (`store::backend::Txn`) on PostgreSQL: one transaction of the writer
 //! connection. It remembers which rows exist (locked at the start of an apply, or written by
 //! it since), so a write to a row that did not exist is an insert that must not find one.
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use sqlx::PgConnection;
@@ -9,15 +9,11 @@ use sqlx::PgConnection;
 use super::apply::{self, Batch, Shape};
 use super::capture;
 use super::schema::PgTable;
-use super::strategy;
-use crate::crdt::States;
-use crate::event::{Event, Key, Op, Row, Value};
-use crate::replicate::RowVersion;
-use crate::resolve::ownership::Owner;
+use super::{metadata, strategy};
+use crate::event::{Event, Op, Value};
 use crate::store::StoreError;
-use crate::store::admit::Frontier;
-use crate::store::backend::{Captured, ConflictRecord, DeadLetter, Meta, Tables, Txn};
-use crate::store::engine::{KnownOwner, Mode, Step, Written};
+use crate::store::backend::{Tables, Txn};
+use crate::store::engine::{Mode, Step, Written};
 
 pub struct PgTxn<'t> {
     tables: &'t Tables<PgTable>,
@@ -26,7 +22,7 @@ pub struct PgTxn<'t> {
     /// Rows that exist: locked at the start of an apply, or written by it since.
     exists: HashSet<(String, Vec<u8>)>,
     /// Outbox ids the drain took.
-    taken: Vec<i64>,
+    taken: Option<capture::Taken>,
 }
 
 impl<'t> PgTxn<'t> {
@@ -36,7 +32,7 @@ impl<'t> PgTxn<'t> {
             conn,
             batch: Batch::default(),
             exists: HashSet::new(),
-            taken: Vec::new(),
+            taken: None,
         }
     }
 
@@ -104,30 +100,7 @@ impl Txn for PgTxn<'_> {
         self.tables.get(name).cloned()
     }
 
-    async fn take_outbox(&mut self) -> Result<Option<Vec<Captured<PgTable>>>, StoreError> {
-        let Some((captured, ids)) = capture::take_outbox(self.conn, self.tables).await? else {
-            return Ok(None);
-        };
-        self.taken = ids;
-        Ok(Some(captured))
-    }
-
-    async fn versions(&mut self, table: &str, keys: &[Vec<u8>]) -> Result<HashMap<Vec<u8>, RowVersion>, StoreError> {
-        capture::load_versions(self.conn, table, keys).await
-    }
-
-    async fn write_meta(&mut self, meta: Meta<'_>) -> Result<(), StoreError> {
-        let taken = if meta.outbox_taken {
-            std::mem::take(&mut self.taken)
-        } else {
-            Vec::new()
-        };
-        capture::write_meta(self.conn, meta, &taken).await
-    }
-
-    async fn begin_apply(&mut self) -> Result<BTreeMap<String, Frontier>, StoreError> {
-        apply::begin_apply(self.conn).await
-    }
+    crate::store::backend::forward_txn_io!();
 
     async fn lock_rows(&mut self, events: &[&Event], nowait: bool) -> Result<bool, StoreError> {
         match apply::lock_rows(self.conn, self.tables, events, nowait).await? {
@@ -137,11 +110,6 @@ impl Txn for PgTxn<'_> {
             }
             None => Ok(false),
         }
-    }
-
-    async fn end_apply(&mut self) -> Result<(), StoreError> {
-        // `SET LOCAL` ends with the transaction.
-        Ok(())
     }
 
     async fn write(&mut self, table: &Arc<PgTable>, event: &Event, mode: Mode) -> Step {
@@ -166,67 +134,5 @@ impl Txn for PgTxn<'_> {
 
     async fn flush(&mut self) -> Step {
         self.batch.flush(self.conn).await
-    }
-
-    async fn read_row(&mut self, table: &PgTable, key: &Key) -> Result<Option<Row>, StoreError> {
-        apply::read_row(self.conn, table, key).await
-    }
-
-    async fn crdt_states(&mut self, table: &str, key: &[u8]) -> Result<States, StoreError> {
-        strategy::crdt_states(self.conn, table, key).await
-    }
-
-    async fn store_crdt_states(&mut self, table: &str, key: &[u8], states: &States) -> Result<(), StoreError> {
-        strategy::store_crdt_states(self.conn, table, key, states).await
-    }
-
-    async fn write_crdt_values(
-        &mut self,
-        table: &PgTable,
-        key: &Key,
-        values: &[(String, Value)],
-        unless_changed_from: Option<&Row>,
-    ) -> Result<(), StoreError> {
-        strategy::write_crdt_values(self.conn, table, key, values, unless_changed_from).await
-    }
-
-    async fn owner(&mut self, table: &PgTable, key: &[u8]) -> Result<Option<KnownOwner>, StoreError> {
-        strategy::load_owner(self.conn, &table.name, key).await
-    }
-
-    async fn store_owner(
-        &mut self,
-        table: &PgTable,
-        key: &Key,
-        owner: &Owner,
-        moving_to: Option<&str>,
-    ) -> Result<(), StoreError> {
-        strategy::store_owner(self.conn, table, key, owner, moving_to).await
-    }
-
-    async fn siblings(&mut self, table: &str, key: &[u8]) -> Result<Vec<Event>, StoreError> {
-        strategy::siblings(self.conn, table, key).await
-    }
-
-    async fn replace_siblings(
-        &mut self,
-        table: &str,
-        key: &[u8],
-        key_text: &str,
-        set: &[Event],
-    ) -> Result<(), StoreError> {
-        strategy::replace_siblings(self.conn, table, key, key_text, set).await
-    }
-
-    async fn close_queue(&mut self, table: &str, key: &[u8], by: &str) -> Result<(), StoreError> {
-        strategy::close_queue(self.conn, table, key, by).await
-    }
-
-    async fn insert_conflict(&mut self, record: &ConflictRecord<'_>) -> Result<(), StoreError> {
-        strategy::insert_conflict(self.conn, record).await
-    }
-
-    async fn insert_dead_letter(&mut self, letter: &DeadLetter<'_>) -> Result<(), StoreError> {
-        strategy::insert_dead_letter(self.conn, letter).await
     }
 }

@@ -5,6 +5,7 @@ use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{AssertSqlSafe, Connection as _, SqliteConnection};
 
 use super::Sqlite;
+use super::metadata;
 use super::schema::{self, NOW_MICROS, TableInfo, key_predicate, quote};
 use super::txn::SqliteTxn;
 use super::values::{bind, value_at};
@@ -46,14 +47,7 @@ impl AdminTxn for SqliteTxn<'_> {
     }
 
     async fn queue_entries(&mut self, id: Option<i64>) -> Result<Vec<Entry>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT id, tbl, key, key_text, opened_at FROM _weft_queue \
-             WHERE closed_at IS NULL AND (? IS NULL OR id = ?) ORDER BY id",
-        )
-        .bind(id)
-        .bind(id)
-        .fetch_all(&mut *self.conn)
-        .await?)
+        metadata::queue_entries(self.conn, id).await
     }
 
     async fn write_as_application(&mut self, table: &TableInfo, key: &Key, op: &Op) -> Result<(), StoreError> {
@@ -90,32 +84,11 @@ impl AdminTxn for SqliteTxn<'_> {
     }
 
     async fn insert_resolution(&mut self, resolved: &Resolved, row: &str) -> Result<(), StoreError> {
-        sqlx::query(AssertSqlSafe(format!(
-            "INSERT INTO _weft_resolutions (queue_id, tbl, key_text, decided_by, decision, row, at) \
-             VALUES (?, ?, ?, ?, ?, ?, {NOW_MICROS})"
-        )))
-        .bind(resolved.queue_id)
-        .bind(&resolved.table)
-        .bind(&resolved.key)
-        .bind(&resolved.decided_by)
-        .bind(&resolved.decision)
-        .bind(row)
-        .execute(&mut *self.conn)
-        .await?;
-        Ok(())
+        metadata::insert_resolution(self.conn, resolved, row).await
     }
 
     async fn history(&mut self) -> Result<History, StoreError> {
-        let resolved: Vec<(i64, String, String, String, String, i64)> = sqlx::query_as(
-            "SELECT queue_id, tbl, key_text, decided_by, decision, at FROM _weft_resolutions ORDER BY id",
-        )
-        .fetch_all(&mut *self.conn)
-        .await?;
-        let automatic: Vec<(i64, String, String, String, String, String, i64)> =
-            sqlx::query_as("SELECT id, tbl, key, strategy, winner, loser, at FROM _weft_conflicts ORDER BY id")
-                .fetch_all(&mut *self.conn)
-                .await?;
-        Ok(History::from_rows(resolved, automatic))
+        metadata::history(self.conn).await
     }
 
     async fn begin_transfer(&mut self) -> Result<(), StoreError> {
@@ -187,18 +160,6 @@ impl AdminTxn for SqliteTxn<'_> {
         sqlx::query("DELETE FROM _weft_transfer")
             .execute(&mut *self.conn)
             .await?;
-        sqlx::query(AssertSqlSafe(format!(
-            "INSERT INTO _weft_transfers (tbl, rows, moved, from_region, to_region, decided_by, at) \
-             VALUES (?, ?, ?, ?, ?, ?, {NOW_MICROS})"
-        )))
-        .bind(record.table)
-        .bind(&record.rows)
-        .bind(record.moved as i64)
-        .bind(record.from)
-        .bind(record.to)
-        .bind(record.by)
-        .execute(&mut *self.conn)
-        .await?;
-        Ok(())
+        metadata::insert_transfer(self.conn, record).await
     }
 }

@@ -11,6 +11,7 @@
 mod admin;
 mod apply;
 mod capture;
+mod metadata;
 pub mod schema;
 mod strategy;
 mod txn;
@@ -29,7 +30,7 @@ use tokio::sync::Mutex;
 use crate::config::TableConfig;
 use crate::event::{Identity, NodeId};
 use crate::store::backend::{Ack, Backend, Counts, FrontierStatus, NodeRecord, Tables};
-use crate::store::replica::{Replica, peer_status};
+use crate::store::replica::Replica;
 use crate::store::{LogEntry, PeerStatus, StoreError};
 pub use schema::TableInfo;
 
@@ -167,32 +168,11 @@ impl Backend for Sqlite {
     }
 
     async fn read_log(&self, origin: &str, after: u64, limit: i64) -> Result<Vec<LogEntry>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT seq, batch_end, event FROM _weft_log WHERE origin = ? AND seq > ? ORDER BY seq LIMIT ?",
-        )
-        .bind(origin)
-        .bind(after as i64)
-        .bind(limit)
-        .fetch_all(&self.readers)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(LogEntry {
-                    seq: row.try_get::<i64, _>(0)? as u64,
-                    batch_end: row.try_get::<i64, _>(1)? as u64,
-                    bytes: row.try_get(2)?,
-                })
-            })
-            .collect()
+        metadata::read_log(&self.readers, origin, after, limit).await
     }
 
     async fn frontiers(&self) -> Result<BTreeMap<NodeId, u64>, StoreError> {
-        let rows = sqlx::query("SELECT origin, seq FROM _weft_frontier")
-            .fetch_all(&self.readers)
-            .await?;
-        rows.iter()
-            .map(|r| Ok((r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)? as u64)))
-            .collect()
+        metadata::frontiers(&self.readers).await
     }
 
     async fn ack_connection(&self) -> Result<Option<sqlx::pool::PoolConnection<SqliteDb>>, StoreError> {
@@ -228,12 +208,7 @@ impl Backend for Sqlite {
     }
 
     async fn trim_log(conn: &mut SqliteConnection, origin: &str, through: u64) -> Result<u64, StoreError> {
-        Ok(sqlx::query("DELETE FROM _weft_log WHERE origin = ? AND seq <= ?")
-            .bind(origin)
-            .bind(through as i64)
-            .execute(&mut *conn)
-            .await?
-            .rows_affected())
+        metadata::trim_log(conn, origin, through).await
     }
 
     async fn begin_read(&self) -> Result<sqlx::Transaction<'static, SqliteDb>, StoreError> {
@@ -251,34 +226,11 @@ impl Backend for Sqlite {
     }
 
     async fn frontier_status(conn: &mut SqliteConnection) -> Result<Vec<FrontierStatus>, StoreError> {
-        let rows: Vec<(String, i64, i64)> =
-            sqlx::query_as("SELECT origin, seq, processed FROM _weft_frontier ORDER BY origin")
-                .fetch_all(&mut *conn)
-                .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(origin, seq, processed)| FrontierStatus {
-                origin,
-                seq: seq as u64,
-                processed: processed as u64,
-            })
-            .collect())
+        metadata::frontier_status(conn).await
     }
 
     async fn backlog(conn: &mut SqliteConnection, peer: &str, origin: &str) -> Result<PeerStatus, StoreError> {
-        let acked: i64 =
-            sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM _weft_acks WHERE peer = ? AND origin = ?")
-                .bind(peer)
-                .bind(origin)
-                .fetch_one(&mut *conn)
-                .await?;
-        let (unacked, oldest): (i64, Option<i64>) =
-            sqlx::query_as("SELECT count(*), min(committed_at) FROM _weft_log WHERE origin = ? AND seq > ?")
-                .bind(origin)
-                .bind(acked)
-                .fetch_one(&mut *conn)
-                .await?;
-        Ok(peer_status(peer, origin, acked as u64, unacked as u64, oldest))
+        metadata::backlog(conn, peer, origin).await
     }
 
     async fn close(self) {

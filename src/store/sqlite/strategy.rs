@@ -7,33 +7,16 @@
 //! outside an apply), so capture skips them. Owner rows carry their key in typed slots
 //! (`k1..k4`) as well as canonical bytes, so the capture triggers of rule tables can find a
 //! row's recorded owner in SQL.
-use std::collections::BTreeMap;
 
 use sqlx::{AssertSqlSafe, SqliteConnection};
 
 use super::schema::{NOW_MICROS, TableInfo, key_predicate, quote};
 use super::values::bind;
-use crate::crdt::{ColumnState, States};
+use crate::crdt::States;
 use crate::event::{Event, Key, Value};
 use crate::resolve::ownership::Owner;
 use crate::store::StoreError;
-use crate::store::backend::{ConflictRecord, DeadLetter};
-use crate::store::engine::KnownOwner;
 use crate::wire;
-
-pub(super) async fn crdt_states(conn: &mut SqliteConnection, table: &str, key: &[u8]) -> Result<States, StoreError> {
-    let rows: Vec<(String, String)> = sqlx::query_as("SELECT col, state FROM _weft_crdt WHERE tbl = ? AND key = ?")
-        .bind(table)
-        .bind(key)
-        .fetch_all(&mut *conn)
-        .await?;
-    let mut out = BTreeMap::new();
-    for (column, state) in rows {
-        let state = ColumnState::from_json(&column, &state)?;
-        out.insert(column, state);
-    }
-    Ok(out)
-}
 
 pub(super) async fn store_crdt_states(
     conn: &mut SqliteConnection,
@@ -53,12 +36,14 @@ pub(super) async fn store_crdt_states(
     Ok(())
 }
 
-/// Sets CRDT column values of an existing row, as the applier (not captured again).
+/// Sets CRDT column values of an existing row, as the applier (not captured again). Always:
+/// a SQLite drain holds the database's write lock, so the row is as it was imaged.
 pub(super) async fn write_crdt_values(
     conn: &mut SqliteConnection,
     table: &TableInfo,
     key: &Key,
     values: &[(String, Value)],
+    _unless_changed_from: Option<&crate::event::Row>,
 ) -> Result<(), StoreError> {
     if values.is_empty() {
         return Ok(());
@@ -92,31 +77,11 @@ pub(super) async fn write_crdt_values(
     Ok(())
 }
 
-pub(super) async fn owner(
-    conn: &mut SqliteConnection,
-    table: &str,
-    key: &[u8],
-) -> Result<Option<KnownOwner>, StoreError> {
-    let row: Option<(String, i64, Option<String>)> =
-        sqlx::query_as("SELECT owner, epoch, moving_to FROM _weft_owners WHERE tbl = ? AND key = ?")
-            .bind(table)
-            .bind(key)
-            .fetch_optional(&mut *conn)
-            .await?;
-    Ok(row.map(|(region, epoch, moving_to)| KnownOwner {
-        owner: Owner {
-            region,
-            epoch: epoch as u64,
-        },
-        moving_to,
-    }))
-}
-
 /// Records `owner` for a row, clearing any transfer in progress, or (with `moving_to`)
 /// records a transfer made here, still at the current owner and epoch until it is drained.
 pub(super) async fn store_owner(
     conn: &mut SqliteConnection,
-    table: &str,
+    table: &TableInfo,
     key: &Key,
     owner: &Owner,
     moving_to: Option<&str>,
@@ -127,7 +92,7 @@ pub(super) async fn store_owner(
         "INSERT OR REPLACE INTO _weft_owners (tbl, key, owner, epoch, moving_to{slots}) VALUES (?, ?, ?, ?, ?{marks})"
     );
     let mut query = sqlx::query(AssertSqlSafe(sql))
-        .bind(table)
+        .bind(&table.name)
         .bind(key.to_bytes())
         .bind(&owner.region)
         .bind(owner.epoch as i64)
@@ -137,21 +102,6 @@ pub(super) async fn store_owner(
     }
     query.execute(&mut *conn).await?;
     Ok(())
-}
-
-/// The siblings of a row, oldest (hlc, origin) first.
-pub(super) async fn siblings(conn: &mut SqliteConnection, table: &str, key: &[u8]) -> Result<Vec<Event>, StoreError> {
-    let rows: Vec<Vec<u8>> =
-        sqlx::query_scalar("SELECT event FROM _weft_siblings WHERE tbl = ? AND key = ? ORDER BY hlc, origin")
-            .bind(table)
-            .bind(key)
-            .fetch_all(&mut *conn)
-            .await?;
-    rows.iter()
-        .map(|bytes| {
-            wire::decode_event(bytes).map_err(|e| StoreError::Corrupt(format!("sibling of a {table} row: {e}")))
-        })
-        .collect()
 }
 
 /// Replaces a row's siblings; two or more open its queue entry (if not open already).
@@ -187,64 +137,5 @@ pub(super) async fn replace_siblings(
         .execute(&mut *conn)
         .await?;
     }
-    Ok(())
-}
-
-/// A write that covers every sibling: drop them and close the row's entry.
-pub(super) async fn close_queue(
-    conn: &mut SqliteConnection,
-    table: &str,
-    key: &[u8],
-    by: &str,
-) -> Result<(), StoreError> {
-    let removed = sqlx::query("DELETE FROM _weft_siblings WHERE tbl = ? AND key = ?")
-        .bind(table)
-        .bind(key)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-    if removed > 0 {
-        sqlx::query(AssertSqlSafe(format!(
-            "UPDATE _weft_queue SET closed_at = {NOW_MICROS}, closed_by = ? WHERE tbl = ? AND key = ? AND closed_at IS NULL"
-        )))
-        .bind(by)
-        .bind(table)
-        .bind(key)
-        .execute(&mut *conn)
-        .await?;
-    }
-    Ok(())
-}
-
-pub(super) async fn insert_conflict(
-    conn: &mut SqliteConnection,
-    record: &ConflictRecord<'_>,
-) -> Result<(), StoreError> {
-    sqlx::query(AssertSqlSafe(format!(
-        "INSERT INTO _weft_conflicts (tbl, key, strategy, winner, loser, at) VALUES (?, ?, ?, ?, ?, {NOW_MICROS})"
-    )))
-    .bind(record.table)
-    .bind(&record.key)
-    .bind(record.strategy)
-    .bind(&record.winner)
-    .bind(&record.loser)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
-pub(super) async fn insert_dead_letter(conn: &mut SqliteConnection, letter: &DeadLetter<'_>) -> Result<(), StoreError> {
-    let event = letter.event;
-    sqlx::query(AssertSqlSafe(format!(
-        "INSERT INTO _weft_dead_letters (origin, seq, tbl, key, reason, event, at) VALUES (?, ?, ?, ?, ?, ?, {NOW_MICROS})"
-    )))
-    .bind(&event.origin)
-    .bind(event.seq as i64)
-    .bind(&event.table)
-    .bind(event.key.to_string())
-    .bind(letter.reason)
-    .bind(wire::encode_event(event))
-    .execute(&mut *conn)
-    .await?;
     Ok(())
 }

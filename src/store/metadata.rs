@@ -1,0 +1,271 @@
+//! Metadata statements both dialects run alike: the same SQL but for the table prefix
+//! (`_weft_` or `weft.`) and the expression for "now", the same binds and the same rows
+//! back. They are written once here and rendered into each dialect by [`metadata_io!`],
+//! which each dialect invokes with its database type, connection type, prefix and "now".
+//!
+//! Placeholders are `$1`, `$2`, ...: PostgreSQL's form, which SQLite reads as named
+//! parameters numbered in order of first use, so one text serves both. Statements that
+//! differ in more than names (upserts with `max` vs `greatest`, `unnest` batches, the
+//! outbox) stay in the dialects.
+
+/// Renders the shared metadata statements as `pub(super)` functions of the invoking module.
+macro_rules! metadata_io {
+    ($db:ty, $conn:ty, $prefix:expr, $now:expr) => {
+        /// The statement in the dialect's names: its table prefix for `{w}`, its "now" for `{now}`.
+        fn meta(sql: &str) -> sqlx::AssertSqlSafe<String> {
+            sqlx::AssertSqlSafe(sql.replace("{w}", $prefix).replace("{now}", $now))
+        }
+
+        /// Up to `limit` log entries of `origin` with seq > `after`, in seq order.
+        pub(super) async fn read_log<'c>(
+            executor: impl sqlx::Executor<'c, Database = $db>,
+            origin: &str,
+            after: u64,
+            limit: i64,
+        ) -> Result<Vec<$crate::store::LogEntry>, $crate::store::StoreError> {
+            let sql = meta("SELECT seq, batch_end, event FROM {w}log WHERE origin = $1 AND seq > $2 ORDER BY seq LIMIT $3");
+            let rows: Vec<(i64, i64, Vec<u8>)> = sqlx::query_as(sql)
+                .bind(origin)
+                .bind(after as i64)
+                .bind(limit)
+                .fetch_all(executor)
+                .await?;
+            Ok(rows
+                .into_iter()
+                .map(|(seq, batch_end, bytes)| $crate::store::LogEntry {
+                    seq: seq as u64,
+                    batch_end: batch_end as u64,
+                    bytes,
+                })
+                .collect())
+        }
+
+        /// Applied frontier per origin.
+        pub(super) async fn frontiers<'c>(
+            executor: impl sqlx::Executor<'c, Database = $db>,
+        ) -> Result<std::collections::BTreeMap<$crate::event::NodeId, u64>, $crate::store::StoreError> {
+            let rows: Vec<(String, i64)> = sqlx::query_as(meta("SELECT origin, seq FROM {w}frontier"))
+                .fetch_all(executor)
+                .await?;
+            Ok(rows.into_iter().map(|(origin, seq)| (origin, seq as u64)).collect())
+        }
+
+        /// Frontiers with the count of events processed, in origin order.
+        pub(super) async fn frontier_status(
+            conn: &mut $conn,
+        ) -> Result<Vec<$crate::store::backend::FrontierStatus>, $crate::store::StoreError> {
+            let rows: Vec<(String, i64, i64)> =
+                sqlx::query_as(meta("SELECT origin, seq, processed FROM {w}frontier ORDER BY origin"))
+                    .fetch_all(&mut *conn)
+                    .await?;
+            Ok(rows
+                .into_iter()
+                .map(|(origin, seq, processed)| $crate::store::backend::FrontierStatus {
+                    origin,
+                    seq: seq as u64,
+                    processed: processed as u64,
+                })
+                .collect())
+        }
+
+        /// Drops log entries of `origin` up to `through`; returns how many went.
+        pub(super) async fn trim_log(conn: &mut $conn, origin: &str, through: u64) -> Result<u64, $crate::store::StoreError> {
+            let sql = meta("DELETE FROM {w}log WHERE origin = $1 AND seq <= $2");
+            Ok(sqlx::query(sql)
+                .bind(origin)
+                .bind(through as i64)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected())
+        }
+
+        /// What `peer` has acknowledged of `origin`, and the log backlog past it.
+        pub(super) async fn backlog(
+            conn: &mut $conn,
+            peer: &str,
+            origin: &str,
+        ) -> Result<$crate::store::PeerStatus, $crate::store::StoreError> {
+            let sql = meta("SELECT coalesce(max(seq), 0) FROM {w}acks WHERE peer = $1 AND origin = $2");
+            let acked: i64 = sqlx::query_scalar(sql).bind(peer).bind(origin).fetch_one(&mut *conn).await?;
+            let sql = meta("SELECT count(*), min(committed_at) FROM {w}log WHERE origin = $1 AND seq > $2");
+            let (unacked, oldest): (i64, Option<i64>) =
+                sqlx::query_as(sql).bind(origin).bind(acked).fetch_one(&mut *conn).await?;
+            Ok($crate::store::PeerStatus {
+                peer: peer.to_owned(),
+                origin: origin.to_owned(),
+                acked: acked as u64,
+                unacked: unacked as u64,
+                oldest_unacked_micros: oldest,
+            })
+        }
+
+        /// The siblings of a `queue` row, oldest (hlc, origin) first.
+        pub(super) async fn siblings(
+            conn: &mut $conn,
+            table: &str,
+            key: &[u8],
+        ) -> Result<Vec<$crate::event::Event>, $crate::store::StoreError> {
+            let sql = meta("SELECT event FROM {w}siblings WHERE tbl = $1 AND key = $2 ORDER BY hlc, origin");
+            let rows: Vec<Vec<u8>> = sqlx::query_scalar(sql).bind(table).bind(key).fetch_all(&mut *conn).await?;
+            rows.iter()
+                .map(|bytes| {
+                    $crate::wire::decode_event(bytes)
+                        .map_err(|e| $crate::store::StoreError::Corrupt(format!("sibling of a {table} row: {e}")))
+                })
+                .collect()
+        }
+
+        /// A write that covers every sibling: drop them and close the row's entry.
+        pub(super) async fn close_queue(
+            conn: &mut $conn,
+            table: &str,
+            key: &[u8],
+            by: &str,
+        ) -> Result<(), $crate::store::StoreError> {
+            let sql = meta("DELETE FROM {w}siblings WHERE tbl = $1 AND key = $2");
+            let removed = sqlx::query(sql).bind(table).bind(key).execute(&mut *conn).await?.rows_affected();
+            if removed > 0 {
+                let sql = meta(
+                    "UPDATE {w}queue SET closed_at = {now}, closed_by = $1 WHERE tbl = $2 AND key = $3 AND closed_at IS NULL",
+                );
+                sqlx::query(sql).bind(by).bind(table).bind(key).execute(&mut *conn).await?;
+            }
+            Ok(())
+        }
+
+        /// The CRDT column states of one row.
+        pub(super) async fn crdt_states(
+            conn: &mut $conn,
+            table: &str,
+            key: &[u8],
+        ) -> Result<$crate::crdt::States, $crate::store::StoreError> {
+            let sql = meta("SELECT col, state FROM {w}crdt WHERE tbl = $1 AND key = $2");
+            let rows: Vec<(String, String)> = sqlx::query_as(sql).bind(table).bind(key).fetch_all(&mut *conn).await?;
+            let mut out = std::collections::BTreeMap::new();
+            for (column, state) in rows {
+                let state = $crate::crdt::ColumnState::from_json(&column, &state)?;
+                out.insert(column, state);
+            }
+            Ok(out)
+        }
+
+        /// What is recorded of a row's owner.
+        pub(super) async fn load_owner(
+            conn: &mut $conn,
+            table: &str,
+            key: &[u8],
+        ) -> Result<Option<$crate::store::engine::KnownOwner>, $crate::store::StoreError> {
+            let sql = meta("SELECT owner, epoch, moving_to FROM {w}owners WHERE tbl = $1 AND key = $2");
+            let row: Option<(String, i64, Option<String>)> =
+                sqlx::query_as(sql).bind(table).bind(key).fetch_optional(&mut *conn).await?;
+            Ok(row.map(|(region, epoch, moving_to)| $crate::store::engine::KnownOwner {
+                owner: $crate::resolve::ownership::Owner {
+                    region,
+                    epoch: epoch as u64,
+                },
+                moving_to,
+            }))
+        }
+
+        pub(super) async fn insert_conflict(
+            conn: &mut $conn,
+            record: &$crate::store::backend::ConflictRecord<'_>,
+        ) -> Result<(), $crate::store::StoreError> {
+            let sql =
+                meta("INSERT INTO {w}conflicts (tbl, key, strategy, winner, loser, at) VALUES ($1, $2, $3, $4, $5, {now})");
+            sqlx::query(sql)
+                .bind(record.table)
+                .bind(&record.key)
+                .bind(record.strategy)
+                .bind(&record.winner)
+                .bind(&record.loser)
+                .execute(&mut *conn)
+                .await?;
+            Ok(())
+        }
+
+        pub(super) async fn insert_dead_letter(
+            conn: &mut $conn,
+            letter: &$crate::store::backend::DeadLetter<'_>,
+        ) -> Result<(), $crate::store::StoreError> {
+            let event = letter.event;
+            let sql = meta(
+                "INSERT INTO {w}dead_letters (origin, seq, tbl, key, reason, event, at) VALUES ($1, $2, $3, $4, $5, $6, {now})",
+            );
+            sqlx::query(sql)
+                .bind(&event.origin)
+                .bind(event.seq as i64)
+                .bind(&event.table)
+                .bind(event.key.to_string())
+                .bind(letter.reason)
+                .bind($crate::wire::encode_event(event))
+                .execute(&mut *conn)
+                .await?;
+            Ok(())
+        }
+
+        /// Open queue entries (or just `id`), oldest first.
+        pub(super) async fn queue_entries(
+            conn: &mut $conn,
+            id: Option<i64>,
+        ) -> Result<Vec<(i64, String, Vec<u8>, String, i64)>, $crate::store::StoreError> {
+            let sql = meta(
+                "SELECT id, tbl, key, key_text, opened_at FROM {w}queue \
+                 WHERE closed_at IS NULL AND (CAST($1 AS BIGINT) IS NULL OR id = $1) ORDER BY id",
+            );
+            Ok(sqlx::query_as(sql).bind(id).fetch_all(&mut *conn).await?)
+        }
+
+        pub(super) async fn insert_resolution(
+            conn: &mut $conn,
+            resolved: &$crate::store::admin::Resolved,
+            row: &str,
+        ) -> Result<(), $crate::store::StoreError> {
+            let sql = meta(
+                "INSERT INTO {w}resolutions (queue_id, tbl, key_text, decided_by, decision, \"row\", at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, {now})",
+            );
+            sqlx::query(sql)
+                .bind(resolved.queue_id)
+                .bind(&resolved.table)
+                .bind(&resolved.key)
+                .bind(&resolved.decided_by)
+                .bind(&resolved.decision)
+                .bind(row)
+                .execute(&mut *conn)
+                .await?;
+            Ok(())
+        }
+
+        /// Every resolution by a person and every automatic one.
+        pub(super) async fn history(conn: &mut $conn) -> Result<$crate::store::admin::History, $crate::store::StoreError> {
+            let sql = meta("SELECT queue_id, tbl, key_text, decided_by, decision, at FROM {w}resolutions ORDER BY id");
+            let resolved = sqlx::query_as(sql).fetch_all(&mut *conn).await?;
+            let sql = meta("SELECT id, tbl, key, strategy, winner, loser, at FROM {w}conflicts ORDER BY id");
+            let automatic = sqlx::query_as(sql).fetch_all(&mut *conn).await?;
+            Ok($crate::store::admin::History::from_rows(resolved, automatic))
+        }
+
+        pub(super) async fn insert_transfer(
+            conn: &mut $conn,
+            record: &$crate::store::admin::TransferRecord<'_>,
+        ) -> Result<(), $crate::store::StoreError> {
+            let sql = meta(
+                "INSERT INTO {w}transfers (tbl, \"rows\", moved, from_region, to_region, decided_by, at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, {now})",
+            );
+            sqlx::query(sql)
+                .bind(record.table)
+                .bind(&record.rows)
+                .bind(record.moved as i64)
+                .bind(record.from)
+                .bind(record.to)
+                .bind(record.by)
+                .execute(&mut *conn)
+                .await?;
+            Ok(())
+        }
+    };
+}
+
+pub(crate) use metadata_io;
