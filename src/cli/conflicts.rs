@@ -5,9 +5,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 
+use super::input::parse_row;
 use crate::config::NodeConfig;
 use crate::event::{Event, Op, Value};
-use crate::store::admin::{Admin, Choice, History, OpenConflict, parse_row};
+use crate::store::admin::{Admin, Choice, History, OpenConflict};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Command {

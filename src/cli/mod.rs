@@ -2,6 +2,7 @@
 //!
 //! Errors reach the user through `anyhow` here only; each says what failed and what to do.
 mod conflicts;
+mod input;
 mod ownership;
 mod topology;
 

@@ -2,8 +2,9 @@
 //! and prints; `store::admin` does the transfer (see its contract), on the current owner's
 //! node, SQLite or PostgreSQL. Afterwards the old owner's writes are refused at its source,
 //! and anywhere else if they are sent at all.
+use super::input::parse_key;
 use crate::config::NodeConfig;
-use crate::store::admin::{Admin, Transfer, parse_key};
+use crate::store::admin::{Admin, Transfer};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Command {

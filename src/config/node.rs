@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::event::NodeId;
 
-use super::{CONFIG_VERSION, ConfigError, NodeSpec, Shape, Strategy, TableConfig, Topology, invalid};
+use super::{CONFIG_VERSION, ConfigError, NodeSpec, Shape, TableConfig, Topology, invalid};
 
 /// Tuning knobs; every one has a default that suits a LAN-to-WAN mesh.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,6 +124,28 @@ pub struct NodeConfig {
     pub tables: Vec<TableConfig>,
 }
 
+impl ReplicationConfig {
+    /// Checks the tuning values, without IO.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let r = self;
+        if r.batch_max_events == 0 || r.window == 0 || r.poll_ms == 0 || r.heartbeat_ms == 0 {
+            return Err(invalid(
+                path,
+                "replication",
+                "batch_max_events, window, poll_ms and heartbeat_ms must be > 0",
+            ));
+        }
+        if r.peer_timeout_ms <= r.heartbeat_ms {
+            return Err(invalid(
+                path,
+                "replication.peer_timeout_ms",
+                "must be greater than heartbeat_ms",
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl NodeConfig {
     /// Reads and validates a node config file and the topology file it names.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -174,76 +196,7 @@ impl NodeConfig {
         }
         let mut names = HashSet::new();
         for (i, table) in file.tables.iter().enumerate() {
-            let ok = !table.name.is_empty()
-                && !table.name.starts_with("_weft")
-                && !table.name.starts_with("sqlite_")
-                && table.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-            if !ok {
-                return Err(invalid(
-                    path,
-                    format!("tables[{i}].name"),
-                    format!(
-                        "`{}` must be a plain table name (letters, digits, '_'; not _weft*/sqlite_*)",
-                        table.name
-                    ),
-                ));
-            }
-            match (table.strategy, table.columns.is_empty()) {
-                (Strategy::Crdt, true) => {
-                    return Err(invalid(
-                        path,
-                        format!("tables[{i}].columns"),
-                        "a crdt table lists its CRDT columns, for example columns = { qty = \"counter\" }",
-                    ));
-                }
-                (Strategy::Lww | Strategy::Queue | Strategy::Ownership, false) => {
-                    return Err(invalid(
-                        path,
-                        format!("tables[{i}].columns"),
-                        "only applies to strategy = \"crdt\"",
-                    ));
-                }
-                _ => {}
-            }
-            match (table.strategy, &table.owner_column, &table.owner_rule) {
-                (Strategy::Ownership, None, None) => {
-                    return Err(invalid(
-                        path,
-                        format!("tables[{i}].owner_column"),
-                        "an ownership table finds each row's owner region: name the column holding it (owner_column = \"home\") or give a rule on the key (owner_rule = { prefix = \"-\" })",
-                    ));
-                }
-                (Strategy::Ownership, Some(_), Some(_)) => {
-                    return Err(invalid(
-                        path,
-                        format!("tables[{i}].owner_rule"),
-                        "give owner_column or owner_rule, not both",
-                    ));
-                }
-                (Strategy::Ownership, _, _) | (_, None, None) => {}
-                (_, column, _) => {
-                    let field = if column.is_some() { "owner_column" } else { "owner_rule" };
-                    return Err(invalid(
-                        path,
-                        format!("tables[{i}].{field}"),
-                        "only applies to strategy = \"ownership\"",
-                    ));
-                }
-            }
-            if let Some(rule) = &table.owner_rule {
-                if let Some(problem) = rule.problem() {
-                    return Err(invalid(path, format!("tables[{i}].owner_rule"), problem));
-                }
-                for region in rule.named_regions() {
-                    if !topology.nodes.iter().any(|n| n.region == region) {
-                        return Err(invalid(
-                            path,
-                            format!("tables[{i}].owner_rule"),
-                            format!("`{region}` is not a region of the topology"),
-                        ));
-                    }
-                }
-            }
+            table.validate(i, &topology, path)?;
             if !names.insert(table.name.as_str()) {
                 return Err(invalid(
                     path,
@@ -252,21 +205,7 @@ impl NodeConfig {
                 ));
             }
         }
-        let r = &file.replication;
-        if r.batch_max_events == 0 || r.window == 0 || r.poll_ms == 0 || r.heartbeat_ms == 0 {
-            return Err(invalid(
-                path,
-                "replication",
-                "batch_max_events, window, poll_ms and heartbeat_ms must be > 0",
-            ));
-        }
-        if r.peer_timeout_ms <= r.heartbeat_ms {
-            return Err(invalid(
-                path,
-                "replication.peer_timeout_ms",
-                "must be greater than heartbeat_ms",
-            ));
-        }
+        file.replication.validate(path)?;
         for peer in file.dial.keys() {
             if topology.node(peer).is_none() || *peer == file.node {
                 return Err(invalid(path, format!("dial.{peer}"), "is not a peer in the topology"));

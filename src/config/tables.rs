@@ -1,6 +1,10 @@
 //! Replicated tables in a node config: each table's conflict strategy, its CRDT columns, and
 //! how an ownership table finds each row's owner (owner column or owner rule).
+use std::path::Path;
+
 use serde::{Deserialize, Serialize};
+
+use super::{ConfigError, Topology, invalid};
 
 /// How concurrent writes to a table are resolved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,6 +37,97 @@ pub struct TableConfig {
     /// `ownership` tables: the rule that finds a row's owner region from its key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner_rule: Option<OwnerRule>,
+}
+
+impl TableConfig {
+    /// Checks the table's settings (entry `i` of `tables`) without IO: a plain name, CRDT
+    /// columns only on `crdt` tables, exactly one owner source on `ownership` tables, and an
+    /// owner rule naming regions of `topology`.
+    pub fn validate(&self, i: usize, topology: &Topology, path: &Path) -> Result<(), ConfigError> {
+        let ok = !self.name.is_empty()
+            && !self.name.starts_with("_weft")
+            && !self.name.starts_with("sqlite_")
+            && self.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !ok {
+            return Err(invalid(
+                path,
+                format!("tables[{i}].name"),
+                format!(
+                    "`{}` must be a plain table name (letters, digits, '_'; not _weft*/sqlite_*)",
+                    self.name
+                ),
+            ));
+        }
+        self.validate_columns(i, path)?;
+        self.validate_owner(i, topology, path)
+    }
+
+    /// CRDT columns: required on `crdt` tables, refused elsewhere.
+    fn validate_columns(&self, i: usize, path: &Path) -> Result<(), ConfigError> {
+        match (self.strategy, self.columns.is_empty()) {
+            (Strategy::Crdt, true) => {
+                return Err(invalid(
+                    path,
+                    format!("tables[{i}].columns"),
+                    "a crdt table lists its CRDT columns, for example columns = { qty = \"counter\" }",
+                ));
+            }
+            (Strategy::Lww | Strategy::Queue | Strategy::Ownership, false) => {
+                return Err(invalid(
+                    path,
+                    format!("tables[{i}].columns"),
+                    "only applies to strategy = \"crdt\"",
+                ));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Exactly one owner source on `ownership` tables, none elsewhere; a rule names regions
+    /// of the topology.
+    fn validate_owner(&self, i: usize, topology: &Topology, path: &Path) -> Result<(), ConfigError> {
+        match (self.strategy, &self.owner_column, &self.owner_rule) {
+            (Strategy::Ownership, None, None) => {
+                return Err(invalid(
+                    path,
+                    format!("tables[{i}].owner_column"),
+                    "an ownership table finds each row's owner region: name the column holding it (owner_column = \"home\") or give a rule on the key (owner_rule = { prefix = \"-\" })",
+                ));
+            }
+            (Strategy::Ownership, Some(_), Some(_)) => {
+                return Err(invalid(
+                    path,
+                    format!("tables[{i}].owner_rule"),
+                    "give owner_column or owner_rule, not both",
+                ));
+            }
+            (Strategy::Ownership, _, _) | (_, None, None) => {}
+            (_, column, _) => {
+                let field = if column.is_some() { "owner_column" } else { "owner_rule" };
+                return Err(invalid(
+                    path,
+                    format!("tables[{i}].{field}"),
+                    "only applies to strategy = \"ownership\"",
+                ));
+            }
+        }
+        if let Some(rule) = &self.owner_rule {
+            if let Some(problem) = rule.problem() {
+                return Err(invalid(path, format!("tables[{i}].owner_rule"), problem));
+            }
+            for region in rule.named_regions() {
+                if !topology.nodes.iter().any(|n| n.region == region) {
+                    return Err(invalid(
+                        path,
+                        format!("tables[{i}].owner_rule"),
+                        format!("`{region}` is not a region of the topology"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Finds a row's owner region from one primary-key column. Exactly one of `prefix` and
@@ -107,6 +202,7 @@ impl OwnerRule {
 }
 
 impl TableConfig {
+    /// A last-writer-wins table.
     pub fn lww(name: &str) -> Self {
         Self {
             name: name.to_owned(),
@@ -114,6 +210,41 @@ impl TableConfig {
             columns: Default::default(),
             owner_column: None,
             owner_rule: None,
+        }
+    }
+
+    /// A `queue` table: concurrent versions wait for a person.
+    pub fn queue(name: &str) -> Self {
+        Self {
+            strategy: Strategy::Queue,
+            ..Self::lww(name)
+        }
+    }
+
+    /// A `crdt` table with these CRDT columns.
+    pub fn crdt(name: &str, columns: &[(&str, crate::crdt::CrdtType)]) -> Self {
+        Self {
+            strategy: Strategy::Crdt,
+            columns: columns.iter().map(|(c, t)| ((*c).to_owned(), *t)).collect(),
+            ..Self::lww(name)
+        }
+    }
+
+    /// An `ownership` table whose rows name their owner region in `column`.
+    pub fn owned_by_column(name: &str, column: &str) -> Self {
+        Self {
+            strategy: Strategy::Ownership,
+            owner_column: Some(column.to_owned()),
+            ..Self::lww(name)
+        }
+    }
+
+    /// An `ownership` table whose rows' owner follows `rule`.
+    pub fn owned_by_rule(name: &str, rule: OwnerRule) -> Self {
+        Self {
+            strategy: Strategy::Ownership,
+            owner_rule: Some(rule),
+            ..Self::lww(name)
         }
     }
 }

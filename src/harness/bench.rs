@@ -79,9 +79,30 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     );
 
     let duration = Duration::from_secs(args.duration);
-    let written: Vec<Arc<AtomicU64>> = names.iter().map(|_| Arc::new(AtomicU64::new(0))).collect();
-    let mut writers = tokio::task::JoinSet::new();
     let started = Instant::now();
+    let (mut writers, written) = start_writers(&mesh, &args);
+    // Lag is measured in the steady state: forget the first second.
+    tokio::time::sleep(Duration::from_secs(1).min(duration / 2)).await;
+    for region in &mesh.regions {
+        region.metrics.reset_lag();
+    }
+    while let Some(result) = writers.join_next().await {
+        result??;
+    }
+    let writing = started.elapsed();
+    mesh.wait_converged(Duration::from_secs(300)).await?;
+    let total = started.elapsed();
+
+    print_figures(&mesh, &written, writing, total);
+    mesh.stop_all().await;
+    Ok(())
+}
+
+/// One application writer per region, for the run's duration: rows written per region.
+fn start_writers(mesh: &LoopbackMesh, args: &Args) -> (tokio::task::JoinSet<anyhow::Result<()>>, Vec<Arc<AtomicU64>>) {
+    let duration = Duration::from_secs(args.duration);
+    let written: Vec<Arc<AtomicU64>> = mesh.regions.iter().map(|_| Arc::new(AtomicU64::new(0))).collect();
+    let mut writers = tokio::task::JoinSet::new();
     for (i, region) in mesh.regions.iter().enumerate() {
         let app = region.app.clone();
         let count = written[i].clone();
@@ -117,22 +138,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             anyhow::Ok(())
         });
     }
-    // Lag is measured in the steady state: forget the first second.
-    tokio::time::sleep(Duration::from_secs(1).min(duration / 2)).await;
-    for region in &mesh.regions {
-        region.metrics.reset_lag();
-    }
-    while let Some(result) = writers.join_next().await {
-        result??;
-    }
-    let writing = started.elapsed();
-    mesh.wait_converged(Duration::from_secs(300)).await?;
-    let total = started.elapsed();
+    (writers, written)
+}
 
+/// Per region: rows written, the apply rate until converged, and lag; then the summary.
+fn print_figures(mesh: &LoopbackMesh, written: &[Arc<AtomicU64>], writing: Duration, total: Duration) {
     println!("\nregion     written   write rate   applied   applied/s (until converged)   lag p50   lag p99   lag max");
     let mut applied_rates = Vec::new();
     let mut p99s = Vec::new();
-    for (region, count) in mesh.regions.iter().zip(&written) {
+    for (region, count) in mesh.regions.iter().zip(written) {
         let w = count.load(Ordering::Relaxed);
         let applied = Metrics::get(&region.metrics.applied);
         let rate = applied as f64 / total.as_secs_f64();
@@ -157,6 +171,4 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "\nsummary: applied >= {min_rate:.0} changes/s per region; worst lag p99 {worst_p99:.2} ms; converged {:.2} s after the last write",
         (total - writing).as_secs_f64()
     );
-    mesh.stop_all().await;
-    Ok(())
 }

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use sqlx::{Connection as _, PgPool, Row as _, SqlitePool};
 
 use crate::event::NodeId;
+use crate::store::backend::Backend;
 use crate::store::{StoreError, postgres, sqlite};
 
 /// Everything replicated in a database, rendered canonically: per table its rows in key
@@ -93,7 +94,9 @@ pub async fn postgres_progress(pool: &PgPool) -> Result<(u64, u64, BTreeMap<Node
     sqlx::raw_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .execute(&mut *tx)
         .await?;
-    let last = postgres::last_seq(&mut tx).await?;
+    let last = <postgres::Postgres as Backend>::node_record(&mut tx)
+        .await?
+        .map_or(0, |r| r.last_seq);
     let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM weft.outbox")
         .fetch_one(&mut *tx)
         .await?;

@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use rand::{Rng, SeedableRng};
 use sqlx::SqlitePool;
 
-use crate::config::{ReplicationConfig, Strategy, TableConfig};
+use crate::config::{ReplicationConfig, TableConfig};
 use crate::crdt::CrdtType;
 use crate::harness::loopback::LoopbackMesh;
 use crate::telemetry::Metrics;
@@ -59,96 +59,138 @@ pub struct Args {
     pub topology: Option<std::path::PathBuf>,
 }
 
-/// One application transaction of the demo workload.
-async fn write_once(
-    app: &SqlitePool,
-    region: &str,
-    rng: &mut rand::rngs::StdRng,
-    next_order: &mut i64,
-    sold: &AtomicU64,
-    refused: &AtomicU64,
-    regions: &[String],
-) -> sqlx::Result<()> {
-    let mut tx = app.begin().await?;
-    let ops = if rng.random_ratio(1, 10) { 3 } else { 1 };
-    for _ in 0..ops {
-        let roll = rng.random_range(0..100);
-        let profile = format!("p{:02}", rng.random_range(0..40));
-        if roll < 8 {
-            // Everyone sells from the same stock: a CRDT counter, so no sale is lost.
-            sqlx::query("UPDATE inventory SET qty = qty - 1 WHERE sku = ?")
-                .bind(format!("sku-{}", rng.random_range(0..STOCK_ITEMS)))
-                .execute(&mut *tx)
-                .await?;
-            sold.fetch_add(1, Ordering::Relaxed);
-            continue;
-        }
-        if roll < 12 {
-            // Accounts belong to one region. Writing another region's account is refused
-            // right here, in the application's transaction; only that statement is undone.
-            let home = rng.random_range(0..regions.len());
-            let id = home as i64 * 1000 + rng.random_range(0..ACCOUNTS_EACH);
-            let result = sqlx::query("UPDATE accounts SET balance = balance + 1 WHERE id = ?")
-                .bind(id)
-                .execute(&mut *tx)
-                .await;
-            match result {
-                Ok(_) => {}
-                Err(e) if e.to_string().contains("is owned by") => {
-                    refused.fetch_add(1, Ordering::Relaxed);
+/// One region's application in the demo workload.
+struct App {
+    app: SqlitePool,
+    region: String,
+    rng: rand::rngs::StdRng,
+    next_order: i64,
+    sold: Arc<AtomicU64>,
+    refused: Arc<AtomicU64>,
+    regions: Vec<String>,
+}
+
+type Tx<'a> = sqlx::Transaction<'a, sqlx::Sqlite>;
+
+impl App {
+    /// One application transaction: usually one change, sometimes three.
+    async fn write_once(&mut self) -> sqlx::Result<()> {
+        let mut tx = self.app.begin().await?;
+        let ops = if self.rng.random_ratio(1, 10) { 3 } else { 1 };
+        for _ in 0..ops {
+            let roll = self.rng.random_range(0..100);
+            let profile = format!("p{:02}", self.rng.random_range(0..40));
+            match roll {
+                0..8 => self.sell(&mut tx).await?,
+                8..12 => self.pay_into_an_account(&mut tx).await?,
+                12 => self.edit_a_contract(&mut tx).await?,
+                13..45 => self.upsert_profile(&mut tx, &profile).await?,
+                45..55 => {
+                    sqlx::query("DELETE FROM profiles WHERE id = ?")
+                        .bind(&profile)
+                        .execute(&mut *tx)
+                        .await?;
                 }
-                Err(e) => return Err(e),
+                _ => self.order(&mut tx, roll).await?,
             }
-            continue;
         }
-        if roll < 13 {
-            // A contract edit: concurrent edits wait in the resolution queue.
-            sqlx::query("UPDATE contracts SET amount = ?, terms = ? WHERE id = ?")
-                .bind(rng.random_range(100..1000i64))
-                .bind(format!("terms from {region}"))
-                .bind(rng.random_range(0..3i64))
-                .execute(&mut *tx)
-                .await?;
-            continue;
-        }
-        if roll < 45 {
-            let avatar: Vec<u8> = (0..8).map(|_| rng.random()).collect();
-            sqlx::query(
-                "INSERT INTO profiles (id, name, email, score, avatar, updated_in) VALUES (?, ?, ?, ?, ?, ?)
-                 ON CONFLICT (id) DO UPDATE SET name = excluded.name, email = excluded.email,
-                 score = excluded.score, avatar = excluded.avatar, updated_in = excluded.updated_in",
-            )
-            .bind(&profile)
-            .bind(format!("{profile} as seen in {region}"))
-            .bind(rng.random_ratio(1, 4).then(|| format!("{profile}@{region}.example")))
-            .bind(rng.random_range(0.0..100.0f64))
-            .bind(avatar)
-            .bind(region)
-            .execute(&mut *tx)
+        tx.commit().await
+    }
+
+    /// Everyone sells from the same stock: a CRDT counter, so no sale is lost.
+    async fn sell(&mut self, tx: &mut Tx<'_>) -> sqlx::Result<()> {
+        sqlx::query("UPDATE inventory SET qty = qty - 1 WHERE sku = ?")
+            .bind(format!("sku-{}", self.rng.random_range(0..STOCK_ITEMS)))
+            .execute(&mut **tx)
             .await?;
-        } else if roll < 55 {
-            sqlx::query("DELETE FROM profiles WHERE id = ?")
-                .bind(&profile)
-                .execute(&mut *tx)
-                .await?;
-        } else if roll < 90 || *next_order == 1 {
-            sqlx::query("INSERT INTO orders (region, id, item, qty) VALUES (?, ?, ?, ?)")
-                .bind(region)
-                .bind(*next_order)
-                .bind(format!("item-{}", rng.random_range(0..1000)))
-                .bind(rng.random_range(1..10i64))
-                .execute(&mut *tx)
-                .await?;
-            *next_order += 1;
-        } else {
-            sqlx::query("UPDATE orders SET qty = qty + 1 WHERE region = ? AND id = ?")
-                .bind(region)
-                .bind(rng.random_range(1..*next_order))
-                .execute(&mut *tx)
-                .await?;
+        self.sold.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Accounts belong to one region. Writing another region's account is refused right
+    /// here, in the application's transaction; only that statement is undone.
+    async fn pay_into_an_account(&mut self, tx: &mut Tx<'_>) -> sqlx::Result<()> {
+        let home = self.rng.random_range(0..self.regions.len());
+        let id = home as i64 * 1000 + self.rng.random_range(0..ACCOUNTS_EACH);
+        let result = sqlx::query("UPDATE accounts SET balance = balance + 1 WHERE id = ?")
+            .bind(id)
+            .execute(&mut **tx)
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) if e.to_string().contains("is owned by") => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => Err(e),
         }
     }
-    tx.commit().await
+
+    /// A contract edit: concurrent edits wait in the resolution queue.
+    async fn edit_a_contract(&mut self, tx: &mut Tx<'_>) -> sqlx::Result<()> {
+        sqlx::query("UPDATE contracts SET amount = ?, terms = ? WHERE id = ?")
+            .bind(self.rng.random_range(100..1000i64))
+            .bind(format!("terms from {}", self.region))
+            .bind(self.rng.random_range(0..3i64))
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn upsert_profile(&mut self, tx: &mut Tx<'_>, profile: &str) -> sqlx::Result<()> {
+        let region = &self.region;
+        let avatar: Vec<u8> = (0..8).map(|_| self.rng.random()).collect();
+        sqlx::query(
+            "INSERT INTO profiles (id, name, email, score, avatar, updated_in) VALUES (?, ?, ?, ?, ?, ?)
+             ON CONFLICT (id) DO UPDATE SET name = excluded.name, email = excluded.email,
+             score = excluded.score, avatar = excluded.avatar, updated_in = excluded.updated_in",
+        )
+        .bind(profile)
+        .bind(format!("{profile} as seen in {region}"))
+        .bind(
+            self.rng
+                .random_ratio(1, 4)
+                .then(|| format!("{profile}@{region}.example")),
+        )
+        .bind(self.rng.random_range(0.0..100.0f64))
+        .bind(avatar)
+        .bind(region)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    /// A new order of this region (most rolls), or one more of an earlier one.
+    async fn order(&mut self, tx: &mut Tx<'_>, roll: u32) -> sqlx::Result<()> {
+        if roll < 90 || self.next_order == 1 {
+            sqlx::query("INSERT INTO orders (region, id, item, qty) VALUES (?, ?, ?, ?)")
+                .bind(&self.region)
+                .bind(self.next_order)
+                .bind(format!("item-{}", self.rng.random_range(0..1000)))
+                .bind(self.rng.random_range(1..10i64))
+                .execute(&mut **tx)
+                .await?;
+            self.next_order += 1;
+        } else {
+            sqlx::query("UPDATE orders SET qty = qty + 1 WHERE region = ? AND id = ?")
+                .bind(&self.region)
+                .bind(self.rng.random_range(1..self.next_order))
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// The demo's tables: one of each strategy.
+fn tables() -> [TableConfig; 5] {
+    [
+        TableConfig::lww("profiles"),
+        TableConfig::lww("orders"),
+        TableConfig::crdt("inventory", &[("qty", CrdtType::Counter), ("tags", CrdtType::Set)]),
+        TableConfig::owned_by_column("accounts", "home_region"),
+        TableConfig::queue("contracts"),
+    ]
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -159,36 +201,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         None => LoopbackMesh::all_to_all(&["us-east", "eu-west", "ap-south"]),
     };
     let regions: Vec<String> = topology.nodes.iter().map(|n| n.region.clone()).collect();
-    let tables = [
-        TableConfig::lww("profiles"),
-        TableConfig::lww("orders"),
-        TableConfig {
-            name: "inventory".into(),
-            strategy: Strategy::Crdt,
-            columns: [
-                ("qty".to_string(), CrdtType::Counter),
-                ("tags".to_string(), CrdtType::Set),
-            ]
-            .into_iter()
-            .collect(),
-            owner_column: None,
-            owner_rule: None,
-        },
-        TableConfig {
-            name: "accounts".into(),
-            strategy: Strategy::Ownership,
-            columns: Default::default(),
-            owner_column: Some("home_region".into()),
-            owner_rule: None,
-        },
-        TableConfig {
-            name: "contracts".into(),
-            strategy: Strategy::Queue,
-            columns: Default::default(),
-            owner_column: None,
-            owner_rule: None,
-        },
-    ];
     println!(
         "weft demo: {} regions on loopback, {}, LWW; seed {seed}; files in {}",
         regions.len(),
@@ -197,9 +209,41 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .unwrap_or_default(),
         dir.display()
     );
-    let mut mesh = LoopbackMesh::create(&dir, &topology, SCHEMA, &tables, &ReplicationConfig::default()).await?;
+    let mut mesh = LoopbackMesh::create(&dir, &topology, SCHEMA, &tables(), &ReplicationConfig::default()).await?;
     mesh.start_all().await?;
-    // Stock and contracts exist everywhere before the regions start competing for them.
+    seed_rows(&mesh).await?;
+    mesh.wait_converged(Duration::from_secs(30)).await?;
+    let mut workload = Workload::start(&mesh, &regions, seed, &args);
+    restart_one_region(
+        &mut mesh,
+        &regions,
+        &workload.written,
+        Duration::from_secs(args.duration),
+    )
+    .await?;
+    workload.finish().await?;
+    println!("workload done; waiting for every region to apply everything...");
+    let converge = mesh.wait_converged(Duration::from_secs(60)).await;
+    print_summary(&mesh, &workload.written).await?;
+    println!(
+        "\naccounts (ownership): {} writes to another region's account refused at the source",
+        workload.refused.load(Ordering::Relaxed)
+    );
+    let strategies = print_strategies(&mesh, workload.sold.load(Ordering::Relaxed), &dir).await;
+    mesh.stop_all().await;
+    let took = converge.context("the regions did NOT converge")?;
+    strategies?;
+    println!(
+        "\nCONVERGED: all {} regions hold identical rows and row metadata ({} ms after the last write).",
+        regions.len(),
+        took.as_millis()
+    );
+    Ok(())
+}
+
+/// Stock and contracts exist everywhere before the regions start competing for them, and
+/// each region has accounts of its own.
+async fn seed_rows(mesh: &LoopbackMesh) -> anyhow::Result<()> {
     let seed_app = &mesh.regions[0].app;
     for i in 0..STOCK_ITEMS {
         sqlx::query("INSERT INTO inventory (sku, qty, tags) VALUES (?, ?, '[]')")
@@ -224,35 +268,72 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 .await?;
         }
     }
-    mesh.wait_converged(Duration::from_secs(30)).await?;
-    let sold = Arc::new(AtomicU64::new(0));
-    let refused = Arc::new(AtomicU64::new(0));
+    Ok(())
+}
 
-    let duration = Duration::from_secs(args.duration);
-    let written: Vec<Arc<AtomicU64>> = regions.iter().map(|_| Arc::new(AtomicU64::new(0))).collect();
-    let mut writers = tokio::task::JoinSet::new();
-    for (i, region) in mesh.regions.iter().enumerate() {
-        let app = region.app.clone();
-        let name = region.region.clone();
-        let count = written[i].clone();
-        let sold = sold.clone();
-        let refused = refused.clone();
-        let regions = regions.clone();
-        let period = Duration::from_micros(1_000_000 / args.rate.max(1));
-        writers.spawn(async move {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ (i as u64 + 1));
-            let mut next_order = 1;
-            let mut tick = tokio::time::interval(period);
-            let end = Instant::now() + duration;
-            while Instant::now() < end {
-                tick.tick().await;
-                write_once(&app, &name, &mut rng, &mut next_order, &sold, &refused, &regions).await?;
-                count.fetch_add(1, Ordering::Relaxed);
-            }
-            anyhow::Ok(())
-        });
+/// The applications' writers, one per region, at the demo's rate, for its duration.
+struct Workload {
+    writers: tokio::task::JoinSet<anyhow::Result<()>>,
+    /// Writes made per region.
+    written: Vec<Arc<AtomicU64>>,
+    sold: Arc<AtomicU64>,
+    refused: Arc<AtomicU64>,
+}
+
+impl Workload {
+    fn start(mesh: &LoopbackMesh, regions: &[String], seed: u64, args: &Args) -> Self {
+        let sold = Arc::new(AtomicU64::new(0));
+        let refused = Arc::new(AtomicU64::new(0));
+        let duration = Duration::from_secs(args.duration);
+        let written: Vec<Arc<AtomicU64>> = regions.iter().map(|_| Arc::new(AtomicU64::new(0))).collect();
+        let mut writers = tokio::task::JoinSet::new();
+        for (i, region) in mesh.regions.iter().enumerate() {
+            let count = written[i].clone();
+            let mut app = App {
+                app: region.app.clone(),
+                region: region.region.clone(),
+                rng: rand::rngs::StdRng::seed_from_u64(seed ^ (i as u64 + 1)),
+                next_order: 1,
+                sold: sold.clone(),
+                refused: refused.clone(),
+                regions: regions.to_vec(),
+            };
+            let period = Duration::from_micros(1_000_000 / args.rate.max(1));
+            writers.spawn(async move {
+                let mut tick = tokio::time::interval(period);
+                let end = Instant::now() + duration;
+                while Instant::now() < end {
+                    tick.tick().await;
+                    app.write_once().await?;
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+                anyhow::Ok(())
+            });
+        }
+        Self {
+            writers,
+            written,
+            sold,
+            refused,
+        }
     }
 
+    async fn finish(&mut self) -> anyhow::Result<()> {
+        while let Some(result) = self.writers.join_next().await {
+            result?.context("the demo workload failed")?;
+        }
+        Ok(())
+    }
+}
+
+/// While the workload runs: the last region's sidecar stops a third of the way through and
+/// restarts later (its application keeps writing), with progress every second.
+async fn restart_one_region(
+    mesh: &mut LoopbackMesh,
+    regions: &[String],
+    written: &[Arc<AtomicU64>],
+    duration: Duration,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     let stop_at = duration.mul_f64(0.35);
     let restart_at = duration.mul_f64(0.6);
@@ -276,27 +357,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             );
             mesh.start(victim).await?;
         }
-        print_progress(&mesh, &written, t);
+        print_progress(mesh, written, t);
     }
-    while let Some(result) = writers.join_next().await {
-        result?.context("the demo workload failed")?;
-    }
-    println!("workload done; waiting for every region to apply everything...");
-    let converge = mesh.wait_converged(Duration::from_secs(60)).await;
-    print_summary(&mesh, &written).await?;
-    println!(
-        "\naccounts (ownership): {} writes to another region's account refused at the source",
-        refused.load(Ordering::Relaxed)
-    );
-    let strategies = print_strategies(&mesh, sold.load(Ordering::Relaxed), &dir).await;
-    mesh.stop_all().await;
-    let took = converge.context("the regions did NOT converge")?;
-    strategies?;
-    println!(
-        "\nCONVERGED: all {} regions hold identical rows and row metadata ({} ms after the last write).",
-        regions.len(),
-        took.as_millis()
-    );
     Ok(())
 }
 

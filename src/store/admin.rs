@@ -11,8 +11,6 @@
 //!   the ownership triggers allow it), or for a rule table records the new owner as
 //!   `moving_to` and queues the row for capture; the drain numbers it as the row's next epoch.
 #![allow(async_fn_in_trait)]
-use std::collections::BTreeMap;
-
 use crate::config::{Database, NodeConfig, OwnerRule, Strategy, TableConfig};
 use crate::event::{Event, Key, Op, Row, Value};
 use crate::resolve::ownership::{Owner, rule_owner};
@@ -530,64 +528,29 @@ fn movable(
     Ok(Some(owner))
 }
 
-/// A key typed by a person: a JSON value, or an array of them for a composite key; text that
-/// is not JSON is taken as a string.
-pub fn parse_key(text: &str, width: usize) -> Result<Key, StoreError> {
-    let json: serde_json::Value =
-        serde_json::from_str(text).unwrap_or_else(|_| serde_json::Value::String(text.to_owned()));
-    let items = match json {
-        serde_json::Value::Array(items) => items,
-        single => vec![single],
+/// The `AdminTxn` methods every dialect forwards, unchanged, to its `metadata` module.
+/// Invoked inside each dialect's `impl AdminTxn`.
+macro_rules! forward_admin_io {
+    () => {
+        async fn queue_entries(
+            &mut self,
+            id: Option<i64>,
+        ) -> Result<Vec<(i64, String, Vec<u8>, String, i64)>, $crate::store::StoreError> {
+            metadata::queue_entries(self.conn, id).await
+        }
+
+        async fn insert_resolution(
+            &mut self,
+            resolved: &$crate::store::admin::Resolved,
+            row: &str,
+        ) -> Result<(), $crate::store::StoreError> {
+            metadata::insert_resolution(self.conn, resolved, row).await
+        }
+
+        async fn history(&mut self) -> Result<$crate::store::admin::History, $crate::store::StoreError> {
+            metadata::history(self.conn).await
+        }
     };
-    if items.len() != width {
-        return Err(refused(format!(
-            "key {text} has {} values; the table's primary key has {width} columns",
-            items.len()
-        )));
-    }
-    let values = items
-        .iter()
-        .map(|v| match v {
-            serde_json::Value::Number(n) if n.is_i64() => Ok(Value::Integer(n.as_i64().expect("checked"))),
-            serde_json::Value::Number(n) => Ok(Value::Real(n.as_f64().unwrap_or(0.0))),
-            serde_json::Value::String(s) => Ok(Value::Text(s.clone())),
-            other => Err(refused(format!("{other} is not a key value"))),
-        })
-        .collect::<Result<_, _>>()?;
-    Ok(Key(values))
 }
 
-/// A row typed by a person (`--edit`): a JSON object of column values, `{"blob": "hex"}` for
-/// bytes.
-pub fn parse_row(text: &str, source: &str) -> Result<Vec<(String, Value)>, StoreError> {
-    let object: BTreeMap<String, serde_json::Value> = serde_json::from_str(text)
-        .map_err(|e| refused(format!("{source}: expected a JSON object of column values ({e})")))?;
-    object.into_iter().map(|(c, v)| Ok((c, json_value(&v)?))).collect()
-}
-
-fn json_value(value: &serde_json::Value) -> Result<Value, StoreError> {
-    Ok(match value {
-        serde_json::Value::Null => Value::Null,
-        serde_json::Value::Bool(b) => Value::Integer(i64::from(*b)),
-        serde_json::Value::Number(n) => match n.as_i64() {
-            Some(i) => Value::Integer(i),
-            None => Value::Real(n.as_f64().ok_or_else(|| refused("number out of range".into()))?),
-        },
-        serde_json::Value::String(s) => Value::Text(s.clone()),
-        serde_json::Value::Object(o) if o.len() == 1 && o.contains_key("blob") => {
-            let bad = || refused("blob must be a hex string".into());
-            let hex = o["blob"].as_str().ok_or_else(bad)?;
-            let bytes = (0..hex.len())
-                .step_by(2)
-                .map(|i| u8::from_str_radix(hex.get(i..i + 2).unwrap_or("zz"), 16))
-                .collect::<Result<Vec<u8>, _>>()
-                .map_err(|_| bad())?;
-            Value::Blob(bytes)
-        }
-        other => {
-            return Err(refused(format!(
-                "{other} is not a column value; use a number, a string, null or {{\"blob\": \"hex\"}}"
-            )));
-        }
-    })
-}
+pub(crate) use forward_admin_io;

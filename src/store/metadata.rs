@@ -8,6 +8,28 @@
 //! differ in more than names (upserts with `max` vs `greatest`, `unnest` batches, the
 //! outbox) stay in the dialects.
 
+use crate::event::Hlc;
+use crate::replicate::RowVersion;
+use crate::store::StoreError;
+use crate::version::VersionVector;
+
+/// A row version as `{w}rows` stores it: the vector as JSON, the HLC, the origin, deleted.
+pub fn stored_version(
+    table: &str,
+    version: &str,
+    hlc: i64,
+    origin: String,
+    deleted: bool,
+) -> Result<RowVersion, StoreError> {
+    Ok(RowVersion {
+        version: VersionVector::from_json(version)
+            .map_err(|e| StoreError::Corrupt(format!("version of a {table} row: {e}")))?,
+        hlc: Hlc(hlc as u64),
+        origin,
+        deleted,
+    })
+}
+
 /// Renders the shared metadata statements as `pub(super)` functions of the invoking module.
 macro_rules! metadata_io {
     ($db:ty, $conn:ty, $prefix:expr, $now:expr) => {

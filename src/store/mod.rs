@@ -3,8 +3,10 @@
 //! One algorithm over two dialects. The replication algorithm (`replica`, `capture`,
 //! `apply`), the strategy engine (`engine`), admission (`admit`) and the audit trail
 //! (`audit`) are written once, over the two ports of `backend`; `sqlite` and `postgres`
-//! supply only SQL text, type mapping, locking and error classification. [`Store`] is the one
-//! interface the node, the transport and the CLI use.
+//! supply only SQL text, type mapping, locking and error classification (statements alike
+//! but for table names are written once, in `metadata`). `schema` describes weft's tables
+//! once, with numbered migrations. [`Store`] is the one interface the node and the transport
+//! use; [`admin::Admin`] is the operator's (`weft conflicts`, `weft ownership`).
 //!
 //! A store guarantees, for its database:
 //! - `drain` turns committed outbox rows into events in one transaction (seq, HLC, version
@@ -12,8 +14,8 @@
 //! - `apply` applies a run of remote events in one transaction together with the per-origin
 //!   frontier, after first draining local changes, so a crash never loses or doubles an event
 //!   and a remote event never overwrites an undrained local change;
-//! - the log keeps every event some peer still needs until `collect_garbage` is told all
-//!   peers that need it have acknowledged it.
+//! - the log keeps every event some peer still needs until `record_acks_and_collect` is told
+//!   all peers that need it have acknowledged it.
 pub mod admin;
 pub mod admit;
 mod apply;

@@ -11,7 +11,7 @@ use super::{Postgres, SESSION, options, pool};
 use crate::config::TableConfig;
 use crate::event::{Key, Op};
 use crate::store::StoreError;
-use crate::store::admin::{AdminBackend, AdminTxn, History, Resolved, TransferRecord};
+use crate::store::admin::{AdminBackend, AdminTxn, TransferRecord};
 
 impl Postgres {
     /// The dialect for the admin tools: no listener, no sidecar lock.
@@ -45,8 +45,6 @@ impl AdminBackend for Postgres {
     }
 }
 
-type Entry = (i64, String, Vec<u8>, String, i64);
-
 impl AdminTxn for PgTxn<'_> {
     async fn installed(&mut self) -> Result<bool, StoreError> {
         Ok(sqlx::query_scalar("SELECT to_regclass('weft.queue') IS NOT NULL")
@@ -54,9 +52,7 @@ impl AdminTxn for PgTxn<'_> {
             .await?)
     }
 
-    async fn queue_entries(&mut self, id: Option<i64>) -> Result<Vec<Entry>, StoreError> {
-        metadata::queue_entries(self.conn, id).await
-    }
+    crate::store::admin::forward_admin_io!();
 
     async fn write_as_application(&mut self, table: &PgTable, key: &Key, op: &Op) -> Result<(), StoreError> {
         let (sql, texts) = match op {
@@ -96,14 +92,6 @@ impl AdminTxn for PgTxn<'_> {
         }
         query.execute(&mut *self.conn).await?;
         Ok(())
-    }
-
-    async fn insert_resolution(&mut self, resolved: &Resolved, row: &str) -> Result<(), StoreError> {
-        metadata::insert_resolution(self.conn, resolved, row).await
-    }
-
-    async fn history(&mut self) -> Result<History, StoreError> {
-        metadata::history(self.conn).await
     }
 
     async fn begin_transfer(&mut self) -> Result<(), StoreError> {

@@ -13,11 +13,11 @@ use std::collections::HashMap;
 use sqlx::{AssertSqlSafe, PgConnection, Row as _};
 
 use super::schema::PgTable;
-use crate::event::{Hlc, Key, Row};
+use crate::event::{Key, Row};
 use crate::replicate::RowVersion;
 use crate::store::StoreError;
 use crate::store::backend::{Captured, Meta, Tables};
-use crate::version::VersionVector;
+use crate::store::metadata::stored_version;
 use crate::wire;
 
 /// The committed outbox rows of replicated tables with their images, and the ids taken;
@@ -88,16 +88,8 @@ pub(super) async fn load_versions(
     let mut out = HashMap::with_capacity(rows.len());
     for row in rows {
         let version: String = row.try_get(1)?;
-        out.insert(
-            row.try_get::<Vec<u8>, _>(0)?,
-            RowVersion {
-                version: VersionVector::from_json(&version)
-                    .map_err(|e| StoreError::Corrupt(format!("version of a {table} row: {e}")))?,
-                hlc: Hlc(row.try_get::<i64, _>(2)? as u64),
-                origin: row.try_get(3)?,
-                deleted: row.try_get(4)?,
-            },
-        );
+        let stored = stored_version(table, &version, row.try_get(2)?, row.try_get(3)?, row.try_get(4)?)?;
+        out.insert(row.try_get::<Vec<u8>, _>(0)?, stored);
     }
     Ok(out)
 }

@@ -327,8 +327,3 @@ impl Backend for Postgres {
 pub fn app_pool(url: &str) -> Result<PgPool, StoreError> {
     Ok(pool(&options(url)?, 2))
 }
-
-/// This node's last own seq as the database records it.
-pub(crate) async fn last_seq(conn: &mut PgConnection) -> Result<u64, StoreError> {
-    number(node_value(conn, "last_seq").await?, "last_seq")
-}

@@ -12,7 +12,7 @@ use super::values::{bind, value_at};
 use crate::config::TableConfig;
 use crate::event::{Key, Op};
 use crate::store::StoreError;
-use crate::store::admin::{AdminBackend, AdminTxn, History, Resolved, TransferRecord};
+use crate::store::admin::{AdminBackend, AdminTxn, TransferRecord};
 
 impl Sqlite {
     /// The dialect for the admin tools: no sidecar connections are opened.
@@ -36,8 +36,6 @@ impl AdminBackend for Sqlite {
     }
 }
 
-type Entry = (i64, String, Vec<u8>, String, i64);
-
 impl AdminTxn for SqliteTxn<'_> {
     async fn installed(&mut self) -> Result<bool, StoreError> {
         let found: i64 = sqlx::query_scalar("SELECT count(*) FROM sqlite_master WHERE name = '_weft_queue'")
@@ -46,9 +44,7 @@ impl AdminTxn for SqliteTxn<'_> {
         Ok(found > 0)
     }
 
-    async fn queue_entries(&mut self, id: Option<i64>) -> Result<Vec<Entry>, StoreError> {
-        metadata::queue_entries(self.conn, id).await
-    }
+    crate::store::admin::forward_admin_io!();
 
     async fn write_as_application(&mut self, table: &TableInfo, key: &Key, op: &Op) -> Result<(), StoreError> {
         let name = quote(&table.name);
@@ -81,14 +77,6 @@ impl AdminTxn for SqliteTxn<'_> {
         }
         query.execute(&mut *self.conn).await?;
         Ok(())
-    }
-
-    async fn insert_resolution(&mut self, resolved: &Resolved, row: &str) -> Result<(), StoreError> {
-        metadata::insert_resolution(self.conn, resolved, row).await
-    }
-
-    async fn history(&mut self) -> Result<History, StoreError> {
-        metadata::history(self.conn).await
     }
 
     async fn begin_transfer(&mut self) -> Result<(), StoreError> {

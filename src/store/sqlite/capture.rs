@@ -13,11 +13,11 @@ use sqlx::{AssertSqlSafe, Row as _, SqliteConnection};
 
 use super::schema::TableInfo;
 use super::values::{bind, value_at};
-use crate::event::{Hlc, Key, Row, Value};
+use crate::event::{Key, Row, Value};
 use crate::replicate::RowVersion;
 use crate::store::StoreError;
 use crate::store::backend::{Captured, Meta, Tables};
-use crate::version::VersionVector;
+use crate::store::metadata::stored_version;
 use crate::wire;
 
 /// SQLite accepts up to 32766 parameters per statement; stay below it.
@@ -119,16 +119,9 @@ pub(super) async fn load_versions(
         }
         for row in query.fetch_all(&mut *conn).await? {
             let version: String = row.try_get(1)?;
-            out.insert(
-                row.try_get::<Vec<u8>, _>(0)?,
-                RowVersion {
-                    version: VersionVector::from_json(&version)
-                        .map_err(|e| StoreError::Corrupt(format!("version of a {table} row: {e}")))?,
-                    hlc: Hlc(row.try_get::<i64, _>(2)? as u64),
-                    origin: row.try_get(3)?,
-                    deleted: row.try_get::<i64, _>(4)? != 0,
-                },
-            );
+            let deleted = row.try_get::<i64, _>(4)? != 0;
+            let stored = stored_version(table, &version, row.try_get(2)?, row.try_get(3)?, deleted)?;
+            out.insert(row.try_get::<Vec<u8>, _>(0)?, stored);
         }
     }
     Ok(out)

@@ -251,20 +251,29 @@ fn trigger_name(table: &str, event: &str) -> String {
     format!("_weft_capture_{table}_{event}")
 }
 
-/// The three capture triggers of a table, as (name, full SQL).
-fn trigger_sql(info: &TableInfo, region: &str) -> Vec<(String, String)> {
-    let table = &info.name;
-    let slots = |row: &str| -> String {
+/// The pieces of a table's capture triggers, for the row `NEW` or `OLD`.
+struct Capture<'a> {
+    info: &'a TableInfo,
+    region: &'a str,
+}
+
+impl Capture<'_> {
+    /// The key columns of `row` in the outbox's four key slots.
+    fn slots(&self, row: &str) -> String {
         (0..MAX_KEY_COLUMNS)
-            .map(|i| match info.key.get(i) {
+            .map(|i| match self.info.key.get(i) {
                 Some(k) => format!("{row}.{}", quote(k)),
                 None => "0".into(),
             })
             .collect::<Vec<_>>()
             .join(", ")
-    };
-    let null_guard = |row: &str| -> String {
-        info.key
+    }
+
+    /// Refuses a NULL key: weft identifies rows by primary key.
+    fn null_guard(&self, row: &str) -> String {
+        let table = &self.info.name;
+        self.info
+            .key
             .iter()
             .map(|k| {
                 format!(
@@ -274,85 +283,97 @@ fn trigger_sql(info: &TableInfo, region: &str) -> Vec<(String, String)> {
             })
             .collect::<Vec<_>>()
             .join("\n  ")
-    };
-    let record = |row: &str| {
+    }
+
+    /// Records `row`'s key in the outbox.
+    fn record(&self, row: &str) -> String {
         format!(
-            "INSERT INTO _weft_outbox (tbl, k1, k2, k3, k4, at) VALUES ('{table}', {}, {NOW_MICROS});",
-            slots(row)
+            "INSERT INTO _weft_outbox (tbl, k1, k2, k3, k4, at) VALUES ('{}', {}, {NOW_MICROS});",
+            self.info.name,
+            self.slots(row)
         )
-    };
-    let key_changed = info
-        .key
-        .iter()
-        .map(|k| format!("OLD.{0} IS NOT NEW.{0}", quote(k)))
-        .collect::<Vec<_>>()
-        .join(" OR ");
-    let skip = "WHEN NOT EXISTS (SELECT 1 FROM _weft_applying)";
-    // Ownership tables: only the owner region writes a row, and the owner column changes
-    // only inside `weft ownership transfer` (which sets the _weft_transfer marker).
-    let owned = |row: &str| match (&info.owner_column, &info.owner_rule) {
-        (None, None) => String::new(),
-        (None, Some(rule)) => format!(
-            "SELECT RAISE(ABORT, 'weft: this ' || '{table}' || ' row is owned by ' || coalesce(o, 'no region (the owner rule maps its key to none)') || ', not by {region}: write it in its owner region, or move it there with weft ownership transfer') FROM (SELECT {} AS o) WHERE o IS NOT '{region}';\n  ",
-            rule_owner_sql(rule, info, row)
-        ),
-        (Some(column), _) => {
-            let c = quote(column);
-            format!(
-                "SELECT RAISE(ABORT, 'weft: this ' || '{table}' || ' row is owned by ' || coalesce({row}.{c}, 'no region') || ', not by {region}: write it in its owner region, or move it there with weft ownership transfer') WHERE {row}.{c} IS NOT '{region}';\n  "
-            )
+    }
+
+    fn key_changed(&self) -> String {
+        self.info
+            .key
+            .iter()
+            .map(|k| format!("OLD.{0} IS NOT NEW.{0}", quote(k)))
+            .collect::<Vec<_>>()
+            .join(" OR ")
+    }
+
+    /// Ownership tables: only the owner region writes a row (`when`: an extra condition).
+    fn owned(&self, row: &str, when: &str) -> String {
+        let (table, region) = (&self.info.name, self.region);
+        match (&self.info.owner_column, &self.info.owner_rule) {
+            (None, None) => String::new(),
+            (None, Some(rule)) => format!(
+                "SELECT RAISE(ABORT, 'weft: this ' || '{table}' || ' row is owned by ' || coalesce(o, 'no region (the owner rule maps its key to none)') || ', not by {region}: write it in its owner region, or move it there with weft ownership transfer') FROM (SELECT {} AS o) WHERE o IS NOT '{region}'{when};\n  ",
+                rule_owner_sql(rule, self.info, row)
+            ),
+            (Some(column), _) => {
+                let c = quote(column);
+                format!(
+                    "SELECT RAISE(ABORT, 'weft: this ' || '{table}' || ' row is owned by ' || coalesce({row}.{c}, 'no region') || ', not by {region}: write it in its owner region, or move it there with weft ownership transfer') WHERE {row}.{c} IS NOT '{region}';\n  "
+                )
+            }
         }
-    };
-    let owner_kept = match &info.owner_column {
-        None => String::new(),
-        Some(column) => format!(
-            "SELECT RAISE(ABORT, 'weft: the owner of a ' || '{table}' || ' row changes only by weft ownership transfer') WHERE NEW.{0} IS NOT OLD.{0} AND NOT EXISTS (SELECT 1 FROM _weft_transfer);\n  ",
-            quote(column)
-        ),
-    };
-    // A key change moves the row: under a rule, the new key must be this region's too.
-    let owned_new_key = match &info.owner_rule {
-        Some(_) => owned("NEW").replace(
-            &format!("WHERE o IS NOT '{region}'"),
-            &format!("WHERE o IS NOT '{region}' AND ({key_changed})"),
-        ),
-        None => String::new(),
-    };
+    }
+
+    /// The owner column changes only inside `weft ownership transfer` (the _weft_transfer mark).
+    fn owner_kept(&self) -> String {
+        match &self.info.owner_column {
+            None => String::new(),
+            Some(column) => format!(
+                "SELECT RAISE(ABORT, 'weft: the owner of a ' || '{}' || ' row changes only by weft ownership transfer') WHERE NEW.{1} IS NOT OLD.{1} AND NOT EXISTS (SELECT 1 FROM _weft_transfer);\n  ",
+                self.info.name,
+                quote(column)
+            ),
+        }
+    }
+
+    /// A key change moves the row: under a rule, the new key must be this region's too.
+    fn owned_new_key(&self) -> String {
+        match &self.info.owner_rule {
+            Some(_) => self.owned("NEW", &format!(" AND ({})", self.key_changed())),
+            None => String::new(),
+        }
+    }
+}
+
+/// The three capture triggers of a table, as (name, full SQL).
+fn trigger_sql(info: &TableInfo, region: &str) -> Vec<(String, String)> {
+    let c = Capture { info, region };
+    let table = &info.name;
     let q = quote(table);
+    let skip = "WHEN NOT EXISTS (SELECT 1 FROM _weft_applying)";
     let insert = trigger_name(table, "insert");
     let update = trigger_name(table, "update");
     let delete = trigger_name(table, "delete");
-    vec![
-        (
-            insert.clone(),
-            format!(
-                "CREATE TRIGGER {insert} AFTER INSERT ON {q} {skip}\nBEGIN\n  {}\n  {}{}\nEND",
-                null_guard("NEW"),
-                owned("NEW"),
-                record("NEW")
-            ),
-        ),
-        (
-            update.clone(),
-            // A key change moves the row: capture the old key (now gone) and the new one.
-            format!(
-                "CREATE TRIGGER {update} AFTER UPDATE ON {q} {skip}\nBEGIN\n  {}{}{}{owner_kept}\n  INSERT INTO _weft_outbox (tbl, k1, k2, k3, k4, at) SELECT '{table}', {}, {NOW_MICROS} WHERE {key_changed};\n  {}\nEND",
-                null_guard("NEW"),
-                owned("OLD"),
-                owned_new_key,
-                slots("OLD"),
-                record("NEW")
-            ),
-        ),
-        (
-            delete.clone(),
-            format!(
-                "CREATE TRIGGER {delete} AFTER DELETE ON {q} {skip}\nBEGIN\n  {}{}\nEND",
-                owned("OLD"),
-                record("OLD")
-            ),
-        ),
-    ]
+    let insert_sql = format!(
+        "CREATE TRIGGER {insert} AFTER INSERT ON {q} {skip}\nBEGIN\n  {}\n  {}{}\nEND",
+        c.null_guard("NEW"),
+        c.owned("NEW", ""),
+        c.record("NEW")
+    );
+    // A key change moves the row: capture the old key (now gone) and the new one.
+    let update_sql = format!(
+        "CREATE TRIGGER {update} AFTER UPDATE ON {q} {skip}\nBEGIN\n  {}{}{}{}\n  INSERT INTO _weft_outbox (tbl, k1, k2, k3, k4, at) SELECT '{table}', {}, {NOW_MICROS} WHERE {};\n  {}\nEND",
+        c.null_guard("NEW"),
+        c.owned("OLD", ""),
+        c.owned_new_key(),
+        c.owner_kept(),
+        c.slots("OLD"),
+        c.key_changed(),
+        c.record("NEW")
+    );
+    let delete_sql = format!(
+        "CREATE TRIGGER {delete} AFTER DELETE ON {q} {skip}\nBEGIN\n  {}{}\nEND",
+        c.owned("OLD", ""),
+        c.record("OLD")
+    );
+    vec![(insert, insert_sql), (update, update_sql), (delete, delete_sql)]
 }
 
 /// Creates or updates weft's tables and triggers. Runs inside the caller's transaction.
