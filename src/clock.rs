@@ -17,6 +17,8 @@ pub struct Clock {
     generator: HlcGenerator,
     max_skew_ms: i64,
     skew_reports: AtomicU64,
+    /// The last stamp given to a local change (`stamp_commit`): stamps strictly increase.
+    last_stamp: AtomicU64,
 }
 
 /// A remote timestamp that was too far ahead to adopt.
@@ -32,6 +34,7 @@ impl Clock {
             generator: HlcGenerator::new(0),
             max_skew_ms: max_skew.as_millis().min(i64::MAX as u128) as i64,
             skew_reports: AtomicU64::new(0),
+            last_stamp: AtomicU64::new(0),
         }
     }
 
@@ -43,16 +46,44 @@ impl Clock {
             // Our own persisted value is trusted: no skew check.
             let _ = clock.generator.update(&ts);
         }
+        clock.last_stamp.store(last.0, Ordering::Relaxed);
         clock
     }
 
-    /// A fresh timestamp for a local event.
+    /// A fresh timestamp for a local event. When the logical counter of the current
+    /// millisecond is used up (over 4 million timestamps in one ms, or a clock that ran ahead
+    /// and is being caught up by the wall clock), the physical part moves on by one ms: the
+    /// standard HLC carry. It never fails and never goes backwards.
     pub fn now(&self) -> Hlc {
-        let ts = self
-            .generator
-            .next_timestamp()
-            .expect("the HLC logical counter overflowed: more than 4 million events in one ms");
-        Hlc(ts.as_u64())
+        loop {
+            if let Some(ts) = self.generator.next_timestamp() {
+                return Hlc(ts.as_u64());
+            }
+            let (physical, _) = self.generator.timestamp().parts();
+            if let Ok(next) = HlcTimestamp::from_parts(physical + 1, 0) {
+                let _ = self.generator.update(&next);
+            }
+        }
+    }
+
+    /// The timestamp of a local change the application committed at `committed_at_micros`
+    /// (the capture trigger's stamp): that instant, so last-writer-wins orders writes by when
+    /// they were made, not by when a drain got to them (a write made while the sidecar was
+    /// down must not win over a later one elsewhere). Never ahead of `now` (a database clock
+    /// ahead of this host's counts only up to this clock, which the skew policy bounds), and
+    /// always after this node's previous stamp, so its own changes keep their order.
+    pub fn stamp_commit(&self, committed_at_micros: i64) -> Hlc {
+        let now = self.now();
+        let committed = HlcTimestamp::from_parts(committed_at_micros.div_euclid(1000), 0)
+            .map(|ts| Hlc(ts.as_u64()))
+            .unwrap_or(now);
+        let mut stamp = committed.min(now);
+        let previous = self.last_stamp.load(Ordering::Relaxed);
+        if stamp.0 <= previous {
+            stamp = Hlc(previous + 1);
+        }
+        self.last_stamp.fetch_max(stamp.0, Ordering::Relaxed);
+        stamp
     }
 
     /// The greatest timestamp issued or observed so far (what a store persists).
@@ -105,6 +136,39 @@ mod tests {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_millis() as i64
+    }
+
+    #[test]
+    fn a_commit_is_stamped_at_its_time_but_never_ahead_of_the_clock_nor_behind_the_last() {
+        let clock = Clock::new(Duration::from_millis(500));
+        let an_hour_ago = now_micros() - 3_600_000_000;
+        let stamped = clock.stamp_commit(an_hour_ago);
+        assert_eq!(stamped.physical_ms(), an_hour_ago / 1000);
+        let same_ms = clock.stamp_commit(an_hour_ago);
+        assert!(same_ms > stamped, "a node's own stamps strictly increase");
+        let ahead = clock.stamp_commit(now_micros() + 3_600_000_000);
+        assert!(ahead <= clock.last(), "a database clock ahead is capped at this clock");
+        assert!(ahead.physical_ms() <= wall_ms() + 1);
+        let restored = Clock::restore(Duration::from_millis(500), ahead);
+        assert!(restored.stamp_commit(an_hour_ago) > ahead, "and across a restart");
+    }
+
+    #[test]
+    fn a_used_up_logical_counter_carries_into_the_next_millisecond_instead_of_panicking() {
+        // A clock persisted an hour ahead (then corrected by NTP) with its counter at the top:
+        // the next timestamps must still come, in order.
+        let top = (1u64 << 22) - 2;
+        let ahead = Hlc(hlc_gen::HlcTimestamp::from_parts(wall_ms() + 3_600_000, top)
+            .unwrap()
+            .as_u64());
+        let clock = Clock::restore(Duration::from_millis(500), ahead);
+        let mut last = ahead;
+        for _ in 0..5 {
+            let next = clock.now();
+            assert!(next > last, "{next} after {last}");
+            last = next;
+        }
+        assert_eq!(last.physical_ms(), ahead.physical_ms() + 1, "carried one millisecond");
     }
 
     #[test]

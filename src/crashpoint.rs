@@ -3,7 +3,8 @@
 //! point named NAME. Unset, a crash point costs one relaxed atomic load.
 //!
 //! Points: `after-drain` (events committed to the log, not yet sent) and `after-apply`
-//! (a batch committed, not yet acknowledged). A few points are not crashes but lost replies
+//! (a batch committed, not yet acknowledged); `capture-panics` panics the capture task
+//! instead (`panic_point`). A few points are not crashes but lost replies
 //! (`reply_lost`): `pg-drain-reply-lost` (`sqlite-drain-reply-lost`) makes a PostgreSQL
 //! (SQLite) drain report an error after its commit succeeded, as when the server goes away
 //! while answering.
@@ -28,6 +29,17 @@ pub fn hit(name: &str) {
     {
         eprintln!("weft: crash point {name} reached; aborting");
         std::process::abort();
+    }
+}
+
+/// Like `hit`, but the task panics instead of the process aborting: for the test of what a
+/// panic in one task does to the sidecar (point `capture-panics`, in the capture loop).
+pub fn panic_point(name: &str) {
+    if let Some((armed, count)) = armed()
+        && armed == name
+        && HITS.fetch_add(1, Ordering::Relaxed) + 1 == *count
+    {
+        panic!("crash point {name} reached");
     }
 }
 

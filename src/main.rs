@@ -15,6 +15,15 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // A panic in one task would leave a half-alive sidecar (that task gone, the others still
+    // answering). Stop the whole process instead, saying why, so a supervisor (systemd,
+    // Kubernetes) restarts it; everything resumes from the database, nothing is lost.
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        eprintln!("weft: internal error ({info}); stopping so that a supervisor restarts the sidecar");
+        std::process::exit(70);
+    }));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -165,6 +165,7 @@ async fn capture_loop(ctx: Context, metrics: Arc<Metrics>) {
                     failures = 0;
                     if report.events > 0 {
                         crate::crashpoint::hit("after-drain");
+                        crate::crashpoint::panic_point("capture-panics");
                         metrics
                             .captured
                             .fetch_add(report.events, std::sync::atomic::Ordering::Relaxed);

@@ -138,8 +138,11 @@ pub trait AdminTxn: Txn {
     /// Open queue entries (or just `id`), oldest first: (id, table, key bytes, key text,
     /// opened at).
     async fn queue_entries(&mut self, id: Option<i64>) -> Result<Vec<(i64, String, Vec<u8>, String, i64)>, StoreError>;
-    /// Writes `op` for the row `key` as the application does.
-    async fn write_as_application(&mut self, table: &Self::Table, key: &Key, op: &Op) -> Result<(), StoreError>;
+    /// Writes `op` for the row `key` as the application does; returns the rows changed.
+    async fn write_as_application(&mut self, table: &Self::Table, key: &Key, op: &Op) -> Result<u64, StoreError>;
+    /// Queues the deletion of the row `key`, which does not exist, for capture: a delete
+    /// that finds no row fires no trigger, yet its version must replicate.
+    async fn queue_deleted(&mut self, table: &Self::Table, key: &Key) -> Result<(), StoreError>;
     async fn insert_resolution(&mut self, resolved: &Resolved, row: &str) -> Result<(), StoreError>;
     async fn history(&mut self) -> Result<History, StoreError>;
     /// Allows owner changes in this transaction (the ownership triggers check the mark).
@@ -363,7 +366,12 @@ where
         };
         let tables = Tables::new();
         self.in_transaction(&tables, async |txn| {
-            txn.write_as_application(&table, &open.key, &op).await?;
+            let changed = txn.write_as_application(&table, &open.key, &op).await?;
+            if changed == 0 && op.is_delete() {
+                // A delete sibling won already: the row is gone and no trigger fired, but
+                // this resolution's version must still replicate and close the entry.
+                txn.queue_deleted(&table, &open.key).await?;
+            }
             txn.insert_resolution(&resolved, &op.to_json().to_string()).await
         })
         .await?;

@@ -97,7 +97,7 @@ impl<B: Backend> Replica<B> {
         if !txn.lock_rows(&admitted, nowait).await? {
             return Ok(Attempt::Busy);
         }
-        report.drained = self.drain_in(&mut txn, *last_seq).await?;
+        report.drained = self.drain_in(&mut txn).await?;
         for event in &admitted {
             if let Err(skew) = self.clock.observe_now(event.hlc) {
                 report.skew.push(skew);

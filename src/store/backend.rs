@@ -202,6 +202,9 @@ pub trait Txn {
     fn table(&self, name: &str) -> Option<Arc<Self::Table>>;
 
     // Capture.
+    /// This node's last own seq as the database holds it, read in this transaction: never a
+    /// counter in memory, which a commit that landed after its caller gave up leaves stale.
+    async fn last_seq(&mut self) -> Result<u64, StoreError>;
     /// The committed outbox changes of replicated tables, whole source transactions only, in
     /// outbox order per table. Remembers which outbox rows it took, for `write_meta`.
     /// `None` if the outbox is empty.
@@ -321,6 +324,10 @@ macro_rules! forward_txn_io {
             moving_to: Option<&str>,
         ) -> Result<(), $crate::store::StoreError> {
             strategy::store_owner(self.conn, table, key, owner, moving_to).await
+        }
+
+        async fn last_seq(&mut self) -> Result<u64, $crate::store::StoreError> {
+            metadata::last_seq(self.conn).await
         }
 
         async fn versions(

@@ -33,7 +33,7 @@ impl<B: Backend> Replica<B> {
             let mut tx = sqlx::Connection::begin_with(conn, sqlx::AssertSqlSafe(B::BEGIN)).await?;
             let report = {
                 let mut txn = store.backend.txn(&store.tables, &mut tx);
-                store.drain_in(&mut txn, *last_seq).await?
+                store.drain_in(&mut txn).await?
             };
             tx.commit().await?;
             if report.events > 0 && crate::crashpoint::reply_lost(B::DRAIN_REPLY_LOST) {
@@ -50,13 +50,11 @@ impl<B: Backend> Replica<B> {
         .await
     }
 
-    /// The drain, inside the caller's write transaction. The caller adopts
-    /// `report.last_seq` only once that transaction commits.
-    pub(crate) async fn drain_in<T: Txn<Table = B::Table>>(
-        &self,
-        txn: &mut T,
-        last_seq: u64,
-    ) -> Result<DrainReport, StoreError> {
+    /// The drain, inside the caller's write transaction. It numbers after the last seq the
+    /// database holds (read in this transaction); the caller's in-memory copy is for
+    /// reporting only, and is updated once the transaction commits.
+    pub(crate) async fn drain_in<T: Txn<Table = B::Table>>(&self, txn: &mut T) -> Result<DrainReport, StoreError> {
+        let last_seq = txn.last_seq().await?;
         let Some(captured) = txn.take_outbox().await? else {
             return Ok(DrainReport { events: 0, last_seq });
         };
@@ -141,7 +139,7 @@ struct LocalChange<'a> {
 }
 
 /// One drain's changes as one capture batch of events, in order, numbered after `last_seq`:
-/// each gets the row's stored vector plus one for this node and a fresh HLC. A row inserted
+/// each gets the row's stored vector plus one for this node and the HLC of its commit. A row inserted
 /// and deleted between two drains, which nobody ever saw, gives no event.
 fn local_events<'a>(
     identity: &Identity,
@@ -161,7 +159,7 @@ fn local_events<'a>(
                 origin_region: identity.region.clone(),
                 seq: 0,
                 batch_end: 0,
-                hlc: clock.now(),
+                hlc: clock.stamp_commit(c.committed_at),
                 table: c.table,
                 key: c.key,
                 op: c.image.map(Op::Upsert).unwrap_or(Op::Delete),

@@ -38,6 +38,13 @@ macro_rules! metadata_io {
             sqlx::AssertSqlSafe(sql.replace("{w}", $prefix).replace("{now}", $now))
         }
 
+        /// This node's last own seq as the database holds it, in the caller's transaction.
+        pub(super) async fn last_seq(conn: &mut $conn) -> Result<u64, $crate::store::StoreError> {
+            let sql = meta("SELECT CAST(value AS BIGINT) FROM {w}node WHERE name = 'last_seq'");
+            let seq: Option<i64> = sqlx::query_scalar(sql).fetch_optional(&mut *conn).await?;
+            Ok(seq.unwrap_or(0) as u64)
+        }
+
         /// Up to `limit` log entries of `origin` with seq > `after`, in seq order.
         pub(super) async fn read_log<'c>(
             executor: impl sqlx::Executor<'c, Database = $db>,

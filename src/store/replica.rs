@@ -32,7 +32,9 @@ pub struct Replica<B: Backend> {
     pub(crate) backend: B,
 }
 
-/// The writer connection (dialled on demand) and the last own seq it committed.
+/// The writer connection (dialled on demand) and the last own seq it committed, kept for
+/// reporting (`last_seq`); drains number from the database's value, read in their own
+/// transaction.
 struct Writer<B: Backend> {
     conn: Option<Conn<B>>,
     last_seq: u64,

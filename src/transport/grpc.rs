@@ -59,7 +59,9 @@ fn refusal_status(refusal: Refusal) -> Status {
     let message = refusal.to_string();
     match refusal {
         Refusal::Protocol { .. } => Status::failed_precondition(message),
-        Refusal::OtherMesh { .. } | Refusal::NotAPeer { .. } => Status::permission_denied(message),
+        Refusal::OtherMesh { .. } | Refusal::NotAPeer { .. } | Refusal::WrongPeer { .. } => {
+            Status::permission_denied(message)
+        }
     }
 }
 
@@ -212,6 +214,7 @@ impl proto::replication_server::Replication for Service {
         let welcome = reply(Reply::Welcome(proto::Welcome {
             node_id: config.node.clone(),
             frontiers: frontiers_to_proto(&frontiers),
+            mesh: config.topology.mesh.clone(),
         }));
         let inbound = Inbound {
             shutdown: self.ctx.shutdown.clone(),
@@ -327,6 +330,10 @@ impl Outbound<'_> {
         else {
             return Err(self.protocol("expected Welcome"));
         };
+        // The Welcome's frontiers become acknowledgements (and let the log be trimmed): only
+        // from the node we meant to reach.
+        handshake::check_welcome(self.peer, &welcome.node_id, &welcome.mesh, &config.topology)
+            .map_err(|refusal| self.protocol(&refusal.to_string()))?;
         let connected = self
             .feeder
             .on_welcome(frontiers_from_proto(welcome.frontiers), Instant::now());

@@ -1,4 +1,6 @@
-//! Hello admission: whether a node that opens a stream to us may feed us at all.
+//! The handshake's checks, both ways: whether a node that opens a stream to us may feed us
+//! at all (Hello), and whether the node that answered our dial is the one we dialled
+//! (Welcome).
 //!
 //! A pure function of what the caller claims and our topology, checked before anything is read
 //! from the store, so a stray or misconfigured node is refused before it costs a transaction.
@@ -6,6 +8,11 @@
 //! topology other than ourselves (a node dialling itself would apply its own events as remote
 //! ones). Every binding calls it on the first frame of a stream and refuses the stream with
 //! the `Refusal`, whose message tells the operator which setting disagrees.
+//!
+//! A sender takes the Welcome's frontiers as the peer's acknowledgements, which let it trim
+//! its log; so it first checks that the answer names the node it dialled and its mesh. A
+//! wrong address (a `[dial]` entry pointing at another node) would otherwise trim events the
+//! real peer never got.
 use crate::config::Topology;
 use crate::wire::PROTOCOL;
 
@@ -26,6 +33,29 @@ pub enum Refusal {
     OtherMesh { node: String, theirs: String, ours: String },
     #[error("`{node}` is not a peer in this topology")]
     NotAPeer { node: String },
+    #[error(
+        "dialled {dialled}, but {answered} answered; the address of {dialled} (its [dial] entry or the topology) points at another node"
+    )]
+    WrongPeer { dialled: String, answered: String },
+}
+
+/// Checks that the Welcome from the node dialled as `dialled` names it and our mesh; a
+/// Welcome without a mesh (from a weft that predates the field) is checked by node only.
+pub fn check_welcome(dialled: &str, answered: &str, mesh: &str, topology: &Topology) -> Result<(), Refusal> {
+    if answered != dialled {
+        return Err(Refusal::WrongPeer {
+            dialled: dialled.to_owned(),
+            answered: answered.to_owned(),
+        });
+    }
+    if !mesh.is_empty() && mesh != topology.mesh {
+        return Err(Refusal::OtherMesh {
+            node: answered.to_owned(),
+            theirs: mesh.to_owned(),
+            ours: topology.mesh.clone(),
+        });
+    }
+    Ok(())
 }
 
 /// Admits `hello` to node `me` of `topology`, or says why not.
@@ -73,6 +103,21 @@ mod tests {
     #[test]
     fn admits_a_known_peer_of_the_same_mesh_and_protocol() {
         assert_eq!(check_hello(hello(PROTOCOL, "n1", "m"), &topology(), "n0"), Ok(()));
+    }
+
+    #[test]
+    fn a_welcome_must_come_from_the_node_dialled_in_our_mesh() {
+        let t = topology();
+        assert_eq!(check_welcome("n1", "n1", "m", &t), Ok(()));
+        assert_eq!(check_welcome("n1", "n1", "", &t), Ok(()), "an older weft sends no mesh");
+        assert!(matches!(
+            check_welcome("n1", "n2", "m", &t),
+            Err(Refusal::WrongPeer { .. })
+        ));
+        assert!(matches!(
+            check_welcome("n1", "n1", "other", &t),
+            Err(Refusal::OtherMesh { .. })
+        ));
     }
 
     #[test]

@@ -134,6 +134,19 @@ impl Sidecars {
         }
     }
 
+    /// Region `i`'s sidecar's exit status, if it exits within `within`.
+    pub async fn exit_status(&self, i: usize, within: Duration) -> Option<std::process::ExitStatus> {
+        let started = Instant::now();
+        while started.elapsed() < within {
+            let exited = self.children.lock().unwrap()[i].as_mut().unwrap().try_wait().unwrap();
+            if exited.is_some() {
+                return exited;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
     pub fn is_running(&self, i: usize) -> bool {
         self.children.lock().unwrap()[i].is_some()
     }

@@ -54,7 +54,7 @@ impl AdminTxn for PgTxn<'_> {
 
     crate::store::admin::forward_admin_io!();
 
-    async fn write_as_application(&mut self, table: &PgTable, key: &Key, op: &Op) -> Result<(), StoreError> {
+    async fn write_as_application(&mut self, table: &PgTable, key: &Key, op: &Op) -> Result<u64, StoreError> {
         let (sql, texts) = match op {
             Op::Delete => (
                 format!("DELETE FROM {} t WHERE {}", table.qualified(), table.key_predicate(1)),
@@ -90,7 +90,39 @@ impl AdminTxn for PgTxn<'_> {
         for text in texts {
             query = query.bind(text);
         }
+        Ok(query.execute(&mut *self.conn).await?.rows_affected())
+    }
+
+    async fn queue_deleted(&mut self, table: &PgTable, key: &Key) -> Result<(), StoreError> {
+        // The outbox row carries the image the drain reads the key from: the key alone.
+        let pairs = table
+            .key
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                format!(
+                    "{}, ${}::text::{}",
+                    schema::literal(k),
+                    i + 2,
+                    table.type_of(k).unwrap_or("text")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "INSERT INTO weft.outbox (tbl, deleted, image, at) \
+             VALUES ($1, true, jsonb_build_object({pairs}), weft.now_micros())"
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql)).bind(table.name.clone());
+        for text in key_texts(table, key)? {
+            query = query.bind(text);
+        }
         query.execute(&mut *self.conn).await?;
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CHANNEL)
+            .bind(&table.name)
+            .execute(&mut *self.conn)
+            .await?;
         Ok(())
     }
 

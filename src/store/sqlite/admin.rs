@@ -46,7 +46,7 @@ impl AdminTxn for SqliteTxn<'_> {
 
     crate::store::admin::forward_admin_io!();
 
-    async fn write_as_application(&mut self, table: &TableInfo, key: &Key, op: &Op) -> Result<(), StoreError> {
+    async fn write_as_application(&mut self, table: &TableInfo, key: &Key, op: &Op) -> Result<u64, StoreError> {
         let name = quote(&table.name);
         let mut query = match op {
             Op::Delete => sqlx::query(AssertSqlSafe(format!(
@@ -75,8 +75,12 @@ impl AdminTxn for SqliteTxn<'_> {
         for value in values {
             query = bind(query, value);
         }
-        query.execute(&mut *self.conn).await?;
-        Ok(())
+        Ok(query.execute(&mut *self.conn).await?.rows_affected())
+    }
+
+    async fn queue_deleted(&mut self, table: &TableInfo, key: &Key) -> Result<(), StoreError> {
+        // The outbox holds keys only; the drain finds the row absent and makes it a delete.
+        self.queue_capture(table, key).await
     }
 
     async fn begin_transfer(&mut self) -> Result<(), StoreError> {

@@ -1,0 +1,287 @@
+//! Edges where weft used to lose acknowledged writes (`../shared/review-edges.md`), each
+//! reproduced through the real store on real SQLite files.
+mod common;
+
+use std::time::Duration;
+
+use common::{own_events, replica, sync};
+
+/// Finding 1: an apply whose commit landed but whose future was dropped (the sending peer
+/// disconnected mid-commit) must not leave the next drain numbering from a stale counter:
+/// that reuses seqs, wedges capture on the log's key, and once those entries are trimmed
+/// loses every local write as a "duplicate". Sweeps the cancellation point across the apply
+/// until it has landed inside commits, and checks every drain numbers after what the
+/// database holds.
+#[tokio::test]
+async fn a_cancelled_apply_whose_commit_landed_never_makes_seqs_go_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = replica(dir.path(), "a").await;
+    let b = replica(dir.path(), "b").await;
+    let mut landed_after_cancel = 0;
+    for step in 0..400u64 {
+        // A local write waits in a's outbox: the apply drains it first, in its transaction.
+        a.exec(&format!(
+            "INSERT INTO items (id, name) VALUES ({}, 'local')",
+            10_000 + step
+        ))
+        .await;
+        b.exec(&format!("INSERT INTO items (id, name) VALUES ({step}, 'remote')"))
+            .await;
+        b.drain().await;
+        let frontier = a.store.frontiers().await.unwrap().get("b").copied().unwrap_or(0);
+        let events = own_events(&b.store, "b", frontier).await;
+        let cancel_after = Duration::from_micros(100 + (step % 200) * 60);
+        let cancelled = tokio::time::timeout(cancel_after, a.store.apply(events)).await.is_err();
+        let now = a.store.frontiers().await.unwrap().get("b").copied().unwrap_or(0);
+        if cancelled && now > frontier {
+            landed_after_cancel += 1;
+        }
+        if now == frontier {
+            // Cancelled before its commit: nothing landed. Apply it in full, so every step
+            // sweeps a run of the same size.
+            a.store.apply(own_events(&b.store, "b", frontier).await).await.unwrap();
+        }
+        // Whatever happened, the next drain numbers right after the database's last seq.
+        let stored = a.count("SELECT value FROM _weft_node WHERE name = 'last_seq'").await as u64;
+        a.exec(&format!("UPDATE items SET name = 'again' WHERE id = {}", 10_000 + step))
+            .await;
+        let report = a.store.drain().await.expect("a drain after a cancelled apply");
+        let first = own_events(&a.store, "a", stored).await;
+        assert!(
+            report.events > 0 && first.first().map(|e| e.seq) == Some(stored + 1),
+            "step {step}: the drain after a cancelled apply numbered from a stale counter \
+             (database last seq {stored}, drained {report:?})"
+        );
+        if landed_after_cancel >= 3 {
+            break;
+        }
+    }
+    assert!(
+        landed_after_cancel > 0,
+        "no cancellation landed after a commit: the sweep did not reach the window it tests"
+    );
+}
+
+/// Finding 10: last-writer-wins orders writes by when the application committed them. A
+/// write made while its region's sidecar was down must lose to a later write elsewhere, not
+/// win because it was drained last.
+#[tokio::test]
+async fn a_write_made_while_its_sidecar_was_down_loses_to_a_later_write_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = replica(dir.path(), "a").await;
+    let b = replica(dir.path(), "b").await;
+    a.exec("INSERT INTO items (id, name) VALUES (1, 'first')").await;
+    sync(&[&a, &b]).await;
+    // a's sidecar is down: its application's write waits in the outbox.
+    a.exec("UPDATE items SET name = 'old' WHERE id = 1").await;
+    // Commit times are what is compared: these pauses are the wall-clock gaps of the story.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    b.exec("UPDATE items SET name = 'new' WHERE id = 1").await;
+    b.drain().await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // a's sidecar is back and drains the older write after the newer one.
+    sync(&[&a, &b]).await;
+    for r in [&a, &b] {
+        assert_eq!(
+            r.rows("SELECT name FROM items WHERE id = 1").await,
+            vec!["new"],
+            "the later write wins at {}",
+            r.node
+        );
+    }
+    assert_eq!(a.snapshot().await, b.snapshot().await);
+}
+
+/// Finding 11: a sender takes the Welcome's frontiers as the peer's acknowledgements (they let
+/// it trim its log), so it must check who answered. With a `[dial]` entry that points ra-1's
+/// stream for rb-1 at rc-1, rc-1's frontiers must never be recorded as rb-1's acks.
+#[tokio::test]
+async fn a_misdialled_peer_is_refused_and_its_frontiers_never_count_as_acks() {
+    use weft::config::{ReplicationConfig, TableConfig};
+    use weft::harness::loopback::LoopbackMesh;
+    let dir = tempfile::tempdir().unwrap();
+    let topology = LoopbackMesh::all_to_all(&["ra", "rb", "rc"]);
+    let schema = "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT);";
+    let tables = [TableConfig::lww("t")];
+    let mut mesh = LoopbackMesh::create(dir.path(), &topology, schema, &tables, &ReplicationConfig::default())
+        .await
+        .unwrap();
+    let c_address = mesh.topology.nodes[2].address.clone();
+    let config = &mesh.regions[0].config_file;
+    let text = std::fs::read_to_string(config).unwrap();
+    std::fs::write(config, format!("{text}\n[dial]\n\"rb-1\" = \"{c_address}\"\n")).unwrap();
+    mesh.start_all().await.unwrap();
+    sqlx::query("INSERT INTO t (id, v) VALUES (1, 'from a')")
+        .execute(&mesh.regions[0].app)
+        .await
+        .unwrap();
+    // rc-1 gets ra-1's change on its own link; ra-1 keeps trying rb-1's (misdialled) one.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let arrived: i64 = sqlx::query_scalar("SELECT count(*) FROM t")
+            .fetch_one(&mesh.regions[2].app)
+            .await
+            .unwrap();
+        if arrived == 1 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "rc-1 never got ra-1's change");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Let upkeep persist whatever acknowledgements ra-1 holds (it does every 200 ms).
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let acks_as_b: i64 = sqlx::query_scalar("SELECT count(*) FROM _weft_acks WHERE peer = 'rb-1'")
+        .fetch_one(&mesh.regions[0].app)
+        .await
+        .unwrap();
+    mesh.stop_all().await;
+    assert_eq!(
+        acks_as_b, 0,
+        "rc-1's frontiers were recorded as rb-1's acknowledgements"
+    );
+}
+
+/// Finding 13: resolving a conflict with a delete sibling while the visible row is already a
+/// tombstone deletes nothing, so no trigger fired and the entry stayed open everywhere. The
+/// resolution must be captured like any write and close the entry in every region.
+#[tokio::test]
+async fn resolving_with_a_delete_of_an_absent_row_closes_the_conflict_everywhere() {
+    use weft::config::{NodeConfig, TableConfig};
+    use weft::store::admin::{Admin, Choice};
+    let dir = tempfile::tempdir().unwrap();
+    let schema = "CREATE TABLE contracts (id INTEGER PRIMARY KEY, client TEXT, amount INTEGER);";
+    let tables = [TableConfig::queue("contracts")];
+    let a = common::replica_configured(dir.path(), "a", schema, &tables).await;
+    let b = common::replica_configured(dir.path(), "b", schema, &tables).await;
+    a.exec("INSERT INTO contracts VALUES (7, 'acme', 100);").await;
+    sync(&[&a, &b]).await;
+    b.exec("UPDATE contracts SET amount = 150 WHERE id = 7;").await;
+    b.drain().await;
+    // The delete commits later, so it is the visible winner: the row is gone everywhere.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    a.exec("DELETE FROM contracts WHERE id = 7;").await;
+    sync(&[&a, &b]).await;
+    let open = "SELECT count(*) FROM _weft_queue WHERE closed_at IS NULL";
+    for r in [&a, &b] {
+        assert_eq!(
+            r.count("SELECT count(*) FROM contracts").await,
+            0,
+            "the delete is visible"
+        );
+        assert_eq!(r.count(open).await, 1, "one open conflict at {}", r.node);
+    }
+    let topology = "version = 1\nmesh = \"q\"\nshape = \"all-to-all\"\n[[nodes]]\nid = \"a\"\nregion = \"ra\"\naddress = \"127.0.0.1:1\"\n[[nodes]]\nid = \"b\"\nregion = \"rb\"\naddress = \"127.0.0.1:2\"\n";
+    std::fs::write(dir.path().join("t.toml"), topology).unwrap();
+    let config = dir.path().join("a.toml");
+    let text = "version = 1\nnode = \"a\"\ntopology = \"t.toml\"\ndatabase = \"sqlite://a.db\"\n[[tables]]\nname = \"contracts\"\nstrategy = \"queue\"\n";
+    std::fs::write(&config, text).unwrap();
+    let admin = Admin::open(NodeConfig::load(&config).unwrap()).await.unwrap();
+    let conflict = admin.open_conflicts().await.unwrap().pop().unwrap();
+    let delete = conflict.siblings.iter().position(|s| s.op.is_delete()).unwrap() + 1;
+    admin.resolve(conflict.id, Choice::Take(delete), "ops").await.unwrap();
+    sync(&[&a, &b]).await;
+    sync(&[&a, &b]).await;
+    for r in [&a, &b] {
+        assert_eq!(
+            r.count(open).await,
+            0,
+            "the resolution closed the conflict at {}",
+            r.node
+        );
+        assert_eq!(r.count("SELECT count(*) FROM contracts").await, 0);
+    }
+}
+
+/// Finding 13 on a PostgreSQL region: the same resolution, captured from `weft.outbox` with
+/// the key alone as its image, closes the entry in the PostgreSQL and the SQLite region.
+#[tokio::test]
+async fn on_postgres_resolving_with_a_delete_of_an_absent_row_closes_the_conflict_everywhere() {
+    use common::regions::{Region, sync as sync_regions};
+    use weft::config::{Database, NodeConfig, TableConfig};
+    use weft::harness::cluster::{Cluster, Settings};
+    use weft::store::admin::{Admin, Choice};
+    let cluster = Cluster::start(Settings::default()).expect("a throw-away PostgreSQL cluster");
+    let dir = tempfile::tempdir().unwrap();
+    let tables = [TableConfig::queue("contracts")];
+    let pg = "CREATE TABLE contracts (id bigint PRIMARY KEY, client text, amount bigint);";
+    let lite = "CREATE TABLE contracts (id INTEGER PRIMARY KEY, client TEXT, amount INTEGER);";
+    let a = Region::pg(&cluster, "a", pg, &tables).await;
+    let b = Region::sqlite(dir.path(), "b", lite, &tables).await;
+    a.exec("INSERT INTO contracts VALUES (7, 'acme', 100);").await;
+    sync_regions(&[&a, &b]).await;
+    b.exec("UPDATE contracts SET amount = 150 WHERE id = 7;").await;
+    b.drain().await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    a.exec("DELETE FROM contracts WHERE id = 7;").await;
+    sync_regions(&[&a, &b]).await;
+    let open = "SELECT count(*) FROM weft.queue WHERE closed_at IS NULL";
+    assert_eq!(a.count(open).await, 1, "one open conflict");
+    assert_eq!(
+        a.count("SELECT count(*) FROM contracts").await,
+        0,
+        "the delete is visible"
+    );
+    let Database::Postgres(url) = &a.database else {
+        unreachable!()
+    };
+    let topology = "version = 1\nmesh = \"q\"\nshape = \"all-to-all\"\n[[nodes]]\nid = \"a\"\nregion = \"region-of-a\"\naddress = \"127.0.0.1:1\"\n[[nodes]]\nid = \"b\"\nregion = \"region-of-b\"\naddress = \"127.0.0.1:2\"\n";
+    std::fs::write(dir.path().join("t.toml"), topology).unwrap();
+    let config = dir.path().join("a.toml");
+    let text = format!(
+        "version = 1\nnode = \"a\"\ntopology = \"t.toml\"\ndatabase = \"{url}\"\n[[tables]]\nname = \"contracts\"\nstrategy = \"queue\"\n"
+    );
+    std::fs::write(&config, text).unwrap();
+    let admin = Admin::open(NodeConfig::load(&config).unwrap()).await.unwrap();
+    let conflict = admin.open_conflicts().await.unwrap().pop().unwrap();
+    let delete = conflict.siblings.iter().position(|s| s.op.is_delete()).unwrap() + 1;
+    admin.resolve(conflict.id, Choice::Take(delete), "ops").await.unwrap();
+    sync_regions(&[&a, &b]).await;
+    sync_regions(&[&a, &b]).await;
+    assert_eq!(a.count(open).await, 0, "closed on PostgreSQL");
+    assert_eq!(
+        b.count("SELECT count(*) FROM _weft_queue WHERE closed_at IS NULL")
+            .await,
+        0,
+        "closed on SQLite"
+    );
+}
+
+/// Finding 9: a panic in one task (the capture loop, here) must not leave a half-alive
+/// sidecar that answers peers but captures nothing: the process stops, saying why, with a
+/// status a supervisor restarts on; after the restart everything is captured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_task_stops_the_sidecar_with_a_clear_error_and_a_restart_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let sidecars = common::sidecars::Sidecars::new(dir.path()).await;
+    sidecars.spawn(0, Some("capture-panics:1")).await;
+    sidecars.write(0, 1, 5, 1).await;
+    let status = sidecars.exit_status(0, Duration::from_secs(20)).await;
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(70),
+        "the sidecar stops when a task panics"
+    );
+    let log = std::fs::read_to_string(dir.path().join("east.log")).unwrap();
+    assert!(
+        log.contains("internal error") && log.contains("capture-panics"),
+        "{log}"
+    );
+    sidecars.spawn(0, None).await;
+    let pending = "SELECT count(*) FROM _weft_outbox";
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let left: i64 = sqlx::query_scalar(pending)
+            .fetch_one(&sidecars.mesh.regions[0].app)
+            .await
+            .unwrap();
+        if left == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restarted sidecar never drained"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sidecars.terminate_all();
+}
