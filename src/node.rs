@@ -70,6 +70,9 @@ impl Node {
                 config.relay_repair(),
             )),
         );
+        for advice in store.advisories() {
+            tracing::warn!("{advice}");
+        }
         let listener = TcpListener::bind(&config.listen)
             .await
             .map_err(|source| NodeError::Listen {

@@ -285,3 +285,72 @@ async fn a_panicking_task_stops_the_sidecar_with_a_clear_error_and_a_restart_rec
     }
     sidecars.terminate_all();
 }
+
+/// Finding 12: a key the database assigns (SQLite's `INTEGER PRIMARY KEY`, PostgreSQL's
+/// `bigserial` or identity) gives two regions the same id at once, and LWW then makes two
+/// inserts one row. The store says so at start, naming the table and what to do instead;
+/// a key the application chooses draws no warning.
+#[tokio::test]
+async fn tables_keyed_by_an_auto_assigned_integer_are_named_at_start() {
+    use common::regions::{Region, lww};
+    use weft::harness::cluster::{Cluster, Settings};
+    let dir = tempfile::tempdir().unwrap();
+    let lite = "CREATE TABLE orders (id INTEGER PRIMARY KEY AUTOINCREMENT, item TEXT); \
+                CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT); \
+                CREATE TABLE tags (name TEXT PRIMARY KEY);";
+    let a = Region::sqlite(dir.path(), "a", lite, &lww(&["orders", "notes", "tags"])).await;
+    let advice = a.store.advisories();
+    assert!(advice.iter().any(|w| w.contains("`orders`")), "{advice:?}");
+    assert!(advice.iter().any(|w| w.contains("`notes`")), "{advice:?}");
+    assert!(!advice.iter().any(|w| w.contains("`tags`")), "{advice:?}");
+    assert!(advice.iter().all(|w| w.contains("UUID")), "{advice:?}");
+    let cluster = Cluster::start(Settings::default()).expect("a throw-away PostgreSQL cluster");
+    let pg = "CREATE TABLE orders (id bigserial PRIMARY KEY, item text); \
+              CREATE TABLE notes (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, body text); \
+              CREATE TABLE tags (id bigint PRIMARY KEY, name text);";
+    let b = Region::pg(&cluster, "b", pg, &lww(&["orders", "notes", "tags"])).await;
+    let advice = b.store.advisories();
+    assert!(advice.iter().any(|w| w.contains("`orders`")), "{advice:?}");
+    assert!(advice.iter().any(|w| w.contains("`notes`")), "{advice:?}");
+    assert!(!advice.iter().any(|w| w.contains("`tags`")), "{advice:?}");
+}
+
+/// Finding 14: PostgreSQL's TRUNCATE fires no row or transition-table trigger, so it emptied
+/// one region's table and no other. It is refused on replicated tables, saying what to do;
+/// the rows stay, and a DELETE of all rows replicates as usual.
+#[tokio::test]
+async fn truncate_of_a_replicated_postgres_table_is_refused_and_loses_nothing() {
+    use common::regions::{Region, lww, sync as sync_regions};
+    use weft::harness::cluster::{Cluster, Settings};
+    let cluster = Cluster::start(Settings::default()).expect("a throw-away PostgreSQL cluster");
+    let dir = tempfile::tempdir().unwrap();
+    let a = Region::pg(
+        &cluster,
+        "a",
+        "CREATE TABLE t (id bigint PRIMARY KEY, v text);",
+        &lww(&["t"]),
+    )
+    .await;
+    let b = Region::sqlite(
+        dir.path(),
+        "b",
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT);",
+        &lww(&["t"]),
+    )
+    .await;
+    a.exec("INSERT INTO t VALUES (1, 'one'), (2, 'two');").await;
+    sync_regions(&[&a, &b]).await;
+    let refused = a.try_exec("TRUNCATE t;").await.unwrap_err();
+    assert!(
+        refused.contains("TRUNCATE of t is not replicated") && refused.contains("DELETE FROM t"),
+        "{refused}"
+    );
+    assert_eq!(a.count("SELECT count(*) FROM t").await, 2, "nothing was truncated");
+    a.exec("DELETE FROM t;").await;
+    sync_regions(&[&a, &b]).await;
+    assert_eq!(
+        b.count("SELECT count(*) FROM t").await,
+        0,
+        "a DELETE of every row replicates"
+    );
+}

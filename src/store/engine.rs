@@ -92,6 +92,10 @@ pub trait TableRules {
     fn refuses(&self, _event: &Event) -> Option<String> {
         None
     }
+    /// What an operator should know about this table, if anything (logged at start).
+    fn advisory(&self) -> Option<String> {
+        None
+    }
 }
 
 /// What this node knows of one row's owner.

@@ -206,6 +206,11 @@ impl Store {
         both!(self, s => s.identity())
     }
 
+    /// What the operator should know about the replicated tables (the node logs it at start).
+    pub fn advisories(&self) -> Vec<String> {
+        both!(self, s => s.advisories())
+    }
+
     /// This node's clock, persisted with every drain and apply.
     pub fn clock(&self) -> &std::sync::Arc<crate::clock::Clock> {
         both!(self, s => s.clock())

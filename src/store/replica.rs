@@ -20,6 +20,7 @@ use crate::clock::Clock;
 use crate::config::TableConfig;
 use crate::event::{Hlc, Identity, NodeId};
 use crate::store::backend::{Ack, Backend, Conn, Tables};
+use crate::store::engine::TableRules as _;
 use crate::store::{LogEntry, Status, StoreError};
 
 pub struct Replica<B: Backend> {
@@ -122,6 +123,13 @@ impl<B: Backend> Replica<B> {
 
     pub fn identity(&self) -> &Identity {
         &self.identity
+    }
+
+    /// What the operator should know about the replicated tables (logged at start).
+    pub fn advisories(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.tables.values().filter_map(|t| t.advisory()).collect();
+        out.sort();
+        out
     }
 
     pub fn clock(&self) -> &Arc<Clock> {

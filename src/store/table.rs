@@ -54,6 +54,9 @@ pub struct Table<D> {
     pub owner_column: Option<String>,
     /// The rule finding each row's owner region from its key (`ownership` tables only).
     pub owner_rule: Option<OwnerRule>,
+    /// The database assigns the key when an insert omits it (an autoincrement integer): two
+    /// regions then give the same id to different rows.
+    pub auto_key: bool,
     pub dialect: D,
 }
 
@@ -76,8 +79,21 @@ impl<D> Table<D> {
             crdt: BTreeMap::new(),
             owner_column: None,
             owner_rule: None,
+            auto_key: false,
             dialect,
         }
+    }
+
+    /// What an operator should know about this table, if anything (logged at start).
+    pub fn auto_key_advisory(&self) -> Option<String> {
+        self.auto_key.then(|| {
+            format!(
+                "table `{}` is keyed by an integer the database assigns when an insert omits it: two regions \
+                 inserting at once get the same id, and last-writer-wins keeps one of the two rows. Give rows \
+                 keys that cannot collide across regions (a UUID, a region prefix, or per-region ranges)",
+                self.name
+            )
+        })
     }
 }
 
@@ -173,5 +189,8 @@ impl<D: ColumnTypes> TableRules for Table<D> {
     }
     fn refuses(&self, event: &Event) -> Option<String> {
         self.dialect.refuses(event)
+    }
+    fn advisory(&self) -> Option<String> {
+        self.auto_key_advisory()
     }
 }

@@ -202,6 +202,9 @@ impl PgTable {
 }
 
 /// The capture triggers of a table: (name, event).
+/// The trigger refusing TRUNCATE of a replicated table.
+const TRUNCATE_TRIGGER: &str = "weft_refuse_truncate";
+
 const TRIGGERS: [(&str, &str); 3] = [
     ("weft_capture_ins", "INSERT"),
     ("weft_capture_upd", "UPDATE"),
@@ -239,7 +242,16 @@ fn capture_sql(table: &PgTable) -> String {
         ),
         record(true, "weft_old", ""),
     ];
-    let mut sql = String::new();
+    // TRUNCATE fires no row or transition-table trigger, so it would empty this region's
+    // table and no other: it is refused, with what to do instead.
+    let mut sql = format!(
+        "CREATE OR REPLACE FUNCTION weft.{function}() RETURNS trigger LANGUAGE plpgsql AS $weft$\n\
+         BEGIN\n\
+         RAISE EXCEPTION 'weft: TRUNCATE of % is not replicated; DELETE FROM % instead (it replicates), or stop replicating the table first', {name}, {name} USING ERRCODE = 'feature_not_supported';\n\
+         END $weft$;\n\
+         CREATE OR REPLACE TRIGGER {TRUNCATE_TRIGGER} BEFORE TRUNCATE ON {q} FOR EACH STATEMENT EXECUTE FUNCTION weft.{function}();\n",
+        function = quote(&format!("{TRUNCATE_TRIGGER}_{}", table.name)),
+    );
     for ((trigger, event), body) in TRIGGERS.iter().zip(bodies) {
         let function = format!("weft.{}", quote(&format!("{trigger}_{}", table.name)));
         let referencing = match *event {
@@ -272,8 +284,10 @@ pub async fn describe(conn: &mut PgConnection, table: &str) -> Result<PgTable, S
     let rows = sqlx::query(
         "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), \
                 coalesce(bt.typname, t.typname)::text, \
-                coalesce((SELECT k.n FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(att, n) WHERE k.att = a.attnum), 0)::int4, a.attgenerated::text \
+                coalesce((SELECT k.n FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(att, n) WHERE k.att = a.attnum), 0)::int4, a.attgenerated::text, \
+                (a.attidentity <> '' OR coalesce(pg_get_expr(d.adbin, d.adrelid), '') LIKE 'nextval(%') \
          FROM pg_attribute a \
+         LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
          JOIN pg_type t ON t.oid = a.atttypid \
          LEFT JOIN pg_type bt ON t.typtype = 'd' AND bt.oid = t.typbasetype \
          LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary \
@@ -290,6 +304,7 @@ pub async fn describe(conn: &mut PgConnection, table: &str) -> Result<PgTable, S
     }
     let (mut columns, mut types, mut kinds) = (Vec::new(), Vec::new(), Vec::new());
     let mut key: Vec<(i32, String)> = Vec::new();
+    let mut auto_key = false;
     for row in rows {
         let name: String = row.try_get(0)?;
         let generated: String = row.try_get(4)?;
@@ -304,6 +319,7 @@ pub async fn describe(conn: &mut PgConnection, table: &str) -> Result<PgTable, S
         }
         if position > 0 {
             key.push((position, name.clone()));
+            auto_key |= row.try_get::<bool, _>(5)?;
         }
         columns.push(name);
         types.push(row.try_get(1)?);
@@ -327,7 +343,9 @@ pub async fn describe(conn: &mut PgConnection, table: &str) -> Result<PgTable, S
         key_index,
         names: columns.clone(),
     };
-    Ok(Table::described(table, columns, key, dialect))
+    let mut described = Table::described(table, columns, key, dialect);
+    described.auto_key = auto_key;
+    Ok(described)
 }
 
 /// Creates or updates weft's schema and triggers. Runs inside the caller's transaction.
@@ -365,7 +383,9 @@ pub async fn install(
     for (table, trigger) in installed {
         let wanted = out.iter().any(|t| {
             t.name == table
-                && (TRIGGERS.iter().any(|(name, _)| *name == trigger) || (trigger == OWNER_TRIGGER && t.is_owned()))
+                && (TRIGGERS.iter().any(|(name, _)| *name == trigger)
+                    || trigger == TRUNCATE_TRIGGER
+                    || (trigger == OWNER_TRIGGER && t.is_owned()))
         });
         if !wanted {
             tracing::info!(%table, %trigger, "dropping a capture trigger weft no longer uses");

@@ -189,14 +189,18 @@ pub async fn describe(conn: &mut SqliteConnection, table: &str) -> Result<TableI
     }
     let mut columns = Vec::new();
     let mut key: Vec<(i64, String)> = Vec::new();
+    let mut integer_key = false;
     for row in rows {
         let name: String = row.try_get("name")?;
         let pk: i64 = row.try_get("pk")?;
         if pk > 0 {
             key.push((pk, name.clone()));
+            integer_key = row.try_get::<String, _>("type")?.eq_ignore_ascii_case("INTEGER");
         }
         columns.push(name);
     }
+    // A lone `INTEGER PRIMARY KEY` is the rowid: SQLite assigns it when an insert omits it.
+    let auto_key = integer_key && key.len() == 1;
     if key.is_empty() {
         return Err(problem(
             "has no primary key; weft identifies rows by primary key, so add one (for example `id INTEGER PRIMARY KEY`)".into(),
@@ -239,12 +243,9 @@ pub async fn describe(conn: &mut SqliteConnection, table: &str) -> Result<TableI
         quote(table),
         key_predicate(&key)
     );
-    Ok(Table::described(
-        table,
-        columns,
-        key,
-        SqliteSql { select_sql, drain_sql },
-    ))
+    let mut described = Table::described(table, columns, key, SqliteSql { select_sql, drain_sql });
+    described.auto_key = auto_key;
+    Ok(described)
 }
 
 fn trigger_name(table: &str, event: &str) -> String {
