@@ -354,3 +354,78 @@ async fn truncate_of_a_replicated_postgres_table_is_refused_and_loses_nothing() 
         "a DELETE of every row replicates"
     );
 }
+
+/// Finding 11, the receiving side: a peer may send only events whose origin is a node of the
+/// topology, claiming that node's region. A batch naming another origin, or a known node in
+/// the wrong region, is refused before anything is applied.
+#[tokio::test]
+async fn a_receiver_refuses_events_of_origins_or_regions_the_topology_does_not_have() {
+    use tokio_stream::StreamExt as _;
+    use weft::config::{ReplicationConfig, TableConfig};
+    use weft::event::{Event, Hlc, Key, Op, Row, Value};
+    use weft::harness::loopback::LoopbackMesh;
+    use weft::wire::proto;
+    let dir = tempfile::tempdir().unwrap();
+    let topology = LoopbackMesh::all_to_all(&["ra", "rb"]);
+    let schema = "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT);";
+    let mut mesh = LoopbackMesh::create(
+        dir.path(),
+        &topology,
+        schema,
+        &[TableConfig::lww("t")],
+        &ReplicationConfig::default(),
+    )
+    .await
+    .unwrap();
+    mesh.start(0).await.unwrap();
+    let address = mesh.topology.nodes[0].address.clone();
+    let event = |origin: &str, region: &str| Event {
+        origin: origin.into(),
+        origin_region: region.into(),
+        seq: 1,
+        batch_end: 1,
+        hlc: Hlc(1 << 22),
+        table: "t".into(),
+        key: Key(vec![Value::Integer(1)]),
+        op: Op::Upsert(Row(vec![
+            ("id".into(), Value::Integer(1)),
+            ("v".into(), Value::Text("forged".into())),
+        ])),
+        version: [(origin.to_string(), 1)].into_iter().collect(),
+        path: vec![origin.into()],
+        committed_at_micros: 0,
+        crdt: Vec::new(),
+        ownership: None,
+    };
+    for (forged, why) in [(event("mallory", "rb"), "mallory"), (event("rb-1", "ra"), "region")] {
+        let mut client = proto::replication_client::ReplicationClient::connect(format!("http://{address}"))
+            .await
+            .unwrap();
+        let hello = proto::SendFrame {
+            body: Some(proto::send_frame::Body::Hello(proto::Hello {
+                protocol: weft::wire::PROTOCOL,
+                node_id: "rb-1".into(),
+                region: "rb".into(),
+                mesh: mesh.topology.mesh.clone(),
+            })),
+        };
+        let batch = proto::SendFrame {
+            body: Some(proto::send_frame::Body::Batch(proto::Batch {
+                events: vec![weft::wire::event_to_proto(&forged)],
+            })),
+        };
+        let frames = tokio_stream::iter(vec![hello, batch]).chain(tokio_stream::pending());
+        let mut replies = client.replicate(frames).await.unwrap().into_inner();
+        let welcome = replies.message().await.unwrap();
+        assert!(welcome.is_some(), "rb-1 is a known peer: welcomed");
+        let refused = replies.message().await.expect_err("the forged batch is refused");
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+        assert!(refused.message().contains(why), "{refused:?}");
+    }
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM t")
+        .fetch_one(&mesh.regions[0].app)
+        .await
+        .unwrap();
+    mesh.stop_all().await;
+    assert_eq!(applied, 0, "nothing of a refused batch is applied");
+}

@@ -59,9 +59,11 @@ fn refusal_status(refusal: Refusal) -> Status {
     let message = refusal.to_string();
     match refusal {
         Refusal::Protocol { .. } => Status::failed_precondition(message),
-        Refusal::OtherMesh { .. } | Refusal::NotAPeer { .. } | Refusal::WrongPeer { .. } => {
-            Status::permission_denied(message)
-        }
+        Refusal::OtherMesh { .. }
+        | Refusal::NotAPeer { .. }
+        | Refusal::WrongPeer { .. }
+        | Refusal::UnknownOrigin { .. }
+        | Refusal::WrongRegion { .. } => Status::permission_denied(message),
     }
 }
 
@@ -148,6 +150,10 @@ impl Inbound {
             .map(wire::event_from_proto)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        handshake::check_origins(&events, &self.ctx.config.topology).map_err(|refusal| {
+            tracing::warn!(peer = %self.peer, %refusal, "refused a batch from the peer");
+            refusal_status(refusal)
+        })?;
         let report = self.ctx.store.apply(events).await.map_err(|e| {
             tracing::error!(peer = %self.peer, error = %e, "apply failed; the peer will resend");
             Status::unavailable(format!("apply failed: {e}"))

@@ -1,6 +1,7 @@
 //! The handshake's checks, both ways: whether a node that opens a stream to us may feed us
 //! at all (Hello), and whether the node that answered our dial is the one we dialled
-//! (Welcome).
+//! (Welcome); and whether the events of a batch come from origins of the topology, in their
+//! regions.
 //!
 //! A pure function of what the caller claims and our topology, checked before anything is read
 //! from the store, so a stray or misconfigured node is refused before it costs a transaction.
@@ -14,6 +15,7 @@
 //! wrong address (a `[dial]` entry pointing at another node) would otherwise trim events the
 //! real peer never got.
 use crate::config::Topology;
+use crate::event::Event;
 use crate::wire::PROTOCOL;
 
 /// What a dialling node says about itself, whatever the binding's framing.
@@ -33,10 +35,40 @@ pub enum Refusal {
     OtherMesh { node: String, theirs: String, ours: String },
     #[error("`{node}` is not a peer in this topology")]
     NotAPeer { node: String },
+    #[error("an event's origin `{origin}` is not a node of this topology; it was not applied")]
+    UnknownOrigin { origin: String },
+    #[error(
+        "an event of {origin} claims region `{claimed}`, but the topology puts {origin} in `{region}`; it was not applied"
+    )]
+    WrongRegion {
+        origin: String,
+        claimed: String,
+        region: String,
+    },
     #[error(
         "dialled {dialled}, but {answered} answered; the address of {dialled} (its [dial] entry or the topology) points at another node"
     )]
     WrongPeer { dialled: String, answered: String },
+}
+
+/// Checks that every event of a batch names an origin of the topology, in its region: an
+/// event of any other origin (a forged or misrouted one) is never applied.
+pub fn check_origins(events: &[Event], topology: &Topology) -> Result<(), Refusal> {
+    for event in events {
+        let Some(node) = topology.node(&event.origin) else {
+            return Err(Refusal::UnknownOrigin {
+                origin: event.origin.clone(),
+            });
+        };
+        if node.region != event.origin_region {
+            return Err(Refusal::WrongRegion {
+                origin: event.origin.clone(),
+                claimed: event.origin_region.clone(),
+                region: node.region.clone(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Checks that the Welcome from the node dialled as `dialled` names it and our mesh; a
