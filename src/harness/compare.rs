@@ -44,22 +44,10 @@ pub async fn sqlite_rendering(
         }
         out.insert(table.clone(), rendered);
     }
-    let meta = sqlx::query("SELECT tbl, hex(key), version, hlc, origin, deleted FROM _weft_rows ORDER BY tbl, key")
+    let meta = sqlx::query_as("SELECT tbl, hex(key), version, hlc, origin, deleted FROM _weft_rows ORDER BY tbl, key")
         .fetch_all(&mut *tx)
         .await?;
-    let mut rendered = Vec::with_capacity(meta.len());
-    for row in &meta {
-        rendered.push(format!(
-            "{} {} {} {} {} {}",
-            row.try_get::<String, _>(0)?,
-            row.try_get::<String, _>(1)?,
-            row.try_get::<String, _>(2)?,
-            row.try_get::<i64, _>(3)?,
-            row.try_get::<String, _>(4)?,
-            row.try_get::<i64, _>(5)?
-        ));
-    }
-    out.insert("_weft_rows".into(), rendered);
+    out.insert("_weft_rows".into(), render_row_metadata(meta));
     tx.commit().await?;
     Ok(out)
 }
@@ -143,24 +131,20 @@ pub async fn postgres_rendering(pool: &PgPool, tables: &[String]) -> Result<BTre
         }
         out.insert(table.clone(), rendered);
     }
-    let mut rendered = Vec::new();
-    for row in sqlx::query(
-        "SELECT tbl, upper(encode(key, 'hex')), version, hlc, origin, deleted::int FROM weft.rows ORDER BY tbl, key",
+    let meta = sqlx::query_as(
+        "SELECT tbl, upper(encode(key, 'hex')), version, hlc, origin, deleted::int::int8 FROM weft.rows ORDER BY tbl, key",
     )
     .fetch_all(&mut *tx)
-    .await?
-    {
-        rendered.push(format!(
-            "{} {} {} {} {} {}",
-            row.try_get::<String, _>(0)?,
-            row.try_get::<String, _>(1)?,
-            row.try_get::<String, _>(2)?,
-            row.try_get::<i64, _>(3)?,
-            row.try_get::<String, _>(4)?,
-            row.try_get::<i32, _>(5)?
-        ));
-    }
-    out.insert("_weft_rows".into(), rendered);
+    .await?;
+    out.insert("_weft_rows".into(), render_row_metadata(meta));
     tx.commit().await?;
     Ok(out)
+}
+
+/// weft's row metadata as both stores render it: (table, key in hex, version, hlc, origin,
+/// deleted 0/1), one line per row, in (table, key) order.
+fn render_row_metadata(rows: Vec<(String, String, String, i64, String, i64)>) -> Vec<String> {
+    rows.into_iter()
+        .map(|(table, key, version, hlc, origin, deleted)| format!("{table} {key} {version} {hlc} {origin} {deleted}"))
+        .collect()
 }
