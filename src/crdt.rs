@@ -98,7 +98,8 @@ impl ColumnState {
                     Value::Null => BigInt::from(0),
                     _ => return Err(bad(CrdtType::Counter, "write integers to counter columns")),
                 };
-                let delta = target - counter.read();
+                // Against the value the column shows, so writing back what it shows is no op.
+                let delta = target - clamped(&counter.read());
                 let steps = u64::try_from(delta.magnitude()).map_err(|_| CrdtError::Overflow(column.to_owned()))?;
                 if steps > 0 {
                     let op = if delta.sign() == num_bigint::Sign::Minus {
@@ -154,7 +155,11 @@ impl ColumnState {
     pub fn materialize(&self, column: &str) -> Result<Value, CrdtError> {
         Ok(match self {
             ColumnState::Counter(counter) => {
-                Value::Integer(i64::try_from(counter.read()).map_err(|_| CrdtError::Overflow(column.to_owned()))?)
+                let exact = counter.read();
+                if i64::try_from(&exact).is_err() {
+                    tracing::warn!(column, value = %exact, "counter beyond the 64-bit range; the column shows the nearest bound");
+                }
+                Value::Integer(clamped(&exact))
             }
             ColumnState::Set(set) => {
                 let members: BTreeSet<String> = set.read().val.into_iter().collect();
@@ -167,6 +172,18 @@ impl ColumnState {
             ColumnState::Register(register) => register.val.clone(),
         })
     }
+}
+
+/// A counter's exact value as the nearest 64-bit integer. Concurrent increments may add up
+/// past `i64::MAX` (each region's write was in range): the state keeps the exact sum, so
+/// every region converges on it, and the column shows the bound instead of refusing to
+/// materialize (which would stop every apply and drain of the row).
+fn clamped(exact: &BigInt) -> i64 {
+    i64::try_from(exact).unwrap_or(if exact.sign() == num_bigint::Sign::Minus {
+        i64::MIN
+    } else {
+        i64::MAX
+    })
 }
 
 /// A set column's members, each as its canonical JSON text; NULL is the empty set.

@@ -24,9 +24,47 @@ pub struct Identity {
 pub enum Value {
     Null,
     Integer(i64),
-    Real(f64),
+    Real(#[serde(with = "lossless_f64")] f64),
     Text(String),
     Blob(Vec<u8>),
+}
+
+/// Serde for a float that keeps NaN and the infinities (JSON has no numbers for them, and
+/// serde_json would write `null`, which does not read back): finite values are numbers,
+/// the others the strings `"NaN"`, `"inf"` and `"-inf"`. A `null` left by an older build
+/// reads as NaN.
+mod lossless_f64 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &f64, serializer: S) -> Result<S::Ok, S::Error> {
+        match *value {
+            v if v.is_finite() => serializer.serialize_f64(v),
+            v if v.is_nan() => serializer.serialize_str("NaN"),
+            v if v > 0.0 => serializer.serialize_str("inf"),
+            _ => serializer.serialize_str("-inf"),
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Repr {
+        Number(f64),
+        Text(String),
+        Null(()),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+        match Repr::deserialize(deserializer)? {
+            Repr::Number(v) => Ok(v),
+            Repr::Null(()) => Ok(f64::NAN),
+            Repr::Text(text) => match text.as_str() {
+                "NaN" => Ok(f64::NAN),
+                "inf" => Ok(f64::INFINITY),
+                "-inf" => Ok(f64::NEG_INFINITY),
+                other => Err(serde::de::Error::custom(format!("`{other}` is not a float"))),
+            },
+        }
+    }
 }
 
 impl Value {
@@ -168,6 +206,12 @@ pub enum Op {
     Upsert(Row),
     /// Delete: the row becomes a tombstone that keeps its version.
     Delete,
+    /// An event whose origin, seq and batch were readable but whose content was not (a value
+    /// kind or CRDT state this build does not know, say from a newer peer). It advances its
+    /// origin's frontier like any event, is dead-lettered with `reason` and never written;
+    /// `raw` is the event as received, kept so a later build can retry it and relays pass
+    /// it on unchanged.
+    Undecodable { reason: String, raw: Vec<u8> },
 }
 
 impl Op {
@@ -179,6 +223,7 @@ impl Op {
     pub fn content_bytes(&self) -> Vec<u8> {
         match self {
             Op::Delete => Vec::new(),
+            Op::Undecodable { raw, .. } => raw.clone(),
             Op::Upsert(row) => {
                 let mut out = vec![1];
                 out.extend(row.to_bytes());
@@ -191,6 +236,7 @@ impl Op {
         match self {
             Op::Delete => serde_json::Value::Null,
             Op::Upsert(row) => row.to_json(),
+            Op::Undecodable { reason, .. } => serde_json::json!({ "undecodable": reason }),
         }
     }
 }

@@ -1,9 +1,11 @@
 //! The wire format: generated protobuf types (package `weft.v1`) and the one place they are
 //! converted to and from domain types.
 //!
-//! Decoding validates: an event without an op or with a value of unknown kind is refused
-//! with a `WireError`, never guessed at. Unknown fields are ignored by prost, which is what
-//! lets newer peers add fields.
+//! Decoding validates, event by event: an event that cannot be placed in its origin's
+//! stream (no origin, seq or batch end) is a `WireError`; one that can be placed but whose
+//! content cannot be read (a value kind, op or CRDT state this build does not know) becomes
+//! an `Op::Undecodable` event, never guessed at, so it is dead-lettered alone. Unknown fields
+//! are ignored by prost, which is what lets newer peers add fields.
 use std::collections::BTreeMap;
 
 use crate::event::{Event, Hlc, Key, NodeId, Op, Row, Value};
@@ -64,6 +66,12 @@ pub fn event_to_proto(event: &Event) -> proto::Event {
                 .collect(),
         }),
         Op::Delete => proto::event::Op::Delete(proto::Delete {}),
+        Op::Undecodable { raw, .. } => {
+            // Passed on as received (what prost could read of it), with this hop's path.
+            let mut received: proto::Event = prost::Message::decode(raw.as_slice()).unwrap_or_default();
+            received.path = event.path.clone();
+            return received;
+        }
     };
     proto::Event {
         origin_node: event.origin.clone(),
@@ -100,46 +108,40 @@ pub fn event_to_proto(event: &Event) -> proto::Event {
     }
 }
 
+/// Converts a received event. An event without origin, seq or a batch end at or after its
+/// seq cannot be placed in its origin's stream: that is an error (the sender is broken or
+/// hostile, and the whole frame is refused). An event that can be placed but whose content
+/// cannot be read becomes an [`Op::Undecodable`] event, so one poison event is
+/// dead-lettered where it stands and the rest of the stream flows.
 pub fn event_from_proto(event: proto::Event) -> Result<Event, WireError> {
-    let malformed = |what| WireError::Malformed {
-        origin: event.origin_node.clone(),
-        seq: event.seq,
-        what,
-    };
     if event.origin_node.is_empty() || event.seq == 0 || event.batch_end < event.seq {
-        return Err(malformed("missing origin, seq or batch end"));
+        return Err(WireError::Malformed {
+            origin: event.origin_node.clone(),
+            seq: event.seq,
+            what: "missing origin, seq or batch end",
+        });
     }
     let key = event
         .key
         .iter()
         .cloned()
         .map(value_from_proto)
-        .collect::<Option<Vec<_>>>()
-        .ok_or_else(|| malformed("key value of unknown kind"))?;
-    let op = match event.op.clone() {
-        Some(proto::event::Op::Upsert(upsert)) => {
-            let mut columns = Vec::with_capacity(upsert.columns.len());
-            for column in upsert.columns {
-                let value = column
-                    .value
-                    .and_then(value_from_proto)
-                    .ok_or_else(|| malformed("column value of unknown kind"))?;
-                columns.push((column.name, value));
-            }
-            Op::Upsert(Row(columns))
-        }
-        Some(proto::event::Op::Delete(_)) => Op::Delete,
-        None => return Err(malformed("no op")),
+        .collect::<Option<Vec<_>>>();
+    let content = match key {
+        Some(key) => content_from_proto(&event).map(|(op, crdt)| (Key(key), op, crdt)),
+        None => Err("a key value of a kind this build does not know"),
     };
-    let crdt = event
-        .crdt
-        .iter()
-        .map(|c| {
-            crate::crdt::ColumnState::from_json(&c.column, &c.state)
-                .map(|state| (c.column.clone(), state))
-                .map_err(|_| malformed("CRDT state that does not parse"))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let (key, op, crdt) = match content {
+        Ok(content) => content,
+        Err(reason) => {
+            let raw = prost::Message::encode_to_vec(&event);
+            let op = Op::Undecodable {
+                reason: reason.to_owned(),
+                raw,
+            };
+            (Key(Vec::new()), op, Vec::new())
+        }
+    };
     let ownership = event.ownership.as_ref().map(|o| crate::event::Ownership {
         owner: o.owner.clone(),
         epoch: o.epoch,
@@ -159,11 +161,42 @@ pub fn event_from_proto(event: proto::Event) -> Result<Event, WireError> {
         batch_end: event.batch_end,
         hlc: Hlc(event.hlc),
         table: event.table,
-        key: Key(key),
+        key,
         op,
         path: event.path,
         committed_at_micros: event.committed_at_micros,
     })
+}
+
+type Content = (Op, Vec<(String, crate::crdt::ColumnState)>);
+
+/// The op and CRDT states of a received event, or what of them cannot be read.
+fn content_from_proto(event: &proto::Event) -> Result<Content, &'static str> {
+    let op = match event.op.clone() {
+        Some(proto::event::Op::Upsert(upsert)) => {
+            let mut columns = Vec::with_capacity(upsert.columns.len());
+            for column in upsert.columns {
+                let value = column
+                    .value
+                    .and_then(value_from_proto)
+                    .ok_or("a column value of a kind this build does not know")?;
+                columns.push((column.name, value));
+            }
+            Op::Upsert(Row(columns))
+        }
+        Some(proto::event::Op::Delete(_)) => Op::Delete,
+        None => return Err("an op this build does not know (neither upsert nor delete)"),
+    };
+    let crdt = event
+        .crdt
+        .iter()
+        .map(|c| {
+            crate::crdt::ColumnState::from_json(&c.column, &c.state)
+                .map(|state| (c.column.clone(), state))
+                .map_err(|_| "a CRDT state that does not parse (a CRDT type this build does not know?)")
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((op, crdt))
 }
 
 pub fn encode_event(event: &Event) -> Vec<u8> {
@@ -219,25 +252,45 @@ mod tests {
         assert_eq!(decode_event(&encode_event(&event)).unwrap(), event);
     }
 
-    #[test]
-    fn refuses_an_event_without_op() {
-        let mut p = event_to_proto(&Event {
+    fn delete_of_key_1() -> Event {
+        Event {
             origin: "a".into(),
             origin_region: "r".into(),
             seq: 1,
             batch_end: 1,
             hlc: Hlc(1),
             table: "t".into(),
-            key: Key(vec![]),
+            key: Key(vec![Value::Integer(1)]),
             op: Op::Delete,
             version: Default::default(),
-            path: vec![],
+            path: vec!["a".into()],
             committed_at_micros: 0,
             crdt: vec![],
             ownership: None,
-        });
+        }
+    }
+
+    #[test]
+    fn an_event_without_op_is_undecodable_and_relays_as_received() {
+        let mut p = event_to_proto(&delete_of_key_1());
         p.op = None;
+        let mut event = event_from_proto(p.clone()).unwrap();
+        let Op::Undecodable { reason, .. } = &event.op else {
+            panic!("{event:?}")
+        };
+        assert!(reason.contains("op this build does not know"), "{reason}");
+        assert_eq!((event.origin.as_str(), event.seq, event.table.as_str()), ("a", 1, "t"));
+        event.path.push("b".into());
+        let relayed = event_to_proto(&event);
+        assert_eq!(relayed.path, vec!["a".to_string(), "b".to_string()]);
+        assert_eq!(relayed.key, p.key, "passed on as received");
+    }
+
+    #[test]
+    fn refuses_an_event_that_cannot_be_placed_in_its_stream() {
+        let mut p = event_to_proto(&delete_of_key_1());
+        p.batch_end = 0;
         let err = event_from_proto(p).unwrap_err().to_string();
-        assert_eq!(err, "event a/1: no op");
+        assert_eq!(err, "event a/1: missing origin, seq or batch end");
     }
 }

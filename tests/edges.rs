@@ -355,21 +355,130 @@ async fn truncate_of_a_replicated_postgres_table_is_refused_and_loses_nothing() 
     );
 }
 
-/// Finding 11, the receiving side: a peer may send only events whose origin is a node of the
-/// topology, claiming that node's region. A batch naming another origin, or a known node in
-/// the wrong region, is refused before anything is applied.
+/// Finding 8 (c): a write the receiving database refuses for a reason retrying cannot fix
+/// (an application trigger raising, an index row too large for PostgreSQL's B-tree) is
+/// dead-lettered with the reason and SQLSTATE; the events around it apply and later writes
+/// of the same origin keep flowing. These errors used to fail the whole run, forever.
 #[tokio::test]
-async fn a_receiver_refuses_events_of_origins_or_regions_the_topology_does_not_have() {
-    use tokio_stream::StreamExt as _;
-    use weft::config::{ReplicationConfig, TableConfig};
-    use weft::event::{Event, Hlc, Key, Op, Row, Value};
-    use weft::harness::loopback::LoopbackMesh;
-    use weft::wire::proto;
+async fn a_postgres_receiver_dead_letters_what_it_refuses_for_good_and_the_stream_flows() {
+    use common::regions::{Region, lww};
+    use rand::distr::{Alphanumeric, SampleString};
+    use weft::harness::cluster::{Cluster, Settings};
+    let cluster = Cluster::start(Settings::default()).expect("a throw-away PostgreSQL cluster");
     let dir = tempfile::tempdir().unwrap();
+    let a = Region::sqlite(
+        dir.path(),
+        "a",
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, qty INTEGER); CREATE TABLE k (id TEXT PRIMARY KEY, v TEXT);",
+        &lww(&["t", "k"]),
+    )
+    .await;
+    let b = Region::pg(
+        &cluster,
+        "b",
+        "CREATE TABLE t (id bigint PRIMARY KEY, qty bigint);
+         CREATE FUNCTION no_negative() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN IF NEW.qty < 0 THEN RAISE EXCEPTION 'qty may not go below zero'; END IF; RETURN NEW; END $$;
+         CREATE TRIGGER no_negative BEFORE INSERT OR UPDATE ON t FOR EACH ROW EXECUTE FUNCTION no_negative();
+         CREATE TABLE k (id text PRIMARY KEY, v text);",
+        &lww(&["t", "k"]),
+    )
+    .await;
+    // Random text does not compress: far over the 2704 bytes a B-tree entry may hold.
+    let long_key = Alphanumeric.sample_string(&mut rand::rng(), 8000);
+    a.exec(&format!(
+        "INSERT INTO t VALUES (1, -1); INSERT INTO k VALUES ('{long_key}', 'long'); INSERT INTO t VALUES (2, 5);"
+    ))
+    .await;
+    a.drain().await;
+    let report = b.pull(&a).await;
+    assert_eq!((report.applied, report.dead_lettered), (1, 2), "{report:?}");
+    let reasons: Vec<String> = sqlx::query_scalar("SELECT reason FROM weft.dead_letters ORDER BY seq")
+        .fetch_all(b.pg_pool())
+        .await
+        .unwrap();
+    assert!(
+        reasons[0].contains("below zero") && reasons[0].contains("P0001"),
+        "{reasons:?}"
+    );
+    assert!(reasons[1].contains("54000"), "{reasons:?}");
+    a.exec("UPDATE t SET qty = 3 WHERE id = 1;").await;
+    a.drain().await;
+    let report = b.pull(&a).await;
+    assert_eq!(report.applied, 1, "later writes of the origin keep flowing: {report:?}");
+    assert_eq!(b.count("SELECT sum(qty)::int8 FROM t").await, 8);
+}
+
+/// Finding 8 (b): a register holding an infinite or NaN float used to be stored as JSON
+/// `null`, which does not read back: the origin's next drain of that row failed for good,
+/// and so did every receiver's batch. They now round-trip, SQLite to PostgreSQL and back.
+#[tokio::test]
+async fn non_finite_floats_in_a_crdt_register_replicate_and_wedge_nothing() {
+    use common::regions::{Region, sync as sync_regions};
+    use weft::config::TableConfig;
+    use weft::crdt::CrdtType;
+    use weft::harness::cluster::{Cluster, Settings};
+    let cluster = Cluster::start(Settings::default()).expect("a throw-away PostgreSQL cluster");
+    let dir = tempfile::tempdir().unwrap();
+    let tables = [TableConfig::crdt("p", &[("price", CrdtType::Register)])];
+    let a = Region::sqlite(
+        dir.path(),
+        "a",
+        "CREATE TABLE p (id INTEGER PRIMARY KEY, price REAL, note TEXT);",
+        &tables,
+    )
+    .await;
+    let b = Region::pg(
+        &cluster,
+        "b",
+        "CREATE TABLE p (id bigint PRIMARY KEY, price float8, note text);",
+        &tables,
+    )
+    .await;
+    a.exec("INSERT INTO p VALUES (1, 9e999, 'x'), (2, -9e999, 'x');").await;
+    sync_regions(&[&a, &b]).await;
+    a.exec("UPDATE p SET note = 'y';").await;
+    a.drain().await;
+    b.pull(&a).await;
+    assert_eq!(
+        b.count("SELECT count(*) FROM p WHERE price = 'Infinity' AND note = 'y'")
+            .await,
+        1
+    );
+    assert_eq!(
+        b.count("SELECT count(*) FROM p WHERE price = '-Infinity' AND note = 'y'")
+            .await,
+        1
+    );
+    b.exec("UPDATE p SET price = 'Infinity' WHERE id = 2; UPDATE p SET note = 'z' WHERE id = 1;")
+        .await;
+    sync_regions(&[&a, &b]).await;
+    assert_eq!(
+        a.count("SELECT count(*) FROM p WHERE price = 9e999 AND note = 'z'")
+            .await,
+        1
+    );
+    assert_eq!(a.count("SELECT count(*) FROM p WHERE price = 9e999").await, 2);
+    // SQLite cannot store a NaN (it reads back as NULL): refused, visibly, not wedged.
+    b.exec("UPDATE p SET price = 'NaN' WHERE id = 1; UPDATE p SET note = 'after' WHERE id = 2;")
+        .await;
+    sync_regions(&[&a, &b]).await;
+    assert_eq!(
+        a.count("SELECT count(*) FROM _weft_dead_letters WHERE reason LIKE '%NaN%'")
+            .await,
+        1
+    );
+    assert_eq!(a.count("SELECT count(*) FROM p WHERE note = 'after'").await, 1);
+}
+
+/// A two-region loopback mesh (`t (id, v)`, LWW) with ra's node started.
+async fn ra_started(dir: &std::path::Path) -> weft::harness::loopback::LoopbackMesh {
+    use weft::config::{ReplicationConfig, TableConfig};
+    use weft::harness::loopback::LoopbackMesh;
     let topology = LoopbackMesh::all_to_all(&["ra", "rb"]);
     let schema = "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT);";
     let mut mesh = LoopbackMesh::create(
-        dir.path(),
+        dir,
         &topology,
         schema,
         &[TableConfig::lww("t")],
@@ -378,46 +487,72 @@ async fn a_receiver_refuses_events_of_origins_or_regions_the_topology_does_not_h
     .await
     .unwrap();
     mesh.start(0).await.unwrap();
-    let address = mesh.topology.nodes[0].address.clone();
-    let event = |origin: &str, region: &str| Event {
+    mesh
+}
+
+/// Event `seq` of `origin` (claiming `region`): an upsert of row `seq` of `t`.
+fn upsert_of(origin: &str, region: &str, seq: u64, v: &str) -> weft::event::Event {
+    use weft::event::{Event, Hlc, Key, Op, Row, Value};
+    Event {
         origin: origin.into(),
         origin_region: region.into(),
-        seq: 1,
-        batch_end: 1,
-        hlc: Hlc(1 << 22),
+        seq,
+        batch_end: seq,
+        hlc: Hlc(seq << 22),
         table: "t".into(),
-        key: Key(vec![Value::Integer(1)]),
+        key: Key(vec![Value::Integer(seq as i64)]),
         op: Op::Upsert(Row(vec![
-            ("id".into(), Value::Integer(1)),
-            ("v".into(), Value::Text("forged".into())),
+            ("id".into(), Value::Integer(seq as i64)),
+            ("v".into(), Value::Text(v.into())),
         ])),
-        version: [(origin.to_string(), 1)].into_iter().collect(),
+        version: [(origin.to_string(), seq)].into_iter().collect(),
         path: vec![origin.into()],
         committed_at_micros: 0,
         crdt: Vec::new(),
         ownership: None,
+    }
+}
+
+/// Opens a raw replication stream to ra as node rb-1, sends one batch of `events` and
+/// returns the replies after the Welcome.
+async fn send_as_rb(
+    mesh: &weft::harness::loopback::LoopbackMesh,
+    events: Vec<weft::wire::proto::Event>,
+) -> tonic::Streaming<weft::wire::proto::ReceiveFrame> {
+    use tokio_stream::StreamExt as _;
+    use weft::wire::proto;
+    let address = &mesh.topology.nodes[0].address;
+    let mut client = proto::replication_client::ReplicationClient::connect(format!("http://{address}"))
+        .await
+        .unwrap();
+    let hello = proto::SendFrame {
+        body: Some(proto::send_frame::Body::Hello(proto::Hello {
+            protocol: weft::wire::PROTOCOL,
+            node_id: "rb-1".into(),
+            region: "rb".into(),
+            mesh: mesh.topology.mesh.clone(),
+        })),
     };
-    for (forged, why) in [(event("mallory", "rb"), "mallory"), (event("rb-1", "ra"), "region")] {
-        let mut client = proto::replication_client::ReplicationClient::connect(format!("http://{address}"))
-            .await
-            .unwrap();
-        let hello = proto::SendFrame {
-            body: Some(proto::send_frame::Body::Hello(proto::Hello {
-                protocol: weft::wire::PROTOCOL,
-                node_id: "rb-1".into(),
-                region: "rb".into(),
-                mesh: mesh.topology.mesh.clone(),
-            })),
-        };
-        let batch = proto::SendFrame {
-            body: Some(proto::send_frame::Body::Batch(proto::Batch {
-                events: vec![weft::wire::event_to_proto(&forged)],
-            })),
-        };
-        let frames = tokio_stream::iter(vec![hello, batch]).chain(tokio_stream::pending());
-        let mut replies = client.replicate(frames).await.unwrap().into_inner();
-        let welcome = replies.message().await.unwrap();
-        assert!(welcome.is_some(), "rb-1 is a known peer: welcomed");
+    let batch = proto::SendFrame {
+        body: Some(proto::send_frame::Body::Batch(proto::Batch { events })),
+    };
+    let frames = tokio_stream::iter(vec![hello, batch]).chain(tokio_stream::pending());
+    let mut replies = client.replicate(frames).await.unwrap().into_inner();
+    let welcome = replies.message().await.unwrap();
+    assert!(welcome.is_some(), "rb-1 is a known peer: welcomed");
+    replies
+}
+
+/// Finding 11, the receiving side: a peer may send only events whose origin is a node of the
+/// topology, claiming that node's region. A batch naming another origin, or a known node in
+/// the wrong region, is refused before anything is applied.
+#[tokio::test]
+async fn a_receiver_refuses_events_of_origins_or_regions_the_topology_does_not_have() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut mesh = ra_started(dir.path()).await;
+    for (origin, region, why) in [("mallory", "rb", "mallory"), ("rb-1", "ra", "region")] {
+        let forged = weft::wire::event_to_proto(&upsert_of(origin, region, 1, "forged"));
+        let mut replies = send_as_rb(&mesh, vec![forged]).await;
         let refused = replies.message().await.expect_err("the forged batch is refused");
         assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
         assert!(refused.message().contains(why), "{refused:?}");
@@ -428,4 +563,40 @@ async fn a_receiver_refuses_events_of_origins_or_regions_the_topology_does_not_h
         .unwrap();
     mesh.stop_all().await;
     assert_eq!(applied, 0, "nothing of a refused batch is applied");
+}
+
+/// Finding 8 (a): an event that can be placed in its origin's stream but whose content this
+/// build cannot read (here a column value of a kind it does not know, as a newer peer might
+/// send) is dead-lettered alone; the event after it applies and the batch is acknowledged.
+/// The whole batch used to be refused, and resent, forever.
+#[tokio::test]
+async fn an_event_this_build_cannot_decode_is_dead_lettered_and_the_stream_flows() {
+    use weft::wire::proto;
+    let dir = tempfile::tempdir().unwrap();
+    let mut mesh = ra_started(dir.path()).await;
+    let mut poison = weft::wire::event_to_proto(&upsert_of("rb-1", "rb", 1, "fine"));
+    if let Some(proto::event::Op::Upsert(upsert)) = &mut poison.op {
+        upsert.columns[1].value = Some(proto::Value { kind: None });
+    }
+    let good = weft::wire::event_to_proto(&upsert_of("rb-1", "rb", 2, "fine"));
+    let mut replies = send_as_rb(&mesh, vec![poison, good]).await;
+    let ack = replies.message().await.expect("the batch is acknowledged, not refused");
+    let Some(proto::ReceiveFrame {
+        body: Some(proto::receive_frame::Body::Ack(ack)),
+    }) = ack
+    else {
+        panic!("expected an ack, got {ack:?}");
+    };
+    assert_eq!(weft::wire::frontiers_from_proto(ack.frontiers).get("rb-1"), Some(&2));
+    let app = &mesh.regions[0].app;
+    let applied: Vec<i64> = sqlx::query_scalar("SELECT id FROM t").fetch_all(app).await.unwrap();
+    let reasons: Vec<(i64, String)> = sqlx::query_as("SELECT seq, reason FROM _weft_dead_letters")
+        .fetch_all(app)
+        .await
+        .unwrap();
+    mesh.stop_all().await;
+    assert_eq!(applied, vec![2]);
+    assert_eq!(reasons.len(), 1, "{reasons:?}");
+    assert_eq!(reasons[0].0, 1);
+    assert!(reasons[0].1.contains("cannot decode"), "{reasons:?}");
 }

@@ -164,6 +164,7 @@ async fn show(config: &NodeConfig, admin: &Admin, id: i64, json: bool, config_pa
 fn side_by_side(config: &NodeConfig, open: &OpenConflict) {
     let cell = |s: &Event, column: &str| match &s.op {
         Op::Delete => "(deleted)".to_owned(),
+        Op::Undecodable { .. } => "(undecodable)".to_owned(),
         Op::Upsert(row) => row.get(column).map(Value::to_string).unwrap_or_default(),
     };
     let width = 24;

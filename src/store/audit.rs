@@ -57,7 +57,7 @@ fn version_json(version: &RowVersion, row: Option<&Row>) -> serde_json::Value {
 pub fn conflict_record(event: &Event, local: &RowVersion, local_row: Option<&Row>, winner: Winner) -> (String, String) {
     let remote_row = match &event.op {
         Op::Upsert(row) => Some(row),
-        Op::Delete => None,
+        Op::Delete | Op::Undecodable { .. } => None,
     };
     let local_json = version_json(local, local_row);
     let remote_json = version_json(&RowVersion::of_event(event), remote_row);

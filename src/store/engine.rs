@@ -305,6 +305,10 @@ async fn apply_one<R: Txn>(
     report: &mut ApplyReport,
     mode: Mode,
 ) -> Result<Option<(RowId, RowVersion)>, Halt> {
+    if let Op::Undecodable { reason, .. } = &event.op {
+        let reason = format!("cannot decode the event: {reason}; upgrade this node, then retry the dead letter");
+        return dead_lettered(rows, event, &reason, report).await;
+    }
     let Some(table) = fitting_table(rows, event, report).await? else {
         return Ok(None);
     };

@@ -56,6 +56,9 @@ impl AdminTxn for PgTxn<'_> {
 
     async fn write_as_application(&mut self, table: &PgTable, key: &Key, op: &Op) -> Result<u64, StoreError> {
         let (sql, texts) = match op {
+            Op::Undecodable { .. } => {
+                return Err(StoreError::Refused("an undecodable event cannot be written".into()));
+            }
             Op::Delete => (
                 format!("DELETE FROM {} t WHERE {}", table.qualified(), table.key_predicate(1)),
                 key_texts(table, key)?,

@@ -40,15 +40,23 @@ pub(super) async fn end_apply(_conn: &mut PgConnection) -> Result<(), StoreError
     Ok(())
 }
 
-/// Whether a database error is about the event's content (dead-letter it) rather than the
-/// database (fail the run and retry later).
+/// Whether a database error refuses the event itself (dead-letter it, the rest of the run
+/// flows) rather than saying the database cannot work right now (fail the run; the peer
+/// resends it).
+///
+/// Only the classes retrying can fix are transient: 08 connection, 25 transaction state,
+/// 40 serialization failure and deadlock, 53 insufficient resources (disk full, out of
+/// memory), 55 object in use (a lock), 57P operator intervention (shutdown, restart), 58
+/// system error, XX internal error. Every other SQLSTATE is the same on every retry: data
+/// exceptions (22), constraints (23), an application trigger raising (P0001), a revoked
+/// privilege or a dropped table (42), an index row too large (54000), a statement timeout on
+/// a write that can only be retried alone (57014: a grouped run is replayed event by event
+/// first, so only the event that is too slow by itself is refused).
 pub(super) fn rejects_event(error: &sqlx::Error) -> Option<String> {
     let sqlx::Error::Database(db) = error else { return None };
     let code = db.code()?;
-    // 22: data exception (bad input, out of range); 23: integrity constraint;
-    // 42804 datatype mismatch; 42703 undefined column.
-    (code.starts_with("22") || code.starts_with("23") || code == "42804" || code == "42703")
-        .then(|| format!("{} (SQLSTATE {code})", db.message()))
+    let transient = ["08", "25", "40", "53", "55", "57P", "58", "XX"];
+    (!transient.iter().any(|class| code.starts_with(class))).then(|| format!("{} (SQLSTATE {code})", db.message()))
 }
 
 /// `FOR UPDATE NOWAIT` met a row another transaction holds (SQLSTATE 55P03).

@@ -55,6 +55,7 @@ impl<'t> PgTxn<'t> {
                 };
                 (shape, values)
             }
+            Op::Undecodable { reason, .. } => return Err(reason.clone()),
             Op::Delete => (
                 Shape::Delete {
                     table: table.name.clone(),

@@ -48,7 +48,9 @@ impl AdminTxn for SqliteTxn<'_> {
 
     async fn write_as_application(&mut self, table: &TableInfo, key: &Key, op: &Op) -> Result<u64, StoreError> {
         let name = quote(&table.name);
+        let undecodable = || StoreError::Refused("an undecodable event cannot be written".into());
         let mut query = match op {
+            Op::Undecodable { .. } => return Err(undecodable()),
             Op::Delete => sqlx::query(AssertSqlSafe(format!(
                 "DELETE FROM {name} WHERE {}",
                 key_predicate(&table.key)
@@ -69,6 +71,7 @@ impl AdminTxn for SqliteTxn<'_> {
             }
         };
         let values = match op {
+            Op::Undecodable { .. } => return Err(undecodable()),
             Op::Delete => key.0.iter().collect::<Vec<_>>(),
             Op::Upsert(row) => row.0.iter().map(|(_, v)| v).collect(),
         };

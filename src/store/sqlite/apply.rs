@@ -73,6 +73,7 @@ impl Batch {
                 },
                 row.0.iter().map(|(_, v)| v.clone()).collect(),
             ),
+            Op::Undecodable { reason, .. } => return Ok(Written::Refused(reason.clone())),
             Op::Delete => (
                 Shape::Delete {
                     table: table.name.clone(),
