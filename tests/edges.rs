@@ -356,7 +356,7 @@ async fn truncate_of_a_replicated_postgres_table_is_refused_and_loses_nothing() 
 }
 
 /// Finding 8 (c): a write the receiving database refuses for a reason retrying cannot fix
-/// (an application trigger raising, an index row too large for PostgreSQL's B-tree) is
+/// (an application trigger enabled ALWAYS raising, an index row too large for PostgreSQL's B-tree) is
 /// dead-lettered with the reason and SQLSTATE; the events around it apply and later writes
 /// of the same origin keep flowing. These errors used to fail the whole run, forever.
 #[tokio::test]
@@ -380,6 +380,8 @@ async fn a_postgres_receiver_dead_letters_what_it_refuses_for_good_and_the_strea
          CREATE FUNCTION no_negative() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN IF NEW.qty < 0 THEN RAISE EXCEPTION 'qty may not go below zero'; END IF; RETURN NEW; END $$;
          CREATE TRIGGER no_negative BEFORE INSERT OR UPDATE ON t FOR EACH ROW EXECUTE FUNCTION no_negative();
+         -- A validation trigger meant to hold for replicated writes too fires even as a replica.
+         ALTER TABLE t ENABLE ALWAYS TRIGGER no_negative;
          CREATE TABLE k (id text PRIMARY KEY, v text);",
         &lww(&["t", "k"]),
     )
@@ -599,4 +601,200 @@ async fn an_event_this_build_cannot_decode_is_dead_lettered_and_the_stream_flows
     assert_eq!(reasons.len(), 1, "{reasons:?}");
     assert_eq!(reasons[0].0, 1);
     assert!(reasons[0].1.contains("cannot decode"), "{reasons:?}");
+}
+
+/// Finding 19: on PostgreSQL the applier runs as a replica (`session_replication_role`), so
+/// an application trigger fires where the application wrote, not again where weft applies
+/// the write. Here an audit trigger used to add a second audit row in the receiving region
+/// (its own, on top of the replicated one).
+#[tokio::test]
+async fn application_triggers_fire_where_the_application_wrote_not_where_weft_applies() {
+    use common::regions::{Region, lww, sync as sync_regions};
+    use weft::harness::cluster::{Cluster, Settings};
+    let cluster = Cluster::start(Settings::default()).expect("a throw-away PostgreSQL cluster");
+    let schema = "CREATE TABLE items (id bigint PRIMARY KEY, v text);
+         CREATE TABLE audit (id text PRIMARY KEY DEFAULT gen_random_uuid()::text, item bigint, v text);
+         CREATE FUNCTION audit_item() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN INSERT INTO audit (item, v) VALUES (NEW.id, NEW.v); RETURN NEW; END $$;
+         CREATE TRIGGER audit_item AFTER INSERT OR UPDATE ON items FOR EACH ROW EXECUTE FUNCTION audit_item();";
+    let a = Region::pg(&cluster, "a", schema, &lww(&["items", "audit"])).await;
+    let b = Region::pg(&cluster, "b", schema, &lww(&["items", "audit"])).await;
+    a.exec("INSERT INTO items VALUES (1, 'one');").await;
+    a.exec("UPDATE items SET v = 'uno' WHERE id = 1;").await;
+    sync_regions(&[&a, &b]).await;
+    assert_eq!(a.count("SELECT count(*) FROM audit").await, 2);
+    assert_eq!(
+        b.count("SELECT count(*) FROM audit").await,
+        2,
+        "the origin's audit rows, no more"
+    );
+    assert_eq!(
+        a.snapshot(&["items", "audit"]).await,
+        b.snapshot(&["items", "audit"]).await
+    );
+}
+
+/// Finding 4 (a) and (b): a PostgreSQL receiver with a foreign key takes a child written in
+/// the same transaction as its parent (coalescing puts the child first), and a child from
+/// one region that arrives before its parent from another. Both used to be dead-lettered for
+/// good (SQLSTATE 23503), leaving the child missing in that region only.
+#[tokio::test]
+async fn children_reach_a_postgres_receiver_with_a_foreign_key_whatever_the_arrival_order() {
+    use common::regions::{Region, lww};
+    use weft::harness::cluster::{Cluster, Settings};
+    let cluster = Cluster::start(Settings::default()).expect("a throw-away PostgreSQL cluster");
+    let dir = tempfile::tempdir().unwrap();
+    let lite = "CREATE TABLE orders (id INTEGER PRIMARY KEY, total INTEGER);
+         CREATE TABLE lines (id INTEGER PRIMARY KEY, order_id INTEGER REFERENCES orders(id));";
+    let tables = lww(&["orders", "lines"]);
+    let a = Region::sqlite(dir.path(), "a", lite, &tables).await;
+    let b = Region::sqlite(dir.path(), "b", lite, &tables).await;
+    let c = Region::pg(
+        &cluster,
+        "c",
+        "CREATE TABLE orders (id bigint PRIMARY KEY, total bigint);
+         CREATE TABLE lines (id bigint PRIMARY KEY, order_id bigint NOT NULL REFERENCES orders(id));",
+        &tables,
+    )
+    .await;
+    a.exec(
+        "BEGIN; INSERT INTO orders VALUES (1, 0); INSERT INTO lines VALUES (10, 1); \
+         UPDATE orders SET total = 5 WHERE id = 1; COMMIT;",
+    )
+    .await;
+    a.drain().await;
+    let report = c.pull(&a).await;
+    assert_eq!(report.dead_lettered, 0, "{report:?}");
+    // A parent from a, its child from b; c hears b first.
+    a.exec("INSERT INTO orders VALUES (2, 7);").await;
+    a.drain().await;
+    b.pull(&a).await;
+    b.exec("INSERT INTO lines VALUES (20, 2);").await;
+    b.drain().await;
+    let report = c.pull(&b).await;
+    assert_eq!(report.dead_lettered, 0, "{report:?}");
+    c.pull(&a).await;
+    assert_eq!(c.count("SELECT count(*) FROM lines").await, 2);
+    assert_eq!(
+        c.count("SELECT count(*) FROM lines JOIN orders ON orders.id = order_id")
+            .await,
+        2
+    );
+}
+
+/// Finding 19 on SQLite, which has no replica role: an application trigger guarded as the
+/// README says (`WHEN NOT EXISTS (SELECT 1 FROM _weft_applying)`) fires only where the
+/// application wrote.
+#[tokio::test]
+async fn a_sqlite_trigger_guarded_as_the_readme_says_fires_only_where_the_application_wrote() {
+    use common::regions::{Region, lww, sync as sync_regions};
+    let dir = tempfile::tempdir().unwrap();
+    let schema = "CREATE TABLE items (id INTEGER PRIMARY KEY, v TEXT);
+         CREATE TABLE audit (id TEXT PRIMARY KEY DEFAULT (lower(hex(randomblob(16)))), item INTEGER, v TEXT);
+         CREATE TRIGGER audit_item AFTER UPDATE ON items WHEN NOT EXISTS (SELECT 1 FROM _weft_applying)
+         BEGIN INSERT INTO audit (item, v) VALUES (NEW.id, NEW.v); END;";
+    let a = Region::sqlite(dir.path(), "a", schema, &lww(&["items", "audit"])).await;
+    let b = Region::sqlite(dir.path(), "b", schema, &lww(&["items", "audit"])).await;
+    a.exec("INSERT INTO items VALUES (1, 'one');").await;
+    sync_regions(&[&a, &b]).await;
+    a.exec("UPDATE items SET v = 'uno' WHERE id = 1;").await;
+    sync_regions(&[&a, &b]).await;
+    assert_eq!(b.count("SELECT count(*) FROM audit").await, 1);
+    assert_eq!(
+        a.snapshot(&["items", "audit"]).await,
+        b.snapshot(&["items", "audit"]).await
+    );
+}
+
+/// Finding 16: a sidecar cut off from its PostgreSQL database in the middle of an apply (a
+/// partition: nothing arrives either way, nothing is closed) used to leave its transaction,
+/// and the row locks it held, in place until TCP gave up, for hours behind a proxy. The
+/// writer's session now ends a transaction left idle for 30 s, so the application's update
+/// of a row the lost apply held goes through, and the sidecar recovers once the link heals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_cut_off_from_postgres_mid_apply_holds_row_locks_only_briefly() {
+    use common::proxy::Proxy;
+    use common::regions::{Region, lww};
+    use std::time::Instant;
+    use weft::harness::cluster::{Cluster, Settings};
+    let cluster = Cluster::start(Settings::default()).expect("a throw-away PostgreSQL cluster");
+    let dir = tempfile::tempdir().unwrap();
+    let tables = lww(&["t"]);
+    let a = Region::sqlite(
+        dir.path(),
+        "a",
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT);",
+        &tables,
+    )
+    .await;
+    let url = cluster.create_database("b").await.unwrap();
+    let app = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::raw_sql("CREATE TABLE t (id bigint PRIMARY KEY, v text)")
+        .execute(&app)
+        .await
+        .unwrap();
+    let server = url.split('@').nth(1).unwrap().split('/').next().unwrap().to_owned();
+    let proxy = Proxy::start(&server).await;
+    let proxied = url.replace(&server, &proxy.listen.to_string());
+    let identity = weft::event::Identity {
+        node: "b".into(),
+        region: "region-of-b".into(),
+    };
+    let b = std::sync::Arc::new(
+        weft::store::Store::open(
+            &weft::config::Database::Postgres(proxied),
+            identity,
+            &tables,
+            Duration::from_millis(500),
+        )
+        .await
+        .unwrap(),
+    );
+    a.exec("INSERT INTO t VALUES (1, 'one'), (2, 'two');").await;
+    a.drain().await;
+    b.apply(a.events(0).await).await.unwrap();
+    a.exec("UPDATE t SET v = v || '!';").await;
+    a.drain().await;
+    let events = a.events(2).await;
+
+    // The application holds row 2: the apply locks row 1, then waits for row 2.
+    let mut holder = app.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM t WHERE id = 2 FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let applying = tokio::spawn({
+        let (b, events) = (b.clone(), events.clone());
+        async move { b.apply(events).await }
+    });
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'weft' AND wait_event_type = 'Lock'";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sqlx::query_scalar::<_, i64>(waiting).fetch_one(&app).await.unwrap() == 0 {
+        assert!(Instant::now() < deadline, "the apply never waited for row 2");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    proxy.stall();
+    holder.commit().await.unwrap();
+
+    // The apply's backend now has both rows and waits, idle in its transaction, for a client
+    // that cannot answer. The application's update of row 1 waits for it only briefly.
+    let started = Instant::now();
+    let mut conn = app.acquire().await.unwrap();
+    sqlx::raw_sql("SET statement_timeout = '90s'")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let updated = sqlx::query("UPDATE t SET v = 'app' WHERE id = 1")
+        .execute(&mut *conn)
+        .await;
+    let waited = started.elapsed();
+    assert!(updated.is_ok(), "{updated:?} after {waited:?}");
+    assert!(waited < Duration::from_secs(50), "the row stayed locked for {waited:?}");
+    drop(conn);
+
+    proxy.resume();
+    let first = applying.await.unwrap();
+    assert!(first.is_err(), "the cut-off apply's transaction was ended: {first:?}");
+    let report = b.apply(events).await.expect("the sidecar redials and applies");
+    assert_eq!(report.frontiers.get("a"), Some(&4));
 }

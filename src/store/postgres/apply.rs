@@ -1,7 +1,9 @@
 //! PostgreSQL apply IO: the applier's mark, row locks, grouped `unnest` writes and row reads.
 //!
 //! The applier marks its transaction `SET LOCAL weft.applying = 'on'`, so the capture
-//! triggers skip its writes. `lock_rows` takes `SELECT ... FOR UPDATE` of every row the run
+//! triggers skip its writes, and where the role may, runs it with `session_replication_role
+//! = replica` (see `replica_role` in the parent module): no application trigger and no
+//! foreign-key check fires on applied writes. `lock_rows` takes `SELECT ... FOR UPDATE` of every row the run
 //! touches (with `NOWAIT` while the caller asks for it), so no application change to one of
 //! them can commit before the run. Rows absent when locked are written with `ON CONFLICT DO
 //! NOTHING`: if the application inserted one meanwhile, the count comes up short and the run
@@ -25,7 +27,9 @@ use crate::store::engine::{Halt, Stop, Written};
 /// Marks the transaction as the applier's and reads the frontiers, in one round trip.
 pub(super) async fn begin_apply(conn: &mut PgConnection) -> Result<BTreeMap<String, Frontier>, StoreError> {
     let known: Vec<(Option<String>, Option<i64>, Option<i64>)> = sqlx::query_as(
-        "WITH mark AS (SELECT set_config('weft.applying', 'on', true)) \
+        "WITH mark AS (SELECT set_config('weft.applying', 'on', true), \
+           CASE WHEN current_setting('weft.replica_role', true) = 'on' \
+             THEN set_config('session_replication_role', 'replica', true) END) \
          SELECT f.origin, f.seq, f.processed FROM mark LEFT JOIN weft.frontier f ON true",
     )
     .fetch_all(&mut *conn)

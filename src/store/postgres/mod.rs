@@ -12,6 +12,11 @@
 //! - Apply locks the rows a run touches (`FOR UPDATE`) before it drains local changes: a
 //!   change committed before the lock is drained first, and none can commit after it.
 //! - Acknowledgements are recorded on a pooled connection, beside the writer.
+//! - The writer's session ends a transaction its client left idle, finds a dead client by TCP
+//!   keepalives and bounds statements (`WRITER_TIMEOUTS`), so a sidecar cut off from its
+//!   database cannot hold row locks or the sidecar lock for long.
+//! - Applies run as a replica (`session_replication_role`) where the role may: application
+//!   triggers and foreign-key checks fire where the application wrote, not again here.
 mod admin;
 mod apply;
 mod capture;
@@ -27,7 +32,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, Postgres as PgDb};
-use sqlx::{Connection as _, PgConnection};
+use sqlx::{AssertSqlSafe, Connection as _, PgConnection};
 use tokio::sync::Mutex;
 
 use crate::config::TableConfig;
@@ -43,6 +48,30 @@ pub type PgStore = Replica<Postgres>;
 /// Session settings for every weft connection: canonical text output for values.
 const SESSION: &str = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'iso_8601'; \
                        SET extra_float_digits = 3; SET bytea_output = 'hex'";
+
+/// The writer's defaults for the settings that bound how long a lost sidecar can hold row
+/// locks and the sidecar lock (its transaction is cut, its session closed by the server):
+/// a transaction left idle by a client that went away (a partition, a frozen process) is
+/// ended after 30 s; a peer that stops answering is found by TCP keepalives within about
+/// 30 s and a send that is never acknowledged fails after 30 s; no statement runs for more
+/// than 5 minutes. A setting given in the connection URL (`options=-c name=value`) wins.
+const WRITER_TIMEOUTS: [(&str, &str); 6] = [
+    ("idle_in_transaction_session_timeout", "30s"),
+    ("statement_timeout", "5min"),
+    ("tcp_keepalives_idle", "15"),
+    ("tcp_keepalives_interval", "5"),
+    ("tcp_keepalives_count", "3"),
+    ("tcp_user_timeout", "30000"),
+];
+
+/// `SET` statements for the [`WRITER_TIMEOUTS`] the URL's `options` do not set.
+fn writer_timeouts(url_options: Option<&str>) -> String {
+    WRITER_TIMEOUTS
+        .iter()
+        .filter(|(name, _)| !url_options.is_some_and(|o| o.contains(name)))
+        .map(|(name, value)| format!("SET {name} = '{value}'; "))
+        .collect()
+}
 
 /// How long a connecting writer waits for another session's sidecar lock.
 const LOCK_WAIT: Duration = Duration::from_secs(10);
@@ -122,6 +151,10 @@ async fn connect_once(options: &PgConnectOptions) -> Result<PgConnection, StoreE
     sqlx::raw_sql("SET synchronous_commit = on; SET lock_timeout = '10s'; SET plan_cache_mode = force_generic_plan")
         .execute(&mut conn)
         .await?;
+    sqlx::raw_sql(AssertSqlSafe(writer_timeouts(options.get_options())))
+        .execute(&mut conn)
+        .await?;
+    replica_role(&mut conn).await?;
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('weft.sidecar'))")
         .fetch_one(&mut conn)
         .await?;
@@ -140,6 +173,40 @@ async fn connect_once(options: &PgConnectOptions) -> Result<PgConnection, StoreE
     Err(StoreError::SidecarLocked {
         holder: holder.unwrap_or_else(|| "its session holds the weft.sidecar advisory lock".into()),
     })
+}
+
+/// Whether this session may run applies as a replica (`session_replication_role`), which
+/// PostgreSQL's own logical replication does: the application's triggers, and the
+/// foreign-key checks (which are triggers too), do not fire on applied writes. Replicated
+/// rows were checked where they were written; checking them again here turns arrival
+/// order into refusals (a child from one region before its parent from another) and lets
+/// audit or `updated_at` triggers add and change rows that are then replicated twice. The
+/// answer is kept in the session (`weft.replica_role`) for `apply::begin_apply`.
+///
+/// Setting it takes a superuser, or from PostgreSQL 15 `GRANT SET ON PARAMETER
+/// session_replication_role TO <role>`; without it, weft says so and applies as an ordinary
+/// session.
+async fn replica_role(conn: &mut PgConnection) -> Result<(), StoreError> {
+    sqlx::raw_sql("BEGIN").execute(&mut *conn).await?;
+    let allowed = sqlx::raw_sql("SET LOCAL session_replication_role = replica")
+        .execute(&mut *conn)
+        .await;
+    sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await?;
+    match allowed {
+        Ok(_) => {
+            sqlx::raw_sql("SET weft.replica_role = 'on'")
+                .execute(&mut *conn)
+                .await?;
+        }
+        Err(error) => tracing::warn!(
+            %error,
+            "this database role may not set session_replication_role: application triggers and foreign-key \
+             checks fire on applied writes (a child that arrives before its parent is dead-lettered and retried); \
+             run `GRANT SET ON PARAMETER session_replication_role TO <weft's role>` (PostgreSQL 15+) or connect as \
+             a superuser"
+        ),
+    }
+    Ok(())
 }
 
 async fn node_value(conn: &mut PgConnection, name: &str) -> Result<Option<String>, StoreError> {
@@ -326,4 +393,22 @@ impl Backend for Postgres {
 /// `weft ownership`), with weft's canonical session settings.
 pub fn app_pool(url: &str) -> Result<PgPool, StoreError> {
     Ok(pool(&options(url)?, 2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writer_timeouts_leave_what_the_url_sets_to_the_url() {
+        let all = writer_timeouts(None);
+        assert!(
+            all.contains("SET idle_in_transaction_session_timeout = '30s';"),
+            "{all}"
+        );
+        assert!(all.contains("SET tcp_user_timeout = '30000';"), "{all}");
+        let some = writer_timeouts(Some("-c statement_timeout=1h"));
+        assert!(!some.contains("statement_timeout = "), "{some}");
+        assert!(some.contains("idle_in_transaction_session_timeout"), "{some}");
+    }
 }
