@@ -3,7 +3,7 @@
 //! `Node::start` opens the store (installing schema and triggers), binds the listener and
 //! spawns: the gRPC server (receiving), one feeder per downstream peer (sending), the capture
 //! loop (drains the outbox whenever another connection commits), and upkeep (persists
-//! acknowledgements, trims the log, logs a status line). `Node::stop` is graceful: one shutdown
+//! acknowledgements, trims the log, retries due dead letters every 5 s, logs a status line). `Node::stop` is graceful: one shutdown
 //! signal, a final drain, feeders wait briefly for outstanding acks, then the store closes.
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -234,6 +234,19 @@ async fn upkeep_loop(ctx: Context, metrics: Arc<Metrics>) {
             }
         }
         ticks += 1;
+        if ticks.is_multiple_of(25) && !stopping {
+            match ctx.store.retry_dead_letters().await {
+                Ok(report) if report.applied > 0 => {
+                    tracing::info!(
+                        applied = report.applied,
+                        refused = report.refused,
+                        "dead letters retried"
+                    );
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "cannot retry dead letters; will try again"),
+            }
+        }
         if ticks.is_multiple_of(50) {
             let m = &metrics;
             let lag = m.lag();

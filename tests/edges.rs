@@ -634,6 +634,40 @@ async fn application_triggers_fire_where_the_application_wrote_not_where_weft_ap
     );
 }
 
+const ORDERS_LITE: &str = "CREATE TABLE orders (id INTEGER PRIMARY KEY, total INTEGER);
+     CREATE TABLE lines (id INTEGER PRIMARY KEY, order_id INTEGER REFERENCES orders(id));";
+const ORDERS_PG: &str = "CREATE TABLE orders (id bigint PRIMARY KEY, total bigint);
+     CREATE TABLE lines (id bigint PRIMARY KEY, order_id bigint NOT NULL REFERENCES orders(id));";
+
+/// `a` writes order 1 and its line 10 in one transaction (coalesced: the line first); `c`
+/// applies it.
+async fn parent_and_child_in_one_transaction(
+    a: &common::regions::Region,
+    c: &common::regions::Region,
+) -> weft::store::ApplyReport {
+    a.exec(
+        "BEGIN; INSERT INTO orders VALUES (1, 0); INSERT INTO lines VALUES (10, 1); \
+         UPDATE orders SET total = 5 WHERE id = 1; COMMIT;",
+    )
+    .await;
+    a.drain().await;
+    c.pull(a).await
+}
+
+/// `a` writes order 2, `b` (having it) writes its line 20, and `c` hears `b` first.
+async fn child_before_parent(
+    a: &common::regions::Region,
+    b: &common::regions::Region,
+    c: &common::regions::Region,
+) -> weft::store::ApplyReport {
+    a.exec("INSERT INTO orders VALUES (2, 7);").await;
+    a.drain().await;
+    b.pull(a).await;
+    b.exec("INSERT INTO lines VALUES (20, 2);").await;
+    b.drain().await;
+    c.pull(b).await
+}
+
 /// Finding 4 (a) and (b): a PostgreSQL receiver with a foreign key takes a child written in
 /// the same transaction as its parent (coalescing puts the child first), and a child from
 /// one region that arrives before its parent from another. Both used to be dead-lettered for
@@ -644,34 +678,14 @@ async fn children_reach_a_postgres_receiver_with_a_foreign_key_whatever_the_arri
     use weft::harness::cluster::{Cluster, Settings};
     let cluster = Cluster::start(Settings::default()).expect("a throw-away PostgreSQL cluster");
     let dir = tempfile::tempdir().unwrap();
-    let lite = "CREATE TABLE orders (id INTEGER PRIMARY KEY, total INTEGER);
-         CREATE TABLE lines (id INTEGER PRIMARY KEY, order_id INTEGER REFERENCES orders(id));";
     let tables = lww(&["orders", "lines"]);
-    let a = Region::sqlite(dir.path(), "a", lite, &tables).await;
-    let b = Region::sqlite(dir.path(), "b", lite, &tables).await;
-    let c = Region::pg(
-        &cluster,
-        "c",
-        "CREATE TABLE orders (id bigint PRIMARY KEY, total bigint);
-         CREATE TABLE lines (id bigint PRIMARY KEY, order_id bigint NOT NULL REFERENCES orders(id));",
-        &tables,
-    )
-    .await;
-    a.exec(
-        "BEGIN; INSERT INTO orders VALUES (1, 0); INSERT INTO lines VALUES (10, 1); \
-         UPDATE orders SET total = 5 WHERE id = 1; COMMIT;",
-    )
-    .await;
-    a.drain().await;
-    let report = c.pull(&a).await;
+    let a = Region::sqlite(dir.path(), "a", ORDERS_LITE, &tables).await;
+    let b = Region::sqlite(dir.path(), "b", ORDERS_LITE, &tables).await;
+    let c = Region::pg(&cluster, "c", ORDERS_PG, &tables).await;
+    let report = parent_and_child_in_one_transaction(&a, &c).await;
     assert_eq!(report.dead_lettered, 0, "{report:?}");
     // A parent from a, its child from b; c hears b first.
-    a.exec("INSERT INTO orders VALUES (2, 7);").await;
-    a.drain().await;
-    b.pull(&a).await;
-    b.exec("INSERT INTO lines VALUES (20, 2);").await;
-    b.drain().await;
-    let report = c.pull(&b).await;
+    let report = child_before_parent(&a, &b, &c).await;
     assert_eq!(report.dead_lettered, 0, "{report:?}");
     c.pull(&a).await;
     assert_eq!(c.count("SELECT count(*) FROM lines").await, 2);
@@ -797,4 +811,135 @@ async fn a_sidecar_cut_off_from_postgres_mid_apply_holds_row_locks_only_briefly(
     assert!(first.is_err(), "the cut-off apply's transaction was ended: {first:?}");
     let report = b.apply(events).await.expect("the sidecar redials and applies");
     assert_eq!(report.frontiers.get("a"), Some(&4));
+}
+
+/// Finding 4 (c): a source transaction that swaps two rows' unique values coalesces into two
+/// writes that each collide with the other row's old value. Each used to be dead-lettered,
+/// so receivers kept the old values for good; they now apply as one group, on SQLite and on
+/// PostgreSQL (as a replica, where no delete can cascade).
+#[tokio::test]
+async fn a_swap_of_unique_values_in_one_transaction_replicates() {
+    use common::regions::{Region, lww, sync as sync_regions};
+    use weft::harness::cluster::{Cluster, Settings};
+    let cluster = Cluster::start(Settings::default()).expect("a throw-away PostgreSQL cluster");
+    let dir = tempfile::tempdir().unwrap();
+    let tables = lww(&["users"]);
+    let lite = "CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT NOT NULL UNIQUE);";
+    let a = Region::sqlite(dir.path(), "a", lite, &tables).await;
+    let b = Region::sqlite(dir.path(), "b", lite, &tables).await;
+    let c = Region::pg(
+        &cluster,
+        "c",
+        "CREATE TABLE users (id bigint PRIMARY KEY, email text NOT NULL UNIQUE);",
+        &tables,
+    )
+    .await;
+    a.exec("INSERT INTO users VALUES (1, 'a@x'), (2, 'b@x');").await;
+    sync_regions(&[&a, &b, &c]).await;
+    a.exec(
+        "BEGIN; UPDATE users SET email = 'tmp' WHERE id = 1; UPDATE users SET email = 'a@x' WHERE id = 2; \
+         UPDATE users SET email = 'b@x' WHERE id = 1; COMMIT;",
+    )
+    .await;
+    sync_regions(&[&a, &b, &c]).await;
+    let want = a.snapshot(&["users"]).await;
+    assert_eq!(b.snapshot(&["users"]).await, want);
+    assert_eq!(c.snapshot(&["users"]).await, want);
+    assert_eq!(b.count("SELECT count(*) FROM _weft_dead_letters").await, 0);
+    assert_eq!(c.count("SELECT count(*) FROM weft.dead_letters").await, 0);
+}
+
+/// Finding 4 where weft cannot apply as a replica (a database role that is no superuser):
+/// foreign keys are checked on applied writes. A child written in the same transaction as
+/// its parent applies (the child, set aside, goes in after the parent); a child that arrives
+/// from one region before its parent from another is dead-lettered, retried with backoff,
+/// and applied once the parent is there, instead of missing in that region for good.
+#[tokio::test]
+async fn without_a_replica_role_a_child_that_came_before_its_parent_is_retried_and_applied() {
+    use common::regions::{Region, lww};
+    use weft::harness::cluster::{Cluster, Settings};
+    let cluster = Cluster::start(Settings::default()).expect("a throw-away PostgreSQL cluster");
+    let dir = tempfile::tempdir().unwrap();
+    let tables = lww(&["orders", "lines"]);
+    let a = Region::sqlite(dir.path(), "a", ORDERS_LITE, &tables).await;
+    let b = Region::sqlite(dir.path(), "b", ORDERS_LITE, &tables).await;
+    let c = Region::pg_unprivileged(&cluster, "c", ORDERS_PG, &tables).await;
+    let report = parent_and_child_in_one_transaction(&a, &c).await;
+    assert_eq!((report.applied, report.dead_lettered), (2, 0), "{report:?}");
+
+    let report = child_before_parent(&a, &b, &c).await;
+    assert_eq!(report.dead_lettered, 1, "the parent is not there yet: {report:?}");
+    let reason: String = sqlx::query_scalar("SELECT reason FROM weft.dead_letters")
+        .fetch_one(c.pg_pool())
+        .await
+        .unwrap();
+    assert!(reason.contains("23503"), "{reason}");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let retried = c.store.retry_dead_letters().await.unwrap();
+    assert_eq!((retried.applied, retried.refused), (0, 1), "still no parent");
+    let attempts = c.count("SELECT attempts FROM weft.dead_letters").await;
+    assert_eq!(attempts, 1);
+    c.pull(&a).await;
+    assert_eq!(
+        c.store.retry_dead_letters().await.unwrap().applied,
+        0,
+        "not due yet: it backs off"
+    );
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(c.store.retry_dead_letters().await.unwrap().applied, 1);
+    assert_eq!(c.count("SELECT count(*) FROM weft.dead_letters").await, 0);
+    assert_eq!(c.count("SELECT count(*) FROM lines").await, 2);
+    a.pull(&b).await;
+    assert_eq!(
+        c.snapshot(&["orders", "lines"]).await,
+        a.snapshot(&["orders", "lines"]).await
+    );
+}
+
+/// Finding 5: SQLite's `INSERT OR REPLACE` deletes the rows it conflicts with through a
+/// UNIQUE column without firing delete triggers. The delete went uncaptured, so a receiver
+/// kept the old row and dead-lettered the new one: the regions differed for good. And in an
+/// ownership table it replaced rows another region owns. Now the deletes are captured, and
+/// replacing a row another region owns is refused, in the application's statement.
+#[tokio::test]
+async fn insert_or_replace_through_a_unique_column_replicates_its_deletes_and_respects_owners() {
+    use common::regions::{Region, lww, sync as sync_regions};
+    use weft::config::TableConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let schema = "CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT NOT NULL UNIQUE, name TEXT);
+         CREATE TABLE accounts (id INTEGER PRIMARY KEY, home TEXT NOT NULL, email TEXT UNIQUE, balance INTEGER);";
+    let mut tables = lww(&["users"]);
+    tables.push(TableConfig::owned_by_column("accounts", "home"));
+    let a = Region::sqlite(dir.path(), "a", schema, &tables).await;
+    let b = Region::sqlite(dir.path(), "b", schema, &tables).await;
+    a.exec("INSERT INTO users VALUES (1, 'a@x', 'one'); INSERT INTO accounts VALUES (42, 'region-of-a', 'm@x', 10);")
+        .await;
+    sync_regions(&[&a, &b]).await;
+
+    a.exec("INSERT OR REPLACE INTO users VALUES (2, 'a@x', 'two');").await;
+    // A plain insert that the UNIQUE column refuses, and an ignored one, change nothing.
+    assert!(
+        a.try_exec("INSERT INTO users VALUES (3, 'a@x', 'three');")
+            .await
+            .is_err()
+    );
+    a.exec("INSERT OR IGNORE INTO users VALUES (4, 'a@x', 'four');").await;
+    sync_regions(&[&a, &b]).await;
+    assert_eq!(b.snapshot(&["users"]).await, a.snapshot(&["users"]).await);
+    assert_eq!(b.count("SELECT count(*) FROM users WHERE id = 2").await, 1);
+    assert_eq!(b.count("SELECT count(*) FROM _weft_dead_letters").await, 0);
+
+    // b may not replace a's account, by its key or through its unique email.
+    for sql in [
+        "INSERT OR REPLACE INTO accounts VALUES (42, 'region-of-b', 'm@x', 0);",
+        "INSERT OR REPLACE INTO accounts VALUES (43, 'region-of-b', 'm@x', 0);",
+    ] {
+        let refused = b.try_exec(sql).await.unwrap_err();
+        assert!(refused.contains("owned by region-of-a"), "{refused}");
+    }
+    b.exec("INSERT INTO accounts VALUES (44, 'region-of-b', 'n@x', 5);")
+        .await;
+    sync_regions(&[&a, &b]).await;
+    assert_eq!(b.snapshot(&["accounts"]).await, a.snapshot(&["accounts"]).await);
+    assert_eq!(a.count("SELECT count(*) FROM accounts").await, 2);
 }

@@ -313,3 +313,75 @@ async fn three_regions_edit_one_queued_row_and_one_resolution_reaches_all() {
     }
     sidecars.terminate_all();
 }
+
+/// `weft dead-letters` against running sidecars: a write the receiving database refuses (an
+/// application trigger there) is listed with its reason; once the cause is gone (the trigger
+/// dropped) the sidecar retries it by itself and it applies; `discard` gives one up; ids that
+/// are not dead letters are refused with what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_retried_by_the_sidecar_once_their_cause_is_gone_and_discarded() {
+    let dir = tempfile::tempdir().unwrap();
+    let sidecars = Sidecars::new(dir.path()).await;
+    sidecars.spawn_all().await;
+    let west = &sidecars.mesh.regions[1];
+    let refuse = "CREATE TRIGGER refuse BEFORE INSERT ON shared WHEN NEW.v LIKE 'poison%' \
+                  BEGIN SELECT RAISE(ABORT, 'poison refused here'); END;";
+    sqlx::raw_sql(refuse).execute(&west.app).await.unwrap();
+    let config = west.config_file.to_str().unwrap().to_owned();
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_weft"))
+            .args(["dead-letters", "--config", &config])
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let letters = || {
+        let (ok, text) = cli(&["list", "--json"]);
+        assert!(ok, "{text}");
+        serde_json::from_str::<Vec<serde_json::Value>>(&text).unwrap()
+    };
+    let wait_for = |want: usize| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let now = letters();
+            if now.len() == want {
+                return now;
+            }
+            assert!(std::time::Instant::now() < deadline, "{now:?}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    sidecars.update_shared(0, 7, "poison 1").await;
+    let listed = wait_for(1);
+    assert!(
+        listed[0]["reason"].as_str().unwrap().contains("poison refused here"),
+        "{listed:?}"
+    );
+    let id = listed[0]["id"].as_i64().unwrap().to_string();
+    let (ok, text) = cli(&["show", &id]);
+    assert!(
+        ok && text.contains("poison refused here") && text.contains("poison 1"),
+        "{text}"
+    );
+
+    // The cause goes: the sidecar's own retries apply it.
+    sqlx::raw_sql("DROP TRIGGER refuse").execute(&west.app).await.unwrap();
+    wait_for(0);
+    let v: String = sqlx::query_scalar("SELECT v FROM shared WHERE id = 7")
+        .fetch_one(&west.app)
+        .await
+        .unwrap();
+    assert_eq!(v, "poison 1");
+
+    sqlx::raw_sql(refuse).execute(&west.app).await.unwrap();
+    sidecars.update_shared(0, 8, "poison 2").await;
+    wait_for(1);
+    let (ok, text) = cli(&["retry", "999999"]);
+    assert!(!ok && text.contains("not dead letters of this node"), "{text}");
+    let (ok, text) = cli(&["discard", "--all"]);
+    assert!(ok && text.contains("1 dead letter(s) discarded"), "{text}");
+    assert!(letters().is_empty());
+    sidecars.terminate_all();
+}

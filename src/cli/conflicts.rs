@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 
+use super::age;
 use super::input::parse_row;
 use crate::config::NodeConfig;
 use crate::event::{Event, Op, Value};
@@ -224,15 +225,6 @@ fn region_of(config: &NodeConfig, node: &str) -> String {
         .node(node)
         .map(|n| n.region.clone())
         .unwrap_or_else(|| node.to_owned())
-}
-
-fn age(since_micros: i64) -> String {
-    let seconds = (crate::clock::now_micros() - since_micros).max(0) / 1_000_000;
-    match seconds {
-        s if s < 120 => format!("{s}s"),
-        s if s < 7200 => format!("{}m", s / 60),
-        s => format!("{}h", s / 3600),
-    }
 }
 
 fn sibling_json(config: &NodeConfig, n: usize, s: &Event) -> serde_json::Value {

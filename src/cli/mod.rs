@@ -2,6 +2,7 @@
 //!
 //! Errors reach the user through `anyhow` here only; each says what failed and what to do.
 mod conflicts;
+mod dead_letters;
 mod input;
 mod ownership;
 mod topology;
@@ -43,6 +44,13 @@ pub enum Command {
         config: PathBuf,
         #[command(subcommand)]
         command: conflicts::Command,
+    },
+    /// Events this node could not apply: list, show, retry now, discard.
+    DeadLetters {
+        #[arg(long)]
+        config: PathBuf,
+        #[command(subcommand)]
+        command: dead_letters::Command,
     },
     /// Move rows of an ownership table to another region.
     Ownership {
@@ -97,12 +105,23 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Status { config, json } => status(config, json).await,
         Command::Conflicts { config, command } => conflicts::run(&config, command).await,
         Command::Ownership { config, command } => ownership::run(&config, command).await,
+        Command::DeadLetters { config, command } => dead_letters::run(&config, command).await,
         Command::Topology {
             command: TopologyCommand::Check { file },
         } => topology::check(&file),
         Command::Topology {
             command: TopologyCommand::Show { file },
         } => topology::show(&file),
+    }
+}
+
+/// How long ago `since_micros` was, for a person: `42s`, `17m`, `5h`.
+fn age(since_micros: i64) -> String {
+    let seconds = (crate::clock::now_micros() - since_micros).max(0) / 1_000_000;
+    match seconds {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s => format!("{}h", s / 3600),
     }
 }
 

@@ -1,6 +1,8 @@
 //! The operator's admin API over a node's database, SQLite or PostgreSQL: the resolution
-//! queue (list, show, resolve, history) and ownership transfers. `weft conflicts` and
-//! `weft ownership` only parse and print around it; a console would call it too.
+//! queue (list, show, resolve, history), ownership transfers and dead letters (list, show,
+//! retry, discard; a retry makes the letter due, and the running sidecar applies it).
+//! `weft conflicts`, `weft ownership` and `weft dead-letters` only parse and print around
+//! it; a console would call it too.
 //!
 //! It works on the database directly, as an application does, so it serves a running node
 //! and a stopped one alike; it never installs anything. Every change it makes is an ordinary
@@ -107,6 +109,62 @@ impl History {
     }
 }
 
+/// A dead letters row: id, origin, seq, table, key, reason, event, at, attempts, retry at.
+pub type LetterRow = (i64, String, i64, String, String, String, Vec<u8>, i64, i64, i64);
+
+/// An event the node could not apply, as the operator sees it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub origin: String,
+    pub seq: i64,
+    pub table: String,
+    pub key: String,
+    pub reason: String,
+    pub at_micros: i64,
+    /// Retries so far (the sidecar retries with backoff, from a second to an hour).
+    pub attempts: i64,
+    /// When the sidecar tries it next (0: at its next round).
+    pub retry_at_micros: i64,
+    /// The event as stored, decoded: its op and row, version, HLC; `null` if it does not
+    /// decode.
+    pub event: serde_json::Value,
+}
+
+impl DeadLetter {
+    pub fn from_row(row: LetterRow) -> Self {
+        let (id, origin, seq, table, key, reason, bytes, at_micros, attempts, retry_at_micros) = row;
+        let event = crate::wire::decode_event(&bytes).map_or(serde_json::Value::Null, |e| {
+            serde_json::json!({
+                "op": e.op.to_json(),
+                "version": serde_json::from_str::<serde_json::Value>(&e.version.to_json()).unwrap_or_default(),
+                "hlc": e.hlc.to_string(),
+                "origin_region": e.origin_region,
+                "path": e.path,
+            })
+        });
+        DeadLetter {
+            id,
+            origin,
+            seq,
+            table,
+            key,
+            reason,
+            at_micros,
+            attempts,
+            retry_at_micros,
+            event,
+        }
+    }
+}
+
+/// Which dead letters a command acts on.
+#[derive(Debug, Clone)]
+pub enum Letters {
+    All,
+    Ids(Vec<i64>),
+}
+
 /// Rows of an ownership table to move to another region.
 #[derive(Debug, Clone)]
 pub struct Transfer {
@@ -145,6 +203,11 @@ pub trait AdminTxn: Txn {
     async fn queue_deleted(&mut self, table: &Self::Table, key: &Key) -> Result<(), StoreError>;
     async fn insert_resolution(&mut self, resolved: &Resolved, row: &str) -> Result<(), StoreError>;
     async fn history(&mut self) -> Result<History, StoreError>;
+    /// Dead letters (all, or just `id`), oldest first.
+    async fn dead_letters(&mut self, id: Option<i64>) -> Result<Vec<LetterRow>, StoreError>;
+    /// Makes the letters `ids` (or all) due for a retry now, or (`discard`) deletes them;
+    /// returns how many there were.
+    async fn act_on_letters(&mut self, ids: Option<&[i64]>, discard: bool) -> Result<u64, StoreError>;
     /// Allows owner changes in this transaction (the ownership triggers check the mark).
     async fn begin_transfer(&mut self) -> Result<(), StoreError>;
     /// Sets `column` to `to` on the row `key`, or on every row whose owner is `from`;
@@ -248,6 +311,27 @@ impl Admin {
     /// Moves rows of an ownership table to another region; returns how many moved.
     pub async fn transfer(&self, transfer: &Transfer) -> Result<u64, StoreError> {
         on!(self, on => on.transfer(transfer).await)
+    }
+
+    /// Dead letters (all, or just `id`), oldest first.
+    pub async fn dead_letters(&self, id: Option<i64>) -> Result<Vec<DeadLetter>, StoreError> {
+        let rows = on!(self, on => on.in_transaction(&Tables::new(), async |txn| txn.dead_letters(id).await).await)?;
+        if let (Some(id), true) = (id, rows.is_empty()) {
+            return Err(refused(format!(
+                "no dead letter {id}; `weft dead-letters list` shows them"
+            )));
+        }
+        Ok(rows.into_iter().map(DeadLetter::from_row).collect())
+    }
+
+    /// Makes `letters` due for a retry now (the running sidecar retries them within seconds)
+    /// or, with `discard`, deletes them; returns how many there were.
+    pub async fn act_on_letters(&self, letters: &Letters, discard: bool) -> Result<u64, StoreError> {
+        let ids = match letters {
+            Letters::All => None,
+            Letters::Ids(ids) => Some(ids.as_slice()),
+        };
+        on!(self, on => on.in_transaction(&Tables::new(), async |txn| txn.act_on_letters(ids, discard).await).await)
     }
 
     /// The number of key columns of a replicated table (to parse keys given by a person).
@@ -557,6 +641,21 @@ macro_rules! forward_admin_io {
 
         async fn history(&mut self) -> Result<$crate::store::admin::History, $crate::store::StoreError> {
             metadata::history(self.conn).await
+        }
+
+        async fn dead_letters(
+            &mut self,
+            id: Option<i64>,
+        ) -> Result<Vec<$crate::store::admin::LetterRow>, $crate::store::StoreError> {
+            metadata::dead_letters(self.conn, id).await
+        }
+
+        async fn act_on_letters(
+            &mut self,
+            ids: Option<&[i64]>,
+            discard: bool,
+        ) -> Result<u64, $crate::store::StoreError> {
+            metadata::act_on_letters(self.conn, ids, discard).await
         }
     };
 }

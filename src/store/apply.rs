@@ -15,6 +15,9 @@
 //!    acknowledges only after commit, so a crash at any point neither loses nor doubles an
 //!    event.
 //!
+//! Dead letters are retried through the same attempt, as a run of their one event that
+//! skips admission (it passed its frontier when it first arrived) and relaying.
+//!
 //! Retries: a grouped write the database refuses for its content rolls the attempt back and
 //! the run is replayed event by event, which dead-letters exactly the refused events; a run
 //! that lost a race with an application insert is retried; a run whose rows are held is
@@ -26,7 +29,10 @@ use crate::store::admit::admit;
 use crate::store::backend::{Backend, Conn, Meta, Txn};
 use crate::store::engine::{self, Halt, Mode, Stop};
 use crate::store::replica::Replica;
-use crate::store::{ApplyReport, StoreError};
+use crate::store::{ApplyReport, RetryReport, StoreError};
+
+/// How many due dead letters one round of retries takes.
+const RETRY_ROUND: i64 = 100;
 
 /// How many times a run is retried after losing a race with an application insert.
 const MAX_RACES: usize = 20;
@@ -46,6 +52,51 @@ enum Attempt {
 impl<B: Backend> Replica<B> {
     /// Applies a run of remote events in one transaction (retried as the module doc says).
     pub async fn apply(&self, events: Vec<Event>) -> Result<ApplyReport, StoreError> {
+        self.run(events, None).await
+    }
+
+    /// Retries the dead letters whose retry is due, oldest first, each in its own
+    /// transaction, as the applier. A letter whose event now applies, or that a later
+    /// version of its row has superseded, is removed; one refused again keeps the new
+    /// reason and is tried again later (backing off from a second to an hour). The order is
+    /// arrival order, so a parent dead-lettered before its child is retried first.
+    pub async fn retry_dead_letters(&self) -> Result<RetryReport, StoreError> {
+        let due = self
+            .with_writer(async |store: &Self, conn: &mut Conn<B>, _: &mut u64| {
+                let mut tx = sqlx::Connection::begin_with(conn, sqlx::AssertSqlSafe(B::BEGIN)).await?;
+                let due = store
+                    .backend
+                    .txn(&store.tables, &mut tx)
+                    .due_dead_letters(RETRY_ROUND)
+                    .await?;
+                tx.commit().await?;
+                Ok(due)
+            })
+            .await?;
+        let mut out = RetryReport::default();
+        for (id, bytes, attempts) in due {
+            let event = match crate::wire::decode_event(&bytes) {
+                Ok(event) => event,
+                Err(error) => {
+                    tracing::warn!(letter = id, %error, "a dead letter's stored event does not decode; left as it is");
+                    out.refused += 1;
+                    continue;
+                }
+            };
+            let report = self.run(vec![event], Some((id, attempts))).await?;
+            if report.dead_lettered == 0 {
+                tracing::info!(letter = id, "a dead letter applied on retry");
+                out.applied += 1;
+            } else {
+                out.refused += 1;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Applies remote events, or retries the dead letter `retrying` (whose event `events`
+    /// holds alone).
+    async fn run(&self, events: Vec<Event>, retrying: Option<(i64, u32)>) -> Result<ApplyReport, StoreError> {
         self.with_writer(async |store: &Self, conn: &mut Conn<B>, last_seq: &mut u64| {
             let started = std::time::Instant::now();
             let mut mode = Mode::Grouped;
@@ -53,7 +104,7 @@ impl<B: Backend> Replica<B> {
             let mut races = 0;
             while races < MAX_RACES {
                 let nowait = started.elapsed() < NOWAIT_FOR;
-                match store.attempt(conn, &events, mode, last_seq, nowait).await? {
+                match store.attempt(conn, (&events, retrying), mode, last_seq, nowait).await? {
                     Attempt::Done(report) => {
                         let ms = started.elapsed().as_secs_f64() * 1e3;
                         tracing::debug!(events = events.len(), ms, "applied");
@@ -84,7 +135,7 @@ impl<B: Backend> Replica<B> {
     async fn attempt(
         &self,
         conn: &mut Conn<B>,
-        events: &[Event],
+        (events, retrying): (&[Event], Option<(i64, u32)>),
         mode: Mode,
         last_seq: &mut u64,
         nowait: bool,
@@ -92,8 +143,15 @@ impl<B: Backend> Replica<B> {
         let mut tx = sqlx::Connection::begin_with(conn, sqlx::AssertSqlSafe(B::BEGIN)).await?;
         let mut txn = self.backend.txn(&self.tables, &mut tx);
         let mut frontiers = txn.begin_apply().await?;
-        let mut report = ApplyReport::default();
-        let admitted = admit(&self.identity.node, events, &mut frontiers, &mut report);
+        let mut report = ApplyReport {
+            retrying,
+            ..ApplyReport::default()
+        };
+        // A dead letter's event passed its frontier when it first arrived.
+        let admitted = match retrying {
+            None => admit(&self.identity.node, events, &mut frontiers, &mut report),
+            Some(_) => events.iter().collect(),
+        };
         if !txn.lock_rows(&admitted, nowait).await? {
             return Ok(Attempt::Busy);
         }
@@ -112,7 +170,7 @@ impl<B: Backend> Replica<B> {
         // table this node does not replicate may well be replicated further along.
         let relayed: Vec<Event> = admitted
             .iter()
-            .filter(|e| self.relayed.contains(&e.origin))
+            .filter(|e| retrying.is_none() && self.relayed.contains(&e.origin))
             .map(|e| {
                 let mut relayed = (*e).clone();
                 relayed.path.push(self.identity.node.clone());
@@ -134,6 +192,9 @@ impl<B: Backend> Replica<B> {
             ..Meta::default()
         };
         txn.write_meta(meta).await?;
+        if let Some((letter, _)) = retrying.filter(|_| report.dead_lettered == 0) {
+            txn.delete_dead_letter(letter).await?;
+        }
         txn.end_apply().await?;
         drop(txn);
         tx.commit().await?;

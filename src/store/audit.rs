@@ -38,7 +38,8 @@ pub async fn dead_letter<R: Txn>(
     report: &mut ApplyReport,
 ) -> Result<(), StoreError> {
     tracing::warn!(origin = %event.origin, seq = event.seq, table = %event.table, key = %event.key, reason, "dead-lettered event");
-    rows.insert_dead_letter(&DeadLetter { event, reason }).await?;
+    let retry = report.retrying;
+    rows.insert_dead_letter(&DeadLetter { event, reason, retry }).await?;
     report.dead_lettered += 1;
     Ok(())
 }

@@ -190,6 +190,26 @@ pub struct ConflictRecord<'a> {
 pub struct DeadLetter<'a> {
     pub event: &'a Event,
     pub reason: &'a str,
+    /// The letter this is a failed retry of, and how many tries it had: that letter is
+    /// updated (reason, one more attempt, the next try later) instead of a new one made.
+    pub retry: Option<(i64, u32)>,
+}
+
+/// A step of a group of writes (a savepoint).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Group {
+    Begin,
+    Keep,
+    Undo,
+}
+
+/// A dead letter due for a retry: its id, the event as stored, and its attempts so far.
+pub type DueLetter = (i64, Vec<u8>, u32);
+
+/// How long after its `attempts`-th failed retry a dead letter is tried again: doubling from
+/// a second, at most an hour.
+pub fn retry_backoff_micros(attempts: u32) -> i64 {
+    1_000_000i64.saturating_mul(1 << attempts.min(12)).min(3_600_000_000)
 }
 
 /// Row and metadata IO inside one open write transaction.
@@ -272,6 +292,15 @@ pub trait Txn {
     // Audit.
     async fn insert_conflict(&mut self, record: &ConflictRecord<'_>) -> Result<(), StoreError>;
     async fn insert_dead_letter(&mut self, letter: &DeadLetter<'_>) -> Result<(), StoreError>;
+    /// Whether this transaction's writes skip foreign-key checks and actions (SQLite's
+    /// applier, PostgreSQL's as a replica): only then may the engine delete and rewrite rows
+    /// to get past a cycle of unique values (it would cascade otherwise).
+    async fn foreign_keys_unchecked(&mut self) -> Result<bool, StoreError>;
+    /// Opens, keeps or undoes a group of writes the engine may take back as one.
+    async fn group(&mut self, step: Group) -> Result<(), StoreError>;
+    /// Dead letters whose retry is due, oldest first, at most `limit`.
+    async fn due_dead_letters(&mut self, limit: i64) -> Result<Vec<DueLetter>, StoreError>;
+    async fn delete_dead_letter(&mut self, id: i64) -> Result<(), StoreError>;
 }
 
 /// The `Txn` methods every dialect forwards, unchanged, to functions of the same name and
@@ -411,6 +440,21 @@ macro_rules! forward_txn_io {
             letter: &$crate::store::backend::DeadLetter<'_>,
         ) -> Result<(), $crate::store::StoreError> {
             metadata::insert_dead_letter(self.conn, letter).await
+        }
+
+        async fn due_dead_letters(
+            &mut self,
+            limit: i64,
+        ) -> Result<Vec<$crate::store::backend::DueLetter>, $crate::store::StoreError> {
+            metadata::due_dead_letters(self.conn, limit).await
+        }
+
+        async fn delete_dead_letter(&mut self, id: i64) -> Result<(), $crate::store::StoreError> {
+            metadata::delete_dead_letter(self.conn, id).await
+        }
+
+        async fn group(&mut self, step: $crate::store::backend::Group) -> Result<(), $crate::store::StoreError> {
+            metadata::group(self.conn, step).await
         }
     };
 }

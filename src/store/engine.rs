@@ -8,8 +8,10 @@
 //!   written, so grouping never changes a result.
 //! - In [`Mode::Grouped`] a write the database refuses for its content stops the run with
 //!   [`Stop::Refused`]: the caller rolls back and replays in [`Mode::EventByEvent`], where
-//!   [`Txn::write`] leaves nothing of a refused write behind and the engine dead-letters
-//!   exactly that event.
+//!   [`Txn::write`] leaves nothing of a refused write behind. There a refused write is set
+//!   aside and retried after the rest of the run (constraints then see the order they
+//!   accept), a cycle of unique values is written as one group, and only what is still
+//!   refused is dead-lettered (see [`apply_in_passes`]).
 //! - CRDT columns merge whatever the row-level decision; the row shows the merged values.
 //!   Ownership tables dead-letter writes the row's owner did not make. `queue` tables keep
 //!   concurrent versions as siblings until a write covering them all closes the entry.
@@ -23,7 +25,7 @@ use crate::event::{Event, Identity, Op, Row, Value};
 use crate::replicate::{Decision, RowVersion, decide};
 use crate::resolve::Winner;
 use crate::resolve::ownership::{self, Owner};
-use crate::store::backend::Txn;
+use crate::store::backend::{Group, Txn};
 use crate::store::{ApplyReport, StoreError, audit};
 use crate::version::Causality;
 
@@ -139,15 +141,23 @@ pub async fn apply_events<R: Txn>(
     report: &mut ApplyReport,
     mode: Mode,
 ) -> Result<Vec<RowWritten>, Halt> {
-    let mut versions = run_versions(rows, events).await?;
-    let mut changed: Vec<RowId> = Vec::new();
-    for &event in events {
-        if let Some((id, next)) = apply_one(rows, event, &versions, report, mode).await? {
-            versions.insert(id.clone(), next);
-            changed.push(id);
+    let mut run = Run {
+        versions: run_versions(rows, events).await?,
+        changed: Vec::new(),
+    };
+    match mode {
+        Mode::Grouped => {
+            for &event in events {
+                match apply_one(rows, event, &run.versions, report, mode).await? {
+                    Outcome::Refused(_) => return Err(Halt::Stop(Stop::Refused)),
+                    outcome => run.record(outcome),
+                }
+            }
         }
+        Mode::EventByEvent => apply_in_passes(rows, events, &mut run, report).await?,
     }
     flushed(rows).await?;
+    let Run { versions, mut changed } = run;
     let mut seen = HashSet::new();
     changed.retain(|id| seen.insert(id.clone()));
     Ok(changed
@@ -297,20 +307,151 @@ async fn judge_owner<R: Txn>(
     .map_err(|reason| format!("ownership: {reason}")))
 }
 
-/// Decides and writes one admitted event; returns the row's new version if it changed.
+/// The rows' versions as a run leaves them, and the rows it changed, in order.
+#[derive(Clone)]
+struct Run {
+    versions: HashMap<RowId, RowVersion>,
+    changed: Vec<RowId>,
+}
+
+impl Run {
+    fn record(&mut self, outcome: Outcome) {
+        if let Outcome::Changed(id, next) = outcome {
+            self.versions.insert(id.clone(), next);
+            self.changed.push(id);
+        }
+    }
+}
+
+/// What became of one event.
+enum Outcome {
+    /// The row changed; its new version.
+    Changed(RowId, RowVersion),
+    /// Nothing to write (stale), or dead-lettered already for its content.
+    Settled,
+    /// The database refused the row write, saying why; nothing of the event was written.
+    Refused(String),
+}
+
+/// Event by event, in passes: a write the database refuses is set aside (with every later
+/// event of its row, to keep the row's order) and retried after the rest of the run, as
+/// long as a pass gets anything in. That applies a source transaction's changes in an order
+/// its constraints accept whatever order coalescing gave them (a child before its parent,
+/// a parent's row moved to a new key). When a pass gets nothing in, the set-aside writes
+/// may be a cycle of unique values (two rows swapping an email): [`swap_as_one`] tries them
+/// as one group. What is still refused is dead-lettered, in event order.
+async fn apply_in_passes<R: Txn>(
+    rows: &mut R,
+    events: &[&Event],
+    run: &mut Run,
+    report: &mut ApplyReport,
+) -> Result<(), Halt> {
+    let mut pending: Vec<&Event> = events.to_vec();
+    loop {
+        let mut refused: Vec<&Event> = Vec::new();
+        let mut blocked: HashSet<RowId> = HashSet::new();
+        for &event in &pending {
+            let id: RowId = (event.table.clone(), event.key.to_bytes());
+            if blocked.contains(&id) {
+                refused.push(event);
+                continue;
+            }
+            match apply_one(rows, event, &run.versions, report, Mode::EventByEvent).await? {
+                Outcome::Refused(_) => {
+                    blocked.insert(id);
+                    refused.push(event);
+                }
+                outcome => run.record(outcome),
+            }
+        }
+        if refused.is_empty() {
+            return Ok(());
+        }
+        if refused.len() == pending.len() {
+            if !swap_as_one(rows, &refused, run, report).await? {
+                for &event in &refused {
+                    match apply_one(rows, event, &run.versions, report, Mode::EventByEvent).await? {
+                        Outcome::Refused(reason) => audit::dead_letter(rows, event, &reason, report).await?,
+                        outcome => run.record(outcome),
+                    }
+                }
+            }
+            return Ok(());
+        }
+        pending = refused;
+    }
+}
+
+/// Writes refused upserts that may form a cycle of unique values as one group: deletes
+/// their rows, then writes each. Only where the applier's writes skip foreign keys (a
+/// delete would cascade otherwise), and only for upserts that fast-forward rows of tables
+/// without a queue (no local content is read for them). The group is undone whole if any
+/// write of it is still refused; returns whether it was kept.
+async fn swap_as_one<R: Txn>(
+    rows: &mut R,
+    refused: &[&Event],
+    run: &mut Run,
+    report: &mut ApplyReport,
+) -> Result<bool, Halt> {
+    let mut tables = Vec::with_capacity(refused.len());
+    for &event in refused {
+        let Some(table) = rows.table(&event.table) else {
+            return Ok(false);
+        };
+        let local = run.versions.get(&(event.table.clone(), event.key.to_bytes()));
+        let fast_forward = matches!(
+            decide(table.strategy(), local, event, None),
+            Decision::FastForward { .. }
+        );
+        if !fast_forward || !matches!(event.op, Op::Upsert(_)) || table.strategy() == Strategy::Queue {
+            return Ok(false);
+        }
+        tables.push((table, local.is_some_and(|l| !l.deleted)));
+    }
+    if refused.len() < 2 || !rows.foreign_keys_unchecked().await? {
+        return Ok(false);
+    }
+    rows.group(Group::Begin).await?;
+    let (saved_run, saved_report) = (run.clone(), report.clone());
+    for (&event, (table, exists)) in refused.iter().zip(&tables) {
+        let delete = Event {
+            op: Op::Delete,
+            ..event.clone()
+        };
+        if *exists && rows.write(table, &delete, Mode::EventByEvent).await? != Written::Done {
+            rows.group(Group::Undo).await?;
+            return Ok(false);
+        }
+    }
+    for &event in refused {
+        match apply_one(rows, event, &run.versions, report, Mode::EventByEvent).await? {
+            Outcome::Refused(_) => {
+                rows.group(Group::Undo).await?;
+                (*run, *report) = (saved_run, saved_report);
+                return Ok(false);
+            }
+            outcome => run.record(outcome),
+        }
+    }
+    rows.group(Group::Keep).await?;
+    tracing::debug!(events = refused.len(), "applied writes refused one by one as a group");
+    Ok(true)
+}
+
+/// Decides and writes one admitted event (see [`Outcome`]).
 async fn apply_one<R: Txn>(
     rows: &mut R,
     event: &Event,
     versions: &HashMap<RowId, RowVersion>,
     report: &mut ApplyReport,
     mode: Mode,
-) -> Result<Option<(RowId, RowVersion)>, Halt> {
+) -> Result<Outcome, Halt> {
     if let Op::Undecodable { reason, .. } = &event.op {
         let reason = format!("cannot decode the event: {reason}; upgrade this node, then retry the dead letter");
         return dead_lettered(rows, event, &reason, report).await;
     }
     let Some(table) = fitting_table(rows, event, report).await? else {
-        return Ok(None);
+        return Ok(Outcome::Settled);
     };
     let id: RowId = (table.name().to_owned(), event.key.to_bytes());
     let local = versions.get(&id).cloned();
@@ -334,7 +475,7 @@ async fn apply_one<R: Txn>(
             if let Some(merged) = merged.filter(|m| m.changed) {
                 settle_merged(rows, &table, event, &id.1, &merged, local_row_exists).await?;
             }
-            return Ok(None);
+            return Ok(Outcome::Settled);
         }
         Decision::NeedsLocalContent => unreachable!("content was supplied"),
         Decision::FastForward { next } => (next, Winner::Remote),
@@ -343,8 +484,7 @@ async fn apply_one<R: Txn>(
     if winner == Winner::Remote {
         match write_remote(rows, &table, event, merged.as_ref(), mode).await? {
             Written::Done => report.applied += 1,
-            Written::Refused(_) if mode == Mode::Grouped => return Err(Halt::Stop(Stop::Refused)),
-            Written::Refused(reason) => return dead_lettered(rows, event, &reason, report).await,
+            Written::Refused(reason) => return Ok(Outcome::Refused(reason)),
         }
     }
     if let Some(merged) = merged.filter(|m| m.changed) {
@@ -370,17 +510,17 @@ async fn apply_one<R: Txn>(
         audit::log_conflict(rows, &*table, event, local, local_row.as_ref(), winner).await?;
         report.conflicts += 1;
     }
-    Ok(Some((id, next)))
+    Ok(Outcome::Changed(id, next))
 }
 
-async fn dead_lettered<R: Txn, T>(
+async fn dead_lettered<R: Txn>(
     rows: &mut R,
     event: &Event,
     reason: &str,
     report: &mut ApplyReport,
-) -> Result<Option<T>, Halt> {
+) -> Result<Outcome, Halt> {
     audit::dead_letter(rows, event, reason, report).await?;
-    Ok(None)
+    Ok(Outcome::Settled)
 }
 
 /// Writes the remote event's row, with the merged CRDT values in place of its own.

@@ -218,8 +218,21 @@ macro_rules! metadata_io {
             letter: &$crate::store::backend::DeadLetter<'_>,
         ) -> Result<(), $crate::store::StoreError> {
             let event = letter.event;
+            if let Some((id, attempts)) = letter.retry {
+                let sql = meta(
+                    "UPDATE {w}dead_letters SET reason = $2, attempts = attempts + 1, retry_at = {now} + $3 WHERE id = $1",
+                );
+                sqlx::query(sql)
+                    .bind(id)
+                    .bind(letter.reason)
+                    .bind($crate::store::backend::retry_backoff_micros(attempts + 1))
+                    .execute(&mut *conn)
+                    .await?;
+                return Ok(());
+            }
             let sql = meta(
-                "INSERT INTO {w}dead_letters (origin, seq, tbl, key, reason, event, at) VALUES ($1, $2, $3, $4, $5, $6, {now})",
+                "INSERT INTO {w}dead_letters (origin, seq, tbl, key, reason, event, at, attempts, retry_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, {now}, 0, {now} + $7)",
             );
             sqlx::query(sql)
                 .bind(&event.origin)
@@ -228,9 +241,81 @@ macro_rules! metadata_io {
                 .bind(event.key.to_string())
                 .bind(letter.reason)
                 .bind($crate::wire::encode_event(event))
+                .bind($crate::store::backend::retry_backoff_micros(0))
                 .execute(&mut *conn)
                 .await?;
             Ok(())
+        }
+
+        pub(super) async fn due_dead_letters(
+            conn: &mut $conn,
+            limit: i64,
+        ) -> Result<Vec<$crate::store::backend::DueLetter>, $crate::store::StoreError> {
+            let sql = meta(
+                "SELECT id, event, attempts FROM {w}dead_letters WHERE retry_at <= {now} ORDER BY id LIMIT $1",
+            );
+            let rows: Vec<(i64, Vec<u8>, i64)> = sqlx::query_as(sql).bind(limit).fetch_all(&mut *conn).await?;
+            Ok(rows
+                .into_iter()
+                .map(|(id, event, attempts)| (id, event, attempts.clamp(0, i64::from(u32::MAX)) as u32))
+                .collect())
+        }
+
+        pub(super) async fn group(
+            conn: &mut $conn,
+            step: $crate::store::backend::Group,
+        ) -> Result<(), $crate::store::StoreError> {
+            use $crate::store::backend::Group;
+            let sql = match step {
+                Group::Begin => "SAVEPOINT weft_group",
+                Group::Keep => "RELEASE SAVEPOINT weft_group",
+                Group::Undo => "ROLLBACK TO SAVEPOINT weft_group",
+            };
+            sqlx::raw_sql(sql).execute(&mut *conn).await?;
+            Ok(())
+        }
+
+        pub(super) async fn delete_dead_letter(conn: &mut $conn, id: i64) -> Result<(), $crate::store::StoreError> {
+            sqlx::query(meta("DELETE FROM {w}dead_letters WHERE id = $1"))
+                .bind(id)
+                .execute(&mut *conn)
+                .await?;
+            Ok(())
+        }
+
+        /// Dead letters (all, or just `id`), oldest first: id, origin, seq, table, key,
+        /// reason, event, at, attempts, retry at.
+        pub(super) async fn dead_letters(
+            conn: &mut $conn,
+            id: Option<i64>,
+        ) -> Result<Vec<$crate::store::admin::LetterRow>, $crate::store::StoreError> {
+            let sql = meta(
+                "SELECT id, origin, seq, tbl, key, reason, event, at, attempts, retry_at FROM {w}dead_letters \
+                 WHERE CAST($1 AS BIGINT) IS NULL OR id = $1 ORDER BY id",
+            );
+            Ok(sqlx::query_as(sql).bind(id).fetch_all(&mut *conn).await?)
+        }
+
+        /// Makes the dead letters `ids` (or all) due now, or deletes them; returns how many.
+        pub(super) async fn act_on_letters(
+            conn: &mut $conn,
+            ids: Option<&[i64]>,
+            discard: bool,
+        ) -> Result<u64, $crate::store::StoreError> {
+            let verb = if discard {
+                "DELETE FROM {w}dead_letters"
+            } else {
+                "UPDATE {w}dead_letters SET retry_at = 0"
+            };
+            let Some(ids) = ids else {
+                return Ok(sqlx::query(meta(verb)).execute(&mut *conn).await?.rows_affected());
+            };
+            let mut done = 0;
+            for id in ids {
+                let sql = meta(&format!("{verb} WHERE id = $1"));
+                done += sqlx::query(sql).bind(id).execute(&mut *conn).await?.rows_affected();
+            }
+            Ok(done)
         }
 
         /// Open queue entries (or just `id`), oldest first.

@@ -110,6 +110,18 @@ pub struct ApplyReport {
     /// The run skipped ahead of a frontier: (origin, frontier, seq received). Nothing from
     /// that origin past the frontier was applied; the sender must resend from the frontier.
     pub gap: Option<(NodeId, u64, u64)>,
+    /// While a dead letter is retried: its id and attempts so far. A refusal then updates
+    /// that letter instead of making a new one.
+    pub retrying: Option<(i64, u32)>,
+}
+
+/// What a round of dead-letter retries did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RetryReport {
+    /// Letters whose event now applied (or was already superseded): removed.
+    pub applied: u64,
+    /// Letters refused again: kept with the new reason, tried again later.
+    pub refused: u64,
 }
 
 /// One encoded event in the log.
@@ -266,6 +278,11 @@ impl Store {
     /// Applies a run of remote events exactly once, in one transaction with the frontiers.
     pub async fn apply(&self, events: Vec<crate::event::Event>) -> Result<ApplyReport, StoreError> {
         both!(self, s => s.apply(events).await)
+    }
+
+    /// Retries the dead letters whose retry is due (see `Replica::retry_dead_letters`).
+    pub async fn retry_dead_letters(&self) -> Result<RetryReport, StoreError> {
+        both!(self, s => s.retry_dead_letters().await)
     }
 
     /// Closes every connection.

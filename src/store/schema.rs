@@ -104,6 +104,8 @@ pub const META_TABLES: &[TableDef] = &[
             col("reason", Text),
             col("event", Bytes),
             col("at", Int),
+            col("attempts", Int),
+            col("retry_at", Int),
         ],
         key: &[],
     },
@@ -192,6 +194,8 @@ pub enum Step {
     /// Owner records gain the key in columns the triggers can read, and `moving_to` (for
     /// databases made before owner rules and transfers on them).
     OwnerKeys,
+    /// Dead letters gain `attempts` and `retry_at`: they are retried, with backoff.
+    DeadLetterRetries,
 }
 
 /// The schema's history, in order; a database's `schema_version` is the number of the last
@@ -199,6 +203,7 @@ pub enum Step {
 pub const MIGRATIONS: &[(u32, &str, Step)] = &[
     (1, "baseline metadata tables", Step::Baseline),
     (2, "owner key columns and moving_to", Step::OwnerKeys),
+    (3, "dead letter retries", Step::DeadLetterRetries),
 ];
 
 /// The schema version this build writes.

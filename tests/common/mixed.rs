@@ -32,6 +32,8 @@ CREATE TABLE audit (id bigint NOT NULL, op text NOT NULL);
 CREATE FUNCTION audit_items() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN INSERT INTO audit VALUES (NEW.id, lower(TG_OP)); RETURN NULL; END $$;
 CREATE TRIGGER items_audit AFTER INSERT OR UPDATE ON items FOR EACH ROW EXECUTE FUNCTION audit_items();
+-- weft applies as a replica, where ordinary triggers do not fire; this check must see applied writes too.
+ALTER TABLE items ENABLE ALWAYS TRIGGER items_audit;
 ";
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

@@ -57,6 +57,26 @@ impl Region {
     /// A new database `node` on `cluster`, with `schema` created in it.
     pub async fn pg(cluster: &Cluster, node: &str, schema: &str, tables: &[TableConfig]) -> Region {
         let url = cluster.create_database(node).await.unwrap();
+        Self::pg_at(&url, node, schema, tables).await
+    }
+
+    /// A new database `node` on `cluster` owned by a role of that name that is no
+    /// superuser (weft cannot apply as a replica there), with `schema` created in it.
+    pub async fn pg_unprivileged(cluster: &Cluster, node: &str, schema: &str, tables: &[TableConfig]) -> Region {
+        let admin = PgPool::connect(&cluster.url("postgres")).await.unwrap();
+        for ddl in [
+            format!("CREATE ROLE \"{node}\" LOGIN"),
+            format!("CREATE DATABASE \"{node}\" OWNER \"{node}\""),
+        ] {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(ddl)).execute(&admin).await.unwrap();
+        }
+        let url = cluster.url(node).replace("postgres@", &format!("{node}@"));
+        Self::pg_at(&url, node, schema, tables).await
+    }
+
+    /// Region `node` on the PostgreSQL database at `url`, with `schema` created in it.
+    pub async fn pg_at(url: &str, node: &str, schema: &str, tables: &[TableConfig]) -> Region {
+        let url = url.to_owned();
         let app = PgPool::connect(&url).await.unwrap();
         sqlx::raw_sql(sqlx::AssertSqlSafe(schema.to_owned()))
             .execute(&app)

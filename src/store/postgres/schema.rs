@@ -90,6 +90,14 @@ async fn migrate(conn: &mut PgConnection) -> Result<(), StoreError> {
             }
             // PostgreSQL owner records had their key columns from the start.
             Step::OwnerKeys => {}
+            Step::DeadLetterRetries => {
+                sqlx::raw_sql(
+                    "ALTER TABLE weft.dead_letters ADD COLUMN IF NOT EXISTS attempts bigint NOT NULL DEFAULT 0, \
+                     ADD COLUMN IF NOT EXISTS retry_at bigint NOT NULL DEFAULT 0",
+                )
+                .execute(&mut *conn)
+                .await?;
+            }
         }
         sqlx::query(
             "INSERT INTO weft.node (name, value) VALUES ('schema_version', $1) \

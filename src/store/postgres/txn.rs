@@ -136,4 +136,12 @@ impl Txn for PgTxn<'_> {
     async fn flush(&mut self) -> Step {
         self.batch.flush(self.conn).await
     }
+
+    async fn foreign_keys_unchecked(&mut self) -> Result<bool, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT current_setting('session_replication_role') = 'replica'")
+                .fetch_one(&mut *self.conn)
+                .await?,
+        )
+    }
 }

@@ -78,11 +78,29 @@ async fn migrate(conn: &mut SqliteConnection) -> Result<(), StoreError> {
                 sqlx::raw_sql(AssertSqlSafe(baseline())).execute(&mut *conn).await?;
             }
             Step::OwnerKeys => owner_keys(conn).await?,
+            Step::DeadLetterRetries => dead_letter_retries(conn).await?,
         }
         sqlx::query("INSERT OR REPLACE INTO _weft_node (name, value) VALUES ('schema_version', ?)")
             .bind(*number as i64)
             .execute(&mut *conn)
             .await?;
+    }
+    Ok(())
+}
+
+/// Dead letters made before retries lack `attempts` and `retry_at`.
+async fn dead_letter_retries(conn: &mut SqliteConnection) -> Result<(), StoreError> {
+    let present: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pragma_table_info('_weft_dead_letters') WHERE name = 'retry_at'")
+            .fetch_one(&mut *conn)
+            .await?;
+    if present == 0 {
+        sqlx::raw_sql(
+            "ALTER TABLE _weft_dead_letters ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0; \
+             ALTER TABLE _weft_dead_letters ADD COLUMN retry_at INTEGER NOT NULL DEFAULT 0;",
+        )
+        .execute(&mut *conn)
+        .await?;
     }
     Ok(())
 }
@@ -119,6 +137,9 @@ pub struct SqliteSql {
     /// Outbox rows of this table up to an id, each with the row's current image:
     /// `id, at, k1..kn, present, columns...`.
     pub drain_sql: String,
+    /// The columns of each UNIQUE constraint or index besides the primary key (not partial,
+    /// no expressions): the rows `INSERT OR REPLACE` may delete.
+    pub unique: Vec<Vec<String>>,
 }
 
 /// A replicated table of a SQLite database.
@@ -243,9 +264,37 @@ pub async fn describe(conn: &mut SqliteConnection, table: &str) -> Result<TableI
         quote(table),
         key_predicate(&key)
     );
-    let mut described = Table::described(table, columns, key, SqliteSql { select_sql, drain_sql });
+    let unique = unique_indexes(conn, table).await?;
+    let dialect = SqliteSql {
+        select_sql,
+        drain_sql,
+        unique,
+    };
+    let mut described = Table::described(table, columns, key, dialect);
     described.auto_key = auto_key;
     Ok(described)
+}
+
+/// The column lists of a table's UNIQUE constraints and indexes besides the primary key,
+/// leaving out partial and expression indexes.
+async fn unique_indexes(conn: &mut SqliteConnection, table: &str) -> Result<Vec<Vec<String>>, StoreError> {
+    let indexes: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM pragma_index_list(?) WHERE \"unique\" = 1 AND origin <> 'pk' AND partial = 0 ORDER BY name",
+    )
+    .bind(table)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut out = Vec::new();
+    for index in indexes {
+        let columns: Vec<Option<String>> = sqlx::query_scalar("SELECT name FROM pragma_index_info(?) ORDER BY seqno")
+            .bind(&index)
+            .fetch_all(&mut *conn)
+            .await?;
+        if let Some(columns) = columns.into_iter().collect::<Option<Vec<_>>>() {
+            out.push(columns);
+        }
+    }
+    Ok(out)
 }
 
 fn trigger_name(table: &str, event: &str) -> String {
@@ -334,6 +383,68 @@ impl Capture<'_> {
         }
     }
 
+    /// The rows of the table (as `r`) that inserting `NEW` may replace: the row with its key,
+    /// and with `others`, rows that share a value of a unique index with it.
+    fn replaced(&self, others: bool) -> String {
+        let same_key = self
+            .info
+            .key
+            .iter()
+            .map(|k| format!("r.{0} IS NEW.{0}", quote(k)))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        let shares = self
+            .info
+            .unique
+            .iter()
+            .map(|columns| {
+                let all = columns
+                    .iter()
+                    .map(|c| format!("r.{0} = NEW.{0}", quote(c)))
+                    .collect::<Vec<_>>()
+                    .join(" AND ");
+                format!("({all})")
+            })
+            .collect::<Vec<_>>()
+            .join(" OR ");
+        match (others, shares.is_empty()) {
+            (false, _) => format!("({same_key})"),
+            (true, true) => "0".into(),
+            (true, false) => format!("({shares}) AND NOT ({same_key})"),
+        }
+    }
+
+    /// Before an insert: an ownership table refuses to replace a row another region owns
+    /// (`INSERT OR REPLACE` deletes it without firing a delete trigger), and the rows a
+    /// REPLACE would delete through a unique index are queued for capture (a row that the
+    /// insert then leaves in place, as `OR IGNORE` or an upsert may, drains as an unchanged
+    /// upsert).
+    fn before_insert(&self) -> Option<String> {
+        let (table, region) = (&self.info.name, self.region);
+        let any = format!("({} OR {})", self.replaced(false), self.replaced(true));
+        let owner = match (&self.info.owner_column, &self.info.owner_rule) {
+            (None, None) => None,
+            (Some(column), _) => Some(format!("r.{}", quote(column))),
+            (None, Some(rule)) => Some(rule_owner_sql(rule, self.info, "r")),
+        };
+        let mut body = String::new();
+        if let Some(owner) = owner {
+            body += &format!(
+                "SELECT RAISE(ABORT, 'weft: this insert would replace a ' || '{table}' || ' row owned by ' || coalesce(o, 'no region') || ', not by {region} (INSERT OR REPLACE deletes the rows it conflicts with): write it in its owner region') FROM (SELECT {owner} AS o FROM {} r WHERE {any}) WHERE o IS NOT '{region}';\n  ",
+                quote(table)
+            );
+        }
+        if !self.info.unique.is_empty() {
+            body += &format!(
+                "INSERT INTO _weft_outbox (tbl, k1, k2, k3, k4, at) SELECT '{table}', {}, {NOW_MICROS} FROM {} r WHERE {};",
+                self.slots("r"),
+                quote(table),
+                self.replaced(true)
+            );
+        }
+        (!body.is_empty()).then_some(body)
+    }
+
     /// A key change moves the row: under a rule, the new key must be this region's too.
     fn owned_new_key(&self) -> String {
         match &self.info.owner_rule {
@@ -374,7 +485,13 @@ fn trigger_sql(info: &TableInfo, region: &str) -> Vec<(String, String)> {
         c.owned("OLD", ""),
         c.record("OLD")
     );
-    vec![(insert, insert_sql), (update, update_sql), (delete, delete_sql)]
+    let mut triggers = vec![(insert, insert_sql), (update, update_sql), (delete, delete_sql)];
+    if let Some(body) = c.before_insert() {
+        let replace = trigger_name(table, "replace");
+        let sql = format!("CREATE TRIGGER {replace} BEFORE INSERT ON {q} {skip}\nBEGIN\n  {body}\nEND");
+        triggers.push((replace, sql));
+    }
+    triggers
 }
 
 /// Creates or updates weft's tables and triggers. Runs inside the caller's transaction.

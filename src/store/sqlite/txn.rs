@@ -57,4 +57,11 @@ impl Txn for SqliteTxn<'_> {
     async fn flush(&mut self) -> Step {
         Ok(self.batch.flush(self.conn).await?)
     }
+
+    async fn foreign_keys_unchecked(&mut self) -> Result<bool, StoreError> {
+        let on: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+            .fetch_one(&mut *self.conn)
+            .await?;
+        Ok(on == 0)
+    }
 }
