@@ -18,7 +18,7 @@ async fn a_cancelled_apply_whose_commit_landed_never_makes_seqs_go_back() {
     let a = replica(dir.path(), "a").await;
     let b = replica(dir.path(), "b").await;
     let mut landed_after_cancel = 0;
-    for step in 0..400u64 {
+    for step in 0..1000u64 {
         // A local write waits in a's outbox: the apply drains it first, in its transaction.
         a.exec(&format!(
             "INSERT INTO items (id, name) VALUES ({}, 'local')",
@@ -30,7 +30,9 @@ async fn a_cancelled_apply_whose_commit_landed_never_makes_seqs_go_back() {
         b.drain().await;
         let frontier = a.store.frontiers().await.unwrap().get("b").copied().unwrap_or(0);
         let events = own_events(&b.store, "b", frontier).await;
-        let cancel_after = Duration::from_micros(100 + (step % 200) * 60);
+        // Each sweep of 200 steps spans twice the time of the one before: on a loaded
+        // machine a commit takes longer to come round.
+        let cancel_after = Duration::from_micros((100 + (step % 200) * 60) << (step / 200));
         let cancelled = tokio::time::timeout(cancel_after, a.store.apply(events)).await.is_err();
         let now = a.store.frontiers().await.unwrap().get("b").copied().unwrap_or(0);
         if cancelled && now > frontier {

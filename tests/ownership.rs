@@ -209,6 +209,16 @@ mod property {
             id: i64,
             to: usize,
         },
+        /// A delete, or an insert claiming the row for the node's own region (refused at
+        /// the source where the row exists): deleted keys taken anew, and first claims.
+        Delete {
+            node: usize,
+            id: i64,
+        },
+        Insert {
+            node: usize,
+            id: i64,
+        },
         Deliver {
             to: usize,
             from: usize,
@@ -222,6 +232,8 @@ mod property {
             4 => (0..3usize, 0..3i64, 0..1000i64, proptest::bool::weighted(0.7))
                 .prop_map(|(node, id, balance, drain)| Step::Write { node, id, balance, drain }),
             1 => (0..3usize, 0..3i64, 0..3usize).prop_map(|(node, id, to)| Step::Transfer { node, id, to }),
+            1 => (0..3usize, 0..4i64).prop_map(|(node, id)| Step::Delete { node, id }),
+            1 => (0..3usize, 0..4i64).prop_map(|(node, id)| Step::Insert { node, id }),
             4 => (0..4usize, 0..3usize, 0..3u64, 1..5usize).prop_map(|(to, from, back, len)| Step::Deliver { to, from, back, len }),
         ]
     }
@@ -285,6 +297,13 @@ mod property {
                             .unwrap();
                         tx.commit().await.unwrap();
                     }
+                }
+                Step::Delete { node, id } => {
+                    let _ = try_exec(&replicas[node], &format!("DELETE FROM accounts WHERE id = {id};")).await;
+                }
+                Step::Insert { node, id } => {
+                    let sql = format!("INSERT INTO accounts VALUES ({id}, 'region-of-{}', 1);", NODES[node]);
+                    let _ = try_exec(&replicas[node], &sql).await;
                 }
                 Step::Deliver { to, from, back, len } => {
                     replicas[to].deliver(&replicas[from], back, 0, len).await;
@@ -576,4 +595,113 @@ mod rule {
         )
         .await;
     }
+}
+
+/// Every replica's rows and row metadata of `accounts`, and its owner records.
+async fn state(r: &Replica) -> (std::collections::BTreeMap<String, Vec<String>>, Vec<String>) {
+    let owners = r
+        .rows("SELECT owner, epoch FROM _weft_owners WHERE tbl = 'accounts' ORDER BY key")
+        .await;
+    (r.snapshot_of(&["accounts"]).await, owners)
+}
+
+/// Moves row `id` to `to` as `weft ownership transfer` does (inside the transfer mark).
+async fn transfer(r: &Replica, id: i64, to: &str) {
+    r.exec(&format!(
+        "BEGIN; INSERT INTO _weft_transfer (marker) VALUES (1); UPDATE accounts SET home = '{to}' WHERE id = {id}; \
+         DELETE FROM _weft_transfer; COMMIT;"
+    ))
+    .await;
+}
+
+/// Finding 6a: a key deleted by its owner region and inserted anew by another region (which
+/// claims it for itself) used to be refused, for good, by every region that had the old
+/// owner recorded ("tried to transfer a row owned by ..."): only the inserting region had
+/// the row. Here the third region even hears the new insert before the delete it follows.
+#[tokio::test]
+async fn a_deleted_key_inserted_anew_by_another_region_is_that_regions_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, c) = (
+        node(dir.path(), "a").await,
+        node(dir.path(), "b").await,
+        node(dir.path(), "c").await,
+    );
+    a.exec("INSERT INTO accounts VALUES (7, 'region-of-a', 1);").await;
+    sync(&[&a, &b, &c]).await;
+    a.exec("DELETE FROM accounts WHERE id = 7;").await;
+    a.drain().await;
+    b.pull(&a).await;
+    b.exec("INSERT INTO accounts VALUES (7, 'region-of-b', 2);").await;
+    b.drain().await;
+    let report = c.pull(&b).await;
+    assert_eq!(report.dead_lettered, 0, "{report:?}");
+    sync(&[&a, &b, &c]).await;
+    let want = state(&b).await;
+    assert_eq!(want.1, vec!["region-of-b|1"]);
+    assert_eq!(state(&a).await, want);
+    assert_eq!(state(&c).await, want);
+    for r in [&a, &b, &c] {
+        assert_eq!(r.count("SELECT count(*) FROM _weft_dead_letters").await, 0);
+    }
+}
+
+/// Finding 6b: two regions insert the same new key at once (LWW: b's is later), and a,
+/// before hearing of b's, moves the row to c. Regions that heard b's insert first used to
+/// refuse the transfer, the others b's insert: two owners for good. The higher epoch wins
+/// everywhere now, whatever the arrival order.
+#[tokio::test]
+async fn concurrent_first_claims_and_a_transfer_end_with_one_owner_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let [a, b, c, d] = [
+        node(dir.path(), "a").await,
+        node(dir.path(), "b").await,
+        node(dir.path(), "c").await,
+        node(dir.path(), "d").await,
+    ];
+    a.exec("INSERT INTO accounts VALUES (1, 'region-of-a', 10);").await;
+    a.drain().await;
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    b.exec("INSERT INTO accounts VALUES (1, 'region-of-b', 20);").await;
+    b.drain().await;
+    transfer(&a, 1, "region-of-c").await;
+    a.drain().await;
+    // b and d hear b's claim first; a and c hear a's insert and transfer first.
+    d.pull(&b).await;
+    for (to, from) in [(&d, &a), (&b, &a), (&c, &a), (&c, &b), (&a, &b)] {
+        let report = to.pull(from).await;
+        assert_eq!(report.dead_lettered, 0, "{} from {}: {report:?}", to.node, from.node);
+    }
+    sync(&[&a, &b, &c, &d]).await;
+    let want = state(&a).await;
+    assert_eq!(want.1, vec!["region-of-c|1"], "the transfer's epoch wins");
+    for r in [&b, &c, &d] {
+        assert_eq!(state(r).await, want, "{}", r.node);
+    }
+}
+
+/// Finding 6c: two nodes of one region both own its rows. One moves a row to region b while
+/// the other, not having seen that, updates it (later, by the clock). The nodes used to end
+/// with different owners and rows; the transfer's higher epoch wins everywhere now.
+#[tokio::test]
+async fn two_nodes_of_one_region_racing_a_transfer_and_a_write_end_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let in_a = |n| common::replica_in(dir.path(), n, "region-of-a", SCHEMA, std::slice::from_ref(&TABLE));
+    static TABLE: std::sync::LazyLock<TableConfig> = std::sync::LazyLock::new(table);
+    let (a1, a2, b) = (in_a("a1").await, in_a("a2").await, node(dir.path(), "b").await);
+    a1.exec("INSERT INTO accounts VALUES (1, 'region-of-a', 10);").await;
+    sync(&[&a1, &a2, &b]).await;
+    transfer(&a1, 1, "region-of-b").await;
+    a1.drain().await;
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    a2.exec("UPDATE accounts SET balance = 11 WHERE id = 1;").await;
+    a2.drain().await;
+    b.pull(&a2).await;
+    b.pull(&a1).await;
+    a1.pull(&a2).await;
+    a2.pull(&a1).await;
+    sync(&[&a1, &a2, &b]).await;
+    let want = state(&b).await;
+    assert_eq!(want.1, vec!["region-of-b|1"]);
+    assert_eq!(state(&a1).await, want);
+    assert_eq!(state(&a2).await, want);
 }

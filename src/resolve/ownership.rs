@@ -5,9 +5,9 @@
 //! may be applied. An epoch counts the row's transfers; a transfer is a write by the current
 //! owner that names a new one. Events carry their (owner, epoch) claim, so a receiver can
 //! judge a write even when the transfer it depends on has not arrived yet (that transfer
-//! then arrives as a stale event). Concurrent first claims of a new key (two regions insert
-//! it at once, both at epoch 0) are not an ownership violation: LWW decides, identically
-//! everywhere, and the conflict is logged.
+//! then arrives as a stale event). Concurrent claims are resolved, never refused: the higher
+//! epoch wins, and at equal epochs (two regions insert a new key at once) LWW decides,
+//! identically everywhere, and the conflict is logged (see [`judge_remote`]).
 use crate::config::OwnerRule;
 use crate::event::{Key, Ownership, Value};
 
@@ -44,10 +44,31 @@ pub fn rule_owner(rule: &OwnerRule, key_columns: &[String], key: &Key) -> Option
     }
 }
 
+/// What a receiver makes of a remote write to an ownership table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// The owner to record if the write wins.
+    pub owner: Option<Owner>,
+    /// For a write concurrent with the local version: the side whose claim has the higher
+    /// epoch, which wins whatever LWW says (`None`: equal epochs, LWW decides).
+    pub by_epoch: Option<crate::resolve::Winner>,
+}
+
 /// Judges a remote write to an ownership table: `Err(reason)` if it must be dead-lettered,
-/// else the owner to record if the write wins (its claim, unless it is older than what is
-/// known). `known` is the recorded owner; with a `rule`, a row never transferred belongs at
-/// epoch 0 to the region the rule gives, and an epoch-0 claim must name that region.
+/// else its [`Verdict`]. `known` is the recorded owner; with a `rule`, a row never
+/// transferred belongs at epoch 0 to the region the rule gives, and an epoch-0 claim must
+/// name that region. `concurrent`: the write is concurrent with the local version.
+///
+/// The outcome is a function of the set of writes, not of their arrival order:
+/// - A write that descends from the local version was checked at its source against a state
+///   that includes everything known here (the capture triggers allow only the owner's
+///   writes, a transfer by the owner, and a new row, or a deleted row inserted anew, claimed
+///   by the writer's own region). It is taken as it claims, unless its claim cannot have
+///   been made by such a source.
+/// - Of two concurrent writes, the one whose claim has the higher epoch wins (a transfer
+///   beats the old owner's writes it did not see, everywhere); at equal epochs LWW decides.
+///   The loser is a logged conflict, not a dead letter, so its version is merged and the row
+///   converges.
 pub fn judge_remote(
     rule: Option<(&OwnerRule, &[String])>,
     key: &Key,
@@ -55,7 +76,7 @@ pub fn judge_remote(
     origin_region: &str,
     claim: Option<&Ownership>,
     concurrent: bool,
-) -> Result<Option<Owner>, String> {
+) -> Result<Verdict, String> {
     let mut known = known;
     if let Some((rule, key_columns)) = rule {
         let by_rule = rule_owner(rule, key_columns, key);
@@ -74,12 +95,19 @@ pub fn judge_remote(
     if let Some(reason) = refusal(known.as_ref(), origin_region, claim, concurrent) {
         return Err(reason);
     }
-    Ok(claim
-        .filter(|c| known.as_ref().is_none_or(|k| c.epoch >= k.epoch))
-        .map(|c| Owner {
-            region: c.owner.clone(),
-            epoch: c.epoch,
-        }))
+    let claim = claim.ok_or_else(|| format!("{origin_region} sent no ownership with this write"))?;
+    let by_epoch = match known.as_ref().filter(|_| concurrent) {
+        Some(k) if claim.epoch > k.epoch => Some(crate::resolve::Winner::Remote),
+        Some(k) if claim.epoch < k.epoch => Some(crate::resolve::Winner::Local),
+        _ => None,
+    };
+    Ok(Verdict {
+        owner: Some(Owner {
+            region: claim.owner.clone(),
+            epoch: claim.epoch,
+        }),
+        by_epoch,
+    })
 }
 
 /// The owner a local write leaves the row with, as the capture trigger allowed it: the
@@ -121,8 +149,9 @@ pub fn local_write(previous: Option<&Owner>, owner_now: &str) -> Ownership {
     }
 }
 
-/// Why a remote write from `origin_region` must not be applied, if so. `concurrent`: the
-/// write is concurrent with the local version (a conflict), not a descendant of it.
+/// Why a remote write from `origin_region` must not be applied, if so: a write no honest
+/// source makes (see [`judge_remote`]). `concurrent`: the write is concurrent with the local
+/// version, so what its source knew of the owner may differ from `local`.
 pub fn refusal(
     local: Option<&Owner>,
     origin_region: &str,
@@ -134,32 +163,33 @@ pub fn refusal(
             "{origin_region} sent no ownership with this write: its node config does not make this an ownership table; align the configs"
         ));
     };
-    if claim.transfer {
-        return match local {
-            Some(l) if l.epoch + 1 == claim.epoch && l.region != origin_region => Some(format!(
-                "{origin_region} tried to transfer a row owned by {} (epoch {})",
-                l.region, l.epoch
-            )),
-            Some(l) if l.epoch >= claim.epoch && !(concurrent && l.epoch == claim.epoch) => Some(format!(
-                "transfer to {} (epoch {}) arrives after the row reached epoch {} (owner {})",
-                claim.owner, claim.epoch, l.epoch, l.region
-            )),
-            _ => None,
-        };
-    }
-    if claim.owner != origin_region {
+    if !claim.transfer && claim.owner != origin_region {
         return Some(format!("{origin_region} wrote a row owned by {}", claim.owner));
     }
-    match local {
-        Some(l) if claim.epoch < l.epoch => Some(format!(
-            "{origin_region} wrote (epoch {}) after the row moved to {} (epoch {})",
+    let (Some(l), false) = (local, concurrent) else {
+        return None;
+    };
+    if claim.epoch < l.epoch {
+        return Some(format!(
+            "{origin_region} wrote (epoch {}) after the row moved to {} (epoch {}), yet had seen that",
             claim.epoch, l.region, l.epoch
-        )),
-        Some(l) if claim.epoch == l.epoch && l.region != origin_region && !concurrent => {
-            Some(format!("{origin_region} wrote a row owned by {}", l.region))
-        }
-        _ => None,
+        ));
     }
+    // A claim more than one epoch ahead comes after transfers not known here yet: whoever
+    // made it owned the row then.
+    if claim.transfer && claim.epoch == l.epoch + 1 && l.region != origin_region && claim.owner != origin_region {
+        return Some(format!(
+            "{origin_region} tried to move a row owned by {} (epoch {}) to {}",
+            l.region, l.epoch, claim.owner
+        ));
+    }
+    if claim.epoch == l.epoch && l.region != claim.owner {
+        return Some(format!(
+            "{origin_region} claims the row at epoch {} for {}, but it is {}'s at that epoch",
+            l.epoch, claim.owner, l.region
+        ));
+    }
+    None
 }
 
 #[cfg(test)]
@@ -273,7 +303,13 @@ mod tests {
             judge_remote(Some((&rule, &columns)), &key(k), known, origin, Some(&c), false)
         };
         // The rule's region creates; another region's epoch-0 claim is refused.
-        assert_eq!(judge(1, None, "a", claim("a", 0, false)), Ok(Some(owner("a", 0))));
+        let took = |o: Owner| {
+            Ok(Verdict {
+                owner: Some(o),
+                by_epoch: None,
+            })
+        };
+        assert_eq!(judge(1, None, "a", claim("a", 0, false)), took(owner("a", 0)));
         let err = judge(1, None, "b", claim("b", 0, false)).unwrap_err();
         assert!(err.contains("the owner rule gives a"), "{err}");
         assert!(
@@ -282,13 +318,13 @@ mod tests {
                 .contains("gives no region")
         );
         // A transfer by the rule's owner, and the new owner's write before it arrives.
-        assert_eq!(judge(1, None, "a", claim("b", 1, true)), Ok(Some(owner("b", 1))));
-        assert_eq!(judge(1, None, "b", claim("b", 1, false)), Ok(Some(owner("b", 1))));
+        assert_eq!(judge(1, None, "a", claim("b", 1, true)), took(owner("b", 1)));
+        assert_eq!(judge(1, None, "b", claim("b", 1, false)), took(owner("b", 1)));
         assert!(judge(1, Some(owner("b", 1)), "a", claim("a", 0, false)).is_err());
         // Without a rule, nothing is known until a claim arrives.
         assert_eq!(
             judge_remote(None, &key(1), None, "b", Some(&claim("b", 0, false)), false),
-            Ok(Some(owner("b", 0)))
+            took(owner("b", 0))
         );
     }
 
@@ -309,11 +345,18 @@ mod tests {
             (Some(owner("a", 0)), "b", Some(claim("b", 0, false)), false, true),
             (Some(owner("a", 0)), "a", Some(claim("b", 1, true)), false, false),
             (Some(owner("a", 0)), "c", Some(claim("b", 1, true)), false, true),
+            // A deleted row inserted anew by another region, which claims it for itself.
+            (Some(owner("a", 0)), "b", Some(claim("b", 1, true)), false, false),
             (Some(owner("a", 0)), "b", Some(claim("b", 1, false)), false, false),
-            (Some(owner("b", 1)), "a", Some(claim("a", 0, false)), true, true),
+            // Concurrent writes are not refused: the higher epoch wins (see judge_remote).
+            (Some(owner("b", 1)), "a", Some(claim("a", 0, false)), true, false),
+            (Some(owner("b", 0)), "a", Some(claim("c", 1, true)), true, false),
             (Some(owner("a", 0)), "b", Some(claim("b", 0, false)), true, false),
             (Some(owner("b", 2)), "a", Some(claim("b", 1, true)), false, true),
+            // b owns it by a transfer not known here yet: its move is two epochs ahead.
+            (Some(owner("c", 0)), "b", Some(claim("c", 2, true)), false, false),
             (Some(owner("a", 0)), "a", None, false, true),
+            (Some(owner("a", 0)), "a", None, true, true),
         ];
         for (local, origin, claim, concurrent, refused) in cases {
             let reason = refusal(local.as_ref(), origin, claim.as_ref(), concurrent);
@@ -323,5 +366,18 @@ mod tests {
                 "{local:?} {origin} {claim:?} {concurrent}: {reason:?}"
             );
         }
+    }
+
+    #[test]
+    fn concurrent_claims_are_ordered_by_epoch() {
+        use crate::resolve::Winner;
+        let judge = |known: Owner, origin: &str, c: Ownership| {
+            judge_remote(None, &Key(vec![]), Some(known), origin, Some(&c), true)
+                .unwrap()
+                .by_epoch
+        };
+        assert_eq!(judge(owner("b", 0), "a", claim("c", 1, true)), Some(Winner::Remote));
+        assert_eq!(judge(owner("c", 1), "b", claim("b", 0, false)), Some(Winner::Local));
+        assert_eq!(judge(owner("a", 0), "b", claim("b", 0, false)), None);
     }
 }

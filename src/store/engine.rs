@@ -286,14 +286,15 @@ async fn decide_event<R: Txn>(
     Ok((decision, local_row))
 }
 
-/// The owner an ownership table's row has if the event wins, or why the event is refused.
+/// What the event means for an ownership table's row (`ownership::judge_remote`), or why
+/// the event is refused.
 async fn judge_owner<R: Txn>(
     rows: &mut R,
     table: &R::Table,
     key: &[u8],
     event: &Event,
     conflict: bool,
-) -> Result<Result<Option<Owner>, String>, StoreError> {
+) -> Result<Result<ownership::Verdict, String>, StoreError> {
     let known = rows.owner(table, key).await?.map(|k| k.owner);
     let rule = table.owner_rule().map(|r| (r, table.key()));
     Ok(ownership::judge_remote(
@@ -463,9 +464,10 @@ async fn apply_one<R: Txn>(
     let (decision, local_row) = decide_event(rows, &table, local.as_ref(), event).await?;
     let conflict = matches!(decision, Decision::Conflict { .. });
     let mut claimed = None;
+    let mut by_epoch = None;
     if table.is_owned() && decision != Decision::Stale {
         match judge_owner(rows, &table, &id.1, event, conflict).await? {
-            Ok(owner) => claimed = owner,
+            Ok(verdict) => (claimed, by_epoch) = (verdict.owner, verdict.by_epoch),
             Err(reason) => return dead_lettered(rows, event, &reason, report).await,
         }
     }
@@ -479,7 +481,21 @@ async fn apply_one<R: Txn>(
         }
         Decision::NeedsLocalContent => unreachable!("content was supplied"),
         Decision::FastForward { next } => (next, Winner::Remote),
-        Decision::Conflict { winner, next } => (next, winner),
+        Decision::Conflict { winner, next } => match (by_epoch, local.as_ref()) {
+            // An ownership claim of a higher epoch wins over LWW.
+            (Some(by_epoch), Some(local)) if by_epoch != winner => {
+                let won = match by_epoch {
+                    Winner::Remote => RowVersion::of_event(event),
+                    Winner::Local => local.clone(),
+                };
+                let next = RowVersion {
+                    version: next.version,
+                    ..won
+                };
+                (next, by_epoch)
+            }
+            _ => (next, winner),
+        },
     };
     if winner == Winner::Remote {
         match write_remote(rows, &table, event, merged.as_ref(), mode).await? {

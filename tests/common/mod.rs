@@ -36,6 +36,17 @@ pub async fn replica_with(dir: &Path, node: &str, schema: &str, tables: &[&str])
 
 /// A replica whose tables are configured in full (strategies, CRDT columns).
 pub async fn replica_configured(dir: &Path, node: &str, schema: &str, tables: &[weft::config::TableConfig]) -> Replica {
+    replica_in(dir, node, &format!("region-of-{node}"), schema, tables).await
+}
+
+/// A replica like `replica_configured`, of node `node` in region `region`.
+pub async fn replica_in(
+    dir: &Path,
+    node: &str,
+    region: &str,
+    schema: &str,
+    tables: &[weft::config::TableConfig],
+) -> Replica {
     let db = dir.join(format!("{node}.db"));
     let app = weft::harness::app_pool(&db).await.unwrap();
     sqlx::raw_sql(sqlx::AssertSqlSafe(schema.to_owned()))
@@ -44,7 +55,7 @@ pub async fn replica_configured(dir: &Path, node: &str, schema: &str, tables: &[
         .unwrap();
     let identity = Identity {
         node: node.into(),
-        region: format!("region-of-{node}"),
+        region: region.into(),
     };
     let store = Store::Sqlite(
         SqliteStore::open(&db, identity, tables, Duration::from_millis(500))
