@@ -43,8 +43,17 @@ impl Clock {
     pub fn restore(max_skew: Duration, last: Hlc) -> Self {
         let clock = Self::new(max_skew);
         if let Ok(ts) = HlcTimestamp::try_from(last.0) {
-            // Our own persisted value is trusted: no skew check.
-            let _ = clock.generator.update(&ts);
+            // Our own persisted value is trusted: no skew check. A value whose logical counter
+            // is used up cannot be adopted as it is: adopt the next millisecond instead.
+            let (physical, _) = ts.parts();
+            let adopted = clock.generator.update(&ts).is_ok()
+                || HlcTimestamp::from_parts(physical + 1, 0).is_ok_and(|next| clock.generator.update(&next).is_ok());
+            if !adopted {
+                tracing::error!(
+                    hlc = last.0,
+                    "the persisted clock cannot be adopted; timestamps may repeat it"
+                );
+            }
         }
         clock.last_stamp.store(last.0, Ordering::Relaxed);
         clock
@@ -180,6 +189,18 @@ mod tests {
             assert!(next > last);
             last = next;
         }
+    }
+
+    #[test]
+    fn restore_of_a_clock_whose_logical_counter_is_used_up_never_goes_backwards() {
+        let physical = wall_ms() + 3_600_000;
+        let full = (0..=(1u64 << 24))
+            .rev()
+            .find_map(|logical| hlc_gen::HlcTimestamp::from_parts(physical, logical).ok())
+            .unwrap();
+        let last = Hlc(full.as_u64());
+        let clock = Clock::restore(Duration::from_millis(500), last);
+        assert!(clock.now() > last);
     }
 
     #[test]

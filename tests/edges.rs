@@ -291,7 +291,8 @@ async fn a_panicking_task_stops_the_sidecar_with_a_clear_error_and_a_restart_rec
 /// Finding 12: a key the database assigns (SQLite's `INTEGER PRIMARY KEY`, PostgreSQL's
 /// `bigserial` or identity) gives two regions the same id at once, and LWW then makes two
 /// inserts one row. The store says so at start, naming the table and what to do instead;
-/// a key the application chooses draws no warning.
+/// a key the application chooses draws no warning. So does a PostgreSQL key of a type that
+/// travels as text (finding 18).
 #[tokio::test]
 async fn tables_keyed_by_an_auto_assigned_integer_are_named_at_start() {
     use common::regions::{Region, lww};
@@ -309,12 +310,20 @@ async fn tables_keyed_by_an_auto_assigned_integer_are_named_at_start() {
     let cluster = Cluster::start(Settings::default()).expect("a throw-away PostgreSQL cluster");
     let pg = "CREATE TABLE orders (id bigserial PRIMARY KEY, item text); \
               CREATE TABLE notes (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, body text); \
-              CREATE TABLE tags (id bigint PRIMARY KEY, name text);";
-    let b = Region::pg(&cluster, "b", pg, &lww(&["orders", "notes", "tags"])).await;
+              CREATE TABLE tags (id bigint PRIMARY KEY, name text); \
+              CREATE TABLE prices (sku numeric PRIMARY KEY, price numeric);";
+    let b = Region::pg(&cluster, "b", pg, &lww(&["orders", "notes", "tags", "prices"])).await;
     let advice = b.store.advisories();
     assert!(advice.iter().any(|w| w.contains("`orders`")), "{advice:?}");
     assert!(advice.iter().any(|w| w.contains("`notes`")), "{advice:?}");
     assert!(!advice.iter().any(|w| w.contains("`tags`")), "{advice:?}");
+    // Finding 18: a key that travels as text can get two identities beside SQLite regions.
+    assert!(
+        advice
+            .iter()
+            .any(|w| w.contains("`prices` is keyed by `sku` (numeric)")),
+        "{advice:?}"
+    );
 }
 
 /// Finding 14: PostgreSQL's TRUNCATE fires no row or transition-table trigger, so it emptied
@@ -944,4 +953,72 @@ async fn insert_or_replace_through_a_unique_column_replicates_its_deletes_and_re
     sync_regions(&[&a, &b]).await;
     assert_eq!(b.snapshot(&["accounts"]).await, a.snapshot(&["accounts"]).await);
     assert_eq!(a.count("SELECT count(*) FROM accounts").await, 2);
+}
+
+/// Finding 21 (PostgreSQL capture text): a row image is rendered by the application's
+/// session, so an old driver's `extra_float_digits`, `IntervalStyle = sql_standard` or a
+/// local time zone used to change the replicated value: a rounded double, an interval of
+/// another sign. The capture functions now render canonical text whatever the session says.
+#[tokio::test]
+async fn postgres_capture_renders_values_exactly_whatever_the_application_session_says() {
+    use common::regions::{Region, lww};
+    use weft::harness::cluster::{Cluster, Settings};
+    let cluster = Cluster::start(Settings::default()).expect("a throw-away PostgreSQL cluster");
+    let dir = tempfile::tempdir().unwrap();
+    let tables = lww(&["v"]);
+    let schema = "CREATE TABLE v (id bigint PRIMARY KEY, f float8, i interval, t timestamptz);";
+    let a = Region::pg(&cluster, "a", schema, &tables).await;
+    let c = Region::pg(&cluster, "c", schema, &tables).await;
+    let b = Region::sqlite(
+        dir.path(),
+        "b",
+        "CREATE TABLE v (id INTEGER PRIMARY KEY, f REAL, i TEXT, t TEXT);",
+        &tables,
+    )
+    .await;
+    let mut app = a.pg_pool().acquire().await.unwrap();
+    sqlx::raw_sql(
+        "SET extra_float_digits = -3; SET IntervalStyle = 'sql_standard'; SET TimeZone = 'Asia/Kolkata';
+         INSERT INTO v VALUES (1, 0.1::float8 + 0.2::float8, interval '-1 day -2 hours', '2026-01-01 00:00:00+00');",
+    )
+    .execute(&mut *app)
+    .await
+    .unwrap();
+    drop(app);
+    a.drain().await;
+    c.pull(&a).await;
+    b.pull(&a).await;
+    let exact = "SELECT count(*) FROM v WHERE f = 0.1::float8 + 0.2::float8 AND i = interval '-1 day -2 hours' \
+                 AND t = '2026-01-01 00:00:00+00'";
+    assert_eq!(c.count(exact).await, 1, "{:?}", c.snapshot(&["v"]).await);
+    assert_eq!(
+        b.count("SELECT count(*) FROM v WHERE f = 0.1 + 0.2 AND i = 'P-1DT-2H' AND t = '2026-01-01 00:00:00+00'")
+            .await,
+        1,
+        "{:?}",
+        b.snapshot(&["v"]).await
+    );
+}
+
+/// Finding 21 (one sidecar per SQLite file): a second sidecar on the same database (another
+/// config with another listen port, say) used to start and number events from the same
+/// counter as the first. It is refused, naming the holder; once the first is gone it opens.
+#[tokio::test]
+async fn a_second_sidecar_on_one_sqlite_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = replica(dir.path(), "a").await;
+    let identity = weft::event::Identity {
+        node: "a".into(),
+        region: "region-of-a".into(),
+    };
+    let path = dir.path().join("a.db");
+    let open = || weft::store::sqlite::SqliteStore::open(&path, identity.clone(), &[], Duration::from_millis(500));
+    let refused = open().await.err().expect("a second sidecar is refused").to_string();
+    assert!(
+        refused.contains("another weft sidecar already serves this database")
+            && refused.contains(&format!("pid {}", std::process::id())),
+        "{refused}"
+    );
+    drop(first);
+    open().await.expect("the lock goes with the sidecar");
 }

@@ -94,9 +94,9 @@ pub trait TableRules {
     fn refuses(&self, _event: &Event) -> Option<String> {
         None
     }
-    /// What an operator should know about this table, if anything (logged at start).
-    fn advisory(&self) -> Option<String> {
-        None
+    /// What an operator should know about this table (logged at start).
+    fn advisories(&self) -> Vec<String> {
+        Vec::new()
     }
 }
 
@@ -640,10 +640,21 @@ async fn with_concurrent<R: Txn>(
             Causality::Dominates | Causality::Equal
         )
     });
-    let mut newcomer = event.clone();
-    newcomer.path.clear();
-    set.push(newcomer);
+    set.push(as_sibling(event));
     Ok(set)
+}
+
+/// A version as the sibling set keeps it: what it is (origin, HLC, row, version), not where
+/// it came from or by which path, so every node stores the same sibling the same way.
+fn as_sibling(event: &Event) -> Event {
+    Event {
+        origin_region: String::new(),
+        seq: 1,
+        batch_end: 1,
+        path: Vec::new(),
+        committed_at_micros: 0,
+        ..event.clone()
+    }
 }
 
 /// Settles a drained local write's strategy state, in the drain's transaction: folds it into

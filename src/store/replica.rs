@@ -127,7 +127,7 @@ impl<B: Backend> Replica<B> {
 
     /// What the operator should know about the replicated tables (logged at start).
     pub fn advisories(&self) -> Vec<String> {
-        let mut out: Vec<String> = self.tables.values().filter_map(|t| t.advisory()).collect();
+        let mut out: Vec<String> = self.tables.values().flat_map(|t| t.advisories()).collect();
         out.sort();
         out
     }

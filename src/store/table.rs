@@ -37,6 +37,10 @@ pub trait ColumnTypes {
     fn refuses(&self, _event: &Event) -> Option<String> {
         None
     }
+    /// What an operator should know about table `table`'s key columns, if anything.
+    fn key_advisory(&self, _table: &str, _key: &[String]) -> Option<String> {
+        None
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -190,7 +194,8 @@ impl<D: ColumnTypes> TableRules for Table<D> {
     fn refuses(&self, event: &Event) -> Option<String> {
         self.dialect.refuses(event)
     }
-    fn advisory(&self) -> Option<String> {
-        self.auto_key_advisory()
+    fn advisories(&self) -> Vec<String> {
+        let keys = self.dialect.key_advisory(&self.name, &self.key);
+        self.auto_key_advisory().into_iter().chain(keys).collect()
     }
 }

@@ -136,6 +136,27 @@ impl ColumnTypes for PgColumns {
         };
         if fits { Ok(()) } else { Err(self.types[i].clone()) }
     }
+
+    fn key_advisory(&self, table: &str, key: &[String]) -> Option<String> {
+        let texts = ["text", "character varying", "varchar"];
+        let inexact: Vec<String> = key
+            .iter()
+            .filter_map(|k| {
+                let i = self.names.iter().position(|c| c == k)?;
+                let exact = matches!(self.kinds[i], Kind::Int | Kind::Bytes)
+                    || texts.iter().any(|t| self.types[i].starts_with(t));
+                (!exact).then(|| format!("`{k}` ({})", self.types[i]))
+            })
+            .collect();
+        (!inexact.is_empty()).then(|| {
+            format!(
+                "table `{table}` is keyed by {}: such a key travels as PostgreSQL's text, and a SQLite region \
+                 stores what its application writes as a number or in another spelling, so one row can get two \
+                 identities in a mesh with SQLite regions. Key replicated tables by integers or text there",
+                inexact.join(", ")
+            )
+        })
+    }
 }
 
 impl PgTable {
@@ -268,7 +289,7 @@ fn capture_sql(table: &PgTable) -> String {
             _ => "OLD TABLE AS weft_old",
         };
         sql += &format!(
-            "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $weft$\n\
+            "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql {CANONICAL_TEXT} AS $weft$\n\
              DECLARE stamp bigint := weft.now_micros();\n\
              BEGIN\n\
              IF current_setting('weft.applying', true) = 'on' THEN RETURN NULL; END IF;\n\
@@ -282,6 +303,12 @@ fn capture_sql(table: &PgTable) -> String {
     }
     sql
 }
+
+/// The capture functions render row images in weft's canonical text whatever the
+/// application's session says: floats exact (an old driver's `extra_float_digits = 0` would
+/// round them), intervals in ISO 8601 (`sql_standard` output changes meaning when read back
+/// in another style), times in UTC.
+const CANONICAL_TEXT: &str = "SET extra_float_digits = 3 SET intervalstyle = 'iso_8601' SET timezone = 'UTC'";
 
 /// Reads a table's replicated columns, their types and its primary key.
 pub async fn describe(conn: &mut PgConnection, table: &str) -> Result<PgTable, StoreError> {

@@ -43,6 +43,44 @@ pub struct Sqlite {
     readers: SqlitePool,
     /// Asks `PRAGMA data_version`, which changes only for commits of other connections.
     poller: Mutex<Option<SqliteConnection>>,
+    /// The sidecar's lock on `<database>-weft.lock`, held while the store lives: one sidecar
+    /// per database file (two would number their events from the same counter).
+    _sidecar: Option<std::fs::File>,
+}
+
+/// Takes the sidecar lock of the database at `path` (see `Sqlite::_sidecar`), writing this
+/// process's id into the lock file for the next one's error message.
+fn sidecar_lock(path: &Path) -> Result<std::fs::File, StoreError> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    let lock_path = std::path::PathBuf::from(format!("{}-weft.lock", path.display()));
+    let io = |e: std::io::Error| {
+        StoreError::Refused(format!(
+            "cannot take the sidecar lock {}: {e}; the sidecar needs to write beside the database",
+            lock_path.display()
+        ))
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            return Err(StoreError::SidecarLocked {
+                holder: format!("{}, {}", holder.trim(), lock_path.display()),
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+    }
+    file.set_len(0).map_err(io)?;
+    file.rewind().map_err(io)?;
+    write!(file, "pid {}", std::process::id()).map_err(io)?;
+    Ok(file)
 }
 
 fn options(path: &Path) -> SqliteConnectOptions {
@@ -83,7 +121,11 @@ impl Replica<Sqlite> {
         tables: &[TableConfig],
         max_clock_skew: Duration,
     ) -> Result<Self, StoreError> {
-        Replica::open_with(Sqlite::lazy(path), identity, tables, max_clock_skew).await
+        let backend = Sqlite {
+            _sidecar: Some(sidecar_lock(path)?),
+            ..Sqlite::lazy(path)
+        };
+        Replica::open_with(backend, identity, tables, max_clock_skew).await
     }
 }
 
@@ -96,6 +138,7 @@ impl Sqlite {
                 .max_connections(4)
                 .connect_lazy_with(options(path).read_only(true)),
             poller: Mutex::new(None),
+            _sidecar: None,
         }
     }
 }
