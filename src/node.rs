@@ -206,6 +206,7 @@ async fn upkeep_loop(ctx: Context, metrics: Arc<Metrics>) {
     let needs_by_origin = topology::log_needs(&ctx.config.topology, &ctx.config.node, ctx.config.relay_repair());
     let mut persisted: BTreeMap<(NodeId, NodeId), u64> = BTreeMap::new();
     let mut ticks = 0u64;
+    let mut applied_at_last_retry = 0;
     loop {
         let stopping = tokio::select! {
             _ = stopped(&mut shutdown) => true,
@@ -235,7 +236,10 @@ async fn upkeep_loop(ctx: Context, metrics: Arc<Metrics>) {
         }
         ticks += 1;
         if ticks.is_multiple_of(25) && !stopping {
-            match ctx.store.retry_dead_letters().await {
+            let applied = Metrics::get(&metrics.applied);
+            let applied_since = applied != applied_at_last_retry;
+            applied_at_last_retry = applied;
+            match ctx.store.retry_dead_letters(applied_since).await {
                 Ok(report) if report.applied > 0 => {
                     tracing::info!(
                         applied = report.applied,

@@ -59,16 +59,19 @@ impl<B: Backend> Replica<B> {
     /// transaction, as the applier. A letter whose event now applies, or that a later
     /// version of its row has superseded, is removed; one refused again keeps the new
     /// reason and is tried again later (backing off from a second to an hour). The order is
-    /// arrival order, so a parent dead-lettered before its child is retried first.
-    pub async fn retry_dead_letters(&self) -> Result<RetryReport, StoreError> {
+    /// arrival order, so a parent dead-lettered before its child is retried first. With
+    /// `applied_since` (rows were applied since the last round), letters a missing parent
+    /// row refused are due at once, backoff or not: the parent may be among those rows.
+    pub async fn retry_dead_letters(&self, applied_since: bool) -> Result<RetryReport, StoreError> {
         let due = self
             .with_writer(async |store: &Self, conn: &mut Conn<B>, _: &mut u64| {
                 let mut tx = sqlx::Connection::begin_with(conn, sqlx::AssertSqlSafe(B::BEGIN)).await?;
-                let due = store
-                    .backend
-                    .txn(&store.tables, &mut tx)
-                    .due_dead_letters(RETRY_ROUND)
-                    .await?;
+                let mut txn = store.backend.txn(&store.tables, &mut tx);
+                if applied_since {
+                    txn.parents_may_have_arrived().await?;
+                }
+                let due = txn.due_dead_letters(RETRY_ROUND).await?;
+                drop(txn);
                 tx.commit().await?;
                 Ok(due)
             })

@@ -261,6 +261,14 @@ macro_rules! metadata_io {
                 .collect())
         }
 
+        /// Makes the letters a missing parent row refused (SQLSTATE 23503) due now.
+        pub(super) async fn parents_may_have_arrived(conn: &mut $conn) -> Result<(), $crate::store::StoreError> {
+            sqlx::query(meta("UPDATE {w}dead_letters SET retry_at = 0 WHERE reason LIKE '%(SQLSTATE 23503)%'"))
+                .execute(&mut *conn)
+                .await?;
+            Ok(())
+        }
+
         pub(super) async fn group(
             conn: &mut $conn,
             step: $crate::store::backend::Group,

@@ -281,8 +281,8 @@ impl Store {
     }
 
     /// Retries the dead letters whose retry is due (see `Replica::retry_dead_letters`).
-    pub async fn retry_dead_letters(&self) -> Result<RetryReport, StoreError> {
-        both!(self, s => s.retry_dead_letters().await)
+    pub async fn retry_dead_letters(&self, applied_since: bool) -> Result<RetryReport, StoreError> {
+        both!(self, s => s.retry_dead_letters(applied_since).await)
     }
 
     /// Closes every connection.
