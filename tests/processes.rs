@@ -385,3 +385,42 @@ async fn dead_letters_are_listed_retried_by_the_sidecar_once_their_cause_is_gone
     assert!(letters().is_empty());
     sidecars.terminate_all();
 }
+
+/// Issue 12, rows that exist before install: three `weft run` processes started on
+/// databases that already hold rows (written before any weft trigger existed) adopt them,
+/// and every region ends with every row exactly once; rows two regions both held for one
+/// key resolve as a logged conflict, the same everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_started_on_populated_databases_adopt_their_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let sidecars = Sidecars::new(dir.path()).await;
+    let (east, west) = (&sidecars.mesh.regions[0], &sidecars.mesh.regions[1]);
+    let items = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 300) \
+                 INSERT INTO items SELECT i, 'east', i FROM n; \
+                 WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 20) \
+                 INSERT INTO shared SELECT i, 'east' FROM n;";
+    sqlx::raw_sql(items).execute(&east.app).await.unwrap();
+    sqlx::raw_sql("WITH RECURSIVE n(i) AS (SELECT 11 UNION ALL SELECT i + 1 FROM n WHERE i < 30) INSERT INTO shared SELECT i, 'west' FROM n;")
+        .execute(&west.app)
+        .await
+        .unwrap();
+    sidecars.spawn_all().await;
+    sidecars.assert_exactly_once(300).await;
+    let mut conflicts = 0;
+    for region in &sidecars.mesh.regions {
+        let shared: i64 = sqlx::query_scalar("SELECT count(*) FROM shared")
+            .fetch_one(&region.app)
+            .await
+            .unwrap();
+        assert_eq!(shared, 30, "{}", region.region);
+        conflicts += sqlx::query_scalar::<_, i64>("SELECT count(*) FROM _weft_conflicts WHERE tbl = 'shared'")
+            .fetch_one(&region.app)
+            .await
+            .unwrap();
+    }
+    assert!(
+        conflicts >= 10,
+        "keys 11..=20 were held by two regions: {conflicts} logged conflicts"
+    );
+    sidecars.terminate_all();
+}

@@ -199,3 +199,23 @@ impl<D: ColumnTypes> TableRules for Table<D> {
         self.auto_key_advisory().into_iter().chain(keys).collect()
     }
 }
+
+/// Says what became of the rows a table held when weft started capturing it: `rows` were
+/// queued as this region's writes (replicated like any, with versions from this node).
+pub fn adopted<D>(table: &Table<D>, rows: u64) {
+    if rows == 0 {
+        return;
+    }
+    tracing::info!(
+        table = %table.name,
+        rows,
+        "adopting rows that existed before weft captured this table: they replicate as this region's writes"
+    );
+    if !table.crdt.is_empty() {
+        tracing::warn!(
+            table = %table.name,
+            "adopted rows of a crdt table add their counter values to those other regions adopt for the same keys; \
+             adopt such a table's rows in one region only"
+        );
+    }
+}

@@ -94,6 +94,27 @@ impl Region {
         }
     }
 
+    /// Stops this region's store and opens it again on the same database, as a restarted
+    /// sidecar does.
+    pub async fn reopen(self, tables: &[TableConfig]) -> Region {
+        let Region {
+            node,
+            store,
+            app,
+            database,
+        } = self;
+        store.close().await;
+        let store = Store::open(&database, identity(&node), tables, Duration::from_millis(500))
+            .await
+            .unwrap();
+        Region {
+            node,
+            store,
+            app,
+            database,
+        }
+    }
+
     pub async fn try_exec(&self, sql: &str) -> Result<(), String> {
         let sql = sqlx::AssertSqlSafe(sql.to_owned());
         match &self.app {

@@ -399,9 +399,32 @@ pub async fn install(
     for config in tables {
         let mut table = describe(conn, &config.name).await?;
         table.configure(config)?;
+        let captured_before: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = $1 AND tgrelid = $2::regclass)")
+                .bind(TRIGGERS[0].0)
+                .bind(table.qualified())
+                .fetch_one(&mut *conn)
+                .await?;
         sqlx::raw_sql(AssertSqlSafe(capture_sql(&table)))
             .execute(&mut *conn)
             .await?;
+        if !captured_before {
+            let filter = match table.is_owned() {
+                true => format!("{} IS NOT DISTINCT FROM {}", owner_of(&table, "r"), literal(region)),
+                false => "true".into(),
+            };
+            // The writer's session renders images as the capture functions do.
+            let sql = format!(
+                "INSERT INTO weft.outbox (tbl, deleted, image, at) SELECT {}, false, to_jsonb(r), weft.now_micros() FROM {} r WHERE {filter}",
+                literal(&table.name),
+                table.qualified()
+            );
+            let adopted = sqlx::raw_sql(AssertSqlSafe(sql))
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+            crate::store::table::adopted(&table, adopted);
+        }
         if let Some(sql) = owner_sql(&table, region) {
             sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut *conn).await?;
         }

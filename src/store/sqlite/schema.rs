@@ -414,6 +414,17 @@ impl Capture<'_> {
         }
     }
 
+    /// The rows of `row`'s table this region adopts when capture starts: all of them, or in
+    /// an ownership table those it owns.
+    fn adoptable(&self, row: &str) -> String {
+        let region = literal(self.region);
+        match (&self.info.owner_column, &self.info.owner_rule) {
+            (Some(column), _) => format!("{row}.{} IS {region}", quote(column)),
+            (None, Some(rule)) => format!("{} IS {region}", rule_owner_sql(rule, self.info, row)),
+            (None, None) => "1".into(),
+        }
+    }
+
     /// Before an insert: an ownership table refuses to replace a row another region owns
     /// (`INSERT OR REPLACE` deletes it without firing a delete trigger), and the rows a
     /// REPLACE would delete through a unique index are queued for capture (a row that the
@@ -507,6 +518,12 @@ pub async fn install(
         let table = &config.name;
         let mut info = describe(conn, table).await?;
         info.configure(config)?;
+        let insert_trigger = trigger_name(table, "insert");
+        let captured_before: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = ?")
+                .bind(&insert_trigger)
+                .fetch_optional(&mut *conn)
+                .await?;
         for (name, sql) in trigger_sql(&info, region) {
             let existing: Option<String> =
                 sqlx::query_scalar("SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = ?")
@@ -522,6 +539,21 @@ pub async fn install(
                 sqlx::query(AssertSqlSafe(sql)).execute(&mut *conn).await?;
             }
             wanted.insert(name);
+        }
+        if captured_before.is_none() {
+            let c = Capture { info: &info, region };
+            let sql = format!(
+                "INSERT INTO _weft_outbox (tbl, k1, k2, k3, k4, at) SELECT {}, {}, {NOW_MICROS} FROM {} r WHERE {}",
+                literal(table),
+                c.slots("r"),
+                quote(table),
+                c.adoptable("r")
+            );
+            let adopted = sqlx::query(AssertSqlSafe(sql))
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+            crate::store::table::adopted(&info, adopted);
         }
         infos.push(info);
     }
