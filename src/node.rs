@@ -92,6 +92,7 @@ impl Node {
             log_grew,
             acks: Default::default(),
             heard: Arc::new(Heard::new(tokio::time::Instant::now())),
+            behind: Arc::default(),
             shutdown: shutdown_rx.clone(),
         };
         let mut tasks = JoinSet::new();

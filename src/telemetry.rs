@@ -36,6 +36,8 @@ pub struct Metrics {
     pub looped: AtomicU64,
     pub skew_reports: AtomicU64,
     pub gaps: AtomicU64,
+    /// Peers found needing events this node's log no longer holds (they need a re-seed).
+    pub behind_log: AtomicU64,
     /// Events processed past a frontier (applied, stale, conflicting or dead-lettered).
     pub processed: AtomicU64,
     lag_micros: Mutex<Histogram<u64>>,
@@ -54,6 +56,7 @@ impl Default for Metrics {
             looped: AtomicU64::new(0),
             skew_reports: AtomicU64::new(0),
             gaps: AtomicU64::new(0),
+            behind_log: AtomicU64::new(0),
             processed: AtomicU64::new(0),
             lag_micros: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")),
             peers: Mutex::new(BTreeMap::new()),
@@ -122,6 +125,10 @@ impl Metrics {
 }
 
 impl PeerObserver for Metrics {
+    fn behind_log(&self, _peer: &str) {
+        self.behind_log.fetch_add(1, Ordering::Relaxed);
+    }
+
     fn peer_connected(&self, peer: &str, own_sent: u64) {
         self.update_peer(peer, |p| {
             p.connected = true;

@@ -95,6 +95,23 @@ fn status_reads_a_nodes_database() {
             .await
             .unwrap();
     });
+    let (ok, _, stderr) = weft(&["status", "--config", config.to_str().unwrap()]);
+    assert!(
+        !ok && stderr.contains("start the node's sidecar (weft run) once"),
+        "{stderr}"
+    );
+    // Installed as `weft run` does at start; `weft status` installs nothing itself.
+    rt.block_on(async {
+        let identity = weft::event::Identity {
+            node: "a".into(),
+            region: "ra".into(),
+        };
+        let tables = [weft::config::TableConfig::lww("items")];
+        let store = weft::store::sqlite::SqliteStore::open(&db, identity, &tables, std::time::Duration::from_secs(1))
+            .await
+            .unwrap();
+        store.close().await;
+    });
     let (ok, stdout, stderr) = weft(&["status", "--config", config.to_str().unwrap()]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("node a: last seq 0, outbox pending 0"), "{stdout}");

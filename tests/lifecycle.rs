@@ -46,3 +46,88 @@ async fn rows_that_exist_before_install_are_adopted_and_replicate() {
     a.drain().await;
     assert_eq!(a.store.last_seq().await, before);
 }
+
+/// A region rebuilt on an empty database (same node id) after the others trimmed their logs
+/// cannot catch up from them. It used to be redialled every few seconds at INFO, with
+/// nothing saying why; now the node that cannot serve it says so once, at ERROR, with what to
+/// do, and `weft status` shows it, until the region is served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_rebuilt_empty_after_the_logs_were_trimmed_is_reported_as_needing_a_reseed() {
+    use std::time::{Duration, Instant};
+
+    use common::sidecars::{SCHEMA, Sidecars};
+    let dir = tempfile::tempdir().unwrap();
+    let sidecars = Sidecars::new(dir.path()).await;
+    sidecars.spawn_all().await;
+    sidecars.write(0, 0, 40, 10).await;
+    sidecars.assert_exactly_once(40).await;
+    let east = &sidecars.mesh.regions[0];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM _weft_log")
+            .fetch_one(&east.app)
+            .await
+            .unwrap();
+        if kept == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "east never trimmed its log");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // west is lost and rebuilt on an empty database, under the same node id.
+    sidecars.kill9(1);
+    let west = &sidecars.mesh.regions[1];
+    let objects: Vec<(String, String)> = sqlx::query_as(
+        "SELECT type, name FROM sqlite_master WHERE type IN ('table', 'trigger') AND name NOT LIKE 'sqlite_%'",
+    )
+    .fetch_all(&west.app)
+    .await
+    .unwrap();
+    for (kind, name) in objects.iter().filter(|(kind, _)| kind == "table") {
+        let sql = format!("DROP {} IF EXISTS \"{name}\"", kind.to_uppercase());
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&west.app)
+            .await
+            .unwrap();
+    }
+    sqlx::raw_sql(sqlx::AssertSqlSafe(SCHEMA.to_owned()))
+        .execute(&west.app)
+        .await
+        .unwrap();
+    sidecars.spawn(1, None).await;
+
+    let log = sidecars.mesh.dir.join(format!("{}.log", east.region));
+    let status = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_weft"))
+            .args(["status", "--json", "--config"])
+            .arg(&east.config_file)
+            .output()
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let said = std::fs::read_to_string(&log).unwrap_or_default();
+        let reported = said
+            .lines()
+            .filter(|l| l.contains("ERROR") && l.contains("needs east-1's events from seq 1"))
+            .count();
+        let shown = status()["peers"].as_array().unwrap().iter().any(|p| {
+            p["peer"] == "west-1"
+                && p["needs_reseed"]
+                    .as_str()
+                    .is_some_and(|n| n.contains("copy of a current region"))
+        });
+        if reported > 0 && shown {
+            assert_eq!(reported, 1, "reported once, not at every redial");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "east never said west needs a re-seed:\n{said}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    sidecars.terminate_all();
+}

@@ -164,7 +164,7 @@ async fn status(path: PathBuf, json: bool) -> anyhow::Result<()> {
         node: config.node.clone(),
         region: config.region().to_owned(),
     };
-    let store = Store::inspect(&config.database, identity, &config.tables).await?;
+    let store = Store::inspect(&config.database, identity).await?;
     let status = store
         .status(&crate::topology::routed_origins(&config.topology, &config.node))
         .await?;
@@ -196,6 +196,9 @@ async fn status(path: PathBuf, json: bool) -> anyhow::Result<()> {
             "  {:<10} {:<12} {:>8} {:>9}   {age}",
             p.peer, p.origin, p.acked, p.unacked
         );
+    }
+    for p in status.peers.iter().filter(|p| p.needs_reseed.is_some()) {
+        println!("\nNEEDS RE-SEED: {}", p.needs_reseed.as_deref().unwrap_or_default());
     }
     Ok(())
 }

@@ -142,6 +142,13 @@ pub trait Backend: Send + Sync + Sized + 'static {
     async fn counts(conn: &mut Conn<Self>) -> Result<Counts, StoreError>;
     /// Frontiers in origin order.
     async fn frontier_status(conn: &mut Conn<Self>) -> Result<Vec<FrontierStatus>, StoreError>;
+    /// Records (or clears) that `peer` is behind the log of `origin`.
+    async fn note_behind_log(
+        conn: &mut Conn<Self>,
+        peer: &str,
+        origin: &str,
+        note: Option<&str>,
+    ) -> Result<(), StoreError>;
     /// What `peer` has acknowledged of `origin`, and the log backlog past it.
     async fn backlog(conn: &mut Conn<Self>, peer: &str, origin: &str) -> Result<PeerStatus, StoreError>;
 

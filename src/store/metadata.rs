@@ -119,13 +119,45 @@ macro_rules! metadata_io {
             let sql = meta("SELECT count(*), min(committed_at) FROM {w}log WHERE origin = $1 AND seq > $2");
             let (unacked, oldest): (i64, Option<i64>) =
                 sqlx::query_as(sql).bind(origin).bind(acked).fetch_one(&mut *conn).await?;
+            let sql = meta("SELECT value FROM {w}node WHERE name = $1");
+            let needs_reseed: Option<String> = sqlx::query_scalar(sql)
+                .bind(behind_log_key(peer, origin))
+                .fetch_optional(&mut *conn)
+                .await?;
             Ok($crate::store::PeerStatus {
                 peer: peer.to_owned(),
                 origin: origin.to_owned(),
                 acked: acked as u64,
                 unacked: unacked as u64,
                 oldest_unacked_micros: oldest,
+                needs_reseed,
             })
+        }
+
+        fn behind_log_key(peer: &str, origin: &str) -> String {
+            format!("behind_log:{peer}:{origin}")
+        }
+
+        /// Records (or with `None` clears) that `peer` is behind the log of `origin`.
+        pub(super) async fn note_behind_log(
+            conn: &mut $conn,
+            peer: &str,
+            origin: &str,
+            note: Option<&str>,
+        ) -> Result<(), $crate::store::StoreError> {
+            let key = behind_log_key(peer, origin);
+            sqlx::query(meta("DELETE FROM {w}node WHERE name = $1"))
+                .bind(&key)
+                .execute(&mut *conn)
+                .await?;
+            if let Some(note) = note {
+                sqlx::query(meta("INSERT INTO {w}node (name, value) VALUES ($1, $2)"))
+                    .bind(&key)
+                    .bind(note)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            Ok(())
         }
 
         /// The siblings of a `queue` row, oldest (hlc, origin) first.

@@ -155,6 +155,9 @@ pub struct PeerStatus {
     pub unacked: u64,
     /// Commit time of the oldest unacknowledged event (µs since epoch): the RPO exposure.
     pub oldest_unacked_micros: Option<i64>,
+    /// Set while the peer needs events of this origin that the log no longer holds: why,
+    /// and what to do.
+    pub needs_reseed: Option<String>,
 }
 
 /// A region's store, SQLite or PostgreSQL: the one interface the node and the transport use.
@@ -196,12 +199,9 @@ impl Store {
     pub async fn inspect(
         database: &crate::config::Database,
         identity: crate::event::Identity,
-        tables: &[crate::config::TableConfig],
     ) -> Result<Self, StoreError> {
         Ok(match database {
-            crate::config::Database::Sqlite(path) => Store::Sqlite(
-                sqlite::SqliteStore::open(path, identity, tables, std::time::Duration::from_secs(1)).await?,
-            ),
+            crate::config::Database::Sqlite(path) => Store::Sqlite(sqlite::SqliteStore::inspect(path, identity).await?),
             crate::config::Database::Postgres(url) => Store::Postgres(postgres::PgStore::inspect(url, identity).await?),
         })
     }
@@ -237,6 +237,11 @@ impl Store {
     /// fallback, a second) on PostgreSQL.
     pub async fn wait_for_change(&self, poll: std::time::Duration) {
         both!(self, s => backend::Backend::wait_for_change(&s.backend, poll).await)
+    }
+
+    /// Records (or clears) for `weft status` that `peer` is behind this node's log of `origin`.
+    pub async fn note_behind_log(&self, peer: &str, origin: &str, note: Option<&str>) -> Result<(), StoreError> {
+        both!(self, s => s.note_behind_log(peer, origin, note).await)
     }
 
     /// The last own seq committed (as of the last drain or apply).

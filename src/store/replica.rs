@@ -140,6 +140,18 @@ impl<B: Backend> Replica<B> {
         self.writer.lock().await.last_seq
     }
 
+    /// Records for `weft status` that `peer` needs events of `origin` the log no longer
+    /// holds (`note` says why and what to do), or with `None` that it no longer does.
+    pub async fn note_behind_log(&self, peer: &str, origin: &str, note: Option<&str>) -> Result<(), StoreError> {
+        self.with_writer(async |_: &Self, conn: &mut Conn<B>, _: &mut u64| {
+            let mut tx = sqlx::Connection::begin_with(conn, sqlx::AssertSqlSafe(B::BEGIN)).await?;
+            B::note_behind_log(&mut tx, peer, origin, note).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Runs `f` on the writer connection, dialling it first if needed. Any error drops the
     /// connection (its transaction rolled back); the next call redials.
     pub(crate) async fn with_writer<T>(

@@ -20,6 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::BehindLog;
 use super::Context;
 use super::handshake::{self, Hello, Refusal};
 use super::session::{Backoff, Feeder, Settings, Tick};
@@ -53,6 +54,9 @@ pub enum TransportError {
     Silent { peer: NodeId, timeout: Duration },
     #[error("store: {0}")]
     Store(#[from] crate::store::StoreError),
+    /// The peer needs events this node's log no longer holds (see `BehindLog`).
+    #[error("{0}")]
+    BehindLog(crate::transport::BehindLog),
 }
 
 fn refusal_status(refusal: Refusal) -> Status {
@@ -254,7 +258,9 @@ pub async fn feed_peer(ctx: Context, peer: NodeSpec) {
         feeder.on_disconnect();
         ctx.observer.peer_lost(&peer.id);
         let redial = backoff.on_failure(started.elapsed());
-        if redial.worth_reporting() {
+        if let TransportError::BehindLog(behind) = &error {
+            ctx.behind_log(behind).await;
+        } else if redial.worth_reporting() {
             tracing::warn!(peer = %peer.id, %error, failures = redial.failures, "peer stream down; redialling");
         }
         tokio::select! {
@@ -386,7 +392,13 @@ impl Outbound<'_> {
             let mut events = Vec::new();
             let mut last = Vec::new();
             for read in reads {
+                // This node's last seq before its log: a drain between the two only adds.
+                let produced = (read.origin == self.ctx.config.node).then(|| *self.ctx.log_grew.borrow());
                 let entries = self.ctx.store.read_log(&read.origin, read.after, read.max).await?;
+                let first = entries.first().map(|e| e.seq);
+                if let Some(behind) = BehindLog::check(self.peer, &read.origin, read.after, first, produced) {
+                    return Err(TransportError::BehindLog(behind));
+                }
                 if let Some(entry) = entries.last() {
                     last.push((read.origin, entry.seq));
                 }
@@ -403,6 +415,7 @@ impl Outbound<'_> {
             let own = self.feeder.record_sent(last);
             self.ctx.observer.sent(self.peer, own);
         }
+        self.ctx.caught_up(self.peer).await;
         Ok(())
     }
 

@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use crate::config::NodeConfig;
 use crate::event::NodeId;
 use crate::store::{ApplyReport, Store};
+pub use session::BehindLog;
 use session::{Connected, Effects};
 
 /// What the transport reports about its peers. Calls come from hot paths (every batch and
@@ -41,6 +42,8 @@ pub trait PeerObserver: Send + Sync {
     fn relaying(&self, peer: &str, origins: &[NodeId]);
     /// A received batch was applied; `now_micros` is the wall clock at commit, for lag.
     fn applied(&self, report: &ApplyReport, now_micros: i64);
+    /// A peer was found behind this node's log (it needs a re-seed).
+    fn behind_log(&self, _peer: &str) {}
     /// A peer's clock was too far ahead to adopt.
     fn clock_skew(&self);
 }
@@ -89,6 +92,8 @@ pub struct Context {
     pub acks: Arc<Mutex<BTreeMap<(NodeId, NodeId), u64>>>,
     pub heard: Arc<Heard>,
     pub shutdown: watch::Receiver<bool>,
+    /// The (peer, origin) pairs found behind this node's log, reported once each.
+    pub behind: Arc<Mutex<std::collections::BTreeSet<(NodeId, NodeId)>>>,
 }
 
 impl Context {
@@ -115,6 +120,47 @@ impl Context {
                 tracing::info!(%peer, %origin, "stopped relaying {origin}'s events to {peer}: their link is back");
             }
             self.observer.relaying(peer, &change.relaying);
+        }
+    }
+
+    /// Reports a peer behind this node's log: once at ERROR with what to do, and in the
+    /// database for `weft status`; the stream is redialled with backoff meanwhile.
+    pub async fn behind_log(&self, behind: &BehindLog) {
+        let first = self
+            .behind
+            .lock()
+            .expect("behind-log lock")
+            .insert((behind.peer.clone(), behind.origin.clone()));
+        if !first {
+            tracing::debug!(%behind, "peer still behind this node's log");
+            return;
+        }
+        tracing::error!(peer = %behind.peer, origin = %behind.origin, "{behind}");
+        self.observer.behind_log(&behind.peer);
+        if let Err(error) = self
+            .store
+            .note_behind_log(&behind.peer, &behind.origin, Some(&behind.to_string()))
+            .await
+        {
+            tracing::warn!(%error, "cannot record the peer behind the log for weft status");
+        }
+    }
+
+    /// Clears what `behind_log` recorded for `peer` once it is served again.
+    pub async fn caught_up(&self, peer: &str) {
+        let cleared: Vec<NodeId> = {
+            let mut behind = self.behind.lock().expect("behind-log lock");
+            let origins: Vec<NodeId> = behind
+                .iter()
+                .filter(|(p, _)| p == peer)
+                .map(|(_, o)| o.clone())
+                .collect();
+            behind.retain(|(p, _)| p != peer);
+            origins
+        };
+        for origin in cleared {
+            tracing::info!(%peer, %origin, "peer is served from this node's log again");
+            let _ = self.store.note_behind_log(peer, &origin, None).await;
         }
     }
 

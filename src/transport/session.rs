@@ -397,6 +397,22 @@ impl Redial {
 
 #[cfg(test)]
 mod tests {
+    use super::BehindLog;
+
+    #[test]
+    fn a_peer_is_behind_the_log_only_when_what_it_needs_is_gone() {
+        // The log has what the peer needs, or there is nothing to send.
+        assert_eq!(BehindLog::check("p", "o", 4, Some(5), Some(9)), None);
+        assert_eq!(BehindLog::check("p", "o", 9, None, Some(9)), None);
+        assert_eq!(BehindLog::check("p", "r", 4, None, None), None);
+        // Trimmed past what it needs: from the log's first entry, or entirely.
+        let behind = BehindLog::check("p", "o", 0, Some(41), Some(50)).unwrap();
+        assert_eq!((behind.needs, behind.log_from), (1, Some(41)));
+        assert!(behind.to_string().contains("log starts at seq 41"), "{behind}");
+        let behind = BehindLog::check("p", "o", 3, None, Some(40)).unwrap();
+        assert!(behind.to_string().contains("holds none of them"), "{behind}");
+    }
+
     use super::*;
 
     /// A log of capture batches per origin, by last seq: `[2, 5]` holds batches 1-2 and 3-5.
@@ -596,5 +612,55 @@ mod tests {
         assert_eq!(feeder.on_tick(t + s(14)), Tick::Leave);
         let _ = feeder.on_ack(frontiers(&[("a", 1)]), &[], t + s(11));
         assert!(feeder.may_leave(t + s(11)), "everything acknowledged");
+    }
+}
+
+/// A peer that needs events of `origin` from `needs` on that this node's log no longer
+/// holds: they were trimmed once every node that needed them had acknowledged them, so the
+/// peer went back (rebuilt empty, restored from a backup) or joined after the trim. It
+/// cannot catch up from this log; sending would only make it refuse the gap, forever.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BehindLog {
+    pub peer: NodeId,
+    pub origin: NodeId,
+    pub needs: u64,
+    /// The first entry the log still has for `origin` past `needs`, if any.
+    pub log_from: Option<u64>,
+}
+
+impl BehindLog {
+    /// Whether a read of `origin`'s log after `after` shows `peer` behind it: `first` is the
+    /// first entry found; `produced`, for this node's own origin, its last seq read before
+    /// the log (everything past `after` up to it should be there).
+    pub fn check(peer: &str, origin: &str, after: u64, first: Option<u64>, produced: Option<u64>) -> Option<Self> {
+        let missing = match first {
+            Some(seq) => seq > after + 1,
+            None => produced.is_some_and(|last| last > after),
+        };
+        missing.then(|| BehindLog {
+            peer: peer.to_owned(),
+            origin: origin.to_owned(),
+            needs: after + 1,
+            log_from: first,
+        })
+    }
+}
+
+impl std::fmt::Display for BehindLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let held = match self.log_from {
+            Some(seq) => format!("starts at seq {seq}"),
+            None => "holds none of them".to_owned(),
+        };
+        write!(
+            f,
+            "{peer} needs {origin}'s events from seq {needs}, but this node's log {held}: they were trimmed after \
+             every node that needed them had them. {peer} went back (rebuilt, restored from a backup) or joined \
+             after the trim, and cannot catch up from this log: stop its sidecar, replace its database with a \
+             copy of a current region's, and start it again",
+            peer = self.peer,
+            origin = self.origin,
+            needs = self.needs
+        )
     }
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use weft::config::{ReplicationConfig, TableConfig};
 use weft::harness::loopback::LoopbackMesh;
 
-const SCHEMA: &str = "
+pub const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS items (id INTEGER PRIMARY KEY, origin TEXT NOT NULL, v INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS shared (id INTEGER PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS stock (id INTEGER PRIMARY KEY, qty INTEGER NOT NULL);

@@ -380,6 +380,15 @@ impl Backend for Postgres {
         metadata::frontier_status(conn).await
     }
 
+    async fn note_behind_log(
+        conn: &mut PgConnection,
+        peer: &str,
+        origin: &str,
+        note: Option<&str>,
+    ) -> Result<(), StoreError> {
+        metadata::note_behind_log(conn, peer, origin, note).await
+    }
+
     async fn backlog(conn: &mut PgConnection, peer: &str, origin: &str) -> Result<PeerStatus, StoreError> {
         metadata::backlog(conn, peer, origin).await
     }

@@ -129,6 +129,30 @@ impl Replica<Sqlite> {
     }
 }
 
+impl Replica<Sqlite> {
+    /// Reads the state of a database a sidecar serves (for `weft status`), beside it: without
+    /// its lock, installing nothing.
+    pub async fn inspect(path: &Path, identity: Identity) -> Result<Self, StoreError> {
+        if !path.exists() {
+            return Err(StoreError::NotInstalled(format!(
+                "{}: no database there; is this the node's config?",
+                path.display()
+            )));
+        }
+        let backend = Sqlite::lazy(path);
+        let installed: i64 = sqlx::query_scalar("SELECT count(*) FROM sqlite_master WHERE name = '_weft_node'")
+            .fetch_one(&backend.readers)
+            .await?;
+        if installed == 0 {
+            return Err(StoreError::NotInstalled(format!(
+                "{}: weft is not installed in this database yet; start the node's sidecar (weft run) once",
+                path.display()
+            )));
+        }
+        Ok(Replica::reading(backend, identity))
+    }
+}
+
 impl Sqlite {
     /// Read-only connections open lazily: the writer creates the file and the schema first.
     fn lazy(path: &Path) -> Self {
@@ -270,6 +294,15 @@ impl Backend for Sqlite {
 
     async fn frontier_status(conn: &mut SqliteConnection) -> Result<Vec<FrontierStatus>, StoreError> {
         metadata::frontier_status(conn).await
+    }
+
+    async fn note_behind_log(
+        conn: &mut SqliteConnection,
+        peer: &str,
+        origin: &str,
+        note: Option<&str>,
+    ) -> Result<(), StoreError> {
+        metadata::note_behind_log(conn, peer, origin, note).await
     }
 
     async fn backlog(conn: &mut SqliteConnection, peer: &str, origin: &str) -> Result<PeerStatus, StoreError> {
