@@ -42,6 +42,7 @@ pub struct Node {
     pub listen: SocketAddr,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
+    fatal: watch::Sender<Option<String>>,
 }
 
 impl Node {
@@ -52,27 +53,7 @@ impl Node {
     /// Like `start`, adding to existing figures (a restarted region keeps its history).
     pub async fn start_with_metrics(config: NodeConfig, metrics: Arc<Metrics>) -> Result<Self, NodeError> {
         let config = Arc::new(config);
-        let identity = Identity {
-            node: config.node.clone(),
-            region: config.region().to_owned(),
-        };
-        let store = Arc::new(
-            Store::open(
-                &config.database,
-                identity,
-                &config.tables,
-                config.replication.max_clock_skew(),
-            )
-            .await?
-            .relaying(topology::kept_origins(
-                &config.topology,
-                &config.node,
-                config.relay_repair(),
-            )),
-        );
-        for advice in store.advisories() {
-            tracing::warn!("{advice}");
-        }
+        let store = open_store(&config).await?;
         let listener = TcpListener::bind(&config.listen)
             .await
             .map_err(|source| NodeError::Listen {
@@ -85,6 +66,7 @@ impl Node {
         })?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (log_grew, _) = watch::channel(store.last_seq().await);
+        let (fatal, _) = watch::channel(None);
         let ctx = Context {
             config: config.clone(),
             store: store.clone(),
@@ -93,6 +75,7 @@ impl Node {
             acks: Default::default(),
             heard: Arc::new(Heard::new(tokio::time::Instant::now())),
             behind: Arc::default(),
+            fatal: fatal.clone(),
             shutdown: shutdown_rx.clone(),
         };
         let mut tasks = JoinSet::new();
@@ -129,7 +112,22 @@ impl Node {
             listen,
             shutdown,
             tasks,
+            fatal,
         })
+    }
+
+    /// Resolves with the reason once the node must stop for something only an operator can
+    /// fix (its database went back in time).
+    pub async fn fatal(&self) -> String {
+        let mut fatal = self.fatal.subscribe();
+        loop {
+            if let Some(reason) = fatal.borrow_and_update().clone() {
+                return reason;
+            }
+            if fatal.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// Graceful stop: final drain, outstanding acks awaited briefly, store closed.
@@ -152,6 +150,31 @@ impl Node {
             store.close().await;
         }
     }
+}
+
+/// Opens (installing if needed) the node's store, keeping the origins it relays, and logs
+/// what the operator should know about its tables.
+async fn open_store(config: &NodeConfig) -> Result<Arc<Store>, NodeError> {
+    let identity = Identity {
+        node: config.node.clone(),
+        region: config.region().to_owned(),
+    };
+    let store = Store::open(
+        &config.database,
+        identity,
+        &config.tables,
+        config.replication.max_clock_skew(),
+    )
+    .await?
+    .relaying(topology::kept_origins(
+        &config.topology,
+        &config.node,
+        config.relay_repair(),
+    ));
+    for advice in store.advisories() {
+        tracing::warn!("{advice}");
+    }
+    Ok(Arc::new(store))
 }
 
 /// Drains the outbox whenever another connection has committed; once more at shutdown.

@@ -131,3 +131,63 @@ async fn a_region_rebuilt_empty_after_the_logs_were_trimmed_is_reported_as_needi
     }
     sidecars.terminate_all();
 }
+
+/// A region whose database is restored from a copy taken earlier used to keep running, and
+/// every peer dropped its new writes as duplicates (their seqs went back in time). On its
+/// first connection it now learns from a peer that its database went back, says by how many
+/// of its own events, and stops, before any new write can be lost that way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_restored_from_an_older_copy_stops_before_losing_new_writes() {
+    use std::time::Duration;
+
+    use common::sidecars::Sidecars;
+    let dir = tempfile::tempdir().unwrap();
+    let sidecars = Sidecars::new(dir.path()).await;
+    sidecars.spawn_all().await;
+    sidecars.write(0, 0, 10, 5).await;
+    sidecars.assert_exactly_once(10).await;
+    let east = &sidecars.mesh.regions[0];
+    let backup = dir.path().join("east-backup.db");
+    let stop_east = || async {
+        sidecars.signal(0, "TERM");
+        let stopped = sidecars.exit_status(0, Duration::from_secs(20)).await;
+        assert!(stopped.is_some_and(|s| s.success()), "{stopped:?}");
+    };
+    // Last night's backup, taken the way SQLite recommends while the database is in use.
+    let take = format!("VACUUM INTO '{}'", backup.display());
+    sqlx::raw_sql(sqlx::AssertSqlSafe(take))
+        .execute(&east.app)
+        .await
+        .unwrap();
+    stop_east().await;
+    sidecars.spawn(0, None).await;
+    sidecars.write(0, 10, 10, 5).await;
+    sidecars.assert_exactly_once(20).await;
+    stop_east().await;
+    east.app.close().await;
+    std::fs::copy(&backup, &east.db).unwrap();
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", east.db.display()));
+    }
+
+    sidecars.spawn(0, None).await;
+    let exited = sidecars.exit_status(0, Duration::from_secs(30)).await;
+    assert!(
+        exited.is_some_and(|s| !s.success()),
+        "the restored region kept running: {exited:?}"
+    );
+    sidecars.kill9(0);
+    let log = std::fs::read_to_string(sidecars.mesh.dir.join(format!("{}.log", east.region))).unwrap();
+    assert!(
+        log.contains("went back in time") && log.contains("Events 11..=20 (10 of them)"),
+        "{log}"
+    );
+    for region in &sidecars.mesh.regions[1..] {
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM items")
+            .fetch_one(&region.app)
+            .await
+            .unwrap();
+        assert_eq!(rows, 20, "{}: nothing the others had is lost", region.region);
+    }
+    sidecars.terminate_all();
+}

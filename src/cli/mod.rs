@@ -136,11 +136,17 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
     let node = Node::start(config)
         .await
         .with_context(|| format!("starting the node of {}", path.display()))?;
-    shutdown_signal().await;
+    let fatal = tokio::select! {
+        () = shutdown_signal() => None,
+        reason = node.fatal() => Some(reason),
+    };
     tracing::info!("stopping: draining and waiting for acknowledgements");
     node.stop().await;
     tracing::info!("stopped");
-    Ok(())
+    match fatal {
+        Some(reason) => anyhow::bail!("{reason}"),
+        None => Ok(()),
+    }
 }
 
 async fn shutdown_signal() {

@@ -346,9 +346,14 @@ impl Outbound<'_> {
         // from the node we meant to reach.
         handshake::check_welcome(self.peer, &welcome.node_id, &welcome.mesh, &config.topology)
             .map_err(|refusal| self.protocol(&refusal.to_string()))?;
-        let connected = self
-            .feeder
-            .on_welcome(frontiers_from_proto(welcome.frontiers), Instant::now());
+        let frontiers = frontiers_from_proto(welcome.frontiers);
+        let ours = self.ctx.store.last_seq().await;
+        if let Some(went_back) = handshake::WentBack::check(&config.node, self.peer, &frontiers, ours) {
+            tracing::error!(peer = %self.peer, "{went_back}");
+            self.ctx.fatal.send_replace(Some(went_back.to_string()));
+            return Err(self.protocol("this node's database went back in time; stopping"));
+        }
+        let connected = self.feeder.on_welcome(frontiers, Instant::now());
         self.ctx.connected(self.peer, &connected);
         Ok(inbound)
     }

@@ -14,8 +14,11 @@
 //! its log; so it first checks that the answer names the node it dialled and its mesh. A
 //! wrong address (a `[dial]` entry pointing at another node) would otherwise trim events the
 //! real peer never got.
+use std::collections::BTreeMap;
+
 use crate::config::Topology;
 use crate::event::Event;
+use crate::event::NodeId;
 use crate::wire::PROTOCOL;
 
 /// What a dialling node says about itself, whatever the binding's framing.
@@ -112,8 +115,66 @@ pub fn check_hello(hello: Hello<'_>, topology: &Topology, me: &str) -> Result<()
     Ok(())
 }
 
+/// A peer has applied more of this node's own events than this node's database holds: the
+/// database went back in time (restored from a backup or a VM snapshot, a failover to an
+/// asynchronous replica). Events numbered from here would reuse seqs the peer has applied,
+/// and it would drop them as duplicates: new writes would be lost without a word.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WentBack {
+    pub peer: NodeId,
+    /// What the peer has applied of this node's events.
+    pub peer_has: u64,
+    /// What this node's database holds as its last seq.
+    pub ours: u64,
+}
+
+impl WentBack {
+    /// Whether `peer`'s Welcome `frontiers` show this node (`me`, at `ours`) went back.
+    pub fn check(me: &str, peer: &str, frontiers: &BTreeMap<NodeId, u64>, ours: u64) -> Option<Self> {
+        let peer_has = frontiers.get(me).copied().unwrap_or(0);
+        (peer_has > ours).then(|| WentBack {
+            peer: peer.to_owned(),
+            peer_has,
+            ours,
+        })
+    }
+}
+
+impl std::fmt::Display for WentBack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{peer} has applied this node's events up to seq {has}, but this database holds only up to seq {ours}: \
+             it went back in time (restored from a backup or a snapshot, or failed over to a replica that lags). \
+             Events {from}..={has} ({n} of them) were this node's and are not in this database; {peer} and the \
+             regions it reached have them. Stopping, so that no new write is dropped as a duplicate: replace this \
+             database with a copy of a current region's and start again (writes made here since the restore wait \
+             in the outbox meanwhile)",
+            peer = self.peer,
+            has = self.peer_has,
+            ours = self.ours,
+            from = self.ours + 1,
+            n = self.peer_has - self.ours
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_peer_that_has_more_of_our_events_than_we_do_shows_we_went_back() {
+        let frontiers: BTreeMap<NodeId, u64> = [("a".to_string(), 20), ("b".to_string(), 7)].into_iter().collect();
+        assert_eq!(WentBack::check("a", "b", &frontiers, 20), None);
+        assert_eq!(
+            WentBack::check("a", "b", &frontiers, 25),
+            None,
+            "it may not have everything yet"
+        );
+        assert_eq!(WentBack::check("c", "b", &frontiers, 0), None, "it has nothing of ours");
+        let back = WentBack::check("a", "b", &frontiers, 12).unwrap();
+        assert!(back.to_string().contains("Events 13..=20 (8 of them)"), "{back}");
+    }
+
     use super::*;
     use std::path::Path;
 

@@ -92,6 +92,8 @@ pub struct Context {
     pub acks: Arc<Mutex<BTreeMap<(NodeId, NodeId), u64>>>,
     pub heard: Arc<Heard>,
     pub shutdown: watch::Receiver<bool>,
+    /// Set when the node must stop (a reason nothing but an operator can fix).
+    pub fatal: watch::Sender<Option<String>>,
     /// The (peer, origin) pairs found behind this node's log, reported once each.
     pub behind: Arc<Mutex<std::collections::BTreeSet<(NodeId, NodeId)>>>,
 }

@@ -115,9 +115,10 @@ impl Sidecars {
         while tokio::net::TcpStream::connect(&address).await.is_err() {
             let exited = self.children.lock().unwrap()[i].as_mut().unwrap().try_wait().unwrap();
             if let Some(status) = exited {
+                let log = self.mesh.dir.join(format!("{}.log", self.mesh.regions[i].region));
                 panic!(
-                    "weft run for region {i} exited early with {status}; see its log in {}",
-                    self.mesh.dir.display()
+                    "weft run for region {i} exited early with {status}; its log:\n{}",
+                    std::fs::read_to_string(log).unwrap_or_default()
                 );
             }
             assert!(
@@ -174,7 +175,7 @@ impl Sidecars {
     pub fn kill9(&self, i: usize) {
         let child = self.children.lock().unwrap()[i].take();
         if let Some(mut child) = child {
-            child.kill().unwrap(); // SIGKILL
+            let _ = child.kill(); // SIGKILL (an exited child has nothing to kill)
             child.wait().unwrap();
         }
     }
