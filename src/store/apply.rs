@@ -63,19 +63,14 @@ impl<B: Backend> Replica<B> {
     /// `applied_since` (rows were applied since the last round), letters a missing parent
     /// row refused are due at once, backoff or not: the parent may be among those rows.
     pub async fn retry_dead_letters(&self, applied_since: bool) -> Result<RetryReport, StoreError> {
+        // Read beside the writer: a round with nothing due takes no write lock.
+        let mut read = self.backend.begin_read().await?;
         let due = self
-            .with_writer(async |store: &Self, conn: &mut Conn<B>, _: &mut u64| {
-                let mut tx = sqlx::Connection::begin_with(conn, sqlx::AssertSqlSafe(B::BEGIN)).await?;
-                let mut txn = store.backend.txn(&store.tables, &mut tx);
-                if applied_since {
-                    txn.parents_may_have_arrived().await?;
-                }
-                let due = txn.due_dead_letters(RETRY_ROUND).await?;
-                drop(txn);
-                tx.commit().await?;
-                Ok(due)
-            })
+            .backend
+            .txn(&self.tables, &mut read)
+            .due_dead_letters(RETRY_ROUND, applied_since)
             .await?;
+        read.commit().await?;
         let mut out = RetryReport::default();
         for (id, bytes, attempts) in due {
             let event = match crate::wire::decode_event(&bytes) {

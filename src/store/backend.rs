@@ -305,10 +305,13 @@ pub trait Txn {
     async fn foreign_keys_unchecked(&mut self) -> Result<bool, StoreError>;
     /// Opens, keeps or undoes a group of writes the engine may take back as one.
     async fn group(&mut self, step: Group) -> Result<(), StoreError>;
-    /// Makes the dead letters refused for a missing parent row due now.
-    async fn parents_may_have_arrived(&mut self) -> Result<(), StoreError>;
-    /// Dead letters whose retry is due, oldest first, at most `limit`.
-    async fn due_dead_letters(&mut self, limit: i64) -> Result<Vec<DueLetter>, StoreError>;
+    /// Dead letters whose retry is due, oldest first, at most `limit`; with
+    /// `parents_may_have_arrived`, also those a missing parent row refused, backoff or not.
+    async fn due_dead_letters(
+        &mut self,
+        limit: i64,
+        parents_may_have_arrived: bool,
+    ) -> Result<Vec<DueLetter>, StoreError>;
     async fn delete_dead_letter(&mut self, id: i64) -> Result<(), StoreError>;
 }
 
@@ -454,12 +457,9 @@ macro_rules! forward_txn_io {
         async fn due_dead_letters(
             &mut self,
             limit: i64,
+            parents_may_have_arrived: bool,
         ) -> Result<Vec<$crate::store::backend::DueLetter>, $crate::store::StoreError> {
-            metadata::due_dead_letters(self.conn, limit).await
-        }
-
-        async fn parents_may_have_arrived(&mut self) -> Result<(), $crate::store::StoreError> {
-            metadata::parents_may_have_arrived(self.conn).await
+            metadata::due_dead_letters(self.conn, limit, parents_may_have_arrived).await
         }
 
         async fn delete_dead_letter(&mut self, id: i64) -> Result<(), $crate::store::StoreError> {

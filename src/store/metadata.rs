@@ -279,26 +279,23 @@ macro_rules! metadata_io {
             Ok(())
         }
 
+        /// Letters whose retry is due; with `parents`, also those a missing parent row
+        /// refused (SQLSTATE 23503), backoff or not.
         pub(super) async fn due_dead_letters(
             conn: &mut $conn,
             limit: i64,
+            parents: bool,
         ) -> Result<Vec<$crate::store::backend::DueLetter>, $crate::store::StoreError> {
             let sql = meta(
-                "SELECT id, event, attempts FROM {w}dead_letters WHERE retry_at <= {now} ORDER BY id LIMIT $1",
+                "SELECT id, event, attempts FROM {w}dead_letters \
+                 WHERE retry_at <= {now} OR ($2 AND reason LIKE '%(SQLSTATE 23503)%') ORDER BY id LIMIT $1",
             );
-            let rows: Vec<(i64, Vec<u8>, i64)> = sqlx::query_as(sql).bind(limit).fetch_all(&mut *conn).await?;
+            let rows: Vec<(i64, Vec<u8>, i64)> =
+                sqlx::query_as(sql).bind(limit).bind(parents).fetch_all(&mut *conn).await?;
             Ok(rows
                 .into_iter()
                 .map(|(id, event, attempts)| (id, event, attempts.clamp(0, i64::from(u32::MAX)) as u32))
                 .collect())
-        }
-
-        /// Makes the letters a missing parent row refused (SQLSTATE 23503) due now.
-        pub(super) async fn parents_may_have_arrived(conn: &mut $conn) -> Result<(), $crate::store::StoreError> {
-            sqlx::query(meta("UPDATE {w}dead_letters SET retry_at = 0 WHERE reason LIKE '%(SQLSTATE 23503)%'"))
-                .execute(&mut *conn)
-                .await?;
-            Ok(())
         }
 
         pub(super) async fn group(
