@@ -31,9 +31,11 @@ async fn a_cancelled_apply_whose_commit_landed_never_makes_seqs_go_back() {
         let frontier = a.store.frontiers().await.unwrap().get("b").copied().unwrap_or(0);
         let events = own_events(&b.store, "b", frontier).await;
         // Each sweep of 200 steps spans twice the time of the one before: on a loaded
-        // machine a commit takes longer to come round.
-        let cancel_after = Duration::from_micros((100 + (step % 200) * 60) << (step / 200));
-        let cancelled = tokio::time::timeout(cancel_after, a.store.apply(events)).await.is_err();
+        // machine a commit takes longer to come round. The future is polled by hand and
+        // dropped after exactly that long (tokio's timers tick in milliseconds, far coarser
+        // than a commit on a quiet machine).
+        let cancel_after = Duration::from_micros((20 + (step % 200) * 15) << (step / 200));
+        let cancelled = run_for(cancel_after, a.store.apply(events)).await.is_none();
         let now = a.store.frontiers().await.unwrap().get("b").copied().unwrap_or(0);
         if cancelled && now > frontier {
             landed_after_cancel += 1;
@@ -62,6 +64,22 @@ async fn a_cancelled_apply_whose_commit_landed_never_makes_seqs_go_back() {
         landed_after_cancel > 0,
         "no cancellation landed after a commit: the sweep did not reach the window it tests"
     );
+}
+
+/// Polls `future` until it completes or `limit` has passed, then drops it (cancelling it):
+/// microsecond precision, where a tokio timer would round up to its millisecond tick.
+async fn run_for<F: std::future::Future>(limit: Duration, future: F) -> Option<F::Output> {
+    let started = std::time::Instant::now();
+    let mut future = std::pin::pin!(future);
+    std::future::poll_fn(|cx| match future.as_mut().poll(cx) {
+        std::task::Poll::Ready(out) => std::task::Poll::Ready(Some(out)),
+        std::task::Poll::Pending if started.elapsed() >= limit => std::task::Poll::Ready(None),
+        std::task::Poll::Pending => {
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    })
+    .await
 }
 
 /// Finding 10: last-writer-wins orders writes by when the application committed them. A
