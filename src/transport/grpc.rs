@@ -281,6 +281,9 @@ async fn session(ctx: &Context, peer: &NodeSpec, feeder: &mut Feeder) -> Result<
         out,
     };
     let inbound = link.open(client, out_rx).await?;
+    // A first window sent means the log serves this peer (again): once per connection.
+    link.fill_window().await?;
+    ctx.caught_up(&peer.id).await;
     link.run(inbound).await
 }
 
@@ -420,7 +423,6 @@ impl Outbound<'_> {
             let own = self.feeder.record_sent(last);
             self.ctx.observer.sent(self.peer, own);
         }
-        self.ctx.caught_up(self.peer).await;
         Ok(())
     }
 
