@@ -3,7 +3,8 @@
 //! point named NAME. Unset, a crash point costs one relaxed atomic load.
 //!
 //! Points: `after-drain` (events committed to the log, not yet sent) and `after-apply`
-//! (a batch committed, not yet acknowledged); `capture-panics` panics the capture task
+//! (a batch committed, not yet acknowledged), `after-snapshot-page` (a joining node installed
+//! a chunk of its snapshot); `capture-panics` panics the capture task
 //! instead (`panic_point`). A few points are not crashes but lost replies
 //! (`reply_lost`): `pg-drain-reply-lost` (`sqlite-drain-reply-lost`) makes a PostgreSQL
 //! (SQLite) drain report an error after its commit succeeded, as when the server goes away

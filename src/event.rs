@@ -158,6 +158,44 @@ impl Key {
         }
         out
     }
+
+    /// The key whose canonical encoding `bytes` is (what metadata tables store), or what is
+    /// wrong with them.
+    pub fn from_bytes(mut bytes: &[u8]) -> Result<Self, String> {
+        fn take<'b>(bytes: &mut &'b [u8], n: usize) -> Result<&'b [u8], String> {
+            if bytes.len() < n {
+                return Err(format!("key encoding ends {} bytes early", n - bytes.len()));
+            }
+            let (head, rest) = bytes.split_at(n);
+            *bytes = rest;
+            Ok(head)
+        }
+        fn word(bytes: &mut &[u8]) -> Result<[u8; 8], String> {
+            Ok(take(bytes, 8)?.try_into().expect("eight bytes"))
+        }
+        let mut values = Vec::new();
+        while let Some((&tag, rest)) = bytes.split_first() {
+            bytes = rest;
+            let value = match tag {
+                0 => Value::Null,
+                1 => Value::Integer(i64::from_be_bytes(word(&mut bytes)?)),
+                2 => Value::Real(f64::from_bits(u64::from_be_bytes(word(&mut bytes)?))),
+                3 | 4 => {
+                    let len = usize::try_from(u64::from_be_bytes(word(&mut bytes)?))
+                        .map_err(|_| "key value length does not fit in memory".to_owned())?;
+                    let body = take(&mut bytes, len)?.to_vec();
+                    if tag == 3 {
+                        Value::Text(String::from_utf8(body).map_err(|e| format!("key text is not UTF-8: {e}"))?)
+                    } else {
+                        Value::Blob(body)
+                    }
+                }
+                other => return Err(format!("unknown key value tag {other}")),
+            };
+            values.push(value);
+        }
+        Ok(Key(values))
+    }
 }
 
 impl fmt::Display for Key {
@@ -322,6 +360,25 @@ mod tests {
                 assert_eq!(a.to_bytes() == b.to_bytes(), i == j, "{a} vs {b}");
             }
         }
+    }
+
+    #[test]
+    fn key_bytes_decode_back_to_the_key_and_damage_is_an_error() {
+        let key = Key(vec![
+            Value::Null,
+            Value::Integer(-7),
+            Value::Real(2.5),
+            Value::Text("é".into()),
+            Value::Blob(vec![0, 255]),
+        ]);
+        assert_eq!(Key::from_bytes(&key.to_bytes()), Ok(key.clone()));
+        let bytes = key.to_bytes();
+        assert!(
+            Key::from_bytes(&bytes[..bytes.len() - 1])
+                .unwrap_err()
+                .contains("early")
+        );
+        assert!(Key::from_bytes(&[9]).unwrap_err().contains("tag 9"));
     }
 
     #[test]

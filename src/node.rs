@@ -2,8 +2,10 @@
 //!
 //! `Node::start` opens the store (installing schema and triggers), binds the listener and
 //! spawns: the gRPC server (receiving), one feeder per downstream peer (sending), the capture
-//! loop (drains the outbox whenever another connection commits), and upkeep (persists
-//! acknowledgements, trims the log, retries due dead letters every 5 s, logs a status line). `Node::stop` is graceful: one shutdown
+//! loop (drains the outbox whenever another connection commits, once a peer's Welcome has
+//! confirmed that this database did not go back in time), upkeep (persists
+//! acknowledgements, trims the log, retries due dead letters every 5 s, logs a status line),
+//! and the join loop (re-seeds by snapshot when a peer says this node cannot catch up). `Node::stop` is graceful: one shutdown
 //! signal, a final drain, feeders wait briefly for outstanding acks, then the store closes.
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -67,7 +69,12 @@ impl Node {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (log_grew, _) = watch::channel(store.last_seq().await);
         let (fatal, _) = watch::channel(None);
+        let (join_requests, join_requests_rx) = tokio::sync::mpsc::channel(16);
+        let alone = topology::downstream(&config.topology, &config.node).is_empty();
         let ctx = Context {
+            verified: watch::channel(alone).0,
+            joining: watch::channel(None).0,
+            join_requests,
             config: config.clone(),
             store: store.clone(),
             observer: metrics.clone(),
@@ -104,6 +111,7 @@ impl Node {
         }
         tasks.spawn(capture_loop(ctx.clone(), metrics.clone()));
         tasks.spawn(upkeep_loop(ctx.clone(), metrics.clone()));
+        tasks.spawn(crate::transport::join::join_loop(ctx.clone(), join_requests_rx));
         tracing::info!(node = %config.node, %listen, peers = topology::downstream(&config.topology, &config.node).len(), "weft node started");
         Ok(Self {
             config,
@@ -182,13 +190,36 @@ async fn capture_loop(ctx: Context, metrics: Arc<Metrics>) {
     let mut shutdown = ctx.shutdown.clone();
     let mut seen = None;
     let mut failures = 0u32;
+    let mut verified = ctx.verified.subscribe();
+    let mut waiting_since = tokio::time::Instant::now();
     loop {
+        let mut again = false;
         let stopping = *shutdown.borrow();
+        if !*verified.borrow_and_update() {
+            // Changes wait in the outbox until a peer confirms this database's history.
+            if stopping {
+                return;
+            }
+            if waiting_since.elapsed() >= Duration::from_secs(30) {
+                waiting_since = tokio::time::Instant::now();
+                tracing::warn!(
+                    "no peer has confirmed this database's history yet; local changes wait in the outbox until one answers"
+                );
+            }
+            tokio::select! {
+                _ = stopped(&mut shutdown) => {}
+                _ = verified.changed() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            continue;
+        }
         match ctx.store.data_version().await {
             Ok(version) if Some(version) == seen && !stopping => {}
             Ok(version) => match ctx.store.drain().await {
                 Ok(report) => {
-                    seen = Some(version);
+                    // A drain stopped at its bound comes back at once for the rest.
+                    seen = (!report.more).then_some(version);
+                    again = report.more;
                     failures = 0;
                     if report.events > 0 {
                         crate::crashpoint::hit("after-drain");
@@ -216,6 +247,9 @@ async fn capture_loop(ctx: Context, metrics: Arc<Metrics>) {
         }
         if stopping {
             return;
+        }
+        if again {
+            continue;
         }
         tokio::select! {
             _ = stopped(&mut shutdown) => {}
@@ -259,7 +293,7 @@ async fn upkeep_loop(ctx: Context, metrics: Arc<Metrics>) {
             }
         }
         ticks += 1;
-        if ticks.is_multiple_of(25) && !stopping {
+        if ticks.is_multiple_of(25) && !stopping && *ctx.verified.borrow() {
             let applied = Metrics::get(&metrics.applied);
             let applied_since = applied != applied_at_last_retry;
             applied_at_last_retry = applied;

@@ -220,6 +220,9 @@ async fn resolving_with_a_delete_of_an_absent_row_closes_the_conflict_everywhere
 async fn a_panicking_task_stops_the_sidecar_with_a_clear_error_and_a_restart_recovers() {
     let dir = tempfile::tempdir().unwrap();
     let sidecars = common::sidecars::Sidecars::new(dir.path()).await;
+    // Its peers run: a sidecar captures once one has confirmed its database's history.
+    sidecars.spawn(1, None).await;
+    sidecars.spawn(2, None).await;
     sidecars.spawn(0, Some("capture-panics:1")).await;
     sidecars.write(0, 1, 5, 1).await;
     let status = sidecars.exit_status(0, Duration::from_secs(20)).await;
@@ -351,6 +354,7 @@ async fn send_as_rb(
             node_id: "rb-1".into(),
             region: "rb".into(),
             mesh: mesh.topology.mesh.clone(),
+            knows_of_you: 0,
         })),
     };
     let batch = proto::SendFrame {

@@ -188,6 +188,18 @@ async fn status(path: PathBuf, json: bool) -> anyhow::Result<()> {
         "dead letters {}, conflicts logged {}",
         status.dead_letters, status.conflicts
     );
+    if let Some(join) = &status.joining {
+        let percent = 100.0 * join.rows_done as f64 / join.rows_total.max(1) as f64;
+        println!(
+            "\nJOINING from {} by snapshot: {}/{} rows ({percent:.0}%), at table {}; this node's tables are not \
+             current until the join ends ({})",
+            join.source,
+            join.rows_done,
+            join.rows_total,
+            if join.table.is_empty() { "-" } else { &join.table },
+            join.reason
+        );
+    }
     println!("\napplied from            frontier   processed");
     for f in &status.frontiers {
         println!("  {:<20} {:>9} {:>11}", f.origin, f.seq, f.processed);

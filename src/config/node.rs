@@ -28,6 +28,8 @@ pub struct ReplicationConfig {
     /// All-to-all: when nothing has arrived directly from a node for this long, ask the other
     /// peers to relay its events (they keep every event until all nodes have it). 0 = never.
     pub relay_after_ms: u64,
+    /// Rows per chunk of a snapshot a joining node copies (one chunk is one transaction).
+    pub snapshot_page_rows: usize,
 }
 
 impl Default for ReplicationConfig {
@@ -40,6 +42,7 @@ impl Default for ReplicationConfig {
             poll_ms: 1,
             max_clock_skew_ms: 500,
             relay_after_ms: 5_000,
+            snapshot_page_rows: 1_000,
         }
     }
 }
@@ -128,11 +131,16 @@ impl ReplicationConfig {
     /// Checks the tuning values, without IO.
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         let r = self;
-        if r.batch_max_events == 0 || r.window == 0 || r.poll_ms == 0 || r.heartbeat_ms == 0 {
+        if r.batch_max_events == 0
+            || r.window == 0
+            || r.poll_ms == 0
+            || r.heartbeat_ms == 0
+            || r.snapshot_page_rows == 0
+        {
             return Err(invalid(
                 path,
                 "replication",
-                "batch_max_events, window, poll_ms and heartbeat_ms must be > 0",
+                "batch_max_events, window, poll_ms, heartbeat_ms and snapshot_page_rows must be > 0",
             ));
         }
         if r.peer_timeout_ms <= r.heartbeat_ms {

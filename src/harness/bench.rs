@@ -37,6 +37,14 @@ pub struct Args {
     /// Folder for the databases (default: a fresh temporary folder).
     #[arg(long)]
     pub dir: Option<std::path::PathBuf>,
+    /// Instead: a region rebuilt empty joins by snapshot a region holding this many rows of
+    /// about 300 bytes (rows/s of the snapshot, time to converge).
+    #[arg(long, conflicts_with = "big_txn")]
+    pub join_rows: Option<i64>,
+    /// Instead: one application transaction of this many rows of about 300 bytes, replicated
+    /// to two regions (time to converge, peak memory).
+    #[arg(long)]
+    pub big_txn: Option<i64>,
 }
 
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS bench (id INTEGER PRIMARY KEY, origin TEXT NOT NULL, n INTEGER NOT NULL, payload TEXT NOT NULL);";
@@ -48,6 +56,12 @@ pub enum StoreKind {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(rows) = args.join_rows {
+        return super::bench_lifecycle::join(rows, args.dir.as_deref()).await;
+    }
+    if let Some(rows) = args.big_txn {
+        return super::bench_lifecycle::big_txn(rows, args.dir.as_deref()).await;
+    }
     if args.store == StoreKind::Postgres {
         return super::bench_pg::run(args).await;
     }

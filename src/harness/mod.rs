@@ -5,6 +5,7 @@
 //! demo` works); a production build leaves it out with `--no-default-features`. This is the
 //! one part of the library that reports errors with `anyhow`.
 pub mod bench;
+mod bench_lifecycle;
 mod bench_pg;
 pub mod cluster;
 pub mod compare;

@@ -16,7 +16,10 @@
 //!    event.
 //!
 //! Dead letters are retried through the same attempt, as a run of their one event that
-//! skips admission (it passed its frontier when it first arrived) and relaying.
+//! skips admission (it passed its frontier when it first arrived) and relaying; so are the
+//! pages of a snapshot (`store::snapshot`), whose rows are states, not stream positions, and
+//! which record the join's progress (and, at its end, the frontiers it reached) in the same
+//! transaction.
 //!
 //! Retries: a grouped write the database refuses for its content rolls the attempt back and
 //! the run is replayed event by event, which dead-letters exactly the refused events; a run
@@ -41,7 +44,19 @@ const MAX_RACES: usize = 20;
 /// dialect's lock timeout). Application transactions are usually far shorter.
 const NOWAIT_FOR: Duration = Duration::from_secs(2);
 
-/// How one attempt ended; only `Done` committed anything.
+/// What a run of events is.
+#[derive(Clone, Copy)]
+pub(crate) enum RunKind<'a> {
+    /// A frame of a peer's stream: admitted against the frontiers, relayed onwards.
+    Stream,
+    /// The retry of dead letter `id`, tried `attempts` times so far.
+    Retry { id: i64, attempts: u32 },
+    /// A page of a snapshot being joined.
+    Snapshot(&'a crate::store::snapshot::Install),
+}
+
+/// How one attempt ended; only `Done` committed anything. One lives at a time, briefly.
+#[allow(clippy::large_enum_variant)]
 enum Attempt {
     Done(ApplyReport),
     Stopped(Stop),
@@ -52,7 +67,7 @@ enum Attempt {
 impl<B: Backend> Replica<B> {
     /// Applies a run of remote events in one transaction (retried as the module doc says).
     pub async fn apply(&self, events: Vec<Event>) -> Result<ApplyReport, StoreError> {
-        self.run(events, None).await
+        self.run(events, RunKind::Stream).await
     }
 
     /// Retries the dead letters whose retry is due, oldest first, each in its own
@@ -81,7 +96,7 @@ impl<B: Backend> Replica<B> {
                     continue;
                 }
             };
-            let report = self.run(vec![event], Some((id, attempts))).await?;
+            let report = self.run(vec![event], RunKind::Retry { id, attempts }).await?;
             if report.dead_lettered == 0 {
                 tracing::info!(letter = id, "a dead letter applied on retry");
                 out.applied += 1;
@@ -92,9 +107,8 @@ impl<B: Backend> Replica<B> {
         Ok(out)
     }
 
-    /// Applies remote events, or retries the dead letter `retrying` (whose event `events`
-    /// holds alone).
-    async fn run(&self, events: Vec<Event>, retrying: Option<(i64, u32)>) -> Result<ApplyReport, StoreError> {
+    /// Applies remote events as `kind` says (a retried dead letter's event is `events` alone).
+    pub(crate) async fn run(&self, events: Vec<Event>, kind: RunKind<'_>) -> Result<ApplyReport, StoreError> {
         self.with_writer(async |store: &Self, conn: &mut Conn<B>, last_seq: &mut u64| {
             let started = std::time::Instant::now();
             let mut mode = Mode::Grouped;
@@ -102,7 +116,7 @@ impl<B: Backend> Replica<B> {
             let mut races = 0;
             while races < MAX_RACES {
                 let nowait = started.elapsed() < NOWAIT_FOR;
-                match store.attempt(conn, (&events, retrying), mode, last_seq, nowait).await? {
+                match store.attempt(conn, (&events, kind), mode, last_seq, nowait).await? {
                     Attempt::Done(report) => {
                         let ms = started.elapsed().as_secs_f64() * 1e3;
                         tracing::debug!(events = events.len(), ms, "applied");
@@ -133,7 +147,7 @@ impl<B: Backend> Replica<B> {
     async fn attempt(
         &self,
         conn: &mut Conn<B>,
-        (events, retrying): (&[Event], Option<(i64, u32)>),
+        (events, kind): (&[Event], RunKind<'_>),
         mode: Mode,
         last_seq: &mut u64,
         nowait: bool,
@@ -141,19 +155,23 @@ impl<B: Backend> Replica<B> {
         let mut tx = sqlx::Connection::begin_with(conn, sqlx::AssertSqlSafe(B::BEGIN)).await?;
         let mut txn = self.backend.txn(&self.tables, &mut tx);
         let mut frontiers = txn.begin_apply().await?;
+        let retrying = match kind {
+            RunKind::Retry { id, attempts } => Some((id, attempts)),
+            _ => None,
+        };
         let mut report = ApplyReport {
             retrying,
             ..ApplyReport::default()
         };
         // A dead letter's event passed its frontier when it first arrived.
-        let admitted = match retrying {
-            None => admit(&self.identity.node, events, &mut frontiers, &mut report),
-            Some(_) => events.iter().collect(),
+        let admitted = match kind {
+            RunKind::Stream => admit(&self.identity.node, events, &mut frontiers, &mut report),
+            RunKind::Retry { .. } | RunKind::Snapshot(_) => events.iter().collect(),
         };
         if !txn.lock_rows(&admitted, nowait).await? {
             return Ok(Attempt::Busy);
         }
-        report.drained = self.drain_in(&mut txn).await?;
+        report.drained = self.drain_in(&mut txn, crate::store::capture::Drain::All).await?;
         for event in &admitted {
             if let Err(skew) = self.clock.observe_now(event.hlc) {
                 report.skew.push(skew);
@@ -168,14 +186,21 @@ impl<B: Backend> Replica<B> {
         // table this node does not replicate may well be replicated further along.
         let relayed: Vec<Event> = admitted
             .iter()
-            .filter(|e| retrying.is_none() && self.relayed.contains(&e.origin))
+            .filter(|e| matches!(kind, RunKind::Stream) && self.relayed.contains(&e.origin))
             .map(|e| {
                 let mut relayed = (*e).clone();
                 relayed.path.push(self.identity.node.clone());
                 relayed
             })
             .collect();
+        let mut own_seq = None;
+        if let RunKind::Snapshot(install) = kind {
+            own_seq = install
+                .record(&mut txn, &mut frontiers, report.drained.last_seq)
+                .await?;
+        }
         let meta = Meta {
+            last_seq: own_seq,
             versions: written
                 .iter()
                 .map(|w| (w.table.as_str(), w.key.as_slice(), &w.version))
@@ -196,7 +221,8 @@ impl<B: Backend> Replica<B> {
         txn.end_apply().await?;
         drop(txn);
         tx.commit().await?;
-        *last_seq = report.drained.last_seq;
+        *last_seq = own_seq.unwrap_or(report.drained.last_seq);
+        report.drained.last_seq = *last_seq;
         report.frontiers = frontiers.into_iter().map(|(o, f)| (o, f.seq)).collect();
         Ok(Attempt::Done(report))
     }

@@ -232,10 +232,10 @@ pub trait Txn {
     /// This node's last own seq as the database holds it, read in this transaction: never a
     /// counter in memory, which a commit that landed after its caller gave up leaves stale.
     async fn last_seq(&mut self) -> Result<u64, StoreError>;
-    /// The committed outbox changes of replicated tables, whole source transactions only, in
-    /// outbox order per table. Remembers which outbox rows it took, for `write_meta`.
-    /// `None` if the outbox is empty.
-    async fn take_outbox(&mut self) -> Result<Option<Vec<Captured<Self::Table>>>, StoreError>;
+    /// The first `limit` committed outbox changes (those of replicated tables), in outbox
+    /// order per table: committed transactions only, the last one possibly cut at the limit.
+    /// Remembers which outbox rows it took, for `write_meta`. `None` if the outbox is empty.
+    async fn take_outbox(&mut self, limit: i64) -> Result<Option<Vec<Captured<Self::Table>>>, StoreError>;
     /// Stored versions of `keys` of one table; absent keys are missing from the map.
     async fn versions(&mut self, table: &str, keys: &[Vec<u8>]) -> Result<HashMap<Vec<u8>, RowVersion>, StoreError>;
     /// Writes row versions, log entries, frontiers, the node's last seq and clock, and deletes
@@ -313,6 +313,20 @@ pub trait Txn {
         parents_may_have_arrived: bool,
     ) -> Result<Vec<DueLetter>, StoreError>;
     async fn delete_dead_letter(&mut self, id: i64) -> Result<(), StoreError>;
+
+    // Snapshots and the node table.
+    /// Up to `limit` row versions of `table` after the key bytes `after`, in key byte order.
+    async fn row_page(
+        &mut self,
+        table: &str,
+        after: &[u8],
+        limit: i64,
+    ) -> Result<Vec<(Vec<u8>, RowVersion)>, StoreError>;
+    /// Rows (tombstones included) per replicated table.
+    async fn row_counts(&mut self) -> Result<BTreeMap<String, u64>, StoreError>;
+    async fn node_text(&mut self, name: &str) -> Result<Option<String>, StoreError>;
+    /// Sets, or with `None` removes, a text value of the node table.
+    async fn set_node_text(&mut self, name: &str, value: Option<&str>) -> Result<(), StoreError>;
 }
 
 /// The `Txn` methods every dialect forwards, unchanged, to functions of the same name and
@@ -323,8 +337,9 @@ macro_rules! forward_txn_io {
     () => {
         async fn take_outbox(
             &mut self,
+            limit: i64,
         ) -> Result<Option<Vec<$crate::store::backend::Captured<Self::Table>>>, $crate::store::StoreError> {
-            let Some((captured, taken)) = capture::take_outbox(self.conn, self.tables).await? else {
+            let Some((captured, taken)) = capture::take_outbox(self.conn, self.tables, limit).await? else {
                 return Ok(None);
             };
             self.taken = Some(taken);
@@ -468,6 +483,27 @@ macro_rules! forward_txn_io {
 
         async fn group(&mut self, step: $crate::store::backend::Group) -> Result<(), $crate::store::StoreError> {
             metadata::group(self.conn, step).await
+        }
+
+        async fn row_page(
+            &mut self,
+            table: &str,
+            after: &[u8],
+            limit: i64,
+        ) -> Result<Vec<(Vec<u8>, $crate::replicate::RowVersion)>, $crate::store::StoreError> {
+            metadata::row_page(self.conn, table, after, limit).await
+        }
+
+        async fn row_counts(&mut self) -> Result<std::collections::BTreeMap<String, u64>, $crate::store::StoreError> {
+            metadata::row_counts(self.conn).await
+        }
+
+        async fn node_text(&mut self, name: &str) -> Result<Option<String>, $crate::store::StoreError> {
+            metadata::node_text(self.conn, name).await
+        }
+
+        async fn set_node_text(&mut self, name: &str, value: Option<&str>) -> Result<(), $crate::store::StoreError> {
+            metadata::set_node_text(self.conn, name, value).await
         }
     };
 }

@@ -1,11 +1,17 @@
 //! Capture: turning committed outbox rows into events, in one write transaction.
 //!
-//! The dialect lists whole committed source transactions only (`Txn::take_outbox`). Several
-//! changes to one row in one drain coalesce into one event carrying the row's last image
+//! The dialect lists committed source transactions only (`Txn::take_outbox`), at most
+//! [`DRAIN_PIECE`] outbox rows at a time, so memory and the message sizes on the wire stay
+//! bounded whatever the application commits: a source transaction larger than that becomes
+//! several capture batches, each applied atomically at the receivers, in order (the README
+//! says what this means for atomicity). A drain of its own takes one piece per transaction,
+//! and commits between pieces, so the application is never held up long; the drain an apply
+//! runs first takes every piece, so that no remote event lands on an undrained local change.
+//! Several changes to one row in one piece coalesce into one event carrying the row's last image
 //! (the intermediate images were never visible to anyone after the drain either); the event
 //! takes the position of the row's last change, which keeps parent/child order for foreign
 //! keys (insert parent, then child; delete child, then parent). Each event gets the next seq,
-//! a fresh HLC and the row's vector plus one for this node. Strategy state (CRDT states,
+//! a fresh HLC and the row's vector with this node's entry at the seq. Strategy state (CRDT states,
 //! owners, queue entries) is settled by `store::engine`; row metadata, log append, last seq,
 //! clock and outbox delete commit together, so a drain happens entirely or not at all.
 use std::collections::HashMap;
@@ -19,6 +25,21 @@ use crate::store::engine::{self, TableRules};
 use crate::store::replica::Replica;
 use crate::store::{DrainReport, StoreError};
 
+/// Most outbox rows one capture batch takes: the size of a batch on the wire by default
+/// (`batch_max_events`), so a sender's window holds a few megabytes, not a transaction. A
+/// million-row source transaction is five hundred capture batches, each under a megabyte of
+/// 300-byte rows.
+pub const DRAIN_PIECE: i64 = 2_000;
+
+/// How much of the outbox a drain takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Drain {
+    /// One piece (the capture loop comes back at once for the rest).
+    Piece,
+    /// Everything, piece by piece in the same transaction.
+    All,
+}
+
 impl<B: Backend> Replica<B> {
     /// Drains the outbox into the log in its own transaction.
     pub async fn drain(&self) -> Result<DrainReport, StoreError> {
@@ -27,13 +48,14 @@ impl<B: Backend> Replica<B> {
                 return Ok(DrainReport {
                     events: 0,
                     last_seq: *last_seq,
+                    more: false,
                 });
             }
             let started = std::time::Instant::now();
             let mut tx = sqlx::Connection::begin_with(conn, sqlx::AssertSqlSafe(B::BEGIN)).await?;
             let report = {
                 let mut txn = store.backend.txn(&store.tables, &mut tx);
-                store.drain_in(&mut txn).await?
+                store.drain_in(&mut txn, Drain::Piece).await?
             };
             tx.commit().await?;
             if report.events > 0 && crate::crashpoint::reply_lost(B::DRAIN_REPLY_LOST) {
@@ -53,11 +75,34 @@ impl<B: Backend> Replica<B> {
     /// The drain, inside the caller's write transaction. It numbers after the last seq the
     /// database holds (read in this transaction); the caller's in-memory copy is for
     /// reporting only, and is updated once the transaction commits.
-    pub(crate) async fn drain_in<T: Txn<Table = B::Table>>(&self, txn: &mut T) -> Result<DrainReport, StoreError> {
+    pub(crate) async fn drain_in<T: Txn<Table = B::Table>>(
+        &self,
+        txn: &mut T,
+        how: Drain,
+    ) -> Result<DrainReport, StoreError> {
+        let mut total = DrainReport::default();
+        loop {
+            let piece = self.drain_piece(txn).await?;
+            total.events += piece.events;
+            total.last_seq = piece.last_seq;
+            total.more = piece.more;
+            if !piece.more || how == Drain::Piece {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// One piece of the outbox, at most [`DRAIN_PIECE`] rows, into the log.
+    async fn drain_piece<T: Txn<Table = B::Table>>(&self, txn: &mut T) -> Result<DrainReport, StoreError> {
         let last_seq = txn.last_seq().await?;
-        let Some(captured) = txn.take_outbox().await? else {
-            return Ok(DrainReport { events: 0, last_seq });
+        let Some(captured) = txn.take_outbox(DRAIN_PIECE).await? else {
+            return Ok(DrainReport {
+                events: 0,
+                last_seq,
+                more: false,
+            });
         };
+        let more = captured.len() as i64 >= DRAIN_PIECE;
         let changes = coalesce(captured);
         let mut keys: HashMap<&str, Vec<Vec<u8>>> = HashMap::new();
         for (key, change) in &changes {
@@ -78,7 +123,12 @@ impl<B: Backend> Replica<B> {
         let mut events = local_events(&self.identity, &self.clock, last_seq, local);
         for (key, event) in events.iter_mut() {
             if let Some(table) = self.tables.get(&event.table).filter(|t| t.strategy() != Strategy::Lww) {
-                engine::settle_local(txn, &self.identity, table, key, event, T::DRAIN_HOLDS_ROWS).await?;
+                let was_deleted = stored
+                    .get(&event.table)
+                    .and_then(|versions| versions.get(key))
+                    .is_some_and(|v| v.deleted);
+                let held = T::DRAIN_HOLDS_ROWS;
+                engine::settle_local(txn, &self.identity, table, key, event, (held, was_deleted)).await?;
             }
         }
         let batch_end = last_seq + events.len() as u64;
@@ -97,6 +147,7 @@ impl<B: Backend> Replica<B> {
         };
         txn.write_meta(meta).await?;
         Ok(DrainReport {
+            more,
             events: events.len() as u64,
             last_seq: batch_end,
         })
@@ -139,7 +190,8 @@ struct LocalChange<'a> {
 }
 
 /// One drain's changes as one capture batch of events, in order, numbered after `last_seq`:
-/// each gets the row's stored vector plus one for this node and the HLC of its commit. A row inserted
+/// each gets the row's stored vector with this node's entry set to the event's seq, and the
+/// HLC of its commit. A row inserted
 /// and deleted between two drains, which nobody ever saw, gives no event.
 fn local_events<'a>(
     identity: &Identity,
@@ -176,6 +228,11 @@ fn local_events<'a>(
     for (i, (_, event)) in events.iter_mut().enumerate() {
         event.seq = last_seq + 1 + i as u64;
         event.batch_end = batch_end;
+        // This node's entry is the event's seq, not a count of the row's writes: above every
+        // entry this node ever gave the row, even after its database went back and lost some
+        // of those writes (a restore), as long as seqs never go back, which the node sees to.
+        let counter = event.version.get(me).max(event.seq);
+        event.version.set(me, counter);
     }
     events
 }

@@ -661,13 +661,15 @@ fn as_sibling(event: &Event) -> Event {
 /// the row's CRDT states (attached to the event; the image and, if it differs, the row get
 /// the materialized values), records the owner it leaves the row with (attached as the
 /// event's claim), and closes the row's queue entry (a local write has seen every sibling).
+/// `row_is_held`: the drain holds the row (`Txn::DRAIN_HOLDS_ROWS`); `was_deleted`: the row
+/// was a tombstone before this change.
 pub(crate) async fn settle_local<R: Txn>(
     rows: &mut R,
     identity: &Identity,
     table: &R::Table,
     key_bytes: &[u8],
     event: &mut Event,
-    row_is_held: bool,
+    (row_is_held, was_deleted): (bool, bool),
 ) -> Result<(), StoreError> {
     if !table.crdt().is_empty() {
         let mut states = rows.crdt_states(table.name(), key_bytes).await?;
@@ -700,7 +702,17 @@ pub(crate) async fn settle_local<R: Txn>(
             written,
             &identity.region,
         );
-        let claim = ownership::local_write(previous.as_ref(), &owner_now);
+        // A deleted row inserted anew here is first this region's (the trigger let the insert
+        // through as such): moved on before the drain (reinserted, then transferred, in one
+        // piece), its claim is the transfer from this region, not a write by a non-owner.
+        let reclaimed = known
+            .as_ref()
+            .filter(|k| was_deleted && k.owner.region != identity.region && owner_now != identity.region)
+            .map(|k| Owner {
+                region: identity.region.clone(),
+                epoch: k.owner.epoch + 1,
+            });
+        let claim = ownership::local_write(reclaimed.as_ref().or(previous.as_ref()), &owner_now);
         let owner = Owner {
             region: claim.owner.clone(),
             epoch: claim.epoch,

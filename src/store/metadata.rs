@@ -145,15 +145,65 @@ macro_rules! metadata_io {
             origin: &str,
             note: Option<&str>,
         ) -> Result<(), $crate::store::StoreError> {
-            let key = behind_log_key(peer, origin);
+            set_node_text(conn, &behind_log_key(peer, origin), note).await
+        }
+
+        /// Up to `limit` row versions of `table` with key bytes after `after`, in key byte
+        /// order (the snapshot's page order, the same in both dialects).
+        pub(super) async fn row_page(
+            conn: &mut $conn,
+            table: &str,
+            after: &[u8],
+            limit: i64,
+        ) -> Result<Vec<(Vec<u8>, $crate::replicate::RowVersion)>, $crate::store::StoreError> {
+            let sql = meta(
+                "SELECT key, version, hlc, origin, CAST(CASE WHEN deleted THEN 1 ELSE 0 END AS BIGINT) \
+                 FROM {w}rows WHERE tbl = $1 AND key > $2 ORDER BY key LIMIT $3",
+            );
+            let rows: Vec<(Vec<u8>, String, i64, String, i64)> = sqlx::query_as(sql)
+                .bind(table)
+                .bind(after)
+                .bind(limit)
+                .fetch_all(&mut *conn)
+                .await?;
+            rows.into_iter()
+                .map(|(key, version, hlc, origin, deleted)| {
+                    let version = $crate::store::metadata::stored_version(table, &version, hlc, origin, deleted != 0)?;
+                    Ok((key, version))
+                })
+                .collect()
+        }
+
+        /// Rows (tombstones included) per replicated table with any.
+        pub(super) async fn row_counts(
+            conn: &mut $conn,
+        ) -> Result<std::collections::BTreeMap<String, u64>, $crate::store::StoreError> {
+            let rows: Vec<(String, i64)> = sqlx::query_as(meta("SELECT tbl, count(*) FROM {w}rows GROUP BY tbl"))
+                .fetch_all(&mut *conn)
+                .await?;
+            Ok(rows.into_iter().map(|(t, n)| (t, n as u64)).collect())
+        }
+
+        /// A text value of the node table.
+        pub(super) async fn node_text(conn: &mut $conn, name: &str) -> Result<Option<String>, $crate::store::StoreError> {
+            let sql = meta("SELECT CAST(value AS TEXT) FROM {w}node WHERE name = $1");
+            Ok(sqlx::query_scalar(sql).bind(name).fetch_optional(&mut *conn).await?)
+        }
+
+        /// Sets (or, with `None`, removes) a text value of the node table.
+        pub(super) async fn set_node_text(
+            conn: &mut $conn,
+            name: &str,
+            value: Option<&str>,
+        ) -> Result<(), $crate::store::StoreError> {
             sqlx::query(meta("DELETE FROM {w}node WHERE name = $1"))
-                .bind(&key)
+                .bind(name)
                 .execute(&mut *conn)
                 .await?;
-            if let Some(note) = note {
+            if let Some(value) = value {
                 sqlx::query(meta("INSERT INTO {w}node (name, value) VALUES ($1, $2)"))
-                    .bind(&key)
-                    .bind(note)
+                    .bind(name)
+                    .bind(value)
                     .execute(&mut *conn)
                     .await?;
             }

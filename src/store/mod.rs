@@ -27,6 +27,7 @@ mod metadata;
 pub mod postgres;
 pub mod replica;
 pub mod schema;
+pub mod snapshot;
 pub mod sql;
 pub mod sqlite;
 pub mod table;
@@ -82,6 +83,8 @@ pub struct DrainReport {
     pub events: u64,
     /// This node's last seq after the drain.
     pub last_seq: u64,
+    /// The outbox may hold more: the drain stopped at its bound (`capture::DRAIN_PIECE`).
+    pub more: bool,
 }
 
 /// What applying a run of remote events did.
@@ -144,6 +147,8 @@ pub struct Status {
     pub peers: Vec<PeerStatus>,
     pub dead_letters: u64,
     pub conflicts: u64,
+    /// Set while this node joins the mesh by snapshot: its tables are not yet current.
+    pub joining: Option<snapshot::JoinState>,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -290,6 +295,41 @@ impl Store {
         both!(self, s => s.retry_dead_letters(applied_since).await)
     }
 
+    /// What a snapshot served now is consistent with (see `store::snapshot`).
+    pub async fn snapshot_start(&self) -> Result<snapshot::SnapshotStart, StoreError> {
+        both!(self, s => s.snapshot_start().await)
+    }
+
+    /// Up to `limit` rows of `table` after the key bytes `after`.
+    pub async fn snapshot_page(
+        &self,
+        table: &str,
+        after: &[u8],
+        limit: usize,
+    ) -> Result<Vec<snapshot::SnapshotRow>, StoreError> {
+        both!(self, s => s.snapshot_page(table, after, limit).await)
+    }
+
+    /// Raises this node's last own seq to `seq` (never lowers it).
+    pub async fn raise_own_seq(&self, seq: u64) -> Result<(), StoreError> {
+        both!(self, s => s.raise_own_seq(seq).await)
+    }
+
+    /// The join in progress, if any.
+    pub async fn join_state(&self) -> Result<Option<snapshot::JoinState>, StoreError> {
+        both!(self, s => s.join_state().await)
+    }
+
+    /// Installs a snapshot page with the join's state after it; `None` ends the join.
+    pub async fn install_page(
+        &self,
+        rows: Vec<snapshot::SnapshotRow>,
+        state: Option<snapshot::JoinState>,
+        frontiers: &BTreeMap<NodeId, u64>,
+    ) -> Result<ApplyReport, StoreError> {
+        both!(self, s => s.install_page(rows, state, frontiers).await)
+    }
+
     /// Closes every connection.
     pub async fn close(self) {
         both!(self, s => s.close().await)
@@ -308,5 +348,7 @@ fn futures_are_send(s: &'static Store) {
     send(s.apply(Vec::new()));
     send(s.read_log("a", 0, 1));
     send(s.status(&[]));
+    send(s.snapshot_page("t", &[], 1));
+    send(s.install_page(Vec::new(), None, &BTreeMap::new()));
     send(s.record_acks_and_collect(&[], &BTreeMap::new()));
 }

@@ -19,7 +19,7 @@ use tokio::sync::Mutex;
 use crate::clock::Clock;
 use crate::config::TableConfig;
 use crate::event::{Hlc, Identity, NodeId};
-use crate::store::backend::{Ack, Backend, Conn, Tables};
+use crate::store::backend::{Ack, Backend, Conn, Tables, Txn as _};
 use crate::store::engine::TableRules as _;
 use crate::store::{LogEntry, Status, StoreError};
 
@@ -250,12 +250,15 @@ impl<B: Backend> Replica<B> {
             conflicts: counts.conflicts,
             frontiers: B::frontier_status(&mut tx).await?,
             peers: Vec::new(),
+            joining: None,
         };
         for (peer, origins) in peers {
             for origin in origins {
                 status.peers.push(B::backlog(&mut tx, peer, origin).await?);
             }
         }
+        let join = self.backend.txn(&self.tables, &mut tx).node_text("join").await?;
+        status.joining = join.and_then(|json| serde_json::from_str(&json).ok());
         tx.commit().await?;
         Ok(status)
     }

@@ -123,6 +123,18 @@ impl Inbound {
             Ok(Ok(Some(proto::SendFrame {
                 body: Some(Outgoing::Batch(batch)),
             }))) => self.apply(batch).await,
+            Ok(Ok(Some(proto::SendFrame {
+                body: Some(Outgoing::Reseed(reseed)),
+            }))) => {
+                self.ctx.request_join(super::join::JoinRequest {
+                    peer: self.peer.clone(),
+                    origin: reseed.origin,
+                    needs: reseed.needs,
+                    reason: reseed.reason,
+                });
+                self.done = true;
+                return None;
+            }
             Ok(Ok(Some(_))) => Err(Status::invalid_argument("expected a batch or a heartbeat")),
         };
         if result.is_err() {
@@ -158,6 +170,13 @@ impl Inbound {
             tracing::warn!(peer = %self.peer, %refusal, "refused a batch from the peer");
             refusal_status(refusal)
         })?;
+        // Applying drains local changes first, which numbers them: not before this node's
+        // history is confirmed by a peer (a re-seed may be under way).
+        let mut verified = self.ctx.verified.subscribe();
+        tokio::select! {
+            _ = stopped(&mut self.shutdown) => return Err(Status::unavailable("stopping")),
+            result = verified.wait_for(|v| *v) => if result.is_err() { return Err(Status::unavailable("stopping")) },
+        }
         let report = self.ctx.store.apply(events).await.map_err(|e| {
             tracing::error!(peer = %self.peer, error = %e, "apply failed; the peer will resend");
             Status::unavailable(format!("apply failed: {e}"))
@@ -189,9 +208,47 @@ impl Inbound {
     }
 }
 
+impl Service {
+    /// What the peer has of this node's own events confirms this database's history, or
+    /// shows that it went back in time: then the node re-seeds from the peer, and the stream
+    /// waits until it has.
+    async fn check_history(&self, hello: &proto::Hello) -> Result<(), Status> {
+        let me = &self.ctx.config.node;
+        let knows = [(me.clone(), hello.knows_of_you)].into_iter().collect();
+        let ours = self.ctx.store.last_seq().await;
+        match handshake::WentBack::check(me, &hello.node_id, &knows, ours) {
+            None => {
+                self.ctx.verify();
+                Ok(())
+            }
+            Some(went_back) => {
+                self.ctx.request_join(super::join::JoinRequest {
+                    peer: hello.node_id.clone(),
+                    origin: me.clone(),
+                    needs: went_back.peer_has,
+                    reason: went_back.to_string(),
+                });
+                Err(Status::unavailable(format!(
+                    "{me}'s database went back in time; it is re-seeding from {}",
+                    hello.node_id
+                )))
+            }
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl proto::replication_server::Replication for Service {
     type ReplicateStream = ReplyStream;
+    type SnapshotStream = ReceiverStream<Result<proto::SnapshotChunk, Status>>;
+
+    async fn snapshot(
+        &self,
+        request: Request<proto::SnapshotRequest>,
+    ) -> Result<Response<Self::SnapshotStream>, Status> {
+        let chunks = super::join::serve(self.ctx.clone(), request.into_inner()).await?;
+        Ok(Response::new(chunks))
+    }
 
     async fn replicate(
         &self,
@@ -214,6 +271,7 @@ impl proto::replication_server::Replication for Service {
             mesh: &hello.mesh,
         };
         handshake::check_hello(claim, &config.topology, &config.node).map_err(refusal_status)?;
+        self.check_history(&hello).await?;
         let frontiers = self
             .ctx
             .store
@@ -280,14 +338,23 @@ async fn session(ctx: &Context, peer: &NodeSpec, feeder: &mut Feeder) -> Result<
         feeder,
         out,
     };
-    let inbound = link.open(client, out_rx).await?;
+    let mut inbound = link.open(client, out_rx).await?;
     // A first window sent means the log serves this peer (again): once per connection.
-    link.fill_window().await?;
-    ctx.caught_up(&peer.id).await;
-    link.run(inbound).await
+    let result = match link.fill_window().await {
+        Ok(()) => {
+            ctx.caught_up(&peer.id).await;
+            link.run(&mut inbound).await
+        }
+        Err(error) => Err(error),
+    };
+    if let Err(TransportError::BehindLog(_)) = &result {
+        // Let the Reseed frame reach the peer: it ends the stream once it has read it.
+        let _ = timeout(ctx.config.replication.peer_timeout(), inbound.message()).await;
+    }
+    result
 }
 
-async fn dial(ctx: &Context, peer: &NodeSpec) -> Result<ReplicationClient<Channel>, TransportError> {
+pub(super) async fn dial(ctx: &Context, peer: &NodeSpec) -> Result<ReplicationClient<Channel>, TransportError> {
     let tuning = &ctx.config.replication;
     let unreachable = |source| TransportError::Connect {
         peer: peer.id.clone(),
@@ -323,11 +390,13 @@ impl Outbound<'_> {
         out_rx: mpsc::Receiver<proto::SendFrame>,
     ) -> Result<Streaming<proto::ReceiveFrame>, TransportError> {
         let config = &self.ctx.config;
+        let knows_of_you = self.ctx.store.frontiers().await?.get(self.peer).copied().unwrap_or(0);
         let hello = Outgoing::Hello(proto::Hello {
             protocol: PROTOCOL,
             node_id: config.node.clone(),
             region: config.region().to_owned(),
             mesh: config.topology.mesh.clone(),
+            knows_of_you,
         });
         self.out.send(frame(hello)).await.expect("receiver is alive");
         let mut inbound = client
@@ -352,16 +421,23 @@ impl Outbound<'_> {
         let frontiers = frontiers_from_proto(welcome.frontiers);
         let ours = self.ctx.store.last_seq().await;
         if let Some(went_back) = handshake::WentBack::check(&config.node, self.peer, &frontiers, ours) {
-            tracing::error!(peer = %self.peer, "{went_back}");
-            self.ctx.fatal.send_replace(Some(went_back.to_string()));
-            return Err(self.protocol("this node's database went back in time; stopping"));
+            // Nothing is numbered until this is settled (capture waits for `verified`): the
+            // join raises this node's seq past what the peer has, then re-seeds from it.
+            self.ctx.request_join(super::join::JoinRequest {
+                peer: self.peer.clone(),
+                origin: config.node.clone(),
+                needs: went_back.peer_has,
+                reason: went_back.to_string(),
+            });
+            return Err(self.protocol("this node's database went back in time; re-seeding from this peer"));
         }
+        self.ctx.verify();
         let connected = self.feeder.on_welcome(frontiers, Instant::now());
         self.ctx.connected(self.peer, &connected);
         Ok(inbound)
     }
 
-    async fn run(&mut self, mut inbound: Streaming<proto::ReceiveFrame>) -> Result<(), TransportError> {
+    async fn run(&mut self, inbound: &mut Streaming<proto::ReceiveFrame>) -> Result<(), TransportError> {
         let mut log_grew = self.ctx.log_grew.subscribe();
         let mut shutdown = self.ctx.shutdown.clone();
         let mut heartbeat = tokio::time::interval(self.ctx.config.replication.heartbeat());
@@ -405,6 +481,14 @@ impl Outbound<'_> {
                 let entries = self.ctx.store.read_log(&read.origin, read.after, read.max).await?;
                 let first = entries.first().map(|e| e.seq);
                 if let Some(behind) = BehindLog::check(self.peer, &read.origin, read.after, first, produced) {
+                    // Tell the peer, so it re-seeds by snapshot; the stream ends either way.
+                    let _ = self
+                        .send(Outgoing::Reseed(proto::Reseed {
+                            origin: behind.origin.clone(),
+                            needs: behind.needs,
+                            reason: behind.to_string(),
+                        }))
+                        .await;
                     return Err(TransportError::BehindLog(behind));
                 }
                 if let Some(entry) = entries.last() {

@@ -118,7 +118,8 @@ pub fn check_hello(hello: Hello<'_>, topology: &Topology, me: &str) -> Result<()
 /// A peer has applied more of this node's own events than this node's database holds: the
 /// database went back in time (restored from a backup or a VM snapshot, a failover to an
 /// asynchronous replica). Events numbered from here would reuse seqs the peer has applied,
-/// and it would drop them as duplicates: new writes would be lost without a word.
+/// and it would drop them as duplicates: new writes would be lost without a word. The node
+/// re-seeds from the peer instead (`transport::join`), numbering after what the peer has.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WentBack {
     pub peer: NodeId,
@@ -147,9 +148,9 @@ impl std::fmt::Display for WentBack {
             "{peer} has applied this node's events up to seq {has}, but this database holds only up to seq {ours}: \
              it went back in time (restored from a backup or a snapshot, or failed over to a replica that lags). \
              Events {from}..={has} ({n} of them) were this node's and are not in this database; {peer} and the \
-             regions it reached have them. Stopping, so that no new write is dropped as a duplicate: replace this \
-             database with a copy of a current region's and start again (writes made here since the restore wait \
-             in the outbox meanwhile)",
+             regions it reached have them. Re-seeding from {peer} by snapshot: this node numbers its changes after \
+             seq {has} and gets those events back as rows; changes made here since the restore wait in the outbox \
+             and follow",
             peer = self.peer,
             has = self.peer_has,
             ours = self.ours,

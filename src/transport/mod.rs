@@ -13,6 +13,7 @@
 
 pub mod grpc;
 pub mod handshake;
+pub mod join;
 pub mod session;
 
 use std::collections::BTreeMap;
@@ -46,6 +47,8 @@ pub trait PeerObserver: Send + Sync {
     fn behind_log(&self, _peer: &str) {}
     /// A peer's clock was too far ahead to adopt.
     fn clock_skew(&self);
+    /// Rows of a snapshot this node installed while joining.
+    fn joined_rows(&self, _rows: u64) {}
 }
 
 /// When each peer's inbound stream last delivered a frame: how relay repair tells a failed
@@ -96,6 +99,14 @@ pub struct Context {
     pub fatal: watch::Sender<Option<String>>,
     /// The (peer, origin) pairs found behind this node's log, reported once each.
     pub behind: Arc<Mutex<std::collections::BTreeSet<(NodeId, NodeId)>>>,
+    /// The peer this node is joining from by snapshot, while it does.
+    pub joining: watch::Sender<Option<NodeId>>,
+    /// Where a peer's word that this node must re-seed goes (`join::join_loop`).
+    pub join_requests: tokio::sync::mpsc::Sender<join::JoinRequest>,
+    /// Whether a peer has confirmed, since this node started, that its database did not go
+    /// back in time (or it has no peer to ask). Until then nothing is drained: numbering
+    /// changes after a restore would reuse seqs the peers have, which they would drop.
+    pub verified: watch::Sender<bool>,
 }
 
 impl Context {
@@ -146,6 +157,27 @@ impl Context {
         {
             tracing::warn!(%error, "cannot record the peer behind the log for weft status");
         }
+    }
+
+    /// A peer says this node needs events its log no longer holds: ask for a join from it
+    /// (the join loop takes one at a time and drops requests that no longer hold).
+    pub fn request_join(&self, request: join::JoinRequest) {
+        tracing::warn!(peer = %request.peer, origin = %request.origin, needs = request.needs, "{}", request.reason);
+        if self.joining.borrow().is_none() && self.join_requests.try_send(request).is_err() {
+            tracing::debug!("a re-seed request is already waiting");
+        }
+    }
+
+    /// A peer confirmed this node's history: capture may number changes.
+    pub fn verify(&self) {
+        self.verified.send_if_modified(|v| {
+            let was = *v;
+            *v = true;
+            if !was {
+                tracing::info!("a peer confirmed this database's history; capturing");
+            }
+            !was
+        });
     }
 
     /// Clears what `behind_log` recorded for `peer` once it is served again.

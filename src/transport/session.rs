@@ -656,8 +656,8 @@ impl std::fmt::Display for BehindLog {
             f,
             "{peer} needs {origin}'s events from seq {needs}, but this node's log {held}: they were trimmed after \
              every node that needed them had them. {peer} went back (rebuilt, restored from a backup) or joined \
-             after the trim, and cannot catch up from this log: stop its sidecar, replace its database with a \
-             copy of a current region's, and start it again",
+             after the trim, and cannot catch up from this log: it has been told to re-seed by snapshot from this \
+             node, and does so by itself (`weft status` there shows the join); if it stays behind, check its log",
             peer = self.peer,
             origin = self.origin,
             needs = self.needs

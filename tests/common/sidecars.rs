@@ -152,6 +152,18 @@ impl Sidecars {
         self.children.lock().unwrap()[i].is_some()
     }
 
+    /// Region `i`'s sidecar's peak resident memory so far, in MiB (Linux `VmHWM`).
+    pub fn peak_rss_mib(&self, i: usize) -> u64 {
+        let pid = self.children.lock().unwrap()[i].as_ref().expect("running").id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .expect("VmHWM in /proc status");
+        let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        kib / 1024
+    }
+
     /// Sends a signal (`STOP`, `CONT`, ...) to region `i`'s sidecar.
     pub fn signal(&self, i: usize, signal: &str) {
         if let Some(child) = &self.children.lock().unwrap()[i] {

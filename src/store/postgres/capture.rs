@@ -20,16 +20,18 @@ use crate::store::backend::{Captured, Meta, Tables};
 use crate::store::metadata::stored_version;
 use crate::wire;
 
-/// The committed outbox rows of replicated tables with their images, and the ids taken;
-/// `None` if the outbox is empty.
 /// Which outbox rows a drain took: their ids.
 pub(super) type Taken = Vec<i64>;
 
+/// The first `limit` outbox rows visible now (of replicated tables, with their images), and
+/// the ids taken; `None` if the outbox is empty.
 pub(super) async fn take_outbox(
     conn: &mut PgConnection,
     tables: &Tables<PgTable>,
+    limit: i64,
 ) -> Result<Option<(Vec<Captured<PgTable>>, Taken)>, StoreError> {
-    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM weft.outbox ORDER BY id")
+    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM weft.outbox ORDER BY id LIMIT $1")
+        .bind(limit)
         .fetch_all(&mut *conn)
         .await?;
     if ids.is_empty() {

@@ -53,15 +53,18 @@ pub(super) async fn insert(
     Ok(())
 }
 
-/// The committed outbox rows of replicated tables, each with its row's current image, and
-/// what was taken; `None` if the outbox is empty.
+/// The first `limit` committed outbox rows (those of replicated tables, each with its row's
+/// current image), and what was taken; `None` if the outbox is empty.
 pub(super) async fn take_outbox(
     conn: &mut SqliteConnection,
     tables: &Tables<TableInfo>,
+    limit: i64,
 ) -> Result<Option<(Vec<Captured<TableInfo>>, Taken)>, StoreError> {
-    let Some(max_id): Option<i64> = sqlx::query_scalar("SELECT max(id) FROM _weft_outbox")
-        .fetch_one(&mut *conn)
-        .await?
+    let Some(max_id): Option<i64> =
+        sqlx::query_scalar("SELECT max(id) FROM (SELECT id FROM _weft_outbox ORDER BY id LIMIT ?)")
+            .bind(limit)
+            .fetch_one(&mut *conn)
+            .await?
     else {
         return Ok(None);
     };
