@@ -26,7 +26,7 @@ use crate::store::StoreError;
 use crate::store::backend::Ack;
 use crate::telemetry::Metrics;
 use crate::topology;
-use crate::transport::grpc::{self, MAX_MESSAGE_BYTES, ReplicationServer, Service};
+use crate::transport::grpc::{self, ReplicationServer, Service};
 use crate::transport::{Context, Heard};
 
 #[derive(Debug, thiserror::Error)]
@@ -88,8 +88,8 @@ impl Node {
         let mut tasks = JoinSet::new();
 
         let service = ReplicationServer::new(Service::new(ctx.clone()))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+            .max_decoding_message_size(config.replication.max_message_bytes())
+            .max_encoding_message_size(config.replication.max_message_bytes());
         let mut server_stop = shutdown_rx.clone();
         let (keepalive, keepalive_timeout) = (config.replication.heartbeat(), config.replication.peer_timeout());
         tasks.spawn(async move {
@@ -309,6 +309,9 @@ async fn upkeep_loop(ctx: Context, metrics: Arc<Metrics>) {
                 Err(error) => tracing::warn!(%error, "cannot retry dead letters; will try again"),
             }
         }
+        if ticks.is_multiple_of(50) && !stopping {
+            retain(&ctx, &metrics).await;
+        }
         if ticks.is_multiple_of(50) {
             let m = &metrics;
             let lag = m.lag();
@@ -327,5 +330,31 @@ async fn upkeep_loop(ctx: Context, metrics: Arc<Metrics>) {
         if stopping {
             return;
         }
+    }
+}
+
+/// Holds the log to its retention limits. What goes was still needed by some peer (the
+/// acknowledged part is trimmed as soon as it is), which re-seeds when it next connects.
+async fn retain(ctx: &Context, metrics: &Metrics) {
+    let (bytes, age) = ctx.config.replication.log_retention();
+    let config = &ctx.config;
+    let mut kept = topology::kept_origins(&config.topology, &config.node, config.relay_repair());
+    kept.insert(config.node.clone());
+    match ctx.store.enforce_retention(bytes, age, &kept).await {
+        Ok(0) => {}
+        Ok(trimmed) => {
+            metrics
+                .log_trimmed_unacked
+                .fetch_add(trimmed, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(
+                trimmed,
+                max_mib = ctx.config.replication.log_retain_mib,
+                max_secs = ctx.config.replication.log_retain_secs,
+                "dropped log events before every peer had them: the log went past its retention limit (or they \
+                 are of nodes taken out of the topology); a peer that still needed them will re-seed by snapshot \
+                 when it connects (`weft status` shows it)"
+            );
+        }
+        Err(error) => tracing::warn!(%error, "cannot hold the log to its retention limit; will try again"),
     }
 }

@@ -38,6 +38,10 @@ pub struct Metrics {
     pub gaps: AtomicU64,
     /// Peers found needing events this node's log no longer holds (they need a re-seed).
     pub behind_log: AtomicU64,
+    /// Log entries dropped by the retention limits before every peer had them.
+    pub log_trimmed_unacked: AtomicU64,
+    /// Snapshot rows installed while joining.
+    pub joined_rows: AtomicU64,
     /// Events processed past a frontier (applied, stale, conflicting or dead-lettered).
     pub processed: AtomicU64,
     lag_micros: Mutex<Histogram<u64>>,
@@ -57,6 +61,8 @@ impl Default for Metrics {
             skew_reports: AtomicU64::new(0),
             gaps: AtomicU64::new(0),
             behind_log: AtomicU64::new(0),
+            log_trimmed_unacked: AtomicU64::new(0),
+            joined_rows: AtomicU64::new(0),
             processed: AtomicU64::new(0),
             lag_micros: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")),
             peers: Mutex::new(BTreeMap::new()),
@@ -125,6 +131,10 @@ impl Metrics {
 }
 
 impl PeerObserver for Metrics {
+    fn joined_rows(&self, rows: u64) {
+        self.joined_rows.fetch_add(rows, Ordering::Relaxed);
+    }
+
     fn behind_log(&self, _peer: &str) {
         self.behind_log.fetch_add(1, Ordering::Relaxed);
     }

@@ -186,6 +186,67 @@ pub fn relay_requests(
         .collect()
 }
 
+/// What changing a running mesh from `old` to `new` does, one line per consequence, for
+/// `weft topology check --against` and the log of a reload.
+pub fn changes(old: &Topology, new: &Topology) -> Vec<String> {
+    let mut out = Vec::new();
+    if old.mesh != new.mesh {
+        out.push(format!(
+            "the mesh is renamed from `{}` to `{}`: nodes on the old file refuse those on the new one until every node has reloaded",
+            old.mesh, new.mesh
+        ));
+    }
+    if old.shape != new.shape || old.bidirectional != new.bidirectional || old.order != new.order || old.hub != new.hub
+    {
+        out.push("the shape changes: every node streams to its new downstream peers from their frontiers, so nothing is lost or sent twice".into());
+    }
+    for node in &new.nodes {
+        match old.node(&node.id) {
+            None => out.push(format!(
+                "{} ({}) joins: it catches up from the others' logs, or, where they were trimmed, re-seeds by snapshot from the first peer that finds it behind",
+                node.id, node.region
+            )),
+            Some(before) if before.address != node.address => {
+                out.push(format!("{} moves from {} to {}: its peers dial the new address", node.id, before.address, node.address));
+            }
+            Some(before) if before.region != node.region => out.push(format!(
+                "{} changes region from {} to {}: refused, a node's region is stamped on its events; give it a new node id",
+                node.id, before.region, node.region
+            )),
+            Some(_) => {}
+        }
+    }
+    for node in &old.nodes {
+        if new.node(&node.id).is_none() {
+            out.push(format!(
+                "{} leaves: the others stop streaming to it and stop keeping their logs for it; stop its sidecar first",
+                node.id
+            ));
+        }
+    }
+    for node in new.nodes.iter().filter(|n| old.node(&n.id).is_some()) {
+        let ids = |t: &Topology| -> Vec<String> { downstream(t, &node.id).iter().map(|p| p.id.clone()).collect() };
+        let (before, after) = (ids(old), ids(new));
+        if before != after {
+            out.push(format!(
+                "{} streams to {} (was {})",
+                node.id,
+                list(&after),
+                list(&before)
+            ));
+        }
+    }
+    out
+}
+
+fn list(ids: &[String]) -> String {
+    if ids.is_empty() {
+        "nobody".into()
+    } else {
+        ids.join(", ")
+    }
+}
+
 pub fn admit(me: &str, event: &Event) -> Result<(), Drop> {
     admit_path(me, &event.origin, &event.path)
 }
@@ -309,6 +370,49 @@ mod tests {
             );
         }
         Topology::parse(&text, Path::new("m.toml")).unwrap()
+    }
+
+    #[test]
+    fn a_topology_change_says_who_joins_leaves_moves_and_streams_where() {
+        let three = mesh("shape = \"all-to-all\"", 3);
+        assert!(changes(&three, &three).is_empty());
+        let four = mesh("shape = \"all-to-all\"", 4);
+        let grown = changes(&three, &four);
+        assert!(
+            grown
+                .iter()
+                .any(|c| c.starts_with("n3 (r3) joins") && c.contains("snapshot")),
+            "{grown:?}"
+        );
+        assert!(
+            grown.iter().any(|c| c == "n0 streams to n1, n2, n3 (was n1, n2)"),
+            "{grown:?}"
+        );
+        let shrunk = changes(&four, &three);
+        assert!(
+            shrunk.iter().any(|c| c.starts_with("n3 leaves") && c.contains("logs")),
+            "{shrunk:?}"
+        );
+        let ring = mesh("shape = \"ring\"", 3);
+        let reshaped = changes(&three, &ring);
+        assert!(
+            reshaped.iter().any(|c| c.starts_with("the shape changes")),
+            "{reshaped:?}"
+        );
+        let mut moved = three.clone();
+        moved.nodes[1].address = "10.0.0.9:7001".into();
+        moved.nodes[2].region = "elsewhere".into();
+        let said = changes(&three, &moved);
+        assert!(
+            said.iter()
+                .any(|c| c.contains("n1 moves from 127.0.0.1:7001 to 10.0.0.9:7001")),
+            "{said:?}"
+        );
+        assert!(
+            said.iter()
+                .any(|c| c.contains("n2 changes region") && c.contains("refused")),
+            "{said:?}"
+        );
     }
 
     fn worst(routes: &BTreeMap<(NodeId, NodeId), Route>) -> usize {

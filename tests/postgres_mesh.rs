@@ -176,3 +176,45 @@ async fn a_drain_whose_commit_reply_is_lost_loses_nothing() {
     assert!(log.contains("failpoint pg-drain-reply-lost reached"), "{log}");
     mesh.terminate_all();
 }
+
+/// A PostgreSQL region whose cluster is restored from last night's base backup
+/// (`pg_basebackup`) went back in time under its sidecar. It learns it from its peer before
+/// capturing anything, numbers past what the peer has, and re-seeds from it: the writes it
+/// lost come back, and those its application made on the restored database reach everyone,
+/// exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_region_restored_from_a_base_backup_recovers_and_loses_no_new_write() {
+    let mesh = Mesh::new(&[Kind::Sqlite, Kind::Postgres]).await;
+    mesh.spawn_all().await;
+    mesh.write(1, 0, 10).await.unwrap();
+    mesh.wait_converged(Duration::from_secs(30)).await;
+    let cluster = mesh.cluster.as_ref().unwrap();
+    let backup = cluster.base_backup("nightly").unwrap();
+    mesh.write(1, 10, 10).await.unwrap();
+    mesh.write(0, 100, 10).await.unwrap();
+    mesh.wait_converged(Duration::from_secs(30)).await;
+
+    mesh.signal(1, "TERM");
+    let started = Instant::now();
+    while mesh.exited(1).is_none() {
+        assert!(started.elapsed() < Duration::from_secs(20), "r1 did not stop");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cluster.restore(&backup).unwrap();
+    cluster.wait_ready(Duration::from_secs(30)).await.unwrap();
+    mesh.write_surely(1, 20, 10).await;
+    mesh.spawn(1, None).await;
+    mesh.wait_converged(Duration::from_secs(60)).await;
+    mesh.assert_exactly_once(40).await;
+    let started = Instant::now();
+    let log = loop {
+        let log = std::fs::read_to_string(mesh.log(1)).unwrap();
+        if log.contains("joined the mesh") || started.elapsed() > Duration::from_secs(20) {
+            break log;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(log.contains("went back in time"), "{log}");
+    assert!(log.contains("joined the mesh"), "{log}");
+    mesh.terminate_all();
+}

@@ -77,8 +77,13 @@ pub enum Command {
 #[derive(Subcommand, Debug)]
 pub enum TopologyCommand {
     /// Parse and validate FILE, prove every node gets every other node's events exactly
-    /// once, print routes and hop counts; exit non-zero on any defect.
-    Check { file: PathBuf },
+    /// once, print routes and hop counts; exit non-zero on any defect. With `--against OLD`,
+    /// also say what changing a running mesh from OLD to FILE does.
+    Check {
+        file: PathBuf,
+        #[arg(long, value_name = "OLD")]
+        against: Option<PathBuf>,
+    },
     /// Draw the graph of FILE in the terminal.
     Show { file: PathBuf },
 }
@@ -107,8 +112,8 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Ownership { config, command } => ownership::run(&config, command).await,
         Command::DeadLetters { config, command } => dead_letters::run(&config, command).await,
         Command::Topology {
-            command: TopologyCommand::Check { file },
-        } => topology::check(&file),
+            command: TopologyCommand::Check { file, against },
+        } => topology::check(&file, against.as_deref()),
         Command::Topology {
             command: TopologyCommand::Show { file },
         } => topology::show(&file),
@@ -132,13 +137,29 @@ fn decided_by(by: Option<String>) -> String {
 }
 
 async fn run(path: PathBuf) -> anyhow::Result<()> {
-    let config = NodeConfig::load(&path)?;
-    let node = Node::start(config)
+    let mut config = NodeConfig::load(&path)?;
+    let metrics = std::sync::Arc::new(crate::telemetry::Metrics::default());
+    let mut node = Node::start_with_metrics(config.clone(), metrics.clone())
         .await
         .with_context(|| format!("starting the node of {}", path.display()))?;
-    let fatal = tokio::select! {
-        () = shutdown_signal() => None,
-        reason = node.fatal() => Some(reason),
+    let mut hangup = reload_signal();
+    // One listener for the whole run: a SIGTERM that comes during a reload is kept for after.
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    let fatal = loop {
+        tokio::select! {
+            () = &mut shutdown => break None,
+            reason = node.fatal() => break Some(reason),
+            _ = hangup.recv() => {
+                let Some(next) = reloaded(&path, &config) else { continue };
+                tracing::info!("restarting the node on the new config");
+                node.stop().await;
+                node = Node::start_with_metrics(next.clone(), metrics.clone())
+                    .await
+                    .with_context(|| format!("restarting the node of {}", path.display()))?;
+                config = next;
+            }
+        }
     };
     tracing::info!("stopping: draining and waiting for acknowledgements");
     node.stop().await;
@@ -147,6 +168,50 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
         Some(reason) => anyhow::bail!("{reason}"),
         None => Ok(()),
     }
+}
+
+/// SIGHUP, where there is one: reload the config.
+fn reload_signal() -> tokio::sync::mpsc::Receiver<()> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            let _ = tx.try_send(());
+        }
+    });
+    #[cfg(not(unix))]
+    drop(tx);
+    rx
+}
+
+/// The config at `path` again, if it loads, changes something, and keeps what a running node
+/// cannot change (its id, region and database); otherwise says why and keeps `current`.
+fn reloaded(path: &std::path::Path, current: &NodeConfig) -> Option<NodeConfig> {
+    let next = match NodeConfig::load(path) {
+        Ok(next) => next,
+        Err(error) => {
+            tracing::error!(%error, "SIGHUP: the config does not load; still running on the previous one");
+            return None;
+        }
+    };
+    if next.node != current.node || next.database != current.database || next.region() != current.region() {
+        tracing::error!(
+            "SIGHUP: the new config changes this node's id, region or database, which a running node cannot change; \
+             still running on the previous one (stop it and start it on the new config)"
+        );
+        return None;
+    }
+    if next == *current {
+        tracing::info!("SIGHUP: the config is unchanged");
+        return None;
+    }
+    for change in crate::topology::changes(&current.topology, &next.topology) {
+        tracing::warn!("topology change: {change}");
+    }
+    Some(next)
 }
 
 async fn shutdown_signal() {

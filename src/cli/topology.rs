@@ -1,5 +1,5 @@
 //! `weft topology check|show FILE`: validate a topology file and prove its routes before
-//! deploy, or draw it.
+//! deploy (and, `--against OLD`, say what changing a running mesh to it does), or draw it.
 use std::path::Path;
 
 use anyhow::bail;
@@ -20,9 +20,27 @@ fn describe(t: &Topology) -> String {
     }
 }
 
-/// Validates, walks every route, prints routes and hop counts; errors on any defect.
-pub fn check(path: &Path) -> anyhow::Result<()> {
+/// Validates, walks every route, prints routes and hop counts; errors on any defect. With
+/// `against`, first says what moving a running mesh from that file to this one does.
+pub fn check(path: &Path, against: Option<&Path>) -> anyhow::Result<()> {
     let t = load(path)?;
+    if let Some(old_path) = against {
+        let old = load(old_path)?;
+        let changes = crate::topology::changes(&old, &t);
+        println!("{} → {}:", old_path.display(), path.display());
+        if changes.is_empty() {
+            println!("  no change");
+        }
+        for change in &changes {
+            println!("  {change}");
+        }
+        if changes.iter().any(|c| c.contains("refused")) {
+            bail!("{}: a change above cannot be made to a running mesh", path.display());
+        }
+        println!(
+            "apply it: put the new file on every node, then send each sidecar SIGHUP (or restart it); start new nodes' sidecars after that\n"
+        );
+    }
     let routes = match prove(&t) {
         Ok(routes) => routes,
         Err(problems) => bail!("{}: routing is broken:\n  {}", path.display(), problems.join("\n  ")),

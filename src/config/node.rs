@@ -30,6 +30,14 @@ pub struct ReplicationConfig {
     pub relay_after_ms: u64,
     /// Rows per chunk of a snapshot a joining node copies (one chunk is one transaction).
     pub snapshot_page_rows: usize,
+    /// The log keeps at most this many MiB of events, and none older than `log_retain_secs`,
+    /// even if a peer still needs them: that peer re-seeds by snapshot. 0 = no limit.
+    pub log_retain_mib: u64,
+    pub log_retain_secs: u64,
+    /// Largest gRPC message either side accepts, in MiB. Batches (about `batch_max_events`
+    /// events) and snapshot chunks (`snapshot_page_rows` rows) stay far below it; raise it
+    /// only for rows of several megabytes.
+    pub max_message_mib: usize,
 }
 
 impl Default for ReplicationConfig {
@@ -43,6 +51,9 @@ impl Default for ReplicationConfig {
             max_clock_skew_ms: 500,
             relay_after_ms: 5_000,
             snapshot_page_rows: 1_000,
+            log_retain_mib: 2_048,
+            log_retain_secs: 3 * 24 * 3600,
+            max_message_mib: 256,
         }
     }
 }
@@ -53,6 +64,21 @@ impl ReplicationConfig {
     }
     pub fn peer_timeout(&self) -> Duration {
         Duration::from_millis(self.peer_timeout_ms)
+    }
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_message_mib.saturating_mul(1 << 20)
+    }
+    /// The log's retention limits (bytes, age); `u64::MAX` and `Duration::MAX` when off.
+    pub fn log_retention(&self) -> (u64, Duration) {
+        let bytes = match self.log_retain_mib {
+            0 => u64::MAX,
+            mib => mib.saturating_mul(1 << 20),
+        };
+        let age = match self.log_retain_secs {
+            0 => Duration::MAX,
+            secs => Duration::from_secs(secs),
+        };
+        (bytes, age)
     }
     pub fn poll(&self) -> Duration {
         Duration::from_millis(self.poll_ms)
@@ -116,7 +142,7 @@ impl Database {
 }
 
 /// A node's resolved configuration: what `node::run` needs, built from files or in code.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct NodeConfig {
     pub node: NodeId,
     pub topology: Topology,
@@ -136,11 +162,12 @@ impl ReplicationConfig {
             || r.poll_ms == 0
             || r.heartbeat_ms == 0
             || r.snapshot_page_rows == 0
+            || r.max_message_mib == 0
         {
             return Err(invalid(
                 path,
                 "replication",
-                "batch_max_events, window, poll_ms, heartbeat_ms and snapshot_page_rows must be > 0",
+                "batch_max_events, window, poll_ms, heartbeat_ms, snapshot_page_rows and max_message_mib must be > 0",
             ));
         }
         if r.peer_timeout_ms <= r.heartbeat_ms {

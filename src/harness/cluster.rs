@@ -212,6 +212,51 @@ impl Cluster {
         self.pg_ctl_start()
     }
 
+    /// Takes a base backup of the running server (`pg_basebackup`, its WAL streamed along),
+    /// as an operator's nightly backup does; returns where it is.
+    pub fn base_backup(&self, name: &str) -> anyhow::Result<PathBuf> {
+        let to = self.dir.path().join(name);
+        check(
+            "pg_basebackup",
+            self.command("pg_basebackup")
+                .arg("-h")
+                .arg(self.dir.path())
+                .args([
+                    "-p",
+                    &self.port.to_string(),
+                    "-U",
+                    "postgres",
+                    "-X",
+                    "stream",
+                    "-c",
+                    "fast",
+                    "-D",
+                ])
+                .arg(&to)
+                .output()?,
+        )?;
+        Ok(to)
+    }
+
+    /// Stops the server, replaces its data directory with a copy of `backup` (made by
+    /// `base_backup`), and starts it again: the whole cluster goes back to that backup.
+    pub fn restore(&self, backup: &Path) -> anyhow::Result<()> {
+        self.stop("fast")?;
+        std::fs::remove_dir_all(self.data())?;
+        let copy = if is_root() {
+            let mut command = Command::new("runuser");
+            command.args(["-u", "postgres", "--", "cp", "-a"]);
+            command
+        } else {
+            let mut command = Command::new("cp");
+            command.arg("-a");
+            command
+        };
+        let mut copy = copy;
+        check("cp", copy.arg(backup).arg(self.data()).output()?)?;
+        self.pg_ctl_start()
+    }
+
     /// Waits until the server accepts connections.
     pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
         use sqlx::Connection as _;

@@ -136,6 +136,15 @@ pub trait Backend: Send + Sync + Sized + 'static {
     async fn ack_floor(conn: &mut Conn<Self>, origin: &str, peers: &[NodeId]) -> Result<u64, StoreError>;
     /// Drops log entries of `origin` up to `through`; returns how many went.
     async fn trim_log(conn: &mut Conn<Self>, origin: &str, through: u64) -> Result<u64, StoreError>;
+    /// Per origin, the last seq to drop so the log keeps nothing committed before
+    /// `before_micros` and at most `max_bytes` of events, oldest first (a round at a time),
+    /// and nothing of origins not `kept`.
+    async fn retention_cutoffs(
+        conn: &mut Conn<Self>,
+        max_bytes: i64,
+        before_micros: i64,
+        kept: &std::collections::BTreeSet<NodeId>,
+    ) -> Result<BTreeMap<String, u64>, StoreError>;
 
     /// A consistent read-only snapshot of the database, for status.
     async fn begin_read(&self) -> Result<sqlx::Transaction<'static, Self::Db>, StoreError>;

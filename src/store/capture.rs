@@ -128,7 +128,8 @@ impl<B: Backend> Replica<B> {
                     .and_then(|versions| versions.get(key))
                     .is_some_and(|v| v.deleted);
                 let held = T::DRAIN_HOLDS_ROWS;
-                engine::settle_local(txn, &self.identity, table, key, event, (held, was_deleted)).await?;
+                let actor = self.crdt_actor();
+                engine::settle_local(txn, &self.identity, table, key, event, (held, was_deleted), &actor).await?;
             }
         }
         let batch_end = last_seq + events.len() as u64;

@@ -662,7 +662,9 @@ fn as_sibling(event: &Event) -> Event {
 /// the materialized values), records the owner it leaves the row with (attached as the
 /// event's claim), and closes the row's queue entry (a local write has seen every sibling).
 /// `row_is_held`: the drain holds the row (`Txn::DRAIN_HOLDS_ROWS`); `was_deleted`: the row
-/// was a tombstone before this change.
+/// was a tombstone before this change; `actor`: this node's name in CRDT states (its id, or
+/// after its database went back in time, a new name, so that its new increments add to the
+/// ones the restore lost instead of merging with them).
 pub(crate) async fn settle_local<R: Txn>(
     rows: &mut R,
     identity: &Identity,
@@ -670,13 +672,14 @@ pub(crate) async fn settle_local<R: Txn>(
     key_bytes: &[u8],
     event: &mut Event,
     (row_is_held, was_deleted): (bool, bool),
+    actor: &str,
 ) -> Result<(), StoreError> {
     if !table.crdt().is_empty() {
         let mut states = rows.crdt_states(table.name(), key_bytes).await?;
         if let Op::Upsert(row) = &mut event.op {
             let image = row.clone();
             let (changed, ignored) =
-                crate::resolve::crdt::fold_local(table.crdt(), &mut states, &identity.node, row, event.hlc)?;
+                crate::resolve::crdt::fold_local(table.crdt(), &mut states, actor, row, event.hlc)?;
             for error in ignored {
                 tracing::warn!(table = %table.name(), key = %event.key, %error, "local write to a CRDT column ignored; the column keeps its replicated value");
             }

@@ -108,6 +108,53 @@ macro_rules! metadata_io {
                 .rows_affected())
         }
 
+        /// Per origin, the last seq to drop so that the log keeps no entry committed before
+        /// `before_micros` and holds at most `max_bytes` of events (oldest first); empty if
+        /// it is within both.
+        pub(super) async fn retention_cutoffs(
+            conn: &mut $conn,
+            max_bytes: i64,
+            before_micros: i64,
+            kept: &std::collections::BTreeSet<String>,
+        ) -> Result<std::collections::BTreeMap<String, u64>, $crate::store::StoreError> {
+            let mut cut = std::collections::BTreeMap::<String, u64>::new();
+            // Origins no longer kept (a node taken out of the topology): nobody needs them.
+            let origins: Vec<String> = sqlx::query_scalar(meta("SELECT DISTINCT origin FROM {w}log"))
+                .fetch_all(&mut *conn)
+                .await?;
+            for origin in origins.into_iter().filter(|o| !kept.contains(o)) {
+                cut.insert(origin, i64::MAX as u64);
+            }
+            let old: Vec<(String, i64)> =
+                sqlx::query_as(meta("SELECT origin, max(seq) FROM {w}log WHERE committed_at < $1 GROUP BY origin"))
+                    .bind(before_micros)
+                    .fetch_all(&mut *conn)
+                    .await?;
+            for (origin, seq) in old {
+                cut.insert(origin, seq as u64);
+            }
+            let total: i64 = sqlx::query_scalar(meta("SELECT CAST(coalesce(sum(length(event)), 0) AS BIGINT) FROM {w}log"))
+                .fetch_one(&mut *conn)
+                .await?;
+            let mut excess = total - max_bytes;
+            if excess > 0 {
+                // The oldest entries, up to 100,000 a round: the next round takes more.
+                let sql = meta("SELECT origin, seq, CAST(length(event) AS BIGINT) FROM {w}log ORDER BY committed_at, seq LIMIT 100000");
+                let rows: Vec<(String, i64, i64)> = sqlx::query_as(sql).fetch_all(&mut *conn).await?;
+                for (origin, seq, len) in rows {
+                    if excess <= 0 {
+                        break;
+                    }
+                    let entry = cut.entry(origin).or_insert(0);
+                    if (seq as u64) > *entry {
+                        *entry = seq as u64;
+                        excess -= len;
+                    }
+                }
+            }
+            Ok(cut)
+        }
+
         /// What `peer` has acknowledged of `origin`, and the log backlog past it.
         pub(super) async fn backlog(
             conn: &mut $conn,

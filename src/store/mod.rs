@@ -274,6 +274,16 @@ impl Store {
         both!(self, s => s.record_acks_and_collect(acks, needs).await)
     }
 
+    /// Drops log entries past the retention limits, needed or not (see `Replica`).
+    pub async fn enforce_retention(
+        &self,
+        max_bytes: u64,
+        max_age: std::time::Duration,
+        kept: &std::collections::BTreeSet<NodeId>,
+    ) -> Result<u64, StoreError> {
+        both!(self, s => s.enforce_retention(max_bytes, max_age, kept).await)
+    }
+
     /// Replication state for `weft status`, read in one snapshot; `peers` lists each peer
     /// with the origins sent to it.
     pub async fn status(&self, peers: &[(NodeId, Vec<NodeId>)]) -> Result<Status, StoreError> {

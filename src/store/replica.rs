@@ -31,7 +31,13 @@ pub struct Replica<B: Backend> {
     pub(crate) tables: Tables<B::Table>,
     writer: Mutex<Writer<B>>,
     pub(crate) backend: B,
+    /// This node's name in CRDT states (see `settle_local`): its id until its database went
+    /// back in time, then one new name per such restore (`CRDT_ACTOR` in the node table).
+    actor: std::sync::RwLock<String>,
 }
+
+/// The node-table entry holding this node's CRDT actor name, once it differs from its id.
+pub(crate) const CRDT_ACTOR: &str = "crdt_actor";
 
 /// The writer connection (dialled on demand) and the last own seq it committed, kept for
 /// reporting (`last_seq`); drains number from the database's value, read in their own
@@ -69,15 +75,22 @@ impl<B: Backend> Replica<B> {
                     .ok_or_else(|| StoreError::Corrupt("the node record just written cannot be read back".into()))?
             }
         };
+        let actor = backend.txn(&Tables::new(), &mut tx).node_text(CRDT_ACTOR).await?;
         tx.commit().await?;
-        Ok(Self::assemble(
-            backend,
-            identity,
-            installed,
-            Some(conn),
-            record,
-            max_clock_skew,
-        ))
+        let replica = Self::assemble(backend, identity, installed, Some(conn), record, max_clock_skew);
+        if let Some(actor) = actor {
+            replica.set_crdt_actor(actor);
+        }
+        Ok(replica)
+    }
+
+    /// This node's name in CRDT states.
+    pub(crate) fn crdt_actor(&self) -> String {
+        self.actor.read().expect("actor lock").clone()
+    }
+
+    pub(crate) fn set_crdt_actor(&self, actor: String) {
+        *self.actor.write().expect("actor lock") = actor;
     }
 
     /// A store that reads a database served by a running sidecar: no writer, no install.
@@ -100,6 +113,7 @@ impl<B: Backend> Replica<B> {
     ) -> Self {
         Self {
             clock: Arc::new(Clock::restore(max_clock_skew, Hlc(record.hlc))),
+            actor: std::sync::RwLock::new(identity.node.clone()),
             identity,
             relayed: BTreeSet::new(),
             tables: tables
@@ -234,6 +248,30 @@ impl<B: Backend> Replica<B> {
                 .await
             }
         }
+    }
+
+    /// Drops the oldest log entries past the retention limits (`max_bytes` of events, none
+    /// older than `max_age`), whether or not every peer has them: a peer that needed them is
+    /// found behind the log when it connects, and re-seeds. Returns how many went.
+    /// Entries of origins not in `kept` (nodes taken out of the topology) go too.
+    pub async fn enforce_retention(
+        &self,
+        max_bytes: u64,
+        max_age: Duration,
+        kept: &BTreeSet<NodeId>,
+    ) -> Result<u64, StoreError> {
+        let before = crate::clock::now_micros() - max_age.as_micros().min(i64::MAX as u128) as i64;
+        let max_bytes = max_bytes.min(i64::MAX as u64) as i64;
+        self.with_writer(async |_: &Self, conn: &mut Conn<B>, _: &mut u64| {
+            let mut tx = sqlx::Connection::begin_with(conn, sqlx::AssertSqlSafe(B::BEGIN)).await?;
+            let mut removed = 0;
+            for (origin, through) in B::retention_cutoffs(&mut tx, max_bytes, before, kept).await? {
+                removed += B::trim_log(&mut tx, &origin, through).await?;
+            }
+            tx.commit().await?;
+            Ok(removed)
+        })
+        .await
     }
 
     /// Replication state for `weft status`: frontiers, backlog and RPO exposure per peer,

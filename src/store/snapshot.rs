@@ -212,13 +212,18 @@ impl<B: Backend> Replica<B> {
     }
 
     /// Raises this node's last own seq to `seq` (never lowers it), with the clock, in one
-    /// transaction: the next change drained is numbered after it.
+    /// transaction: the next change drained is numbered after it. A raise means the database
+    /// lost changes of this node, so its CRDT actor name changes too (`Replica::crdt_actor`).
     pub async fn raise_own_seq(&self, seq: u64) -> Result<(), StoreError> {
         self.with_writer(
             async |store: &Self, conn: &mut crate::store::backend::Conn<B>, last_seq: &mut u64| {
                 let mut tx = sqlx::Connection::begin_with(conn, sqlx::AssertSqlSafe(B::BEGIN)).await?;
                 let mut txn = store.backend.txn(&store.tables, &mut tx);
                 let now = txn.last_seq().await?;
+                // The database lost some of this node's changes: its CRDT states lost the
+                // increments those made under this node's name, which the peers still count.
+                // New increments go under a new name, so they add to those, not merge.
+                let actor = format!("{}#{seq}", store.identity.node);
                 if seq > now {
                     let meta = crate::store::backend::Meta {
                         last_seq: Some(seq),
@@ -226,9 +231,14 @@ impl<B: Backend> Replica<B> {
                         ..Default::default()
                     };
                     txn.write_meta(meta).await?;
+                    txn.set_node_text(crate::store::replica::CRDT_ACTOR, Some(&actor))
+                        .await?;
                 }
                 drop(txn);
                 tx.commit().await?;
+                if seq > now {
+                    store.set_crdt_actor(actor);
+                }
                 *last_seq = seq.max(now);
                 Ok(())
             },

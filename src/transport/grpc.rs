@@ -35,10 +35,6 @@ use proto::replication_client::ReplicationClient;
 pub use proto::replication_server::ReplicationServer;
 use proto::send_frame::Body as Outgoing;
 
-/// Largest message either side accepts: a capture batch is never split, so one big
-/// application transaction makes one big message.
-pub const MAX_MESSAGE_BYTES: usize = 512 * 1024 * 1024;
-
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     #[error("cannot reach {peer}: {source}")]
@@ -370,8 +366,8 @@ pub(super) async fn dial(ctx: &Context, peer: &NodeSpec) -> Result<ReplicationCl
         .keep_alive_while_idle(true);
     let channel = endpoint.connect().await.map_err(unreachable)?;
     Ok(ReplicationClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+        .max_decoding_message_size(tuning.max_message_bytes())
+        .max_encoding_message_size(tuning.max_message_bytes()))
 }
 
 /// The sending end of one stream: frames out through `out`, decisions by `feeder`.

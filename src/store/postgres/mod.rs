@@ -352,6 +352,15 @@ impl Backend for Postgres {
         metadata::trim_log(conn, origin, through).await
     }
 
+    async fn retention_cutoffs(
+        conn: &mut PgConnection,
+        max_bytes: i64,
+        before_micros: i64,
+        kept: &std::collections::BTreeSet<String>,
+    ) -> Result<BTreeMap<String, u64>, StoreError> {
+        metadata::retention_cutoffs(conn, max_bytes, before_micros, kept).await
+    }
+
     async fn begin_read(&self) -> Result<sqlx::Transaction<'static, PgDb>, StoreError> {
         let mut tx = self.readers.begin().await?;
         sqlx::raw_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")

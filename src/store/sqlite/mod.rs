@@ -278,6 +278,15 @@ impl Backend for Sqlite {
         metadata::trim_log(conn, origin, through).await
     }
 
+    async fn retention_cutoffs(
+        conn: &mut SqliteConnection,
+        max_bytes: i64,
+        before_micros: i64,
+        kept: &std::collections::BTreeSet<String>,
+    ) -> Result<BTreeMap<String, u64>, StoreError> {
+        metadata::retention_cutoffs(conn, max_bytes, before_micros, kept).await
+    }
+
     async fn begin_read(&self) -> Result<sqlx::Transaction<'static, SqliteDb>, StoreError> {
         Ok(self.readers.begin().await?)
     }
