@@ -14,7 +14,8 @@ use super::{CONFIG_VERSION, ConfigError, NodeSpec, Shape, TableConfig, Topology,
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ReplicationConfig {
-    /// Most events in one batch on the wire (a capture batch is never split).
+    /// About this many events in one batch on the wire (whole capture batches, each at most
+    /// `capture::DRAIN_PIECE` rows).
     pub batch_max_events: usize,
     /// Batches a sender may have unacknowledged per peer (back-pressure).
     pub window: usize,

@@ -10,7 +10,8 @@
 //!
 //! A store guarantees, for its database:
 //! - `drain` turns committed outbox rows into events in one transaction (seq, HLC, version
-//!   vector, log append, outbox delete), never splitting a source transaction;
+//!   vector, log append, outbox delete), at most `capture::DRAIN_PIECE` rows at a time: a
+//!   larger source transaction becomes several capture batches, in order;
 //! - `apply` applies a run of remote events in one transaction together with the per-origin
 //!   frontier, after first draining local changes, so a crash never loses or doubles an event
 //!   and a remote event never overwrites an undrained local change;

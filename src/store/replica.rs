@@ -204,7 +204,7 @@ impl<B: Backend> Replica<B> {
     }
 
     /// Log entries of `origin` after `after`, about `max` of them, but always ending on a
-    /// capture-batch boundary so a source transaction is never split on the wire.
+    /// capture-batch boundary so a capture batch is never split on the wire.
     pub async fn read_log(&self, origin: &str, after: u64, max: usize) -> Result<Vec<LogEntry>, StoreError> {
         let mut out: Vec<LogEntry> = Vec::new();
         let mut cursor = after;
