@@ -41,6 +41,19 @@ fn peak_rss_mib() -> u64 {
         .map_or(0, |kib| kib / 1024)
 }
 
+/// An all-to-all loopback mesh of `regions` with the bench table, not started.
+async fn mesh(dir: &std::path::Path, regions: &[&str]) -> anyhow::Result<LoopbackMesh> {
+    let tables = [TableConfig::lww("bench")];
+    LoopbackMesh::create(
+        dir,
+        &LoopbackMesh::all_to_all(regions),
+        SCHEMA,
+        &tables,
+        &ReplicationConfig::default(),
+    )
+    .await
+}
+
 /// Waits until every region holds `rows` rows.
 async fn wait_rows(mesh: &LoopbackMesh, rows: i64) -> anyhow::Result<()> {
     let started = Instant::now();
@@ -65,15 +78,7 @@ async fn wait_rows(mesh: &LoopbackMesh, rows: i64) -> anyhow::Result<()> {
 
 pub async fn join(rows: i64, dir: Option<&std::path::Path>) -> anyhow::Result<()> {
     let (dir, _temp) = super::work_dir(dir)?;
-    let tables = [TableConfig::lww("bench")];
-    let mut mesh = LoopbackMesh::create(
-        &dir,
-        &LoopbackMesh::all_to_all(&["region0", "region1"]),
-        SCHEMA,
-        &tables,
-        &ReplicationConfig::default(),
-    )
-    .await?;
+    let mut mesh = mesh(&dir, &["region0", "region1"]).await?;
     println!("weft bench: snapshot join of {rows} rows of ~300 bytes, SQLite to SQLite on loopback");
     mesh.start_all().await?;
     let filled = Instant::now();
@@ -143,15 +148,7 @@ pub async fn join(rows: i64, dir: Option<&std::path::Path>) -> anyhow::Result<()
 
 pub async fn big_txn(rows: i64, dir: Option<&std::path::Path>) -> anyhow::Result<()> {
     let (dir, _temp) = super::work_dir(dir)?;
-    let tables = [TableConfig::lww("bench")];
-    let mut mesh = LoopbackMesh::create(
-        &dir,
-        &LoopbackMesh::all_to_all(&["region0", "region1", "region2"]),
-        SCHEMA,
-        &tables,
-        &ReplicationConfig::default(),
-    )
-    .await?;
+    let mut mesh = mesh(&dir, &["region0", "region1", "region2"]).await?;
     println!(
         "weft bench: one application transaction of {rows} rows of ~300 bytes in region0, three regions on loopback"
     );

@@ -193,14 +193,10 @@ impl<B: Backend> Replica<B> {
                 relayed
             })
             .collect();
-        let mut own_seq = None;
         if let RunKind::Snapshot(install) = kind {
-            own_seq = install
-                .record(&mut txn, &mut frontiers, report.drained.last_seq)
-                .await?;
+            install.record(&mut txn, &mut frontiers).await?;
         }
         let meta = Meta {
-            last_seq: own_seq,
             versions: written
                 .iter()
                 .map(|w| (w.table.as_str(), w.key.as_slice(), &w.version))
@@ -221,8 +217,7 @@ impl<B: Backend> Replica<B> {
         txn.end_apply().await?;
         drop(txn);
         tx.commit().await?;
-        *last_seq = own_seq.unwrap_or(report.drained.last_seq);
-        report.drained.last_seq = *last_seq;
+        *last_seq = report.drained.last_seq;
         report.frontiers = frontiers.into_iter().map(|(o, f)| (o, f.seq)).collect();
         Ok(Attempt::Done(report))
     }

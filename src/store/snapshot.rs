@@ -15,8 +15,9 @@
 //! (its own writes, an older copy) meets the copy as any remote version does: newer wins,
 //! concurrent is a logged conflict. The same transaction records the join's progress
 //! ([`JoinState`]), so a crash resumes after the last page installed, never twice and never
-//! with a hole. The last page raises the frontiers to the snapshot's (never lowers one) and
-//! this node's own seq to what the source had of it, then clears the join.
+//! with a hole. The last page raises the frontiers to the snapshot's (never lowers one), then
+//! clears the join; this node's own seq is raised to what the source had of it before the
+//! first page (`raise_own_seq`), so nothing drained meanwhile reuses a seq.
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -95,29 +96,22 @@ pub struct Install {
 
 impl Install {
     /// Records, in the page's transaction, the siblings, the progress or the end of the join.
-    /// At the end, raises `frontiers` to the snapshot's and returns the own seq to record if
-    /// the snapshot knew more of this node's events than `own_seq`.
+    /// At the end, raises `frontiers` to the snapshot's. (This node's own seq was raised to
+    /// the snapshot's before the first page, by `raise_own_seq`.)
     pub(crate) async fn record<T: Txn>(
         &self,
         txn: &mut T,
         frontiers: &mut BTreeMap<String, Frontier>,
-        own_seq: u64,
-    ) -> Result<Option<u64>, StoreError> {
+    ) -> Result<(), StoreError> {
         for (table, key, key_text, set) in &self.siblings {
             txn.replace_siblings(table, key, key_text, set).await?;
         }
         if let Some(state) = &self.state {
             let json = serde_json::to_string(state).expect("a join state serializes");
-            txn.set_node_text(JOIN_KEY, Some(&json)).await?;
-            return Ok(None);
+            return txn.set_node_text(JOIN_KEY, Some(&json)).await;
         }
         txn.set_node_text(JOIN_KEY, None).await?;
-        let mut raised_own = None;
-        for (origin, &seq) in &self.frontiers {
-            if *origin == self.me {
-                raised_own = (seq > own_seq).then_some(seq);
-                continue;
-            }
+        for (origin, &seq) in self.frontiers.iter().filter(|(origin, _)| **origin != self.me) {
             let frontier = frontiers.entry(origin.clone()).or_insert(Frontier {
                 seq: 0,
                 processed: 0,
@@ -128,7 +122,7 @@ impl Install {
                 frontier.changed = true;
             }
         }
-        Ok(raised_own)
+        Ok(())
     }
 }
 

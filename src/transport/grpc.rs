@@ -218,12 +218,8 @@ impl Service {
                 Ok(())
             }
             Some(went_back) => {
-                self.ctx.request_join(super::join::JoinRequest {
-                    peer: hello.node_id.clone(),
-                    origin: me.clone(),
-                    needs: went_back.peer_has,
-                    reason: went_back.to_string(),
-                });
+                self.ctx
+                    .request_join(super::join::JoinRequest::went_back(&hello.node_id, me, &went_back));
                 Err(Status::unavailable(format!(
                     "{me}'s database went back in time; it is re-seeding from {}",
                     hello.node_id
@@ -419,12 +415,8 @@ impl Outbound<'_> {
         if let Some(went_back) = handshake::WentBack::check(&config.node, self.peer, &frontiers, ours) {
             // Nothing is numbered until this is settled (capture waits for `verified`): the
             // join raises this node's seq past what the peer has, then re-seeds from it.
-            self.ctx.request_join(super::join::JoinRequest {
-                peer: self.peer.clone(),
-                origin: config.node.clone(),
-                needs: went_back.peer_has,
-                reason: went_back.to_string(),
-            });
+            self.ctx
+                .request_join(super::join::JoinRequest::went_back(self.peer, &config.node, &went_back));
             return Err(self.protocol("this node's database went back in time; re-seeding from this peer"));
         }
         self.ctx.verify();

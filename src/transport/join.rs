@@ -44,6 +44,18 @@ pub struct JoinRequest {
     pub reason: String,
 }
 
+impl JoinRequest {
+    /// `peer` has more of this node's (`me`) own events than its database holds.
+    pub fn went_back(peer: &str, me: &str, went_back: &super::handshake::WentBack) -> Self {
+        Self {
+            peer: peer.to_owned(),
+            origin: me.to_owned(),
+            needs: went_back.peer_has,
+            reason: went_back.to_string(),
+        }
+    }
+}
+
 /// Serves a snapshot to `request`'s node, chunk by chunk, from a task of its own.
 pub async fn serve(
     ctx: Context,
