@@ -42,6 +42,9 @@ pub struct Metrics {
     pub log_trimmed_unacked: AtomicU64,
     /// Snapshot rows installed while joining.
     pub joined_rows: AtomicU64,
+    /// Values of columns this region's tables lack, left out of applied events
+    /// (`unknown_columns = "drop"`).
+    pub unknown_columns_dropped: AtomicU64,
     /// Events processed past a frontier (applied, stale, conflicting or dead-lettered).
     pub processed: AtomicU64,
     lag_micros: Mutex<Histogram<u64>>,
@@ -63,6 +66,7 @@ impl Default for Metrics {
             behind_log: AtomicU64::new(0),
             log_trimmed_unacked: AtomicU64::new(0),
             joined_rows: AtomicU64::new(0),
+            unknown_columns_dropped: AtomicU64::new(0),
             processed: AtomicU64::new(0),
             lag_micros: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")),
             peers: Mutex::new(BTreeMap::new()),
@@ -89,6 +93,7 @@ impl Metrics {
         add(&self.stale, report.stale);
         add(&self.conflicts, report.conflicts);
         add(&self.dead_lettered, report.dead_lettered);
+        add(&self.unknown_columns_dropped, report.columns_dropped);
         add(&self.duplicates, report.duplicates);
         add(&self.looped, report.looped);
         add(&self.skew_reports, report.skew.len() as u64);

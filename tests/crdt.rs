@@ -25,6 +25,7 @@ async fn stock(dir: &Path, node: &str) -> Replica {
         .collect(),
         owner_column: None,
         owner_rule: None,
+        unknown_columns: Default::default(),
     };
     replica_configured(dir, node, SCHEMA, &[table]).await
 }

@@ -19,6 +19,7 @@ fn table() -> TableConfig {
         columns: Default::default(),
         owner_column: Some("home".into()),
         owner_rule: None,
+        unknown_columns: Default::default(),
     }
 }
 
@@ -375,6 +376,7 @@ mod rule {
                 columns: Default::default(),
                 owner_column: None,
                 owner_rule: Some(rule),
+                unknown_columns: Default::default(),
             })
             .collect()
     }

@@ -22,6 +22,7 @@ fn table(name: &str, strategy: Strategy) -> TableConfig {
         columns: Default::default(),
         owner_column: None,
         owner_rule: None,
+        unknown_columns: Default::default(),
     }
 }
 

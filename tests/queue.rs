@@ -18,6 +18,7 @@ async fn node(dir: &Path, name: &str) -> Replica {
         columns: Default::default(),
         owner_column: None,
         owner_rule: None,
+        unknown_columns: Default::default(),
     };
     replica_configured(dir, name, SCHEMA, &[table]).await
 }

@@ -11,7 +11,7 @@ mod topology;
 use std::path::{Path, PathBuf};
 
 pub use node::{Database, NodeConfig, NodeConfigFile, ReplicationConfig};
-pub use tables::{OwnerRange, OwnerRule, Strategy, TableConfig};
+pub use tables::{OwnerRange, OwnerRule, Strategy, TableConfig, UnknownColumns};
 pub use topology::{NodeSpec, Shape, Topology};
 
 pub const CONFIG_VERSION: u32 = 1;

@@ -37,6 +37,31 @@ pub struct TableConfig {
     /// `ownership` tables: the rule that finds a row's owner region from its key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner_rule: Option<OwnerRule>,
+    /// What an event naming a column this region's table lacks does (a rolling
+    /// `ALTER TABLE ... ADD COLUMN` that reached the sender first).
+    #[serde(default, skip_serializing_if = "UnknownColumns::is_wait")]
+    pub unknown_columns: UnknownColumns,
+}
+
+/// What a receiver does with an event naming a column its table does not have.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UnknownColumns {
+    /// The event waits (as a dead letter saying so) and applies by itself as soon as the
+    /// column exists here: nothing is lost, the row lags until the migration reaches this
+    /// region.
+    #[default]
+    Wait,
+    /// The event applies at once without the unknown columns' values, with a warning per
+    /// column and the `unknown_columns_dropped` counter: the row is current here, those
+    /// values are not (and stay lost here even once the column is added).
+    Drop,
+}
+
+impl UnknownColumns {
+    fn is_wait(&self) -> bool {
+        *self == UnknownColumns::Wait
+    }
 }
 
 impl TableConfig {
@@ -210,6 +235,7 @@ impl TableConfig {
             columns: Default::default(),
             owner_column: None,
             owner_rule: None,
+            unknown_columns: UnknownColumns::Wait,
         }
     }
 

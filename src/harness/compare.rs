@@ -32,6 +32,9 @@ pub async fn sqlite_rendering(
             "SELECT * FROM {} ORDER BY {order}",
             sqlite::schema::quote(table)
         )))
+        // Not cached: a cached `SELECT *` keeps the column count it was prepared with, and
+        // after a column is dropped sqlx would read past the row's values.
+        .persistent(false)
         .fetch_all(&mut *tx)
         .await?;
         let mut rendered = Vec::with_capacity(rows.len());

@@ -82,7 +82,7 @@ impl<B: Backend> Replica<B> {
         let mut read = self.backend.begin_read().await?;
         let due = self
             .backend
-            .txn(&self.tables, &mut read)
+            .txn(&self.tables(), &mut read)
             .due_dead_letters(RETRY_ROUND, applied_since)
             .await?;
         read.commit().await?;
@@ -153,7 +153,8 @@ impl<B: Backend> Replica<B> {
         nowait: bool,
     ) -> Result<Attempt, StoreError> {
         let mut tx = sqlx::Connection::begin_with(conn, sqlx::AssertSqlSafe(B::BEGIN)).await?;
-        let mut txn = self.backend.txn(&self.tables, &mut tx);
+        let tables = self.current_tables(&mut tx).await?;
+        let mut txn = self.backend.txn(&tables, &mut tx);
         let mut frontiers = txn.begin_apply().await?;
         let retrying = match kind {
             RunKind::Retry { id, attempts } => Some((id, attempts)),
@@ -177,7 +178,10 @@ impl<B: Backend> Replica<B> {
                 report.skew.push(skew);
             }
         }
-        let written = match engine::apply_events(&mut txn, &admitted, &mut report, mode).await {
+        // Relays pass events on as they came; only this region's apply fits them to its tables.
+        let fitted = crate::store::evolve::fit_all(&tables, &admitted, &mut report.columns_dropped);
+        let fitted: Vec<&Event> = fitted.iter().map(AsRef::as_ref).collect();
+        let written = match engine::apply_events(&mut txn, &fitted, &mut report, mode).await {
             Ok(written) => written,
             Err(Halt::Stop(stop)) => return Ok(Attempt::Stopped(stop)),
             Err(Halt::Store(error)) => return Err(error),

@@ -116,6 +116,10 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// Before a drain takes the write lock: whether the outbox may hold anything (true when
     /// the dialect cannot tell cheaply).
     async fn may_have_changes(conn: &mut Conn<Self>) -> Result<bool, StoreError>;
+    /// A value that changes whenever the definition of a replicated table (`tables`) may
+    /// have changed: its columns, its capture triggers, the table itself. Cheap enough to
+    /// read at the start of every drain and apply (`store::evolve`).
+    async fn schema_stamp(conn: &mut Conn<Self>, tables: &[TableConfig]) -> Result<String, StoreError>;
     /// A value that changes when there may be something new to drain.
     async fn data_version(&self) -> Result<i64, StoreError>;
     /// Waits until capture should look again (at most about `poll`).
@@ -322,6 +326,8 @@ pub trait Txn {
         parents_may_have_arrived: bool,
     ) -> Result<Vec<DueLetter>, StoreError>;
     async fn delete_dead_letter(&mut self, id: i64) -> Result<(), StoreError>;
+    /// Makes every dead letter due now (a schema change may have removed its cause).
+    async fn dead_letters_due_now(&mut self) -> Result<(), StoreError>;
 
     // Snapshots and the node table.
     /// Up to `limit` row versions of `table` after the key bytes `after`, in key byte order.
@@ -488,6 +494,10 @@ macro_rules! forward_txn_io {
 
         async fn delete_dead_letter(&mut self, id: i64) -> Result<(), $crate::store::StoreError> {
             metadata::delete_dead_letter(self.conn, id).await
+        }
+
+        async fn dead_letters_due_now(&mut self) -> Result<(), $crate::store::StoreError> {
+            metadata::dead_letters_due_now(self.conn).await
         }
 
         async fn group(&mut self, step: $crate::store::backend::Group) -> Result<(), $crate::store::StoreError> {

@@ -44,7 +44,7 @@ impl<B: Backend> Replica<B> {
     /// Drains the outbox into the log in its own transaction.
     pub async fn drain(&self) -> Result<DrainReport, StoreError> {
         self.with_writer(async |store: &Self, conn: &mut Conn<B>, last_seq: &mut u64| {
-            if !B::may_have_changes(conn).await? {
+            if !B::may_have_changes(conn).await? && !store.schema_moved(conn).await? {
                 return Ok(DrainReport {
                     events: 0,
                     last_seq: *last_seq,
@@ -54,7 +54,8 @@ impl<B: Backend> Replica<B> {
             let started = std::time::Instant::now();
             let mut tx = sqlx::Connection::begin_with(conn, sqlx::AssertSqlSafe(B::BEGIN)).await?;
             let report = {
-                let mut txn = store.backend.txn(&store.tables, &mut tx);
+                let tables = store.current_tables(&mut tx).await?;
+                let mut txn = store.backend.txn(&tables, &mut tx);
                 store.drain_in(&mut txn, Drain::Piece).await?
             };
             tx.commit().await?;
@@ -122,14 +123,14 @@ impl<B: Backend> Replica<B> {
         });
         let mut events = local_events(&self.identity, &self.clock, last_seq, local);
         for (key, event) in events.iter_mut() {
-            if let Some(table) = self.tables.get(&event.table).filter(|t| t.strategy() != Strategy::Lww) {
+            if let Some(table) = txn.table(&event.table).filter(|t| t.strategy() != Strategy::Lww) {
                 let was_deleted = stored
                     .get(&event.table)
                     .and_then(|versions| versions.get(key))
                     .is_some_and(|v| v.deleted);
                 let held = T::DRAIN_HOLDS_ROWS;
                 let actor = self.crdt_actor();
-                engine::settle_local(txn, &self.identity, table, key, event, (held, was_deleted), &actor).await?;
+                engine::settle_local(txn, &self.identity, &table, key, event, (held, was_deleted), &actor).await?;
             }
         }
         let batch_end = last_seq + events.len() as u64;

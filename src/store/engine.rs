@@ -98,6 +98,13 @@ pub trait TableRules {
     fn advisories(&self) -> Vec<String> {
         Vec::new()
     }
+    /// What events naming columns this table lacks do.
+    fn unknown_columns(&self) -> crate::config::UnknownColumns;
+    /// The table's dropped and renamed columns (`store::evolve`).
+    fn history(&self) -> &crate::store::evolve::TableHistory;
+    fn set_history(&mut self, history: crate::store::evolve::TableHistory);
+    /// The replicated columns with their declared types, in table order.
+    fn typed_columns(&self) -> Vec<(String, String)>;
 }
 
 /// What this node knows of one row's owner.
@@ -227,7 +234,9 @@ pub fn shape_problem(table: &str, columns: &[String], key: &[String], event: &Ev
         for (column, _) in &row.0 {
             if !columns.contains(column) {
                 return Some(format!(
-                    "column `{column}` does not exist in table `{table}` on this node; add it, then retry the dead letter"
+                    "column `{column}` does not exist in table `{table}` on this node: the event waits, and applies \
+                     by itself once the column is added here (or set unknown_columns = \"drop\" for the table to \
+                     apply such events without it)"
                 ));
             }
         }

@@ -409,6 +409,13 @@ macro_rules! metadata_io {
             Ok(())
         }
 
+        pub(super) async fn dead_letters_due_now(conn: &mut $conn) -> Result<(), $crate::store::StoreError> {
+            sqlx::query(meta("UPDATE {w}dead_letters SET retry_at = 0 WHERE retry_at > 0"))
+                .execute(&mut *conn)
+                .await?;
+            Ok(())
+        }
+
         pub(super) async fn delete_dead_letter(conn: &mut $conn, id: i64) -> Result<(), $crate::store::StoreError> {
             sqlx::query(meta("DELETE FROM {w}dead_letters WHERE id = $1"))
                 .bind(id)

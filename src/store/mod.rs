@@ -24,6 +24,7 @@ pub mod audit;
 pub mod backend;
 mod capture;
 pub mod engine;
+pub mod evolve;
 mod metadata;
 pub mod postgres;
 pub mod replica;
@@ -101,6 +102,8 @@ pub struct ApplyReport {
     pub conflicts: u64,
     /// Events that cannot be applied, stored with the reason (they still pass the frontier).
     pub dead_lettered: u64,
+    /// Values of columns the local table lacks, left out (`unknown_columns = "drop"`).
+    pub columns_dropped: u64,
     /// Events at or below the frontier.
     pub duplicates: u64,
     /// Events whose origin is this node or whose path contains it.

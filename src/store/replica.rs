@@ -28,7 +28,14 @@ pub struct Replica<B: Backend> {
     pub(crate) clock: Arc<Clock>,
     /// Remote origins whose applied events are appended to the log, to be passed on.
     pub(crate) relayed: BTreeSet<NodeId>,
-    pub(crate) tables: Tables<B::Table>,
+    /// The replicated tables as last described; replaced when the schema changes
+    /// (`store::evolve`). Take a snapshot with `tables()`, or `current_tables` in a write
+    /// transaction.
+    tables: std::sync::RwLock<Arc<Tables<B::Table>>>,
+    /// The tables as configured, for installing again after a schema change.
+    configs: Vec<TableConfig>,
+    /// The schema stamp the descriptions in `tables` were read at.
+    schema_stamp: std::sync::Mutex<String>,
     writer: Mutex<Writer<B>>,
     pub(crate) backend: B,
     /// This node's name in CRDT states (see `settle_local`): its id until its database went
@@ -59,7 +66,7 @@ impl<B: Backend> Replica<B> {
     ) -> Result<Self, StoreError> {
         let mut conn = backend.connect_writer().await?;
         let mut tx = sqlx::Connection::begin_with(&mut conn, sqlx::AssertSqlSafe(B::BEGIN)).await?;
-        let installed = B::install(&mut tx, tables, &identity.region).await?;
+        let mut installed = B::install(&mut tx, tables, &identity.region).await?;
         let record = match B::node_record(&mut tx).await? {
             Some(record) if record.node_id != identity.node => {
                 return Err(StoreError::WrongNode {
@@ -75,13 +82,63 @@ impl<B: Backend> Replica<B> {
                     .ok_or_else(|| StoreError::Corrupt("the node record just written cannot be read back".into()))?
             }
         };
-        let actor = backend.txn(&Tables::new(), &mut tx).node_text(CRDT_ACTOR).await?;
+        let empty = Tables::new();
+        let actor = {
+            let mut txn = backend.txn(&empty, &mut tx);
+            crate::store::evolve::record(&mut txn, &mut installed).await?;
+            txn.node_text(CRDT_ACTOR).await?
+        };
+        let stamp = B::schema_stamp(&mut tx, tables).await?;
         tx.commit().await?;
-        let replica = Self::assemble(backend, identity, installed, Some(conn), record, max_clock_skew);
+        let mut replica = Self::assemble(backend, identity, installed, Some(conn), record, max_clock_skew);
+        replica.configs = tables.to_vec();
+        replica.schema_stamp = std::sync::Mutex::new(stamp);
         if let Some(actor) = actor {
             replica.set_crdt_actor(actor);
         }
         Ok(replica)
+    }
+
+    /// The replicated tables as last described (for reads beside the writer).
+    pub(crate) fn tables(&self) -> Arc<Tables<B::Table>> {
+        self.tables.read().expect("tables lock").clone()
+    }
+
+    /// The replicated tables as the database defines them now, checked in the caller's
+    /// write transaction: if the schema stamp moved, the store installs again in that
+    /// transaction (descriptions, capture triggers, re-capture of a table that lost them),
+    /// records the column history and makes dead letters due, all before the caller reads
+    /// the outbox or applies anything (`store::evolve`). A rollback of the transaction
+    /// leaves the stamp moved again, so the next one repeats the work.
+    pub(crate) async fn current_tables(&self, tx: &mut Conn<B>) -> Result<Arc<Tables<B::Table>>, StoreError> {
+        let stamp = B::schema_stamp(tx, &self.configs).await?;
+        if *self.schema_stamp.lock().expect("stamp lock") == stamp {
+            return Ok(self.tables());
+        }
+        tracing::info!("the schema of the database changed; reading the replicated tables again");
+        let mut installed = B::install(tx, &self.configs, &self.identity.region).await?;
+        let empty = Tables::new();
+        let mut txn = self.backend.txn(&empty, tx);
+        crate::store::evolve::record(&mut txn, &mut installed).await?;
+        txn.dead_letters_due_now().await?;
+        drop(txn);
+        let stamp = B::schema_stamp(tx, &self.configs).await?;
+        let tables: Arc<Tables<B::Table>> = Arc::new(
+            installed
+                .into_iter()
+                .map(|t| (crate::store::engine::TableRules::name(&t).to_owned(), Arc::new(t)))
+                .collect(),
+        );
+        *self.tables.write().expect("tables lock") = tables.clone();
+        *self.schema_stamp.lock().expect("stamp lock") = stamp;
+        Ok(tables)
+    }
+
+    /// Whether the schema may have changed since the tables were described (read beside any
+    /// transaction: a hint for an idle drain, which would otherwise not look).
+    pub(crate) async fn schema_moved(&self, conn: &mut Conn<B>) -> Result<bool, StoreError> {
+        let stamp = B::schema_stamp(conn, &self.configs).await?;
+        Ok(*self.schema_stamp.lock().expect("stamp lock") != stamp)
     }
 
     /// This node's name in CRDT states.
@@ -116,10 +173,14 @@ impl<B: Backend> Replica<B> {
             actor: std::sync::RwLock::new(identity.node.clone()),
             identity,
             relayed: BTreeSet::new(),
-            tables: tables
-                .into_iter()
-                .map(|t| (crate::store::engine::TableRules::name(&t).to_owned(), Arc::new(t)))
-                .collect(),
+            tables: std::sync::RwLock::new(Arc::new(
+                tables
+                    .into_iter()
+                    .map(|t| (crate::store::engine::TableRules::name(&t).to_owned(), Arc::new(t)))
+                    .collect(),
+            )),
+            configs: Vec::new(),
+            schema_stamp: std::sync::Mutex::new(String::new()),
             writer: Mutex::new(Writer {
                 conn,
                 last_seq: record.last_seq,
@@ -141,7 +202,7 @@ impl<B: Backend> Replica<B> {
 
     /// What the operator should know about the replicated tables (logged at start).
     pub fn advisories(&self) -> Vec<String> {
-        let mut out: Vec<String> = self.tables.values().flat_map(|t| t.advisories()).collect();
+        let mut out: Vec<String> = self.tables().values().flat_map(|t| t.advisories()).collect();
         out.sort();
         out
     }
@@ -295,7 +356,7 @@ impl<B: Backend> Replica<B> {
                 status.peers.push(B::backlog(&mut tx, peer, origin).await?);
             }
         }
-        let join = self.backend.txn(&self.tables, &mut tx).node_text("join").await?;
+        let join = self.backend.txn(&Tables::new(), &mut tx).node_text("join").await?;
         status.joining = join.and_then(|json| serde_json::from_str(&json).ok());
         tx.commit().await?;
         Ok(status)

@@ -27,7 +27,7 @@ use crate::event::{Event, Key, NodeId, Op, Ownership};
 use crate::store::StoreError;
 use crate::store::admit::Frontier;
 use crate::store::apply::RunKind;
-use crate::store::backend::{Backend, Txn};
+use crate::store::backend::{Backend, Tables, Txn};
 use crate::store::engine::TableRules;
 use crate::store::replica::Replica;
 
@@ -130,14 +130,15 @@ impl<B: Backend> Replica<B> {
     /// What a snapshot served now is consistent with; read before its first page.
     pub async fn snapshot_start(&self) -> Result<SnapshotStart, StoreError> {
         let mut frontiers = self.frontiers().await?;
+        let tables = self.tables();
         let mut read = self.backend.begin_read().await?;
-        let mut txn = self.backend.txn(&self.tables, &mut read);
+        let mut txn = self.backend.txn(&tables, &mut read);
         let own = txn.last_seq().await?;
         let mut table_rows = txn.row_counts().await?;
         drop(txn);
         read.commit().await?;
-        table_rows.retain(|table, _| self.tables.contains_key(table));
-        for table in self.tables.keys() {
+        table_rows.retain(|table, _| tables.contains_key(table));
+        for table in tables.keys() {
             table_rows.entry(table.clone()).or_insert(0);
         }
         if own > 0 {
@@ -148,13 +149,13 @@ impl<B: Backend> Replica<B> {
 
     /// Up to `limit` rows of `table` after the key bytes `after`, in one read transaction.
     pub async fn snapshot_page(&self, table: &str, after: &[u8], limit: usize) -> Result<Vec<SnapshotRow>, StoreError> {
-        let rules = self
-            .tables
+        let tables = self.tables();
+        let rules = tables
             .get(table)
             .cloned()
             .ok_or_else(|| StoreError::Refused(format!("table `{table}` is not replicated by this node")))?;
         let mut read = self.backend.begin_read().await?;
-        let mut txn = self.backend.txn(&self.tables, &mut read);
+        let mut txn = self.backend.txn(&tables, &mut read);
         let versions = txn.row_page(table, after, limit as i64).await?;
         let mut rows = Vec::with_capacity(versions.len());
         for (key_bytes, version) in versions {
@@ -212,7 +213,8 @@ impl<B: Backend> Replica<B> {
         self.with_writer(
             async |store: &Self, conn: &mut crate::store::backend::Conn<B>, last_seq: &mut u64| {
                 let mut tx = sqlx::Connection::begin_with(conn, sqlx::AssertSqlSafe(B::BEGIN)).await?;
-                let mut txn = store.backend.txn(&store.tables, &mut tx);
+                let tables = store.current_tables(&mut tx).await?;
+                let mut txn = store.backend.txn(&tables, &mut tx);
                 let now = txn.last_seq().await?;
                 // The database lost some of this node's changes: its CRDT states lost the
                 // increments those made under this node's name, which the peers still count.
@@ -243,7 +245,7 @@ impl<B: Backend> Replica<B> {
     /// The join in progress, if any.
     pub async fn join_state(&self) -> Result<Option<JoinState>, StoreError> {
         let mut read = self.backend.begin_read().await?;
-        let text = self.backend.txn(&self.tables, &mut read).node_text(JOIN_KEY).await?;
+        let text = self.backend.txn(&Tables::new(), &mut read).node_text(JOIN_KEY).await?;
         read.commit().await?;
         text.map(|json| {
             serde_json::from_str(&json).map_err(|e| StoreError::Corrupt(format!("the join in progress: {e}")))

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::ops::Deref;
 
-use crate::config::{OwnerRule, Strategy, TableConfig};
+use crate::config::{OwnerRule, Strategy, TableConfig, UnknownColumns};
 use crate::crdt::CrdtType;
 use crate::event::Event;
 use crate::store::StoreError;
@@ -48,6 +48,8 @@ pub struct Table<D> {
     pub name: String,
     /// Replicated columns, in table order.
     pub columns: Vec<String>,
+    /// Each replicated column's declared type, in `columns` order.
+    pub declared: Vec<String>,
     /// Primary-key columns, in key order.
     pub key: Vec<String>,
     /// How concurrent writes to this table are resolved.
@@ -61,6 +63,10 @@ pub struct Table<D> {
     /// The database assigns the key when an insert omits it (an autoincrement integer): two
     /// regions then give the same id to different rows.
     pub auto_key: bool,
+    /// What events naming columns this table lacks do.
+    pub unknown_columns: UnknownColumns,
+    /// This region's dropped and renamed columns (`store::evolve`).
+    pub history: crate::store::evolve::TableHistory,
     pub dialect: D,
 }
 
@@ -74,16 +80,21 @@ impl<D> Deref for Table<D> {
 
 impl<D> Table<D> {
     /// A table as the catalogue describes it, before its config is applied (LWW).
-    pub fn described(name: &str, columns: Vec<String>, key: Vec<String>, dialect: D) -> Self {
+    /// `columns` are (name, declared type) in table order.
+    pub fn described(name: &str, columns: Vec<(String, String)>, key: Vec<String>, dialect: D) -> Self {
+        let (columns, declared) = columns.into_iter().unzip();
         Self {
             name: name.to_owned(),
             columns,
+            declared,
             key,
             strategy: Strategy::Lww,
             crdt: BTreeMap::new(),
             owner_column: None,
             owner_rule: None,
             auto_key: false,
+            unknown_columns: UnknownColumns::Wait,
+            history: Default::default(),
             dialect,
         }
     }
@@ -110,6 +121,7 @@ impl<D: ColumnTypes> Table<D> {
             message,
         };
         self.strategy = config.strategy;
+        self.unknown_columns = config.unknown_columns;
         for (column, kind) in &config.columns {
             let what = if !self.columns.contains(column) {
                 Some("does not exist")
@@ -194,6 +206,22 @@ impl<D: ColumnTypes> TableRules for Table<D> {
     fn refuses(&self, event: &Event) -> Option<String> {
         self.dialect.refuses(event)
     }
+    fn unknown_columns(&self) -> UnknownColumns {
+        self.unknown_columns
+    }
+    fn history(&self) -> &crate::store::evolve::TableHistory {
+        &self.history
+    }
+    fn set_history(&mut self, history: crate::store::evolve::TableHistory) {
+        self.history = history;
+    }
+    fn typed_columns(&self) -> Vec<(String, String)> {
+        self.columns
+            .iter()
+            .cloned()
+            .zip(self.declared.iter().cloned())
+            .collect()
+    }
     fn advisories(&self) -> Vec<String> {
         let keys = self.dialect.key_advisory(&self.name, &self.key);
         self.auto_key_advisory().into_iter().chain(keys).collect()
@@ -202,7 +230,20 @@ impl<D: ColumnTypes> TableRules for Table<D> {
 
 /// Says what became of the rows a table held when weft started capturing it: `rows` were
 /// queued as this region's writes (replicated like any, with versions from this node).
-pub fn adopted<D>(table: &Table<D>, rows: u64) {
+/// `deleted` keys weft had replicated were gone: the table had lost its capture triggers
+/// (rebuilt or recreated), so it is captured again whole, its missing rows as deletions.
+pub fn adopted<D>(table: &Table<D>, rows: u64, deleted: u64) {
+    if deleted > 0 {
+        tracing::warn!(
+            table = %table.name,
+            rows,
+            deleted,
+            "the table's capture triggers were gone (the table was rebuilt or recreated); capturing it again \
+             whole, so that writes made meanwhile replicate: its rows go out again as this region's writes, \
+             rows it no longer has as deletions"
+        );
+        return;
+    }
     if rows == 0 {
         return;
     }

@@ -55,6 +55,7 @@ impl Sidecars {
                     .collect(),
                 owner_column: None,
                 owner_rule: None,
+                unknown_columns: Default::default(),
             },
             TableConfig {
                 name: "accounts".into(),
@@ -62,6 +63,7 @@ impl Sidecars {
                 columns: Default::default(),
                 owner_column: Some("home".into()),
                 owner_rule: None,
+                unknown_columns: Default::default(),
             },
             TableConfig {
                 name: "contracts".into(),
@@ -69,6 +71,7 @@ impl Sidecars {
                 columns: Default::default(),
                 owner_column: None,
                 owner_rule: None,
+                unknown_columns: Default::default(),
             },
         ];
         let replication = ReplicationConfig {

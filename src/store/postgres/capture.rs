@@ -39,8 +39,12 @@ pub(super) async fn take_outbox(
     }
     let mut out = Vec::new();
     for table in tables.values() {
+        // An image captured before a column was added lacks it: the event leaves it out, so
+        // receivers keep their own value (the column's default) instead of getting NULL.
         let sql = format!(
-            "SELECT o.id, o.at, o.deleted, {} FROM unnest($2::int8[]) AS s(id) \
+            "SELECT o.id, o.at, o.deleted, \
+             CASE WHEN o.image ?& $3 THEN NULL ELSE ARRAY(SELECT jsonb_object_keys(o.image)) END, {} \
+             FROM unnest($2::int8[]) AS s(id) \
              JOIN weft.outbox o ON o.id = s.id \
              CROSS JOIN LATERAL jsonb_populate_record(NULL::{}, o.image) r \
              WHERE o.tbl = $1 ORDER BY o.id",
@@ -50,16 +54,22 @@ pub(super) async fn take_outbox(
         let rows = sqlx::query(AssertSqlSafe(sql))
             .bind(&table.name)
             .bind(&ids)
+            .bind(&table.columns)
             .fetch_all(&mut *conn)
             .await?;
         for row in &rows {
             let deleted: bool = row.try_get(2)?;
-            let image = read_image(table, row, 3)?;
+            let present: Option<Vec<String>> = row.try_get(3)?;
+            let mut image = read_image(table, row, 4)?;
+            let key = Key(table.key_index.iter().map(|&i| image.0[i].1.clone()).collect());
+            if let Some(present) = present {
+                image.0.retain(|(c, _)| present.contains(c) || table.key.contains(c));
+            }
             out.push(Captured {
                 table: table.clone(),
                 id: row.try_get(0)?,
                 committed_at: row.try_get(1)?,
-                key: Key(table.key_index.iter().map(|&i| image.0[i].1.clone()).collect()),
+                key,
                 image: (!deleted).then_some(image),
             });
         }

@@ -280,6 +280,31 @@ impl Backend for Postgres {
         Ok(())
     }
 
+    async fn schema_stamp(conn: &mut PgConnection, tables: &[TableConfig]) -> Result<String, StoreError> {
+        // A digest of the catalogue rows the descriptions and the capture depend on: each
+        // table's identity, its live columns and types, and weft's triggers on it.
+        let names: Vec<String> = tables
+            .iter()
+            .map(|t| format!("public.{}", schema::quote(&t.name)))
+            .collect();
+        let stamp: Option<String> = sqlx::query_scalar(
+            "WITH t AS (SELECT to_regclass(n) AS oid, n FROM unnest($1::text[]) AS n) \
+             SELECT md5(string_agg(x, ',' ORDER BY x)) FROM ( \
+               SELECT t.n || '=' || coalesce(t.oid::oid::text, 'missing') AS x FROM t \
+               UNION ALL \
+               SELECT a.attrelid::text || ':' || a.attnum || ':' || a.attname || ':' || a.atttypid || ':' || a.atttypmod \
+               FROM pg_attribute a JOIN t ON a.attrelid = t.oid WHERE a.attnum > 0 AND NOT a.attisdropped \
+               UNION ALL \
+               SELECT g.tgrelid::text || ':' || g.tgname || ':' || g.tgenabled::text \
+               FROM pg_trigger g JOIN t ON g.tgrelid = t.oid WHERE g.tgname LIKE 'weft%' \
+             ) s",
+        )
+        .bind(names)
+        .fetch_one(&mut *conn)
+        .await?;
+        Ok(stamp.unwrap_or_default())
+    }
+
     async fn may_have_changes(_conn: &mut PgConnection) -> Result<bool, StoreError> {
         // The drain's first statement lists the outbox, and a PostgreSQL transaction locks
         // nothing until it writes: a separate check would only cost a round trip.

@@ -378,9 +378,58 @@ pub async fn describe(conn: &mut PgConnection, table: &str) -> Result<PgTable, S
         key_index,
         names: columns.clone(),
     };
-    let mut described = Table::described(table, columns, key, dialect);
+    let typed = columns.iter().cloned().zip(dialect.types.iter().cloned()).collect();
+    let mut described = Table::described(table, typed, key, dialect);
     described.auto_key = auto_key;
     Ok(described)
+}
+
+/// Queues, as deletions, the keys weft knows as live rows of a table that no longer has
+/// them: the table lost its capture triggers (dropped and recreated, or swapped in by a
+/// rename) and rows went while nothing captured. Returns how many were queued.
+async fn recapture_deletes(conn: &mut PgConnection, table: &PgTable) -> Result<u64, StoreError> {
+    let live: Vec<Vec<u8>> = sqlx::query_scalar("SELECT key FROM weft.rows WHERE tbl = $1 AND NOT deleted")
+        .bind(&table.name)
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut images = Vec::new();
+    for bytes in live {
+        let key = crate::event::Key::from_bytes(&bytes).map_err(StoreError::Corrupt)?;
+        let values: Vec<&crate::event::Value> = key.0.iter().collect();
+        // A key this table cannot hold any more cannot be one of its rows either.
+        let Ok(texts) = table.texts(&table.key, &values) else {
+            continue;
+        };
+        let image: serde_json::Map<String, serde_json::Value> = table
+            .key
+            .iter()
+            .zip(texts)
+            .map(|(k, t)| (k.clone(), t.map_or(serde_json::Value::Null, serde_json::Value::String)))
+            .collect();
+        images.push(serde_json::Value::Object(image).to_string());
+    }
+    if images.is_empty() {
+        return Ok(0);
+    }
+    let same_key = table
+        .key
+        .iter()
+        .map(|k| format!("r.{0} = x.{0}", quote(k)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let sql = format!(
+        "INSERT INTO weft.outbox (tbl, deleted, image, at) \
+         SELECT {}, true, k.image::jsonb, weft.now_micros() FROM unnest($1::text[]) AS k(image) \
+         CROSS JOIN LATERAL jsonb_populate_record(NULL::{q}, k.image::jsonb) x \
+         WHERE NOT EXISTS (SELECT 1 FROM {q} r WHERE {same_key})",
+        literal(&table.name),
+        q = table.qualified()
+    );
+    Ok(sqlx::query(AssertSqlSafe(sql))
+        .bind(images)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected())
 }
 
 /// Creates or updates weft's schema and triggers. Runs inside the caller's transaction.
@@ -423,7 +472,8 @@ pub async fn install(
                 .execute(&mut *conn)
                 .await?
                 .rows_affected();
-            crate::store::table::adopted(&table, adopted);
+            let deleted = recapture_deletes(conn, &table).await?;
+            crate::store::table::adopted(&table, adopted, deleted);
         }
         if let Some(sql) = owner_sql(&table, region) {
             sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut *conn).await?;

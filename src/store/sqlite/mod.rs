@@ -211,6 +211,14 @@ impl Backend for Sqlite {
         Ok(())
     }
 
+    async fn schema_stamp(conn: &mut SqliteConnection, _tables: &[TableConfig]) -> Result<String, StoreError> {
+        // Bumped by every schema change of the database, committed by any connection.
+        let version: i64 = sqlx::query_scalar("PRAGMA schema_version")
+            .fetch_one(&mut *conn)
+            .await?;
+        Ok(version.to_string())
+    }
+
     async fn may_have_changes(conn: &mut SqliteConnection) -> Result<bool, StoreError> {
         // Checked before `BEGIN IMMEDIATE`, so an idle drain never takes the write lock.
         Ok(sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM _weft_outbox)")

@@ -209,6 +209,7 @@ pub async fn describe(conn: &mut SqliteConnection, table: &str) -> Result<TableI
         ));
     }
     let mut columns = Vec::new();
+    let mut declared = Vec::new();
     let mut key: Vec<(i64, String)> = Vec::new();
     let mut integer_key = false;
     for row in rows {
@@ -219,6 +220,7 @@ pub async fn describe(conn: &mut SqliteConnection, table: &str) -> Result<TableI
             integer_key = row.try_get::<String, _>("type")?.eq_ignore_ascii_case("INTEGER");
         }
         columns.push(name);
+        declared.push(row.try_get::<String, _>("type")?.to_ascii_uppercase());
     }
     // A lone `INTEGER PRIMARY KEY` is the rowid: SQLite assigns it when an insert omits it.
     let auto_key = integer_key && key.len() == 1;
@@ -270,7 +272,8 @@ pub async fn describe(conn: &mut SqliteConnection, table: &str) -> Result<TableI
         drain_sql,
         unique,
     };
-    let mut described = Table::described(table, columns, key, dialect);
+    let typed = columns.into_iter().zip(declared).collect();
+    let mut described = Table::described(table, typed, key, dialect);
     described.auto_key = auto_key;
     Ok(described)
 }
@@ -505,6 +508,41 @@ fn trigger_sql(info: &TableInfo, region: &str) -> Vec<(String, String)> {
     triggers
 }
 
+/// Queues, as deletions, the keys weft knows as live rows of a table that no longer has
+/// them: the table lost its capture triggers (a rebuild: create new, copy, drop, rename) and
+/// rows went while nothing captured. Returns how many were queued (none for a table weft
+/// captures for the first time).
+async fn recapture_deletes(conn: &mut SqliteConnection, info: &TableInfo) -> Result<u64, StoreError> {
+    let live: Vec<Vec<u8>> = sqlx::query_scalar("SELECT key FROM _weft_rows WHERE tbl = ? AND NOT deleted")
+        .bind(&info.name)
+        .fetch_all(&mut *conn)
+        .await?;
+    let slots = (0..MAX_KEY_COLUMNS)
+        .map(|i| if i < info.key.len() { "?" } else { "0" })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "INSERT INTO _weft_outbox (tbl, k1, k2, k3, k4, at) SELECT {}, {slots}, {NOW_MICROS} \
+         WHERE NOT EXISTS (SELECT 1 FROM {} WHERE {})",
+        literal(&info.name),
+        quote(&info.name),
+        key_predicate(&info.key)
+    );
+    let mut queued = 0;
+    for bytes in live {
+        let key = crate::event::Key::from_bytes(&bytes).map_err(StoreError::Corrupt)?;
+        if key.0.len() != info.key.len() {
+            continue;
+        }
+        let mut query = sqlx::query(AssertSqlSafe(sql.as_str()));
+        for value in key.0.iter().chain(&key.0) {
+            query = super::values::bind(query, value);
+        }
+        queued += query.execute(&mut *conn).await?.rows_affected();
+    }
+    Ok(queued)
+}
+
 /// Creates or updates weft's tables and triggers. Runs inside the caller's transaction.
 pub async fn install(
     conn: &mut SqliteConnection,
@@ -553,7 +591,8 @@ pub async fn install(
                 .execute(&mut *conn)
                 .await?
                 .rows_affected();
-            crate::store::table::adopted(&info, adopted);
+            let deleted = recapture_deletes(conn, &info).await?;
+            crate::store::table::adopted(&info, adopted, deleted);
         }
         infos.push(info);
     }
