@@ -111,6 +111,9 @@ impl Node {
         }
         tasks.spawn(capture_loop(ctx.clone(), metrics.clone()));
         tasks.spawn(upkeep_loop(ctx.clone(), metrics.clone()));
+        if let Some(every) = config.replication.audit_every() {
+            tasks.spawn(audit_loop(ctx.clone(), metrics.clone(), every));
+        }
         tasks.spawn(crate::transport::join::join_loop(ctx.clone(), join_requests_rx));
         tracing::info!(node = %config.node, %listen, peers = topology::downstream(&config.topology, &config.node).len(), "weft node started");
         Ok(Self {
@@ -258,6 +261,54 @@ async fn capture_loop(ctx: Context, metrics: Arc<Metrics>) {
     }
 }
 
+/// Audits the whole mesh every `every` (no repair) and reports what it found.
+async fn audit_loop(ctx: Context, metrics: Arc<Metrics>, every: Duration) {
+    use crate::transport::audit::{Audit, Options};
+    let mut shutdown = ctx.shutdown.clone();
+    loop {
+        tokio::select! {
+            _ = stopped(&mut shutdown) => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let run = async {
+            let audit = Audit::connect((*ctx.config).clone(), Options::default()).await?;
+            audit.run().await
+        };
+        let report = tokio::select! {
+            _ = stopped(&mut shutdown) => return,
+            report = run => report,
+        };
+        let report = match report {
+            Ok(report) => report,
+            Err(error) => {
+                tracing::warn!(%error, "background audit could not run; next in {every:?}");
+                continue;
+            }
+        };
+        let summary = report.summary();
+        metrics.audits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        metrics
+            .audit_differing
+            .store(summary.differing as u64, std::sync::atomic::Ordering::Relaxed);
+        metrics
+            .audit_unsettled
+            .store(summary.unsettled as u64, std::sync::atomic::Ordering::Relaxed);
+        match summary.differing {
+            0 => {
+                tracing::info!(audit = %summary.audit, rows = summary.rows_read, unsettled = summary.unsettled, "background audit: every node holds the same rows")
+            }
+            n => tracing::warn!(
+                audit = %summary.audit, differing = n, keys = ?summary.keys,
+                "background audit: rows differ between nodes; `weft audit --repair` shows and repairs them"
+            ),
+        }
+        let json = serde_json::to_string(&summary).expect("a summary serializes");
+        if let Err(error) = ctx.store.record_audit(&json).await {
+            tracing::warn!(%error, "cannot record the background audit's result");
+        }
+    }
+}
+
 /// Persists acknowledgements, trims the log, and logs a status line now and then.
 async fn upkeep_loop(ctx: Context, metrics: Arc<Metrics>) {
     let mut shutdown = ctx.shutdown.clone();
@@ -324,6 +375,8 @@ async fn upkeep_loop(ctx: Context, metrics: Arc<Metrics>) {
                 dropped_duplicate = Metrics::get(&m.duplicates),
                 lag_p50_ms = lag.p50_ms,
                 lag_p99_ms = lag.p99_ms,
+                audits = Metrics::get(&m.audits),
+                audit_differing = Metrics::get(&m.audit_differing),
                 "status"
             );
         }

@@ -47,6 +47,11 @@ pub struct Metrics {
     pub unknown_columns_dropped: AtomicU64,
     /// Events processed past a frontier (applied, stale, conflicting or dead-lettered).
     pub processed: AtomicU64,
+    /// Background audits run, and what the last one found (rows differing for good, rows
+    /// that kept changing).
+    pub audits: AtomicU64,
+    pub audit_differing: AtomicU64,
+    pub audit_unsettled: AtomicU64,
     lag_micros: Mutex<Histogram<u64>>,
     peers: Mutex<BTreeMap<NodeId, PeerState>>,
 }
@@ -68,6 +73,9 @@ impl Default for Metrics {
             joined_rows: AtomicU64::new(0),
             unknown_columns_dropped: AtomicU64::new(0),
             processed: AtomicU64::new(0),
+            audits: AtomicU64::new(0),
+            audit_differing: AtomicU64::new(0),
+            audit_unsettled: AtomicU64::new(0),
             lag_micros: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")),
             peers: Mutex::new(BTreeMap::new()),
         }

@@ -208,6 +208,74 @@ pub fn decode_event(bytes: &[u8]) -> Result<Event, WireError> {
     event_from_proto(event)
 }
 
+fn columns_to_proto(row: &Row) -> Vec<proto::Column> {
+    row.0
+        .iter()
+        .map(|(name, value)| proto::Column {
+            name: name.clone(),
+            value: Some(value_to_proto(value)),
+        })
+        .collect()
+}
+
+/// A row as `weft audit` compares it.
+pub fn audit_row_to_proto(row: &crate::store::checksum::AuditRow) -> proto::AuditRow {
+    let version = row.version.as_ref();
+    proto::AuditRow {
+        key: row.key.clone(),
+        known: version.is_some(),
+        version: version.map_or_else(Vec::new, |v| {
+            v.version
+                .iter()
+                .map(|(node, counter)| proto::VersionEntry {
+                    node: node.to_owned(),
+                    counter,
+                })
+                .collect()
+        }),
+        hlc: version.map_or(0, |v| v.hlc.0),
+        origin: version.map(|v| v.origin.clone()).unwrap_or_default(),
+        deleted: version.is_some_and(|v| v.deleted),
+        present: row.image.is_some(),
+        image: row.image.as_ref().map(columns_to_proto).unwrap_or_default(),
+    }
+}
+
+/// A received audit row, or what is wrong with it (a value kind this build does not know).
+pub fn audit_row_from_proto(row: proto::AuditRow) -> Result<crate::store::checksum::AuditRow, String> {
+    let version = row.known.then(|| {
+        let mut vector = VersionVector::new();
+        for entry in &row.version {
+            vector.set(&entry.node, entry.counter);
+        }
+        crate::replicate::RowVersion {
+            version: vector,
+            hlc: Hlc(row.hlc),
+            origin: row.origin.clone(),
+            deleted: row.deleted,
+        }
+    });
+    let image = match row.present {
+        false => None,
+        true => Some(Row(row
+            .image
+            .into_iter()
+            .map(|c| {
+                let value = c.value.and_then(value_from_proto);
+                value.map(|v| (c.name.clone(), v)).ok_or(format!(
+                    "column {} has a value of a kind this build does not know",
+                    c.name
+                ))
+            })
+            .collect::<Result<_, _>>()?)),
+    };
+    Ok(crate::store::checksum::AuditRow {
+        key: row.key,
+        version,
+        image,
+    })
+}
+
 /// A frontier map as sent in Welcome, Ack and Heartbeat.
 pub fn frontiers_to_proto(frontiers: &BTreeMap<NodeId, u64>) -> Vec<proto::Frontier> {
     frontiers

@@ -1,6 +1,7 @@
 //! The `weft` command line: argument parsing and the commands' top level.
 //!
 //! Errors reach the user through `anyhow` here only; each says what failed and what to do.
+mod audit;
 mod conflicts;
 mod dead_letters;
 mod input;
@@ -59,6 +60,9 @@ pub enum Command {
         #[command(subcommand)]
         command: ownership::Command,
     },
+    /// Compare every replicated table between the nodes of the mesh by checksums; print the
+    /// rows that differ, and with `--repair` re-emit each winner. Exit 1 if any differ.
+    Audit(audit::Args),
     /// Validate a topology file and prove its routes, or draw it.
     Topology {
         #[command(subcommand)]
@@ -108,6 +112,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         #[cfg(feature = "harness")]
         Command::Bench(args) => crate::harness::bench::run(args).await,
         Command::Status { config, json } => status(config, json).await,
+        Command::Audit(args) => audit::run(args).await,
         Command::Conflicts { config, command } => conflicts::run(&config, command).await,
         Command::Ownership { config, command } => ownership::run(&config, command).await,
         Command::DeadLetters { config, command } => dead_letters::run(&config, command).await,
@@ -279,6 +284,19 @@ async fn status(path: PathBuf, json: bool) -> anyhow::Result<()> {
             "  {:<10} {:<12} {:>8} {:>9}   {age}",
             p.peer, p.origin, p.acked, p.unacked
         );
+    }
+    if let Some(audit) = &status.last_audit {
+        let at = audit["at_micros"].as_i64().unwrap_or(now);
+        println!(
+            "\nlast background audit {} ago: {} rows differ, {} kept changing ({} rows read)",
+            age(at),
+            audit["differing"],
+            audit["unsettled"],
+            audit["rows_read"]
+        );
+        for key in audit["keys"].as_array().into_iter().flatten() {
+            println!("  differs: {}", key.as_str().unwrap_or_default());
+        }
     }
     for p in status.peers.iter().filter(|p| p.needs_reseed.is_some()) {
         println!("\nNEEDS RE-SEED: {}", p.needs_reseed.as_deref().unwrap_or_default());

@@ -39,6 +39,9 @@ pub struct ReplicationConfig {
     /// events) and snapshot chunks (`snapshot_page_rows` rows) stay far below it; raise it
     /// only for rows of several megabytes.
     pub max_message_mib: usize,
+    /// Every this many seconds, audit the whole mesh (`weft audit`, without repair) and
+    /// report through the log, `weft status` and the metrics. 0 = never (the default).
+    pub audit_every_secs: u64,
 }
 
 impl Default for ReplicationConfig {
@@ -55,6 +58,7 @@ impl Default for ReplicationConfig {
             log_retain_mib: 2_048,
             log_retain_secs: 3 * 24 * 3600,
             max_message_mib: 256,
+            audit_every_secs: 0,
         }
     }
 }
@@ -66,6 +70,11 @@ impl ReplicationConfig {
     pub fn peer_timeout(&self) -> Duration {
         Duration::from_millis(self.peer_timeout_ms)
     }
+    /// The period of the background audit, if on.
+    pub fn audit_every(&self) -> Option<Duration> {
+        (self.audit_every_secs > 0).then(|| Duration::from_secs(self.audit_every_secs))
+    }
+
     pub fn max_message_bytes(&self) -> usize {
         self.max_message_mib.saturating_mul(1 << 20)
     }

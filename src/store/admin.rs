@@ -42,6 +42,17 @@ pub enum Choice {
     Edit { row: Vec<(String, Value)>, source: String },
 }
 
+/// A row `weft audit --repair` re-emits: its winning image (or deletion) becomes a change
+/// of this node whose version covers `floor` (every region's version of the row), so it
+/// replaces the row everywhere as any newer write does.
+#[derive(Debug, Clone)]
+pub struct Repair {
+    pub table: String,
+    pub key: Key,
+    pub op: Op,
+    pub floor: crate::version::VersionVector,
+}
+
 /// A resolution as recorded.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Resolved {
@@ -313,6 +324,12 @@ impl Admin {
         on!(self, on => on.transfer(transfer).await)
     }
 
+    /// Re-emits a row's winning version, found by `weft audit`, as a change of this node
+    /// (`Repair`).
+    pub async fn repair(&self, repair: &Repair) -> Result<(), StoreError> {
+        on!(self, on => on.repair(repair).await)
+    }
+
     /// Dead letters (all, or just `id`), oldest first.
     pub async fn dead_letters(&self, id: Option<i64>) -> Result<Vec<DeadLetter>, StoreError> {
         let rows = on!(self, on => on.in_transaction(&Tables::new(), async |txn| txn.dead_letters(id).await).await)?;
@@ -460,6 +477,57 @@ where
         })
         .await?;
         Ok(resolved)
+    }
+
+    async fn repair(&self, repair: &Repair) -> Result<(), StoreError> {
+        let config = self.table_config(&repair.table);
+        if config.strategy == Strategy::Crdt && !config.columns.is_empty() {
+            return Err(refused(format!(
+                "{} is a CRDT table: writing the winning image would add the difference to its \
+                 counters in every region; its rows are reported, not repaired",
+                repair.table
+            )));
+        }
+        let table = self.table(&repair.table).await?;
+        if config.strategy == Strategy::Ownership {
+            let owner = match (&config.owner_column, &config.owner_rule, &repair.op) {
+                (Some(column), _, Op::Upsert(row)) => {
+                    row.0.iter().find(|(c, _)| c == column).and_then(|(_, v)| match v {
+                        Value::Text(region) => Some(region.clone()),
+                        _ => None,
+                    })
+                }
+                (_, Some(rule), _) => rule_owner(rule, table.key(), &repair.key),
+                _ => None,
+            };
+            let here = self.config.region();
+            if owner.as_deref() != Some(here) {
+                return Err(refused(format!(
+                    "the row belongs to region {}, not {here}: run `weft audit --repair` on a node of its region",
+                    owner.as_deref().unwrap_or("(none)")
+                )));
+            }
+        }
+        let tables = Tables::new();
+        self.in_transaction(&tables, async |txn| {
+            let key = repair.key.to_bytes();
+            if txn.siblings(&repair.table, &key).await?.len() > 1 {
+                return Err(refused(
+                    "the row has an open conflict; resolve it with `weft conflicts` instead".into(),
+                ));
+            }
+            let local = txn.read_row(&table, &repair.key).await?;
+            txn.raise_row_version(&repair.table, &key, &repair.floor, local.is_none())
+                .await?;
+            match (&repair.op, &local) {
+                (Op::Delete, None) => txn.queue_deleted(&table, &repair.key).await,
+                (Op::Upsert(row), Some(here)) if row.to_bytes() == here.to_bytes() => {
+                    txn.queue_capture(&table, &repair.key).await
+                }
+                (op, _) => txn.write_as_application(&table, &repair.key, op).await.map(drop),
+            }
+        })
+        .await
     }
 
     async fn history(&self) -> Result<History, StoreError> {

@@ -274,6 +274,17 @@ pub trait Txn {
     async fn flush(&mut self) -> Step;
     /// The row's current image (queued writes are flushed first by the engine).
     async fn read_row(&mut self, table: &Self::Table, key: &Key) -> Result<Option<Row>, StoreError>;
+    /// Calls `visit` with every row of `table`, in no particular order; returns how many.
+    async fn scan_rows(&mut self, table: &Self::Table, visit: &mut (dyn FnMut(Row) + Send)) -> Result<u64, StoreError>;
+    /// Raises the recorded version of the row `key` to cover `floor` (recording one, as a
+    /// tombstone if `absent`, when there is none), so the row's next change covers it.
+    async fn raise_row_version(
+        &mut self,
+        table: &str,
+        key: &[u8],
+        floor: &crate::version::VersionVector,
+        absent: bool,
+    ) -> Result<(), StoreError>;
     async fn crdt_states(&mut self, table: &str, key: &[u8]) -> Result<States, StoreError>;
     async fn store_crdt_states(&mut self, table: &str, key: &[u8], states: &States) -> Result<(), StoreError>;
     /// Sets CRDT column values of an existing row, not captured. With `unless_changed_from`
@@ -421,6 +432,29 @@ macro_rules! forward_txn_io {
             key: &$crate::event::Key,
         ) -> Result<Option<$crate::event::Row>, $crate::store::StoreError> {
             apply::read_row(self.conn, table, key).await
+        }
+
+        async fn scan_rows(
+            &mut self,
+            table: &Self::Table,
+            visit: &mut (dyn FnMut($crate::event::Row) + Send),
+        ) -> Result<u64, $crate::store::StoreError> {
+            apply::scan_rows(self.conn, table, visit).await
+        }
+
+        async fn raise_row_version(
+            &mut self,
+            table: &str,
+            key: &[u8],
+            floor: &$crate::version::VersionVector,
+            absent: bool,
+        ) -> Result<(), $crate::store::StoreError> {
+            let mut version = capture::load_versions(self.conn, table, &[key.to_vec()])
+                .await?
+                .remove(key)
+                .map_or_else($crate::version::VersionVector::new, |v| v.version);
+            version.merge(floor);
+            metadata::raise_row_version(self.conn, table, key, &version.to_json(), absent).await
         }
 
         async fn crdt_states(

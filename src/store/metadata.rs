@@ -221,6 +221,29 @@ macro_rules! metadata_io {
                 .collect()
         }
 
+        /// Sets the recorded vector of the row `key` to `version` (JSON), recording the row
+        /// as a tombstone or a live row (`absent`) if it has no metadata yet.
+        pub(super) async fn raise_row_version(
+            conn: &mut $conn,
+            table: &str,
+            key: &[u8],
+            version: &str,
+            absent: bool,
+        ) -> Result<(), $crate::store::StoreError> {
+            let sql = meta(
+                "INSERT INTO {w}rows (tbl, key, version, hlc, origin, deleted) VALUES ($1, $2, $3, 0, '', $4) \
+                 ON CONFLICT (tbl, key) DO UPDATE SET version = excluded.version",
+            );
+            sqlx::query(sql)
+                .bind(table)
+                .bind(key)
+                .bind(version)
+                .bind(absent)
+                .execute(&mut *conn)
+                .await?;
+            Ok(())
+        }
+
         /// Rows (tombstones included) per replicated table with any.
         pub(super) async fn row_counts(
             conn: &mut $conn,

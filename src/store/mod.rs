@@ -23,6 +23,7 @@ mod apply;
 pub mod audit;
 pub mod backend;
 mod capture;
+pub mod checksum;
 pub mod engine;
 pub mod evolve;
 mod metadata;
@@ -153,6 +154,8 @@ pub struct Status {
     pub conflicts: u64,
     /// Set while this node joins the mesh by snapshot: its tables are not yet current.
     pub joining: Option<snapshot::JoinState>,
+    /// What the last background audit found (`transport::audit::Summary`), if one ran.
+    pub last_audit: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -261,6 +264,34 @@ impl Store {
     /// Applied frontier per origin: what this node has of each origin's events.
     pub async fn frontiers(&self) -> Result<BTreeMap<NodeId, u64>, StoreError> {
         both!(self, s => s.frontiers().await)
+    }
+
+    /// Records what the last background audit found, for `weft status`.
+    pub async fn record_audit(&self, summary: &str) -> Result<(), StoreError> {
+        both!(self, s => s.record_audit(summary).await)
+    }
+
+    /// Every bucket of `table`'s audit tree, from one consistent view (`checksum`).
+    pub async fn audit_tree(&self, table: &str) -> Result<checksum::Tree, StoreError> {
+        both!(self, s => s.audit_tree(table).await)
+    }
+
+    /// The keys of `table` in `buckets`, with their digests (`checksum`).
+    pub async fn audit_keys(
+        &self,
+        table: &str,
+        buckets: &std::collections::BTreeSet<u32>,
+    ) -> Result<Vec<(Vec<u8>, checksum::Sum)>, StoreError> {
+        both!(self, s => s.audit_keys(table, buckets).await)
+    }
+
+    /// The rows `keys` of `table` in full, with the frontiers they are at most as new as.
+    pub async fn audit_rows(
+        &self,
+        table: &str,
+        keys: &[Vec<u8>],
+    ) -> Result<(Vec<checksum::AuditRow>, BTreeMap<NodeId, u64>), StoreError> {
+        both!(self, s => s.audit_rows(table, keys).await)
     }
 
     /// About `max` log entries of `origin` after `after`, ending on a capture-batch boundary.

@@ -350,6 +350,7 @@ impl<B: Backend> Replica<B> {
             frontiers: B::frontier_status(&mut tx).await?,
             peers: Vec::new(),
             joining: None,
+            last_audit: None,
         };
         for (peer, origins) in peers {
             for origin in origins {
@@ -358,6 +359,12 @@ impl<B: Backend> Replica<B> {
         }
         let join = self.backend.txn(&Tables::new(), &mut tx).node_text("join").await?;
         status.joining = join.and_then(|json| serde_json::from_str(&json).ok());
+        let audit = self
+            .backend
+            .txn(&Tables::new(), &mut tx)
+            .node_text(crate::store::checksum::LAST_AUDIT)
+            .await?;
+        status.last_audit = audit.and_then(|json| serde_json::from_str(&json).ok());
         tx.commit().await?;
         Ok(status)
     }

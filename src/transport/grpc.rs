@@ -70,11 +70,16 @@ fn refusal_status(refusal: Refusal) -> Status {
 /// The receiving half, served by the node's gRPC server.
 pub struct Service {
     ctx: Context,
+    /// Checksum trees of the audits in progress (`audit`).
+    trees: std::sync::Arc<super::audit::Trees>,
 }
 
 impl Service {
     pub fn new(ctx: Context) -> Self {
-        Self { ctx }
+        Self {
+            ctx,
+            trees: std::sync::Arc::default(),
+        }
     }
 }
 
@@ -240,6 +245,11 @@ impl proto::replication_server::Replication for Service {
     ) -> Result<Response<Self::SnapshotStream>, Status> {
         let chunks = super::join::serve(self.ctx.clone(), request.into_inner()).await?;
         Ok(Response::new(chunks))
+    }
+
+    async fn audit(&self, request: Request<proto::AuditRequest>) -> Result<Response<proto::AuditReply>, Status> {
+        let reply = super::audit::answer(&self.ctx, &self.trees, request.into_inner()).await?;
+        Ok(Response::new(reply))
     }
 
     async fn replicate(

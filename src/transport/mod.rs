@@ -11,6 +11,7 @@
 //! [`PeerObserver`] through which the transport reports, so it never depends on how figures
 //! are kept.
 
+pub mod audit;
 pub mod grpc;
 pub mod handshake;
 pub mod join;

@@ -338,3 +338,20 @@ async fn lock_one(
         Err(error) => Err(error.into()),
     }
 }
+
+/// Every row of `table`, streamed to `visit`; returns how many.
+pub(super) async fn scan_rows(
+    tx: &mut PgConnection,
+    table: &PgTable,
+    visit: &mut (dyn FnMut(Row) + Send),
+) -> Result<u64, StoreError> {
+    use futures_util::TryStreamExt as _;
+    let sql = format!("SELECT {} FROM {} t", table.select_list("t"), table.qualified());
+    let mut rows = sqlx::query(AssertSqlSafe(sql)).persistent(false).fetch(&mut *tx);
+    let mut n = 0;
+    while let Some(row) = rows.try_next().await? {
+        visit(read_image(table, &row, 0)?);
+        n += 1;
+    }
+    Ok(n)
+}

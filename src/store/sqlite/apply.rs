@@ -147,3 +147,21 @@ pub(super) async fn read_row(
         None => Ok(None),
     }
 }
+
+/// Every row of `table`, streamed to `visit`; returns how many.
+pub(super) async fn scan_rows(
+    conn: &mut SqliteConnection,
+    table: &TableInfo,
+    visit: &mut (dyn FnMut(Row) + Send),
+) -> Result<u64, StoreError> {
+    use futures_util::TryStreamExt as _;
+    let columns = table.columns.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", ");
+    let sql = format!("SELECT {columns} FROM {}", quote(&table.name));
+    let mut rows = sqlx::query(AssertSqlSafe(sql)).persistent(false).fetch(&mut *conn);
+    let mut n = 0;
+    while let Some(row) = rows.try_next().await? {
+        visit(read_image(table, &row, 0)?);
+        n += 1;
+    }
+    Ok(n)
+}
