@@ -12,7 +12,8 @@
 //!   vectors), [`clock`] (the HLC), [`crdt`] (CRDT column states); and two supports with no
 //!   domain in them: [`crashpoint`] (crash tests), [`shutdown`] (the one stop signal);
 //! - policy (pure): [`config`] (files, validated without IO), [`topology`] (routes, relays,
-//!   the loop rule), [`resolve`] (the strategies), [`replicate`] (the apply decision);
+//!   the loop rule), [`resolve`] (the strategies), [`replicate`] (the apply decision),
+//!   [`stability`] (the horizon below which tombstones may go);
 //! - ports: [`wire`] (the only place protobuf meets domain types), [`store`] (one replication
 //!   algorithm over the SQLite and PostgreSQL dialects, and the admin API), [`transport`] (a
 //!   sans-IO session per peer, bound to gRPC);
@@ -38,6 +39,7 @@ pub mod node;
 pub mod replicate;
 pub mod resolve;
 pub mod shutdown;
+pub mod stability;
 pub mod store;
 pub mod telemetry;
 pub mod topology;

@@ -84,6 +84,7 @@ impl Node {
             behind: Arc::default(),
             fatal: fatal.clone(),
             shutdown: shutdown_rx.clone(),
+            reports: Arc::default(),
         };
         let mut tasks = JoinSet::new();
 
@@ -261,6 +262,54 @@ async fn capture_loop(ctx: Context, metrics: Arc<Metrics>) {
     }
 }
 
+/// The periodic status line.
+fn log_status(metrics: &Metrics) {
+    let m = metrics;
+    let lag = m.lag();
+    tracing::info!(
+        captured = Metrics::get(&m.captured),
+        applied = Metrics::get(&m.applied),
+        conflicts = Metrics::get(&m.conflicts),
+        dead_lettered = Metrics::get(&m.dead_lettered),
+        dropped_looped = Metrics::get(&m.looped),
+        dropped_duplicate = Metrics::get(&m.duplicates),
+        lag_p50_ms = lag.p50_ms,
+        lag_p99_ms = lag.p99_ms,
+        audits = Metrics::get(&m.audits),
+        audit_differing = Metrics::get(&m.audit_differing),
+        tombstones_purged = Metrics::get(&m.tombstones_purged),
+        "status"
+    );
+}
+
+/// Offers this node's report, moves the causal stability horizon with every node's latest
+/// report, and purges the tombstones below it (`store::gc`). Not while joining.
+async fn collect_tombstones(ctx: &Context, horizon: &mut crate::stability::Horizon, metrics: &Metrics) {
+    if ctx.joining.borrow().is_some() {
+        return;
+    }
+    let mut own = match ctx.store.frontiers().await {
+        Ok(frontiers) => frontiers,
+        Err(error) => return tracing::warn!(%error, "tombstone GC: cannot read the frontiers; next round"),
+    };
+    own.insert(ctx.config.node.clone(), ctx.store.last_seq().await);
+    ctx.reports.offer(&ctx.config.node, crate::clock::now_micros(), own);
+    let nodes: Vec<NodeId> = ctx.config.topology.nodes.iter().map(|n| n.id.clone()).collect();
+    let Some(stable) = horizon.advance(&nodes, &ctx.reports.latest()).cloned() else {
+        return;
+    };
+    match ctx.store.purge_tombstones(&stable).await {
+        Ok(done) if done.purged > 0 => {
+            metrics
+                .tombstones_purged
+                .fetch_add(done.purged, std::sync::atomic::Ordering::Relaxed);
+            tracing::debug!(purged = done.purged, kept = done.kept, horizon = %stable.to_json(), "tombstones purged");
+        }
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "tombstone GC failed; next round"),
+    }
+}
+
 /// Audits the whole mesh every `every` (no repair) and reports what it found.
 async fn audit_loop(ctx: Context, metrics: Arc<Metrics>, every: Duration) {
     use crate::transport::audit::{Audit, Options};
@@ -316,6 +365,8 @@ async fn upkeep_loop(ctx: Context, metrics: Arc<Metrics>) {
     let mut persisted: BTreeMap<(NodeId, NodeId), u64> = BTreeMap::new();
     let mut ticks = 0u64;
     let mut applied_at_last_retry = 0;
+    let mut horizon = crate::stability::Horizon::default();
+    let gc_every = ctx.config.replication.tombstone_gc_secs * 5;
     loop {
         let stopping = tokio::select! {
             _ = stopped(&mut shutdown) => true,
@@ -363,22 +414,11 @@ async fn upkeep_loop(ctx: Context, metrics: Arc<Metrics>) {
         if ticks.is_multiple_of(50) && !stopping {
             retain(&ctx, &metrics).await;
         }
+        if gc_every > 0 && ticks.is_multiple_of(gc_every) && !stopping && *ctx.verified.borrow() {
+            collect_tombstones(&ctx, &mut horizon, &metrics).await;
+        }
         if ticks.is_multiple_of(50) {
-            let m = &metrics;
-            let lag = m.lag();
-            tracing::info!(
-                captured = Metrics::get(&m.captured),
-                applied = Metrics::get(&m.applied),
-                conflicts = Metrics::get(&m.conflicts),
-                dead_lettered = Metrics::get(&m.dead_lettered),
-                dropped_looped = Metrics::get(&m.looped),
-                dropped_duplicate = Metrics::get(&m.duplicates),
-                lag_p50_ms = lag.p50_ms,
-                lag_p99_ms = lag.p99_ms,
-                audits = Metrics::get(&m.audits),
-                audit_differing = Metrics::get(&m.audit_differing),
-                "status"
-            );
+            log_status(&metrics);
         }
         if stopping {
             return;

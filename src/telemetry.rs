@@ -52,6 +52,8 @@ pub struct Metrics {
     pub audits: AtomicU64,
     pub audit_differing: AtomicU64,
     pub audit_unsettled: AtomicU64,
+    /// Tombstones purged below the causal stability horizon.
+    pub tombstones_purged: AtomicU64,
     lag_micros: Mutex<Histogram<u64>>,
     peers: Mutex<BTreeMap<NodeId, PeerState>>,
 }
@@ -76,6 +78,7 @@ impl Default for Metrics {
             audits: AtomicU64::new(0),
             audit_differing: AtomicU64::new(0),
             audit_unsettled: AtomicU64::new(0),
+            tombstones_purged: AtomicU64::new(0),
             lag_micros: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")),
             peers: Mutex::new(BTreeMap::new()),
         }

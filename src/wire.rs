@@ -208,6 +208,25 @@ pub fn decode_event(bytes: &[u8]) -> Result<Event, WireError> {
     event_from_proto(event)
 }
 
+/// A version vector (or purge floor) as the wire carries it.
+pub fn vector_to_proto(vector: &VersionVector) -> Vec<proto::VersionEntry> {
+    vector
+        .iter()
+        .map(|(node, counter)| proto::VersionEntry {
+            node: node.to_owned(),
+            counter,
+        })
+        .collect()
+}
+
+pub fn vector_from_proto(entries: &[proto::VersionEntry]) -> VersionVector {
+    let mut vector = VersionVector::new();
+    for entry in entries {
+        vector.set(&entry.node, entry.counter);
+    }
+    vector
+}
+
 fn columns_to_proto(row: &Row) -> Vec<proto::Column> {
     row.0
         .iter()
@@ -224,15 +243,7 @@ pub fn audit_row_to_proto(row: &crate::store::checksum::AuditRow) -> proto::Audi
     proto::AuditRow {
         key: row.key.clone(),
         known: version.is_some(),
-        version: version.map_or_else(Vec::new, |v| {
-            v.version
-                .iter()
-                .map(|(node, counter)| proto::VersionEntry {
-                    node: node.to_owned(),
-                    counter,
-                })
-                .collect()
-        }),
+        version: version.map_or_else(Vec::new, |v| vector_to_proto(&v.version)),
         hlc: version.map_or(0, |v| v.hlc.0),
         origin: version.map(|v| v.origin.clone()).unwrap_or_default(),
         deleted: version.is_some_and(|v| v.deleted),
@@ -243,17 +254,11 @@ pub fn audit_row_to_proto(row: &crate::store::checksum::AuditRow) -> proto::Audi
 
 /// A received audit row, or what is wrong with it (a value kind this build does not know).
 pub fn audit_row_from_proto(row: proto::AuditRow) -> Result<crate::store::checksum::AuditRow, String> {
-    let version = row.known.then(|| {
-        let mut vector = VersionVector::new();
-        for entry in &row.version {
-            vector.set(&entry.node, entry.counter);
-        }
-        crate::replicate::RowVersion {
-            version: vector,
-            hlc: Hlc(row.hlc),
-            origin: row.origin.clone(),
-            deleted: row.deleted,
-        }
+    let version = row.known.then(|| crate::replicate::RowVersion {
+        version: vector_from_proto(&row.version),
+        hlc: Hlc(row.hlc),
+        origin: row.origin.clone(),
+        deleted: row.deleted,
     });
     let image = match row.present {
         false => None,
@@ -274,6 +279,25 @@ pub fn audit_row_from_proto(row: proto::AuditRow) -> Result<crate::store::checks
         version,
         image,
     })
+}
+
+/// Node reports (`stability`) as acknowledgements carry them.
+pub fn reports_to_proto(reports: &[(NodeId, i64, BTreeMap<NodeId, u64>)]) -> Vec<proto::NodeReport> {
+    reports
+        .iter()
+        .map(|(node, at, frontiers)| proto::NodeReport {
+            node: node.clone(),
+            frontiers: frontiers_to_proto(frontiers),
+            at_micros: *at,
+        })
+        .collect()
+}
+
+pub fn reports_from_proto(reports: Vec<proto::NodeReport>) -> Vec<(NodeId, i64, BTreeMap<NodeId, u64>)> {
+    reports
+        .into_iter()
+        .map(|r| (r.node, r.at_micros, frontiers_from_proto(r.frontiers)))
+        .collect()
 }
 
 /// A frontier map as sent in Welcome, Ack and Heartbeat.

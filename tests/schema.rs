@@ -49,36 +49,6 @@ async fn count(s: &Sidecars, i: usize, sql: &str) -> i64 {
         .unwrap()
 }
 
-/// Pauses region `i`'s sidecar (SIGSTOP) at a moment it holds no SQLite write lock, so the
-/// application can write while nothing captures.
-async fn pause_idle(s: &Sidecars, i: usize) {
-    use sqlx::ConnectOptions as _;
-    let path = s.mesh.regions[i].db.clone();
-    let started = Instant::now();
-    loop {
-        s.signal(i, "STOP");
-        let mut probe = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(&path)
-            .busy_timeout(Duration::from_millis(200))
-            .connect()
-            .await
-            .unwrap();
-        if sqlx::raw_sql("BEGIN IMMEDIATE; ROLLBACK")
-            .execute(&mut probe)
-            .await
-            .is_ok()
-        {
-            return;
-        }
-        s.signal(i, "CONT");
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "region {i}'s sidecar never let go of the write lock"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Waits until every region has everything (frontiers), no event waits as a dead letter, and
 /// the databases are identical; fails with the last difference.
 async fn wait_identical(s: &Sidecars, within: Duration) {
@@ -147,7 +117,7 @@ async fn a_sqlite_table_rebuild_while_writing_loses_no_write() {
     write_shared(&s, 1, 100, 20, None).await;
     wait_identical(&s, Duration::from_secs(30)).await;
 
-    pause_idle(&s, 0).await;
+    s.pause_idle(0).await;
     exec(
         &s,
         0,

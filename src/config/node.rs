@@ -42,6 +42,9 @@ pub struct ReplicationConfig {
     /// Every this many seconds, audit the whole mesh (`weft audit`, without repair) and
     /// report through the log, `weft status` and the metrics. 0 = never (the default).
     pub audit_every_secs: u64,
+    /// Every this many seconds, purge the tombstones every node has seen along with every
+    /// write concurrent with them (the causal stability horizon). 0 = keep them forever.
+    pub tombstone_gc_secs: u64,
 }
 
 impl Default for ReplicationConfig {
@@ -59,6 +62,7 @@ impl Default for ReplicationConfig {
             log_retain_secs: 3 * 24 * 3600,
             max_message_mib: 256,
             audit_every_secs: 0,
+            tombstone_gc_secs: 10,
         }
     }
 }

@@ -1,7 +1,9 @@
 //! Canonical renderings of what a region holds, for convergence checks across regions of
 //! either store: every replicated table's rows in key order plus weft's row metadata, and the
 //! capture/apply progress (last own seq, outbox pending, frontiers) read in one snapshot.
-//! Two regions have converged when their renderings are equal.
+//! Two regions have converged when their renderings are equal. Tombstones are left out of
+//! the metadata: regions purge them each on its own time (`store::gc`), and a deleted row is
+//! absent from the table either way.
 use std::collections::BTreeMap;
 
 use sqlx::{Connection as _, PgPool, Row as _, SqlitePool};
@@ -47,9 +49,11 @@ pub async fn sqlite_rendering(
         }
         out.insert(table.clone(), rendered);
     }
-    let meta = sqlx::query_as("SELECT tbl, hex(key), version, hlc, origin, deleted FROM _weft_rows ORDER BY tbl, key")
-        .fetch_all(&mut *tx)
-        .await?;
+    let meta = sqlx::query_as(
+        "SELECT tbl, hex(key), version, hlc, origin, deleted FROM _weft_rows WHERE NOT deleted ORDER BY tbl, key",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
     out.insert("_weft_rows".into(), render_row_metadata(meta));
     tx.commit().await?;
     Ok(out)
@@ -135,7 +139,7 @@ pub async fn postgres_rendering(pool: &PgPool, tables: &[String]) -> Result<BTre
         out.insert(table.clone(), rendered);
     }
     let meta = sqlx::query_as(
-        "SELECT tbl, upper(encode(key, 'hex')), version, hlc, origin, deleted::int::int8 FROM weft.rows ORDER BY tbl, key",
+        "SELECT tbl, upper(encode(key, 'hex')), version, hlc, origin, deleted::int::int8 FROM weft.rows WHERE NOT deleted ORDER BY tbl, key",
     )
     .fetch_all(&mut *tx)
     .await?;

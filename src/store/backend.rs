@@ -274,6 +274,14 @@ pub trait Txn {
     async fn flush(&mut self) -> Step;
     /// The row's current image (queued writes are flushed first by the engine).
     async fn read_row(&mut self, table: &Self::Table, key: &Key) -> Result<Option<Row>, StoreError>;
+    /// Up to `limit` tombstones: (table, key bytes, version).
+    async fn tombstones(&mut self, limit: i64) -> Result<Vec<(String, Vec<u8>, RowVersion)>, StoreError>;
+    /// (table, key text) of every dead letter.
+    async fn dead_letter_keys(&mut self) -> Result<std::collections::HashSet<(String, String)>, StoreError>;
+    /// Makes the recorded version of `key` a tombstone.
+    async fn mark_deleted(&mut self, table: &str, key: &[u8]) -> Result<(), StoreError>;
+    /// Removes the tombstone of `key` with what it kept (CRDT states, siblings).
+    async fn purge_tombstone(&mut self, table: &str, key: &[u8]) -> Result<(), StoreError>;
     /// Calls `visit` with every row of `table`, in no particular order; returns how many.
     async fn scan_rows(&mut self, table: &Self::Table, visit: &mut (dyn FnMut(Row) + Send)) -> Result<u64, StoreError>;
     /// Raises the recorded version of the row `key` to cover `floor` (recording one, as a
@@ -432,6 +440,27 @@ macro_rules! forward_txn_io {
             key: &$crate::event::Key,
         ) -> Result<Option<$crate::event::Row>, $crate::store::StoreError> {
             apply::read_row(self.conn, table, key).await
+        }
+
+        async fn tombstones(
+            &mut self,
+            limit: i64,
+        ) -> Result<Vec<(String, Vec<u8>, $crate::replicate::RowVersion)>, $crate::store::StoreError> {
+            metadata::tombstones(self.conn, limit).await
+        }
+
+        async fn dead_letter_keys(
+            &mut self,
+        ) -> Result<std::collections::HashSet<(String, String)>, $crate::store::StoreError> {
+            metadata::dead_letter_keys(self.conn).await
+        }
+
+        async fn mark_deleted(&mut self, table: &str, key: &[u8]) -> Result<(), $crate::store::StoreError> {
+            metadata::mark_deleted(self.conn, table, key).await
+        }
+
+        async fn purge_tombstone(&mut self, table: &str, key: &[u8]) -> Result<(), $crate::store::StoreError> {
+            metadata::purge_tombstone(self.conn, table, key).await
         }
 
         async fn scan_rows(

@@ -24,6 +24,7 @@ use crate::store::backend::{Backend, Captured, Conn, Meta, Txn};
 use crate::store::engine::{self, TableRules};
 use crate::store::replica::Replica;
 use crate::store::{DrainReport, StoreError};
+use crate::version::VersionVector;
 
 /// Most outbox rows one capture batch takes: the size of a batch on the wire by default
 /// (`batch_max_events`), so a sender's window holds a few megabytes, not a transaction. A
@@ -113,6 +114,16 @@ impl<B: Backend> Replica<B> {
         for (table, keys) in keys {
             stored.insert(table.to_owned(), txn.versions(table, &keys).await?);
         }
+        let unknown = changes
+            .iter()
+            .any(|(key, c)| !stored.get(c.table.name()).is_some_and(|m| m.contains_key(key)));
+        // A row this node has no version of may be one whose tombstone it purged: its new
+        // version starts from the purge floor, above every tombstone this node purged, so
+        // the write replaces the row where the tombstone is still kept (`store::gc`).
+        let floor = match unknown {
+            true => crate::store::gc::floor(txn).await?,
+            false => VersionVector::new(),
+        };
         let local = changes.iter().map(|(key, c)| LocalChange {
             previous: stored.get(c.table.name()).and_then(|m| m.get(key)),
             table: c.table.name().to_owned(),
@@ -121,7 +132,7 @@ impl<B: Backend> Replica<B> {
             image: c.image.clone(),
             committed_at: c.committed_at,
         });
-        let mut events = local_events(&self.identity, &self.clock, last_seq, local);
+        let mut events = local_events(&self.identity, &self.clock, last_seq, &floor, local);
         for (key, event) in events.iter_mut() {
             if let Some(table) = txn.table(&event.table).filter(|t| t.strategy() != Strategy::Lww) {
                 let was_deleted = stored
@@ -199,6 +210,7 @@ fn local_events<'a>(
     identity: &Identity,
     clock: &Clock,
     last_seq: u64,
+    floor: &VersionVector,
     changes: impl IntoIterator<Item = LocalChange<'a>>,
 ) -> Vec<(Vec<u8>, Event)> {
     let me = &identity.node;
@@ -206,7 +218,7 @@ fn local_events<'a>(
         .into_iter()
         .filter(|c| c.image.is_some() || c.previous.is_some())
         .map(|c| {
-            let mut version = c.previous.map(|l| l.version.clone()).unwrap_or_default();
+            let mut version = c.previous.map_or_else(|| floor.clone(), |l| l.version.clone());
             version.increment(me);
             let event = Event {
                 origin: me.clone(),

@@ -221,6 +221,63 @@ macro_rules! metadata_io {
                 .collect()
         }
 
+        /// Up to `limit` tombstones: (table, key bytes, version).
+        pub(super) async fn tombstones(
+            conn: &mut $conn,
+            limit: i64,
+        ) -> Result<Vec<(String, Vec<u8>, $crate::replicate::RowVersion)>, $crate::store::StoreError> {
+            let sql = meta("SELECT tbl, key, version, hlc, origin FROM {w}rows WHERE deleted LIMIT $1");
+            let rows: Vec<(String, Vec<u8>, String, i64, String)> =
+                sqlx::query_as(sql).bind(limit).fetch_all(&mut *conn).await?;
+            rows.into_iter()
+                .map(|(table, key, version, hlc, origin)| {
+                    let version = $crate::store::metadata::stored_version(&table, &version, hlc, origin, true)?;
+                    Ok((table, key, version))
+                })
+                .collect()
+        }
+
+        /// (table, key text) of every dead letter.
+        pub(super) async fn dead_letter_keys(
+            conn: &mut $conn,
+        ) -> Result<std::collections::HashSet<(String, String)>, $crate::store::StoreError> {
+            let rows: Vec<(String, String)> = sqlx::query_as(meta("SELECT DISTINCT tbl, key FROM {w}dead_letters"))
+                .fetch_all(&mut *conn)
+                .await?;
+            Ok(rows.into_iter().collect())
+        }
+
+        /// Makes the recorded version of `key` a tombstone.
+        pub(super) async fn mark_deleted(
+            conn: &mut $conn,
+            table: &str,
+            key: &[u8],
+        ) -> Result<(), $crate::store::StoreError> {
+            sqlx::query(meta("UPDATE {w}rows SET deleted = $3 WHERE tbl = $1 AND key = $2"))
+                .bind(table)
+                .bind(key)
+                .bind(true)
+                .execute(&mut *conn)
+                .await?;
+            Ok(())
+        }
+
+        /// Removes the tombstone of `key` and what it kept.
+        pub(super) async fn purge_tombstone(
+            conn: &mut $conn,
+            table: &str,
+            key: &[u8],
+        ) -> Result<(), $crate::store::StoreError> {
+            for sql in [
+                "DELETE FROM {w}rows WHERE tbl = $1 AND key = $2 AND deleted",
+                "DELETE FROM {w}crdt WHERE tbl = $1 AND key = $2",
+                "DELETE FROM {w}siblings WHERE tbl = $1 AND key = $2",
+            ] {
+                sqlx::query(meta(sql)).bind(table).bind(key).execute(&mut *conn).await?;
+            }
+            Ok(())
+        }
+
         /// Sets the recorded vector of the row `key` to `version` (JSON), recording the row
         /// as a tombstone or a live row (`absent`) if it has no metadata yet.
         pub(super) async fn raise_row_version(

@@ -26,6 +26,7 @@ mod capture;
 pub mod checksum;
 pub mod engine;
 pub mod evolve;
+pub mod gc;
 mod metadata;
 pub mod postgres;
 pub mod replica;
@@ -266,6 +267,11 @@ impl Store {
         both!(self, s => s.frontiers().await)
     }
 
+    /// Purges the tombstones below the causal stability `horizon` (`gc`).
+    pub async fn purge_tombstones(&self, horizon: &crate::version::VersionVector) -> Result<gc::Purged, StoreError> {
+        both!(self, s => s.purge_tombstones(horizon).await)
+    }
+
     /// Records what the last background audit found, for `weft status`.
     pub async fn record_audit(&self, summary: &str) -> Result<(), StoreError> {
         both!(self, s => s.record_audit(summary).await)
@@ -355,6 +361,11 @@ impl Store {
         both!(self, s => s.snapshot_page(table, after, limit).await)
     }
 
+    /// The purge floor (`gc`): above every tombstone this node purged.
+    pub async fn purge_floor(&self) -> Result<crate::version::VersionVector, StoreError> {
+        both!(self, s => s.purge_floor().await)
+    }
+
     /// Raises this node's last own seq to `seq` (never lowers it).
     pub async fn raise_own_seq(&self, seq: u64) -> Result<(), StoreError> {
         both!(self, s => s.raise_own_seq(seq).await)
@@ -373,6 +384,18 @@ impl Store {
         frontiers: &BTreeMap<NodeId, u64>,
     ) -> Result<ApplyReport, StoreError> {
         both!(self, s => s.install_page(rows, state, frontiers).await)
+    }
+
+    /// `install_page`, removing in the same transaction the rows `sweep` finds deleted and
+    /// purged at the source (see `snapshot::Sweep`).
+    pub async fn install_page_swept(
+        &self,
+        rows: Vec<snapshot::SnapshotRow>,
+        state: Option<snapshot::JoinState>,
+        frontiers: &BTreeMap<NodeId, u64>,
+        sweep: snapshot::Sweep,
+    ) -> Result<ApplyReport, StoreError> {
+        both!(self, s => s.install_page_swept(rows, state, frontiers, Some(sweep)).await)
     }
 
     /// Closes every connection.

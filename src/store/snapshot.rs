@@ -83,6 +83,20 @@ impl JoinState {
     }
 }
 
+/// Rows the joiner holds that the source deleted and purged (`store::gc`): in `table`, with
+/// key bytes after `after` and up to `upto` (`None`: to the end of the table), not among
+/// `keys` (the chunk's), with a version at or below the source's purge `floor`. The source
+/// has applied every write such a version holds, and has no metadata for the row: only a
+/// purge removes it. Those rows are deleted here too, as tombstones (purged in turn).
+#[derive(Debug, Clone)]
+pub struct Sweep {
+    pub table: String,
+    pub after: Vec<u8>,
+    pub upto: Option<Vec<u8>>,
+    pub keys: std::collections::HashSet<Vec<u8>>,
+    pub floor: crate::version::VersionVector,
+}
+
 /// What a page's run records beside its rows (`RunKind::Snapshot`).
 pub struct Install {
     /// The queue rows' sibling sets: (table, key bytes, key text, siblings).
@@ -92,6 +106,7 @@ pub struct Install {
     /// The snapshot's frontiers, raised to on the last page.
     frontiers: BTreeMap<NodeId, u64>,
     me: NodeId,
+    sweep: Option<Sweep>,
 }
 
 impl Install {
@@ -105,6 +120,9 @@ impl Install {
     ) -> Result<(), StoreError> {
         for (table, key, key_text, set) in &self.siblings {
             txn.replace_siblings(table, key, key_text, set).await?;
+        }
+        if let Some(sweep) = &self.sweep {
+            sweep_purged(txn, sweep).await?;
         }
         if let Some(state) = &self.state {
             let json = serde_json::to_string(state).expect("a join state serializes");
@@ -124,6 +142,70 @@ impl Install {
         }
         Ok(())
     }
+}
+
+/// Deletes the rows `sweep` names (see [`Sweep`]), in the page's transaction.
+async fn sweep_purged<T: Txn>(txn: &mut T, sweep: &Sweep) -> Result<(), StoreError> {
+    let Some(table) = txn.table(&sweep.table) else {
+        return Ok(());
+    };
+    let mut victims = Vec::new();
+    let mut after = sweep.after.clone();
+    'pages: loop {
+        let page = txn.row_page(&sweep.table, &after, 1_000).await?;
+        let full = page.len() == 1_000;
+        for (key, version) in page {
+            if sweep.upto.as_ref().is_some_and(|upto| key > *upto) {
+                break 'pages;
+            }
+            after.clone_from(&key);
+            let purged = !version.deleted
+                && !sweep.keys.contains(&key)
+                && crate::stability::below(&version.version, &sweep.floor);
+            if purged {
+                victims.push((key, version));
+            }
+        }
+        if !full {
+            break;
+        }
+    }
+    for (key_bytes, version) in victims {
+        let key = Key::from_bytes(&key_bytes)
+            .map_err(|e| StoreError::Corrupt(format!("a key of {} in the row metadata: {e}", sweep.table)))?;
+        let event = Event {
+            origin: version.origin.clone(),
+            origin_region: String::new(),
+            seq: 1,
+            batch_end: 1,
+            hlc: version.hlc,
+            table: sweep.table.clone(),
+            key,
+            op: Op::Delete,
+            version: version.version.clone(),
+            path: Vec::new(),
+            committed_at_micros: 0,
+            crdt: Vec::new(),
+            ownership: None,
+        };
+        match txn
+            .write(&table, &event, crate::store::engine::Mode::EventByEvent)
+            .await
+        {
+            Ok(crate::store::engine::Written::Done) => {
+                txn.mark_deleted(&sweep.table, &key_bytes).await?;
+                tracing::info!(table = %sweep.table, key = %event.key, "joining: deleted a row the source deleted and purged");
+            }
+            Ok(crate::store::engine::Written::Refused(why)) => {
+                tracing::warn!(table = %sweep.table, key = %event.key, %why, "joining: cannot delete a row the source deleted and purged");
+            }
+            Err(crate::store::engine::Halt::Store(e)) => return Err(e),
+            Err(crate::store::engine::Halt::Stop(stop)) => {
+                return Err(StoreError::Refused(format!("deleting a purged row stopped: {stop:?}")));
+            }
+        }
+    }
+    Ok(())
 }
 
 impl<B: Backend> Replica<B> {
@@ -261,6 +343,17 @@ impl<B: Backend> Replica<B> {
         state: Option<JoinState>,
         frontiers: &BTreeMap<NodeId, u64>,
     ) -> Result<crate::store::ApplyReport, StoreError> {
+        self.install_page_swept(rows, state, frontiers, None).await
+    }
+
+    /// `install_page`, with the rows `sweep` names deleted in the same transaction.
+    pub async fn install_page_swept(
+        &self,
+        rows: Vec<SnapshotRow>,
+        state: Option<JoinState>,
+        frontiers: &BTreeMap<NodeId, u64>,
+        sweep: Option<Sweep>,
+    ) -> Result<crate::store::ApplyReport, StoreError> {
         let mut events = Vec::with_capacity(rows.len());
         let mut siblings = Vec::new();
         for SnapshotRow { row, siblings: set } in rows {
@@ -274,6 +367,7 @@ impl<B: Backend> Replica<B> {
             state,
             frontiers: frontiers.clone(),
             me: self.identity.node.clone(),
+            sweep,
         };
         self.run(events, RunKind::Snapshot(&install)).await
     }

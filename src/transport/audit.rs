@@ -128,6 +128,8 @@ pub async fn answer(ctx: &Context, trees: &Trees, request: proto::AuditRequest) 
             let (rows, watermark) = store.audit_rows(&table, &ask.keys).await.map_err(store_status)?;
             reply.rows = rows.iter().map(wire::audit_row_to_proto).collect();
             reply.watermark = wire::frontiers_to_proto(&watermark);
+            let floor = store.purge_floor().await.map_err(store_status)?;
+            reply.purge_floor = wire::vector_to_proto(&floor);
         }
         None => return Err(Status::invalid_argument("an audit request must ask something")),
     }
@@ -296,7 +298,8 @@ pub struct Audit {
     report: Report,
 }
 
-type Rows = Vec<(BTreeMap<Vec<u8>, AuditRow>, BTreeMap<NodeId, u64>)>;
+/// Per node: the rows read, its watermark and its purge floor.
+type Rows = Vec<(BTreeMap<Vec<u8>, AuditRow>, BTreeMap<NodeId, u64>, VersionVector)>;
 
 impl Audit {
     /// Connects to every node of the mesh, this one included.
@@ -468,6 +471,7 @@ impl Audit {
         for i in 0..self.peers.len() {
             let mut rows = BTreeMap::new();
             let mut watermark = BTreeMap::new();
+            let mut floor = VersionVector::new();
             for chunk in keys.chunks(ROWS_PER_ASK) {
                 let ask = Ask::Rows(proto::AuditRowsAsk { keys: chunk.to_vec() });
                 let reply = self.ask(i, table, ask).await?;
@@ -476,8 +480,9 @@ impl Audit {
                     rows.insert(row.key.clone(), row);
                 }
                 watermark = wire::frontiers_from_proto(reply.watermark);
+                floor = wire::vector_from_proto(&reply.purge_floor);
             }
-            out.push((rows, watermark));
+            out.push((rows, watermark, floor));
         }
         Ok(out)
     }
@@ -529,7 +534,7 @@ impl Audit {
                 break;
             }
             let first = self.rows(table, &pending).await?;
-            let watermarks: Vec<_> = first.iter().map(|(_, w)| w.clone()).collect();
+            let watermarks: Vec<_> = first.iter().map(|(_, w, _)| w.clone()).collect();
             if let Err(why) = self.settle(table, &watermarks).await? {
                 report.note = Some(why);
                 break;
@@ -537,22 +542,23 @@ impl Audit {
             let second = self.rows(table, &pending).await?;
             let mut next = Vec::new();
             for key in pending {
-                let now: Vec<AuditRow> = second.iter().map(|(rows, _)| row_of(rows, &key)).collect();
+                let now: Vec<AuditRow> = second.iter().map(|(rows, _, _)| row_of(rows, &key)).collect();
                 if now.iter().all(|r| r.digest() == now[0].digest()) {
                     continue;
                 }
                 let unchanged = first
                     .iter()
                     .zip(&now)
-                    .all(|((rows, _), row)| row_of(rows, &key).digest() == row.digest());
+                    .all(|((rows, _, _), row)| row_of(rows, &key).digest() == row.digest());
                 if !unchanged {
                     next.push(key);
                     continue;
                 }
                 let rows: Vec<(NodeId, AuditRow)> = self.peers.iter().map(|p| p.id.clone()).zip(now).collect();
+                let floors: Vec<VersionVector> = second.iter().map(|(_, _, f)| f.clone()).collect();
                 report
                     .differing
-                    .push(finding(table, &key, rows, self.options.prefer.as_deref()));
+                    .push(finding(table, &key, rows, &floors, self.options.prefer.as_deref()));
             }
             pending = next;
         }
@@ -605,7 +611,13 @@ fn key_text(key: &[u8]) -> String {
     Key::from_bytes(key).map_or_else(|_| format!("{key:02x?}"), |k| k.to_string())
 }
 
-fn finding(table: &str, key: &[u8], rows: Vec<(NodeId, AuditRow)>, prefer: Option<&str>) -> Finding {
+fn finding(
+    table: &str,
+    key: &[u8],
+    rows: Vec<(NodeId, AuditRow)>,
+    floors: &[VersionVector],
+    prefer: Option<&str>,
+) -> Finding {
     let seen = rows
         .iter()
         .map(|(node, row)| Seen {
@@ -621,18 +633,24 @@ fn finding(table: &str, key: &[u8], rows: Vec<(NodeId, AuditRow)>, prefer: Optio
         key: key_text(key),
         key_bytes: key.to_vec(),
         seen,
-        winner: decide(&rows, prefer),
+        winner: decide(&rows, floors, prefer),
         repaired: None,
     }
 }
 
-/// The winning version of a row the nodes hold differently (see the module doc).
-pub fn decide(rows: &[(NodeId, AuditRow)], prefer: Option<&str>) -> Result<Winner, String> {
+/// The winning version of a row the nodes hold differently (see the module doc). A node
+/// that has no metadata for the row counts as holding it deleted at its purge floor
+/// (`floors`, one per node): it may have purged the row's tombstone.
+pub fn decide(rows: &[(NodeId, AuditRow)], floors: &[VersionVector], prefer: Option<&str>) -> Result<Winner, String> {
+    let implied: BTreeMap<&str, &VersionVector> = rows.iter().map(|(n, _)| n.as_str()).zip(floors).collect();
     let empty = VersionVector::new();
-    let vector = |row: &AuditRow| row.version.as_ref().map_or(&empty, |v| &v.version).clone();
+    let vector_of = |node: &str, row: &AuditRow| match &row.version {
+        Some(v) => v.version.clone(),
+        None => implied.get(node).copied().unwrap_or(&empty).clone(),
+    };
     let mut floor = VersionVector::new();
-    for (_, row) in rows {
-        floor.merge(&vector(row));
+    for (node, row) in rows {
+        floor.merge(&vector_of(node, row));
     }
     let consistent: Vec<&(NodeId, AuditRow)> = rows.iter().filter(|(_, r)| r.consistent()).collect();
     let pool = match consistent.is_empty() {
@@ -641,10 +659,10 @@ pub fn decide(rows: &[(NodeId, AuditRow)], prefer: Option<&str>) -> Result<Winne
     };
     let newest: Vec<&(NodeId, AuditRow)> = pool
         .iter()
-        .filter(|(_, r)| {
+        .filter(|(n, r)| {
             !pool
                 .iter()
-                .any(|(_, other)| vector(other).compare(&vector(r)) == Causality::Dominates)
+                .any(|(m, other)| vector_of(m, other).compare(&vector_of(n, r)) == Causality::Dominates)
         })
         .copied()
         .collect();
@@ -659,43 +677,28 @@ pub fn decide(rows: &[(NodeId, AuditRow)], prefer: Option<&str>) -> Result<Winne
             .or_default()
             .push(entry);
     }
-    let (chosen, why) = if images.len() == 1 {
-        let why = match behind_back {
-            true => "the other nodes' rows disagree with their own metadata: changed behind weft's back",
-            false => "it holds the newest version",
-        };
-        (newest[0], why.to_owned())
-    } else if newest
+    let same_version = newest
         .iter()
-        .all(|(_, r)| vector(r).compare(&vector(&newest[0].1)) == Causality::Equal)
-    {
-        let mut groups: Vec<_> = images.values().collect();
-        groups.sort_by_key(|g| std::cmp::Reverse(g.len()));
-        if groups[0].len() > groups[1].len() {
-            (
-                groups[0][0],
-                "the same version holds different rows, and most nodes hold this one".to_owned(),
-            )
-        } else if let Some(entry) = prefer.and_then(|p| newest.iter().find(|(n, _)| n == p)) {
-            (
-                *entry,
-                "the same version holds different rows; --prefer chose this node".to_owned(),
-            )
-        } else {
-            return Err(format!(
-                "the same version holds different rows and no row has a majority: choose with --prefer <node> (one of {})",
-                newest.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
-            ));
+        .all(|(n, r)| vector_of(n, r).compare(&vector_of(&newest[0].0, &newest[0].1)) == Causality::Equal);
+    let (chosen, why) = match (images.len(), same_version) {
+        (1, _) => {
+            let why = match behind_back {
+                true => "the other nodes' rows disagree with their own metadata: changed behind weft's back",
+                false => "it holds the newest version",
+            };
+            (newest[0], why.to_owned())
         }
-    } else {
-        let greatest = newest
-            .iter()
-            .max_by_key(|(_, r)| r.version.as_ref().map(|v| (v.hlc, v.origin.clone())))
-            .expect("not empty");
-        (
-            *greatest,
-            "concurrent versions: the greatest (hlc, origin) wins, as under lww".to_owned(),
-        )
+        (_, true) => by_majority(&newest, &images, prefer)?,
+        (_, false) => {
+            let greatest = newest
+                .iter()
+                .max_by_key(|(_, r)| r.version.as_ref().map(|v| (v.hlc, v.origin.clone())))
+                .expect("not empty");
+            (
+                *greatest,
+                "concurrent versions: the greatest (hlc, origin) wins, as under lww".to_owned(),
+            )
+        }
     };
     let op = match &chosen.1.image {
         Some(row) => Op::Upsert(row.clone()),
@@ -707,6 +710,32 @@ pub fn decide(rows: &[(NodeId, AuditRow)], prefer: Option<&str>) -> Result<Winne
         floor,
         why,
     })
+}
+
+/// One version holding different rows: the row most nodes hold, else `--prefer`'s.
+fn by_majority<'r>(
+    newest: &[&'r (NodeId, AuditRow)],
+    images: &BTreeMap<Sum, Vec<&'r (NodeId, AuditRow)>>,
+    prefer: Option<&str>,
+) -> Result<(&'r (NodeId, AuditRow), String), String> {
+    let mut groups: Vec<_> = images.values().collect();
+    groups.sort_by_key(|g| std::cmp::Reverse(g.len()));
+    if groups[0].len() > groups[1].len() {
+        return Ok((
+            groups[0][0],
+            "the same version holds different rows, and most nodes hold this one".to_owned(),
+        ));
+    }
+    match prefer.and_then(|p| newest.iter().find(|(n, _)| n == p)) {
+        Some(entry) => Ok((
+            entry,
+            "the same version holds different rows; --prefer chose this node".to_owned(),
+        )),
+        None => Err(format!(
+            "the same version holds different rows and no row has a majority: choose with --prefer <node> (one of {})",
+            newest.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -740,7 +769,7 @@ mod tests {
     fn a_row_that_disagrees_with_its_metadata_loses() {
         let mut vanished = row(&[("a", 1)], 1, Some("x"));
         vanished.image = None;
-        let winner = decide(&nodes(vec![row(&[("a", 1)], 1, Some("x")), vanished]), None).unwrap();
+        let winner = decide(&nodes(vec![row(&[("a", 1)], 1, Some("x")), vanished]), &[], None).unwrap();
         assert_eq!(winner.node, "a");
         assert!(matches!(winner.op, Op::Upsert(_)));
     }
@@ -752,6 +781,7 @@ mod tests {
                 row(&[("a", 1)], 1, Some("old")),
                 row(&[("a", 1), ("b", 1)], 2, Some("new")),
             ]),
+            &[],
             None,
         )
         .unwrap();
@@ -764,12 +794,35 @@ mod tests {
         let v = &[("a", 1)];
         let majority = decide(
             &nodes(vec![row(v, 1, Some("x")), row(v, 1, Some("y")), row(v, 1, Some("x"))]),
+            &[],
             None,
         )
         .unwrap();
         assert_eq!(majority.node, "a");
         let tie = nodes(vec![row(v, 1, Some("x")), row(v, 1, Some("y"))]);
-        assert!(decide(&tie, None).unwrap_err().contains("--prefer"));
-        assert_eq!(decide(&tie, Some("b")).unwrap().node, "b");
+        assert!(decide(&tie, &[], None).unwrap_err().contains("--prefer"));
+        assert_eq!(decide(&tie, &[], Some("b")).unwrap().node, "b");
+    }
+
+    #[test]
+    fn a_node_without_the_row_wins_when_its_purge_floor_covers_the_others_version() {
+        let stale = row(&[("a", 3)], 1, Some("x"));
+        let purged = AuditRow {
+            key: vec![1],
+            version: None,
+            image: None,
+        };
+        let floors = |b: u64| {
+            vec![
+                VersionVector::new(),
+                VersionVector::from_json(&format!(r#"{{"a":{b}}}"#)).unwrap(),
+            ]
+        };
+        let rows = || nodes(vec![stale.clone(), purged.clone()]);
+        let winner = decide(&rows(), &floors(5), None).unwrap();
+        assert_eq!((winner.node.as_str(), matches!(winner.op, Op::Delete)), ("b", true));
+        // A floor below the version says nothing of it: the row is newer than any purge.
+        let winner = decide(&rows(), &floors(2), None).unwrap();
+        assert_eq!((winner.node.as_str(), matches!(winner.op, Op::Upsert(_))), ("a", true));
     }
 }

@@ -157,6 +157,7 @@ impl Inbound {
             hlc: self.ctx.store.clock().last().0,
             frontiers: frontiers_to_proto(&frontiers),
             relay_wanted: self.relay_wanted(),
+            reports: self.ctx.reports_now().await,
         })))
     }
 
@@ -199,6 +200,7 @@ impl Inbound {
         Ok(reply(Reply::Ack(proto::Ack {
             frontiers: frontiers_to_proto(&report.frontiers),
             relay_wanted: self.relay_wanted(),
+            reports: self.ctx.reports_now().await,
         })))
     }
 
@@ -514,6 +516,7 @@ impl Outbound<'_> {
             Some(proto::ReceiveFrame {
                 body: Some(Reply::Ack(ack)),
             }) => {
+                self.ctx.learn(ack.reports);
                 let effects = self
                     .feeder
                     .on_ack(frontiers_from_proto(ack.frontiers), &ack.relay_wanted, now);
@@ -522,6 +525,7 @@ impl Outbound<'_> {
             Some(proto::ReceiveFrame {
                 body: Some(Reply::Heartbeat(beat)),
             }) => {
+                self.ctx.learn(beat.reports);
                 let effects = self
                     .feeder
                     .on_heartbeat(frontiers_from_proto(beat.frontiers), &beat.relay_wanted, now);

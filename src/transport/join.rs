@@ -27,7 +27,7 @@ use crate::clock::now_micros;
 use crate::config::NodeSpec;
 use crate::event::NodeId;
 use crate::shutdown::stopped;
-use crate::store::snapshot::{JoinState, SnapshotRow};
+use crate::store::snapshot::{JoinState, SnapshotRow, Sweep};
 use crate::wire::{self, PROTOCOL, frontiers_from_proto, frontiers_to_proto, proto};
 
 /// Most rows one chunk carries, whatever the joiner asks: a chunk is one message and one
@@ -100,8 +100,8 @@ pub async fn serve(
                 Vec::new()
             };
             loop {
-                let page = match ctx.store.snapshot_page(table, &after, rows).await {
-                    Ok(page) => page,
+                let chunk = match chunk_of(&ctx, table, &mut after, rows).await {
+                    Ok(chunk) => chunk,
                     Err(error) => {
                         let _ = tx
                             .send(Err(Status::unavailable(format!("reading the snapshot: {error}"))))
@@ -109,15 +109,12 @@ pub async fn serve(
                         return;
                     }
                 };
-                let Some(last) = page.last() else { break };
-                after = last.row.key.to_bytes();
-                let chunk = proto::SnapshotChunk {
-                    table: table.clone(),
-                    rows: page.iter().map(row_to_proto).collect(),
-                    ..Default::default()
-                };
+                let table_done = chunk.table_done;
                 if tx.send(Ok(chunk)).await.is_err() {
                     return;
+                }
+                if table_done {
+                    break;
                 }
             }
         }
@@ -129,6 +126,28 @@ pub async fn serve(
             .await;
     });
     Ok(ReceiverStream::new(rx))
+}
+
+/// The next chunk of `table` after the key bytes `after` (moved past its rows), with the
+/// purge floor read after them: every tombstone purged before the rows were read is below it.
+async fn chunk_of(
+    ctx: &Context,
+    table: &str,
+    after: &mut Vec<u8>,
+    rows: usize,
+) -> Result<proto::SnapshotChunk, crate::store::StoreError> {
+    let page = ctx.store.snapshot_page(table, after, rows).await?;
+    let floor = ctx.store.purge_floor().await?;
+    if let Some(last) = page.last() {
+        *after = last.row.key.to_bytes();
+    }
+    Ok(proto::SnapshotChunk {
+        table: table.to_owned(),
+        rows: page.iter().map(row_to_proto).collect(),
+        purge_floor: wire::vector_to_proto(&floor),
+        table_done: page.len() < rows,
+        ..Default::default()
+    })
 }
 
 fn row_to_proto(row: &SnapshotRow) -> proto::SnapshotRow {
@@ -300,23 +319,67 @@ async fn join_once(ctx: &Context, peer: &NodeSpec, state: &mut JoinState) -> Res
             progress.finish(state, &peer.id);
             return Ok(());
         }
-        let rows = chunk
-            .rows
-            .into_iter()
-            .map(row_from_proto)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| protocol(format!("a snapshot row does not decode: {e}")))?;
-        let Some(last) = rows.last() else { continue };
-        state.table = chunk.table;
-        state.set_after_key(&last.row.key.to_bytes());
-        state.rows_done += rows.len() as u64;
-        let frontiers = state.frontiers.clone();
-        let report = ctx.store.install_page(rows, Some(state.clone()), &frontiers).await?;
+        let report = install_chunk(ctx, chunk, state).await?;
         crate::crashpoint::hit("after-snapshot-page");
         ctx.observer.joined_rows(report.applied + report.stale);
         progress.advance(state);
     }
     Err(protocol("the snapshot stream ended before its last chunk".into()))
+}
+
+/// Installs one chunk of rows and records the join's progress after it.
+async fn install_chunk(
+    ctx: &Context,
+    chunk: proto::SnapshotChunk,
+    state: &mut JoinState,
+) -> Result<crate::store::ApplyReport, TransportError> {
+    let rows = chunk
+        .rows
+        .into_iter()
+        .map(row_from_proto)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TransportError::Protocol {
+            peer: state.source.clone(),
+            message: format!("a snapshot row does not decode: {e}"),
+        })?;
+    let sweep = sweep_of(&chunk.table, &chunk.purge_floor, chunk.table_done, &rows, state);
+    if state.table != chunk.table {
+        state.set_after_key(&[]);
+    }
+    state.table = chunk.table;
+    if let Some(last) = rows.last() {
+        state.set_after_key(&last.row.key.to_bytes());
+    }
+    state.rows_done += rows.len() as u64;
+    let frontiers = state.frontiers.clone();
+    Ok(ctx
+        .store
+        .install_page_swept(rows, Some(state.clone()), &frontiers, sweep)
+        .await?)
+}
+
+/// The rows of this node a chunk shows deleted and purged at the source: in the chunk's key
+/// range of its table, after where the join stood in it (`store::snapshot::Sweep`).
+fn sweep_of(
+    table: &str,
+    floor: &[proto::VersionEntry],
+    table_done: bool,
+    rows: &[SnapshotRow],
+    state: &JoinState,
+) -> Sweep {
+    Sweep {
+        table: table.to_owned(),
+        after: match state.table == table {
+            true => state.after_key(),
+            false => Vec::new(),
+        },
+        upto: match table_done {
+            true => None,
+            false => rows.last().map(|r| r.row.key.to_bytes()),
+        },
+        keys: rows.iter().map(|r| r.row.key.to_bytes()).collect(),
+        floor: wire::vector_from_proto(floor),
+    }
 }
 
 /// How a join shows its progress: a bar on a terminal, else a log line every five seconds.

@@ -108,9 +108,63 @@ pub struct Context {
     /// back in time (or it has no peer to ask). Until then nothing is drained: numbering
     /// changes after a restore would reuse seqs the peers have, which they would drop.
     pub verified: watch::Sender<bool>,
+    /// The latest report of every node this node has heard of (`stability`).
+    pub reports: Arc<Reports>,
+}
+
+/// The latest report of each node, as learned from acknowledgements and heartbeats (the
+/// node's own, or passed on by peers): what it has applied per origin, its own origin at its
+/// last seq, and when it made it. A newer report replaces an older one, so a node that went
+/// back in time (a restore) is seen as it is now.
+#[derive(Debug, Default)]
+pub struct Reports(Mutex<BTreeMap<NodeId, (i64, crate::stability::Frontiers)>>);
+
+impl Reports {
+    pub fn offer(&self, node: &str, at_micros: i64, frontiers: crate::stability::Frontiers) {
+        let mut book = self.0.lock().expect("report book lock");
+        match book.get(node) {
+            Some((at, _)) if *at >= at_micros => {}
+            _ => {
+                book.insert(node.to_owned(), (at_micros, frontiers));
+            }
+        }
+    }
+
+    /// Every report known, with when it was made.
+    pub fn all(&self) -> Vec<(NodeId, i64, crate::stability::Frontiers)> {
+        let book = self.0.lock().expect("report book lock");
+        book.iter().map(|(n, (at, f))| (n.clone(), *at, f.clone())).collect()
+    }
+
+    /// The latest report of each node.
+    pub fn latest(&self) -> BTreeMap<NodeId, crate::stability::Frontiers> {
+        let book = self.0.lock().expect("report book lock");
+        book.iter().map(|(n, (_, f))| (n.clone(), f.clone())).collect()
+    }
 }
 
 impl Context {
+    /// This node's report now, offered to its own book; with every report it knows, for an
+    /// acknowledgement or heartbeat.
+    pub async fn reports_now(&self) -> Vec<crate::wire::proto::NodeReport> {
+        // Every origin, not only those of the batch just applied: an origin left out would
+        // read as nothing applied.
+        if let Ok(mut own) = self.store.frontiers().await {
+            own.insert(self.config.node.clone(), self.store.last_seq().await);
+            self.reports.offer(&self.config.node, crate::clock::now_micros(), own);
+        }
+        crate::wire::reports_to_proto(&self.reports.all())
+    }
+
+    /// Takes the reports a peer passed on.
+    pub fn learn(&self, reports: Vec<crate::wire::proto::NodeReport>) {
+        for (node, at, frontiers) in crate::wire::reports_from_proto(reports) {
+            if self.config.topology.node(&node).is_some() {
+                self.reports.offer(&node, at, frontiers);
+            }
+        }
+    }
+
     /// Does what a session's connection asks: the Welcome's frontiers are acknowledgements.
     pub fn connected(&self, peer: &str, connected: &Connected) {
         self.record_acks(peer, &connected.acknowledged);

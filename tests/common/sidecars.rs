@@ -167,6 +167,36 @@ impl Sidecars {
         kib / 1024
     }
 
+    /// Pauses region `i`'s sidecar (SIGSTOP) at a moment it holds no SQLite write lock, so the
+    /// application can write while nothing captures.
+    pub async fn pause_idle(&self, i: usize) {
+        use sqlx::ConnectOptions as _;
+        let path = self.mesh.regions[i].db.clone();
+        let started = Instant::now();
+        loop {
+            self.signal(i, "STOP");
+            let mut probe = sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(&path)
+                .busy_timeout(Duration::from_millis(200))
+                .connect()
+                .await
+                .unwrap();
+            if sqlx::raw_sql("BEGIN IMMEDIATE; ROLLBACK")
+                .execute(&mut probe)
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            self.signal(i, "CONT");
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "region {i}'s sidecar never let go of the write lock"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Sends a signal (`STOP`, `CONT`, ...) to region `i`'s sidecar.
     pub fn signal(&self, i: usize, signal: &str) {
         if let Some(child) = &self.children.lock().unwrap()[i] {
