@@ -519,3 +519,24 @@ async fn a_second_sidecar_on_one_sqlite_file_is_refused() {
     drop(first);
     open().await.expect("the lock goes with the sidecar");
 }
+
+/// A SIGTERM that arrives while a sidecar is still starting (here: waiting for the
+/// application's write lock to install its schema), as a supervisor stopping a pod that has
+/// just started would send, is a graceful stop: exit 0. It used to kill the process outright
+/// (the stop handler was only installed after the start), which `.ci/run` once hit in
+/// `a_panicking_task_stops_the_sidecar_with_a_clear_error_and_a_restart_recovers`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigterm_during_start_is_a_graceful_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let sidecars = common::sidecars::Sidecars::new(dir.path()).await;
+    let mut lock = sidecars.mesh.regions[0].app.acquire().await.unwrap();
+    sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut *lock).await.unwrap();
+    sidecars.start(0, None);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    sidecars.signal(0, "TERM");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sqlx::raw_sql("ROLLBACK").execute(&mut *lock).await.unwrap();
+    drop(lock);
+    let status = sidecars.exit_status(0, Duration::from_secs(30)).await;
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+}

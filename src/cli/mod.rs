@@ -142,15 +142,24 @@ fn decided_by(by: Option<String>) -> String {
 }
 
 async fn run(path: PathBuf) -> anyhow::Result<()> {
-    let mut config = NodeConfig::load(&path)?;
-    let metrics = std::sync::Arc::new(crate::telemetry::Metrics::default());
-    let mut node = Node::start_with_metrics(config.clone(), metrics.clone())
-        .await
-        .with_context(|| format!("starting the node of {}", path.display()))?;
-    let mut hangup = reload_signal();
-    // One listener for the whole run: a SIGTERM that comes during a reload is kept for after.
+    // Before anything else: a stop asked for while the node starts is kept for after the
+    // start, instead of killing the process (the default action of SIGTERM).
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
+    let mut config = NodeConfig::load(&path)?;
+    let metrics = std::sync::Arc::new(crate::telemetry::Metrics::default());
+    let mut node = tokio::select! {
+        node = Node::start_with_metrics(config.clone(), metrics.clone()) => {
+            node.with_context(|| format!("starting the node of {}", path.display()))?
+        }
+        () = &mut shutdown => {
+            // A half-started node is dropped: as safe as a crash, every open transaction
+            // rolls back, and the next start resumes from the database.
+            tracing::info!("stopped while starting");
+            return Ok(());
+        }
+    };
+    let mut hangup = reload_signal();
     let fatal = loop {
         tokio::select! {
             () = &mut shutdown => break None,
@@ -219,19 +228,26 @@ fn reloaded(path: &std::path::Path, current: &NodeConfig) -> Option<NodeConfig> 
     Some(next)
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Resolves at Ctrl-C or SIGTERM. The handlers are installed when this is called, not when
+/// the future is first polled, so a signal that comes before is not lost. One listener for
+/// the whole run: a SIGTERM during a reload is kept for after it.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+        let mut interrupt = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+        async move {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = term.recv() => {}
+            }
         }
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 async fn status(path: PathBuf, json: bool) -> anyhow::Result<()> {

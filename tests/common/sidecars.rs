@@ -87,6 +87,12 @@ impl Sidecars {
     }
 
     pub async fn spawn(&self, i: usize, crashpoint: Option<&str>) {
+        self.start(i, crashpoint);
+        self.wait_listening(i).await;
+    }
+
+    /// Starts region `i`'s sidecar without waiting for it to listen.
+    pub fn start(&self, i: usize, crashpoint: Option<&str>) {
         let region = &self.mesh.regions[i];
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -104,7 +110,6 @@ impl Sidecars {
             command.env("WEFT_CRASHPOINT", point);
         }
         self.children.lock().unwrap()[i] = Some(command.spawn().expect("spawning weft run"));
-        self.wait_listening(i).await;
     }
 
     /// A sidecar listens only after installing its triggers: from then on, writes are captured.
