@@ -18,6 +18,7 @@ use tokio::task::JoinSet;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::NodeConfig;
+use crate::config::Security;
 use crate::event::Identity;
 use crate::event::NodeId;
 use crate::shutdown::stopped;
@@ -27,6 +28,7 @@ use crate::store::backend::Ack;
 use crate::telemetry::Metrics;
 use crate::topology;
 use crate::transport::grpc::{self, ReplicationServer, Service};
+use crate::transport::tls::{Paths, ServerTls};
 use crate::transport::{Context, Heard};
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +37,13 @@ pub enum NodeError {
     Store(#[from] StoreError),
     #[error("cannot listen on {address}: {source}; is another weft running there?")]
     Listen { address: String, source: std::io::Error },
+    #[error("{0}")]
+    Tls(#[from] crate::transport::tls::TlsError),
+    #[error(
+        "{0} has no [tls] section: add one with ca, cert and key (`weft certs --topology FILE --out DIR` \
+         makes them), or `insecure = true` under [tls] to run in plain text on a network you trust"
+    )]
+    NoSecurity(String),
 }
 
 pub struct Node {
@@ -45,6 +54,7 @@ pub struct Node {
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
     fatal: watch::Sender<Option<String>>,
+    tls: Option<Arc<ServerTls>>,
 }
 
 impl Node {
@@ -55,6 +65,7 @@ impl Node {
     /// Like `start`, adding to existing figures (a restarted region keeps its history).
     pub async fn start_with_metrics(config: NodeConfig, metrics: Arc<Metrics>) -> Result<Self, NodeError> {
         let config = Arc::new(config);
+        let tls = server_tls(&config)?;
         let store = open_store(&config).await?;
         let listener = TcpListener::bind(&config.listen)
             .await
@@ -88,25 +99,10 @@ impl Node {
         };
         let mut tasks = JoinSet::new();
 
-        let service = ReplicationServer::new(Service::new(ctx.clone()))
-            .max_decoding_message_size(config.replication.max_message_bytes())
-            .max_encoding_message_size(config.replication.max_message_bytes());
-        let mut server_stop = shutdown_rx.clone();
-        let (keepalive, keepalive_timeout) = (config.replication.heartbeat(), config.replication.peer_timeout());
-        tasks.spawn(async move {
-            let result = tonic::transport::Server::builder()
-                .tcp_nodelay(true)
-                .http2_keepalive_interval(Some(keepalive))
-                .http2_keepalive_timeout(Some(keepalive_timeout))
-                .add_service(service)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-                    stopped(&mut server_stop).await;
-                })
-                .await;
-            if let Err(error) = result {
-                tracing::error!(%error, "replication server stopped");
-            }
-        });
+        tasks.spawn(serve(ctx.clone(), listener, tls.clone()));
+        if let Some(tls) = tls.clone() {
+            tasks.spawn(watch_certificates(tls, shutdown_rx.clone()));
+        }
         for peer in topology::downstream(&config.topology, &config.node) {
             tasks.spawn(grpc::feed_peer(ctx.clone(), peer.clone()));
         }
@@ -125,7 +121,19 @@ impl Node {
             shutdown,
             tasks,
             fatal,
+            tls,
         })
+    }
+
+    /// Reads the TLS files again (SIGHUP); a set that does not load leaves the running one.
+    pub fn reload_tls(&self) {
+        let Some(tls) = &self.tls else { return };
+        match tls.reload(true) {
+            Ok(_) => tracing::info!("TLS certificate files reloaded; new connections use them"),
+            Err(error) => {
+                tracing::error!(%error, "the TLS certificate files do not load; still using the previous ones")
+            }
+        }
     }
 
     /// Resolves with the reason once the node must stop for something only an operator can
@@ -258,6 +266,74 @@ async fn capture_loop(ctx: Context, metrics: Arc<Metrics>) {
         tokio::select! {
             _ = stopped(&mut shutdown) => {}
             _ = ctx.store.wait_for_change(ctx.config.replication.poll()) => {}
+        }
+    }
+}
+
+/// The server side's TLS, or `None` in plain text (warned about); refuses a config that
+/// says neither.
+fn server_tls(config: &NodeConfig) -> Result<Option<Arc<ServerTls>>, NodeError> {
+    match &config.security {
+        Security::Unset => Err(NodeError::NoSecurity(format!("node {}", config.node))),
+        Security::Insecure => {
+            tracing::warn!(
+                listen = %config.listen,
+                "insecure = true: the replication links are neither encrypted nor authenticated; \
+                 anyone who reaches this port can read and write every replicated row"
+            );
+            Ok(None)
+        }
+        Security::Tls { ca, cert, key } => Ok(Some(Arc::new(ServerTls::load(Paths {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+        })?))),
+    }
+}
+
+/// Serves the replication service on `listener` until shutdown, over TLS or plain text.
+async fn serve(ctx: Context, listener: TcpListener, tls: Option<Arc<ServerTls>>) {
+    let config = &ctx.config;
+    let service = ReplicationServer::new(Service::new(ctx.clone()))
+        .max_decoding_message_size(config.replication.max_message_bytes())
+        .max_encoding_message_size(config.replication.max_message_bytes());
+    let mut server_stop = ctx.shutdown.clone();
+    let router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(config.replication.heartbeat()))
+        .http2_keepalive_timeout(Some(config.replication.peer_timeout()))
+        .add_service(service);
+    let stop = async move { stopped(&mut server_stop).await };
+    let result = match tls {
+        Some(tls) => {
+            router
+                .serve_with_incoming_shutdown(crate::transport::tls::incoming(listener, tls), stop)
+                .await
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
+                .await
+        }
+    };
+    if let Err(error) = result {
+        tracing::error!(%error, "replication server stopped");
+    }
+}
+
+/// Reloads the TLS files when they change (a rotation), every few seconds.
+async fn watch_certificates(tls: Arc<ServerTls>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = stopped(&mut shutdown) => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+        match tls.reload(false) {
+            Ok(true) => tracing::info!("TLS certificate files changed: reloaded; new connections use them"),
+            Ok(false) => {}
+            Err(error) => {
+                tracing::error!(%error, "TLS certificate files changed but do not load; still using the previous ones")
+            }
         }
     }
 }

@@ -61,7 +61,7 @@ fn bad_configs_are_refused_with_the_file_and_key() {
             "unknown variant `newest`",
         ),
         (
-            "version = 1\nnode = \"a\"\ntopology = \"t.toml\"\ndatabase = \"a.db\"\n[[tables]]\nname = \"nope\"\nstrategy = \"lww\"\n",
+            "version = 1\nnode = \"a\"\ntopology = \"t.toml\"\ndatabase = \"a.db\"\n[[tables]]\nname = \"nope\"\nstrategy = \"lww\"\n[tls]\ninsecure = true\n",
             "table `nope`: does not exist in the database",
         ),
     ];

@@ -344,10 +344,20 @@ async fn send_as_rb(
 ) -> tonic::Streaming<weft::wire::proto::ReceiveFrame> {
     use tokio_stream::StreamExt as _;
     use weft::wire::proto;
-    let address = &mesh.topology.nodes[0].address;
-    let mut client = proto::replication_client::ReplicationClient::connect(format!("http://{address}"))
+    let target = &mesh.topology.nodes[0];
+    // Over the mesh's TLS, with rb-1's own certificate: what rb-1 is allowed to send.
+    let certs = mesh.dir.join("certs");
+    let security = weft::config::Security::Tls {
+        ca: certs.join("ca.pem"),
+        cert: certs.join("rb-1.pem"),
+        key: certs.join("rb-1.key"),
+    };
+    let channel = weft::transport::tls::endpoint(&security, &target.id, &target.address)
+        .unwrap()
+        .connect()
         .await
         .unwrap();
+    let mut client = proto::replication_client::ReplicationClient::new(channel);
     let hello = proto::SendFrame {
         body: Some(proto::send_frame::Body::Hello(proto::Hello {
             protocol: weft::wire::PROTOCOL,

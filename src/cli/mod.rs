@@ -2,6 +2,7 @@
 //!
 //! Errors reach the user through `anyhow` here only; each says what failed and what to do.
 mod audit;
+mod certs;
 mod conflicts;
 mod dead_letters;
 mod input;
@@ -63,6 +64,8 @@ pub enum Command {
     /// Compare every replicated table between the nodes of the mesh by checksums; print the
     /// rows that differ, and with `--repair` re-emit each winner. Exit 1 if any differ.
     Audit(audit::Args),
+    /// Make a mesh CA and a certificate per node of a topology, for mutual TLS.
+    Certs(certs::Args),
     /// Validate a topology file and prove its routes, or draw it.
     Topology {
         #[command(subcommand)]
@@ -113,6 +116,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => crate::harness::bench::run(args).await,
         Command::Status { config, json } => status(config, json).await,
         Command::Audit(args) => audit::run(args).await,
+        Command::Certs(args) => certs::run(&args),
         Command::Conflicts { config, command } => conflicts::run(&config, command).await,
         Command::Ownership { config, command } => ownership::run(&config, command).await,
         Command::DeadLetters { config, command } => dead_letters::run(&config, command).await,
@@ -165,7 +169,10 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
             () = &mut shutdown => break None,
             reason = node.fatal() => break Some(reason),
             _ = hangup.recv() => {
-                let Some(next) = reloaded(&path, &config) else { continue };
+                let Some(next) = reloaded(&path, &config) else {
+                    node.reload_tls();
+                    continue;
+                };
                 tracing::info!("restarting the node on the new config");
                 node.stop().await;
                 node = Node::start_with_metrics(next.clone(), metrics.clone())

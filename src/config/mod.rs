@@ -10,7 +10,7 @@ mod topology;
 
 use std::path::{Path, PathBuf};
 
-pub use node::{Database, NodeConfig, NodeConfigFile, ReplicationConfig};
+pub use node::{Database, NodeConfig, NodeConfigFile, ReplicationConfig, Security, TlsFile};
 pub use tables::{OwnerRange, OwnerRule, Strategy, TableConfig, UnknownColumns};
 pub use topology::{NodeSpec, Shape, Topology};
 
@@ -142,6 +142,32 @@ address = "127.0.0.1:2"
         let f = node_file("[replication]\nheartbeat_ms = 5000\npeer_timeout_ms = 100");
         let err = NodeConfig::resolve(f, t, Path::new("a.toml")).unwrap_err().to_string();
         assert!(err.contains("peer_timeout_ms"), "{err}");
+    }
+
+    #[test]
+    fn tls_takes_three_files_or_an_explicit_insecure() {
+        let t = Topology::parse(TOPOLOGY, Path::new("t.toml")).unwrap();
+        let resolve = |tls: &str| {
+            let f: NodeConfigFile = toml::from_str(&format!(
+                "version = 1\nnode = \"a\"\ntopology = \"t.toml\"\ndatabase = \"a.db\"\n\
+                 [[tables]]\nname = \"items\"\nstrategy = \"lww\"\n{tls}"
+            ))
+            .unwrap();
+            NodeConfig::resolve(f, t.clone(), Path::new("a.toml")).map(|c| c.security)
+        };
+        assert_eq!(resolve("").unwrap(), Security::Unset);
+        assert_eq!(resolve("[tls]\ninsecure = true").unwrap(), Security::Insecure);
+        let tls = resolve("[tls]\nca = \"ca.pem\"\ncert = \"a.pem\"\nkey = \"a.key\"").unwrap();
+        assert!(matches!(tls, Security::Tls { .. }), "{tls:?}");
+        let err = resolve("[tls]\nca = \"ca.pem\"").unwrap_err().to_string();
+        assert!(
+            err.contains("needs ca, cert and key") && err.contains("weft certs"),
+            "{err}"
+        );
+        let err = resolve("[tls]\ninsecure = true\nca = \"ca.pem\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("choose one"), "{err}");
     }
 
     #[test]

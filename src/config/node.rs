@@ -124,7 +124,76 @@ pub struct NodeConfigFile {
     pub dial: std::collections::BTreeMap<NodeId, String>,
     #[serde(default)]
     pub replication: ReplicationConfig,
+    /// Mutual TLS on every link and listener (`weft certs` makes the files).
+    #[serde(default)]
+    pub tls: Option<TlsFile>,
     pub tables: Vec<TableConfig>,
+}
+
+/// The `[tls]` section as written: the mesh CA bundle, this node's certificate and key
+/// (PEM, relative to the config file's folder), or `insecure = true` for plain text.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure: bool,
+}
+
+/// How a node's links are secured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Security {
+    /// No `[tls]` section: fine for the admin commands, refused by `weft run`.
+    Unset,
+    /// `insecure = true`: plain text, warned about at every start.
+    Insecure,
+    /// Mutual TLS: the CA bundle that signs every node, and this node's certificate and key.
+    Tls { ca: PathBuf, cert: PathBuf, key: PathBuf },
+}
+
+impl Security {
+    fn resolve(tls: Option<&TlsFile>, base: &Path, topology: &Topology, path: &Path) -> Result<Self, ConfigError> {
+        let Some(tls) = tls else { return Ok(Security::Unset) };
+        match (tls.insecure, &tls.ca, &tls.cert, &tls.key) {
+            (true, None, None, None) => Ok(Security::Insecure),
+            (true, ..) => Err(invalid(
+                path,
+                "tls",
+                "sets insecure = true and certificate files: choose one (remove insecure for TLS)",
+            )),
+            (false, Some(ca), Some(cert), Some(key)) => {
+                for node in &topology.nodes {
+                    if rustls::pki_types::DnsName::try_from(node.id.as_str()).is_err() {
+                        return Err(invalid(
+                            path,
+                            "tls",
+                            format!(
+                                "node id `{}` cannot be a certificate name: with TLS, node ids are DNS names \
+                                 (letters, digits, hyphens, dots)",
+                                node.id
+                            ),
+                        ));
+                    }
+                }
+                Ok(Security::Tls {
+                    ca: base.join(ca),
+                    cert: base.join(cert),
+                    key: base.join(key),
+                })
+            }
+            (false, ..) => Err(invalid(
+                path,
+                "tls",
+                "needs ca, cert and key (make them with `weft certs --topology FILE --out DIR`), \
+                 or insecure = true for plain text on a network you trust",
+            )),
+        }
+    }
 }
 
 /// Where a node's database lives.
@@ -165,6 +234,7 @@ pub struct NodeConfig {
     pub dial: std::collections::BTreeMap<NodeId, String>,
     pub replication: ReplicationConfig,
     pub tables: Vec<TableConfig>,
+    pub security: Security,
 }
 
 impl ReplicationConfig {
@@ -219,7 +289,16 @@ impl NodeConfig {
         {
             database = format!("sqlite://{}", base.join(p).display());
         }
-        Self::resolve(NodeConfigFile { database, ..file }, topology, path)
+        let mut config = Self::resolve(
+            NodeConfigFile {
+                database,
+                ..file.clone()
+            },
+            topology,
+            path,
+        )?;
+        config.security = Security::resolve(file.tls.as_ref(), base, &config.topology, path)?;
+        Ok(config)
     }
 
     /// Validates a parsed file against its topology.
@@ -264,9 +343,10 @@ impl NodeConfig {
             dial: file.dial.clone(),
             listen: file.listen.clone().unwrap_or_else(|| spec.address.clone()),
             node: file.node,
-            topology,
             database,
             replication: file.replication,
+            security: Security::resolve(file.tls.as_ref(), Path::new("."), &topology, path)?,
+            topology,
             tables: file.tables,
         })
     }

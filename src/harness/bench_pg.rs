@@ -132,13 +132,15 @@ async fn weft_phase(
         tables: &[TableConfig::lww("bench")],
     })?;
     let replication = toml::to_string(&ReplicationConfig::default())?;
+    super::loopback::mint_certs(dir, &topology)?;
     let mut nodes = Vec::new();
     for (node, url) in [("east-1", &east), ("west-1", &west)] {
         let file = dir.join(format!("{node}.toml"));
         std::fs::write(
             &file,
             format!(
-                "version = 1\nnode = \"{node}\"\ntopology = \"topology.toml\"\ndatabase = \"{url}\"\n\n{tables}\n[replication]\n{replication}"
+                "version = 1\nnode = \"{node}\"\ntopology = \"topology.toml\"\ndatabase = \"{url}\"\n\n{tables}\n[replication]\n{replication}{}",
+                super::loopback::tls_section(node, true)
             ),
         )?;
         nodes.push(Node::start(NodeConfig::load(&file)?).await?);

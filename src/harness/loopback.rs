@@ -82,6 +82,19 @@ impl LoopbackMesh {
         tables: &[TableConfig],
         replication: &ReplicationConfig,
     ) -> anyhow::Result<Self> {
+        Self::create_with(dir, topology, schema, tables, replication, true).await
+    }
+
+    /// `create`, over mutual TLS with certificates minted into `dir/certs` (`tls`), or in
+    /// plain text (`insecure = true`).
+    pub async fn create_with(
+        dir: &Path,
+        topology: &Topology,
+        schema: &str,
+        tables: &[TableConfig],
+        replication: &ReplicationConfig,
+        tls: bool,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut topology = topology.clone();
         let ports = free_ports(topology.nodes.len())?;
@@ -92,6 +105,9 @@ impl LoopbackMesh {
         let topology_file = dir.join("topology.toml");
         std::fs::write(&topology_file, toml::to_string(&topology)?)?;
         let replication_toml = toml::to_string(replication)?;
+        if tls {
+            mint_certs(dir, &topology)?;
+        }
         let mut out = Vec::new();
         for node in &topology.nodes {
             let db = dir.join(format!("{}.db", node.id));
@@ -106,6 +122,7 @@ impl LoopbackMesh {
             }
             config += &format!("\n{}", toml::to_string(&Tables { tables })?);
             config += &format!("\n[replication]\n{replication_toml}");
+            config += &tls_section(&node.id, tls);
             let config_file = dir.join(format!("{}.toml", node.id));
             std::fs::write(&config_file, config)?;
             let app = app_pool(&db).await?;
@@ -224,5 +241,26 @@ impl LoopbackMesh {
             }
         }
         Ok(())
+    }
+}
+
+/// Mints a CA and a certificate per node of `topology` into `dir/certs`.
+pub fn mint_certs(dir: &Path, topology: &Topology) -> anyhow::Result<()> {
+    let options = crate::transport::tls::MintOptions {
+        nodes: topology.nodes.iter().map(|n| n.id.clone()).collect(),
+        not_before: None,
+        days: 30,
+        mesh: topology.mesh.clone(),
+    };
+    crate::transport::tls::mint(&dir.join("certs"), &options)?;
+    Ok(())
+}
+
+/// The `[tls]` section of node `id`'s config in a folder made by `mint_certs`, or
+/// `insecure = true`.
+pub fn tls_section(id: &str, tls: bool) -> String {
+    match tls {
+        true => format!("\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/{id}.pem\"\nkey = \"certs/{id}.key\"\n"),
+        false => "\n[tls]\ninsecure = true\n".to_owned(),
     }
 }

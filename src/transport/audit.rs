@@ -85,8 +85,14 @@ fn store_status(e: StoreError) -> Status {
 }
 
 /// Answers one audit request (see the module doc).
-pub async fn answer(ctx: &Context, trees: &Trees, request: proto::AuditRequest) -> Result<proto::AuditReply, Status> {
+pub async fn answer(
+    ctx: &Context,
+    trees: &Trees,
+    extensions: &tonic::Extensions,
+    request: proto::AuditRequest,
+) -> Result<proto::AuditReply, Status> {
     let hello = request.hello.unwrap_or_default();
+    super::tls::check_peer(extensions, &hello.node_id, ctx.insecure())?;
     let topology = &ctx.config.topology;
     if hello.protocol != PROTOCOL || hello.mesh != topology.mesh || topology.node(&hello.node_id).is_none() {
         return Err(Status::permission_denied(format!(
@@ -269,11 +275,11 @@ impl Report {
 /// Why an audit could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
-    #[error("cannot reach {node} at {address} for the audit: {source}; every node's sidecar must be running")]
+    #[error("cannot reach {node} at {address} for the audit: {reason}; every node's sidecar must be running")]
     Connect {
         node: NodeId,
         address: String,
-        source: tonic::transport::Error,
+        reason: String,
     },
     #[error("{node} refused an audit request about {table}: {status}")]
     Refused {
@@ -307,17 +313,17 @@ impl Audit {
         let mut peers = Vec::new();
         for spec in &config.topology.nodes {
             let address = config.address_of(spec).to_owned();
-            let connect = |source| AuditError::Connect {
+            let connect = |reason: String| AuditError::Connect {
                 node: spec.id.clone(),
                 address: address.clone(),
-                source,
+                reason,
             };
-            let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            let channel = super::tls::endpoint(&config.security, &spec.id, &address)
                 .map_err(connect)?
                 .connect_timeout(Duration::from_secs(5))
                 .connect()
                 .await
-                .map_err(connect)?;
+                .map_err(|e| connect(super::tls::chain(&e)))?;
             let limit = config.replication.max_message_bytes();
             let client = ReplicationClient::new(channel)
                 .max_decoding_message_size(limit)

@@ -37,11 +37,13 @@ use proto::send_frame::Body as Outgoing;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
-    #[error("cannot reach {peer}: {source}")]
+    #[error("cannot reach {peer}: {}", super::tls::chain(source))]
     Connect {
         peer: NodeId,
         source: tonic::transport::Error,
     },
+    #[error("cannot dial {peer}: {message}")]
+    Dial { peer: NodeId, message: String },
     #[error("{peer} refused the stream: {status}")]
     Refused { peer: NodeId, status: Status },
     #[error("{peer}: {message}")]
@@ -245,12 +247,16 @@ impl proto::replication_server::Replication for Service {
         &self,
         request: Request<proto::SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
-        let chunks = super::join::serve(self.ctx.clone(), request.into_inner()).await?;
+        let (_, extensions, request) = request.into_parts();
+        let hello = request.hello.as_ref().map(|h| h.node_id.as_str()).unwrap_or_default();
+        super::tls::check_peer(&extensions, hello, self.ctx.insecure())?;
+        let chunks = super::join::serve(self.ctx.clone(), request).await?;
         Ok(Response::new(chunks))
     }
 
     async fn audit(&self, request: Request<proto::AuditRequest>) -> Result<Response<proto::AuditReply>, Status> {
-        let reply = super::audit::answer(&self.ctx, &self.trees, request.into_inner()).await?;
+        let (_, extensions, request) = request.into_parts();
+        let reply = super::audit::answer(&self.ctx, &self.trees, &extensions, request).await?;
         Ok(Response::new(reply))
     }
 
@@ -258,6 +264,7 @@ impl proto::replication_server::Replication for Service {
         &self,
         request: Request<Streaming<proto::SendFrame>>,
     ) -> Result<Response<Self::ReplicateStream>, Status> {
+        let extensions = request.extensions().clone();
         let mut frames = request.into_inner();
         let config = &self.ctx.config;
         let first = timeout(config.replication.peer_timeout(), frames.message())
@@ -275,6 +282,7 @@ impl proto::replication_server::Replication for Service {
             mesh: &hello.mesh,
         };
         handshake::check_hello(claim, &config.topology, &config.node).map_err(refusal_status)?;
+        super::tls::check_peer(&extensions, &hello.node_id, self.ctx.insecure())?;
         self.check_history(&hello).await?;
         let frontiers = self
             .ctx
@@ -364,8 +372,11 @@ pub(super) async fn dial(ctx: &Context, peer: &NodeSpec) -> Result<ReplicationCl
         peer: peer.id.clone(),
         source,
     };
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", ctx.config.address_of(peer)))
-        .map_err(unreachable)?
+    let endpoint = super::tls::endpoint(&ctx.config.security, &peer.id, ctx.config.address_of(peer))
+        .map_err(|message| TransportError::Dial {
+            peer: peer.id.clone(),
+            message,
+        })?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
         // Liveness of the connection itself, even while a long apply holds back our acks.

@@ -16,6 +16,7 @@ pub mod grpc;
 pub mod handshake;
 pub mod join;
 pub mod session;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -144,6 +145,11 @@ impl Reports {
 }
 
 impl Context {
+    /// Whether this node runs in plain text (`insecure = true`).
+    pub fn insecure(&self) -> bool {
+        self.config.security == crate::config::Security::Insecure
+    }
+
     /// This node's report now, offered to its own book; with every report it knows, for an
     /// acknowledgement or heartbeat.
     pub async fn reports_now(&self) -> Vec<crate::wire::proto::NodeReport> {

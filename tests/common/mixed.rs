@@ -107,7 +107,8 @@ impl Mesh {
                     "version = 1\nnode = \"{node}\"\ntopology = \"topology.toml\"\ndatabase = \"{database}\"\n\
                      [replication]\nheartbeat_ms = 200\npeer_timeout_ms = 2000\n\
                      [[tables]]\nname = \"items\"\nstrategy = \"lww\"\n[[tables]]\nname = \"shared\"\nstrategy = \"lww\"\n\
-                     [[tables]]\nname = \"stock\"\nstrategy = \"crdt\"\ncolumns = {{ qty = \"counter\" }}\n"
+                     [[tables]]\nname = \"stock\"\nstrategy = \"crdt\"\ncolumns = {{ qty = \"counter\" }}\n{}",
+                    weft::harness::loopback::tls_section(&node, true)
                 ),
             )
             .unwrap();
@@ -118,7 +119,9 @@ impl Mesh {
                 app,
             });
         }
-        std::fs::write(dir.path().join("topology.toml"), topology).unwrap();
+        std::fs::write(dir.path().join("topology.toml"), &topology).unwrap();
+        let parsed = weft::config::Topology::parse(&topology, std::path::Path::new("topology.toml")).unwrap();
+        weft::harness::loopback::mint_certs(dir.path(), &parsed).unwrap();
         let children = Mutex::new(regions.iter().map(|_| None).collect());
         Mesh {
             dir,

@@ -1,0 +1,201 @@
+//! Mutual TLS between real `weft run` processes (issue 14), with certificates minted by
+//! `weft certs`: the mesh replicates over TLS; clients without a certificate, with one from
+//! another CA, with an expired one, or with a valid one for another node are refused, with
+//! the reason and the peer in the sidecar's log; a peer whose certificate names another
+//! node is not trusted as the expected one.
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::sidecars::Sidecars;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use weft::wire::proto;
+
+fn weft_certs(topology: &Path, out: &Path, extra: &[&str]) {
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_weft"))
+        .arg("certs")
+        .arg("--topology")
+        .arg(topology)
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+}
+
+/// A client presenting `identity` (none: no certificate), trusting `ca`, expecting the
+/// server to be `server_name`, asks east's sidecar for an audit tree claiming to be `claim`.
+async fn ask(
+    s: &Sidecars,
+    ca: &Path,
+    identity: Option<(PathBuf, PathBuf)>,
+    server_name: &str,
+    claim: &str,
+) -> Result<(), String> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()))
+        .domain_name(server_name.to_owned())
+        .assume_http2(true);
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(
+            std::fs::read(cert).unwrap(),
+            std::fs::read(key).unwrap(),
+        ));
+    }
+    let address = s.mesh.topology.nodes[0].address.clone();
+    let channel = Endpoint::from_shared(format!("https://{address}"))
+        .unwrap()
+        .tls_config(tls)
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| weft::transport::tls::chain(&e))?;
+    let mut client = proto::replication_client::ReplicationClient::new(channel);
+    let request = proto::AuditRequest {
+        hello: Some(proto::Hello {
+            protocol: weft::wire::PROTOCOL,
+            node_id: claim.to_owned(),
+            region: String::new(),
+            mesh: s.mesh.topology.mesh.clone(),
+            knows_of_you: 0,
+        }),
+        audit: "tls-test".into(),
+        table: "items".into(),
+        ask: Some(proto::audit_request::Ask::Tree(proto::AuditTreeAsk {
+            level: 0,
+            nodes: vec![0],
+        })),
+    };
+    client
+        .audit(request)
+        .await
+        .map(drop)
+        .map_err(|status| format!("{status:?}"))
+}
+
+fn east_log(s: &Sidecars) -> String {
+    std::fs::read_to_string(s.mesh.dir.join("east.log")).unwrap_or_default()
+}
+
+async fn wait_log(s: &Sidecars, needle: &str) -> String {
+    for _ in 0..50 {
+        let log = east_log(s);
+        if log.contains(needle) {
+            return log;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("east's log never said {needle:?}:\n{}", east_log(s));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_mesh_replicates_and_refuses_every_client_without_the_right_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Sidecars::new(dir.path()).await;
+    s.spawn_all().await;
+    s.write(0, 0, 50, 10).await;
+    s.write(1, 0, 50, 10).await;
+    s.assert_exactly_once(100).await;
+    let certs = dir.path().join("certs");
+    let ca = certs.join("ca.pem");
+    let own = |node: &str| Some((certs.join(format!("{node}.pem")), certs.join(format!("{node}.key"))));
+
+    // A node of the mesh with its own certificate is admitted.
+    ask(&s, &ca, own("west-1"), "east-1", "west-1").await.unwrap();
+
+    // No certificate at all.
+    let refused = ask(&s, &ca, None, "east-1", "west-1").await;
+    assert!(refused.is_err(), "a client without a certificate was admitted");
+    wait_log(&s, "it sent no client certificate").await;
+
+    // A certificate from another CA (another mesh's `weft certs`).
+    let other = dir.path().join("other-ca");
+    weft_certs(&s.mesh.topology_file, &other, &["--node", "west-1"]);
+    let refused = ask(
+        &s,
+        &ca,
+        Some((other.join("west-1.pem"), other.join("west-1.key"))),
+        "east-1",
+        "west-1",
+    )
+    .await;
+    assert!(refused.is_err(), "a certificate of another CA was admitted");
+    wait_log(&s, "not signed by this mesh's CA").await;
+
+    // An expired certificate from the mesh's own CA.
+    let expired = dir.path().join("expired");
+    std::fs::create_dir_all(&expired).unwrap();
+    for file in ["ca.pem", "ca.key"] {
+        std::fs::copy(certs.join(file), expired.join(file)).unwrap();
+    }
+    weft_certs(
+        &s.mesh.topology_file,
+        &expired,
+        &["--node", "west-1", "--not-before", "2020-01-01", "--days", "1"],
+    );
+    let refused = ask(
+        &s,
+        &ca,
+        Some((expired.join("west-1.pem"), expired.join("west-1.key"))),
+        "east-1",
+        "west-1",
+    )
+    .await;
+    assert!(refused.is_err(), "an expired certificate was admitted");
+    wait_log(&s, "its certificate has expired").await;
+
+    // A valid certificate of south, claiming to be west.
+    let refused = ask(&s, &ca, own("south-1"), "east-1", "west-1").await.unwrap_err();
+    assert!(
+        refused.contains("PermissionDenied") && refused.contains("not for west-1"),
+        "{refused}"
+    );
+
+    // East's certificate does not name west: a client that expects west there refuses it.
+    let refused = ask(&s, &ca, own("south-1"), "west-1", "south-1").await.unwrap_err();
+    assert!(refused.to_lowercase().contains("not valid for name"), "{refused}");
+
+    // And a plain-text client gets nothing.
+    let address = s.mesh.topology.nodes[0].address.clone();
+    let plain = Endpoint::from_shared(format!("http://{address}"))
+        .unwrap()
+        .connect()
+        .await;
+    if let Ok(channel) = plain {
+        let mut client = proto::replication_client::ReplicationClient::new(channel);
+        let result = client.audit(proto::AuditRequest::default()).await;
+        assert!(result.is_err(), "a plain-text request was answered");
+    }
+    assert!(s.is_running(0), "east keeps serving");
+    s.write(2, 0, 10, 10).await;
+    s.assert_exactly_once(110).await;
+    s.terminate_all();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_tls_settings_refuses_to_start_and_insecure_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Sidecars::new(dir.path()).await;
+    let config = &s.mesh.regions[0].config_file;
+    let text = std::fs::read_to_string(config).unwrap();
+    let without = text[..text.find("\n[tls]").unwrap()].to_owned();
+    std::fs::write(config, &without).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["run", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("has no [tls] section") && stderr.contains("weft certs"),
+        "{stderr}"
+    );
+
+    std::fs::write(config, format!("{without}\n[tls]\ninsecure = true\n")).unwrap();
+    s.spawn(0, None).await;
+    let log = wait_log(&s, "insecure = true").await;
+    assert!(log.contains("neither encrypted nor authenticated"), "{log}");
+    s.terminate_all();
+}
