@@ -96,6 +96,7 @@ impl Node {
             fatal: fatal.clone(),
             shutdown: shutdown_rx.clone(),
             reports: Arc::default(),
+            refusals: Arc::default(),
         };
         let mut tasks = JoinSet::new();
 
@@ -354,6 +355,7 @@ fn log_status(metrics: &Metrics) {
         audits = Metrics::get(&m.audits),
         audit_differing = Metrics::get(&m.audit_differing),
         tombstones_purged = Metrics::get(&m.tombstones_purged),
+        refused_batches = Metrics::get(&m.refused_batches),
         "status"
     );
 }

@@ -54,6 +54,8 @@ pub struct Metrics {
     pub audit_unsettled: AtomicU64,
     /// Tombstones purged below the causal stability horizon.
     pub tombstones_purged: AtomicU64,
+    /// Batches refused from peers (forged origins, paths, versions, clocks).
+    pub refused_batches: AtomicU64,
     lag_micros: Mutex<Histogram<u64>>,
     peers: Mutex<BTreeMap<NodeId, PeerState>>,
 }
@@ -79,6 +81,7 @@ impl Default for Metrics {
             audit_differing: AtomicU64::new(0),
             audit_unsettled: AtomicU64::new(0),
             tombstones_purged: AtomicU64::new(0),
+            refused_batches: AtomicU64::new(0),
             lag_micros: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")),
             peers: Mutex::new(BTreeMap::new()),
         }
@@ -149,6 +152,10 @@ impl Metrics {
 impl PeerObserver for Metrics {
     fn joined_rows(&self, rows: u64) {
         self.joined_rows.fetch_add(rows, Ordering::Relaxed);
+    }
+
+    fn refused(&self) {
+        self.refused_batches.fetch_add(1, Ordering::Relaxed);
     }
 
     fn behind_log(&self, _peer: &str) {

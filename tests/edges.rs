@@ -550,3 +550,57 @@ async fn a_sigterm_during_start_is_a_graceful_stop() {
     let status = sidecars.exit_status(0, Duration::from_secs(30)).await;
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
 }
+
+/// Issue 14: an authenticated peer may send only what the topology routes through it. In a
+/// three-node all-to-all mesh without relaying, rb-1 may send rb-1's events to ra-1, not
+/// rc-1's; the path must run from the origin to rb-1; its version may give rb-1 no more
+/// than the event's seq; its HLC may not be an hour ahead. Each batch is refused before
+/// anything is applied, and counted.
+#[tokio::test]
+async fn a_peer_may_send_only_what_the_topology_routes_through_it() {
+    use weft::config::{ReplicationConfig, TableConfig};
+    use weft::harness::loopback::LoopbackMesh;
+    let dir = tempfile::tempdir().unwrap();
+    let replication = ReplicationConfig {
+        relay_after_ms: 0,
+        ..ReplicationConfig::default()
+    };
+    let schema = "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT);";
+    let topology = LoopbackMesh::all_to_all(&["ra", "rb", "rc"]);
+    let mut mesh = LoopbackMesh::create(dir.path(), &topology, schema, &[TableConfig::lww("t")], &replication)
+        .await
+        .unwrap();
+    mesh.start(0).await.unwrap();
+    let not_routed = upsert_of("rc-1", "rc", 1, "forged");
+    let mut forged_path = upsert_of("rb-1", "rb", 1, "forged");
+    forged_path.path = vec!["rb-1".into(), "rc-1".into()];
+    let mut leap = upsert_of("rb-1", "rb", 1, "forged");
+    leap.version.set("rb-1", 1_000_000);
+    let mut future = upsert_of("rb-1", "rb", 1, "forged");
+    future.hlc = weft::event::Hlc(((weft::clock::now_micros() / 1000 + 3_600_000) as u64) << 22);
+    for (event, why) in [
+        (not_routed, "does not route"),
+        (forged_path, "path"),
+        (leap, "past the event's own seq"),
+        (future, "ahead of this node's clock"),
+    ] {
+        let mut replies = send_as_rb(&mesh, vec![weft::wire::event_to_proto(&event)]).await;
+        let refused = replies.message().await.expect_err("the batch is refused");
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+        assert!(refused.message().contains(why), "{why}: {refused:?}");
+    }
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM t")
+        .fetch_one(&mesh.regions[0].app)
+        .await
+        .unwrap();
+    let refused = mesh.regions[0]
+        .metrics
+        .refused_batches
+        .load(std::sync::atomic::Ordering::Relaxed);
+    mesh.stop_all().await;
+    assert_eq!(
+        (applied, refused),
+        (0, 4),
+        "nothing of a refused batch is applied; each is counted"
+    );
+}

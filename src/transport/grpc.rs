@@ -57,6 +57,13 @@ pub enum TransportError {
     BehindLog(crate::transport::BehindLog),
 }
 
+/// How far ahead of this node's clock a received event's HLC may be: ten times the clock
+/// skew tolerated, and at least a minute (a peer's clock a little off is reported, not
+/// refused; one an hour ahead would pin rows under last-writer-wins).
+pub fn max_ahead_ms(max_clock_skew: Duration) -> i64 {
+    (max_clock_skew.as_millis() as i64 * 10).max(60_000)
+}
+
 fn refusal_status(refusal: Refusal) -> Status {
     let message = refusal.to_string();
     match refusal {
@@ -65,7 +72,11 @@ fn refusal_status(refusal: Refusal) -> Status {
         | Refusal::NotAPeer { .. }
         | Refusal::WrongPeer { .. }
         | Refusal::UnknownOrigin { .. }
-        | Refusal::WrongRegion { .. } => Status::permission_denied(message),
+        | Refusal::WrongRegion { .. }
+        | Refusal::NotRouted { .. }
+        | Refusal::ForgedPath { .. }
+        | Refusal::CounterLeap { .. }
+        | Refusal::FutureHlc { .. } => Status::permission_denied(message),
     }
 }
 
@@ -170,10 +181,22 @@ impl Inbound {
             .map(wire::event_from_proto)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        handshake::check_origins(&events, &self.ctx.config.topology).map_err(|refusal| {
-            tracing::warn!(peer = %self.peer, %refusal, "refused a batch from the peer");
-            refusal_status(refusal)
-        })?;
+        let wanted = self.relay_wanted();
+        let config = &self.ctx.config;
+        let admission = handshake::Admission {
+            topology: &config.topology,
+            me: &config.node,
+            peer: &self.peer,
+            relay_wanted: &wanted,
+            max_ahead_ms: max_ahead_ms(config.replication.max_clock_skew()),
+            now_ms: now_micros() / 1000,
+        };
+        handshake::check_origins(&events, &config.topology)
+            .and_then(|()| handshake::check_routes(&events, &admission))
+            .map_err(|refusal| {
+                self.ctx.refused(&self.peer, &refusal);
+                refusal_status(refusal)
+            })?;
         // Applying drains local changes first, which numbers them: not before this node's
         // history is confirmed by a peer (a re-seed may be under way).
         let mut verified = self.ctx.verified.subscribe();

@@ -52,6 +52,117 @@ pub enum Refusal {
         "dialled {dialled}, but {answered} answered; the address of {dialled} (its [dial] entry or the topology) points at another node"
     )]
     WrongPeer { dialled: String, answered: String },
+    #[error(
+        "{peer} sent an event of {origin}, which the topology does not route through {peer} to this node; it was not applied"
+    )]
+    NotRouted { peer: String, origin: String },
+    #[error(
+        "{peer} sent an event of {origin} whose path {path:?} does not run from {origin} to {peer}; it was not applied"
+    )]
+    ForgedPath {
+        peer: String,
+        origin: String,
+        path: Vec<String>,
+    },
+    #[error(
+        "{peer} sent event {origin}/{seq} whose version gives {origin} {counter}, past the event's own seq; it was not applied"
+    )]
+    CounterLeap {
+        peer: String,
+        origin: String,
+        seq: u64,
+        counter: u64,
+    },
+    #[error(
+        "{peer} sent event {origin}/{seq} stamped {ahead_ms} ms ahead of this node's clock (more than {limit_ms} ms); \
+         it was not applied: check the clocks (NTP)"
+    )]
+    FutureHlc {
+        peer: String,
+        origin: String,
+        seq: u64,
+        ahead_ms: i64,
+        limit_ms: i64,
+    },
+}
+
+impl Refusal {
+    /// The kind of refusal, for logging each cause once per peer.
+    pub fn cause(&self) -> &'static str {
+        match self {
+            Refusal::Protocol { .. } => "protocol",
+            Refusal::OtherMesh { .. } => "other mesh",
+            Refusal::NotAPeer { .. } => "not a peer",
+            Refusal::UnknownOrigin { .. } => "unknown origin",
+            Refusal::WrongRegion { .. } => "wrong region",
+            Refusal::WrongPeer { .. } => "wrong peer",
+            Refusal::NotRouted { .. } => "not routed",
+            Refusal::ForgedPath { .. } => "forged path",
+            Refusal::CounterLeap { .. } => "counter leap",
+            Refusal::FutureHlc { .. } => "future hlc",
+        }
+    }
+}
+
+/// What a receiver accepts from one peer (`check_routes`).
+pub struct Admission<'a> {
+    pub topology: &'a Topology,
+    pub me: &'a str,
+    pub peer: &'a str,
+    /// Origins this node currently asks `peer` to relay (all-to-all relay repair).
+    pub relay_wanted: &'a [String],
+    /// How far ahead of this node's clock an event's HLC may be.
+    pub max_ahead_ms: i64,
+    pub now_ms: i64,
+}
+
+/// Checks that `peer` may send each event: its origin is `peer` itself, one the topology
+/// routes through `peer` to this node, or one this node asked it to relay; its path runs
+/// from its origin to `peer`; its version gives its origin no more than its own seq (a
+/// node's entry is the seq of its last write); its HLC is not far in the future (it would
+/// win every last-writer-wins comparison for good).
+pub fn check_routes(events: &[Event], a: &Admission<'_>) -> Result<(), Refusal> {
+    for event in events {
+        let origin = event.origin.as_str();
+        let routed = origin == a.peer
+            || crate::topology::forwards(a.topology, a.peer, a.me, origin)
+            || a.relay_wanted.iter().any(|o| o == origin);
+        if !routed {
+            return Err(Refusal::NotRouted {
+                peer: a.peer.to_owned(),
+                origin: origin.to_owned(),
+            });
+        }
+        if event.path.first().map(String::as_str) != Some(origin)
+            || event.path.last().map(String::as_str) != Some(a.peer)
+        {
+            return Err(Refusal::ForgedPath {
+                peer: a.peer.to_owned(),
+                origin: origin.to_owned(),
+                path: event.path.clone(),
+            });
+        }
+        let counter = event.version.get(origin);
+        if counter > event.seq {
+            return Err(Refusal::CounterLeap {
+                peer: a.peer.to_owned(),
+                origin: origin.to_owned(),
+                seq: event.seq,
+                counter,
+            });
+        }
+        let ahead_ms = event.hlc.physical_ms() - a.now_ms;
+        if ahead_ms > a.max_ahead_ms {
+            return Err(Refusal::FutureHlc {
+                peer: a.peer.to_owned(),
+                origin: origin.to_owned(),
+                seq: event.seq,
+                ahead_ms,
+                limit_ms: a.max_ahead_ms,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Checks that every event of a batch names an origin of the topology, in its region: an

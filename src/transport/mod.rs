@@ -51,6 +51,8 @@ pub trait PeerObserver: Send + Sync {
     fn clock_skew(&self);
     /// Rows of a snapshot this node installed while joining.
     fn joined_rows(&self, _rows: u64) {}
+    /// A batch from a peer was refused (`handshake::Refusal`).
+    fn refused(&self) {}
 }
 
 /// When each peer's inbound stream last delivered a frame: how relay repair tells a failed
@@ -111,6 +113,8 @@ pub struct Context {
     pub verified: watch::Sender<bool>,
     /// The latest report of every node this node has heard of (`stability`).
     pub reports: Arc<Reports>,
+    /// (peer, cause) of the batches refused so far, each logged once.
+    pub refusals: Arc<Mutex<std::collections::BTreeSet<(NodeId, &'static str)>>>,
 }
 
 /// The latest report of each node, as learned from acknowledgements and heartbeats (the
@@ -145,6 +149,19 @@ impl Reports {
 }
 
 impl Context {
+    /// Counts a refused batch, and logs its cause the first time from that peer.
+    pub fn refused(&self, peer: &str, refusal: &handshake::Refusal) {
+        self.observer.refused();
+        let first = self
+            .refusals
+            .lock()
+            .expect("refusal book lock")
+            .insert((peer.to_owned(), refusal.cause()));
+        if first {
+            tracing::warn!(%peer, cause = refusal.cause(), %refusal, "refused a batch from the peer (logged once per cause)");
+        }
+    }
+
     /// Whether this node runs in plain text (`insecure = true`).
     pub fn insecure(&self) -> bool {
         self.config.security == crate::config::Security::Insecure
