@@ -199,3 +199,66 @@ async fn a_node_without_tls_settings_refuses_to_start_and_insecure_is_warned_abo
     assert!(log.contains("neither encrypted nor authenticated"), "{log}");
     s.terminate_all();
 }
+
+/// Garbage bytes on the port and a frame larger than `max_message_mib` (here 1 MiB) from an
+/// authenticated peer are refused, and the node keeps serving and replicating.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_an_oversized_frame_leave_the_node_serving() {
+    use tokio::io::AsyncWriteExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let replication = weft::config::ReplicationConfig {
+        max_message_mib: 1,
+        ..Default::default()
+    };
+    let s = Sidecars::with(
+        dir.path(),
+        weft::harness::loopback::LoopbackMesh::all_to_all(&["east", "west", "south"]),
+        replication,
+    )
+    .await;
+    s.spawn_all().await;
+    let address = s.mesh.topology.nodes[0].address.clone();
+    for garbage in [
+        vec![0u8; 64],
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        (0..=255u8).cycle().take(100_000).collect(),
+    ] {
+        let mut tcp = tokio::net::TcpStream::connect(&address).await.unwrap();
+        let _ = tcp.write_all(&garbage).await;
+        drop(tcp);
+    }
+    wait_log(&s, "refused a TLS connection").await;
+
+    let certs = dir.path().join("certs");
+    let ca = certs.join("ca.pem");
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(&ca).unwrap()))
+        .identity(Identity::from_pem(
+            std::fs::read(certs.join("west-1.pem")).unwrap(),
+            std::fs::read(certs.join("west-1.key")).unwrap(),
+        ))
+        .domain_name("east-1")
+        .assume_http2(true);
+    let channel = Endpoint::from_shared(format!("https://{address}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = proto::replication_client::ReplicationClient::new(channel);
+    let huge = proto::AuditRequest {
+        table: "x".repeat(2 << 20),
+        ..Default::default()
+    };
+    let refused = client.audit(huge).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::OutOfRange, "{refused:?}");
+
+    let own = Some((certs.join("west-1.pem"), certs.join("west-1.key")));
+    ask(&s, &ca, own, "east-1", "west-1").await.unwrap();
+    assert!(s.is_running(0));
+    s.write(0, 0, 20, 10).await;
+    s.write(1, 0, 20, 10).await;
+    s.assert_exactly_once(40).await;
+    s.terminate_all();
+}

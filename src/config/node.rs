@@ -60,7 +60,7 @@ impl Default for ReplicationConfig {
             snapshot_page_rows: 1_000,
             log_retain_mib: 2_048,
             log_retain_secs: 3 * 24 * 3600,
-            max_message_mib: 256,
+            max_message_mib: 64,
             audit_every_secs: 0,
             tombstone_gc_secs: 10,
         }
