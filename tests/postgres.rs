@@ -345,3 +345,71 @@ async fn an_apply_never_deadlocks_with_an_application_locking_rows_in_another_or
         b.snapshot(&["a_first", "b_second"]).await
     );
 }
+
+/// Issue 14: a PostgreSQL region reached with `sslmode=verify-full` (sqlx over rustls, the
+/// server's certificate checked against the CA given in `sslrootcert` and its name): weft
+/// opens it, captures and every connection is encrypted; the same URL with another CA is
+/// refused with the reason.
+#[tokio::test]
+async fn a_postgresql_url_with_sslmode_verify_full_works_over_rustls() {
+    use weft::config::Database;
+    use weft::event::Identity;
+    use weft::store::Store;
+    let pg = cluster();
+    let ca = pg.enable_tls().unwrap();
+    pg.wait_ready(std::time::Duration::from_secs(30)).await.unwrap();
+    pg.create_database("secure").await.unwrap();
+    let url = pg.url_verify_full("secure", &ca);
+    let app = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::raw_sql("CREATE TABLE pairs (a text, b integer, v text, PRIMARY KEY (a, b))")
+        .execute(&app)
+        .await
+        .unwrap();
+    let identity = Identity {
+        node: "a".into(),
+        region: "ra".into(),
+    };
+    let tables = [weft::config::TableConfig::lww("pairs")];
+    let store = Store::open(
+        &Database::Postgres(url.clone()),
+        identity.clone(),
+        &tables,
+        std::time::Duration::from_millis(500),
+    )
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO pairs VALUES ('x', 1, 'secret')")
+        .execute(&app)
+        .await
+        .unwrap();
+    let drained = store.drain().await.unwrap();
+    assert_eq!(drained.events, 1);
+    let plain: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.datname = 'secure' AND NOT s.ssl")
+        .fetch_one(&app)
+        .await
+        .unwrap();
+    assert_eq!(plain, 0, "every connection to the region is encrypted");
+    store.close().await;
+
+    let other = tempfile::tempdir().unwrap();
+    let options = weft::transport::tls::MintOptions {
+        nodes: vec![],
+        not_before: None,
+        days: 1,
+        mesh: "other".into(),
+    };
+    weft::transport::tls::mint(other.path(), &options).unwrap();
+    let wrong = pg.url_verify_full("secure", &other.path().join("ca.pem"));
+    let refused = Store::open(
+        &Database::Postgres(wrong),
+        identity,
+        &tables,
+        std::time::Duration::from_millis(500),
+    )
+    .await;
+    let message = match refused {
+        Ok(_) => panic!("a server certificate from another CA was trusted"),
+        Err(error) => weft::transport::tls::chain(&error),
+    };
+    assert!(message.to_lowercase().contains("certificate"), "{message}");
+}

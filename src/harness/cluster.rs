@@ -179,6 +179,49 @@ impl Cluster {
     }
 
     /// A connection URL for database `db` (`postgres` always exists).
+    /// Turns on TLS with a server certificate for 127.0.0.1 from a fresh CA (`weft certs`'
+    /// minting), restarts the server, and returns the CA's file, for `sslrootcert`.
+    pub fn enable_tls(&self) -> anyhow::Result<PathBuf> {
+        let certs = self.dir.path().join("certs");
+        let options = crate::transport::tls::MintOptions {
+            nodes: vec!["127.0.0.1".into()],
+            not_before: None,
+            days: 30,
+            mesh: "postgres".into(),
+        };
+        crate::transport::tls::mint(&certs, &options)?;
+        if is_root() {
+            check(
+                "chown",
+                Command::new("chown")
+                    .arg("-R")
+                    .arg("postgres:postgres")
+                    .arg(&certs)
+                    .output()?,
+            )?;
+        }
+        let conf = format!(
+            "\nssl = on\nssl_cert_file = '{0}/127.0.0.1.pem'\nssl_key_file = '{0}/127.0.0.1.key'\n",
+            certs.display()
+        );
+        let path = self.data().join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&path)?;
+        text += &conf;
+        std::fs::write(&path, text)?;
+        self.stop("fast")?;
+        self.restart()?;
+        Ok(certs.join("ca.pem"))
+    }
+
+    /// `url`, requiring TLS with the server's certificate checked against `ca` and its name.
+    pub fn url_verify_full(&self, db: &str, ca: &Path) -> String {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/{db}?sslmode=verify-full&sslrootcert={}",
+            self.port,
+            ca.display()
+        )
+    }
+
     pub fn url(&self, db: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
     }
