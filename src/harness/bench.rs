@@ -45,6 +45,10 @@ pub struct Args {
     /// to two regions (time to converge, peak memory).
     #[arg(long)]
     pub big_txn: Option<i64>,
+    /// After the run over mutual TLS, the same run again in plain text (`insecure = true`),
+    /// and what TLS costs.
+    #[arg(long)]
+    pub compare_insecure: bool,
 }
 
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS bench (id INTEGER PRIMARY KEY, origin TEXT NOT NULL, n INTEGER NOT NULL, payload TEXT NOT NULL);";
@@ -67,11 +71,30 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     anyhow::ensure!((2..=9).contains(&args.regions), "--regions must be 2 to 9");
     let (dir, _temp) = super::work_dir(args.dir.as_deref())?;
+    let tls = sqlite_run(&args, &dir.join("tls"), true).await?;
+    if args.compare_insecure {
+        let plain = sqlite_run(&args, &dir.join("insecure"), false).await?;
+        println!(
+            "\nTLS against insecure = true, same run: applied >= {:.0} vs {:.0} changes/s per region ({:+.1} %); \
+             worst lag p99 {:.2} vs {:.2} ms",
+            tls.0,
+            plain.0,
+            (tls.0 / plain.0 - 1.0) * 100.0,
+            tls.1,
+            plain.1
+        );
+    }
+    Ok(())
+}
+
+/// One run of the SQLite mesh over TLS or in plain text: (least applied/s per region, worst
+/// lag p99 in ms).
+async fn sqlite_run(args: &Args, dir: &std::path::Path, tls: bool) -> anyhow::Result<(f64, f64)> {
     let names: Vec<String> = (0..args.regions).map(|i| format!("region{i}")).collect();
     let names_ref: Vec<&str> = names.iter().map(String::as_str).collect();
     let tables = [TableConfig::lww("bench")];
-    let mut mesh = LoopbackMesh::create(
-        &dir,
+    let mut mesh = LoopbackMesh::create_with(
+        dir,
         &LoopbackMesh::all_to_all(&names_ref),
         SCHEMA,
         &tables,
@@ -79,6 +102,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             relay_after_ms: args.relay_after_ms,
             ..ReplicationConfig::default()
         },
+        tls,
     )
     .await?;
     mesh.start_all().await?;
@@ -88,13 +112,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         format!("{} changes/s per region", args.rate)
     };
     println!(
-        "weft bench: {} regions, all-to-all, loopback, SQLite (synchronous=FULL); {mode}; {} s",
-        args.regions, args.duration
+        "weft bench: {} regions, all-to-all, loopback, SQLite (synchronous=FULL), {}; {mode}; {} s",
+        args.regions,
+        if tls {
+            "mutual TLS"
+        } else {
+            "plain text (insecure = true)"
+        },
+        args.duration
     );
 
     let duration = Duration::from_secs(args.duration);
     let started = Instant::now();
-    let (mut writers, written) = start_writers(&mesh, &args);
+    let (mut writers, written) = start_writers(&mesh, args);
     // Lag is measured in the steady state: forget the first second.
     tokio::time::sleep(Duration::from_secs(1).min(duration / 2)).await;
     for region in &mesh.regions {
@@ -107,9 +137,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     mesh.wait_converged(Duration::from_secs(300)).await?;
     let total = started.elapsed();
 
-    print_figures(&mesh, &written, writing, total);
+    let figures = print_figures(&mesh, &written, writing, total);
     mesh.stop_all().await;
-    Ok(())
+    Ok(figures)
 }
 
 /// One application writer per region, for the run's duration: rows written per region.
@@ -156,7 +186,7 @@ fn start_writers(mesh: &LoopbackMesh, args: &Args) -> (tokio::task::JoinSet<anyh
 }
 
 /// Per region: rows written, the apply rate until converged, and lag; then the summary.
-fn print_figures(mesh: &LoopbackMesh, written: &[Arc<AtomicU64>], writing: Duration, total: Duration) {
+fn print_figures(mesh: &LoopbackMesh, written: &[Arc<AtomicU64>], writing: Duration, total: Duration) -> (f64, f64) {
     println!("\nregion     written   write rate   applied   applied/s (until converged)   lag p50   lag p99   lag max");
     let mut applied_rates = Vec::new();
     let mut p99s = Vec::new();
@@ -185,4 +215,5 @@ fn print_figures(mesh: &LoopbackMesh, written: &[Arc<AtomicU64>], writing: Durat
         "\nsummary: applied >= {min_rate:.0} changes/s per region; worst lag p99 {worst_p99:.2} ms; converged {:.2} s after the last write",
         (total - writing).as_secs_f64()
     );
+    (min_rate, worst_p99)
 }
