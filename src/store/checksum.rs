@@ -249,12 +249,11 @@ impl<B: Backend> Replica<B> {
                 image: txn.read_row(&rules, &key).await?,
             });
         }
+        // In the rows' snapshot: everything of this node's the rows include is at or below it.
+        let own = txn.last_seq().await?;
         drop(txn);
         read.commit().await?;
         let mut watermark = self.frontiers().await?;
-        let mut read = self.backend.begin_read().await?;
-        let own = self.backend.txn(&tables, &mut read).last_seq().await?;
-        read.commit().await?;
         watermark.insert(self.identity.node.clone(), own);
         Ok((rows, watermark))
     }

@@ -135,6 +135,12 @@ impl Reports {
         }
     }
 
+    /// How long ago `node`'s report was made, in µs (`None`: no report yet).
+    pub fn age_micros(&self, node: &str, now_micros: i64) -> Option<i64> {
+        let book = self.0.lock().expect("report book lock");
+        book.get(node).map(|(at, _)| now_micros - at)
+    }
+
     /// Every report known, with when it was made.
     pub fn all(&self) -> Vec<(NodeId, i64, crate::stability::Frontiers)> {
         let book = self.0.lock().expect("report book lock");
@@ -170,11 +176,18 @@ impl Context {
     /// This node's report now, offered to its own book; with every report it knows, for an
     /// acknowledgement or heartbeat.
     pub async fn reports_now(&self) -> Vec<crate::wire::proto::NodeReport> {
+        // Refreshed at most every half second: acks come per batch, and the horizon moves by
+        // GC rounds of seconds, so a read of the frontiers per ack would be wasted I/O.
+        let now = crate::clock::now_micros();
+        let stale = self
+            .reports
+            .age_micros(&self.config.node, now)
+            .is_none_or(|age| age > 500_000);
         // Every origin, not only those of the batch just applied: an origin left out would
         // read as nothing applied.
-        if let Ok(mut own) = self.store.frontiers().await {
+        if stale && let Ok(mut own) = self.store.frontiers().await {
             own.insert(self.config.node.clone(), self.store.last_seq().await);
-            self.reports.offer(&self.config.node, crate::clock::now_micros(), own);
+            self.reports.offer(&self.config.node, now, own);
         }
         crate::wire::reports_to_proto(&self.reports.all())
     }
