@@ -102,7 +102,7 @@ impl Clock {
 
     /// Folds in a timestamp received from a peer.
     pub fn observe(&self, remote: Hlc, physical_now_ms: i64) -> Result<(), SkewReport> {
-        let ahead_ms = remote.physical_ms() - physical_now_ms;
+        let ahead_ms = remote.physical_ms().saturating_sub(physical_now_ms);
         if ahead_ms > self.max_skew_ms {
             self.skew_reports.fetch_add(1, Ordering::Relaxed);
             return Err(SkewReport { remote, ahead_ms });

@@ -284,11 +284,13 @@ impl Op {
 pub struct Hlc(pub u64);
 
 impl Hlc {
-    /// Physical part, milliseconds since the Unix epoch.
+    /// Physical part, milliseconds since the Unix epoch. A stamp hlc-gen cannot read (from
+    /// the wire) counts as infinitely far ahead: every check of a clock refuses it, where a
+    /// zero would pass it as old while it still wins every comparison of stamps.
     pub fn physical_ms(self) -> i64 {
         hlc_gen::HlcTimestamp::try_from(self.0)
             .map(|ts| ts.timestamp())
-            .unwrap_or(0)
+            .unwrap_or(i64::MAX)
     }
 
     pub fn logical(self) -> u64 {

@@ -15,7 +15,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::NodeConfig;
 use crate::config::Security;
@@ -97,6 +96,7 @@ impl Node {
             shutdown: shutdown_rx.clone(),
             reports: Arc::default(),
             refusals: Arc::default(),
+            gate: crate::transport::limits::Gate::new(crate::transport::limits::Limits::of(&config.replication)),
         };
         let mut tasks = JoinSet::new();
 
@@ -191,7 +191,8 @@ async fn open_store(config: &NodeConfig) -> Result<Arc<Store>, NodeError> {
         &config.topology,
         &config.node,
         config.relay_repair(),
-    ));
+    ))
+    .bounding_dead_letters(config.replication.max_dead_letters_per_cause);
     for advice in store.advisories() {
         tracing::warn!("{advice}");
     }
@@ -299,8 +300,10 @@ async fn serve(ctx: Context, listener: TcpListener, tls: Option<Arc<ServerTls>>)
         .max_decoding_message_size(config.replication.max_message_bytes())
         .max_encoding_message_size(config.replication.max_message_bytes());
     let mut server_stop = ctx.shutdown.clone();
+    let gate = ctx.gate.clone();
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .max_concurrent_streams(Some(config.replication.max_streams_per_connection))
         .http2_keepalive_interval(Some(config.replication.heartbeat()))
         .http2_keepalive_timeout(Some(config.replication.peer_timeout()))
         .add_service(service);
@@ -308,12 +311,12 @@ async fn serve(ctx: Context, listener: TcpListener, tls: Option<Arc<ServerTls>>)
     let result = match tls {
         Some(tls) => {
             router
-                .serve_with_incoming_shutdown(crate::transport::tls::incoming(listener, tls), stop)
+                .serve_with_incoming_shutdown(crate::transport::tls::incoming(listener, tls, gate), stop)
                 .await
         }
         None => {
             router
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
+                .serve_with_incoming_shutdown(crate::transport::tls::incoming_plain(listener, gate), stop)
                 .await
         }
     };

@@ -146,6 +146,14 @@ async fn a_transfer_replicates_and_the_old_owner_can_no_longer_write() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A region no node serves (a typo) would leave the row writable nowhere.
+    let out = transfer(&config("a"), "1", "region-of-bb");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a region outside the topology is refused");
+    assert!(
+        stderr.contains("`region-of-bb` is not a region of mesh") && stderr.contains("region-of-b, region-of-c"),
+        "{stderr}"
+    );
     let out = transfer(&config("a"), "1", "region-of-b");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("moved 1 accounts row(s)"));

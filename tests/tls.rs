@@ -34,6 +34,21 @@ async fn ask(
     server_name: &str,
     claim: &str,
 ) -> Result<(), String> {
+    let mut client = client(s, ca, identity, server_name).await?;
+    client
+        .audit(audit_request(s, claim))
+        .await
+        .map(drop)
+        .map_err(|status| format!("{status:?}"))
+}
+
+/// A client of east's sidecar over one connection (see [`ask`]).
+async fn client(
+    s: &Sidecars,
+    ca: &Path,
+    identity: Option<(PathBuf, PathBuf)>,
+    server_name: &str,
+) -> Result<proto::replication_client::ReplicationClient<tonic::transport::Channel>, String> {
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()))
         .domain_name(server_name.to_owned())
@@ -52,8 +67,12 @@ async fn ask(
         .connect()
         .await
         .map_err(|e| weft::transport::tls::chain(&e))?;
-    let mut client = proto::replication_client::ReplicationClient::new(channel);
-    let request = proto::AuditRequest {
+    Ok(proto::replication_client::ReplicationClient::new(channel))
+}
+
+/// An audit request for the root of `items`' tree, claiming to come from `claim`.
+fn audit_request(s: &Sidecars, claim: &str) -> proto::AuditRequest {
+    proto::AuditRequest {
         hello: Some(proto::Hello {
             protocol: weft::wire::PROTOCOL,
             node_id: claim.to_owned(),
@@ -67,12 +86,7 @@ async fn ask(
             level: 0,
             nodes: vec![0],
         })),
-    };
-    client
-        .audit(request)
-        .await
-        .map(drop)
-        .map_err(|status| format!("{status:?}"))
+    }
 }
 
 fn east_log(s: &Sidecars) -> String {
@@ -257,6 +271,87 @@ async fn garbage_and_an_oversized_frame_leave_the_node_serving() {
     let own = Some((certs.join("west-1.pem"), certs.join("west-1.key")));
     ask(&s, &ca, own, "east-1", "west-1").await.unwrap();
     assert!(s.is_running(0));
+    s.write(0, 0, 20, 10).await;
+    s.write(1, 0, 20, 10).await;
+    s.assert_exactly_once(40).await;
+    s.terminate_all();
+}
+
+/// Connections per address and stream opens per address are bounded: a connection over the
+/// limit is closed before its handshake, a stream opened too fast is answered
+/// RESOURCE_EXHAUSTED with when to retry, and the node keeps serving and replicating.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_and_stream_opens_per_address_are_bounded() {
+    use tokio::io::AsyncReadExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let replication = weft::config::ReplicationConfig {
+        max_connections_per_address: 3,
+        opens_per_address_per_sec: 1,
+        ..Default::default()
+    };
+    let topology = weft::harness::loopback::LoopbackMesh::all_to_all(&["east", "west"]);
+    let s = Sidecars::with(dir.path(), topology, replication).await;
+    s.spawn(0, None).await;
+    // The harness's probe of the port gives its place back once east sees it close.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let address = s.mesh.topology.nodes[0].address.clone();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(tokio::net::TcpStream::connect(&address).await.unwrap());
+    }
+    let mut extra = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(3), extra.read(&mut [0u8; 16])).await;
+    assert!(
+        matches!(closed, Ok(Ok(0) | Err(_))),
+        "the fourth connection is closed at once: {closed:?}"
+    );
+    let log = wait_log(&s, "turned away").await;
+    assert!(log.contains("holds 3 connections, the most one address may"), "{log}");
+    let mut waiting = held.pop().unwrap();
+    let open = tokio::time::timeout(Duration::from_millis(300), waiting.read(&mut [0u8; 16])).await;
+    assert!(open.is_err(), "a connection within the limit stays open: {open:?}");
+    drop((held, waiting, extra));
+
+    let certs = dir.path().join("certs");
+    let own = Some((certs.join("west-1.pem"), certs.join("west-1.key")));
+    // The dropped connections give their places back once east sees them close.
+    let mut tries = 0;
+    let mut client = loop {
+        match client(&s, &certs.join("ca.pem"), own.clone(), "east-1").await {
+            Ok(client) => break client,
+            Err(error) if tries < 30 => {
+                tries += 1;
+                eprintln!("not yet admitted: {error}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => panic!("never admitted again: {error}"),
+        }
+    };
+    let mut codes = Vec::new();
+    for _ in 0..6 {
+        let code = match client.audit(audit_request(&s, "west-1")).await {
+            Ok(_) => tonic::Code::Ok,
+            Err(status) => {
+                if status.code() == tonic::Code::ResourceExhausted {
+                    assert!(status.message().contains("faster than 1/s"), "{status:?}");
+                    assert!(status.message().contains("retry in"), "{status:?}");
+                }
+                status.code()
+            }
+        };
+        codes.push(code);
+    }
+    assert_eq!(
+        codes.iter().filter(|&&c| c == tonic::Code::ResourceExhausted).count(),
+        2,
+        "a burst of four, then refused: {codes:?}"
+    );
+    assert!(
+        codes[..4].iter().all(|&c| c != tonic::Code::ResourceExhausted),
+        "{codes:?}"
+    );
+
+    s.spawn(1, None).await;
     s.write(0, 0, 20, 10).await;
     s.write(1, 0, 20, 10).await;
     s.assert_exactly_once(40).await;

@@ -45,6 +45,19 @@ pub struct ReplicationConfig {
     /// Every this many seconds, purge the tombstones every node has seen along with every
     /// write concurrent with them (the causal stability horizon). 0 = keep them forever.
     pub tombstone_gc_secs: u64,
+    /// Connections the listener holds at once, in all and per remote address; more are
+    /// closed as they are accepted (`transport::limits`).
+    pub max_connections: usize,
+    pub max_connections_per_address: usize,
+    /// Concurrent HTTP/2 streams on one connection.
+    pub max_streams_per_connection: u32,
+    /// Streams (replication Hellos, snapshots, audit requests) one address may open per
+    /// second, in bursts of up to four times as many.
+    pub opens_per_address_per_sec: u32,
+    /// Dead letters kept per cause (table not replicated, shape, undecodable, CRDT,
+    /// ownership, refused by the database). Past it, a batch that would add one is refused
+    /// and resent later: the link from that peer waits, nothing is lost.
+    pub max_dead_letters_per_cause: u64,
 }
 
 impl Default for ReplicationConfig {
@@ -63,6 +76,11 @@ impl Default for ReplicationConfig {
             max_message_mib: 64,
             audit_every_secs: 0,
             tombstone_gc_secs: 10,
+            max_connections: 512,
+            max_connections_per_address: 64,
+            max_streams_per_connection: 32,
+            opens_per_address_per_sec: 50,
+            max_dead_letters_per_cause: 100_000,
         }
     }
 }
@@ -247,11 +265,17 @@ impl ReplicationConfig {
             || r.heartbeat_ms == 0
             || r.snapshot_page_rows == 0
             || r.max_message_mib == 0
+            || r.max_connections == 0
+            || r.max_connections_per_address == 0
+            || r.max_streams_per_connection == 0
+            || r.opens_per_address_per_sec == 0
+            || r.max_dead_letters_per_cause == 0
         {
             return Err(invalid(
                 path,
                 "replication",
-                "batch_max_events, window, poll_ms, heartbeat_ms, snapshot_page_rows and max_message_mib must be > 0",
+                "batch_max_events, window, poll_ms, heartbeat_ms, snapshot_page_rows, max_message_mib, max_connections, \
+                 max_connections_per_address, max_streams_per_connection, opens_per_address_per_sec and max_dead_letters_per_cause must be > 0",
             ));
         }
         if r.peer_timeout_ms <= r.heartbeat_ms {

@@ -582,8 +582,15 @@ fn check_transfer(config: &NodeConfig, table: &TableConfig, transfer: &Transfer,
             transfer.table
         )));
     }
-    if !config.topology.nodes.iter().any(|n| n.region == transfer.to) {
-        return Err(refused(format!("`{}` is not a region of this mesh", transfer.to)));
+    let regions: std::collections::BTreeSet<&str> = config.topology.nodes.iter().map(|n| n.region.as_str()).collect();
+    if !regions.contains(transfer.to.as_str()) {
+        // A row moved to a region no node serves could never be written again.
+        return Err(refused(format!(
+            "`{}` is not a region of mesh `{}`: its regions are {}",
+            transfer.to,
+            config.topology.mesh,
+            regions.into_iter().collect::<Vec<_>>().join(", ")
+        )));
     }
     if transfer.to == me {
         return Err(refused(format!("this node is in `{}` already", transfer.to)));

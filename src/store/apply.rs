@@ -162,6 +162,7 @@ impl<B: Backend> Replica<B> {
         };
         let mut report = ApplyReport {
             retrying,
+            dead_letter_limit: self.dead_letter_limit,
             ..ApplyReport::default()
         };
         // A dead letter's event passed its frontier when it first arrived.

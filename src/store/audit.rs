@@ -5,7 +5,7 @@ use crate::config::Strategy;
 use crate::event::{Event, Op, Row};
 use crate::replicate::RowVersion;
 use crate::resolve::Winner;
-use crate::store::backend::{ConflictRecord, DeadLetter, Txn};
+use crate::store::backend::{Cause, ConflictRecord, DeadLetter, Txn};
 use crate::store::engine::TableRules;
 use crate::store::{ApplyReport, StoreError};
 
@@ -35,11 +35,18 @@ pub async fn dead_letter<R: Txn>(
     rows: &mut R,
     event: &Event,
     reason: &str,
+    cause: Cause,
     report: &mut ApplyReport,
 ) -> Result<(), StoreError> {
     tracing::warn!(origin = %event.origin, seq = event.seq, table = %event.table, key = %event.key, reason, "dead-lettered event");
-    let retry = report.retrying;
-    rows.insert_dead_letter(&DeadLetter { event, reason, retry }).await?;
+    let letter = DeadLetter {
+        event,
+        reason,
+        cause,
+        limit: report.dead_letter_limit,
+        retry: report.retrying,
+    };
+    rows.insert_dead_letter(&letter).await?;
     report.dead_lettered += 1;
     Ok(())
 }

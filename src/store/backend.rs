@@ -210,9 +210,44 @@ pub struct ConflictRecord<'a> {
 pub struct DeadLetter<'a> {
     pub event: &'a Event,
     pub reason: &'a str,
+    pub cause: Cause,
+    /// Letters of one cause the store keeps at most (`max_dead_letters_per_cause`).
+    pub limit: u64,
     /// The letter this is a failed retry of, and how many tries it had: that letter is
     /// updated (reason, one more attempt, the next try later) instead of a new one made.
     pub retry: Option<(i64, u32)>,
+}
+
+/// The kind of reason an event was dead-lettered for: storage is bounded per cause, so a
+/// flood of one kind (a peer sending a table nobody configured) cannot fill the disk or
+/// crowd out the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// The event's table is not replicated here.
+    NotReplicated,
+    /// The event does not fit the local table (columns, key, strategy).
+    Shape,
+    /// This build cannot read the event's content.
+    Undecodable,
+    /// Its CRDT state cannot be merged.
+    Crdt,
+    /// The ownership rules refuse it.
+    Ownership,
+    /// The database refused the write (a constraint, a trigger, a value).
+    Refused,
+}
+
+impl Cause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::NotReplicated => "not replicated",
+            Cause::Shape => "shape",
+            Cause::Undecodable => "undecodable",
+            Cause::Crdt => "crdt",
+            Cause::Ownership => "ownership",
+            Cause::Refused => "refused",
+        }
+    }
 }
 
 /// A step of a group of writes (a savepoint).

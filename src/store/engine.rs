@@ -25,7 +25,7 @@ use crate::event::{Event, Identity, Op, Row, Value};
 use crate::replicate::{Decision, RowVersion, decide};
 use crate::resolve::Winner;
 use crate::resolve::ownership::{self, Owner};
-use crate::store::backend::{Group, Txn};
+use crate::store::backend::{Cause, Group, Txn};
 use crate::store::{ApplyReport, StoreError, audit};
 use crate::version::Causality;
 
@@ -208,14 +208,14 @@ async fn fitting_table<R: Txn>(
             "table `{}` is not replicated on this node; add it to the node config",
             event.table
         );
-        audit::dead_letter(rows, event, &reason, report).await?;
+        audit::dead_letter(rows, event, &reason, Cause::NotReplicated, report).await?;
         return Ok(None);
     };
     let problem = table
         .refuses(event)
         .or_else(|| shape_problem(table.name(), table.columns(), table.key(), event));
     if let Some(reason) = problem {
-        audit::dead_letter(rows, event, &reason, report).await?;
+        audit::dead_letter(rows, event, &reason, Cause::Shape, report).await?;
         return Ok(None);
     }
     Ok(Some(table))
@@ -381,7 +381,9 @@ async fn apply_in_passes<R: Txn>(
             if !swap_as_one(rows, &refused, run, report).await? {
                 for &event in &refused {
                     match apply_one(rows, event, &run.versions, report, Mode::EventByEvent).await? {
-                        Outcome::Refused(reason) => audit::dead_letter(rows, event, &reason, report).await?,
+                        Outcome::Refused(reason) => {
+                            audit::dead_letter(rows, event, &reason, Cause::Refused, report).await?
+                        }
                         outcome => run.record(outcome),
                     }
                 }
@@ -458,7 +460,7 @@ async fn apply_one<R: Txn>(
 ) -> Result<Outcome, Halt> {
     if let Op::Undecodable { reason, .. } = &event.op {
         let reason = format!("cannot decode the event: {reason}; upgrade this node, then retry the dead letter");
-        return dead_lettered(rows, event, &reason, report).await;
+        return dead_lettered(rows, event, &reason, Cause::Undecodable, report).await;
     }
     let Some(table) = fitting_table(rows, event, report).await? else {
         return Ok(Outcome::Settled);
@@ -467,7 +469,7 @@ async fn apply_one<R: Txn>(
     let local = versions.get(&id).cloned();
     let merged = match merge_crdt(rows, &table, &id.1, event).await? {
         Ok(merged) => merged,
-        Err(reason) => return dead_lettered(rows, event, &reason, report).await,
+        Err(reason) => return dead_lettered(rows, event, &reason, Cause::Crdt, report).await,
     };
     let local_row_exists = local.as_ref().is_some_and(|l| !l.deleted);
     let (decision, local_row) = decide_event(rows, &table, local.as_ref(), event).await?;
@@ -477,7 +479,7 @@ async fn apply_one<R: Txn>(
     if table.is_owned() && decision != Decision::Stale {
         match judge_owner(rows, &table, &id.1, event, conflict).await? {
             Ok(verdict) => (claimed, by_epoch) = (verdict.owner, verdict.by_epoch),
-            Err(reason) => return dead_lettered(rows, event, &reason, report).await,
+            Err(reason) => return dead_lettered(rows, event, &reason, Cause::Ownership, report).await,
         }
     }
     let (next, winner) = match decision {
@@ -542,9 +544,10 @@ async fn dead_lettered<R: Txn>(
     rows: &mut R,
     event: &Event,
     reason: &str,
+    cause: Cause,
     report: &mut ApplyReport,
 ) -> Result<Outcome, Halt> {
-    audit::dead_letter(rows, event, reason, report).await?;
+    audit::dead_letter(rows, event, reason, cause, report).await?;
     Ok(Outcome::Settled)
 }
 

@@ -439,9 +439,20 @@ macro_rules! metadata_io {
                     .await?;
                 return Ok(());
             }
+            let count_sql = meta("SELECT count(*) FROM {w}dead_letters WHERE cause = $1");
+            let stored: i64 = sqlx::query_scalar(count_sql)
+                .bind(letter.cause.as_str())
+                .fetch_one(&mut *conn)
+                .await?;
+            if stored as u64 >= letter.limit {
+                return Err($crate::store::StoreError::DeadLettersFull {
+                    cause: letter.cause.as_str(),
+                    stored: stored as u64,
+                });
+            }
             let sql = meta(
-                "INSERT INTO {w}dead_letters (origin, seq, tbl, key, reason, event, at, attempts, retry_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, {now}, 0, {now} + $7)",
+                "INSERT INTO {w}dead_letters (origin, seq, tbl, key, reason, event, at, attempts, retry_at, cause) \
+                 VALUES ($1, $2, $3, $4, $5, $6, {now}, 0, {now} + $7, $8)",
             );
             sqlx::query(sql)
                 .bind(&event.origin)
@@ -451,6 +462,7 @@ macro_rules! metadata_io {
                 .bind(letter.reason)
                 .bind($crate::wire::encode_event(event))
                 .bind($crate::store::backend::retry_backoff_micros(0))
+                .bind(letter.cause.as_str())
                 .execute(&mut *conn)
                 .await?;
             Ok(())

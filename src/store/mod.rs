@@ -75,6 +75,14 @@ pub enum StoreError {
     /// An admin request that cannot be carried out, saying why.
     #[error("{0}")]
     Refused(String),
+    /// Dead-letter storage for one cause is full: the apply is refused whole, so the sender
+    /// keeps the events and resends them; nothing is lost.
+    #[error(
+        "{stored} dead letters of cause `{cause}` are stored, the most max_dead_letters_per_cause allows: \
+         nothing more is applied from this stream until some are retried, discarded (weft dead-letters) \
+         or the limit is raised; the sender keeps the events"
+    )]
+    DeadLettersFull { cause: &'static str, stored: u64 },
     /// weft's own metadata holds something weft never writes.
     #[error("corrupt metadata: {0}")]
     Corrupt(String),
@@ -122,6 +130,8 @@ pub struct ApplyReport {
     /// While a dead letter is retried: its id and attempts so far. A refusal then updates
     /// that letter instead of making a new one.
     pub retrying: Option<(i64, u32)>,
+    /// Input: the dead letters of one cause the store keeps at most.
+    pub dead_letter_limit: u64,
 }
 
 /// What a round of dead-letter retries did.
@@ -224,6 +234,15 @@ impl Store {
         match self {
             Store::Sqlite(s) => Store::Sqlite(s.relaying(origins)),
             Store::Postgres(s) => Store::Postgres(s.relaying(origins)),
+        }
+    }
+
+    /// Keeps at most `limit` dead letters per cause; past it an apply that would add one is
+    /// refused whole (`StoreError::DeadLettersFull`) and the sender resends later.
+    pub fn bounding_dead_letters(self, limit: u64) -> Self {
+        match self {
+            Store::Sqlite(s) => Store::Sqlite(s.bounding_dead_letters(limit)),
+            Store::Postgres(s) => Store::Postgres(s.bounding_dead_letters(limit)),
         }
     }
 

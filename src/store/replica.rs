@@ -41,7 +41,12 @@ pub struct Replica<B: Backend> {
     /// This node's name in CRDT states (see `settle_local`): its id until its database went
     /// back in time, then one new name per such restore (`CRDT_ACTOR` in the node table).
     actor: std::sync::RwLock<String>,
+    /// Dead letters of one cause kept at most (`max_dead_letters_per_cause`).
+    pub(crate) dead_letter_limit: u64,
 }
+
+/// Dead letters of one cause a store keeps unless told otherwise.
+pub const DEFAULT_DEAD_LETTER_LIMIT: u64 = 100_000;
 
 /// The node-table entry holding this node's CRDT actor name, once it differs from its id.
 pub(crate) const CRDT_ACTOR: &str = "crdt_actor";
@@ -173,6 +178,7 @@ impl<B: Backend> Replica<B> {
             actor: std::sync::RwLock::new(identity.node.clone()),
             identity,
             relayed: BTreeSet::new(),
+            dead_letter_limit: DEFAULT_DEAD_LETTER_LIMIT,
             tables: std::sync::RwLock::new(Arc::new(
                 tables
                     .into_iter()
@@ -193,6 +199,12 @@ impl<B: Backend> Replica<B> {
     /// appended to their path), so they can be relayed.
     pub fn relaying(mut self, origins: BTreeSet<NodeId>) -> Self {
         self.relayed = origins;
+        self
+    }
+
+    /// Keeps at most `limit` dead letters per cause (`StoreError::DeadLettersFull`).
+    pub fn bounding_dead_letters(mut self, limit: u64) -> Self {
+        self.dead_letter_limit = limit;
         self
     }
 

@@ -106,6 +106,7 @@ pub const META_TABLES: &[TableDef] = &[
             col("at", Int),
             col("attempts", Int),
             col("retry_at", Int),
+            col("cause", Text),
         ],
         key: &[],
     },
@@ -196,6 +197,8 @@ pub enum Step {
     OwnerKeys,
     /// Dead letters gain `attempts` and `retry_at`: they are retried, with backoff.
     DeadLetterRetries,
+    /// Dead letters gain their `cause`, indexed: storage is bounded per cause.
+    DeadLetterCauses,
 }
 
 /// The schema's history, in order; a database's `schema_version` is the number of the last
@@ -204,6 +207,7 @@ pub const MIGRATIONS: &[(u32, &str, Step)] = &[
     (1, "baseline metadata tables", Step::Baseline),
     (2, "owner key columns and moving_to", Step::OwnerKeys),
     (3, "dead letter retries", Step::DeadLetterRetries),
+    (4, "dead letter causes", Step::DeadLetterCauses),
 ];
 
 /// The schema version this build writes.

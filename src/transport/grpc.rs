@@ -76,7 +76,11 @@ fn refusal_status(refusal: Refusal) -> Status {
         | Refusal::NotRouted { .. }
         | Refusal::ForgedPath { .. }
         | Refusal::CounterLeap { .. }
-        | Refusal::FutureHlc { .. } => Status::permission_denied(message),
+        | Refusal::FutureHlc { .. }
+        | Refusal::UnknownOwner { .. }
+        | Refusal::NotTheOwner { .. }
+        | Refusal::AheadOfUs { .. }
+        | Refusal::Strangers { .. } => Status::permission_denied(message),
     }
 }
 
@@ -88,6 +92,16 @@ pub struct Service {
 }
 
 impl Service {
+    /// Counts a stream opened on this connection against its address's rate.
+    fn opened(&self, extensions: &tonic::Extensions) -> Result<(), Status> {
+        let Some(info) = extensions.get::<super::tls::PeerInfo>() else {
+            return Ok(());
+        };
+        (self.ctx.gate)
+            .open(info.addr.ip(), std::time::Instant::now())
+            .map_err(|busy| Status::resource_exhausted(busy.to_string()))
+    }
+
     pub fn new(ctx: Context) -> Self {
         Self {
             ctx,
@@ -183,20 +197,19 @@ impl Inbound {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let wanted = self.relay_wanted();
         let config = &self.ctx.config;
-        let admission = handshake::Admission {
+        let admission = super::admission::Admission {
             topology: &config.topology,
             me: &config.node,
             peer: &self.peer,
             relay_wanted: &wanted,
             max_ahead_ms: max_ahead_ms(config.replication.max_clock_skew()),
             now_ms: now_micros() / 1000,
+            my_last_seq: self.ctx.store.last_seq().await,
         };
-        handshake::check_origins(&events, &config.topology)
-            .and_then(|()| handshake::check_routes(&events, &admission))
-            .map_err(|refusal| {
-                self.ctx.refused(&self.peer, &refusal);
-                refusal_status(refusal)
-            })?;
+        admission.check(&events).map_err(|refusal| {
+            self.ctx.refused(&self.peer, &refusal);
+            refusal_status(refusal)
+        })?;
         // Applying drains local changes first, which numbers them: not before this node's
         // history is confirmed by a peer (a re-seed may be under way).
         let mut verified = self.ctx.verified.subscribe();
@@ -271,6 +284,7 @@ impl proto::replication_server::Replication for Service {
         request: Request<proto::SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
         let (_, extensions, request) = request.into_parts();
+        self.opened(&extensions)?;
         let hello = request.hello.as_ref().map(|h| h.node_id.as_str()).unwrap_or_default();
         super::tls::check_peer(&extensions, hello, self.ctx.insecure())?;
         let chunks = super::join::serve(self.ctx.clone(), request).await?;
@@ -279,6 +293,7 @@ impl proto::replication_server::Replication for Service {
 
     async fn audit(&self, request: Request<proto::AuditRequest>) -> Result<Response<proto::AuditReply>, Status> {
         let (_, extensions, request) = request.into_parts();
+        self.opened(&extensions)?;
         let reply = super::audit::answer(&self.ctx, &self.trees, &extensions, request).await?;
         Ok(Response::new(reply))
     }
@@ -288,6 +303,7 @@ impl proto::replication_server::Replication for Service {
         request: Request<Streaming<proto::SendFrame>>,
     ) -> Result<Response<Self::ReplicateStream>, Status> {
         let extensions = request.extensions().clone();
+        self.opened(&extensions)?;
         let mut frames = request.into_inner();
         let config = &self.ctx.config;
         let first = timeout(config.replication.peer_timeout(), frames.message())

@@ -1,7 +1,6 @@
 //! The handshake's checks, both ways: whether a node that opens a stream to us may feed us
 //! at all (Hello), and whether the node that answered our dial is the one we dialled
-//! (Welcome); and whether the events of a batch come from origins of the topology, in their
-//! regions.
+//! (Welcome). What a batch may contain is `admission`'s; both refuse with a [`Refusal`].
 //!
 //! A pure function of what the caller claims and our topology, checked before anything is read
 //! from the store, so a stray or misconfigured node is refused before it costs a transaction.
@@ -17,7 +16,6 @@
 use std::collections::BTreeMap;
 
 use crate::config::Topology;
-use crate::event::Event;
 use crate::event::NodeId;
 use crate::wire::PROTOCOL;
 
@@ -84,6 +82,49 @@ pub enum Refusal {
         ahead_ms: i64,
         limit_ms: i64,
     },
+    #[error(
+        "{peer} sent event {origin}/{seq} claiming its row for `{owner}`, which is not a region of this topology; it was not applied"
+    )]
+    UnknownOwner {
+        peer: String,
+        origin: String,
+        seq: u64,
+        owner: String,
+    },
+    #[error(
+        "{peer} sent event {origin}/{seq}, a write by {region} to a row it says {owner} owns (not a transfer); \
+         only a row's owner writes it, so it was not applied"
+    )]
+    NotTheOwner {
+        peer: String,
+        origin: String,
+        seq: u64,
+        region: String,
+        owner: String,
+    },
+    #[error(
+        "{peer} sent event {origin}/{seq} whose version gives this node {counter}, but this node's last write is {last}: \
+         forged, or this database went back in time (a restore); it was not applied"
+    )]
+    AheadOfUs {
+        peer: String,
+        origin: String,
+        seq: u64,
+        counter: u64,
+        last: u64,
+    },
+    #[error(
+        "{peer} sent event {origin}/{seq} whose version names {strangers} nodes outside this topology (at most {limit}, \
+         with ids of at most {id_bytes} bytes); it was not applied"
+    )]
+    Strangers {
+        peer: String,
+        origin: String,
+        seq: u64,
+        strangers: usize,
+        limit: usize,
+        id_bytes: usize,
+    },
 }
 
 impl Refusal {
@@ -100,89 +141,12 @@ impl Refusal {
             Refusal::ForgedPath { .. } => "forged path",
             Refusal::CounterLeap { .. } => "counter leap",
             Refusal::FutureHlc { .. } => "future hlc",
+            Refusal::UnknownOwner { .. } => "unknown owner",
+            Refusal::NotTheOwner { .. } => "not the owner",
+            Refusal::AheadOfUs { .. } => "ahead of us",
+            Refusal::Strangers { .. } => "strangers",
         }
     }
-}
-
-/// What a receiver accepts from one peer (`check_routes`).
-pub struct Admission<'a> {
-    pub topology: &'a Topology,
-    pub me: &'a str,
-    pub peer: &'a str,
-    /// Origins this node currently asks `peer` to relay (all-to-all relay repair).
-    pub relay_wanted: &'a [String],
-    /// How far ahead of this node's clock an event's HLC may be.
-    pub max_ahead_ms: i64,
-    pub now_ms: i64,
-}
-
-/// Checks that `peer` may send each event: its origin is `peer` itself, one the topology
-/// routes through `peer` to this node, or one this node asked it to relay; its path runs
-/// from its origin to `peer`; its version gives its origin no more than its own seq (a
-/// node's entry is the seq of its last write); its HLC is not far in the future (it would
-/// win every last-writer-wins comparison for good).
-pub fn check_routes(events: &[Event], a: &Admission<'_>) -> Result<(), Refusal> {
-    for event in events {
-        let origin = event.origin.as_str();
-        let routed = origin == a.peer
-            || crate::topology::forwards(a.topology, a.peer, a.me, origin)
-            || a.relay_wanted.iter().any(|o| o == origin);
-        if !routed {
-            return Err(Refusal::NotRouted {
-                peer: a.peer.to_owned(),
-                origin: origin.to_owned(),
-            });
-        }
-        if event.path.first().map(String::as_str) != Some(origin)
-            || event.path.last().map(String::as_str) != Some(a.peer)
-        {
-            return Err(Refusal::ForgedPath {
-                peer: a.peer.to_owned(),
-                origin: origin.to_owned(),
-                path: event.path.clone(),
-            });
-        }
-        let counter = event.version.get(origin);
-        if counter > event.seq {
-            return Err(Refusal::CounterLeap {
-                peer: a.peer.to_owned(),
-                origin: origin.to_owned(),
-                seq: event.seq,
-                counter,
-            });
-        }
-        let ahead_ms = event.hlc.physical_ms() - a.now_ms;
-        if ahead_ms > a.max_ahead_ms {
-            return Err(Refusal::FutureHlc {
-                peer: a.peer.to_owned(),
-                origin: origin.to_owned(),
-                seq: event.seq,
-                ahead_ms,
-                limit_ms: a.max_ahead_ms,
-            });
-        }
-    }
-    Ok(())
-}
-
-/// Checks that every event of a batch names an origin of the topology, in its region: an
-/// event of any other origin (a forged or misrouted one) is never applied.
-pub fn check_origins(events: &[Event], topology: &Topology) -> Result<(), Refusal> {
-    for event in events {
-        let Some(node) = topology.node(&event.origin) else {
-            return Err(Refusal::UnknownOrigin {
-                origin: event.origin.clone(),
-            });
-        };
-        if node.region != event.origin_region {
-            return Err(Refusal::WrongRegion {
-                origin: event.origin.clone(),
-                claimed: event.origin_region.clone(),
-                region: node.region.clone(),
-            });
-        }
-    }
-    Ok(())
 }
 
 /// Checks that the Welcome from the node dialled as `dialled` names it and our mesh; a
@@ -272,7 +236,7 @@ impl std::fmt::Display for WentBack {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #[test]
     fn a_peer_that_has_more_of_our_events_than_we_do_shows_we_went_back() {
         let frontiers: BTreeMap<NodeId, u64> = [("a".to_string(), 20), ("b".to_string(), 7)].into_iter().collect();
@@ -290,7 +254,8 @@ mod tests {
     use super::*;
     use std::path::Path;
 
-    fn topology() -> Topology {
+    /// Nodes n0, n1, n2 in regions r0, r1, r2, all-to-all, in mesh `m`.
+    pub(crate) fn topology() -> Topology {
         let mut text = "version = 1\nmesh = \"m\"\nshape = \"all-to-all\"\n".to_string();
         for i in 0..3 {
             text += &format!(

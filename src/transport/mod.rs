@@ -11,10 +11,12 @@
 //! [`PeerObserver`] through which the transport reports, so it never depends on how figures
 //! are kept.
 
+pub mod admission;
 pub mod audit;
 pub mod grpc;
 pub mod handshake;
 pub mod join;
+pub mod limits;
 pub mod session;
 pub mod tls;
 
@@ -115,6 +117,8 @@ pub struct Context {
     pub reports: Arc<Reports>,
     /// (peer, cause) of the batches refused so far, each logged once.
     pub refusals: Arc<Mutex<std::collections::BTreeSet<(NodeId, &'static str)>>>,
+    /// The listener's connection and stream-open limits.
+    pub gate: Arc<limits::Gate>,
 }
 
 /// The latest report of each node, as learned from acknowledgements and heartbeats (the

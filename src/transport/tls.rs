@@ -22,7 +22,10 @@ use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
 use tonic::Status;
+
+use super::limits::{Gate, Permit};
 
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -148,13 +151,15 @@ pub struct PeerInfo {
     pub chain: Arc<Vec<CertificateDer<'static>>>,
 }
 
-/// One accepted TLS connection.
-pub struct TlsConn {
-    stream: tokio_rustls::server::TlsStream<TcpStream>,
+/// One accepted connection (`S`: TLS, or plain TCP with `insecure = true`), holding its
+/// place in the listener's [`Gate`] until it ends.
+pub struct Conn<S> {
+    stream: S,
     info: PeerInfo,
+    _permit: Permit,
 }
 
-impl tonic::transport::server::Connected for TlsConn {
+impl<S> tonic::transport::server::Connected for Conn<S> {
     type ConnectInfo = PeerInfo;
 
     fn connect_info(&self) -> PeerInfo {
@@ -162,13 +167,13 @@ impl tonic::transport::server::Connected for TlsConn {
     }
 }
 
-impl AsyncRead for TlsConn {
+impl<S: AsyncRead + Unpin> AsyncRead for Conn<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
     }
 }
 
-impl AsyncWrite for TlsConn {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Conn<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
     }
@@ -195,12 +200,56 @@ impl AsyncWrite for TlsConn {
 }
 
 /// The TLS connections accepted on `listener`, each handshake on its own task (a slow or
-/// silent client holds up no one); a refused handshake is logged with its reason and the
-/// peer's address. Ends when the receiver is dropped.
-pub fn incoming(
-    listener: TcpListener,
-    tls: Arc<ServerTls>,
-) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsConn>> {
+/// silent client holds up no one) and only within the `gate`'s limits; a refused handshake
+/// is logged with its reason and the peer's address. Ends when the receiver is dropped.
+pub fn incoming(listener: TcpListener, tls: Arc<ServerTls>, gate: Arc<Gate>) -> Incoming<TlsStream<TcpStream>> {
+    accept(listener, gate, move |tcp, addr| {
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+        async move {
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => stream,
+                // Closed before a word: a port probe (a health check), not a refusal.
+                Ok(Err(error)) if error.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    tracing::debug!(peer = %addr, "a connection closed before its TLS handshake");
+                    return None;
+                }
+                Ok(Err(error)) => {
+                    let reason = why_refused(&error);
+                    tracing::warn!(peer = %addr, %reason, "refused a TLS connection: {reason}");
+                    return None;
+                }
+                Err(_) => {
+                    tracing::warn!(peer = %addr, "refused a TLS connection: no handshake within {HANDSHAKE_TIMEOUT:?}");
+                    return None;
+                }
+            };
+            let chain = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(<[_]>::to_vec)
+                .unwrap_or_default();
+            Some((stream, chain))
+        }
+    })
+}
+
+/// The plain-text connections accepted on `listener` (`insecure = true`), within the
+/// `gate`'s limits.
+pub fn incoming_plain(listener: TcpListener, gate: Arc<Gate>) -> Incoming<TcpStream> {
+    accept(listener, gate, |tcp, _| async move { Some((tcp, Vec::new())) })
+}
+
+pub type Incoming<S> = tokio_stream::wrappers::ReceiverStream<std::io::Result<Conn<S>>>;
+
+/// Accepts on `listener`: a connection over the `gate`'s limits is closed at once; the
+/// others go through `handshake` on a task each.
+fn accept<S, H, F>(listener: TcpListener, gate: Arc<Gate>, handshake: H) -> Incoming<S>
+where
+    S: Send + 'static,
+    H: Fn(TcpStream, SocketAddr) -> F + Send + 'static,
+    F: std::future::Future<Output = Option<(S, Vec<CertificateDer<'static>>)>> + Send + 'static,
+{
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tokio::spawn(async move {
         loop {
@@ -215,35 +264,24 @@ pub fn incoming(
                     }
                 },
             };
+            // Over the limits: dropped before its handshake costs anything (`Gate` logs it).
+            let Ok(permit) = gate.connect(addr.ip()) else { continue };
             let _ = tcp.set_nodelay(true);
-            let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+            let shaken = handshake(tcp, addr);
             let tx = tx.clone();
             tokio::spawn(async move {
-                let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => stream,
-                    // Closed before a word: a port probe (a health check), not a refusal.
-                    Ok(Err(error)) if error.kind() == std::io::ErrorKind::UnexpectedEof => {
-                        return tracing::debug!(peer = %addr, "a connection closed before its TLS handshake");
-                    }
-                    Ok(Err(error)) => {
-                        let reason = why_refused(&error);
-                        return tracing::warn!(peer = %addr, %reason, "refused a TLS connection: {reason}");
-                    }
-                    Err(_) => {
-                        return tracing::warn!(peer = %addr, "refused a TLS connection: no handshake within {HANDSHAKE_TIMEOUT:?}");
-                    }
-                };
-                let chain = stream
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .map(<[_]>::to_vec)
-                    .unwrap_or_default();
+                let Some((stream, chain)) = shaken.await else { return };
                 let info = PeerInfo {
                     addr,
                     chain: Arc::new(chain),
                 };
-                let _ = tx.send(Ok(TlsConn { stream, info })).await;
+                let _ = tx
+                    .send(Ok(Conn {
+                        stream,
+                        info,
+                        _permit: permit,
+                    }))
+                    .await;
             });
         }
     });

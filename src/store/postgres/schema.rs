@@ -98,6 +98,14 @@ async fn migrate(conn: &mut PgConnection) -> Result<(), StoreError> {
                 .execute(&mut *conn)
                 .await?;
             }
+            Step::DeadLetterCauses => {
+                sqlx::raw_sql(
+                    "ALTER TABLE weft.dead_letters ADD COLUMN IF NOT EXISTS cause text NOT NULL DEFAULT 'other'; \
+                     CREATE INDEX IF NOT EXISTS dead_letters_cause ON weft.dead_letters (cause)",
+                )
+                .execute(&mut *conn)
+                .await?;
+            }
         }
         sqlx::query(
             "INSERT INTO weft.node (name, value) VALUES ('schema_version', $1) \

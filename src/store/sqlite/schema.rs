@@ -79,6 +79,7 @@ async fn migrate(conn: &mut SqliteConnection) -> Result<(), StoreError> {
             }
             Step::OwnerKeys => owner_keys(conn).await?,
             Step::DeadLetterRetries => dead_letter_retries(conn).await?,
+            Step::DeadLetterCauses => dead_letter_causes(conn).await?,
         }
         sqlx::query("INSERT OR REPLACE INTO _weft_node (name, value) VALUES ('schema_version', ?)")
             .bind(*number as i64)
@@ -102,6 +103,23 @@ async fn dead_letter_retries(conn: &mut SqliteConnection) -> Result<(), StoreErr
         .execute(&mut *conn)
         .await?;
     }
+    Ok(())
+}
+
+/// Dead letters made before causes lack `cause` (they count as `other`).
+async fn dead_letter_causes(conn: &mut SqliteConnection) -> Result<(), StoreError> {
+    let present: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pragma_table_info('_weft_dead_letters') WHERE name = 'cause'")
+            .fetch_one(&mut *conn)
+            .await?;
+    if present == 0 {
+        sqlx::raw_sql("ALTER TABLE _weft_dead_letters ADD COLUMN cause TEXT NOT NULL DEFAULT 'other'")
+            .execute(&mut *conn)
+            .await?;
+    }
+    sqlx::raw_sql("CREATE INDEX IF NOT EXISTS _weft_dead_letters_cause ON _weft_dead_letters (cause)")
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 
