@@ -93,6 +93,26 @@ pub fn origins_for<'t>(topology: &'t Topology, me: &str, peer: &str) -> Vec<&'t 
         .collect()
 }
 
+/// Whether `origin`'s events, sent to `via`, reach `to` along static routes (`via` itself
+/// counts as reached): then `to`'s acknowledgements, and the node reports they carry,
+/// travel back to `origin` through `via`.
+pub fn carries(topology: &Topology, origin: &str, via: &str, to: &str) -> bool {
+    let mut reached = vec![via];
+    let mut next = 0;
+    while let Some(&at) = reached.get(next) {
+        if at == to {
+            return true;
+        }
+        for peer in topology.nodes.iter().map(|n| n.id.as_str()) {
+            if !reached.contains(&peer) && forwards(topology, at, peer, origin) {
+                reached.push(peer);
+            }
+        }
+        next += 1;
+    }
+    false
+}
+
 /// Whether `me` relays events of `origin` (another node) along static routes, and so must
 /// keep them in its log until the peers it feeds have acknowledged them.
 pub fn relays(topology: &Topology, me: &str, origin: &str) -> bool {
@@ -413,6 +433,26 @@ mod tests {
                 .any(|c| c.contains("n2 changes region") && c.contains("refused")),
             "{said:?}"
         );
+    }
+
+    #[test]
+    fn reports_travel_back_along_the_routes_of_events() {
+        let ring = mesh("shape = \"ring\"", 4);
+        assert!(carries(&ring, "n0", "n1", "n1"));
+        assert!(
+            carries(&ring, "n0", "n1", "n3"),
+            "n1 passes n0's events on to n2 and n3"
+        );
+        assert!(!carries(&ring, "n0", "n3", "n2"), "n3 passes n0's events to nobody");
+        let all = mesh("shape = \"all-to-all\"", 3);
+        assert!(carries(&all, "n0", "n1", "n1"));
+        assert!(!carries(&all, "n0", "n1", "n2"), "no relaying: n2 reports to n0 itself");
+        let star = mesh("shape = \"star\"\nhub = \"n0\"", 3);
+        assert!(
+            carries(&star, "n1", "n0", "n2"),
+            "the hub passes a leaf's events to the others"
+        );
+        assert!(!carries(&star, "n0", "n1", "n2"), "a leaf relays nothing");
     }
 
     fn worst(routes: &BTreeMap<(NodeId, NodeId), Route>) -> usize {

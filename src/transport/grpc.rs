@@ -566,7 +566,7 @@ impl Outbound<'_> {
             Some(proto::ReceiveFrame {
                 body: Some(Reply::Ack(ack)),
             }) => {
-                self.ctx.learn(ack.reports);
+                self.ctx.learn(self.peer, ack.reports);
                 let effects = self
                     .feeder
                     .on_ack(frontiers_from_proto(ack.frontiers), &ack.relay_wanted, now);
@@ -575,7 +575,7 @@ impl Outbound<'_> {
             Some(proto::ReceiveFrame {
                 body: Some(Reply::Heartbeat(beat)),
             }) => {
-                self.ctx.learn(beat.reports);
+                self.ctx.learn(self.peer, beat.reports);
                 let effects = self
                     .feeder
                     .on_heartbeat(frontiers_from_proto(beat.frontiers), &beat.relay_wanted, now);

@@ -139,6 +139,26 @@ impl Reports {
         }
     }
 
+    /// Takes the reports `peer` passed on to `me`: its own, and those of the nodes the
+    /// topology carries `me`'s events to through it (their acknowledgements come back that
+    /// way). Any other report is ignored: tombstone GC then waits for the node's own word,
+    /// which is the safe side; a peer could otherwise hasten purges by speaking for nodes
+    /// it never hears from.
+    pub fn learn(
+        &self,
+        topology: &crate::config::Topology,
+        me: &str,
+        peer: &str,
+        reports: Vec<crate::wire::proto::NodeReport>,
+    ) {
+        for (node, at, frontiers) in crate::wire::reports_from_proto(reports) {
+            let vouched = node == peer || crate::topology::carries(topology, me, peer, &node);
+            if node != me && topology.node(&node).is_some() && vouched {
+                self.offer(&node, at, frontiers);
+            }
+        }
+    }
+
     /// How long ago `node`'s report was made, in µs (`None`: no report yet).
     pub fn age_micros(&self, node: &str, now_micros: i64) -> Option<i64> {
         let book = self.0.lock().expect("report book lock");
@@ -196,13 +216,10 @@ impl Context {
         crate::wire::reports_to_proto(&self.reports.all())
     }
 
-    /// Takes the reports a peer passed on.
-    pub fn learn(&self, reports: Vec<crate::wire::proto::NodeReport>) {
-        for (node, at, frontiers) in crate::wire::reports_from_proto(reports) {
-            if self.config.topology.node(&node).is_some() {
-                self.reports.offer(&node, at, frontiers);
-            }
-        }
+    /// Takes the reports `peer` passed on (`Reports::learn`).
+    pub fn learn(&self, peer: &str, reports: Vec<crate::wire::proto::NodeReport>) {
+        self.reports
+            .learn(&self.config.topology, &self.config.node, peer, reports);
     }
 
     /// Does what a session's connection asks: the Welcome's frontiers are acknowledgements.
@@ -300,5 +317,21 @@ impl Context {
             let entry = acks.entry((peer.to_owned(), origin.clone())).or_insert(0);
             *entry = (*entry).max(seq);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_speaks_only_for_itself_and_the_nodes_it_carries_our_events_to() {
+        let topology = handshake::tests::topology();
+        let report = |node: &str| (node.to_owned(), 7, [("n0".to_owned(), 99)].into_iter().collect());
+        let reports = Reports::default();
+        let all = [report("n0"), report("n1"), report("n2"), report("mallory")];
+        reports.learn(&topology, "n0", "n1", crate::wire::reports_to_proto(&all));
+        let known: Vec<NodeId> = reports.latest().into_keys().collect();
+        assert_eq!(known, ["n1"], "all-to-all: n2 reports to n0 itself, n0 knows its own");
     }
 }
