@@ -278,3 +278,37 @@ async fn every_node_stores_the_same_siblings_byte_for_byte() {
     assert_eq!(b.rows(stored).await, want);
     assert_eq!(c.rows(stored).await, want);
 }
+
+/// Found by the `admission` fuzz target: two versions of one row from one origin with the
+/// same HLC, concurrent with each other and with the local version (no honest origin makes
+/// them: each of its writes is stamped after the previous one, and dominates it). The sibling
+/// set keys versions by (origin, HLC), so the second used to break its unique key, failing
+/// the apply; the peer would have resent the batch forever. The later in the origin's order
+/// now takes the earlier one's place, the same at every node, and the stream flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_versions_claiming_one_origin_and_clock_do_not_wedge_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (node(dir.path(), "a").await, node(dir.path(), "b").await);
+    a.exec("INSERT INTO contracts VALUES (7, 'acme', 100, 'net 30');").await;
+    a.drain().await;
+    b.exec("INSERT INTO contracts VALUES (7, 'acme', 200, 'net 60');").await;
+    b.drain().await;
+    let first = b.events(0).await.remove(0);
+    let mut second = first.clone();
+    second.seq = 2;
+    second.batch_end = 2;
+    second.version = [("mallory".to_owned(), 1)].into_iter().collect();
+    if let weft::event::Op::Upsert(row) = &mut second.op {
+        row.0[2].1 = weft::event::Value::Integer(300);
+    }
+    a.store.apply(vec![first]).await.unwrap();
+    let report = a.store.apply(vec![second]).await.expect("the second version applies");
+    assert_eq!(report.frontiers["b"], 2);
+    let siblings = open_siblings(&a).await;
+    assert_eq!(siblings.len(), 1, "{siblings:?}");
+    assert_eq!(
+        siblings[0].1.split(' ').count(),
+        2,
+        "a's version and b's latest: {siblings:?}"
+    );
+}

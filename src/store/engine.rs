@@ -646,11 +646,16 @@ async fn with_concurrent<R: Txn>(
             ownership: None,
         });
     }
+    // Siblings are keyed by (origin, HLC). No honest origin stamps two versions of a row
+    // alike (each write is stamped after its previous one, and dominates it), so such a
+    // pair comes from a forged or broken peer: the later in the origin's order takes the
+    // earlier one's place, the same at every node, instead of failing the apply for good.
     set.retain(|s| {
-        !matches!(
+        let covered = matches!(
             event.version.compare(&s.version),
             Causality::Dominates | Causality::Equal
-        )
+        );
+        !covered && (s.origin != event.origin || s.hlc != event.hlc)
     });
     set.push(as_sibling(event));
     Ok(set)
