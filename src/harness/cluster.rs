@@ -30,7 +30,7 @@ pub struct Cluster {
 
 static INSTALL: Mutex<()> = Mutex::new(());
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     use std::os::unix::fs::MetadataExt as _;
     // /proc/self belongs to the process's effective user.
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)

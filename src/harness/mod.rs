@@ -10,6 +10,7 @@ mod bench_pg;
 pub mod cluster;
 pub mod compare;
 pub mod demo;
+pub mod kafka;
 pub mod loopback;
 
 use std::path::{Path, PathBuf};

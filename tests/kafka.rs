@@ -1,0 +1,183 @@
+//! The Kafka harness against a real Apache Kafka 4.x broker in KRaft mode, started by the
+//! harness itself (fetched from Maven Central into `target/kafka` the first time): the
+//! properties weft's Kafka transport is built on hold there. A single-partition topic keeps
+//! total order; an idempotent producer with `acks=all` stores each record once with its key
+//! and headers; a reader that assigns and seeks (no group) reads from any offset; a position
+//! past the end or before the start is an error, never a silent jump; and records survive a
+//! clean restart and a kill -9 of the broker once acknowledged.
+//!
+//! One broker per test binary: it takes seconds to start and about a gigabyte.
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use weft::harness::kafka::Broker;
+
+fn broker() -> &'static Broker {
+    static BROKER: OnceLock<Broker> = OnceLock::new();
+    BROKER.get_or_init(|| Broker::start().expect("an Apache Kafka broker (see the error for what to install)"))
+}
+
+/// Tests that stop the broker hold this exclusively; the others share it.
+static FAULTS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+fn config(broker: &Broker) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &broker.bootstrap);
+    config
+}
+
+async fn create_topic(broker: &Broker, topic: &str, extra: &[(&str, &str)]) {
+    let admin: AdminClient<DefaultClientContext> = config(broker).create().unwrap();
+    let mut new = NewTopic::new(topic, 1, TopicReplication::Fixed(1));
+    for (k, v) in extra {
+        new = new.set(k, v);
+    }
+    let results = admin.create_topics([&new], &AdminOptions::new()).await.unwrap();
+    for result in results {
+        result.unwrap();
+    }
+}
+
+fn producer(broker: &Broker) -> FutureProducer {
+    config(broker)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .create()
+        .unwrap()
+}
+
+async fn produce(producer: &FutureProducer, topic: &str, seqs: std::ops::RangeInclusive<u64>) {
+    for seq in seqs {
+        let value = format!("event {seq}");
+        let seq_text = seq.to_string();
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "weft-origin",
+                value: Some("n1"),
+            })
+            .insert(Header {
+                key: "weft-seq",
+                value: Some(&seq_text),
+            });
+        let record = FutureRecord::to(topic).key("n1").payload(&value).headers(headers);
+        producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+}
+
+/// A reader that assigns partition 0 of `topic` at `offset` (no consumer group, no
+/// rebalancing) and treats a position outside the log as an error.
+fn reader(broker: &Broker, topic: &str, offset: i64) -> BaseConsumer {
+    let consumer: BaseConsumer = config(broker)
+        .set("group.id", "weft.test")
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "error")
+        .create()
+        .unwrap();
+    let mut assignment = TopicPartitionList::new();
+    assignment
+        .add_partition_offset(topic, 0, Offset::Offset(offset))
+        .unwrap();
+    consumer.assign(&assignment).unwrap();
+    consumer
+}
+
+/// The seqs of the records read from `consumer` until `count` arrived.
+fn read(consumer: &BaseConsumer, count: usize) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while seqs.len() < count {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} of {count} records read",
+            seqs.len()
+        );
+        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let message = message.unwrap();
+        assert_eq!(message.key(), Some(&b"n1"[..]));
+        let headers = message.headers().unwrap();
+        let seq = headers
+            .iter()
+            .find(|h| h.key == "weft-seq")
+            .and_then(|h| h.value)
+            .unwrap();
+        seqs.push(std::str::from_utf8(seq).unwrap().parse().unwrap());
+    }
+    seqs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_partition_topic_keeps_order_and_a_reader_seeks_anywhere() {
+    let _shared = FAULTS.read().await;
+    let broker = broker();
+    create_topic(broker, "weft.test.order", &[]).await;
+    let producer = producer(broker);
+    produce(&producer, "weft.test.order", 1..=500).await;
+    let from_start = tokio::task::block_in_place(|| read(&reader(broker, "weft.test.order", 0), 500));
+    assert_eq!(
+        from_start,
+        (1..=500).collect::<Vec<_>>(),
+        "total order, each record once"
+    );
+    let from_middle = tokio::task::block_in_place(|| read(&reader(broker, "weft.test.order", 300), 200));
+    assert_eq!(from_middle, (301..=500).collect::<Vec<_>>(), "offset 300 holds seq 301");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_outside_the_log_is_an_error_not_a_jump() {
+    let _shared = FAULTS.read().await;
+    let broker = broker();
+    create_topic(broker, "weft.test.outside", &[]).await;
+    produce(&producer(broker), "weft.test.outside", 1..=10).await;
+    let consumer = reader(broker, "weft.test.outside", 1_000);
+    let error = tokio::task::block_in_place(|| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no error for an offset past the end"
+            );
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Err(error)) => break error,
+                Some(Ok(message)) => panic!("read offset {} instead of an error", message.offset()),
+                None => {}
+            }
+        }
+    });
+    assert!(
+        error.to_string().contains("Offset") || error.to_string().contains("offset"),
+        "{error}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_records_survive_a_clean_restart_and_a_kill_of_the_broker() {
+    let _alone = FAULTS.write().await;
+    let broker = broker();
+    create_topic(broker, "weft.test.durable", &[("flush.messages", "1")]).await;
+    let producer = producer(broker);
+    produce(&producer, "weft.test.durable", 1..=100).await;
+    broker.restart().unwrap();
+    produce(&producer, "weft.test.durable", 101..=200).await;
+    broker.stop(false);
+    broker.restart().unwrap();
+    produce(&producer, "weft.test.durable", 201..=300).await;
+    let seqs = tokio::task::block_in_place(|| read(&reader(broker, "weft.test.durable", 0), 300));
+    assert_eq!(
+        seqs,
+        (1..=300).collect::<Vec<_>>(),
+        "every acknowledged record once, in order"
+    );
+}
