@@ -17,6 +17,7 @@ pub mod grpc;
 pub mod handshake;
 pub mod join;
 pub mod limits;
+pub mod record;
 pub mod session;
 pub mod tls;
 
