@@ -256,3 +256,54 @@ async fn captured_events_cross_the_broker_in_weft_records_and_apply_exactly() {
     }
     assert_eq!(b.snapshot().await, a.snapshot().await, "b holds exactly what a holds");
 }
+
+/// What a Kafka receiver stores with the rows it applies: the offset to resume its source
+/// topic at, in the same transaction, on both stores. A run that commits moves the position
+/// with its rows; a run refused whole (here: dead-letter storage of its cause is full) moves
+/// neither; a replay from an older offset applies nothing twice and moves the position on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_read_position_moves_exactly_with_the_applied_rows_on_both_stores() {
+    use common::regions::{Region, lww};
+    use weft::harness::cluster::{Cluster, Settings};
+    let schema = |ty: &str| format!("CREATE TABLE items (id {ty} PRIMARY KEY, name TEXT);");
+    let dir = tempfile::tempdir().unwrap();
+    let source = Region::sqlite(dir.path(), "a", &schema("INTEGER"), &lww(&["items"])).await;
+    source.exec("INSERT INTO items VALUES (1, 'one'), (2, 'two');").await;
+    source.drain().await;
+    source.exec("INSERT INTO items VALUES (3, 'three');").await;
+    source.drain().await;
+    let events = source.events(0).await;
+    let cluster = Cluster::start(Settings::default()).expect("a throw-away PostgreSQL cluster");
+    let receivers = [
+        Region::sqlite(dir.path(), "b", &schema("INTEGER"), &lww(&["items"])).await,
+        Region::pg(&cluster, "b", &schema("bigint"), &lww(&["items"])).await,
+    ];
+    for receiver in receivers {
+        let store = receiver.store.bounding_dead_letters(1);
+        let at = |next| weft::store::Position {
+            source: "weft.m.a".into(),
+            next,
+        };
+        assert_eq!(store.position("weft.m.a").await.unwrap(), None, "never read");
+        store.apply_from(events[..2].to_vec(), &at(1)).await.unwrap();
+        assert_eq!(store.position("weft.m.a").await.unwrap(), Some(1));
+        let mut strays: Vec<_> = events[2..].to_vec();
+        let mut second = strays[0].clone();
+        strays[0].table = "nowhere".into();
+        second.seq += 1;
+        second.batch_end += 1;
+        second.table = "nowhere".into();
+        strays.push(second);
+        let refused = store.apply_from(strays, &at(5)).await.unwrap_err();
+        assert!(refused.to_string().contains("dead letters of cause"), "{refused}");
+        assert_eq!(
+            store.position("weft.m.a").await.unwrap(),
+            Some(1),
+            "refused whole: not moved"
+        );
+        let replay = store.apply_from(events.clone(), &at(2)).await.unwrap();
+        assert_eq!((replay.duplicates, replay.applied), (2, 1), "nothing applied twice");
+        assert_eq!(store.position("weft.m.a").await.unwrap(), Some(2));
+        assert_eq!(store.frontiers().await.unwrap()["a"], 3);
+    }
+}

@@ -47,8 +47,9 @@ const NOWAIT_FOR: Duration = Duration::from_secs(2);
 /// What a run of events is.
 #[derive(Clone, Copy)]
 pub(crate) enum RunKind<'a> {
-    /// A frame of a peer's stream: admitted against the frontiers, relayed onwards.
-    Stream,
+    /// A frame of a peer's stream: admitted against the frontiers, relayed onwards; with
+    /// the position to resume the source at, recorded in the same transaction.
+    Stream(Option<&'a crate::store::Position>),
     /// The retry of dead letter `id`, tried `attempts` times so far.
     Retry { id: i64, attempts: u32 },
     /// A page of a snapshot being joined.
@@ -67,7 +68,25 @@ enum Attempt {
 impl<B: Backend> Replica<B> {
     /// Applies a run of remote events in one transaction (retried as the module doc says).
     pub async fn apply(&self, events: Vec<Event>) -> Result<ApplyReport, StoreError> {
-        self.run(events, RunKind::Stream).await
+        self.run(events, RunKind::Stream(None)).await
+    }
+
+    /// Applies a run read from a stream source (a Kafka topic) and records, in the same
+    /// transaction, where reading resumes: the position moves exactly when the rows do.
+    pub async fn apply_from(
+        &self,
+        events: Vec<Event>,
+        position: &crate::store::Position,
+    ) -> Result<ApplyReport, StoreError> {
+        self.run(events, RunKind::Stream(Some(position))).await
+    }
+
+    /// Where reading `source` resumes, as the last `apply_from` left it.
+    pub async fn position(&self, source: &str) -> Result<Option<i64>, StoreError> {
+        let mut read = self.backend.begin_read().await?;
+        let position = self.backend.txn(&self.tables(), &mut read).position(source).await?;
+        read.commit().await?;
+        Ok(position)
     }
 
     /// Retries the dead letters whose retry is due, oldest first, each in its own
@@ -167,7 +186,7 @@ impl<B: Backend> Replica<B> {
         };
         // A dead letter's event passed its frontier when it first arrived.
         let admitted = match kind {
-            RunKind::Stream => admit(&self.identity.node, events, &mut frontiers, &mut report),
+            RunKind::Stream(_) => admit(&self.identity.node, events, &mut frontiers, &mut report),
             RunKind::Retry { .. } | RunKind::Snapshot(_) => events.iter().collect(),
         };
         if !txn.lock_rows(&admitted, nowait).await? {
@@ -191,7 +210,7 @@ impl<B: Backend> Replica<B> {
         // table this node does not replicate may well be replicated further along.
         let relayed: Vec<Event> = admitted
             .iter()
-            .filter(|e| matches!(kind, RunKind::Stream) && self.relayed.contains(&e.origin))
+            .filter(|e| matches!(kind, RunKind::Stream(_)) && self.relayed.contains(&e.origin))
             .map(|e| {
                 let mut relayed = (*e).clone();
                 relayed.path.push(self.identity.node.clone());
@@ -216,6 +235,9 @@ impl<B: Backend> Replica<B> {
             ..Meta::default()
         };
         txn.write_meta(meta).await?;
+        if let RunKind::Stream(Some(position)) = kind {
+            txn.set_position(position).await?;
+        }
         if let Some((letter, _)) = retrying.filter(|_| report.dead_lettered == 0) {
             txn.delete_dead_letter(letter).await?;
         }

@@ -366,6 +366,9 @@ pub trait Txn {
     // Audit.
     async fn insert_conflict(&mut self, record: &ConflictRecord<'_>) -> Result<(), StoreError>;
     async fn insert_dead_letter(&mut self, letter: &DeadLetter<'_>) -> Result<(), StoreError>;
+    /// Where reading a stream source resumes (`Store::apply_from`).
+    async fn position(&mut self, source: &str) -> Result<Option<i64>, StoreError>;
+    async fn set_position(&mut self, position: &crate::store::Position) -> Result<(), StoreError>;
     /// Whether this transaction's writes skip foreign-key checks and actions (SQLite's
     /// applier, PostgreSQL's as a replica): only then may the engine delete and rewrite rows
     /// to get past a cycle of unique values (it would cascade otherwise).
@@ -573,6 +576,14 @@ macro_rules! forward_txn_io {
             record: &$crate::store::backend::ConflictRecord<'_>,
         ) -> Result<(), $crate::store::StoreError> {
             metadata::insert_conflict(self.conn, record).await
+        }
+
+        async fn position(&mut self, source: &str) -> Result<Option<i64>, $crate::store::StoreError> {
+            metadata::position(self.conn, source).await
+        }
+
+        async fn set_position(&mut self, position: &$crate::store::Position) -> Result<(), $crate::store::StoreError> {
+            metadata::set_position(self.conn, position).await
         }
 
         async fn insert_dead_letter(

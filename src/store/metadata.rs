@@ -38,6 +38,29 @@ macro_rules! metadata_io {
             sqlx::AssertSqlSafe(sql.replace("{w}", $prefix).replace("{now}", $now))
         }
 
+        /// Where reading `source` (a Kafka topic) resumes, as the last apply from it left it.
+        pub(super) async fn position(conn: &mut $conn, source: &str) -> Result<Option<i64>, $crate::store::StoreError> {
+            let sql = meta("SELECT next FROM {w}positions WHERE source = $1");
+            Ok(sqlx::query_scalar(sql).bind(source).fetch_optional(&mut *conn).await?)
+        }
+
+        /// Records where reading `source` resumes, in the transaction of what was read.
+        pub(super) async fn set_position(
+            conn: &mut $conn,
+            position: &$crate::store::Position,
+        ) -> Result<(), $crate::store::StoreError> {
+            let sql = meta(
+                "INSERT INTO {w}positions (source, next) VALUES ($1, $2) \
+                 ON CONFLICT (source) DO UPDATE SET next = excluded.next",
+            );
+            sqlx::query(sql)
+                .bind(&position.source)
+                .bind(position.next)
+                .execute(&mut *conn)
+                .await?;
+            Ok(())
+        }
+
         /// This node's last own seq as the database holds it, in the caller's transaction.
         pub(super) async fn last_seq(conn: &mut $conn) -> Result<u64, $crate::store::StoreError> {
             let sql = meta("SELECT CAST(value AS BIGINT) FROM {w}node WHERE name = 'last_seq'");

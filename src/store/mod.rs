@@ -88,6 +88,13 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+/// Where reading a stream source resumes: for a Kafka topic, the offset of the next record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    pub source: String,
+    pub next: i64,
+}
+
 /// The result of one drain.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DrainReport {
@@ -358,6 +365,21 @@ impl Store {
     /// Applies a run of remote events exactly once, in one transaction with the frontiers.
     pub async fn apply(&self, events: Vec<crate::event::Event>) -> Result<ApplyReport, StoreError> {
         both!(self, s => s.apply(events).await)
+    }
+
+    /// Applies events read from a stream source and records where reading resumes, in one
+    /// transaction (see `Replica::apply_from`).
+    pub async fn apply_from(
+        &self,
+        events: Vec<crate::event::Event>,
+        position: &Position,
+    ) -> Result<ApplyReport, StoreError> {
+        both!(self, s => s.apply_from(events, position).await)
+    }
+
+    /// Where reading a stream source resumes (`None`: never read).
+    pub async fn position(&self, source: &str) -> Result<Option<i64>, StoreError> {
+        both!(self, s => s.position(source).await)
     }
 
     /// Retries the dead letters whose retry is due (see `Replica::retry_dead_letters`).

@@ -111,6 +111,11 @@ pub const META_TABLES: &[TableDef] = &[
         key: &[],
     },
     TableDef {
+        name: "positions",
+        columns: &[col("source", Text), col("next", Int)],
+        key: &["source"],
+    },
+    TableDef {
         name: "conflicts",
         columns: &[
             col("id", Serial),
@@ -199,6 +204,9 @@ pub enum Step {
     DeadLetterRetries,
     /// Dead letters gain their `cause`, indexed: storage is bounded per cause.
     DeadLetterCauses,
+    /// Tables added since the baseline (`positions`): the baseline again, which creates
+    /// only what is missing.
+    NewTables,
 }
 
 /// The schema's history, in order; a database's `schema_version` is the number of the last
@@ -208,6 +216,7 @@ pub const MIGRATIONS: &[(u32, &str, Step)] = &[
     (2, "owner key columns and moving_to", Step::OwnerKeys),
     (3, "dead letter retries", Step::DeadLetterRetries),
     (4, "dead letter causes", Step::DeadLetterCauses),
+    (5, "stream positions", Step::NewTables),
 ];
 
 /// The schema version this build writes.

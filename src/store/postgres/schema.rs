@@ -98,6 +98,9 @@ async fn migrate(conn: &mut PgConnection) -> Result<(), StoreError> {
                 .execute(&mut *conn)
                 .await?;
             }
+            Step::NewTables => {
+                sqlx::raw_sql(AssertSqlSafe(baseline())).execute(&mut *conn).await?;
+            }
             Step::DeadLetterCauses => {
                 sqlx::raw_sql(
                     "ALTER TABLE weft.dead_letters ADD COLUMN IF NOT EXISTS cause text NOT NULL DEFAULT 'other'; \

@@ -80,6 +80,9 @@ async fn migrate(conn: &mut SqliteConnection) -> Result<(), StoreError> {
             Step::OwnerKeys => owner_keys(conn).await?,
             Step::DeadLetterRetries => dead_letter_retries(conn).await?,
             Step::DeadLetterCauses => dead_letter_causes(conn).await?,
+            Step::NewTables => {
+                sqlx::raw_sql(AssertSqlSafe(baseline())).execute(&mut *conn).await?;
+            }
         }
         sqlx::query("INSERT OR REPLACE INTO _weft_node (name, value) VALUES ('schema_version', ?)")
             .bind(*number as i64)
