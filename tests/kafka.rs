@@ -307,3 +307,103 @@ async fn the_read_position_moves_exactly_with_the_applied_rows_on_both_stores() 
         assert_eq!(store.frontiers().await.unwrap()["a"], 3);
     }
 }
+
+/// Reads every record of `topic` from `from` to the end, applying whole capture batches to
+/// `store` with the position after each, as a Kafka receiver does; returns how many records.
+async fn consume_into(broker: &Broker, topic: &str, from: i64, store: &weft::store::Store) -> usize {
+    use weft::transport::record;
+    let consumer = reader(broker, topic, from);
+    let (_, high) =
+        tokio::task::block_in_place(|| consumer.fetch_watermarks(topic, 0, Duration::from_secs(10))).unwrap();
+    let mut pending: Vec<weft::event::Event> = Vec::new();
+    let mut records = 0;
+    while from + (records as i64) < high {
+        let message = tokio::task::block_in_place(|| consumer.poll(Duration::from_millis(500)));
+        let Some(message) = message else { continue };
+        let message = message.unwrap();
+        let headers: Vec<(String, Vec<u8>)> = (message.headers().unwrap().iter())
+            .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+            .collect();
+        pending.extend(record::decode(&headers, message.payload().unwrap()).unwrap());
+        records += 1;
+        let whole = pending.last().is_some_and(|e| e.seq == e.batch_end);
+        if whole {
+            let position = weft::store::Position {
+                source: topic.to_owned(),
+                next: message.offset() + 1,
+            };
+            store.apply_from(std::mem::take(&mut pending), &position).await.unwrap();
+        }
+    }
+    records
+}
+
+/// The publishing half: node a's log goes into its topic once, in order, each event once;
+/// a publisher started again (a restart) writes only what is new; b, reading the topic from
+/// the position it stored, ends identical to a.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_writes_the_log_into_the_topic_once_and_a_reader_resumes_where_it_stopped() {
+    use std::sync::Arc;
+    use weft::transport::{kafka::Publisher, record};
+    let _shared = FAULTS.read().await;
+    let broker = broker();
+    let dir = tempfile::tempdir().unwrap();
+    let a = common::replica(dir.path(), "a").await;
+    let b = common::replica(dir.path(), "b").await;
+    let topic = record::topic("pub", "a");
+    create_topic(broker, &topic, &[]).await;
+    let app = a.app.clone();
+    let store = Arc::new(a.store);
+    let write = async |from: i64| {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "WITH RECURSIVE n(v) AS (SELECT {from} UNION ALL SELECT v + 1 FROM n WHERE v < {from} + 299) \
+             INSERT INTO items (id, name) SELECT v, 'item ' || v FROM n; DELETE FROM items WHERE id % 10 = 0;"
+        )))
+        .execute(&app)
+        .await
+        .unwrap();
+        store.drain().await.unwrap();
+    };
+    write(1).await;
+    write(301).await;
+    let mut publisher = Publisher::new(store.clone(), config(broker), topic.clone(), vec!["a".into()]).unwrap();
+    publisher.read_max = 250;
+    publisher.max_record_bytes = 8 * 1024;
+    let first = publisher.publish_pending().await.unwrap();
+    assert_eq!(first, store.last_seq().await, "every event of the log, once");
+    assert_eq!(
+        publisher.publish_pending().await.unwrap(),
+        0,
+        "nothing new, nothing written"
+    );
+    let records = consume_into(broker, &topic, 0, &b.store).await;
+    assert_eq!(b.snapshot().await, rendering(&a.app).await);
+
+    write(601).await;
+    let again = Publisher::new(store.clone(), config(broker), topic.clone(), vec!["a".into()]).unwrap();
+    let second = again.publish_pending().await.unwrap();
+    assert_eq!(
+        first + second,
+        store.last_seq().await,
+        "after a restart, only what is new"
+    );
+    let resume = b.store.position(&topic).await.unwrap().unwrap();
+    assert_eq!(
+        resume, records as i64,
+        "b resumes right after the last record it applied"
+    );
+    let more = consume_into(broker, &topic, resume, &b.store).await;
+    assert!(more > 0);
+    assert_eq!(
+        b.snapshot().await,
+        rendering(&a.app).await,
+        "b holds exactly what a holds"
+    );
+}
+
+/// The rows of `items` and `pairs` in a database, as `Replica::snapshot` renders them.
+async fn rendering(app: &sqlx::SqlitePool) -> std::collections::BTreeMap<String, Vec<String>> {
+    weft::harness::compare::sqlite_rendering(app, &["items".to_string(), "pairs".to_string()])
+        .await
+        .unwrap()
+}

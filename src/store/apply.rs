@@ -81,6 +81,19 @@ impl<B: Backend> Replica<B> {
         self.run(events, RunKind::Stream(Some(position))).await
     }
 
+    /// Records a position on its own (a publisher's: how far its log is in its topic).
+    pub async fn record_position(&self, position: &crate::store::Position) -> Result<(), StoreError> {
+        self.with_writer(
+            async |this: &Self, conn: &mut crate::store::backend::Conn<B>, _: &mut u64| {
+                let mut tx = sqlx::Connection::begin_with(conn, sqlx::AssertSqlSafe(B::BEGIN)).await?;
+                this.backend.txn(&this.tables(), &mut tx).set_position(position).await?;
+                tx.commit().await?;
+                Ok(())
+            },
+        )
+        .await
+    }
+
     /// Where reading `source` resumes, as the last `apply_from` left it.
     pub async fn position(&self, source: &str) -> Result<Option<i64>, StoreError> {
         let mut read = self.backend.begin_read().await?;

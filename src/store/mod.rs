@@ -377,6 +377,11 @@ impl Store {
         both!(self, s => s.apply_from(events, position).await)
     }
 
+    /// Records a position outside an apply (see `Replica::record_position`).
+    pub async fn record_position(&self, position: &Position) -> Result<(), StoreError> {
+        both!(self, s => s.record_position(position).await)
+    }
+
     /// Where reading a stream source resumes (`None`: never read).
     pub async fn position(&self, source: &str) -> Result<Option<i64>, StoreError> {
         both!(self, s => s.position(source).await)

@@ -16,6 +16,8 @@ pub mod audit;
 pub mod grpc;
 pub mod handshake;
 pub mod join;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod limits;
 pub mod record;
 pub mod session;

@@ -1,0 +1,130 @@
+//! The Kafka binding's publishing half: a node's outgoing log, written into its topic
+//! (`record::topic`) by an idempotent producer with `acks=all`.
+//!
+//! For each origin the node publishes (its own, and the ones it relays), the publisher
+//! reads the log past the seq it last published, writes those events as records (whole
+//! capture batches, split into records of at most `max_record_bytes`), waits until the
+//! broker has acknowledged every record, and only then records the new published seq in the
+//! node's database (`Store::record_position`, source `published:<topic>:<origin>`). A crash
+//! between the broker's acknowledgement and that write publishes the same events again after
+//! the restart; receivers drop them as duplicates by their frontiers, so the topic may hold
+//! an event twice but no receiver applies it twice, and no event is ever skipped.
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use crate::event::NodeId;
+use crate::store::{Position, Store, StoreError};
+
+use super::record;
+
+/// Why publishing stopped; the caller retries after a pause.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the log holds an event that does not decode: {0}")]
+    Log(#[from] crate::wire::WireError),
+}
+
+/// Publishes one node's log into its topic.
+pub struct Publisher {
+    store: Arc<Store>,
+    producer: FutureProducer,
+    topic: String,
+    origins: Vec<NodeId>,
+    /// Log events read at once per origin.
+    pub read_max: usize,
+    /// The largest record value written (the broker's `message.max.bytes` is 1 MiB by
+    /// default).
+    pub max_record_bytes: usize,
+}
+
+impl Publisher {
+    /// A publisher of `origins` from `store`'s log into `topic`, through the brokers of
+    /// `client` (`bootstrap.servers` and any TLS or SASL settings); idempotence and
+    /// `acks=all` are set here.
+    pub fn new(
+        store: Arc<Store>,
+        mut client: ClientConfig,
+        topic: String,
+        origins: Vec<NodeId>,
+    ) -> Result<Self, PublishError> {
+        let producer = client
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "2")
+            .create()?;
+        Ok(Self {
+            store,
+            producer,
+            topic,
+            origins,
+            read_max: 2_000,
+            max_record_bytes: 900 * 1024,
+        })
+    }
+
+    fn source(&self, origin: &str) -> String {
+        format!("published:{}:{origin}", self.topic)
+    }
+
+    /// The last seq of `origin` published and acknowledged by the broker.
+    pub async fn published(&self, origin: &str) -> Result<u64, StoreError> {
+        Ok(self.store.position(&self.source(origin)).await?.unwrap_or(0) as u64)
+    }
+
+    /// Publishes everything the log holds past what was published; returns how many
+    /// events it wrote.
+    pub async fn publish_pending(&self) -> Result<u64, PublishError> {
+        let mut written = 0;
+        for origin in &self.origins {
+            loop {
+                let after = self.published(origin).await?;
+                let entries = self.store.read_log(origin, after, self.read_max).await?;
+                let Some(last) = entries.last().map(|e| e.seq) else {
+                    break;
+                };
+                let events = (entries.iter())
+                    .map(|e| crate::wire::decode_event(&e.bytes))
+                    .collect::<Result<Vec<_>, _>>()?;
+                self.send(&record::encode(&events, self.max_record_bytes)).await?;
+                let position = Position {
+                    source: self.source(origin),
+                    next: last as i64,
+                };
+                self.store.record_position(&position).await?;
+                written += events.len() as u64;
+            }
+        }
+        Ok(written)
+    }
+
+    /// Sends `records` one after the other, each once the broker acknowledged the one
+    /// before: the topic's order is the log's, whatever the producer's queue does. A record
+    /// holds up to a capture batch, so this costs one round trip per batch, not per event.
+    async fn send(&self, records: &[record::Record]) -> Result<(), PublishError> {
+        for r in records {
+            let headers = (r.headers.iter()).fold(OwnedHeaders::new(), |h, (key, value)| {
+                h.insert(Header {
+                    key,
+                    value: Some(value),
+                })
+            });
+            let message = FutureRecord::to(&self.topic)
+                .key(&r.key)
+                .payload(&r.value)
+                .headers(headers);
+            self.producer
+                .send(message, Duration::from_secs(30))
+                .await
+                .map_err(|(error, _)| error)?;
+        }
+        Ok(())
+    }
+}
