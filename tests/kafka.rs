@@ -216,12 +216,7 @@ async fn captured_events_cross_the_broker_in_weft_records_and_apply_exactly() {
     let records = record::encode(&events, 4096);
     assert!(records.len() > 5, "the batches are split into records of 4 KiB");
     for r in &records {
-        let headers = (r.headers.iter()).fold(OwnedHeaders::new(), |h, (key, value)| {
-            h.insert(Header {
-                key,
-                value: Some(value),
-            })
-        });
+        let headers = weft::transport::kafka::kafka_headers(r);
         let sent = FutureRecord::to(&topic).key(&r.key).payload(&r.value).headers(headers);
         producer
             .send(sent, Duration::from_secs(30))
@@ -237,9 +232,7 @@ async fn captured_events_cross_the_broker_in_weft_records_and_apply_exactly() {
                 continue;
             };
             let message = message.unwrap();
-            let headers: Vec<(String, Vec<u8>)> = (message.headers().unwrap().iter())
-                .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
-                .collect();
+            let headers = weft::transport::kafka::record_headers(message.headers());
             read.push(record::decode(&headers, message.payload().unwrap()).unwrap());
         }
         read
@@ -321,9 +314,7 @@ async fn consume_into(broker: &Broker, topic: &str, from: i64, store: &weft::sto
         let message = tokio::task::block_in_place(|| consumer.poll(Duration::from_millis(500)));
         let Some(message) = message else { continue };
         let message = message.unwrap();
-        let headers: Vec<(String, Vec<u8>)> = (message.headers().unwrap().iter())
-            .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
-            .collect();
+        let headers = weft::transport::kafka::record_headers(message.headers());
         pending.extend(record::decode(&headers, message.payload().unwrap()).unwrap());
         records += 1;
         let whole = pending.last().is_some_and(|e| e.seq == e.batch_end);

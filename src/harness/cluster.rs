@@ -5,13 +5,14 @@
 //! server on a free loopback port with its socket in that directory. The server refuses to
 //! run as root, so as root every server command runs as the `postgres` user. Dropping the
 //! cluster stops the server (immediate mode) and removes the directory.
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
+
+use super::{check, free_port, is_root};
 
 /// Server settings for a test or benchmark cluster; `durable` keeps fsync on.
 #[derive(Debug, Clone, Default)]
@@ -29,12 +30,6 @@ pub struct Cluster {
 }
 
 static INSTALL: Mutex<()> = Mutex::new(());
-
-pub(crate) fn is_root() -> bool {
-    use std::os::unix::fs::MetadataExt as _;
-    // /proc/self belongs to the process's effective user.
-    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
-}
 
 fn find_bin() -> Option<PathBuf> {
     let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
@@ -58,42 +53,9 @@ pub fn server_binaries() -> anyhow::Result<PathBuf> {
     if let Some(bin) = find_bin() {
         return Ok(bin);
     }
-    if !is_root() || !Path::new("/usr/bin/apt-get").exists() {
-        bail!("PostgreSQL server binaries not found; install them (Debian: apt-get install postgresql-15)");
-    }
     tracing::info!("PostgreSQL server binaries not found; installing them with apt-get");
-    for args in [
-        &["update"][..],
-        &["install", "-y", "--no-install-recommends", "postgresql"][..],
-    ] {
-        let status = Command::new("apt-get")
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .context("running apt-get")?;
-        if !status.success() {
-            bail!(
-                "apt-get {} failed; install PostgreSQL server binaries by hand",
-                args.join(" ")
-            );
-        }
-    }
+    super::apt_install(&["postgresql"], "PostgreSQL server binaries")?;
     find_bin().context("apt-get installed postgresql, but no initdb was found under /usr/lib/postgresql")
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn check(what: &str, output: Output) -> anyhow::Result<()> {
-    if !output.status.success() {
-        bail!(
-            "{what} failed: {}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    Ok(())
 }
 
 impl Cluster {

@@ -8,13 +8,14 @@
 //! combined broker and controller on two free loopback ports, starts `kafka.Kafka` and waits
 //! until the broker answers on its port. Dropping the broker stops it (SIGTERM, then SIGKILL)
 //! and removes the directory. `kill` and `restart` are the faults the Kafka suites inject.
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+
+use super::{check, free_port};
 
 /// The Apache Kafka release the harness runs.
 pub const KAFKA_VERSION: &str = "4.1.1";
@@ -60,13 +61,7 @@ pub fn broker_libs() -> anyhow::Result<PathBuf> {
         .current_dir(&cache)
         .output()
         .context("running mvn")?;
-    if !output.status.success() {
-        bail!(
-            "mvn could not fetch Apache Kafka {KAFKA_VERSION}: {}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
+    check(&format!("mvn fetching Apache Kafka {KAFKA_VERSION}"), output)?;
     let fetched = partial.keep();
     if std::fs::rename(&fetched, &libs).is_err() {
         // Another process got there first; its copy is as good.
@@ -85,7 +80,7 @@ fn pom() -> String {
     )
 }
 
-/// Installs the Debian `packages` when one of the `programs` is missing and we are root.
+/// Installs the Debian `packages` when one of the `programs` is missing.
 fn require(programs: &[&str], packages: &[&str]) -> anyhow::Result<()> {
     let found = |p: &&str| {
         Command::new("sh")
@@ -97,32 +92,8 @@ fn require(programs: &[&str], packages: &[&str]) -> anyhow::Result<()> {
     if programs.iter().all(found) {
         return Ok(());
     }
-    if !super::cluster::is_root() || !Path::new("/usr/bin/apt-get").exists() {
-        bail!(
-            "the Kafka broker needs {}; install them (Debian: apt-get install {})",
-            programs.join(" and "),
-            packages.join(" ")
-        );
-    }
     tracing::info!(?packages, "installing what the Kafka broker needs with apt-get");
-    for args in [
-        &["update"][..],
-        &[&["install", "-y", "--no-install-recommends"][..], packages].concat(),
-    ] {
-        let status = Command::new("apt-get").args(args).status().context("running apt-get")?;
-        if !status.success() {
-            bail!(
-                "apt-get {} failed; install {} by hand",
-                args.join(" "),
-                packages.join(" ")
-            );
-        }
-    }
-    Ok(())
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    super::apt_install(packages, &format!("{} (for the Kafka broker)", programs.join(" and ")))
 }
 
 impl Broker {
@@ -162,13 +133,7 @@ impl Broker {
             .arg(dir.path().join("server.properties"))
             .output()
             .context("running Kafka's StorageTool (is Java installed?)")?;
-        if !output.status.success() {
-            bail!(
-                "formatting the broker's storage failed: {}{}",
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
+        check("formatting the broker's storage", output)?;
         let broker = Broker {
             dir,
             libs,

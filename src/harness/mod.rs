@@ -28,3 +28,51 @@ fn work_dir(dir: Option<&Path>) -> anyhow::Result<(PathBuf, Option<tempfile::Tem
         }
     }
 }
+
+/// Whether this process runs as root (it may then install what a throw-away server needs).
+pub(crate) fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    // /proc/self belongs to the process's effective user.
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// A loopback port nobody listens on right now.
+pub(crate) fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// `output` of a command the harness ran, or an error with `what` and everything it printed.
+pub(crate) fn check(what: &str, output: std::process::Output) -> anyhow::Result<()> {
+    if !output.status.success() {
+        anyhow::bail!(
+            "{what} failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Installs Debian `packages` (providing `what`) with apt-get, as root, without questions;
+/// an error says what to install by hand.
+pub(crate) fn apt_install(packages: &[&str], what: &str) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    if !is_root() || !Path::new("/usr/bin/apt-get").exists() {
+        anyhow::bail!(
+            "{what} not found; install them (Debian: apt-get install {})",
+            packages.join(" ")
+        );
+    }
+    let install = [&["install", "-y", "--no-install-recommends"][..], packages].concat();
+    for args in [&["update"][..], &install[..]] {
+        let status = std::process::Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .context("running apt-get")?;
+        if !status.success() {
+            anyhow::bail!("apt-get {} failed; install {what} by hand", args.join(" "));
+        }
+    }
+    Ok(())
+}

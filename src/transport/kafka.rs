@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{BorrowedHeaders, Header, Headers as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::event::NodeId;
@@ -127,4 +127,22 @@ impl Publisher {
         }
         Ok(())
     }
+}
+
+/// A record's headers as rdkafka sends them.
+pub fn kafka_headers(record: &record::Record) -> OwnedHeaders {
+    (record.headers.iter()).fold(OwnedHeaders::new(), |h, (key, value)| {
+        h.insert(Header {
+            key,
+            value: Some(value),
+        })
+    })
+}
+
+/// The headers of a consumed message, as `record::decode` takes them.
+pub fn record_headers(headers: Option<&BorrowedHeaders>) -> Vec<(String, Vec<u8>)> {
+    let Some(headers) = headers else { return Vec::new() };
+    (headers.iter())
+        .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+        .collect()
 }
