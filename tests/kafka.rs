@@ -253,7 +253,8 @@ async fn captured_events_cross_the_broker_in_weft_records_and_apply_exactly() {
 /// What a Kafka receiver stores with the rows it applies: the offset to resume its source
 /// topic at, in the same transaction, on both stores. A run that commits moves the position
 /// with its rows; a run refused whole (here: dead-letter storage of its cause is full) moves
-/// neither; a replay from an older offset applies nothing twice and moves the position on.
+/// neither; a replay from an older offset applies nothing twice and moves the position on;
+/// a run with a gap leaves it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_read_position_moves_exactly_with_the_applied_rows_on_both_stores() {
     use common::regions::{Region, lww};
@@ -298,6 +299,13 @@ async fn the_read_position_moves_exactly_with_the_applied_rows_on_both_stores() 
         assert_eq!((replay.duplicates, replay.applied), (2, 1), "nothing applied twice");
         assert_eq!(store.position("weft.m.a").await.unwrap(), Some(2));
         assert_eq!(store.frontiers().await.unwrap()["a"], 3);
+        // A run that skips ahead of the frontier applies nothing of that origin past it: the
+        // position must stay, or the skipped events would never be read again.
+        let mut ahead = events[2].clone();
+        (ahead.seq, ahead.batch_end) = (5, 5);
+        let gap = store.apply_from(vec![ahead], &at(7)).await.unwrap();
+        assert_eq!(gap.gap, Some(("a".to_owned(), 3, 5)));
+        assert_eq!(store.position("weft.m.a").await.unwrap(), Some(2), "a gap: not moved");
     }
 }
 

@@ -72,7 +72,8 @@ impl<B: Backend> Replica<B> {
     }
 
     /// Applies a run read from a stream source (a Kafka topic) and records, in the same
-    /// transaction, where reading resumes: the position moves exactly when the rows do.
+    /// transaction, where reading resumes: the position moves exactly when the rows do (not
+    /// when the run has a gap: the skipped events are still to be read from there).
     pub async fn apply_from(
         &self,
         events: Vec<Event>,
@@ -248,7 +249,11 @@ impl<B: Backend> Replica<B> {
             ..Meta::default()
         };
         txn.write_meta(meta).await?;
-        if let RunKind::Stream(Some(position)) = kind {
+        // A gap applied nothing of its origin past the frontier: reading must come back to
+        // it, so the position stays where the skipped events still are.
+        if let RunKind::Stream(Some(position)) = kind
+            && report.gap.is_none()
+        {
             txn.set_position(position).await?;
         }
         if let Some((letter, _)) = retrying.filter(|_| report.dead_lettered == 0) {

@@ -110,16 +110,10 @@ impl Publisher {
     /// holds up to a capture batch, so this costs one round trip per batch, not per event.
     async fn send(&self, records: &[record::Record]) -> Result<(), PublishError> {
         for r in records {
-            let headers = (r.headers.iter()).fold(OwnedHeaders::new(), |h, (key, value)| {
-                h.insert(Header {
-                    key,
-                    value: Some(value),
-                })
-            });
             let message = FutureRecord::to(&self.topic)
                 .key(&r.key)
                 .payload(&r.value)
-                .headers(headers);
+                .headers(kafka_headers(r));
             self.producer
                 .send(message, Duration::from_secs(30))
                 .await
