@@ -3,9 +3,9 @@
 //! One `weft` sidecar runs beside each region's database. Applications write their local
 //! database as usual; triggers capture every committed change into an outbox in the same
 //! transaction; the sidecar drains the outbox, stamps each change with its origin, a per-origin
-//! sequence number, a hybrid logical clock and the row's version vector, and streams it to the
-//! other regions over gRPC, where it is applied exactly once and concurrent writes are
-//! resolved by the table's strategy.
+//! sequence number, a hybrid logical clock and the row's version vector, and sends it to the
+//! other regions over gRPC streams or Kafka topics, where it is applied exactly once and
+//! concurrent writes are resolved by the table's strategy.
 //!
 //! Layers import downward only (`tests/layers.rs` checks every `crate::` path against this):
 //! - data (no IO): [`event`] (events, keys, values, node identity), [`version`] (version

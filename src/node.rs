@@ -1,7 +1,10 @@
 //! A running sidecar: the only module that spawns tasks.
 //!
 //! `Node::start` opens the store (installing schema and triggers), binds the listener and
-//! spawns: the gRPC server (receiving), one feeder per downstream peer (sending), the capture
+//! spawns: the gRPC server (receiving; and snapshots and audits for every link), one feeder
+//! per downstream peer on a gRPC link (sending), the Kafka tasks of its Kafka links
+//! (`transport::kafka`: publisher, receipt readers, history check, a reader per upstream
+//! peer), the capture
 //! loop (drains the outbox whenever another connection commits, once a peer's Welcome has
 //! confirmed that this database did not go back in time), upkeep (persists
 //! acknowledgements, trims the log, retries due dead letters every 5 s, logs a status line),
@@ -18,6 +21,7 @@ use tokio::task::JoinSet;
 
 use crate::config::NodeConfig;
 use crate::config::Security;
+use crate::config::Transport;
 use crate::event::Identity;
 use crate::event::NodeId;
 use crate::shutdown::stopped;
@@ -43,6 +47,11 @@ pub enum NodeError {
          makes them), or `insecure = true` under [tls] to run in plain text on a network you trust"
     )]
     NoSecurity(String),
+    #[error(
+        "the topology puts {0} on a Kafka link, but this weft was built without Kafka: build it with \
+         `--features kafka` (on by default), or make the link grpc"
+    )]
+    NoKafka(String),
 }
 
 pub struct Node {
@@ -104,9 +113,20 @@ impl Node {
         if let Some(tls) = tls.clone() {
             tasks.spawn(watch_certificates(tls, shutdown_rx.clone()));
         }
-        for peer in topology::downstream(&config.topology, &config.node) {
-            tasks.spawn(grpc::feed_peer(ctx.clone(), peer.clone()));
+        let me = &config.node;
+        let on = |peer: &&crate::config::NodeSpec, transport| config.topology.link_transport(me, &peer.id) == transport;
+        let downstream = topology::downstream(&config.topology, me);
+        for peer in downstream.iter().filter(|p| on(p, Transport::Grpc)) {
+            tasks.spawn(grpc::feed_peer(ctx.clone(), (*peer).clone()));
         }
+        let kafka_out: Vec<NodeId> = (downstream.iter().filter(|p| on(p, Transport::Kafka)))
+            .map(|p| p.id.clone())
+            .collect();
+        let kafka_in: Vec<NodeId> = (topology::upstream(&config.topology, me).iter())
+            .filter(|p| on(p, Transport::Kafka))
+            .map(|p| p.id.clone())
+            .collect();
+        start_kafka(&mut tasks, &ctx, kafka_out, kafka_in)?;
         tasks.spawn(capture_loop(ctx.clone(), metrics.clone()));
         tasks.spawn(upkeep_loop(ctx.clone(), metrics.clone()));
         if let Some(every) = config.replication.audit_every() {
@@ -170,6 +190,42 @@ impl Node {
         if let Ok(store) = Arc::try_unwrap(self.store) {
             store.close().await;
         }
+    }
+}
+
+/// The tasks of this node's Kafka links: publishing its log and reading the receipts of
+/// the peers it sends to (`kafka_out`), and a reader per peer it receives from (`kafka_in`).
+#[cfg(feature = "kafka")]
+fn start_kafka(
+    tasks: &mut JoinSet<()>,
+    ctx: &crate::transport::Context,
+    kafka_out: Vec<NodeId>,
+    kafka_in: Vec<NodeId>,
+) -> Result<(), NodeError> {
+    use crate::transport::kafka;
+    if !kafka_out.is_empty() {
+        tasks.spawn(kafka::publish::publish_loop(ctx.clone(), kafka_out.clone()));
+        tasks.spawn(kafka::acks::confirm_history(ctx.clone(), kafka_out.clone()));
+        for peer in kafka_out {
+            tasks.spawn(kafka::acks::watch_acks(ctx.clone(), peer));
+        }
+    }
+    for peer in kafka_in {
+        tasks.spawn(kafka::consume::consume_peer(ctx.clone(), peer));
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "kafka"))]
+fn start_kafka(
+    _: &mut JoinSet<()>,
+    ctx: &crate::transport::Context,
+    kafka_out: Vec<NodeId>,
+    kafka_in: Vec<NodeId>,
+) -> Result<(), NodeError> {
+    match kafka_out.first().or(kafka_in.first()) {
+        Some(peer) => Err(NodeError::NoKafka(format!("{} and {peer}", ctx.config.node))),
+        None => Ok(()),
     }
 }
 

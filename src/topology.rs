@@ -48,6 +48,13 @@ pub fn downstream<'t>(topology: &'t Topology, me: &str) -> Vec<&'t NodeSpec> {
         .collect()
 }
 
+/// The peers that open a sending stream to `me` (or write a topic `me` reads).
+pub fn upstream<'t>(topology: &'t Topology, me: &str) -> Vec<&'t NodeSpec> {
+    (topology.nodes.iter())
+        .filter(|peer| peer.id != me && downstream(topology, &peer.id).iter().any(|d| d.id == me))
+        .collect()
+}
+
 /// Whether `me`, holding an event of `origin`, sends it to `peer`.
 pub fn forwards(topology: &Topology, me: &str, peer: &str, origin: &str) -> bool {
     if peer == me || peer == origin {
@@ -390,6 +397,36 @@ mod tests {
             );
         }
         Topology::parse(&text, Path::new("m.toml")).unwrap()
+    }
+
+    /// The links a topology file may name (`Topology::linked`, judged without the routes)
+    /// are exactly the pairs the routes have exchange events.
+    #[test]
+    fn the_links_a_file_may_name_are_the_pairs_the_routes_use() {
+        let shapes = [
+            "shape = \"all-to-all\"",
+            "shape = \"ring\"",
+            "shape = \"ring\"\nbidirectional = true",
+            "shape = \"star\"\nhub = \"n1\"",
+        ];
+        for shape in shapes {
+            for n in 3..=7 {
+                let t = mesh(shape, n);
+                for a in &t.nodes {
+                    for b in &t.nodes {
+                        let routed = (t.nodes.iter())
+                            .any(|o| forwards(&t, &a.id, &b.id, &o.id) || forwards(&t, &b.id, &a.id, &o.id));
+                        assert_eq!(
+                            t.linked(&a.id, &b.id),
+                            routed,
+                            "{shape}, {n} nodes, {} and {}",
+                            a.id,
+                            b.id
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -10,9 +10,9 @@ mod topology;
 
 use std::path::{Path, PathBuf};
 
-pub use node::{Database, NodeConfig, NodeConfigFile, ReplicationConfig, Security, TlsFile};
+pub use node::{Database, KAFKA_RESERVED, KafkaFile, NodeConfig, NodeConfigFile, ReplicationConfig, Security, TlsFile};
 pub use tables::{OwnerRange, OwnerRule, Strategy, TableConfig, UnknownColumns};
-pub use topology::{NodeSpec, Shape, Topology};
+pub use topology::{KafkaClusters, LinkSpec, NodeSpec, Shape, Topology, Transport};
 
 pub const CONFIG_VERSION: u32 = 1;
 
@@ -96,6 +96,98 @@ address = "127.0.0.1:2"
             }
         }
         assert!(seen > 0, "no topology files found in {}", dir.display());
+    }
+
+    const RING: &str = r#"
+version = 1
+mesh = "test"
+shape = "ring"
+[[nodes]]
+id = "a"
+region = "ra"
+address = "127.0.0.1:1"
+[[nodes]]
+id = "b"
+region = "rb"
+address = "127.0.0.1:2"
+[[nodes]]
+id = "c"
+region = "rc"
+address = "127.0.0.1:3"
+"#;
+
+    #[test]
+    fn links_take_the_mesh_transport_unless_named_and_kafka_needs_a_cluster_per_region() {
+        let kafka = format!(
+            "transport = \"kafka\"\n{RING}[kafka]\nbootstrap = \"k:9092\"\n[kafka.regions]\nrc = \"kc:9092\"\n"
+        );
+        let t = Topology::parse(&kafka, Path::new("t.toml")).unwrap();
+        assert_eq!(t.link_transport("a", "b"), Transport::Kafka);
+        assert_eq!(t.kafka_bootstrap("ra"), Some("k:9092"));
+        assert_eq!(t.kafka_bootstrap("rc"), Some("kc:9092"));
+        // It writes back as it reads (the loopback harness writes topologies with toml).
+        let again = Topology::parse(&toml::to_string(&t).unwrap(), Path::new("t.toml")).unwrap();
+        assert_eq!(again, t);
+
+        let mixed = format!(
+            "{RING}[[links]]\nbetween = [\"b\", \"a\"]\ntransport = \"kafka\"\n[kafka]\nregions = {{ ra = \"k:1\", rb = \"k:2\" }}\n"
+        );
+        let t = Topology::parse(&mixed, Path::new("t.toml")).unwrap();
+        assert_eq!(t.link_transport("a", "b"), Transport::Kafka);
+        assert_eq!(t.link_transport("b", "c"), Transport::Grpc);
+
+        let link = |between: &str| {
+            format!("{RING}[[links]]\nbetween = {between}\ntransport = \"kafka\"\n[kafka]\nbootstrap = \"k:1\"\n")
+        };
+        let cases = [
+            (
+                format!("transport = \"kafka\"\n{RING}"),
+                "region `ra` has a node on a Kafka link but no cluster",
+            ),
+            (
+                format!("transport = \"kafka\"\n{RING}[kafka]\nregions = {{ ra = \"k:1\", rb = \"k:2\" }}\n"),
+                "region `rc` has a node on a Kafka link",
+            ),
+            (link("[\"a\", \"z\"]"), "unknown node `z`"),
+            (link("[\"a\", \"a\"]"), "names `a` twice"),
+            (
+                format!(
+                    "{RING}[[links]]\nbetween = [\"a\", \"b\"]\ntransport = \"kafka\"\n[[links]]\nbetween = [\"b\", \"a\"]\ntransport = \"grpc\"\n[kafka]\nbootstrap = \"k:1\"\n"
+                ),
+                "named twice",
+            ),
+            (
+                format!("{RING}[kafka]\nregions = {{ mars = \"k:1\" }}\n"),
+                "no node is in region `mars`",
+            ),
+            (format!("transport = \"pigeon\"\n{RING}"), "unknown variant `pigeon`"),
+        ];
+        for (text, want) in cases {
+            let err = Topology::parse(&text, Path::new("bad.toml")).unwrap_err().to_string();
+            assert!(err.contains(want), "{err} should contain {want}");
+        }
+        // In a one-way ring a and c do exchange events (c sends to a); in a star, two spokes
+        // do not.
+        let star = RING.replace("shape = \"ring\"", "shape = \"star\"\nhub = \"a\"");
+        let text =
+            format!("{star}[[links]]\nbetween = [\"b\", \"c\"]\ntransport = \"kafka\"\n[kafka]\nbootstrap = \"k:1\"\n");
+        let err = Topology::parse(&text, Path::new("bad.toml")).unwrap_err().to_string();
+        assert!(err.contains("exchange no events in this shape"), "{err}");
+    }
+
+    #[test]
+    fn kafka_settings_pass_through_but_not_the_ones_weft_sets() {
+        let t = Topology::parse(TOPOLOGY, Path::new("t.toml")).unwrap();
+        let f =
+            node_file("[kafka.settings]\n\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"SCRAM-SHA-512\"");
+        let c = NodeConfig::resolve(f, t.clone(), Path::new("a.toml")).unwrap();
+        assert_eq!(c.kafka.get("security.protocol").map(String::as_str), Some("SASL_SSL"));
+        let f = node_file("[kafka.settings]\n\"auto.offset.reset\" = \"latest\"");
+        let err = NodeConfig::resolve(f, t, Path::new("a.toml")).unwrap_err().to_string();
+        assert!(
+            err.contains("kafka.settings.auto.offset.reset") && err.contains("set by weft"),
+            "{err}"
+        );
     }
 
     fn node_file(extra: &str) -> NodeConfigFile {

@@ -145,8 +145,33 @@ pub struct NodeConfigFile {
     /// Mutual TLS on every link and listener (`weft certs` makes the files).
     #[serde(default)]
     pub tls: Option<TlsFile>,
+    /// Client settings for the Kafka links (`security.protocol`, `sasl.*`, `ssl.*`, ...).
+    #[serde(default)]
+    pub kafka: KafkaFile,
     pub tables: Vec<TableConfig>,
 }
+
+/// The `[kafka]` section: librdkafka settings passed through to every Kafka client of the
+/// node (TLS and SASL to the brokers). The brokers' addresses come from the topology.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaFile {
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub settings: std::collections::BTreeMap<String, String>,
+}
+
+/// Settings weft itself sets on its Kafka clients: a file may not change them, because the
+/// guarantees rest on them.
+pub const KAFKA_RESERVED: &[&str] = &[
+    "bootstrap.servers",
+    "group.id",
+    "enable.idempotence",
+    "acks",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "auto.offset.reset",
+    "isolation.level",
+];
 
 /// The `[tls]` section as written: the mesh CA bundle, this node's certificate and key
 /// (PEM, relative to the config file's folder), or `insecure = true` for plain text.
@@ -253,6 +278,8 @@ pub struct NodeConfig {
     pub replication: ReplicationConfig,
     pub tables: Vec<TableConfig>,
     pub security: Security,
+    /// librdkafka settings of the `[kafka]` section.
+    pub kafka: std::collections::BTreeMap<String, String>,
 }
 
 impl ReplicationConfig {
@@ -363,7 +390,20 @@ impl NodeConfig {
                 return Err(invalid(path, format!("dial.{peer}"), "is not a peer in the topology"));
             }
         }
+        if let Some(key) = file
+            .kafka
+            .settings
+            .keys()
+            .find(|k| KAFKA_RESERVED.contains(&k.as_str()))
+        {
+            return Err(invalid(
+                path,
+                format!("kafka.settings.{key}"),
+                "is set by weft (the brokers come from the topology's [kafka]; the rest carries its guarantees); remove it",
+            ));
+        }
         Ok(Self {
+            kafka: file.kafka.settings.clone(),
             dial: file.dial.clone(),
             listen: file.listen.clone().unwrap_or_else(|| spec.address.clone()),
             node: file.node,

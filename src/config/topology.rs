@@ -1,5 +1,6 @@
-//! The mesh topology file (`topology/*.toml`): nodes, regions, addresses and the shape.
-use std::collections::HashSet;
+//! The mesh topology file (`topology/*.toml`): nodes, regions, addresses, the shape, and
+//! which transport each link uses (gRPC by default; Kafka through the clusters of `[kafka]`).
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -21,6 +22,46 @@ pub enum Shape {
     /// Spokes send their own events to the hub; the hub sends its own events to every spoke
     /// and relays each spoke's events to the other spokes.
     Star,
+}
+
+/// How events travel on a link between two nodes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transport {
+    /// A stream from the sender to the receiver's listener.
+    #[default]
+    Grpc,
+    /// The sender's topic (`weft.<mesh>.<node>`) in its region's Kafka cluster, read by
+    /// the receiver.
+    Kafka,
+}
+
+impl Transport {
+    fn is_grpc(&self) -> bool {
+        *self == Transport::Grpc
+    }
+}
+
+/// A link whose transport differs from the mesh's `transport`; both directions use it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkSpec {
+    pub between: [NodeId; 2],
+    pub transport: Transport,
+}
+
+/// The Kafka clusters of the mesh: one shared (`bootstrap`), or one per region (`regions`,
+/// which wins for the regions it names). A node produces into its own region's cluster;
+/// its peers consume from there.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaClusters {
+    /// `bootstrap.servers` of the cluster every region uses unless `regions` names its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap: Option<String>,
+    /// Region → `bootstrap.servers` of that region's cluster.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub regions: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,7 +90,16 @@ pub struct Topology {
     /// Star only: the hub's node id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hub: Option<NodeId>,
+    /// The transport of every link `links` does not name.
+    #[serde(default, skip_serializing_if = "Transport::is_grpc")]
+    pub transport: Transport,
     pub nodes: Vec<NodeSpec>,
+    /// Links whose transport differs from `transport`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<LinkSpec>,
+    /// The Kafka clusters; required once a link uses Kafka.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<KafkaClusters>,
 }
 
 impl Topology {
@@ -118,7 +168,125 @@ impl Topology {
                 ));
             }
         }
-        self.validate_shape(file, &ids)
+        self.validate_shape(file, &ids)?;
+        self.validate_links(file)
+    }
+
+    /// Every link named is one the shape uses, named once; every region with a node on a
+    /// Kafka link has a cluster.
+    fn validate_links(&self, file: &Path) -> Result<(), ConfigError> {
+        let mut seen = HashSet::new();
+        for (i, link) in self.links.iter().enumerate() {
+            let key = format!("links[{i}].between");
+            let [a, b] = &link.between;
+            for id in [a, b] {
+                if self.node(id).is_none() {
+                    return Err(invalid(file, &key, format!("unknown node `{id}`")));
+                }
+            }
+            if a == b {
+                return Err(invalid(
+                    file,
+                    &key,
+                    format!("names `{a}` twice; a link joins two nodes"),
+                ));
+            }
+            if !self.linked(a, b) {
+                return Err(invalid(
+                    file,
+                    &key,
+                    format!("`{a}` and `{b}` exchange no events in this shape, so their link carries nothing"),
+                ));
+            }
+            if !seen.insert((a.min(b), a.max(b))) {
+                return Err(invalid(
+                    file,
+                    &key,
+                    format!("the link between `{a}` and `{b}` is named twice"),
+                ));
+            }
+        }
+        let clusters = self.kafka.clone().unwrap_or_default();
+        for region in self.kafka_regions() {
+            if clusters.bootstrap.is_none() && !clusters.regions.contains_key(&region) {
+                return Err(invalid(
+                    file,
+                    "kafka",
+                    format!(
+                        "region `{region}` has a node on a Kafka link but no cluster: add `bootstrap = \"host:port\"` \
+                         under [kafka] (one cluster for the mesh), or `{region} = \"host:port\"` under [kafka.regions]"
+                    ),
+                ));
+            }
+        }
+        if let Some(unknown) = clusters
+            .regions
+            .keys()
+            .find(|r| !self.nodes.iter().any(|n| &n.region == *r))
+        {
+            return Err(invalid(
+                file,
+                "kafka.regions",
+                format!("no node is in region `{unknown}`"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The regions with a node on a Kafka link.
+    fn kafka_regions(&self) -> std::collections::BTreeSet<String> {
+        let mut regions = std::collections::BTreeSet::new();
+        for a in &self.nodes {
+            for b in &self.nodes {
+                if self.linked(&a.id, &b.id) && self.link_transport(&a.id, &b.id) == Transport::Kafka {
+                    regions.insert(a.region.clone());
+                    regions.insert(b.region.clone());
+                }
+            }
+        }
+        regions
+    }
+
+    /// Whether the shape has `a` and `b` exchange events (either way): any two nodes of an
+    /// all-to-all mesh, neighbours in a ring, the hub and a spoke in a star. The routes
+    /// themselves are the `topology` module's; this is what a link in the file may name.
+    pub fn linked(&self, a: &str, b: &str) -> bool {
+        match self.shape {
+            Shape::AllToAll => a != b,
+            Shape::Star => {
+                let hub = self.hub.as_deref().unwrap_or_default();
+                a != b && (a == hub || b == hub)
+            }
+            Shape::Ring => {
+                let ring: Vec<&str> = match &self.order {
+                    Some(order) => order.iter().map(String::as_str).collect(),
+                    None => self.nodes.iter().map(|n| n.id.as_str()).collect(),
+                };
+                let (Some(i), Some(j)) = (ring.iter().position(|n| *n == a), ring.iter().position(|n| *n == b)) else {
+                    return false;
+                };
+                let n = ring.len();
+                i != j && ((i + 1) % n == j || (j + 1) % n == i)
+            }
+        }
+    }
+
+    /// The transport of the link between `a` and `b`.
+    pub fn link_transport(&self, a: &str, b: &str) -> Transport {
+        self.links
+            .iter()
+            .find(|l| (l.between[0] == a && l.between[1] == b) || (l.between[0] == b && l.between[1] == a))
+            .map_or(self.transport, |l| l.transport)
+    }
+
+    /// `bootstrap.servers` of the Kafka cluster `region`'s nodes produce into.
+    pub fn kafka_bootstrap(&self, region: &str) -> Option<&str> {
+        let clusters = self.kafka.as_ref()?;
+        clusters
+            .regions
+            .get(region)
+            .or(clusters.bootstrap.as_ref())
+            .map(String::as_str)
     }
 
     fn validate_shape(&self, file: &Path, ids: &HashSet<&str>) -> Result<(), ConfigError> {

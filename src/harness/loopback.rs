@@ -61,6 +61,9 @@ impl LoopbackMesh {
             bidirectional: false,
             order: None,
             hub: None,
+            transport: Default::default(),
+            links: Vec::new(),
+            kafka: None,
             nodes: regions
                 .iter()
                 .map(|r| NodeSpec {

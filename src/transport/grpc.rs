@@ -222,13 +222,7 @@ impl Inbound {
             Status::unavailable(format!("apply failed: {e}"))
         })?;
         crate::crashpoint::hit("after-apply");
-        self.ctx.observer.applied(&report, now_micros());
-        if report.drained.events > 0 {
-            self.ctx.log_grew.send_replace(report.drained.last_seq);
-        }
-        for skew in &report.skew {
-            tracing::warn!(peer = %self.peer, remote_hlc = %skew.remote, ahead_ms = skew.ahead_ms, "peer clock ahead of max_clock_skew; timestamp not adopted");
-        }
+        self.ctx.applied(&self.peer, &report);
         if let Some((origin, frontier, got)) = &report.gap {
             return Err(Status::failed_precondition(format!(
                 "gap from {origin}: have {frontier}, got {got}; resend from {}",

@@ -4,7 +4,9 @@
 //! - [`session`]: the sender's sans-IO state machine (resume from the receiver's frontier,
 //!   window, acks, relay requests, redial backoff), shared by every binding;
 //! - [`handshake`]: Hello admission, a pure check every receiving binding runs first;
-//! - [`grpc`]: the tonic binding (endpoint, streams, framing).
+//! - [`grpc`]: the tonic binding (endpoint, streams, framing);
+//! - [`kafka`]: the Kafka binding (feature `kafka`): a topic per node's outgoing log, read
+//!   by each receiver from the position stored with its rows.
 //!
 //! What every binding shares lives here: the [`Context`] of handles it needs of its node, the
 //! bookkeeping of when each peer was last heard (the input of relay repair), and the
@@ -195,6 +197,18 @@ impl Context {
         }
     }
 
+    /// What every binding does after a run from `peer` committed: figures, the log grown by
+    /// the local changes drained first, and the clocks found too far ahead.
+    pub fn applied(&self, peer: &str, report: &ApplyReport) {
+        self.observer.applied(report, crate::clock::now_micros());
+        if report.drained.events > 0 {
+            self.log_grew.send_replace(report.drained.last_seq);
+        }
+        for skew in &report.skew {
+            tracing::warn!(%peer, remote_hlc = %skew.remote, ahead_ms = skew.ahead_ms, "peer clock ahead of max_clock_skew; timestamp not adopted");
+        }
+    }
+
     /// Whether this node runs in plain text (`insecure = true`).
     pub fn insecure(&self) -> bool {
         self.config.security == crate::config::Security::Insecure
@@ -314,7 +328,7 @@ impl Context {
     }
 
     /// Records a peer's frontiers: they are its acknowledgements, for every origin.
-    fn record_acks(&self, peer: &str, frontiers: &BTreeMap<NodeId, u64>) {
+    pub fn record_acks(&self, peer: &str, frontiers: &BTreeMap<NodeId, u64>) {
         let mut acks = self.acks.lock().expect("ack book lock");
         for (origin, &seq) in frontiers {
             let entry = acks.entry((peer.to_owned(), origin.clone())).or_insert(0);

@@ -9,6 +9,10 @@
 //! between the broker's acknowledgement and that write publishes the same events again after
 //! the restart; receivers drop them as duplicates by their frontiers, so the topic may hold
 //! an event twice but no receiver applies it twice, and no event is ever skipped.
+//!
+//! `publish_loop` runs a publisher in a node: a round whenever the log grows (and every
+//! second), backing off while the cluster is unreachable; the log keeps what is not
+//! published, so an outage of the cluster only delays.
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,9 +21,13 @@ use rdkafka::message::{BorrowedHeaders, Header, Headers as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::event::NodeId;
+use crate::shutdown::stopped;
 use crate::store::{Position, Store, StoreError};
 
-use super::record;
+use super::LinkError;
+use crate::transport::Context;
+use crate::transport::record;
+use crate::transport::session::Backoff;
 
 /// Why publishing stopped; the caller retries after a pause.
 #[derive(Debug, thiserror::Error)]
@@ -139,4 +147,82 @@ pub fn record_headers(headers: Option<&BorrowedHeaders>) -> Vec<(String, Vec<u8>
     (headers.iter())
         .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
         .collect()
+}
+
+/// Publishes this node's log into its topic until shutdown, for `peers`, the downstream
+/// peers on Kafka links: the origins any of them is sent (`topology::forwards`).
+pub async fn publish_loop(ctx: Context, peers: Vec<NodeId>) {
+    let config = ctx.config.clone();
+    let me = config.node.clone();
+    let topic = record::topic(&config.topology.mesh, &me);
+    let origins: Vec<NodeId> = (config.topology.nodes.iter())
+        .map(|n| n.id.clone())
+        .filter(|o| (peers.iter()).any(|p| crate::topology::forwards(&config.topology, &me, p, o)))
+        .collect();
+    let mut shutdown = ctx.shutdown.clone();
+    let mut log_grew = ctx.log_grew.subscribe();
+    let mut backoff = Backoff::default();
+    let mut publisher = None;
+    loop {
+        let stopping = *shutdown.borrow();
+        let started = tokio::time::Instant::now();
+        let round = round(&ctx, &mut publisher, &topic, &origins);
+        // A last round at shutdown, bounded: what it leaves is published after the restart.
+        let limit = if stopping {
+            Duration::from_secs(5)
+        } else {
+            Duration::MAX
+        };
+        let outcome = tokio::time::timeout(limit, round).await;
+        let wait = match outcome {
+            Ok(Ok(own)) => {
+                for peer in &peers {
+                    ctx.observer.sent(peer, own);
+                }
+                backoff = Backoff::default();
+                Duration::from_secs(1)
+            }
+            Ok(Err(error)) => {
+                let redial = backoff.on_failure(started.elapsed());
+                if redial.worth_reporting() {
+                    tracing::warn!(%topic, %error, failures = redial.failures, "cannot publish to Kafka; retrying (the log keeps what is not published)");
+                }
+                redial.wait
+            }
+            Err(_) => return,
+        };
+        if stopping {
+            return;
+        }
+        tokio::select! {
+            _ = stopped(&mut shutdown) => {}
+            _ = log_grew.changed() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// One publishing round (making the topic and the producer the first time); returns this
+/// node's own seq published.
+async fn round(
+    ctx: &Context,
+    publisher: &mut Option<Publisher>,
+    topic: &str,
+    origins: &[NodeId],
+) -> Result<u64, LinkError> {
+    let publisher = match publisher {
+        Some(publisher) => publisher,
+        None => {
+            let client = super::client(&ctx.config, ctx.config.region())?;
+            super::ensure_topic(&client, topic).await?;
+            publisher.insert(Publisher::new(
+                ctx.store.clone(),
+                client,
+                topic.to_owned(),
+                origins.to_vec(),
+            )?)
+        }
+    };
+    publisher.publish_pending().await?;
+    Ok(publisher.published(&ctx.config.node).await?)
 }

@@ -1,0 +1,372 @@
+//! The receiving half of a Kafka link: one reader per upstream peer, reading the peer's
+//! topic from the position stored in this node's database.
+//!
+//! The reader assigns partition 0 of `weft.<mesh>.<peer>` at the stored position (the
+//! beginning when there is none), takes each record's events (`record::decode`), keeps the
+//! origins the peer sends this node (`topology::forwards`; a relay's topic also carries
+//! what it sends its other peers), and holds records until every origin's capture batch in
+//! them is complete. Then it checks the run as the gRPC binding does (`admission`), waits
+//! for this node's history to be confirmed, and applies it with the offset after its last
+//! record (`Store::apply_from`): rows, frontiers and position in one transaction. After the
+//! commit it tells its sender through the group `weft.<me>` (`acks::Receipt`).
+//!
+//! Nothing is ever skipped: a refused run, a record that is not weft's, or a failed apply
+//! stops the reader; it starts again from the stored position after a pause. A gap (the
+//! topic lacks events this node needs) or a position outside the topic (retention deleted
+//! records it had not read) asks for a re-seed by snapshot from the peer over gRPC; once the
+//! join is done, the reader starts over from the beginning of the topic, whose events the
+//! snapshot's frontiers make duplicates up to where it needs them.
+use std::time::Duration;
+
+use futures_util::FutureExt as _;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Message as _};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::time::Instant;
+
+use super::LinkError;
+use super::acks::Receipt;
+use crate::clock::now_micros;
+use crate::event::{Event, NodeId};
+use crate::shutdown::stopped;
+use crate::store::Position;
+use crate::transport::Context;
+use crate::transport::join::JoinRequest;
+use crate::transport::record;
+use crate::transport::session::Backoff;
+
+/// Events applied at most in one transaction (more only to complete a capture batch).
+pub const MAX_RUN_EVENTS: usize = 5_000;
+
+/// Reads `peer`'s topic into this node until shutdown.
+pub async fn consume_peer(ctx: Context, peer: NodeId) {
+    let mut shutdown = ctx.shutdown.clone();
+    let mut backoff = Backoff::default();
+    let mut from_beginning = false;
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let started = Instant::now();
+        let outcome = match Reader::open(&ctx, &peer, from_beginning).await {
+            Ok(mut reader) => reader.run().await,
+            Err(error) => Err(error),
+        };
+        let error = match outcome {
+            Ok(()) => return,
+            Err(error) => error,
+        };
+        let needs = match &error {
+            LinkError::Expired { .. } => Some(frontier(&ctx, &peer).await + 1),
+            LinkError::Gap { have, .. } => Some(have + 1),
+            _ => None,
+        };
+        if let Some(needs) = needs {
+            let origin = match &error {
+                LinkError::Gap { origin, .. } => origin.clone(),
+                _ => peer.clone(),
+            };
+            reseed(&ctx, &peer, origin, needs, error.to_string()).await;
+            from_beginning = true;
+            continue;
+        }
+        let redial = backoff.on_failure(started.elapsed());
+        if redial.worth_reporting() {
+            tracing::warn!(%peer, %error, failures = redial.failures, "reading the peer's topic stopped; reading again from the stored position");
+        }
+        tokio::select! {
+            _ = stopped(&mut shutdown) => return,
+            _ = tokio::time::sleep(redial.wait) => {}
+        }
+    }
+}
+
+async fn frontier(ctx: &Context, origin: &str) -> u64 {
+    let frontiers = ctx.store.frontiers().await.unwrap_or_default();
+    frontiers.get(origin).copied().unwrap_or(0)
+}
+
+/// Asks for a re-seed from `peer` and waits until a join has run (or a minute has passed:
+/// the request may not hold any more, and reading again shows it).
+async fn reseed(ctx: &Context, peer: &str, origin: NodeId, needs: u64, reason: String) {
+    let mut joining = ctx.joining.subscribe();
+    let was_joining = joining.borrow_and_update().is_some();
+    ctx.request_join(JoinRequest {
+        peer: peer.to_owned(),
+        origin,
+        needs,
+        reason: format!("{reason}: re-seeding from {peer} by snapshot, then reading its topic from the beginning"),
+    });
+    let mut shutdown = ctx.shutdown.clone();
+    let wait = async {
+        let mut seen = was_joining;
+        loop {
+            if joining.changed().await.is_err() {
+                return;
+            }
+            let now = joining.borrow_and_update().is_some();
+            if seen && !now {
+                return;
+            }
+            seen |= now;
+        }
+    };
+    tokio::select! {
+        _ = stopped(&mut shutdown) => {}
+        _ = wait => {}
+        _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+    }
+}
+
+/// A record's events kept for this node, with the offset it was read at.
+struct Held {
+    offset: i64,
+    events: Vec<Event>,
+}
+
+struct Reader<'a> {
+    ctx: &'a Context,
+    peer: &'a str,
+    topic: String,
+    consumer: StreamConsumer,
+    held: Vec<Held>,
+    /// What the last apply left: the position and the frontiers.
+    latest: Option<(i64, std::collections::BTreeMap<NodeId, u64>)>,
+    /// Whether `latest` is newer than the last commit to the group.
+    dirty: bool,
+    committed_at: Instant,
+}
+
+impl<'a> Reader<'a> {
+    async fn open(ctx: &'a Context, peer: &'a str, from_beginning: bool) -> Result<Self, LinkError> {
+        let region = &ctx
+            .config
+            .topology
+            .node(peer)
+            .expect("an upstream peer is in the topology")
+            .region;
+        let consumer: StreamConsumer = super::client(&ctx.config, region)?
+            .set("group.id", format!("weft.{}", ctx.config.node))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "error")
+            .set("isolation.level", "read_committed")
+            .create()?;
+        let topic = record::topic(&ctx.config.topology.mesh, peer);
+        let stored = ctx.store.position(&topic).await?;
+        let start = match stored {
+            Some(next) if !from_beginning => Offset::Offset(next),
+            _ => Offset::Beginning,
+        };
+        let mut assignment = TopicPartitionList::new();
+        assignment.add_partition_offset(&topic, 0, start)?;
+        consumer.assign(&assignment)?;
+        tracing::info!(%peer, %topic, position = ?start, "reading the peer's topic");
+        Ok(Self {
+            ctx,
+            peer,
+            topic,
+            consumer,
+            held: Vec::new(),
+            latest: None,
+            dirty: false,
+            committed_at: Instant::now(),
+        })
+    }
+
+    /// Reads and applies until shutdown (`Ok`) or a failure.
+    async fn run(&mut self) -> Result<(), LinkError> {
+        let mut shutdown = self.ctx.shutdown.clone();
+        loop {
+            let wait = if self.batch_open() {
+                Duration::from_millis(500)
+            } else {
+                Duration::from_secs(1)
+            };
+            let message = tokio::select! {
+                _ = stopped(&mut shutdown) => {
+                    self.commit(CommitMode::Sync).await;
+                    return Ok(());
+                }
+                message = tokio::time::timeout(wait, self.consumer.recv()) => message,
+            };
+            match message {
+                Ok(message) => {
+                    let held = self.take(message)?;
+                    self.held.push(held);
+                    self.drain_ready()?;
+                }
+                Err(_) => {
+                    // Idle: a good moment to tell the sender how far this node is.
+                    self.commit(CommitMode::Async).await;
+                    continue;
+                }
+            }
+            let cut = self.complete_prefix();
+            if cut > 0 {
+                let run: Vec<Held> = self.held.drain(..cut).collect();
+                self.apply(run).await?;
+            }
+            if self.committed_at.elapsed() >= Duration::from_secs(1) {
+                self.commit(CommitMode::Async).await;
+            }
+        }
+    }
+
+    /// Takes the messages already fetched, without waiting, up to a run's worth.
+    fn drain_ready(&mut self) -> Result<(), LinkError> {
+        loop {
+            let events: usize = self.held.iter().map(|h| h.events.len()).sum();
+            if events >= MAX_RUN_EVENTS && !self.batch_open() {
+                return Ok(());
+            }
+            let Some(message) = self.consumer.recv().now_or_never() else {
+                return Ok(());
+            };
+            let held = self.take(message)?;
+            self.held.push(held);
+        }
+    }
+
+    /// One consumed message as the events it holds for this node.
+    fn take(&self, message: Result<BorrowedMessage<'_>, KafkaError>) -> Result<Held, LinkError> {
+        let message = message.map_err(|error| self.consume_error(error))?;
+        self.ctx.heard.mark(self.peer, Instant::now());
+        let offset = message.offset();
+        let headers = super::record_headers(message.headers());
+        let events =
+            record::decode(&headers, message.payload().unwrap_or_default()).map_err(|error| LinkError::Record {
+                topic: self.topic.clone(),
+                offset,
+                error,
+            })?;
+        let config = &self.ctx.config;
+        let events = (events.into_iter())
+            .filter(|e| {
+                e.origin == self.peer || crate::topology::forwards(&config.topology, self.peer, &config.node, &e.origin)
+            })
+            .collect();
+        Ok(Held { offset, events })
+    }
+
+    fn consume_error(&self, error: KafkaError) -> LinkError {
+        let outside = matches!(
+            error.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::OffsetOutOfRange | RDKafkaErrorCode::AutoOffsetReset)
+        );
+        if outside {
+            let position = self.latest.as_ref().map_or("stored".to_owned(), |(p, _)| p.to_string());
+            return LinkError::Expired {
+                topic: self.topic.clone(),
+                position,
+            };
+        }
+        LinkError::Kafka(error)
+    }
+
+    /// Whether some origin's capture batch is not complete in the held records.
+    fn batch_open(&self) -> bool {
+        self.complete_prefix() < self.held.len()
+    }
+
+    /// How many held records form a run in which every capture batch is complete.
+    fn complete_prefix(&self) -> usize {
+        let mut open = std::collections::BTreeSet::new();
+        let mut cut = 0;
+        for (i, held) in self.held.iter().enumerate() {
+            if let Some(last) = held.events.last() {
+                if last.seq == last.batch_end {
+                    open.remove(&last.origin);
+                } else {
+                    open.insert(last.origin.clone());
+                }
+            }
+            if open.is_empty() {
+                cut = i + 1;
+            }
+        }
+        cut
+    }
+
+    /// Checks and applies a run of records, moving the stored position past them.
+    async fn apply(&mut self, run: Vec<Held>) -> Result<(), LinkError> {
+        let next = run.last().expect("a run holds a record").offset + 1;
+        let first = run[0].offset;
+        let events: Vec<Event> = run.into_iter().flat_map(|h| h.events).collect();
+        let config = &self.ctx.config;
+        let admission = crate::transport::admission::Admission {
+            topology: &config.topology,
+            me: &config.node,
+            peer: self.peer,
+            relay_wanted: &[],
+            max_ahead_ms: crate::transport::grpc::max_ahead_ms(config.replication.max_clock_skew()),
+            now_ms: now_micros() / 1000,
+            my_last_seq: self.ctx.store.last_seq().await,
+        };
+        if let Err(refusal) = admission.check(&events) {
+            self.ctx.refused(self.peer, &refusal);
+            return Err(LinkError::Refused {
+                topic: self.topic.clone(),
+                offset: first,
+                refusal: Box::new(refusal),
+            });
+        }
+        // Applying drains local changes first, which numbers them: not before this node's
+        // history is confirmed.
+        let mut verified = self.ctx.verified.subscribe();
+        let mut shutdown = self.ctx.shutdown.clone();
+        tokio::select! {
+            _ = stopped(&mut shutdown) => return Ok(()),
+            result = verified.wait_for(|v| *v) => if result.is_err() { return Ok(()) },
+        }
+        let position = Position {
+            source: self.topic.clone(),
+            next,
+        };
+        let report = self.ctx.store.apply_from(events, &position).await?;
+        crate::crashpoint::hit("after-apply");
+        self.ctx.applied(self.peer, &report);
+        if let Some((origin, have, got)) = report.gap {
+            return Err(LinkError::Gap {
+                topic: self.topic.clone(),
+                origin,
+                have,
+                got,
+            });
+        }
+        self.latest = Some((next, report.frontiers));
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Commits the stored position with a receipt to the group `weft.<me>`, for the sender
+    /// and for Kafka's tools: when it moved, and every few seconds anyway (an asynchronous
+    /// commit that failed is repeated so). A lost commit costs nothing: the next says it.
+    async fn commit(&mut self, mode: CommitMode) {
+        let Some((next, frontiers)) = self.latest.clone() else {
+            return;
+        };
+        if !self.dirty && self.committed_at.elapsed() < Duration::from_secs(5) {
+            return;
+        }
+        self.committed_at = Instant::now();
+        let reports = crate::wire::reports_from_proto(self.ctx.reports_now().await);
+        let receipt = Receipt::new(frontiers, reports);
+        let mut offsets = TopicPartitionList::new();
+        let committed = offsets
+            .add_partition_offset(&self.topic, 0, Offset::Offset(next))
+            .map(|()| {
+                if let Some(mut element) = offsets.find_partition(&self.topic, 0) {
+                    element.set_metadata(receipt.encode());
+                }
+            })
+            .and_then(|()| self.consumer.commit(&offsets, mode));
+        match committed {
+            Ok(()) => self.dirty = false,
+            Err(error) => {
+                tracing::debug!(peer = %self.peer, %error, "committing the position to Kafka failed; the next commit says it")
+            }
+        }
+    }
+}

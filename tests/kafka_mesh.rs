@@ -1,0 +1,277 @@
+//! Real `weft run` processes whose links are Kafka topics on a real Apache Kafka broker
+//! (KRaft, started by the harness for this test binary): the process suites of gRPC
+//! (convergence under concurrent writes, kill -9 mid-apply, relaying rings and stars) and
+//! the broker's own faults. Exactly-once is checked with the application's audit rows
+//! (`common/sidecars.rs`). Each test has its own mesh name, so its own topics.
+mod common;
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use common::sidecars::Sidecars;
+use weft::config::{KafkaClusters, LinkSpec, ReplicationConfig, Shape, Topology, Transport};
+use weft::harness::kafka::Broker;
+use weft::harness::loopback::LoopbackMesh;
+
+fn broker() -> &'static Broker {
+    static BROKER: OnceLock<Broker> = OnceLock::new();
+    BROKER.get_or_init(|| Broker::start().expect("an Apache Kafka broker (see the error for what to install)"))
+}
+
+/// Tests that stop the broker hold this exclusively; the others share it.
+static FAULTS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// Three regions in `shape`, every link on Kafka unless `links` says otherwise.
+fn kafka_mesh(mesh: &str, shape: Shape, links: Vec<LinkSpec>) -> Topology {
+    let mut topology = LoopbackMesh::all_to_all(&["east", "west", "south"]);
+    topology.mesh = mesh.to_owned();
+    topology.shape = shape;
+    if shape == Shape::Star {
+        topology.hub = Some("east-1".into());
+    }
+    topology.transport = Transport::Kafka;
+    topology.links = links;
+    topology.kafka = Some(KafkaClusters {
+        bootstrap: Some(broker().bootstrap.clone()),
+        regions: Default::default(),
+    });
+    topology
+}
+
+async fn sidecars(dir: &std::path::Path, topology: Topology) -> Sidecars {
+    Sidecars::with(dir, topology, ReplicationConfig::default()).await
+}
+
+/// The events did cross the broker: each of `reads` (region, peer node) has a stored
+/// position in the peer's topic past its first record.
+async fn assert_read_over_kafka(sidecars: &Sidecars, mesh: &str, reads: &[(usize, &str)]) {
+    for &(i, peer) in reads {
+        let region = &sidecars.mesh.regions[i];
+        let topic = format!("weft.{mesh}.{peer}");
+        let next: Option<i64> = sqlx::query_scalar("SELECT next FROM _weft_positions WHERE source = ?")
+            .bind(&topic)
+            .fetch_optional(&region.app)
+            .await
+            .unwrap();
+        assert!(next.unwrap_or(0) > 0, "{} read nothing of {topic}", region.region);
+    }
+}
+
+/// Every read of an all-to-all mesh of three.
+const ALL_READS: [(usize, &str); 6] = [
+    (0, "west-1"),
+    (0, "south-1"),
+    (1, "east-1"),
+    (1, "south-1"),
+    (2, "east-1"),
+    (2, "west-1"),
+];
+
+/// Every region writes concurrently; then each node's state is checked in every region.
+async fn write_everywhere(sidecars: &Sidecars, from: i64, count: i64) {
+    tokio::join!(
+        sidecars.write(0, from, count, 7),
+        sidecars.write(1, from, count, 1),
+        sidecars.write(2, from, count, 50)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_sidecars_converge_over_kafka_exactly_once() {
+    let _shared = FAULTS.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sidecars = sidecars(dir.path(), kafka_mesh("converge", Shape::AllToAll, Vec::new())).await;
+    sidecars.spawn_all().await;
+    write_everywhere(&sidecars, 0, 600).await;
+    sidecars.update_shared(0, 1, "east").await;
+    sidecars.update_shared(1, 1, "west").await;
+    sidecars.assert_exactly_once(1800).await;
+    assert_read_over_kafka(&sidecars, "converge", &ALL_READS).await;
+    sidecars.terminate_all();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_killed_right_after_an_apply_commit_applies_nothing_twice() {
+    let _shared = FAULTS.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sidecars = sidecars(dir.path(), kafka_mesh("apply-crash", Shape::AllToAll, Vec::new())).await;
+    sidecars.spawn(0, None).await;
+    sidecars.spawn(1, Some("after-apply:4")).await;
+    sidecars.spawn(2, None).await;
+    let written = sidecars.write_until_crash(1, 0).await;
+    sidecars.spawn(1, None).await;
+    sidecars.write(1, 0, 100, 5).await;
+    sidecars.write(2, 0, 100, 5).await;
+    sidecars.assert_exactly_once(written + 200).await;
+    sidecars.terminate_all();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_kill_9_of_sidecars_on_kafka_loses_and_doubles_nothing() {
+    let _shared = FAULTS.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sidecars = sidecars(dir.path(), kafka_mesh("kill9", Shape::AllToAll, Vec::new())).await;
+    sidecars.spawn_all().await;
+    let seed: u64 = rand::random();
+    println!("seed {seed}");
+    let mut written = 0;
+    for round in 0..4u64 {
+        let victim = ((seed >> (round * 2)) % 3) as usize;
+        let kill_after = Duration::from_millis(50 + (seed >> (round * 3)) % 200);
+        let ((), ()) = tokio::join!(
+            write_everywhere(&sidecars, written, 150),
+            tokio::time::sleep(kill_after)
+        );
+        sidecars.kill9(victim);
+        written += 150;
+        sidecars.spawn(victim, None).await;
+    }
+    sidecars.assert_exactly_once(written * 3).await;
+    sidecars.terminate_all();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ring_and_a_star_relay_through_their_topics() {
+    let _shared = FAULTS.read().await;
+    for (mesh, shape) in [("ring", Shape::Ring), ("star", Shape::Star)] {
+        let dir = tempfile::tempdir().unwrap();
+        let sidecars = sidecars(dir.path(), kafka_mesh(mesh, shape, Vec::new())).await;
+        sidecars.spawn_all().await;
+        write_everywhere(&sidecars, 0, 300).await;
+        sidecars.assert_exactly_once(900).await;
+        // Ring: each node reads its predecessor's topic; star: the hub reads every spoke's,
+        // the spokes read the hub's, which relays each spoke to the other.
+        let reads: &[(usize, &str)] = match shape {
+            Shape::Ring => &[(0, "south-1"), (1, "east-1"), (2, "west-1")],
+            _ => &[(0, "west-1"), (0, "south-1"), (1, "east-1"), (2, "east-1")],
+        };
+        assert_read_over_kafka(&sidecars, mesh, reads).await;
+        sidecars.terminate_all();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_mixing_grpc_and_kafka_links_converges() {
+    let _shared = FAULTS.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut topology = kafka_mesh("mixed", Shape::AllToAll, Vec::new());
+    topology.transport = Transport::Grpc;
+    topology.links = vec![
+        LinkSpec {
+            between: ["east-1".into(), "west-1".into()],
+            transport: Transport::Kafka,
+        },
+        LinkSpec {
+            between: ["south-1".into(), "west-1".into()],
+            transport: Transport::Kafka,
+        },
+    ];
+    let sidecars = sidecars(dir.path(), topology).await;
+    sidecars.spawn_all().await;
+    write_everywhere(&sidecars, 0, 400).await;
+    sidecars.assert_exactly_once(1200).await;
+    assert_read_over_kafka(
+        &sidecars,
+        "mixed",
+        &[(0, "west-1"), (1, "east-1"), (1, "south-1"), (2, "west-1")],
+    )
+    .await;
+    for (i, peer) in [(0, "south-1"), (2, "east-1")] {
+        let topic = format!("weft.mixed.{peer}");
+        let read: Option<i64> = sqlx::query_scalar("SELECT next FROM _weft_positions WHERE source = ?")
+            .bind(&topic)
+            .fetch_optional(&sidecars.mesh.regions[i].app)
+            .await
+            .unwrap();
+        assert_eq!(read, None, "east and south are linked by gRPC");
+    }
+    sidecars.terminate_all();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_stopped_and_restarted_mid_stream_loses_and_doubles_nothing() {
+    let _alone = FAULTS.write().await;
+    let broker = broker();
+    let dir = tempfile::tempdir().unwrap();
+    let sidecars = sidecars(dir.path(), kafka_mesh("broker-faults", Shape::AllToAll, Vec::new())).await;
+    sidecars.spawn_all().await;
+    let mut written = 0;
+    for graceful in [true, false] {
+        let ((), ()) = tokio::join!(write_everywhere(&sidecars, written, 200), async {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            broker.stop(graceful);
+        });
+        written += 200;
+        // The applications keep writing while the broker is down.
+        write_everywhere(&sidecars, written, 100).await;
+        written += 100;
+        broker.restart().unwrap();
+    }
+    sidecars.assert_exactly_once(written * 3).await;
+    sidecars.terminate_all();
+}
+
+/// Deletes every record of `topic` so far, as retention does to old segments.
+async fn expire_records(topic: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &broker().bootstrap)
+        .create()
+        .unwrap();
+    let mut offsets = rdkafka::TopicPartitionList::new();
+    offsets.add_partition_offset(topic, 0, rdkafka::Offset::End).unwrap();
+    let deleted = admin.delete_records(&offsets, &AdminOptions::new()).await.unwrap();
+    for element in deleted.elements() {
+        element.error().unwrap();
+    }
+}
+
+fn region_log(sidecars: &Sidecars, i: usize) -> String {
+    let region = &sidecars.mesh.regions[i].region;
+    std::fs::read_to_string(sidecars.mesh.dir.join(format!("{region}.log"))).unwrap_or_default()
+}
+
+/// A region down while retention deleted records of a peer's topic it had not read: it is
+/// not moved past them (`auto.offset.reset` is an error); it says why, re-seeds from the
+/// peer by snapshot, reads the topic again, and ends with every row exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_whose_unread_records_expired_reseeds_and_loses_nothing() {
+    let _shared = FAULTS.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sidecars = sidecars(dir.path(), kafka_mesh("retention", Shape::AllToAll, Vec::new())).await;
+    sidecars.spawn_all().await;
+    sidecars.write(0, 0, 10, 5).await;
+    sidecars.assert_exactly_once(10).await;
+    sidecars.signal(1, "TERM");
+    assert!(
+        sidecars
+            .exit_status(1, Duration::from_secs(20))
+            .await
+            .is_some_and(|s| s.success())
+    );
+    sidecars.write(0, 10, 30, 5).await;
+    // South has read them all; then they expire before west is back.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let south: i64 = sqlx::query_scalar("SELECT count(*) FROM items")
+            .fetch_one(&sidecars.mesh.regions[2].app)
+            .await
+            .unwrap();
+        if south == 40 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "south never read east's topic");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    expire_records("weft.retention.east-1").await;
+    sidecars.spawn(1, None).await;
+    sidecars.assert_exactly_once(40).await;
+    let said = region_log(&sidecars, 1);
+    assert!(
+        said.contains("is outside the topic"),
+        "west never said why it re-seeds:\n{said}"
+    );
+    assert!(said.contains("joined the mesh"), "west never re-seeded:\n{said}");
+    sidecars.terminate_all();
+}
