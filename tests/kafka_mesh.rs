@@ -87,6 +87,39 @@ async fn three_sidecars_converge_over_kafka_exactly_once() {
     sidecars.update_shared(1, 1, "west").await;
     sidecars.assert_exactly_once(1800).await;
     assert_read_over_kafka(&sidecars, "converge", &ALL_READS).await;
+    // `weft status` shows the Kafka peers' acknowledgements (receipts are read every
+    // second) and the stored positions.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_weft"))
+            .args(["status", "--json", "--config"])
+            .arg(&sidecars.mesh.regions[0].config_file)
+            .output()
+            .unwrap();
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let peers = status["peers"].as_array().unwrap();
+        let last = &status["last_seq"];
+        if peers.iter().all(|p| p["origin"] == "east-1" && &p["acked"] == last) {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the Kafka peers never acknowledged all of east's events: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let positions = status["positions"].as_array().unwrap();
+    for source in [
+        "weft.converge.west-1",
+        "weft.converge.south-1",
+        "published:weft.converge.east-1:east-1",
+    ] {
+        let found = positions.iter().find(|p| p[0] == source);
+        assert!(
+            found.is_some_and(|p| p[1].as_i64() > Some(0)),
+            "{source} in {positions:?}"
+        );
+    }
     sidecars.terminate_all();
 }
 
@@ -273,5 +306,50 @@ async fn a_region_whose_unread_records_expired_reseeds_and_loses_nothing() {
         "west never said why it re-seeds:\n{said}"
     );
     assert!(said.contains("joined the mesh"), "west never re-seeded:\n{said}");
+    sidecars.terminate_all();
+}
+
+/// A region restored from an older copy on a Kafka mesh: its peers' receipts and its own
+/// topic hold more of its events than its database. It captures nothing until it has
+/// re-seeded from a peer that read them all, numbers new changes after them, and every write
+/// (those before the backup, those after it that only the peers had, those made on the
+/// restored database) ends in every region exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_restored_from_an_older_copy_on_kafka_loses_no_new_write() {
+    let _shared = FAULTS.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut sidecars = sidecars(dir.path(), kafka_mesh("restore", Shape::AllToAll, Vec::new())).await;
+    sidecars.spawn_all().await;
+    sidecars.write(0, 0, 10, 5).await;
+    sidecars.assert_exactly_once(10).await;
+    let backup = dir.path().join("east-backup.db");
+    let take = format!("VACUUM INTO '{}'", backup.display());
+    sqlx::raw_sql(sqlx::AssertSqlSafe(take))
+        .execute(&sidecars.mesh.regions[0].app)
+        .await
+        .unwrap();
+    sidecars.write(0, 10, 10, 5).await;
+    sidecars.assert_exactly_once(20).await;
+    sidecars.signal(0, "TERM");
+    let stopped = sidecars.exit_status(0, Duration::from_secs(20)).await;
+    assert!(stopped.is_some_and(|s| s.success()), "{stopped:?}");
+    let db = sidecars.mesh.regions[0].db.clone();
+    sidecars.mesh.regions[0].app.close().await;
+    std::fs::copy(&backup, &db).unwrap();
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+    }
+    sidecars.mesh.regions[0].app = weft::harness::app_pool(&db).await.unwrap();
+    sidecars.write(0, 20, 5, 5).await;
+    sidecars.spawn(0, None).await;
+    sidecars.assert_exactly_once(25).await;
+    let said = region_log(&sidecars, 0);
+    assert!(
+        said.contains("went back in time"),
+        "east never found it went back:\n{said}"
+    );
+    sidecars.write(0, 25, 5, 5).await;
+    sidecars.write(1, 0, 5, 5).await;
+    sidecars.assert_exactly_once(35).await;
     sidecars.terminate_all();
 }

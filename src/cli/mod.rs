@@ -308,6 +308,15 @@ async fn status(path: PathBuf, json: bool) -> anyhow::Result<()> {
             p.peer, p.origin, p.acked, p.unacked
         );
     }
+    if !status.positions.is_empty() {
+        println!("\nkafka                                  position");
+        for (source, next) in &status.positions {
+            match source.strip_prefix("published:") {
+                Some(published) => println!("  published {published:<28} seq {next}"),
+                None => println!("  reading   {source:<28} offset {next}"),
+            }
+        }
+    }
     if let Some(audit) = &status.last_audit {
         let at = audit["at_micros"].as_i64().unwrap_or(now);
         println!(

@@ -57,6 +57,42 @@ pub struct Args {
     /// regions, all-to-all.
     #[arg(long)]
     pub topology: Option<std::path::PathBuf>,
+    /// The links: gRPC streams, or Kafka topics on an Apache Kafka broker the demo starts.
+    #[arg(long, value_enum, default_value_t = Links::Grpc)]
+    pub transport: Links,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Links {
+    Grpc,
+    Kafka,
+}
+
+/// With `--transport kafka`, a broker for the demo, and the topology's links on it.
+#[cfg(feature = "kafka")]
+fn kafka_links(links: Links, topology: &mut crate::config::Topology) -> anyhow::Result<Option<super::kafka::Broker>> {
+    if links == Links::Grpc {
+        return Ok(None);
+    }
+    println!("starting an Apache Kafka broker (KRaft) for the Kafka links...");
+    let broker = super::kafka::Broker::start()?;
+    topology.transport = crate::config::Transport::Kafka;
+    topology.links.clear();
+    topology.kafka = Some(crate::config::KafkaClusters {
+        bootstrap: Some(broker.bootstrap.clone()),
+        regions: Default::default(),
+    });
+    topology.mesh = format!("demo-{}", rand::random::<u32>());
+    Ok(Some(broker))
+}
+
+#[cfg(not(feature = "kafka"))]
+fn kafka_links(links: Links, _: &mut crate::config::Topology) -> anyhow::Result<Option<()>> {
+    anyhow::ensure!(
+        links == Links::Grpc,
+        "this weft was built without Kafka: build it with `--features kafka` for --transport kafka"
+    );
+    Ok(None)
 }
 
 /// One region's application in the demo workload.
@@ -196,17 +232,23 @@ fn tables() -> [TableConfig; 5] {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let seed = args.seed.unwrap_or_else(rand::random);
     let (dir, _temp) = super::work_dir(args.dir.as_deref())?;
-    let topology = match &args.topology {
+    let mut topology = match &args.topology {
         Some(file) => crate::config::Topology::load(file)?,
         None => LoopbackMesh::all_to_all(&["us-east", "eu-west", "ap-south"]),
     };
+    let _broker = kafka_links(args.transport, &mut topology)?;
     let regions: Vec<String> = topology.nodes.iter().map(|n| n.region.clone()).collect();
     println!(
-        "weft demo: {} regions on loopback, {}, LWW; seed {seed}; files in {}",
+        "weft demo: {} regions on loopback, {}, {} links, LWW; seed {seed}; files in {}",
         regions.len(),
         toml::Value::try_from(topology.shape)
             .map(|v| v.to_string())
             .unwrap_or_default(),
+        if args.transport == Links::Kafka {
+            "Kafka"
+        } else {
+            "gRPC"
+        },
         dir.display()
     );
     let mut mesh = LoopbackMesh::create(&dir, &topology, SCHEMA, &tables(), &ReplicationConfig::default()).await?;

@@ -368,6 +368,8 @@ pub trait Txn {
     async fn insert_dead_letter(&mut self, letter: &DeadLetter<'_>) -> Result<(), StoreError>;
     /// Where reading a stream source resumes (`Store::apply_from`).
     async fn position(&mut self, source: &str) -> Result<Option<i64>, StoreError>;
+    /// Every stored position: (source, next), by source.
+    async fn positions(&mut self) -> Result<Vec<(String, i64)>, StoreError>;
     async fn set_position(&mut self, position: &crate::store::Position) -> Result<(), StoreError>;
     /// Whether this transaction's writes skip foreign-key checks and actions (SQLite's
     /// applier, PostgreSQL's as a replica): only then may the engine delete and rewrite rows
@@ -580,6 +582,10 @@ macro_rules! forward_txn_io {
 
         async fn position(&mut self, source: &str) -> Result<Option<i64>, $crate::store::StoreError> {
             metadata::position(self.conn, source).await
+        }
+
+        async fn positions(&mut self) -> Result<Vec<(String, i64)>, $crate::store::StoreError> {
+            metadata::positions(self.conn).await
         }
 
         async fn set_position(&mut self, position: &$crate::store::Position) -> Result<(), $crate::store::StoreError> {

@@ -44,6 +44,13 @@ macro_rules! metadata_io {
             Ok(sqlx::query_scalar(sql).bind(source).fetch_optional(&mut *conn).await?)
         }
 
+        /// Every stored position, by source: where reading each topic resumes, and how far
+        /// each publisher's log is in its topic.
+        pub(super) async fn positions(conn: &mut $conn) -> Result<Vec<(String, i64)>, $crate::store::StoreError> {
+            let sql = meta("SELECT source, next FROM {w}positions ORDER BY source");
+            Ok(sqlx::query_as(sql).fetch_all(&mut *conn).await?)
+        }
+
         /// Records where reading `source` resumes, in the transaction of what was read.
         pub(super) async fn set_position(
             conn: &mut $conn,

@@ -174,6 +174,10 @@ pub struct Status {
     pub joining: Option<snapshot::JoinState>,
     /// What the last background audit found (`transport::audit::Summary`), if one ran.
     pub last_audit: Option<serde_json::Value>,
+    /// Stored positions of Kafka links: where reading each peer's topic resumes (the
+    /// topic's name, next offset), and how far this node's log is published
+    /// (`published:<topic>:<origin>`, last seq).
+    pub positions: Vec<(String, i64)>,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]

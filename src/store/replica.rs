@@ -363,6 +363,7 @@ impl<B: Backend> Replica<B> {
             peers: Vec::new(),
             joining: None,
             last_audit: None,
+            positions: Vec::new(),
         };
         for (peer, origins) in peers {
             for origin in origins {
@@ -377,6 +378,7 @@ impl<B: Backend> Replica<B> {
             .node_text(crate::store::checksum::LAST_AUDIT)
             .await?;
         status.last_audit = audit.and_then(|json| serde_json::from_str(&json).ok());
+        status.positions = self.backend.txn(&Tables::new(), &mut tx).positions().await?;
         tx.commit().await?;
         Ok(status)
     }

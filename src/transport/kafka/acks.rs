@@ -181,7 +181,7 @@ pub async fn confirm_history(ctx: Context, peers: Vec<NodeId>) {
             }
             Ok(History::WentBack { from: None, topic_has }) => {
                 failures += 1;
-                if failures == 1 || failures.is_multiple_of(30) {
+                if failures == 1 || failures.is_multiple_of(300) {
                     let ours = ctx.store.last_seq().await;
                     tracing::warn!(
                         topic_has,
@@ -193,14 +193,20 @@ pub async fn confirm_history(ctx: Context, peers: Vec<NodeId>) {
             }
             Err(error) => {
                 failures += 1;
-                if failures == 1 || failures.is_multiple_of(30) {
+                if failures == 5 || failures.is_multiple_of(300) {
                     tracing::warn!(%error, "cannot check this node's history on Kafka yet; local changes wait in the outbox");
                 }
             }
         }
+        // Quickly at first (a fresh cluster is still making its offsets topic), then calmly.
+        let pause = if failures < 20 {
+            Duration::from_millis(100)
+        } else {
+            Duration::from_secs(1)
+        };
         tokio::select! {
             _ = stopped(&mut shutdown) => return,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::time::sleep(pause) => {}
         }
     }
 }

@@ -97,7 +97,7 @@ pub fn client(config: &NodeConfig, region: &str) -> Result<ClientConfig, LinkErr
 /// Creates `topic` with one partition (and the cluster's default replication) if it does
 /// not exist; refuses a topic of more partitions, whose order would not be total.
 pub async fn ensure_topic(client: &ClientConfig, topic: &str) -> Result<(), LinkError> {
-    let admin: AdminClient<DefaultClientContext> = client.create()?;
+    let admin: std::sync::Arc<AdminClient<DefaultClientContext>> = std::sync::Arc::new(client.create()?);
     let new = NewTopic::new(topic, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "delete");
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     for result in admin.create_topics([&new], &options).await? {
@@ -107,15 +107,23 @@ pub async fn ensure_topic(client: &ClientConfig, topic: &str) -> Result<(), Link
             Err((_, code)) => return Err(rdkafka::error::KafkaError::AdminOp(code).into()),
         }
     }
-    let topic_name = topic.to_owned();
-    let partitions = tokio::task::spawn_blocking(move || {
-        let metadata = admin
-            .inner()
-            .fetch_metadata(Some(&topic_name), Duration::from_secs(30))?;
-        Ok::<_, rdkafka::error::KafkaError>(metadata.topics().first().map_or(0, |t| t.partitions().len()))
-    })
-    .await
-    .expect("the metadata task does not panic")?;
+    // A topic just created may show no partitions until its metadata has spread.
+    let mut partitions = 0;
+    for _ in 0..50 {
+        let (admin, topic_name) = (admin.clone(), topic.to_owned());
+        partitions = tokio::task::spawn_blocking(move || {
+            let metadata = admin
+                .inner()
+                .fetch_metadata(Some(&topic_name), Duration::from_secs(30))?;
+            Ok::<_, rdkafka::error::KafkaError>(metadata.topics().first().map_or(0, |t| t.partitions().len()))
+        })
+        .await
+        .expect("the metadata task does not panic")?;
+        if partitions > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     if partitions != 1 {
         return Err(LinkError::Partitions {
             topic: topic.to_owned(),
