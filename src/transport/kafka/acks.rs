@@ -158,11 +158,12 @@ pub async fn confirm_history(ctx: Context, peers: Vec<NodeId>) {
     let mut shutdown = ctx.shutdown.clone();
     let mut failures = 0u32;
     let mut asked = false;
+    let mut check = HistoryCheck::default();
     loop {
         if *ctx.verified.borrow() {
             return;
         }
-        match history(&ctx, &peers).await {
+        match check.run(&ctx, &peers).await {
             Ok(History::Confirmed) => {
                 ctx.verify();
                 return;
@@ -221,34 +222,55 @@ enum History {
     },
 }
 
-async fn history(ctx: &Context, peers: &[NodeId]) -> Result<History, LinkError> {
-    let me = &ctx.config.node;
-    let client = super::client(&ctx.config, ctx.config.region())?;
-    let topic = record::topic(&ctx.config.topology.mesh, me);
-    super::ensure_topic(&client, &topic).await?;
-    let scan = {
-        let (me, topic) = (me.clone(), topic.clone());
-        tokio::task::spawn_blocking(move || last_own_seq(&client, &topic, &me))
-    };
-    let topic_has = scan.await.expect("the topic scan does not panic")?.unwrap_or(0);
-    let mut best: Option<(NodeId, u64)> = None;
-    for peer in peers {
-        if let Some((_, receipt)) = Receipts::new(ctx, peer)?.read().await? {
-            let has = receipt.frontiers.get(me).copied().unwrap_or(0);
-            if best.as_ref().is_none_or(|(_, b)| has > *b) {
-                best = Some((peer.clone(), has));
+/// What the history check reads once and keeps between attempts: the last own seq in this
+/// node's topic (nothing is published of the node's own events past its database until the
+/// check passes, so it cannot grow meanwhile), and a receipt reader per peer.
+#[derive(Default)]
+struct HistoryCheck {
+    topic_has: Option<u64>,
+    receipts: Vec<(NodeId, Receipts)>,
+}
+
+impl HistoryCheck {
+    async fn run(&mut self, ctx: &Context, peers: &[NodeId]) -> Result<History, LinkError> {
+        let me = &ctx.config.node;
+        let topic_has = match self.topic_has {
+            Some(seq) => seq,
+            None => {
+                let client = super::client(&ctx.config, ctx.config.region())?;
+                let topic = record::topic(&ctx.config.topology.mesh, me);
+                super::ensure_topic(&client, &topic).await?;
+                let me = me.clone();
+                let scan = tokio::task::spawn_blocking(move || last_own_seq(&client, &topic, &me));
+                *self
+                    .topic_has
+                    .insert(scan.await.expect("the topic scan does not panic")?.unwrap_or(0))
+            }
+        };
+        if self.receipts.is_empty() {
+            for peer in peers {
+                self.receipts.push((peer.clone(), Receipts::new(ctx, peer)?));
             }
         }
+        let mut best: Option<(NodeId, u64)> = None;
+        for (peer, receipts) in &self.receipts {
+            if let Some((_, receipt)) = receipts.read().await? {
+                let has = receipt.frontiers.get(me).copied().unwrap_or(0);
+                if best.as_ref().is_none_or(|(_, b)| has > *b) {
+                    best = Some((peer.clone(), has));
+                }
+            }
+        }
+        let ours = ctx.store.last_seq().await;
+        let peer_has = best.as_ref().map_or(0, |(_, has)| *has);
+        if topic_has.max(peer_has) <= ours {
+            return Ok(History::Confirmed);
+        }
+        let from = best
+            .filter(|(_, has)| *has >= topic_has)
+            .map(|(peer, peer_has)| crate::transport::handshake::WentBack { peer, peer_has, ours });
+        Ok(History::WentBack { topic_has, from })
     }
-    let ours = ctx.store.last_seq().await;
-    let peer_has = best.as_ref().map_or(0, |(_, has)| *has);
-    if topic_has.max(peer_has) <= ours {
-        return Ok(History::Confirmed);
-    }
-    let from = best
-        .filter(|(_, has)| *has >= topic_has)
-        .map(|(peer, peer_has)| crate::transport::handshake::WentBack { peer, peer_has, ours });
-    Ok(History::WentBack { topic_has, from })
 }
 
 /// Records read back from the end of a topic at a time, looking for this node's own.

@@ -57,16 +57,12 @@ pub async fn consume_peer(ctx: Context, peer: NodeId) {
             Ok(()) => return,
             Err(error) => error,
         };
-        let needs = match &error {
-            LinkError::Expired { .. } => Some(frontier(&ctx, &peer).await + 1),
-            LinkError::Gap { have, .. } => Some(have + 1),
+        let reseeding = match &error {
+            LinkError::Expired { .. } => Some((peer.clone(), frontier(&ctx, &peer).await + 1)),
+            LinkError::Gap { origin, have, .. } => Some((origin.clone(), have + 1)),
             _ => None,
         };
-        if let Some(needs) = needs {
-            let origin = match &error {
-                LinkError::Gap { origin, .. } => origin.clone(),
-                _ => peer.clone(),
-            };
+        if let Some((origin, needs)) = reseeding {
             reseed(&ctx, &peer, origin, needs, error.to_string()).await;
             from_beginning = true;
             continue;
@@ -216,8 +212,8 @@ impl<'a> Reader<'a> {
 
     /// Takes the messages already fetched, without waiting, up to a run's worth.
     fn drain_ready(&mut self) -> Result<(), LinkError> {
+        let mut events: usize = self.held.iter().map(|h| h.events.len()).sum();
         loop {
-            let events: usize = self.held.iter().map(|h| h.events.len()).sum();
             if events >= MAX_RUN_EVENTS && !self.batch_open() {
                 return Ok(());
             }
@@ -225,6 +221,7 @@ impl<'a> Reader<'a> {
                 return Ok(());
             };
             let held = self.take(message)?;
+            events += held.events.len();
             self.held.push(held);
         }
     }
