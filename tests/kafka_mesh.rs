@@ -9,6 +9,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::sidecars::Sidecars;
+use common::strategies;
 use weft::config::{KafkaClusters, LinkSpec, ReplicationConfig, Shape, Topology, Transport};
 use weft::harness::kafka::Broker;
 use weft::harness::loopback::LoopbackMesh;
@@ -120,6 +121,44 @@ async fn three_sidecars_converge_over_kafka_exactly_once() {
             "{source} in {positions:?}"
         );
     }
+    sidecars.terminate_all();
+}
+
+/// Every strategy on Kafka links gives the outcome it gives on gRPC (the scenarios are
+/// shared with `processes.rs`): a CRDT counter, an ownership transfer under load, a queued
+/// row resolved once for all regions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crdt_counter_decremented_in_two_regions_over_kafka_adds_up() {
+    let _shared = FAULTS.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sidecars = sidecars(dir.path(), kafka_mesh("crdt", Shape::AllToAll, Vec::new())).await;
+    sidecars.spawn_all().await;
+    strategies::counter_decremented_from_two_regions(&sidecars).await;
+    assert_read_over_kafka(&sidecars, "crdt", &[(0, "west-1"), (1, "east-1"), (2, "east-1")]).await;
+    sidecars.terminate_all();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ownership_transfer_under_load_over_kafka_loses_no_write() {
+    let _shared = FAULTS.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sidecars = sidecars(dir.path(), kafka_mesh("ownership", Shape::AllToAll, Vec::new())).await;
+    sidecars.spawn_all().await;
+    strategies::ownership_transfer_under_load(&sidecars).await;
+    // South writes nothing here: only east's and west's topics hold records.
+    let reads = [(0, "west-1"), (1, "east-1"), (2, "east-1"), (2, "west-1")];
+    assert_read_over_kafka(&sidecars, "ownership", &reads).await;
+    sidecars.terminate_all();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_row_edited_in_three_regions_over_kafka_is_resolved_once_for_all() {
+    let _shared = FAULTS.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sidecars = sidecars(dir.path(), kafka_mesh("queue", Shape::AllToAll, Vec::new())).await;
+    sidecars.spawn_all().await;
+    strategies::queued_row_edited_everywhere_resolved_once(&sidecars).await;
+    assert_read_over_kafka(&sidecars, "queue", &ALL_READS).await;
     sidecars.terminate_all();
 }
 

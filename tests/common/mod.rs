@@ -4,6 +4,7 @@ pub mod mixed;
 pub mod proxy;
 pub mod regions;
 pub mod sidecars;
+pub mod strategies;
 
 use std::path::Path;
 use std::time::Duration;
