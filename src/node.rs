@@ -48,7 +48,7 @@ pub enum NodeError {
     )]
     NoSecurity(String),
     #[error(
-        "the topology puts {0} on a Kafka link, but this weft was built without Kafka: build it with \
+        "the topology asks for Kafka ({0}), but this weft was built without Kafka: build it with \
          `--features kafka` (on by default), or make the link grpc"
     )]
     NoKafka(String),
@@ -213,6 +213,9 @@ fn start_kafka(
     for peer in kafka_in {
         tasks.spawn(kafka::consume::consume_peer(ctx.clone(), peer));
     }
+    if ctx.config.topology.kafka_changes() {
+        tasks.spawn(kafka::publish::changes_loop(ctx.clone()));
+    }
     Ok(())
 }
 
@@ -224,7 +227,11 @@ fn start_kafka(
     kafka_in: Vec<NodeId>,
 ) -> Result<(), NodeError> {
     match kafka_out.first().or(kafka_in.first()) {
-        Some(peer) => Err(NodeError::NoKafka(format!("{} and {peer}", ctx.config.node))),
+        Some(peer) => Err(NodeError::NoKafka(format!(
+            "the link between {} and {peer}",
+            ctx.config.node
+        ))),
+        None if ctx.config.topology.kafka_changes() => Err(NodeError::NoKafka("[kafka] changes".into())),
         None => Ok(()),
     }
 }
@@ -498,7 +505,12 @@ async fn audit_loop(ctx: Context, metrics: Arc<Metrics>, every: Duration) {
 /// Persists acknowledgements, trims the log, and logs a status line now and then.
 async fn upkeep_loop(ctx: Context, metrics: Arc<Metrics>) {
     let mut shutdown = ctx.shutdown.clone();
-    let needs_by_origin = topology::log_needs(&ctx.config.topology, &ctx.config.node, ctx.config.relay_repair());
+    let mut needs_by_origin = topology::log_needs(&ctx.config.topology, &ctx.config.node, ctx.config.relay_repair());
+    if ctx.config.topology.kafka_changes() {
+        // The changes topic is a reader of this node's own events, like a peer.
+        let own = needs_by_origin.entry(ctx.config.node.clone()).or_default();
+        own.push(crate::transport::record::CHANGES_READER.into());
+    }
     let mut persisted: BTreeMap<(NodeId, NodeId), u64> = BTreeMap::new();
     let mut ticks = 0u64;
     let mut applied_at_last_retry = 0;

@@ -217,11 +217,7 @@ async fn a_region_restored_from_before_purged_deletes_does_not_bring_the_rows_ba
     s.update_shared(1, 100, "kept").await;
     s.mesh.wait_converged(Duration::from_secs(30)).await.unwrap();
     let backup = dir.path().join("east-backup.db");
-    let take = format!("VACUUM INTO '{}'", backup.display());
-    sqlx::raw_sql(sqlx::AssertSqlSafe(take))
-        .execute(&s.mesh.regions[0].app)
-        .await
-        .unwrap();
+    s.back_up(0, &backup).await;
     // After the backup: east writes (so its restored database is behind its peers), west
     // deletes the rows, and every region purges their tombstones.
     s.write(0, 0, 5, 5).await;
@@ -240,13 +236,7 @@ async fn a_region_restored_from_before_purged_deletes_does_not_bring_the_rows_ba
             .await
             .is_some_and(|e| e.success())
     );
-    let db = s.mesh.regions[0].db.clone();
-    s.mesh.regions[0].app.close().await;
-    std::fs::copy(&backup, &db).unwrap();
-    for suffix in ["-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
-    }
-    s.mesh.regions[0].app = weft::harness::app_pool(&db).await.unwrap();
+    s.restore(0, &backup).await;
     assert_eq!(
         scalar(&s, 0, "SELECT count(*) FROM shared WHERE id <= 5").await,
         5,

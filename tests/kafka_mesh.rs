@@ -34,7 +34,7 @@ fn kafka_mesh(mesh: &str, shape: Shape, links: Vec<LinkSpec>) -> Topology {
     topology.links = links;
     topology.kafka = Some(KafkaClusters {
         bootstrap: Some(broker().bootstrap.clone()),
-        regions: Default::default(),
+        ..Default::default()
     });
     topology
 }
@@ -362,23 +362,13 @@ async fn a_region_restored_from_an_older_copy_on_kafka_loses_no_new_write() {
     sidecars.write(0, 0, 10, 5).await;
     sidecars.assert_exactly_once(10).await;
     let backup = dir.path().join("east-backup.db");
-    let take = format!("VACUUM INTO '{}'", backup.display());
-    sqlx::raw_sql(sqlx::AssertSqlSafe(take))
-        .execute(&sidecars.mesh.regions[0].app)
-        .await
-        .unwrap();
+    sidecars.back_up(0, &backup).await;
     sidecars.write(0, 10, 10, 5).await;
     sidecars.assert_exactly_once(20).await;
     sidecars.signal(0, "TERM");
     let stopped = sidecars.exit_status(0, Duration::from_secs(20)).await;
     assert!(stopped.is_some_and(|s| s.success()), "{stopped:?}");
-    let db = sidecars.mesh.regions[0].db.clone();
-    sidecars.mesh.regions[0].app.close().await;
-    std::fs::copy(&backup, &db).unwrap();
-    for suffix in ["-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
-    }
-    sidecars.mesh.regions[0].app = weft::harness::app_pool(&db).await.unwrap();
+    sidecars.restore(0, &backup).await;
     sidecars.write(0, 20, 5, 5).await;
     sidecars.spawn(0, None).await;
     sidecars.assert_exactly_once(25).await;
@@ -389,6 +379,215 @@ async fn a_region_restored_from_an_older_copy_on_kafka_loses_no_new_write() {
     );
     sidecars.write(0, 25, 5, 5).await;
     sidecars.write(1, 0, 5, 5).await;
+    sidecars.assert_exactly_once(35).await;
+    sidecars.terminate_all();
+}
+
+/// Reads `topic` from its beginning until `count` records came (or 30 s passed).
+fn read_topic(topic: &str, count: usize) -> Vec<rdkafka::message::OwnedMessage> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &broker().bootstrap)
+        .set("group.id", "a-consumer-that-does-not-speak-weft")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    assignment
+        .add_partition_offset(topic, 0, rdkafka::Offset::Beginning)
+        .unwrap();
+    consumer.assign(&assignment).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut read = Vec::new();
+    while read.len() < count && std::time::Instant::now() < deadline {
+        if let Some(message) = consumer.poll(Duration::from_millis(200)) {
+            read.push(message.unwrap().detach());
+        }
+    }
+    read
+}
+
+/// `[kafka] changes` on a mesh whose links are gRPC: each node also publishes its own
+/// changes, one JSON document per change in Debezium's shape, into its changes topic, where
+/// a plain Kafka consumer reads them in commit order, once each, and only its own; the
+/// changes topic acknowledges what it took, as a peer does, so the log keeps what it lacks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_node_publishes_its_own_changes_as_json_documents_for_plain_consumers() {
+    use rdkafka::Message as _;
+    let _shared = FAULTS.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut topology = kafka_mesh("changes", Shape::AllToAll, Vec::new());
+    topology.transport = Transport::Grpc;
+    topology.kafka.as_mut().unwrap().changes = true;
+    let sidecars = sidecars(dir.path(), topology).await;
+    sidecars.spawn_all().await;
+    sidecars.write(0, 0, 50, 5).await;
+    sidecars.write(1, 0, 20, 5).await;
+    sidecars.update_shared(0, 1, "east").await;
+    // Captured before it goes (a row written and deleted between two captures is no change).
+    sidecars.assert_exactly_once(70).await;
+    sqlx::query("DELETE FROM shared WHERE id = 1")
+        .execute(&sidecars.mesh.regions[0].app)
+        .await
+        .unwrap();
+    sidecars.assert_exactly_once(70).await;
+
+    let read = read_topic("weft.changes.east-1.changes", 52);
+    let documents: Vec<serde_json::Value> = (read.iter())
+        .map(|m| serde_json::from_slice(m.payload().unwrap()).unwrap())
+        .collect();
+    assert_eq!(documents.len(), 52, "50 inserts, an upsert and a delete: {documents:?}");
+    let seqs: Vec<u64> = documents.iter().map(|d| d["source"]["seq"].as_u64().unwrap()).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "in commit order, once each: {seqs:?}"
+    );
+    for (i, document) in documents[..50].iter().enumerate() {
+        assert_eq!(
+            (document["op"].as_str(), document["source"]["table"].as_str()),
+            (Some("u"), Some("items"))
+        );
+        assert_eq!(document["after"]["v"], i as i64, "{document}");
+        assert_eq!(document["source"]["node"], "east-1", "only east's own changes");
+    }
+    assert_eq!(documents[50]["after"]["v"], "east");
+    assert_eq!(
+        (documents[51]["op"].as_str(), documents[51]["source"]["key"][0].as_i64()),
+        (Some("d"), Some(1))
+    );
+    let key = read[51].key().unwrap();
+    assert_eq!(key, br#"{"key":[1],"table":"shared"}"#);
+    let west = read_topic("weft.changes.west-1.changes", 20);
+    assert_eq!(west.len(), 20);
+    for m in &west {
+        let document: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+        assert_eq!(document["source"]["node"], "west-1");
+    }
+
+    let east = &sidecars.mesh.regions[0].app;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let acked: Option<i64> = sqlx::query_scalar("SELECT seq FROM _weft_acks WHERE peer = '~changes'")
+            .fetch_optional(east)
+            .await
+            .unwrap();
+        if acked == Some(seqs[51] as i64) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the changes topic never acknowledged: {acked:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sidecars.terminate_all();
+}
+
+/// The broker down while a node publishing its changes goes on writing over gRPC links: its
+/// peers acknowledge every event, but the log keeps them all until the changes topic has
+/// them; once the broker is back, the topic gets every change, in order, none lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_keeps_what_the_changes_topic_has_not_taken() {
+    use rdkafka::Message as _;
+    let _alone = FAULTS.write().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut topology = kafka_mesh("changes-outage", Shape::AllToAll, Vec::new());
+    topology.transport = Transport::Grpc;
+    topology.kafka.as_mut().unwrap().changes = true;
+    let sidecars = sidecars(dir.path(), topology).await;
+    sidecars.spawn_all().await;
+    sidecars.write(0, 0, 10, 5).await;
+    sidecars.assert_exactly_once(10).await;
+    assert_eq!(read_topic("weft.changes-outage.east-1.changes", 10).len(), 10);
+    broker().stop(false);
+    sidecars.write(0, 10, 30, 5).await;
+    sidecars.assert_exactly_once(40).await;
+    let east = &sidecars.mesh.regions[0].app;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let acked: Vec<i64> = sqlx::query_scalar("SELECT seq FROM _weft_acks WHERE peer IN ('west-1', 'south-1')")
+            .fetch_all(east)
+            .await
+            .unwrap();
+        if acked == [40, 40] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the peers never acknowledged: {acked:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A few upkeep rounds: the peers' acknowledgements alone would trim the log.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM _weft_log WHERE seq > 10")
+        .fetch_one(east)
+        .await
+        .unwrap();
+    assert_eq!(kept, 30, "the log keeps what the changes topic lacks");
+    broker().restart().unwrap();
+    let read = read_topic("weft.changes-outage.east-1.changes", 40);
+    let seqs: Vec<u64> = (read.iter())
+        .map(|m| {
+            serde_json::from_slice::<serde_json::Value>(m.payload().unwrap()).unwrap()["source"]["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(seqs, (1..=40).collect::<Vec<u64>>());
+    sidecars.terminate_all();
+}
+
+/// A mixed mesh: east sends to west over Kafka and to south over gRPC. East is restored from
+/// an older copy while south, down meanwhile, has no more of east's events than that copy;
+/// only west and east's topic hold the rest. South's confirmation alone must not let east
+/// number new changes (they would reuse seqs the topic has, and west would drop them as
+/// duplicates): east's history is checked against its topic too, and every write ends in
+/// every region exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_region_on_a_mixed_mesh_checks_its_topic_before_numbering() {
+    let _shared = FAULTS.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut topology = kafka_mesh("mixed-restore", Shape::AllToAll, Vec::new());
+    topology.transport = Transport::Grpc;
+    topology.links = vec![LinkSpec {
+        between: ["east-1".into(), "west-1".into()],
+        transport: Transport::Kafka,
+    }];
+    let mut sidecars = sidecars(dir.path(), topology).await;
+    sidecars.spawn_all().await;
+    sidecars.write(0, 0, 10, 5).await;
+    sidecars.assert_exactly_once(10).await;
+    let backup = dir.path().join("east-backup.db");
+    sidecars.back_up(0, &backup).await;
+    for i in [2, 0] {
+        if i == 0 {
+            // Only west (over Kafka) gets these while south is down.
+            sidecars.write(0, 10, 10, 5).await;
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let west: i64 = sqlx::query_scalar("SELECT count(*) FROM items")
+                    .fetch_one(&sidecars.mesh.regions[1].app)
+                    .await
+                    .unwrap();
+                if west == 20 {
+                    break;
+                }
+                assert!(std::time::Instant::now() < deadline, "west never read east's topic");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        sidecars.signal(i, "TERM");
+        let stopped = sidecars.exit_status(i, Duration::from_secs(20)).await;
+        assert!(stopped.is_some_and(|s| s.success()), "{stopped:?}");
+    }
+    sidecars.restore(0, &backup).await;
+    sidecars.write(0, 20, 5, 5).await;
+    sidecars.spawn(2, None).await;
+    sidecars.spawn(0, None).await;
+    sidecars.assert_exactly_once(25).await;
+    sidecars.write(0, 25, 5, 5).await;
+    sidecars.write(2, 0, 5, 5).await;
     sidecars.assert_exactly_once(35).await;
     sidecars.terminate_all();
 }

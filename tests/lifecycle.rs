@@ -282,24 +282,14 @@ async fn a_region_restored_from_an_older_copy_recovers_its_events_and_loses_no_n
         assert!(stopped.is_some_and(|s| s.success()), "{stopped:?}");
     };
     // Last night's backup, taken the way SQLite recommends while the database is in use.
-    let take = format!("VACUUM INTO '{}'", backup.display());
-    sqlx::raw_sql(sqlx::AssertSqlSafe(take))
-        .execute(&sidecars.mesh.regions[0].app)
-        .await
-        .unwrap();
+    sidecars.back_up(0, &backup).await;
     stop_east(&sidecars).await;
     sidecars.spawn(0, None).await;
     sidecars.write(0, 10, 10, 5).await;
     sidecars.update_shared(0, 1, "after the backup").await;
     sidecars.assert_exactly_once(20).await;
     stop_east(&sidecars).await;
-    let db = sidecars.mesh.regions[0].db.clone();
-    sidecars.mesh.regions[0].app.close().await;
-    std::fs::copy(&backup, &db).unwrap();
-    for suffix in ["-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
-    }
-    sidecars.mesh.regions[0].app = weft::harness::app_pool(&db).await.unwrap();
+    sidecars.restore(0, &backup).await;
     // The application is back before its sidecar, and writes: new rows, and a row it had
     // changed after the backup, changed again (its second change since the backup: the same
     // count of changes as the one the others have, from an older state).

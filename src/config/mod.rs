@@ -142,7 +142,11 @@ address = "127.0.0.1:3"
         let cases = [
             (
                 format!("transport = \"kafka\"\n{RING}"),
-                "region `ra` has a node on a Kafka link but no cluster",
+                "region `ra` has a node on a Kafka link (or publishing [kafka] changes) but no cluster",
+            ),
+            (
+                format!("{RING}[kafka]\nchanges = true\nregions = {{ ra = \"k:1\", rc = \"k:3\" }}\n"),
+                "region `rb` has a node on a Kafka link (or publishing [kafka] changes) but no cluster",
             ),
             (
                 format!("transport = \"kafka\"\n{RING}[kafka]\nregions = {{ ra = \"k:1\", rb = \"k:2\" }}\n"),

@@ -62,6 +62,12 @@ pub struct KafkaClusters {
     /// Region → `bootstrap.servers` of that region's cluster.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub regions: BTreeMap<String, String>,
+    /// Every node also publishes its own changes, one JSON document per change in
+    /// Debezium's shape, into `weft.<mesh>.<node>.changes` of its region's cluster: for
+    /// consumers that do not speak weft (analytics, caches, search). Its log keeps what that
+    /// topic has not taken yet, as for a peer.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub changes: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -213,7 +219,7 @@ impl Topology {
                     file,
                     "kafka",
                     format!(
-                        "region `{region}` has a node on a Kafka link but no cluster: add `bootstrap = \"host:port\"` \
+                        "region `{region}` has a node on a Kafka link (or publishing [kafka] changes) but no cluster: add `bootstrap = \"host:port\"` \
                          under [kafka] (one cluster for the mesh), or `{region} = \"host:port\"` under [kafka.regions]"
                     ),
                 ));
@@ -233,8 +239,12 @@ impl Topology {
         Ok(())
     }
 
-    /// The regions with a node on a Kafka link.
+    /// The regions with a node on a Kafka link, or every region when the nodes publish
+    /// their changes.
     fn kafka_regions(&self) -> std::collections::BTreeSet<String> {
+        if self.kafka_changes() {
+            return self.nodes.iter().map(|n| n.region.clone()).collect();
+        }
         let mut regions = std::collections::BTreeSet::new();
         for a in &self.nodes {
             for b in &self.nodes {
@@ -277,6 +287,11 @@ impl Topology {
             .iter()
             .find(|l| (l.between[0] == a && l.between[1] == b) || (l.between[0] == b && l.between[1] == a))
             .map_or(self.transport, |l| l.transport)
+    }
+
+    /// Whether every node publishes its own changes as JSON documents (`[kafka] changes`).
+    pub fn kafka_changes(&self) -> bool {
+        self.kafka.as_ref().is_some_and(|k| k.changes)
     }
 
     /// `bootstrap.servers` of the Kafka cluster `region`'s nodes produce into.

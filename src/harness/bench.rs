@@ -145,7 +145,7 @@ async fn sqlite_run(
         topology.transport = crate::config::Transport::Kafka;
         topology.kafka = Some(crate::config::KafkaClusters {
             bootstrap: Some(bootstrap.to_owned()),
-            regions: Default::default(),
+            ..Default::default()
         });
     }
     let mut mesh = LoopbackMesh::create_with(

@@ -81,6 +81,8 @@ fn kafka_links(links: Links, topology: &mut crate::config::Topology) -> anyhow::
     topology.kafka = Some(crate::config::KafkaClusters {
         bootstrap: Some(broker.bootstrap.clone()),
         regions: Default::default(),
+        // The demo also shows what consumers that do not speak weft read.
+        changes: true,
     });
     topology.mesh = format!("demo-{}", rand::random::<u32>());
     Ok(Some(broker))

@@ -253,7 +253,7 @@ impl Service {
         let ours = self.ctx.store.last_seq().await;
         match handshake::WentBack::check(me, &hello.node_id, &knows, ours) {
             None => {
-                self.ctx.verify();
+                self.ctx.peer_confirmed();
                 Ok(())
             }
             Some(went_back) => {
@@ -475,7 +475,7 @@ impl Outbound<'_> {
                 .request_join(super::join::JoinRequest::went_back(self.peer, &config.node, &went_back));
             return Err(self.protocol("this node's database went back in time; re-seeding from this peer"));
         }
-        self.ctx.verify();
+        self.ctx.peer_confirmed();
         let connected = self.feeder.on_welcome(frontiers, Instant::now());
         self.ctx.connected(self.peer, &connected);
         Ok(inbound)

@@ -310,7 +310,7 @@ async fn join_once(ctx: &Context, peer: &NodeSpec, state: &mut JoinState) -> Res
             peer.id
         );
     }
-    ctx.verify();
+    ctx.peer_confirmed();
     let mut progress = Progress::new(state);
     while let Some(chunk) = chunks.message().await.map_err(refused)? {
         if chunk.done {

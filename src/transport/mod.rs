@@ -297,7 +297,25 @@ impl Context {
         }
     }
 
-    /// A peer confirmed this node's history: capture may number changes.
+    /// Whether this node publishes its log into a Kafka topic (a downstream peer on a Kafka
+    /// link). Its topic may then hold more of its events than any gRPC peer has, so only
+    /// the Kafka history check (`kafka::acks::confirm_history`, which reads the topic)
+    /// confirms its history; a gRPC peer's word is not enough.
+    pub fn publishes_on_kafka(&self) -> bool {
+        let (topology, me) = (&self.config.topology, &self.config.node);
+        (crate::topology::downstream(topology, me).iter())
+            .any(|peer| topology.link_transport(me, &peer.id) == crate::config::Transport::Kafka)
+    }
+
+    /// A gRPC peer (or a join from one) confirmed this node's history: enough unless the
+    /// node publishes on Kafka (`publishes_on_kafka`), where the Kafka check decides.
+    pub fn peer_confirmed(&self) {
+        if !self.publishes_on_kafka() {
+            self.verify();
+        }
+    }
+
+    /// This node's history is confirmed: capture may number changes.
     pub fn verify(&self) {
         self.verified.send_if_modified(|v| {
             let was = *v;

@@ -13,7 +13,15 @@
 //! - **Envelope** (`envelope`): one JSON document per event in the shape Debezium
 //!   consumers know (`before`, `after`, `source`, `op`, `ts_ms`). weft captures the row
 //!   after each write, not before it, so `before` is always null and an insert and an update
-//!   are both `"u"`; a delete is `"d"` with the key in `source.key`.
+//!   are both `"u"`; a delete is `"d"` with the key in `source.key`. With `[kafka] changes`
+//!   in the topology, each node publishes its own events so into `weft.<mesh>.<node>.changes`
+//!   (`changes_topic`, `envelopes`): one record per event, keyed by table and primary key
+//!   (JSON `{"table": .., "key": [..]}`), headers `weft-format` (`weft.v1.Envelope+json`),
+//!   `weft-origin` and `weft-seq`. A change may appear twice there after a crash of the
+//!   publisher (never out of order, never with a hole before it); a consumer that must count
+//!   each once drops a document whose `source.seq` is not past the last it read, unless its
+//!   `source.hlc` is new: a region restored from an older copy numbers new changes after what
+//!   its peers have, which may reuse seqs its changes topic already holds.
 //!
 //! `decode` checks a record against its headers, so a record written by something else, or
 //! damaged, is refused with what is wrong instead of being applied.
@@ -27,6 +35,18 @@ pub const FORMAT: &str = "weft.v1.Batch";
 pub fn topic(mesh: &str, node: &str) -> String {
     format!("weft.{mesh}.{node}")
 }
+
+/// The `weft-format` header of a record of a changes topic.
+pub const ENVELOPE_FORMAT: &str = "weft.v1.Envelope+json";
+
+/// The topic holding `node`'s own changes as JSON documents (`[kafka] changes`).
+pub fn changes_topic(mesh: &str, node: &str) -> String {
+    format!("weft.{mesh}.{node}.changes")
+}
+
+/// The name under which a changes topic acknowledges the events it took, as a peer does,
+/// so the log keeps what it lacks (no node id can hold a `~`).
+pub const CHANGES_READER: &str = "~changes";
 
 /// One Kafka record of a node's topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,6 +173,25 @@ fn describe(seqs: &[u64]) -> String {
     }
 }
 
+/// The records of a changes topic holding `events`, one per event (see the module docs).
+pub fn envelopes(events: &[Event], mesh: &str) -> Vec<Record> {
+    let header = |name: &str, value: String| (name.to_owned(), value.into_bytes());
+    (events.iter())
+        .map(|event| {
+            let key: Vec<serde_json::Value> = event.key.0.iter().map(crate::event::Value::to_json).collect();
+            Record {
+                key: serde_json::json!({ "table": event.table, "key": key }).to_string(),
+                headers: vec![
+                    header("weft-format", ENVELOPE_FORMAT.to_owned()),
+                    header("weft-origin", event.origin.clone()),
+                    header("weft-seq", event.seq.to_string()),
+                ],
+                value: envelope(event, mesh).to_string().into_bytes(),
+            }
+        })
+        .collect()
+}
+
 /// One event as a Debezium-shaped JSON document (see the module docs).
 pub fn envelope(event: &Event, mesh: &str) -> serde_json::Value {
     let (after, op) = match &event.op {
@@ -271,6 +310,21 @@ mod tests {
         assert_eq!(
             (json["op"].as_str(), json["source"]["key"][0].as_i64()),
             (Some("d"), Some(5))
+        );
+    }
+
+    #[test]
+    fn a_changes_record_is_one_event_keyed_by_table_and_key() {
+        let records = envelopes(&[event(4, "four"), event(5, "five")], "prod");
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[1].key, r#"{"key":[5],"table":"t"}"#);
+        let value: serde_json::Value = serde_json::from_slice(&records[1].value).unwrap();
+        assert_eq!(value, envelope(&event(5, "five"), "prod"));
+        let seq = records[1].headers.iter().find(|(k, _)| k == "weft-seq");
+        assert_eq!(seq.map(|(_, v)| v.as_slice()), Some(&b"5"[..]));
+        assert!(
+            decode(&records[1].headers, &records[1].value).is_err(),
+            "not a weft.v1.Batch"
         );
     }
 }

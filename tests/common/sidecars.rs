@@ -222,6 +222,27 @@ impl Sidecars {
             .unwrap();
     }
 
+    /// A copy of region `i`'s database as it is now (`VACUUM INTO`), at `to`.
+    pub async fn back_up(&self, i: usize, to: &Path) {
+        let take = format!("VACUUM INTO '{}'", to.display());
+        sqlx::raw_sql(sqlx::AssertSqlSafe(take))
+            .execute(&self.mesh.regions[i].app)
+            .await
+            .unwrap();
+    }
+
+    /// Puts `backup` in place of region `i`'s database (its sidecar stopped), and reopens the
+    /// application's pool on it.
+    pub async fn restore(&mut self, i: usize, backup: &Path) {
+        let db = self.mesh.regions[i].db.clone();
+        self.mesh.regions[i].app.close().await;
+        std::fs::copy(backup, &db).unwrap();
+        for suffix in ["-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+        }
+        self.mesh.regions[i].app = weft::harness::app_pool(&db).await.unwrap();
+    }
+
     pub fn kill9(&self, i: usize) {
         let child = self.children.lock().unwrap()[i].take();
         if let Some(mut child) = child {

@@ -164,10 +164,13 @@ pub async fn confirm_history(ctx: Context, peers: Vec<NodeId>) {
             return;
         }
         match check.run(&ctx, &peers).await {
-            Ok(History::Confirmed) => {
+            // Not while a re-seed runs (asked by this check or by a gRPC peer that has more
+            // of this node's events): the check runs again after it.
+            Ok(History::Confirmed) if ctx.joining.borrow().is_none() => {
                 ctx.verify();
                 return;
             }
+            Ok(History::Confirmed) => {}
             Ok(History::WentBack {
                 from: Some(went_back), ..
             }) => {

@@ -2,8 +2,10 @@
 //! receiver reads it from there, with the same outcome in the database as the gRPC binding.
 //!
 //! - [`publish`]: the sender's half. One topic per node (`record::topic`), one partition,
-//!   created here if missing; an idempotent producer (`acks=all`) writes the log of every
-//!   origin the node sends over Kafka, record after acknowledged record.
+//!   created here if missing; an idempotent producer (`acks=all`, gapless) writes the log of
+//!   every origin the node sends over Kafka, in order, with no hole. With `[kafka] changes`,
+//!   a second one writes the node's own changes as JSON documents into
+//!   `weft.<mesh>.<node>.changes`.
 //! - [`consume`]: the receiver's half, one reader per upstream peer. It assigns partition 0
 //!   and seeks to the position stored in its own database (no group membership, no
 //!   rebalancing, `auto.offset.reset=error`), applies whole capture batches through the same

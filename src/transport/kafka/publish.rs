@@ -12,13 +12,17 @@
 //!
 //! `publish_loop` runs a publisher in a node: a round whenever the log grows (and every
 //! second), backing off while the cluster is unreachable; the log keeps what is not
-//! published, so an outage of the cluster only delays.
+//! published, so an outage of the cluster only delays. `changes_loop` runs a second one when
+//! the topology asks for `[kafka] changes`: the node's own events as JSON documents
+//! (`record::envelopes`) into `weft.<mesh>.<node>.changes`. It acknowledges what it
+//! published as the reader [`CHANGES_READER`], so the log keeps what that topic lacks.
 use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedHeaders, Header, Headers as _, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 
 use crate::event::NodeId;
 use crate::shutdown::stopped;
@@ -26,7 +30,7 @@ use crate::store::{Position, Store, StoreError};
 
 use super::LinkError;
 use crate::transport::Context;
-use crate::transport::record;
+use crate::transport::record::{self, CHANGES_READER};
 use crate::transport::session::Backoff;
 
 /// Why publishing stopped; the caller retries after a pause.
@@ -40,6 +44,17 @@ pub enum PublishError {
     Log(#[from] crate::wire::WireError),
 }
 
+/// What a publisher writes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Format {
+    /// `weft.v1.Batch` records, the Kafka links' (`record::encode`).
+    #[default]
+    Batches,
+    /// One JSON document per event, for consumers that do not speak weft
+    /// (`record::envelopes`); the mesh's name goes in each document.
+    Envelopes { mesh: String },
+}
+
 /// Publishes one node's log into its topic.
 pub struct Publisher {
     store: Arc<Store>,
@@ -51,6 +66,7 @@ pub struct Publisher {
     /// The largest record value written (the broker's `message.max.bytes` is 1 MiB by
     /// default).
     pub max_record_bytes: usize,
+    pub format: Format,
 }
 
 impl Publisher {
@@ -65,6 +81,8 @@ impl Publisher {
     ) -> Result<Self, PublishError> {
         let producer = client
             .set("enable.idempotence", "true")
+            .set("enable.gapless.guarantee", "true")
+            .set("message.timeout.ms", "0")
             .set("acks", "all")
             .set("linger.ms", "2")
             .create()?;
@@ -75,6 +93,7 @@ impl Publisher {
             origins,
             read_max: 2_000,
             max_record_bytes: 900 * 1024,
+            format: Format::Batches,
         })
     }
 
@@ -101,7 +120,11 @@ impl Publisher {
                 let events = (entries.iter())
                     .map(|e| crate::wire::decode_event(&e.bytes))
                     .collect::<Result<Vec<_>, _>>()?;
-                self.send(&record::encode(&events, self.max_record_bytes)).await?;
+                let records = match &self.format {
+                    Format::Batches => record::encode(&events, self.max_record_bytes),
+                    Format::Envelopes { mesh } => record::envelopes(&events, mesh),
+                };
+                self.send(&records).await?;
                 let position = Position {
                     source: self.source(origin),
                     next: last as i64,
@@ -113,22 +136,49 @@ impl Publisher {
         Ok(written)
     }
 
-    /// Sends `records` one after the other, each once the broker acknowledged the one
-    /// before: the topic's order is the log's, whatever the producer's queue does. A record
-    /// holds up to a capture batch, so this costs one round trip per batch, not per event.
+    /// Sends `records` and waits until the broker has acknowledged them all. They are in
+    /// flight together: the idempotent producer keeps their order in the partition, and with
+    /// `enable.gapless.guarantee` (and no local timeout) a failure that could leave a hole
+    /// behind a record stops the producer instead (it is made again for the next round), so
+    /// the topic never holds a later event without the earlier ones.
     async fn send(&self, records: &[record::Record]) -> Result<(), PublishError> {
+        let mut deliveries = Vec::with_capacity(records.len());
         for r in records {
-            let message = FutureRecord::to(&self.topic)
+            let mut message = FutureRecord::to(&self.topic)
                 .key(&r.key)
                 .payload(&r.value)
                 .headers(kafka_headers(r));
-            self.producer
-                .send(message, Duration::from_secs(30))
-                .await
-                .map_err(|(error, _)| error)?;
+            loop {
+                match self.producer.send_result(message) {
+                    Ok(delivery) => {
+                        deliveries.push(delivery);
+                        break;
+                    }
+                    // The producer's queue is full (large events): let what is in flight land.
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
+                        if !deliveries.is_empty() =>
+                    {
+                        settle(&mut deliveries).await?;
+                        message = back;
+                    }
+                    Err((error, _)) => return Err(error.into()),
+                }
+            }
         }
-        Ok(())
+        settle(&mut deliveries).await
     }
+}
+
+/// Waits for every delivery, in order; the first failure is the answer.
+async fn settle(deliveries: &mut Vec<DeliveryFuture>) -> Result<(), PublishError> {
+    for delivery in deliveries.drain(..) {
+        match delivery.await {
+            Ok(Ok(_)) => {}
+            Ok(Err((error, _))) => return Err(error.into()),
+            Err(_) => return Err(KafkaError::Canceled.into()),
+        }
+    }
+    Ok(())
 }
 
 /// A record's headers as rdkafka sends them.
@@ -154,11 +204,46 @@ pub fn record_headers(headers: Option<&BorrowedHeaders>) -> Vec<(String, Vec<u8>
 pub async fn publish_loop(ctx: Context, peers: Vec<NodeId>) {
     let config = ctx.config.clone();
     let me = config.node.clone();
-    let topic = record::topic(&config.topology.mesh, &me);
     let origins: Vec<NodeId> = (config.topology.nodes.iter())
         .map(|n| n.id.clone())
         .filter(|o| (peers.iter()).any(|p| crate::topology::forwards(&config.topology, &me, p, o)))
         .collect();
+    let job = Job {
+        topic: record::topic(&config.topology.mesh, &me),
+        origins,
+        format: Format::Batches,
+        peers,
+    };
+    run(ctx, job).await;
+}
+
+/// Publishes this node's own changes as JSON documents into its changes topic until
+/// shutdown (`[kafka] changes`).
+pub async fn changes_loop(ctx: Context) {
+    let config = ctx.config.clone();
+    let job = Job {
+        topic: record::changes_topic(&config.topology.mesh, &config.node),
+        origins: vec![config.node.clone()],
+        format: Format::Envelopes {
+            mesh: config.topology.mesh.clone(),
+        },
+        peers: Vec::new(),
+    };
+    run(ctx, job).await;
+}
+
+/// What one publishing loop writes, and for whom.
+struct Job {
+    topic: String,
+    origins: Vec<NodeId>,
+    format: Format,
+    /// The peers reading the topic (told what was sent); none for the changes topic, which
+    /// acknowledges as `CHANGES_READER` instead.
+    peers: Vec<NodeId>,
+}
+
+async fn run(ctx: Context, job: Job) {
+    let topic = &job.topic;
     let mut shutdown = ctx.shutdown.clone();
     let mut log_grew = ctx.log_grew.subscribe();
     let mut backoff = Backoff::default();
@@ -166,30 +251,42 @@ pub async fn publish_loop(ctx: Context, peers: Vec<NodeId>) {
     loop {
         let stopping = *shutdown.borrow();
         let started = tokio::time::Instant::now();
-        let round = round(&ctx, &mut publisher, &topic, &origins);
-        // A last round at shutdown, bounded: what it leaves is published after the restart.
-        let limit = if stopping {
-            Duration::from_secs(5)
+        let round = round(&ctx, &mut publisher, &job);
+        // A round waits while the cluster is away; a stop interrupts it for a last round,
+        // bounded: what it leaves is published after the restart.
+        let outcome = if stopping {
+            match tokio::time::timeout(Duration::from_secs(5), round).await {
+                Ok(outcome) => outcome,
+                Err(_) => return,
+            }
         } else {
-            Duration::MAX
+            tokio::select! {
+                outcome = round => outcome,
+                _ = stopped(&mut shutdown) => continue,
+            }
         };
-        let outcome = tokio::time::timeout(limit, round).await;
         let wait = match outcome {
-            Ok(Ok(own)) => {
-                for peer in &peers {
+            Ok(own) => {
+                for peer in &job.peers {
                     ctx.observer.sent(peer, own);
+                }
+                if job.peers.is_empty() {
+                    let published = [(ctx.config.node.clone(), own)].into_iter().collect();
+                    ctx.record_acks(CHANGES_READER, &published);
                 }
                 backoff = Backoff::default();
                 Duration::from_secs(1)
             }
-            Ok(Err(error)) => {
+            Err(error) => {
+                // A producer stopped by the gapless guarantee cannot go on: a new one starts
+                // from the published seq.
+                publisher = None;
                 let redial = backoff.on_failure(started.elapsed());
                 if redial.worth_reporting() {
                     tracing::warn!(%topic, %error, failures = redial.failures, "cannot publish to Kafka; retrying (the log keeps what is not published)");
                 }
                 redial.wait
             }
-            Err(_) => return,
         };
         if stopping {
             return;
@@ -204,23 +301,15 @@ pub async fn publish_loop(ctx: Context, peers: Vec<NodeId>) {
 
 /// One publishing round (making the topic and the producer the first time); returns this
 /// node's own seq published.
-async fn round(
-    ctx: &Context,
-    publisher: &mut Option<Publisher>,
-    topic: &str,
-    origins: &[NodeId],
-) -> Result<u64, LinkError> {
+async fn round(ctx: &Context, publisher: &mut Option<Publisher>, job: &Job) -> Result<u64, LinkError> {
     let publisher = match publisher {
         Some(publisher) => publisher,
         None => {
             let client = super::client(&ctx.config, ctx.config.region())?;
-            super::ensure_topic(&client, topic).await?;
-            publisher.insert(Publisher::new(
-                ctx.store.clone(),
-                client,
-                topic.to_owned(),
-                origins.to_vec(),
-            )?)
+            super::ensure_topic(&client, &job.topic).await?;
+            let mut made = Publisher::new(ctx.store.clone(), client, job.topic.clone(), job.origins.clone())?;
+            made.format = job.format.clone();
+            publisher.insert(made)
         }
     };
     publisher.publish_pending().await?;
