@@ -18,6 +18,7 @@
 //!   algorithm over the SQLite and PostgreSQL dialects, and the admin API), [`transport`] (a
 //!   sans-IO session per peer, bound to gRPC);
 //! - shell: [`node`] (wiring; the only module that spawns tasks), [`telemetry`] (figures),
+//!   [`http`] (the operations endpoints: Prometheus metrics, health probes),
 //!   [`cli`] (parses and prints), [`harness`] (demo, benchmark and test fixtures; feature
 //!   `harness`).
 // A panic in a sidecar stops replication: shipped code says why it cannot fail (`expect`).
@@ -35,6 +36,7 @@ pub mod crdt;
 pub mod event;
 #[cfg(feature = "harness")]
 pub mod harness;
+pub mod http;
 pub mod node;
 pub mod replicate;
 pub mod resolve;

@@ -52,6 +52,11 @@ pub enum NodeError {
          `--features kafka` (on by default), or make the link grpc"
     )]
     NoKafka(String),
+    #[error("[http] token_file {path}: {source}; write the token /metrics wants into it, or remove token_file")]
+    Token {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 pub struct Node {
@@ -59,6 +64,8 @@ pub struct Node {
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
     pub listen: SocketAddr,
+    /// Where the operations endpoints listen (`[http]`), if they are on.
+    pub http: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
     fatal: watch::Sender<Option<String>>,
@@ -133,12 +140,14 @@ impl Node {
             tasks.spawn(audit_loop(ctx.clone(), metrics.clone(), every));
         }
         tasks.spawn(crate::transport::join::join_loop(ctx.clone(), join_requests_rx));
+        let http = start_http(&mut tasks, &ctx, &metrics).await?;
         tracing::info!(node = %config.node, %listen, peers = topology::downstream(&config.topology, &config.node).len(), "weft node started");
         Ok(Self {
             config,
             store,
             metrics,
             listen,
+            http,
             shutdown,
             tasks,
             fatal,
@@ -354,6 +363,54 @@ fn server_tls(config: &NodeConfig) -> Result<Option<Arc<ServerTls>>, NodeError> 
             key: key.clone(),
         })?))),
     }
+}
+
+/// Starts the operations endpoints of `[http]`, if configured; returns where they listen.
+async fn start_http(
+    tasks: &mut JoinSet<()>,
+    ctx: &Context,
+    metrics: &Arc<Metrics>,
+) -> Result<Option<SocketAddr>, NodeError> {
+    let Some(http) = &ctx.config.http else {
+        return Ok(None);
+    };
+    let token = match &http.token_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|source| NodeError::Token {
+                path: path.clone(),
+                source,
+            })?;
+            Some(Arc::from(text.trim()))
+        }
+        None => None,
+    };
+    let tls = match &ctx.config.security {
+        Security::Tls { ca, cert, key } => Some(crate::transport::tls::http_server_config(&Paths {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+        })?),
+        _ => None,
+    };
+    let listener = TcpListener::bind(http.listen)
+        .await
+        .map_err(|source| NodeError::Listen {
+            address: http.listen.to_string(),
+            source,
+        })?;
+    let at = listener.local_addr().map_err(|source| NodeError::Listen {
+        address: http.listen.to_string(),
+        source,
+    })?;
+    let endpoints = crate::http::Endpoints {
+        ctx: ctx.clone(),
+        metrics: metrics.clone(),
+        token,
+        ready_max_lag: http.ready_max_lag,
+    };
+    tasks.spawn(crate::http::serve(endpoints, listener, tls));
+    tracing::info!(%at, https = ctx.config.security != Security::Insecure, "serving /metrics, /healthz and /readyz");
+    Ok(Some(at))
 }
 
 /// Serves the replication service on `listener` until shutdown, over TLS or plain text.

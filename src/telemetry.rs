@@ -10,6 +10,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use hdrhistogram::Histogram;
+use prometheus_client::metrics::family::Family;
 
 use crate::event::NodeId;
 use crate::store::ApplyReport;
@@ -24,6 +25,19 @@ pub struct PeerState {
     pub reconnects: u64,
     /// Origins relayed to this peer because their direct link to it is down.
     pub relaying: Vec<NodeId>,
+    /// How far ahead of this node's clock the peer's was at its last heartbeat (negative:
+    /// behind), the network's delay included.
+    pub clock_ahead_ms: i64,
+}
+
+/// Labels of the exported metrics: (name, value) pairs.
+pub type Labels = Vec<(&'static str, String)>;
+
+fn lag_histogram() -> prometheus_client::metrics::histogram::Histogram {
+    // 1 ms to about 65 s, doubling.
+    prometheus_client::metrics::histogram::Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.001, 2.0, 17,
+    ))
 }
 
 pub struct Metrics {
@@ -57,6 +71,10 @@ pub struct Metrics {
     /// Batches refused from peers (forged origins, paths, versions, clocks).
     pub refused_batches: AtomicU64,
     lag_micros: Mutex<Histogram<u64>>,
+    /// Capture-to-apply lag in seconds per origin (label `origin`), for `/metrics`.
+    pub lag_by_origin: Family<Labels, prometheus_client::metrics::histogram::Histogram>,
+    /// The lag of the newest event applied from each origin (µs), for `/readyz`.
+    newest_lag: Mutex<BTreeMap<NodeId, i64>>,
     peers: Mutex<BTreeMap<NodeId, PeerState>>,
 }
 
@@ -83,6 +101,8 @@ impl Default for Metrics {
             tombstones_purged: AtomicU64::new(0),
             refused_batches: AtomicU64::new(0),
             lag_micros: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")),
+            lag_by_origin: Family::new_with_constructor(lag_histogram),
+            newest_lag: Mutex::new(BTreeMap::new()),
             peers: Mutex::new(BTreeMap::new()),
         }
     }
@@ -117,6 +137,24 @@ impl Metrics {
         for &at in &report.committed_at {
             let _ = lag.record((now_micros - at).max(1) as u64);
         }
+        drop(lag);
+        let mut at = report.committed_at.iter();
+        let mut newest = self.newest_lag.lock().expect("newest lag lock");
+        for (origin, n) in &report.committed_by {
+            let histogram = self.lag_by_origin.get_or_create(&vec![("origin", origin.clone())]);
+            for &committed in at.by_ref().take(*n) {
+                histogram.observe((now_micros - committed).max(0) as f64 / 1e6);
+                newest.insert(origin.clone(), now_micros - committed);
+            }
+        }
+    }
+
+    /// The lag of the newest event applied from each origin.
+    pub fn newest_lags(&self) -> Vec<(NodeId, std::time::Duration)> {
+        let newest = self.newest_lag.lock().expect("newest lag lock");
+        (newest.iter())
+            .map(|(origin, &micros)| (origin.clone(), std::time::Duration::from_micros(micros.max(0) as u64)))
+            .collect()
     }
 
     pub fn lag(&self) -> Lag {
@@ -193,7 +231,10 @@ impl PeerObserver for Metrics {
         self.record_apply(report, now_micros);
     }
 
-    fn clock_skew(&self) {
-        self.skew_reports.fetch_add(1, Ordering::Relaxed);
+    fn clock_offset(&self, peer: &str, ahead_ms: i64, refused: bool) {
+        if refused {
+            self.skew_reports.fetch_add(1, Ordering::Relaxed);
+        }
+        self.update_peer(peer, |p| p.clock_ahead_ms = ahead_ms);
     }
 }

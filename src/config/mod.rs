@@ -10,7 +10,10 @@ mod topology;
 
 use std::path::{Path, PathBuf};
 
-pub use node::{Database, KAFKA_RESERVED, KafkaFile, NodeConfig, NodeConfigFile, ReplicationConfig, Security, TlsFile};
+pub use node::{
+    Database, HttpConfig, HttpFile, KAFKA_RESERVED, KafkaFile, NodeConfig, NodeConfigFile, ReplicationConfig, Security,
+    TlsFile,
+};
 pub use tables::{OwnerRange, OwnerRule, Strategy, TableConfig, UnknownColumns};
 pub use topology::{KafkaClusters, LinkSpec, NodeSpec, Shape, Topology, Transport};
 
@@ -192,6 +195,26 @@ address = "127.0.0.1:3"
             err.contains("kafka.settings.auto.offset.reset") && err.contains("set by weft"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_http_section_takes_an_address_a_lag_and_a_token_file() {
+        let t = Topology::parse(TOPOLOGY, Path::new("t.toml")).unwrap();
+        let f = node_file("[http]\nlisten = \"0.0.0.0:9464\"\ntoken_file = \"scrape.token\"");
+        let c = NodeConfig::resolve(f, t.clone(), Path::new("a.toml")).unwrap();
+        let http = c.http.unwrap();
+        assert_eq!(http.listen.port(), 9464);
+        assert_eq!(http.ready_max_lag, std::time::Duration::from_secs(30), "the default");
+        assert_eq!(http.token_file.as_deref(), Some(Path::new("scrape.token")));
+        assert_eq!(
+            NodeConfig::resolve(node_file(""), t.clone(), Path::new("a.toml"))
+                .unwrap()
+                .http,
+            None
+        );
+        let f = node_file("[http]\nlisten = \"metrics.local\"");
+        let err = NodeConfig::resolve(f, t, Path::new("a.toml")).unwrap_err().to_string();
+        assert!(err.contains("http.listen") && err.contains("not a host:port"), "{err}");
     }
 
     fn node_file(extra: &str) -> NodeConfigFile {

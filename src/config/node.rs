@@ -148,7 +148,38 @@ pub struct NodeConfigFile {
     /// Client settings for the Kafka links (`security.protocol`, `sasl.*`, `ssl.*`, ...).
     #[serde(default)]
     pub kafka: KafkaFile,
+    /// The operations endpoints (`/metrics`, `/healthz`, `/readyz`); off without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpFile>,
     pub tables: Vec<TableConfig>,
+}
+
+/// The `[http]` section as written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpFile {
+    /// `host:port` to serve on (HTTPS with the node's certificate under mutual TLS).
+    pub listen: String,
+    /// `/readyz` fails while the newest event applied from some origin was older than this
+    /// when it landed.
+    #[serde(default = "default_ready_max_lag_secs")]
+    pub ready_max_lag_secs: u64,
+    /// A file holding the token `/metrics` wants as `Authorization: Bearer <token>`
+    /// (relative to the config file's folder); without it `/metrics` is open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+}
+
+fn default_ready_max_lag_secs() -> u64 {
+    30
+}
+
+/// The operations endpoints, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpConfig {
+    pub listen: std::net::SocketAddr,
+    pub ready_max_lag: Duration,
+    pub token_file: Option<PathBuf>,
 }
 
 /// The `[kafka]` section: librdkafka settings passed through to every Kafka client of the
@@ -283,6 +314,8 @@ pub struct NodeConfig {
     pub security: Security,
     /// librdkafka settings of the `[kafka]` section.
     pub kafka: std::collections::BTreeMap<String, String>,
+    /// The operations endpoints, if configured.
+    pub http: Option<HttpConfig>,
 }
 
 impl ReplicationConfig {
@@ -352,6 +385,9 @@ impl NodeConfig {
             path,
         )?;
         config.security = Security::resolve(file.tls.as_ref(), base, &config.topology, path)?;
+        if let Some(http) = &mut config.http {
+            http.token_file = http.token_file.as_ref().map(|f| base.join(f));
+        }
         Ok(config)
     }
 
@@ -405,7 +441,25 @@ impl NodeConfig {
                 "is set by weft (the brokers come from the topology's [kafka]; the rest carries its guarantees); remove it",
             ));
         }
+        let http = match &file.http {
+            None => None,
+            Some(h) => Some(HttpConfig {
+                listen: h.listen.parse().map_err(|e| {
+                    invalid(
+                        path,
+                        "http.listen",
+                        format!(
+                            "`{}` is not a host:port address ({e}); write for example \"0.0.0.0:9464\"",
+                            h.listen
+                        ),
+                    )
+                })?,
+                ready_max_lag: Duration::from_secs(h.ready_max_lag_secs),
+                token_file: h.token_file.clone(),
+            }),
+        };
         Ok(Self {
+            http,
             kafka: file.kafka.settings.clone(),
             dial: file.dial.clone(),
             listen: file.listen.clone().unwrap_or_else(|| spec.address.clone()),

@@ -78,6 +78,10 @@ pub fn admit<'e>(
         frontier.processed += 1;
         frontier.changed = true;
         report.committed_at.push(event.committed_at_micros);
+        match report.committed_by.last_mut() {
+            Some((origin, n)) if *origin == event.origin => *n += 1,
+            _ => report.committed_by.push((event.origin.clone(), 1)),
+        }
         admitted.push(event);
     }
     admitted

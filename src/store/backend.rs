@@ -164,6 +164,8 @@ pub trait Backend: Send + Sync + Sized + 'static {
     ) -> Result<(), StoreError>;
     /// What `peer` has acknowledged of `origin`, and the log backlog past it.
     async fn backlog(conn: &mut Conn<Self>, peer: &str, origin: &str) -> Result<PeerStatus, StoreError>;
+    /// The conflict log by table and strategy, dead letters by cause, the open queue.
+    async fn breakdown(conn: &mut Conn<Self>) -> Result<crate::store::Breakdown, StoreError>;
 
     /// Closes the backend's own connections (the writer is closed by its owner).
     async fn close(self);

@@ -211,6 +211,29 @@ macro_rules! metadata_io {
             })
         }
 
+        /// The conflict log by table and strategy, dead letters by cause, the open queue.
+        pub(super) async fn breakdown(
+            conn: &mut $conn,
+        ) -> Result<$crate::store::Breakdown, $crate::store::StoreError> {
+            let sql = meta("SELECT tbl, strategy, count(*) FROM {w}conflicts GROUP BY tbl, strategy ORDER BY tbl, strategy");
+            let conflicts: Vec<(String, String, i64)> = sqlx::query_as(sql).fetch_all(&mut *conn).await?;
+            let sql = meta("SELECT cause, count(*) FROM {w}dead_letters GROUP BY cause ORDER BY cause");
+            let dead_letters: Vec<(String, i64)> = sqlx::query_as(sql).fetch_all(&mut *conn).await?;
+            let sql = meta("SELECT count(*) FROM {w}queue WHERE closed_at IS NULL");
+            let queue_open: i64 = sqlx::query_scalar(sql).fetch_one(&mut *conn).await?;
+            let sql = meta(
+                "SELECT count(*) FROM {w}siblings s JOIN {w}queue q ON q.tbl = s.tbl AND q.key = s.key \
+                 WHERE q.closed_at IS NULL",
+            );
+            let queue_siblings: i64 = sqlx::query_scalar(sql).fetch_one(&mut *conn).await?;
+            Ok($crate::store::Breakdown {
+                conflicts: (conflicts.into_iter()).map(|(t, s, n)| (t, s, n as u64)).collect(),
+                dead_letters: (dead_letters.into_iter()).map(|(c, n)| (c, n as u64)).collect(),
+                queue_open: queue_open as u64,
+                queue_siblings: queue_siblings as u64,
+            })
+        }
+
         fn behind_log_key(peer: &str, origin: &str) -> String {
             format!("behind_log:{peer}:{origin}")
         }

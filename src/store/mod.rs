@@ -129,6 +129,8 @@ pub struct ApplyReport {
     pub skew: Vec<SkewReport>,
     /// `committed_at_micros` of every event processed past the frontier (lag figures).
     pub committed_at: Vec<i64>,
+    /// The origins of `committed_at`, run-length encoded: (origin, how many in a row).
+    pub committed_by: Vec<(NodeId, usize)>,
     /// Frontiers of the origins in the run, after commit.
     pub frontiers: BTreeMap<NodeId, u64>,
     /// The run skipped ahead of a frontier: (origin, frontier, seq received). Nothing from
@@ -178,6 +180,20 @@ pub struct Status {
     /// topic's name, next offset), and how far this node's log is published
     /// (`published:<topic>:<origin>`, last seq).
     pub positions: Vec<(String, i64)>,
+    /// What the database counts by table, strategy and cause.
+    pub breakdown: Breakdown,
+}
+
+/// Counts of a status snapshot by kind, for the operations endpoints (`http`).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Breakdown {
+    /// The conflict log's entries by (table, strategy): every concurrent write resolved.
+    pub conflicts: Vec<(String, String, u64)>,
+    /// Dead letters held, by cause.
+    pub dead_letters: Vec<(String, u64)>,
+    /// Conflicts waiting in the resolution queue, and the versions side by side in them.
+    pub queue_open: u64,
+    pub queue_siblings: u64,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]

@@ -364,6 +364,7 @@ impl<B: Backend> Replica<B> {
             joining: None,
             last_audit: None,
             positions: Vec::new(),
+            breakdown: B::breakdown(&mut tx).await?,
         };
         for (peer, origins) in peers {
             for origin in origins {

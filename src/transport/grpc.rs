@@ -574,10 +574,13 @@ impl Outbound<'_> {
                     .feeder
                     .on_heartbeat(frontiers_from_proto(beat.frontiers), &beat.relay_wanted, now);
                 self.ctx.follow(self.peer, effects);
-                if let Err(skew) = self.ctx.store.clock().observe_now(crate::event::Hlc(beat.hlc)) {
-                    tracing::warn!(peer = %self.peer, ahead_ms = skew.ahead_ms, "peer clock ahead of max_clock_skew");
-                    self.ctx.observer.clock_skew();
+                let remote = crate::event::Hlc(beat.hlc);
+                let ahead_ms = remote.physical_ms() - crate::clock::now_micros() / 1000;
+                let refused = self.ctx.store.clock().observe_now(remote).is_err();
+                if refused {
+                    tracing::warn!(peer = %self.peer, ahead_ms, "peer clock ahead of max_clock_skew");
                 }
+                self.ctx.observer.clock_offset(self.peer, ahead_ms, refused);
             }
             Some(_) => return Err(self.protocol("unexpected frame")),
             None => return Err(self.protocol("peer closed the stream")),

@@ -54,8 +54,9 @@ pub trait PeerObserver: Send + Sync {
     fn applied(&self, report: &ApplyReport, now_micros: i64);
     /// A peer was found behind this node's log (it needs a re-seed).
     fn behind_log(&self, _peer: &str) {}
-    /// A peer's clock was too far ahead to adopt.
-    fn clock_skew(&self);
+    /// A peer's clock, read from its heartbeat: `ahead_ms` ahead of this node's (negative:
+    /// behind; the network's delay included), and whether that was too far to adopt.
+    fn clock_offset(&self, peer: &str, ahead_ms: i64, refused: bool);
     /// Rows of a snapshot this node installed while joining.
     fn joined_rows(&self, _rows: u64) {}
     /// A batch from a peer was refused (`handshake::Refusal`).

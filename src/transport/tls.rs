@@ -105,6 +105,20 @@ fn server_config(paths: &Paths) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     Ok(Arc::new(config))
 }
 
+/// TLS for the operations endpoints (`http`): the node's own certificate, no client
+/// certificate asked for (a scraper or a browser has none; `/metrics` takes a token
+/// instead), HTTP/1.1.
+pub fn http_server_config(paths: &Paths) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(read_certs("the certificate", &paths.cert)?, read_key(&paths.key)?)
+        .map_err(|e| TlsError::Config(format!("{} with {}: {e}", paths.cert.display(), paths.key.display())))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
 fn stamp(paths: &Paths) -> Vec<Option<SystemTime>> {
     [&paths.ca, &paths.cert, &paths.key]
         .iter()

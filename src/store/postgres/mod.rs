@@ -427,6 +427,10 @@ impl Backend for Postgres {
         metadata::backlog(conn, peer, origin).await
     }
 
+    async fn breakdown(conn: &mut PgConnection) -> Result<crate::store::Breakdown, StoreError> {
+        metadata::breakdown(conn).await
+    }
+
     async fn close(self) {
         self.readers.close().await;
     }

@@ -326,6 +326,10 @@ impl Backend for Sqlite {
         metadata::backlog(conn, peer, origin).await
     }
 
+    async fn breakdown(conn: &mut SqliteConnection) -> Result<crate::store::Breakdown, StoreError> {
+        metadata::breakdown(conn).await
+    }
+
     async fn close(self) {
         self.readers.close().await;
         if let Some(poller) = self.poller.into_inner() {

@@ -1,0 +1,196 @@
+//! The operations endpoints of real `weft run` processes (`[http]`): `/metrics` scraped over
+//! HTTPS (the node's certificate, the mesh CA) during a workload and while a region is dead,
+//! `/healthz`, `/readyz`, and the bearer token `/metrics` wants.
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::sidecars::Sidecars;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const TOKEN: &str = "s3cret-scrape-token";
+
+/// Turns the endpoints on in every region's config; returns where each listens.
+fn enable_http(sidecars: &Sidecars) -> Vec<u16> {
+    let dir = &sidecars.mesh.dir;
+    std::fs::write(dir.join("metrics.token"), format!("{TOKEN}\n")).unwrap();
+    let ports = weft::harness::loopback::free_ports(sidecars.mesh.regions.len()).unwrap();
+    for (region, port) in sidecars.mesh.regions.iter().zip(&ports) {
+        let mut config = std::fs::read_to_string(&region.config_file).unwrap();
+        config += &format!(
+            "\n[http]\nlisten = \"127.0.0.1:{port}\"\nready_max_lag_secs = 10\ntoken_file = \"metrics.token\"\n"
+        );
+        std::fs::write(&region.config_file, config).unwrap();
+    }
+    ports
+}
+
+/// One HTTPS GET, trusting only the mesh CA and expecting `node`'s certificate.
+async fn get(dir: &Path, port: u16, node: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in rustls::pki_types::CertificateDer::pem_file_iter(dir.join("certs/ca.pem")).unwrap() {
+        roots.add(ca.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(node.to_owned()).unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {node}\r\n{auth}Connection: close\r\n\r\n");
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    let _ = tls.read_to_string(&mut response).await;
+    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of the series `name` whose labels include every one of `labels` (`k="v"`).
+fn value(metrics: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")))
+        .find(|line| labels.iter().all(|l| line.contains(l)))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Polls `probe` until it holds, or fails saying `what` with the last answer.
+async fn until<F: AsyncFn() -> (bool, String)>(what: &str, within: Duration, probe: F) {
+    let started = Instant::now();
+    loop {
+        let (done, said) = probe().await;
+        if done {
+            return;
+        }
+        assert!(started.elapsed() < within, "{what}; last answer:\n{said}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_probes_of_running_sidecars_follow_a_workload_and_a_dead_region() {
+    let dir = tempfile::tempdir().unwrap();
+    let sidecars = Sidecars::new(dir.path()).await;
+    let ports = enable_http(&sidecars);
+    let d = dir.path();
+    let nodes = ["east-1", "west-1", "south-1"];
+    let metrics = async |i: usize| get(d, ports[i], nodes[i], "/metrics", Some(TOKEN)).await.1;
+
+    // Alone, east is alive but not ready: no peer has confirmed its database's history.
+    sidecars.spawn(0, None).await;
+    until("east never answered /healthz", Duration::from_secs(10), async || {
+        let (status, body) = get(d, ports[0], nodes[0], "/healthz", None).await;
+        (status == 200, body)
+    })
+    .await;
+    let (status, body) = get(d, ports[0], nodes[0], "/readyz", None).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("no peer has confirmed"), "{body}");
+    let (status, body) = get(d, ports[0], nodes[0], "/metrics", None).await;
+    assert_eq!(status, 401, "no token: {body}");
+    assert!(body.contains("Authorization: Bearer"), "{body}");
+    assert_eq!(get(d, ports[0], nodes[0], "/metrics", Some("wrong")).await.0, 401);
+
+    sidecars.spawn(1, None).await;
+    sidecars.spawn(2, None).await;
+    for i in 0..3 {
+        until("a region never became ready", Duration::from_secs(30), async || {
+            let (status, body) = get(d, ports[i], nodes[i], "/readyz", None).await;
+            (status == 200, body)
+        })
+        .await;
+    }
+
+    // A workload: what west applies from east shows in its counters and lag histogram.
+    tokio::join!(sidecars.write(0, 0, 300, 10), sidecars.write(1, 0, 100, 10));
+    sidecars.assert_exactly_once(400).await;
+    let west = metrics(1).await;
+    for name in [
+        "weft_build_info",
+        "weft_events_captured_total",
+        "weft_events_dropped_duplicate_total",
+        "weft_events_dropped_looped_total",
+        "weft_history_confirmed",
+        "weft_peer_connected",
+        "weft_peer_backlog_events",
+        "weft_peer_rpo_exposure_seconds",
+        "weft_peer_clock_ahead_seconds",
+        "weft_queue_open_conflicts",
+        "weft_queue_open_siblings",
+        "weft_log_events",
+    ] {
+        assert!(west.contains(&format!("\n{name}")), "{name} missing:\n{west}");
+    }
+    let own = ["node=\"west-1\"", "region=\"west\""];
+    assert!(
+        value(&west, "weft_events_applied_total", &own).unwrap() >= 300.0,
+        "{west}"
+    );
+    assert_eq!(value(&west, "weft_events_captured_total", &own), Some(100.0), "{west}");
+    assert_eq!(value(&west, "weft_history_confirmed", &own), Some(1.0));
+    let lag_count = |text: &str| value(text, "weft_replication_lag_seconds_count", &["origin=\"east-1\""]);
+    assert!(lag_count(&west).unwrap() >= 300.0, "{west}");
+    assert!(west.contains("weft_replication_lag_seconds_bucket{"), "{west}");
+
+    // South dies; east goes on writing, and south's application writes a row east also
+    // writes (a conflict once south is back).
+    sidecars.kill9(2);
+    sidecars.update_shared(2, 7, "south").await;
+    sidecars.write(0, 300, 100, 10).await;
+    sidecars.update_shared(0, 7, "east").await;
+    let to_south = ["peer=\"south-1\"", "origin=\"east-1\""];
+    until(
+        "east never showed south's backlog",
+        Duration::from_secs(20),
+        async || {
+            let text = metrics(0).await;
+            let backlog = value(&text, "weft_peer_backlog_events", &to_south).unwrap_or(0.0);
+            let exposure = value(&text, "weft_peer_rpo_exposure_seconds", &to_south).unwrap_or(0.0);
+            let connected = value(&text, "weft_peer_connected", &["peer=\"south-1\""]);
+            (backlog >= 101.0 && exposure > 0.0 && connected == Some(0.0), text)
+        },
+    )
+    .await;
+    // The survivors stay ready: traffic must be able to go there now.
+    let (status, body) = get(d, ports[0], nodes[0], "/readyz", None).await;
+    assert_eq!(status, 200, "{body}");
+
+    sidecars.spawn(2, None).await;
+    sidecars.assert_exactly_once(500).await;
+    until(
+        "east's backlog to south never drained",
+        Duration::from_secs(20),
+        async || {
+            let text = metrics(0).await;
+            let backlog = value(&text, "weft_peer_backlog_events", &to_south);
+            (backlog == Some(0.0), text)
+        },
+    )
+    .await;
+    let mut conflicts = 0.0;
+    for i in 0..3 {
+        let text = metrics(i).await;
+        conflicts += value(&text, "weft_conflicts_total", &["table=\"shared\""]).unwrap_or(0.0);
+        assert!(value(&text, "weft_peer_reconnects_total", &[]).is_some(), "{text}");
+    }
+    assert!(
+        conflicts >= 1.0,
+        "the concurrent writes of row 7 are counted as conflicts"
+    );
+    sidecars.terminate_all();
+}
