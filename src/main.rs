@@ -9,12 +9,14 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> std::process::ExitCode {
     let cli = weft::cli::Cli::parse();
     let default_filter = cli.command.default_log_filter();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        weft::cli::LogFormat::Text => logs.init(),
+        weft::cli::LogFormat::Json => logs.json().init(),
+    }
     // A panic in one task would leave a half-alive sidecar (that task gone, the others still
     // answering). Stop the whole process instead, saying why, so a supervisor (systemd,
     // Kubernetes) restarts it; everything resumes from the database, nothing is lost.
@@ -28,10 +30,14 @@ fn main() -> std::process::ExitCode {
         .enable_all()
         .build()
         .expect("starting the tokio runtime");
+    let format = cli.log_format;
     match runtime.block_on(weft::cli::main(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("weft: {error:#}");
+            match format {
+                weft::cli::LogFormat::Text => eprintln!("weft: {error:#}"),
+                weft::cli::LogFormat::Json => tracing::error!(error = format!("{error:#}"), "weft stopped"),
+            }
             std::process::ExitCode::FAILURE
         }
     }

@@ -245,3 +245,92 @@ fn demo_runs_on_a_ring() {
     assert!(stdout.contains("4 regions on loopback, \"ring\""), "{stdout}");
     assert!(stdout.contains("CONVERGED: all 4 regions"), "{stdout}");
 }
+
+/// `--log-format json`: every line `weft run` logs is one JSON object (for log shippers),
+/// with its level, target, message and fields.
+#[test]
+fn run_logs_one_json_object_per_line_with_log_format_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // b never runs: a starts, waits for a peer, and logs meanwhile.
+    let topology = format!(
+        "version = 1\nmesh = \"t\"\nshape = \"all-to-all\"\n[[nodes]]\nid = \"a\"\nregion = \"ra\"\naddress = \"127.0.0.1:{port}\"\n\
+         [[nodes]]\nid = \"b\"\nregion = \"rb\"\naddress = \"127.0.0.1:9\"\n"
+    );
+    write(dir.path(), "t.toml", &topology);
+    let config = write(
+        dir.path(),
+        "a.toml",
+        "version = 1\nnode = \"a\"\ntopology = \"t.toml\"\ndatabase = \"a.db\"\n[[tables]]\nname = \"x\"\nstrategy = \"lww\"\n[tls]\ninsecure = true\n",
+    );
+    make_database(&dir.path().join("a.db"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(&config)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if child.try_wait().unwrap().is_some() {
+            panic!("weft run exited: {:?}", child.wait_with_output().unwrap());
+        }
+        assert!(std::time::Instant::now() < deadline, "weft run never listened");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() >= 2, "{stderr}");
+    for line in &lines {
+        let object: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            object["level"].is_string() && object["fields"]["message"].is_string(),
+            "{line}"
+        );
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("weft node started") && l.contains("\"node\":\"a\"")),
+        "{stderr}"
+    );
+    // A command that fails says why in JSON too.
+    let out = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["--log-format", "json", "run", "--config", "missing.toml"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    let object: serde_json::Value = serde_json::from_str(said.trim()).unwrap_or_else(|e| panic!("{e}: {said}"));
+    assert_eq!(object["level"], "ERROR", "{said}");
+    assert!(
+        object["fields"]["error"].as_str().unwrap().contains("missing.toml"),
+        "{said}"
+    );
+}
+
+/// A SQLite file holding the replicated table `x`.
+fn make_database(path: &std::path::Path) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let app = weft::harness::app_pool(path).await.unwrap();
+        sqlx::raw_sql("CREATE TABLE x (id INTEGER PRIMARY KEY, v TEXT)")
+            .execute(&app)
+            .await
+            .unwrap();
+        app.close().await;
+    });
+}

@@ -22,8 +22,18 @@ use crate::store::Store;
 #[derive(Parser, Debug)]
 #[command(name = "weft", version, about = "Active-active multi-region replication mesh")]
 pub struct Cli {
+    /// How log lines are written to standard error: `text` for people, `json` (one object
+    /// per line: timestamp, level, target, message and fields) for log shippers.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "WEFT_LOG_FORMAT")]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
