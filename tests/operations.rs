@@ -183,8 +183,10 @@ async fn metrics_and_probes_of_running_sidecars_follow_a_workload_and_a_dead_reg
     )
     .await;
     let mut conflicts = 0.0;
+    let mut scrapes = String::new();
     for i in 0..3 {
         let text = metrics(i).await;
+        scrapes += &text;
         conflicts += value(&text, "weft_conflicts_total", &["table=\"shared\""]).unwrap_or(0.0);
         assert!(value(&text, "weft_peer_reconnects_total", &[]).is_some(), "{text}");
     }
@@ -192,5 +194,38 @@ async fn metrics_and_probes_of_running_sidecars_follow_a_workload_and_a_dead_reg
         conflicts >= 1.0,
         "the concurrent writes of row 7 are counted as conflicts"
     );
+    readme_deployment_files_name_served_metrics(&scrapes);
     sidecars.terminate_all();
+}
+
+/// The README's *Deployment files* (alert rules, dashboard) name only metrics a sidecar
+/// serves (`scrapes`: every region's, after a workload with a conflict), and the dashboard is
+/// valid JSON.
+fn readme_deployment_files_name_served_metrics(scrapes: &str) {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme
+        .find("### Deployment files")
+        .expect("the README has a Deployment files section");
+    let section = &readme[start..];
+    let section = &section[..section[4..].find("\n### ").map_or(section.len(), |end| end + 4)];
+    let dashboard = section
+        .split("```json\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n```").next());
+    let dashboard: serde_json::Value = serde_json::from_str(dashboard.expect("a JSON dashboard")).unwrap();
+    assert!(dashboard["panels"].as_array().is_some_and(|p| !p.is_empty()));
+    let mut named = std::collections::BTreeSet::new();
+    for (at, _) in section.match_indices("weft_") {
+        let name: String = (section[at..].chars())
+            .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+            .collect();
+        named.insert(name);
+    }
+    assert!(named.len() >= 8, "{named:?}");
+    for name in named {
+        assert!(
+            scrapes.contains(&format!("\n{name}{{")),
+            "the README's deployment files name {name}, which no sidecar serves"
+        );
+    }
 }
