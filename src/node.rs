@@ -113,6 +113,7 @@ impl Node {
             reports: Arc::default(),
             refusals: Arc::default(),
             gate: crate::transport::limits::Gate::new(crate::transport::limits::Limits::of(&config.replication)),
+            catch_ups: Arc::default(),
         };
         let mut tasks = JoinSet::new();
 

@@ -229,3 +229,68 @@ fn readme_deployment_files_name_served_metrics(scrapes: &str) {
         );
     }
 }
+
+/// Long operations show progress: a region back after a large backlog is caught up with
+/// lines saying how far it is behind and how fast it goes, then that it has caught up; an
+/// audit says each table it is done with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_catch_up_and_an_audit_show_their_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let sidecars = Sidecars::new(dir.path()).await;
+    sidecars.spawn_all().await;
+    sidecars.signal(2, "TERM");
+    assert!(
+        sidecars
+            .exit_status(2, Duration::from_secs(20))
+            .await
+            .is_some_and(|s| s.success())
+    );
+    sidecars.write(0, 0, 60_000, 1_000).await;
+    sidecars.spawn(2, None).await;
+    sidecars.assert_exactly_once(60_000).await;
+    let east_log = || plain(&std::fs::read_to_string(dir.path().join("east.log")).unwrap_or_default());
+    until(
+        "east never said south has caught up",
+        Duration::from_secs(20),
+        async || {
+            let log = east_log();
+            (log.contains("the peer has caught up") && log.contains("south-1"), log)
+        },
+    )
+    .await;
+    let log = east_log();
+    let catching: Vec<&str> = log.lines().filter(|l| l.contains("catching the peer up")).collect();
+    assert!(
+        catching
+            .iter()
+            .any(|l| l.contains("peer=south-1") && l.contains("behind=")),
+        "{log}"
+    );
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["audit", "--config"])
+        .arg(&sidecars.mesh.regions[0].config_file)
+        .output()
+        .unwrap();
+    let said = plain(&String::from_utf8_lossy(&out.stderr));
+    let tables = sidecars.mesh.tables.len();
+    for i in 1..=tables {
+        assert!(said.contains(&format!("done=\"{i}/{tables}\"")), "{said}");
+    }
+    assert!(said.contains("audited a table"), "{said}");
+    sidecars.terminate_all();
+}
+
+/// `text` without its terminal colours.
+fn plain(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().take_while(|c| *c != 'm').for_each(drop);
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}

@@ -354,8 +354,21 @@ impl Audit {
     pub async fn run(mut self) -> Result<Report, AuditError> {
         let started = Instant::now();
         let tables: Vec<String> = self.config.tables.iter().map(|t| t.name.clone()).collect();
-        for table in tables {
+        let count = tables.len();
+        for (i, table) in tables.into_iter().enumerate() {
+            let at = Instant::now();
             let report = self.table(&table).await?;
+            // A long audit shows how far it is.
+            let rows: u64 = report.rows_read.values().sum();
+            tracing::info!(
+                audit = %self.report.audit,
+                %table,
+                done = format!("{}/{count}", i + 1),
+                rows,
+                differing = report.differing.len(),
+                ms = at.elapsed().as_millis() as u64,
+                "audited a table"
+            );
             self.report.tables.push(report);
         }
         self.report.elapsed_ms = started.elapsed().as_millis() as u64;

@@ -125,7 +125,19 @@ pub struct Context {
     pub refusals: Arc<Mutex<std::collections::BTreeSet<(NodeId, &'static str)>>>,
     /// The listener's connection and stream-open limits.
     pub gate: Arc<limits::Gate>,
+    /// Peers being caught up on a large backlog of this node's events (`catching_up`).
+    pub catch_ups: Arc<Mutex<BTreeMap<NodeId, CatchUp>>>,
 }
+
+/// A peer this node's own events are far ahead of: when it was last said, and how far.
+#[derive(Debug, Clone, Copy)]
+pub struct CatchUp {
+    said_at: std::time::Instant,
+    acked_then: u64,
+}
+
+/// How far behind (in this node's own events) a peer must be for its catch-up to be shown.
+pub const CATCH_UP_SHOWN_FROM: u64 = 10_000;
 
 /// The latest report of each node, as learned from acknowledgements and heartbeats (the
 /// node's own, or passed on by peers): what it has applied per origin, its own origin at its
@@ -254,6 +266,7 @@ impl Context {
         }
         if let Some(own) = effects.own_acked {
             self.observer.acked(peer, own);
+            self.catching_up(peer, own);
         }
         if let Some(change) = effects.relay {
             for origin in &change.started {
@@ -263,6 +276,46 @@ impl Context {
                 tracing::info!(%peer, %origin, "stopped relaying {origin}'s events to {peer}: their link is back");
             }
             self.observer.relaying(peer, &change.relaying);
+        }
+    }
+
+    /// Shows a long catch-up of `peer` on this node's own events (it was down, or joined):
+    /// every 5 s while it is `CATCH_UP_SHOWN_FROM` or more behind, how far and how fast, and
+    /// once when it has caught up.
+    pub fn catching_up(&self, peer: &str, acked: u64) {
+        let last = *self.log_grew.borrow();
+        let behind = last.saturating_sub(acked);
+        let now = std::time::Instant::now();
+        let mut catch_ups = self.catch_ups.lock().expect("catch-up lock");
+        match catch_ups.get(peer).copied() {
+            None if behind >= CATCH_UP_SHOWN_FROM => {
+                tracing::info!(%peer, behind, "catching the peer up on this node's events");
+                catch_ups.insert(
+                    peer.to_owned(),
+                    CatchUp {
+                        said_at: now,
+                        acked_then: acked,
+                    },
+                );
+            }
+            Some(_) if behind < CATCH_UP_SHOWN_FROM / 10 => {
+                tracing::info!(%peer, behind, "the peer has caught up on this node's events");
+                catch_ups.remove(peer);
+            }
+            Some(seen) if now.duration_since(seen.said_at) >= std::time::Duration::from_secs(5) => {
+                let secs = now.duration_since(seen.said_at).as_secs_f64();
+                let per_s = acked.saturating_sub(seen.acked_then) as f64 / secs;
+                let eta_s = (per_s > 0.0).then(|| (behind as f64 / per_s).round());
+                tracing::info!(%peer, behind, events_per_s = per_s.round(), eta_s, "catching the peer up on this node's events");
+                catch_ups.insert(
+                    peer.to_owned(),
+                    CatchUp {
+                        said_at: now,
+                        acked_then: acked,
+                    },
+                );
+            }
+            _ => {}
         }
     }
 

@@ -144,6 +144,7 @@ fn acknowledge(ctx: &Context, peer: &str, receipt: Receipt) {
     ctx.record_acks(peer, &receipt.frontiers);
     if let Some(&own) = receipt.frontiers.get(&ctx.config.node) {
         ctx.observer.acked(peer, own);
+        ctx.catching_up(peer, own);
     }
     ctx.learn(peer, crate::wire::reports_to_proto(&receipt.reports));
 }
