@@ -8,8 +8,8 @@
 //! has no token) and say only `ok` or why not.
 //!
 //! `/readyz` is the node's own state, not its peers': it answers 503 while no peer has
-//! confirmed the database's history, while a join runs, and while the newest event applied
-//! from some origin was older than `ready_max_lag_secs` when it landed. A dead peer does not
+//! confirmed the database's history, while a join runs, and while it catches up (an event
+//! applied within the last `ready_max_lag_secs` was older than that when it landed). A dead peer does not
 //! make a surviving region unready (that is when traffic must go there).
 //!
 //! Every series carries the labels `node` and `region` of this sidecar (the receiver, for
@@ -174,14 +174,12 @@ impl Endpoints {
                 join.source, join.rows_done, join.rows_total
             ));
         }
-        for (origin, lag) in self.metrics.newest_lags() {
-            if lag > self.ready_max_lag {
-                reasons.push(format!(
-                    "the newest event applied from {origin} was {:.1} s old (ready_max_lag_secs is {})",
-                    lag.as_secs_f64(),
-                    self.ready_max_lag.as_secs()
-                ));
-            }
+        for (origin, lag) in self.metrics.applying_late(self.ready_max_lag, now_micros()) {
+            reasons.push(format!(
+                "catching up: an event of {origin} applied just now was {:.1} s old (ready_max_lag_secs is {})",
+                lag.as_secs_f64(),
+                self.ready_max_lag.as_secs()
+            ));
         }
         reasons
     }
@@ -203,7 +201,7 @@ impl Endpoints {
             prometheus_client::registry::Unit::Seconds,
             self.metrics.lag_by_origin.clone(),
         );
-        peers(&mut r, status, &self.metrics);
+        peers(&mut r, status, &self.metrics, config);
         self.state(&mut r, status);
         breakdown(&mut r, status);
         r
@@ -327,7 +325,7 @@ impl Endpoints {
 }
 
 /// Per peer: the link, and what it has not acknowledged of each origin sent to it.
-fn peers(r: &mut Registry, status: &Status, metrics: &Metrics) {
+fn peers(r: &mut Registry, status: &Status, metrics: &Metrics, config: &crate::config::NodeConfig) {
     let backlog = Family::<Labels, Gauge>::default();
     let exposure = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
     let now = now_micros();
@@ -351,7 +349,9 @@ fn peers(r: &mut Registry, status: &Status, metrics: &Metrics) {
     let connected = Family::<Labels, Gauge>::default();
     let reconnects = Family::<Labels, prometheus_client::metrics::counter::Counter>::default();
     let skew = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
-    for (peer, state) in metrics.peers() {
+    // The streams of gRPC links; a Kafka link has none (its health is its RPO exposure).
+    let on_grpc = |peer: &str| config.topology.link_transport(&config.node, peer) == crate::config::Transport::Grpc;
+    for (peer, state) in metrics.peers().into_iter().filter(|(peer, _)| on_grpc(peer)) {
         let labels = vec![("peer", peer.clone())];
         connected.get_or_create(&labels).set(i64::from(state.connected));
         reconnects.get_or_create(&labels).inc_by(state.reconnects);

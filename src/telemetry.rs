@@ -73,8 +73,9 @@ pub struct Metrics {
     lag_micros: Mutex<Histogram<u64>>,
     /// Capture-to-apply lag in seconds per origin (label `origin`), for `/metrics`.
     pub lag_by_origin: Family<Labels, prometheus_client::metrics::histogram::Histogram>,
-    /// The lag of the newest event applied from each origin (µs), for `/readyz`.
-    newest_lag: Mutex<BTreeMap<NodeId, i64>>,
+    /// The lag of the newest event applied from each origin and when it was applied (µs),
+    /// for `/readyz`.
+    newest_lag: Mutex<BTreeMap<NodeId, (i64, i64)>>,
     peers: Mutex<BTreeMap<NodeId, PeerState>>,
 }
 
@@ -144,16 +145,20 @@ impl Metrics {
             let histogram = self.lag_by_origin.get_or_create(&vec![("origin", origin.clone())]);
             for &committed in at.by_ref().take(*n) {
                 histogram.observe((now_micros - committed).max(0) as f64 / 1e6);
-                newest.insert(origin.clone(), now_micros - committed);
+                newest.insert(origin.clone(), (now_micros - committed, now_micros));
             }
         }
     }
 
-    /// The lag of the newest event applied from each origin.
-    pub fn newest_lags(&self) -> Vec<(NodeId, std::time::Duration)> {
+    /// The origins whose events this node is applying late: an event applied within the
+    /// last `max` was older than `max` when it landed (a catch-up). An origin that sends
+    /// nothing, or whose link is down, is not late: what arrived has been applied.
+    pub fn applying_late(&self, max: std::time::Duration, now_micros: i64) -> Vec<(NodeId, std::time::Duration)> {
+        let max_micros = max.as_micros().min(i64::MAX as u128) as i64;
         let newest = self.newest_lag.lock().expect("newest lag lock");
         (newest.iter())
-            .map(|(origin, &micros)| (origin.clone(), std::time::Duration::from_micros(micros.max(0) as u64)))
+            .filter(|(_, (lag, at))| *lag > max_micros && now_micros - at <= max_micros)
+            .map(|(origin, &(lag, _))| (origin.clone(), std::time::Duration::from_micros(lag.max(0) as u64)))
             .collect()
     }
 
@@ -236,5 +241,36 @@ impl PeerObserver for Metrics {
             self.skew_reports.fetch_add(1, Ordering::Relaxed);
         }
         self.update_peer(peer, |p| p.clock_ahead_ms = ahead_ms);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_node_is_late_while_it_applies_old_events_and_not_once_they_are_applied() {
+        let metrics = Metrics::default();
+        let report = |committed: i64| ApplyReport {
+            committed_at: vec![committed],
+            committed_by: vec![("east-1".to_owned(), 1)],
+            ..ApplyReport::default()
+        };
+        let s = 1_000_000;
+        metrics.record_apply(&report(100 * s), 160 * s);
+        let late = metrics.applying_late(Duration::from_secs(30), 165 * s);
+        assert_eq!(late, [("east-1".to_owned(), Duration::from_secs(60))]);
+        assert!(
+            metrics.applying_late(Duration::from_secs(30), 191 * s).is_empty(),
+            "nothing applied late in the last 30 s: caught up, or nothing sent"
+        );
+        metrics.record_apply(&report(165 * s), 166 * s);
+        assert!(metrics.applying_late(Duration::from_secs(30), 167 * s).is_empty());
+        assert_eq!(
+            Metrics::get(&metrics.processed),
+            2,
+            "the lag figures count each event once"
+        );
     }
 }

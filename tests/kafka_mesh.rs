@@ -82,6 +82,7 @@ async fn three_sidecars_converge_over_kafka_exactly_once() {
     let _shared = FAULTS.read().await;
     let dir = tempfile::tempdir().unwrap();
     let sidecars = sidecars(dir.path(), kafka_mesh("converge", Shape::AllToAll, Vec::new())).await;
+    let ports = common::http::enable_http(&sidecars);
     sidecars.spawn_all().await;
     write_everywhere(&sidecars, 0, 600).await;
     sidecars.update_shared(0, 1, "east").await;
@@ -109,6 +110,18 @@ async fn three_sidecars_converge_over_kafka_exactly_once() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
+    // `/metrics` on Kafka links: lag per origin and the peers' backlog from their receipts;
+    // no stream state (a Kafka link has no stream to be down).
+    let scrape = common::http::get(dir.path(), ports[0], "east-1", "/metrics", Some(common::http::TOKEN)).await;
+    assert_eq!(scrape.0, 200, "{}", scrape.1);
+    let lag = common::http::value(&scrape.1, "weft_replication_lag_seconds_count", &["origin=\"west-1\""]);
+    assert!(lag.is_some_and(|n| n >= 600.0), "{}", scrape.1);
+    let backlog = ["peer=\"west-1\"", "origin=\"east-1\""];
+    assert_eq!(
+        common::http::value(&scrape.1, "weft_peer_backlog_events", &backlog),
+        Some(0.0)
+    );
+    assert!(!scrape.1.contains("weft_peer_connected{"), "{}", scrape.1);
     let positions = status["positions"].as_array().unwrap();
     for source in [
         "weft.converge.west-1",

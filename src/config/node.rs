@@ -160,8 +160,8 @@ pub struct NodeConfigFile {
 pub struct HttpFile {
     /// `host:port` to serve on (HTTPS with the node's certificate under mutual TLS).
     pub listen: String,
-    /// `/readyz` fails while the newest event applied from some origin was older than this
-    /// when it landed.
+    /// `/readyz` fails while events applied within the last this-many seconds were older
+    /// than that when they landed (the node is catching up).
     #[serde(default = "default_ready_max_lag_secs")]
     pub ready_max_lag_secs: u64,
     /// A file holding the token `/metrics` wants as `Authorization: Bearer <token>`

@@ -1,5 +1,6 @@
 //! Shared set-up for the integration tests: real SQLite files in a temporary folder.
 #![allow(dead_code)]
+pub mod http;
 pub mod mixed;
 pub mod proxy;
 pub mod regions;
