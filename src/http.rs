@@ -106,9 +106,9 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(endpoints): State<Endpoints>) -> Response {
-    let status = endpoints.status().await;
-    let reasons = match &status {
-        Ok(status) => endpoints.unready(status),
+    // A probe comes every few seconds: it reads only the join, not the whole status.
+    let reasons = match endpoints.ctx.store.join_state().await {
+        Ok(joining) => endpoints.unready(joining.as_ref()),
         Err(error) => vec![format!("cannot read the database: {error}")],
     };
     if reasons.is_empty() {
@@ -163,12 +163,12 @@ impl Endpoints {
     }
 
     /// Why this node is not ready; empty when it is.
-    fn unready(&self, status: &Status) -> Vec<String> {
+    fn unready(&self, joining: Option<&crate::store::snapshot::JoinState>) -> Vec<String> {
         let mut reasons = Vec::new();
         if !*self.ctx.verified.borrow() {
             reasons.push("no peer has confirmed this database's history yet".to_owned());
         }
-        if let Some(join) = &status.joining {
+        if let Some(join) = joining {
             reasons.push(format!(
                 "joining from {} by snapshot ({}/{} rows)",
                 join.source, join.rows_done, join.rows_total

@@ -82,16 +82,7 @@ impl Node {
         let config = Arc::new(config);
         let tls = server_tls(&config)?;
         let store = open_store(&config).await?;
-        let listener = TcpListener::bind(&config.listen)
-            .await
-            .map_err(|source| NodeError::Listen {
-                address: config.listen.clone(),
-                source,
-            })?;
-        let listen = listener.local_addr().map_err(|source| NodeError::Listen {
-            address: config.listen.clone(),
-            source,
-        })?;
+        let (listener, listen) = bind(&config.listen).await?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (log_grew, _) = watch::channel(store.last_seq().await);
         let (fatal, _) = watch::channel(None);
@@ -358,12 +349,31 @@ fn server_tls(config: &NodeConfig) -> Result<Option<Arc<ServerTls>>, NodeError> 
             );
             Ok(None)
         }
-        Security::Tls { ca, cert, key } => Ok(Some(Arc::new(ServerTls::load(Paths {
+        Security::Tls { .. } => Ok(tls_paths(config).map(ServerTls::load).transpose()?.map(Arc::new)),
+    }
+}
+
+/// The node's certificate files, under mutual TLS.
+fn tls_paths(config: &NodeConfig) -> Option<Paths> {
+    match &config.security {
+        Security::Tls { ca, cert, key } => Some(Paths {
             ca: ca.clone(),
             cert: cert.clone(),
             key: key.clone(),
-        })?))),
+        }),
+        _ => None,
     }
+}
+
+/// A listener on `address`, and the address it got (a port 0 becomes a real one).
+async fn bind(address: &str) -> Result<(TcpListener, SocketAddr), NodeError> {
+    let listen_error = |source| NodeError::Listen {
+        address: address.to_owned(),
+        source,
+    };
+    let listener = TcpListener::bind(address).await.map_err(listen_error)?;
+    let at = listener.local_addr().map_err(listen_error)?;
+    Ok((listener, at))
 }
 
 /// Starts the operations endpoints of `[http]`, if configured; returns where they listen.
@@ -385,24 +395,11 @@ async fn start_http(
         }
         None => None,
     };
-    let tls = match &ctx.config.security {
-        Security::Tls { ca, cert, key } => Some(crate::transport::tls::http_server_config(&Paths {
-            ca: ca.clone(),
-            cert: cert.clone(),
-            key: key.clone(),
-        })?),
-        _ => None,
+    let tls = match tls_paths(&ctx.config) {
+        Some(paths) => Some(crate::transport::tls::http_server_config(&paths)?),
+        None => None,
     };
-    let listener = TcpListener::bind(http.listen)
-        .await
-        .map_err(|source| NodeError::Listen {
-            address: http.listen.to_string(),
-            source,
-        })?;
-    let at = listener.local_addr().map_err(|source| NodeError::Listen {
-        address: http.listen.to_string(),
-        source,
-    })?;
+    let (listener, at) = bind(&http.listen.to_string()).await?;
     let endpoints = crate::http::Endpoints {
         ctx: ctx.clone(),
         metrics: metrics.clone(),

@@ -143,8 +143,12 @@ impl Metrics {
         let mut newest = self.newest_lag.lock().expect("newest lag lock");
         for (origin, n) in &report.committed_by {
             let histogram = self.lag_by_origin.get_or_create(&vec![("origin", origin.clone())]);
+            let mut last = None;
             for &committed in at.by_ref().take(*n) {
                 histogram.observe((now_micros - committed).max(0) as f64 / 1e6);
+                last = Some(committed);
+            }
+            if let Some(committed) = last {
                 newest.insert(origin.clone(), (now_micros - committed, now_micros));
             }
         }

@@ -230,12 +230,7 @@ async fn a_region_restored_from_before_purged_deletes_does_not_bring_the_rows_ba
         left == 0
     })
     .await;
-    s.signal(0, "TERM");
-    assert!(
-        s.exit_status(0, Duration::from_secs(20))
-            .await
-            .is_some_and(|e| e.success())
-    );
+    s.stop(0).await;
     s.restore(0, &backup).await;
     assert_eq!(
         scalar(&s, 0, "SELECT count(*) FROM shared WHERE id <= 5").await,

@@ -8,8 +8,8 @@ mod common;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use common::scenarios;
 use common::sidecars::Sidecars;
-use common::strategies;
 use weft::config::{KafkaClusters, LinkSpec, ReplicationConfig, Shape, Topology, Transport};
 use weft::harness::kafka::Broker;
 use weft::harness::loopback::LoopbackMesh;
@@ -146,7 +146,7 @@ async fn a_crdt_counter_decremented_in_two_regions_over_kafka_adds_up() {
     let dir = tempfile::tempdir().unwrap();
     let sidecars = sidecars(dir.path(), kafka_mesh("crdt", Shape::AllToAll, Vec::new())).await;
     sidecars.spawn_all().await;
-    strategies::counter_decremented_from_two_regions(&sidecars).await;
+    scenarios::counter_decremented_from_two_regions(&sidecars).await;
     assert_read_over_kafka(&sidecars, "crdt", &[(0, "west-1"), (1, "east-1"), (2, "east-1")]).await;
     sidecars.terminate_all();
 }
@@ -157,7 +157,7 @@ async fn an_ownership_transfer_under_load_over_kafka_loses_no_write() {
     let dir = tempfile::tempdir().unwrap();
     let sidecars = sidecars(dir.path(), kafka_mesh("ownership", Shape::AllToAll, Vec::new())).await;
     sidecars.spawn_all().await;
-    strategies::ownership_transfer_under_load(&sidecars).await;
+    scenarios::ownership_transfer_under_load(&sidecars).await;
     // South writes nothing here: only east's and west's topics hold records.
     let reads = [(0, "west-1"), (1, "east-1"), (2, "east-1"), (2, "west-1")];
     assert_read_over_kafka(&sidecars, "ownership", &reads).await;
@@ -170,7 +170,7 @@ async fn a_queued_row_edited_in_three_regions_over_kafka_is_resolved_once_for_al
     let dir = tempfile::tempdir().unwrap();
     let sidecars = sidecars(dir.path(), kafka_mesh("queue", Shape::AllToAll, Vec::new())).await;
     sidecars.spawn_all().await;
-    strategies::queued_row_edited_everywhere_resolved_once(&sidecars).await;
+    scenarios::queued_row_edited_everywhere_resolved_once(&sidecars).await;
     assert_read_over_kafka(&sidecars, "queue", &ALL_READS).await;
     sidecars.terminate_all();
 }
@@ -180,14 +180,7 @@ async fn a_receiver_killed_right_after_an_apply_commit_applies_nothing_twice() {
     let _shared = FAULTS.read().await;
     let dir = tempfile::tempdir().unwrap();
     let sidecars = sidecars(dir.path(), kafka_mesh("apply-crash", Shape::AllToAll, Vec::new())).await;
-    sidecars.spawn(0, None).await;
-    sidecars.spawn(1, Some("after-apply:4")).await;
-    sidecars.spawn(2, None).await;
-    let written = sidecars.write_until_crash(1, 0).await;
-    sidecars.spawn(1, None).await;
-    sidecars.write(1, 0, 100, 5).await;
-    sidecars.write(2, 0, 100, 5).await;
-    sidecars.assert_exactly_once(written + 200).await;
+    scenarios::receiver_killed_after_an_apply_commit(&sidecars).await;
     sidecars.terminate_all();
 }
 
@@ -312,11 +305,6 @@ async fn expire_records(topic: &str) {
     }
 }
 
-fn region_log(sidecars: &Sidecars, i: usize) -> String {
-    let region = &sidecars.mesh.regions[i].region;
-    std::fs::read_to_string(sidecars.mesh.dir.join(format!("{region}.log"))).unwrap_or_default()
-}
-
 /// A region down while retention deleted records of a peer's topic it had not read: it is
 /// not moved past them (`auto.offset.reset` is an error); it says why, re-seeds from the
 /// peer by snapshot, reads the topic again, and ends with every row exactly once.
@@ -328,31 +316,14 @@ async fn a_region_whose_unread_records_expired_reseeds_and_loses_nothing() {
     sidecars.spawn_all().await;
     sidecars.write(0, 0, 10, 5).await;
     sidecars.assert_exactly_once(10).await;
-    sidecars.signal(1, "TERM");
-    assert!(
-        sidecars
-            .exit_status(1, Duration::from_secs(20))
-            .await
-            .is_some_and(|s| s.success())
-    );
+    sidecars.stop(1).await;
     sidecars.write(0, 10, 30, 5).await;
     // South has read them all; then they expire before west is back.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let south: i64 = sqlx::query_scalar("SELECT count(*) FROM items")
-            .fetch_one(&sidecars.mesh.regions[2].app)
-            .await
-            .unwrap();
-        if south == 40 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "south never read east's topic");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    sidecars.wait_items(2, 40, "south never read east's topic").await;
     expire_records("weft.retention.east-1").await;
     sidecars.spawn(1, None).await;
     sidecars.assert_exactly_once(40).await;
-    let said = region_log(&sidecars, 1);
+    let said = sidecars.log(1);
     assert!(
         said.contains("is outside the topic"),
         "west never said why it re-seeds:\n{said}"
@@ -378,14 +349,12 @@ async fn a_region_restored_from_an_older_copy_on_kafka_loses_no_new_write() {
     sidecars.back_up(0, &backup).await;
     sidecars.write(0, 10, 10, 5).await;
     sidecars.assert_exactly_once(20).await;
-    sidecars.signal(0, "TERM");
-    let stopped = sidecars.exit_status(0, Duration::from_secs(20)).await;
-    assert!(stopped.is_some_and(|s| s.success()), "{stopped:?}");
+    sidecars.stop(0).await;
     sidecars.restore(0, &backup).await;
     sidecars.write(0, 20, 5, 5).await;
     sidecars.spawn(0, None).await;
     sidecars.assert_exactly_once(25).await;
-    let said = region_log(&sidecars, 0);
+    let said = sidecars.log(0);
     assert!(
         said.contains("went back in time"),
         "east never found it went back:\n{said}"
@@ -577,22 +546,9 @@ async fn a_restored_region_on_a_mixed_mesh_checks_its_topic_before_numbering() {
         if i == 0 {
             // Only west (over Kafka) gets these while south is down.
             sidecars.write(0, 10, 10, 5).await;
-            let deadline = std::time::Instant::now() + Duration::from_secs(30);
-            loop {
-                let west: i64 = sqlx::query_scalar("SELECT count(*) FROM items")
-                    .fetch_one(&sidecars.mesh.regions[1].app)
-                    .await
-                    .unwrap();
-                if west == 20 {
-                    break;
-                }
-                assert!(std::time::Instant::now() < deadline, "west never read east's topic");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            sidecars.wait_items(1, 20, "west never read east's topic").await;
         }
-        sidecars.signal(i, "TERM");
-        let stopped = sidecars.exit_status(i, Duration::from_secs(20)).await;
-        assert!(stopped.is_some_and(|s| s.success()), "{stopped:?}");
+        sidecars.stop(i).await;
     }
     sidecars.restore(0, &backup).await;
     sidecars.write(0, 20, 5, 5).await;

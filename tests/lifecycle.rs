@@ -91,7 +91,7 @@ async fn a_region_rebuilt_empty_after_the_logs_were_trimmed_reseeds_itself_by_sn
     sidecars.write(1, 0, 10, 5).await;
     sidecars.assert_exactly_once(70).await;
     wait_log(&sidecars, 1, "joined the mesh").await;
-    let west_log = region_log(&sidecars, 1);
+    let west_log = sidecars.log(1);
     assert!(west_log.contains("joining the mesh by snapshot"), "{west_log}");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -156,7 +156,7 @@ async fn a_join_killed_in_the_middle_of_its_snapshot_resumes_where_it_stopped() 
     sidecars.assert_exactly_once(3_000).await;
     let started = Instant::now();
     let west_log = loop {
-        let log = region_log(&sidecars, 1);
+        let log = sidecars.log(1);
         if log.contains("joined the mesh") || started.elapsed() > Duration::from_secs(30) {
             break log;
         }
@@ -219,34 +219,14 @@ async fn rebuild_empty(sidecars: &common::sidecars::Sidecars, i: usize) {
 /// a test waits for may not be on disk yet).
 async fn wait_log(sidecars: &common::sidecars::Sidecars, i: usize, needle: &str) {
     let started = std::time::Instant::now();
-    while !region_log(sidecars, i).contains(needle) {
+    while !sidecars.log(i).contains(needle) {
         assert!(
             started.elapsed() < std::time::Duration::from_secs(20),
             "region {i} never logged `{needle}`:\n{}",
-            region_log(sidecars, i)
+            sidecars.log(i)
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-}
-
-/// Region `i`'s sidecar log, without terminal colours.
-fn region_log(sidecars: &common::sidecars::Sidecars, i: usize) -> String {
-    let region = &sidecars.mesh.regions[i].region;
-    let log = std::fs::read_to_string(sidecars.mesh.dir.join(format!("{region}.log"))).unwrap_or_default();
-    let mut plain = String::with_capacity(log.len());
-    let mut chars = log.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for c in chars.by_ref() {
-                if c == 'm' {
-                    break;
-                }
-            }
-        } else {
-            plain.push(c);
-        }
-    }
-    plain
 }
 
 fn status_json(config: &std::path::Path) -> serde_json::Value {
@@ -266,8 +246,6 @@ fn status_json(config: &std::path::Path) -> serde_json::Value {
 /// before its sidecar came back reach everyone, exactly once, as do later ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_region_restored_from_an_older_copy_recovers_its_events_and_loses_no_new_write() {
-    use std::time::Duration;
-
     use common::sidecars::Sidecars;
     let dir = tempfile::tempdir().unwrap();
     let mut sidecars = Sidecars::new(dir.path()).await;
@@ -276,19 +254,14 @@ async fn a_region_restored_from_an_older_copy_recovers_its_events_and_loses_no_n
     sidecars.update_shared(0, 1, "before the backup").await;
     sidecars.assert_exactly_once(10).await;
     let backup = dir.path().join("east-backup.db");
-    let stop_east = async |sidecars: &Sidecars| {
-        sidecars.signal(0, "TERM");
-        let stopped = sidecars.exit_status(0, Duration::from_secs(20)).await;
-        assert!(stopped.is_some_and(|s| s.success()), "{stopped:?}");
-    };
     // Last night's backup, taken the way SQLite recommends while the database is in use.
     sidecars.back_up(0, &backup).await;
-    stop_east(&sidecars).await;
+    sidecars.stop(0).await;
     sidecars.spawn(0, None).await;
     sidecars.write(0, 10, 10, 5).await;
     sidecars.update_shared(0, 1, "after the backup").await;
     sidecars.assert_exactly_once(20).await;
-    stop_east(&sidecars).await;
+    sidecars.stop(0).await;
     sidecars.restore(0, &backup).await;
     // The application is back before its sidecar, and writes: new rows, and a row it had
     // changed after the backup, changed again (its second change since the backup: the same
@@ -299,7 +272,7 @@ async fn a_region_restored_from_an_older_copy_recovers_its_events_and_loses_no_n
     sidecars.spawn(0, None).await;
     sidecars.assert_exactly_once(25).await;
     wait_log(&sidecars, 0, "joined the mesh").await;
-    let log = region_log(&sidecars, 0);
+    let log = sidecars.log(0);
     assert!(
         log.contains("went back in time") && log.contains("Events 12..=22 (11 of them)"),
         "{log}"
@@ -483,19 +456,11 @@ async fn copy_snapshot(
 /// region exactly once and no sidecar's memory grows with the transaction.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sidecar_down_during_a_huge_transaction_catches_up_in_bounded_pieces() {
-    use std::time::Duration;
-
     const ROWS: i64 = 200_000;
     let dir = tempfile::tempdir().unwrap();
     let sidecars = common::sidecars::Sidecars::new(dir.path()).await;
     sidecars.spawn_all().await;
-    sidecars.signal(0, "TERM");
-    assert!(
-        sidecars
-            .exit_status(0, Duration::from_secs(20))
-            .await
-            .is_some_and(|s| s.success())
-    );
+    sidecars.stop(0).await;
     // One transaction of ROWS rows of about 300 bytes, then small ones.
     let huge = format!(
         "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < {})
@@ -566,7 +531,7 @@ async fn a_fourth_node_added_after_the_logs_were_trimmed_joins_by_snapshot() {
     sidecars.spawn(3, None).await;
     sidecars.assert_exactly_once(60).await;
     wait_log(&sidecars, 3, "joined the mesh").await;
-    let east = region_log(&sidecars, 0);
+    let east = sidecars.log(0);
     assert!(east.contains("topology change: north-1 (north) joins"), "{east}");
     sidecars.write(3, 0, 10, 5).await;
     sidecars.write(2, 0, 10, 5).await;
@@ -600,16 +565,10 @@ async fn a_region_down_longer_than_the_logs_are_kept_reseeds_when_it_returns() {
     sidecars.spawn_all().await;
     sidecars.write(0, 0, 10, 5).await;
     sidecars.assert_exactly_once(10).await;
-    sidecars.signal(1, "TERM");
-    assert!(
-        sidecars
-            .exit_status(1, Duration::from_secs(20))
-            .await
-            .is_some_and(|s| s.success())
-    );
+    sidecars.stop(1).await;
     sidecars.write(0, 10, 30, 5).await;
     let deadline = Instant::now() + Duration::from_secs(40);
-    while !region_log(&sidecars, 0).contains("went past its retention limit") {
+    while !sidecars.log(0).contains("went past its retention limit") {
         assert!(Instant::now() < deadline, "east never held its log to the limit");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -177,17 +177,11 @@ async fn a_large_catch_up_and_an_audit_show_their_progress() {
     let dir = tempfile::tempdir().unwrap();
     let sidecars = Sidecars::new(dir.path()).await;
     sidecars.spawn_all().await;
-    sidecars.signal(2, "TERM");
-    assert!(
-        sidecars
-            .exit_status(2, Duration::from_secs(20))
-            .await
-            .is_some_and(|s| s.success())
-    );
+    sidecars.stop(2).await;
     sidecars.write(0, 0, 60_000, 1_000).await;
     sidecars.spawn(2, None).await;
     sidecars.assert_exactly_once(60_000).await;
-    let east_log = || plain(&std::fs::read_to_string(dir.path().join("east.log")).unwrap_or_default());
+    let east_log = || sidecars.log(0);
     until(
         "east never said south has caught up",
         Duration::from_secs(20),
@@ -211,25 +205,11 @@ async fn a_large_catch_up_and_an_audit_show_their_progress() {
         .arg(&sidecars.mesh.regions[0].config_file)
         .output()
         .unwrap();
-    let said = plain(&String::from_utf8_lossy(&out.stderr));
+    let said = common::sidecars::plain(&String::from_utf8_lossy(&out.stderr));
     let tables = sidecars.mesh.tables.len();
     for i in 1..=tables {
         assert!(said.contains(&format!("done=\"{i}/{tables}\"")), "{said}");
     }
     assert!(said.contains("audited a table"), "{said}");
     sidecars.terminate_all();
-}
-
-/// `text` without its terminal colours.
-fn plain(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            chars.by_ref().take_while(|c| *c != 'm').for_each(drop);
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }

@@ -6,8 +6,8 @@ mod common;
 
 use std::time::Duration;
 
+use common::scenarios;
 use common::sidecars::Sidecars;
-use common::strategies;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_sidecar_processes_converge() {
@@ -44,15 +44,7 @@ async fn crash_between_drain_and_send_loses_nothing() {
 async fn crash_between_apply_and_ack_applies_nothing_twice() {
     let dir = tempfile::tempdir().unwrap();
     let sidecars = Sidecars::new(dir.path()).await;
-    sidecars.spawn(0, None).await;
-    sidecars.spawn(1, Some("after-apply:4")).await;
-    sidecars.spawn(2, None).await;
-    // Region 0 writes until the receiver in region 1 dies right after an apply commit.
-    let written = sidecars.write_until_crash(1, 0).await;
-    sidecars.spawn(1, None).await;
-    sidecars.write(1, 0, 100, 5).await;
-    sidecars.write(2, 0, 100, 5).await;
-    sidecars.assert_exactly_once(written + 200).await;
+    scenarios::receiver_killed_after_an_apply_commit(&sidecars).await;
     sidecars.terminate_all();
 }
 
@@ -90,7 +82,7 @@ async fn two_regions_decrement_one_counter_a_thousand_times_each() {
     let dir = tempfile::tempdir().unwrap();
     let sidecars = Sidecars::new(dir.path()).await;
     sidecars.spawn_all().await;
-    strategies::counter_decremented_from_two_regions(&sidecars).await;
+    scenarios::counter_decremented_from_two_regions(&sidecars).await;
     sidecars.terminate_all();
 }
 
@@ -99,7 +91,7 @@ async fn an_ownership_transfer_under_load_loses_no_write() {
     let dir = tempfile::tempdir().unwrap();
     let sidecars = Sidecars::new(dir.path()).await;
     sidecars.spawn_all().await;
-    strategies::ownership_transfer_under_load(&sidecars).await;
+    scenarios::ownership_transfer_under_load(&sidecars).await;
     sidecars.terminate_all();
 }
 
@@ -108,7 +100,7 @@ async fn three_regions_edit_one_queued_row_and_one_resolution_reaches_all() {
     let dir = tempfile::tempdir().unwrap();
     let sidecars = Sidecars::new(dir.path()).await;
     sidecars.spawn_all().await;
-    strategies::queued_row_edited_everywhere_resolved_once(&sidecars).await;
+    scenarios::queued_row_edited_everywhere_resolved_once(&sidecars).await;
     sidecars.terminate_all();
 }
 

@@ -4,8 +4,8 @@ pub mod http;
 pub mod mixed;
 pub mod proxy;
 pub mod regions;
+pub mod scenarios;
 pub mod sidecars;
-pub mod strategies;
 
 use std::path::Path;
 use std::time::Duration;

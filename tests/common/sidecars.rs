@@ -222,6 +222,37 @@ impl Sidecars {
             .unwrap();
     }
 
+    /// Stops region `i`'s sidecar with SIGTERM; it must exit cleanly within 20 s.
+    pub async fn stop(&self, i: usize) {
+        self.signal(i, "TERM");
+        let stopped = self.exit_status(i, Duration::from_secs(20)).await;
+        assert!(stopped.is_some_and(|s| s.success()), "region {i}: {stopped:?}");
+    }
+
+    /// Region `i`'s sidecar log so far, without terminal colours.
+    pub fn log(&self, i: usize) -> String {
+        let region = &self.mesh.regions[i].region;
+        let log = std::fs::read_to_string(self.mesh.dir.join(format!("{region}.log"))).unwrap_or_default();
+        plain(&log)
+    }
+
+    /// Waits until region `i` holds `rows` rows of `items` (30 s at most; `what` says what
+    /// did not happen).
+    pub async fn wait_items(&self, i: usize, rows: i64, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let have: i64 = sqlx::query_scalar("SELECT count(*) FROM items")
+                .fetch_one(&self.mesh.regions[i].app)
+                .await
+                .unwrap();
+            if have == rows {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what}: {have} rows of {rows}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// A copy of region `i`'s database as it is now (`VACUUM INTO`), at `to`.
     pub async fn back_up(&self, i: usize, to: &Path) {
         let take = format!("VACUUM INTO '{}'", to.display());
@@ -359,4 +390,18 @@ impl Drop for Sidecars {
             let _ = child.wait();
         }
     }
+}
+
+/// `text` without its terminal colours.
+pub fn plain(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            chars.by_ref().take_while(|c| *c != 'm').for_each(drop);
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

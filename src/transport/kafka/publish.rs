@@ -212,7 +212,7 @@ pub async fn publish_loop(ctx: Context, peers: Vec<NodeId>) {
         topic: record::topic(&config.topology.mesh, &me),
         origins,
         format: Format::Batches,
-        peers,
+        readers: Readers::Peers(peers),
     };
     run(ctx, job).await;
 }
@@ -227,7 +227,7 @@ pub async fn changes_loop(ctx: Context) {
         format: Format::Envelopes {
             mesh: config.topology.mesh.clone(),
         },
-        peers: Vec::new(),
+        readers: Readers::ChangesTopic,
     };
     run(ctx, job).await;
 }
@@ -237,9 +237,16 @@ struct Job {
     topic: String,
     origins: Vec<NodeId>,
     format: Format,
-    /// The peers reading the topic (told what was sent); none for the changes topic, which
-    /// acknowledges as `CHANGES_READER` instead.
-    peers: Vec<NodeId>,
+    readers: Readers,
+}
+
+/// Who reads what a publishing loop writes, and so who hears of a round.
+enum Readers {
+    /// Downstream peers on Kafka links: told what was sent; they acknowledge themselves.
+    Peers(Vec<NodeId>),
+    /// Consumers weft does not know: the loop acknowledges for them, as `CHANGES_READER`,
+    /// so the log keeps what the topic lacks.
+    ChangesTopic,
 }
 
 async fn run(ctx: Context, job: Job) {
@@ -267,12 +274,12 @@ async fn run(ctx: Context, job: Job) {
         };
         let wait = match outcome {
             Ok(own) => {
-                for peer in &job.peers {
-                    ctx.observer.sent(peer, own);
-                }
-                if job.peers.is_empty() {
-                    let published = [(ctx.config.node.clone(), own)].into_iter().collect();
-                    ctx.record_acks(CHANGES_READER, &published);
+                match &job.readers {
+                    Readers::Peers(peers) => peers.iter().for_each(|peer| ctx.observer.sent(peer, own)),
+                    Readers::ChangesTopic => {
+                        let published = [(ctx.config.node.clone(), own)].into_iter().collect();
+                        ctx.record_acks(CHANGES_READER, &published);
+                    }
                 }
                 backoff = Backoff::default();
                 Duration::from_secs(1)

@@ -1,9 +1,23 @@
-//! The per-strategy scenarios run against real `weft run` processes, on whatever binding the
-//! mesh of the given `Sidecars` uses (gRPC in `processes.rs`, Kafka in `kafka_mesh.rs`):
-//! the database outcome must be the same on both.
+//! Scenarios run against real `weft run` processes (each strategy, crashes), on whatever
+//! binding the mesh of the given `Sidecars` uses (gRPC in `processes.rs`, Kafka in
+//! `kafka_mesh.rs`): the database outcome must be the same on both.
 use std::time::Duration;
 
 use super::sidecars::Sidecars;
+
+/// The receiver in region 1 dies right after an apply commit, before it says so; restarted,
+/// it applies nothing twice and loses nothing. Starts the sidecars itself.
+pub async fn receiver_killed_after_an_apply_commit(sidecars: &Sidecars) {
+    sidecars.spawn(0, None).await;
+    sidecars.spawn(1, Some("after-apply:4")).await;
+    sidecars.spawn(2, None).await;
+    // Region 0 writes until the receiver in region 1 dies right after an apply commit.
+    let written = sidecars.write_until_crash(1, 0).await;
+    sidecars.spawn(1, None).await;
+    sidecars.write(1, 0, 100, 5).await;
+    sidecars.write(2, 0, 100, 5).await;
+    sidecars.assert_exactly_once(written + 200).await;
+}
 
 /// CRDT: two regions decrement one counter a thousand times each, concurrently; every region
 /// ends at 5000 - 2000.
