@@ -1,5 +1,6 @@
 //! The operations endpoints of a sidecar over HTTP: `/metrics` (Prometheus), `/healthz`
-//! (alive) and `/readyz` (ready for traffic), for Prometheus and Kubernetes probes.
+//! (alive) and `/readyz` (ready for traffic), for Prometheus and Kubernetes probes, and with
+//! `console = true` the web console under `/console` (see `console`).
 //!
 //! Off unless the node config has `[http] listen`. On a node with mutual TLS the endpoints
 //! are HTTPS with the node's own certificate (a scraper trusts the mesh CA; no client
@@ -48,13 +49,22 @@ pub struct Endpoints {
 }
 
 /// Serves the endpoints on `listener` until shutdown; over TLS when `tls` is given.
-pub async fn serve(endpoints: Endpoints, listener: TcpListener, tls: Option<Arc<rustls::ServerConfig>>) {
+/// With `console`, the web console's pages too (`crate::console`).
+pub async fn serve(
+    endpoints: Endpoints,
+    console: Option<crate::console::Console>,
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) {
     let mut shutdown = endpoints.ctx.shutdown.clone();
-    let router = axum::Router::new()
+    let mut router = axum::Router::new()
         .route("/metrics", axum::routing::get(metrics))
         .route("/healthz", axum::routing::get(healthz))
         .route("/readyz", axum::routing::get(readyz))
         .with_state(endpoints);
+    if let Some(console) = console {
+        router = router.merge(crate::console::router(console));
+    }
     let stop = async move { stopped(&mut shutdown).await };
     let result = match tls {
         Some(tls) => {

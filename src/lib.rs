@@ -18,7 +18,8 @@
 //!   algorithm over the SQLite and PostgreSQL dialects, and the admin API), [`transport`] (a
 //!   sans-IO session per peer, bound to gRPC);
 //! - shell: [`node`] (wiring; the only module that spawns tasks), [`telemetry`] (figures),
-//!   [`http`] (the operations endpoints: Prometheus metrics, health probes),
+//!   [`http`] (the operations endpoints: Prometheus metrics, health probes), [`console`]
+//!   (the web console on those endpoints),
 //!   [`cli`] (parses and prints), [`harness`] (demo, benchmark and test fixtures; feature
 //!   `harness`).
 // A panic in a sidecar stops replication: shipped code says why it cannot fail (`expect`).
@@ -31,6 +32,7 @@
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod console;
 pub mod crashpoint;
 pub mod crdt;
 pub mod event;

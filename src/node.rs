@@ -406,8 +406,23 @@ async fn start_http(
         token,
         ready_max_lag: http.ready_max_lag,
     };
-    tasks.spawn(crate::http::serve(endpoints, listener, tls));
-    tracing::info!(%at, https = ctx.config.security != Security::Insecure, "serving /metrics, /healthz and /readyz");
+    let console = match (&endpoints.token, http.console) {
+        (Some(token), true) => Some(crate::console::Console {
+            ctx: ctx.clone(),
+            metrics: metrics.clone(),
+            admin: Arc::new(crate::store::admin::Admin::open((*ctx.config).clone()).await?),
+            token: token.clone(),
+            https: tls.is_some(),
+        }),
+        _ => None,
+    };
+    let what = if console.is_some() {
+        "/metrics, /healthz, /readyz and the console at /console"
+    } else {
+        "/metrics, /healthz and /readyz"
+    };
+    tasks.spawn(crate::http::serve(endpoints, console, listener, tls));
+    tracing::info!(%at, https = ctx.config.security != Security::Insecure, "serving {what}");
     Ok(Some(at))
 }
 

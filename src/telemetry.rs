@@ -76,6 +76,9 @@ pub struct Metrics {
     /// The lag of the newest event applied from each origin and when it was applied (µs),
     /// for `/readyz`.
     newest_lag: Mutex<BTreeMap<NodeId, (i64, i64)>>,
+    /// The worst lag (µs) per origin in each of the last windows of `LAG_WINDOW_MICROS`,
+    /// oldest first, by window start: the console's lag chart.
+    lag_windows: Mutex<std::collections::VecDeque<(i64, BTreeMap<NodeId, i64>)>>,
     peers: Mutex<BTreeMap<NodeId, PeerState>>,
 }
 
@@ -104,10 +107,15 @@ impl Default for Metrics {
             lag_micros: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")),
             lag_by_origin: Family::new_with_constructor(lag_histogram),
             newest_lag: Mutex::new(BTreeMap::new()),
+            lag_windows: Mutex::new(std::collections::VecDeque::new()),
             peers: Mutex::new(BTreeMap::new()),
         }
     }
 }
+
+/// The console's lag chart: windows of 5 s, the last 10 minutes of them.
+const LAG_WINDOW_MICROS: i64 = 5_000_000;
+const LAG_WINDOWS: usize = 120;
 
 /// Lag percentiles in milliseconds.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
@@ -141,17 +149,59 @@ impl Metrics {
         drop(lag);
         let mut at = report.committed_at.iter();
         let mut newest = self.newest_lag.lock().expect("newest lag lock");
+        let mut worst = BTreeMap::new();
         for (origin, n) in &report.committed_by {
             let histogram = self.lag_by_origin.get_or_create(&vec![("origin", origin.clone())]);
             let mut last = None;
             for &committed in at.by_ref().take(*n) {
-                histogram.observe((now_micros - committed).max(0) as f64 / 1e6);
+                let lag = (now_micros - committed).max(0);
+                histogram.observe(lag as f64 / 1e6);
+                let w = worst.entry(origin).or_insert(0);
+                *w = lag.max(*w);
                 last = Some(committed);
             }
             if let Some(committed) = last {
                 newest.insert(origin.clone(), (now_micros - committed, now_micros));
             }
         }
+        drop(newest);
+        if !worst.is_empty() {
+            self.note_worst_lags(worst, now_micros);
+        }
+    }
+
+    /// Folds a run's worst lag per origin into the current window.
+    fn note_worst_lags(&self, worst: BTreeMap<&NodeId, i64>, now_micros: i64) {
+        let start = now_micros - now_micros.rem_euclid(LAG_WINDOW_MICROS);
+        let mut windows = self.lag_windows.lock().expect("lag windows lock");
+        if windows.back().is_none_or(|(at, _)| *at != start) {
+            windows.push_back((start, BTreeMap::new()));
+            while windows.len() > LAG_WINDOWS {
+                windows.pop_front();
+            }
+        }
+        if let Some((_, current)) = windows.back_mut() {
+            for (origin, lag) in worst {
+                let w = current.entry(origin.clone()).or_insert(0);
+                *w = lag.max(*w);
+            }
+        }
+    }
+
+    /// The worst lag (µs) per origin in each recent window, oldest first, by window start.
+    pub fn lag_window(&self) -> Vec<(i64, BTreeMap<NodeId, i64>)> {
+        self.lag_windows
+            .lock()
+            .expect("lag windows lock")
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// The lag (µs) of the newest event applied from each origin.
+    pub fn newest_lags(&self) -> BTreeMap<NodeId, i64> {
+        let newest = self.newest_lag.lock().expect("newest lag lock");
+        newest.iter().map(|(origin, (lag, _))| (origin.clone(), *lag)).collect()
     }
 
     /// The origins whose events this node is applying late: an event applied within the

@@ -1,4 +1,4 @@
-//! The `weft` binary as a user runs it: the demo, the benchmark, status, and the errors a
+//! The `weft` binary as a user runs it: the demo, the drill, the benchmark, status, and the errors a
 //! bad config produces.
 use std::process::Command;
 
@@ -22,6 +22,22 @@ fn demo_converges_after_a_region_restart() {
     assert!(stdout.contains("restarting the ap-south sidecar"), "{stdout}");
     assert!(stdout.contains("CONVERGED"), "{stdout}");
     assert!(stdout.contains("lag p99"), "{stdout}");
+}
+
+/// The drill kills a region under load, fails its accounts over, and checks (else it exits
+/// non-zero) that every region converges and lists the same fenced writes.
+#[test]
+fn drill_measures_rpo_and_rto_and_converges() {
+    let (ok, stdout, stderr) = weft(&["drill", "--load", "3", "--outage", "3", "--rate", "100"]);
+    assert!(ok, "drill failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("killed the us-east sidecar (SIGKILL)"), "{stdout}");
+    assert!(stdout.contains("RPO, measured: "), "{stdout}");
+    assert!(
+        stdout.contains("RTO, ownership: us-east's accounts accepted writes in eu-west"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("writes never stopped; 0 failed"), "{stdout}");
+    assert!(stdout.contains("CONVERGED"), "{stdout}");
 }
 
 #[test]

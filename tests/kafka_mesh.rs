@@ -165,6 +165,16 @@ async fn an_ownership_transfer_under_load_over_kafka_loses_no_write() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_failover_over_kafka_fences_the_writes_the_lost_region_did_not_replicate() {
+    let _shared = FAULTS.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sidecars = sidecars(dir.path(), kafka_mesh("failover", Shape::AllToAll, Vec::new())).await;
+    sidecars.spawn_all().await;
+    scenarios::forced_failover_fences_the_lost_regions_writes(&sidecars).await;
+    sidecars.terminate_all();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queued_row_edited_in_three_regions_over_kafka_is_resolved_once_for_all() {
     let _shared = FAULTS.read().await;
     let dir = tempfile::tempdir().unwrap();

@@ -26,6 +26,19 @@ fn table(name: &str, strategy: Strategy) -> TableConfig {
     }
 }
 
+/// Keys `a-..`, `b-..` and `c-..` belong to the regions of nodes a, b and c.
+fn prefix_rule() -> OwnerRule {
+    OwnerRule {
+        column: None,
+        prefix: Some("-".into()),
+        regions: [("a", "region-of-a"), ("b", "region-of-b"), ("c", "region-of-c")]
+            .into_iter()
+            .map(|(p, r)| (p.to_string(), r.to_string()))
+            .collect(),
+        ranges: Vec::new(),
+    }
+}
+
 fn weft(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_weft")).args(args).output().unwrap();
     (
@@ -380,15 +393,7 @@ async fn an_owner_rule_decides_who_writes_and_transfers_move_rows_on_postgres() 
     let pg = cluster();
     let dir = tempfile::tempdir().unwrap();
     let mut config = table("orders", Strategy::Ownership);
-    config.owner_rule = Some(OwnerRule {
-        column: None,
-        prefix: Some("-".into()),
-        regions: [("a", "region-of-a"), ("b", "region-of-b"), ("c", "region-of-c")]
-            .into_iter()
-            .map(|(p, r)| (p.to_string(), r.to_string()))
-            .collect(),
-        ranges: Vec::new(),
-    });
+    config.owner_rule = Some(prefix_rule());
     let configs = [config];
     let schema_pg = "CREATE TABLE orders (id text PRIMARY KEY, item text);";
     let a = Region::pg(&pg, "a", schema_pg, &configs).await;
@@ -575,4 +580,100 @@ async fn a_drain_never_overwrites_a_crdt_column_the_application_changed_meanwhil
         panic!("an upsert")
     };
     assert_eq!(row.get("tags"), Some(&weft::event::Value::Text("[\"z\"]".into())));
+}
+
+/// A forced failover on PostgreSQL regions (and a SQLite one), for an owner-column table and
+/// an owner-rule table: b takes over lost a's rows; a's unreplicated writes, when it returns,
+/// are fenced dead letters in every region, and every region ends with b's rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_failover_fences_the_lost_regions_writes_on_postgres() {
+    let pg = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let mut accounts = table("accounts", Strategy::Ownership);
+    accounts.owner_column = Some("owner".into());
+    let mut orders = table("orders", Strategy::Ownership);
+    orders.owner_rule = Some(prefix_rule());
+    let configs = [accounts, orders];
+    let pg_schema = format!("{ACCOUNTS_PG} CREATE TABLE orders (id text PRIMARY KEY, item text);");
+    let sqlite_schema = format!("{ACCOUNTS_SQLITE} CREATE TABLE orders (id TEXT PRIMARY KEY, item TEXT);");
+    let a = Region::pg(&pg, "a", &pg_schema, &configs).await;
+    let b = Region::pg(&pg, "b", &pg_schema, &configs).await;
+    let c = Region::sqlite(dir.path(), "c", &sqlite_schema, &configs).await;
+    a.exec(
+        "INSERT INTO accounts VALUES (1, 'region-of-a', 100), (2, 'region-of-a', 200); \
+         INSERT INTO orders VALUES ('a-1', 'tea'), ('a-2', 'milk');",
+    )
+    .await;
+    sync(&[&a, &b, &c]).await;
+
+    // a is cut off: what it writes now reaches nobody.
+    a.exec("UPDATE accounts SET balance = 7 WHERE id = 1; UPDATE orders SET item = 'lost' WHERE id = 'a-1';")
+        .await;
+    let tables = "[[tables]]\nname = \"accounts\"\nstrategy = \"ownership\"\nowner_column = \"owner\"\n\
+                  [[tables]]\nname = \"orders\"\nstrategy = \"ownership\"\n\
+                  owner_rule = { prefix = \"-\", regions = { a = \"region-of-a\", b = \"region-of-b\", c = \"region-of-c\" } }\n";
+    let (ok, _, err) = weft(&[
+        "ownership",
+        "--config",
+        &cli_config(dir.path(), &a, tables),
+        "failover",
+        "--from",
+        "region-of-a",
+        "--to",
+        "region-of-b",
+    ]);
+    assert!(
+        !ok && err.contains("run the failover on a node of a surviving region"),
+        "{err}"
+    );
+    let (ok, out, err) = weft(&[
+        "ownership",
+        "--config",
+        &cli_config(dir.path(), &b, tables),
+        "failover",
+        "--from",
+        "region-of-a",
+        "--to",
+        "region-of-b",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("fenced 4 row(s) of region-of-a over to region-of-b"),
+        "{out}"
+    );
+    // b's application writes them from the failover's commit on.
+    b.exec("UPDATE accounts SET balance = 50 WHERE id = 2; UPDATE orders SET item = 'coffee' WHERE id = 'a-2';")
+        .await;
+    sync(&[&b, &c]).await;
+    sync(&[&a, &b, &c]).await;
+    sync(&[&a, &b, &c]).await;
+
+    let snapshot = b.snapshot(&["accounts", "orders"]).await;
+    assert_eq!(
+        snapshot["accounts"],
+        vec!["1 | \"region-of-b\" | 100", "2 | \"region-of-b\" | 50"]
+    );
+    assert_eq!(snapshot["orders"], vec!["\"a-1\" | \"tea\"", "\"a-2\" | \"coffee\""]);
+    assert_eq!(a.snapshot(&["accounts", "orders"]).await, snapshot);
+    assert_eq!(c.snapshot(&["accounts", "orders"]).await, snapshot);
+    for (r, letters) in [
+        (&a, "weft.dead_letters"),
+        (&b, "weft.dead_letters"),
+        (&c, "_weft_dead_letters"),
+    ] {
+        let fenced = format!("SELECT count(*) FROM {letters} WHERE cause = 'fenced' AND origin = 'a'");
+        assert_eq!(r.count(&fenced).await, 2, "{}: a's two lost writes", r.node);
+        let other = format!("SELECT count(*) FROM {letters} WHERE cause <> 'fenced'");
+        assert_eq!(r.count(&other).await, 0, "{}", r.node);
+    }
+    let refused = a
+        .try_exec("UPDATE accounts SET balance = 1 WHERE id = 1")
+        .await
+        .unwrap_err();
+    assert!(refused.contains("owned by region-of-b"), "{refused}");
+    let refused = a
+        .try_exec("UPDATE orders SET item = 'x' WHERE id = 'a-2'")
+        .await
+        .unwrap_err();
+    assert!(refused.contains("owned by region-of-b"), "{refused}");
 }

@@ -96,6 +96,15 @@ async fn an_ownership_transfer_under_load_loses_no_write() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_failover_fences_the_writes_the_lost_region_did_not_replicate() {
+    let dir = tempfile::tempdir().unwrap();
+    let sidecars = Sidecars::new(dir.path()).await;
+    sidecars.spawn_all().await;
+    scenarios::forced_failover_fences_the_lost_regions_writes(&sidecars).await;
+    sidecars.terminate_all();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_regions_edit_one_queued_row_and_one_resolution_reaches_all() {
     let dir = tempfile::tempdir().unwrap();
     let sidecars = Sidecars::new(dir.path()).await;

@@ -82,7 +82,7 @@ pub async fn run(config_path: &Path, command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::History { json } => history(&admin.history().await?, json),
+        Command::History { json } => history(&admin.history(None).await?, json),
     }
 }
 

@@ -14,6 +14,11 @@ pub enum Command {
     List {
         #[arg(long)]
         json: bool,
+        /// Only letters of this cause: `fenced` lists what forced ownership failovers
+        /// discarded; others are `ownership`, `refused`, `shape`, `crdt`, `undecodable`,
+        /// `not replicated`.
+        #[arg(long)]
+        cause: Option<String>,
     },
     /// One dead letter in full, with its event decoded.
     Show {
@@ -42,7 +47,11 @@ pub async fn run(config_path: &Path, command: Command) -> anyhow::Result<()> {
     let admin = Admin::open(config).await?;
     let which = |ids: Vec<i64>, all: bool| if all { Letters::All } else { Letters::Ids(ids) };
     match command {
-        Command::List { json } => list(&admin.dead_letters(None).await?, json),
+        Command::List { json, cause } => {
+            let mut letters = admin.dead_letters(None).await?;
+            letters.retain(|l| cause.as_ref().is_none_or(|c| *c == l.cause));
+            list(&letters, json)
+        }
         Command::Show { id, json } => {
             for letter in admin.dead_letters(Some(id)).await? {
                 show(&letter, json)?;
@@ -86,6 +95,7 @@ fn show(letter: &DeadLetter, json: bool) -> anyhow::Result<()> {
         "dead letter {}: {} seq {}, {} {}",
         letter.id, letter.origin, letter.seq, letter.table, letter.key
     );
+    println!("  cause:   {}", letter.cause);
     println!("  reason:  {}", letter.reason);
     println!("  age:     {}, {} retries", age(letter.at_micros), letter.attempts);
     println!("  event:   {}", letter.event);

@@ -47,6 +47,10 @@ pub enum Command {
     /// convergence check. Exits non-zero if the regions do not converge.
     #[cfg(feature = "harness")]
     Demo(crate::harness::demo::Args),
+    /// A disaster-recovery drill on loopback: kill a region under load, fail its rows over,
+    /// measure RPO and RTO, bring it back, check convergence. Exits non-zero on a failure.
+    #[cfg(feature = "harness")]
+    Drill(crate::harness::drill::Args),
     /// Measure end-to-end throughput and capture-to-apply lag on loopback.
     #[cfg(feature = "harness")]
     Bench(crate::harness::bench::Args),
@@ -111,7 +115,7 @@ impl Command {
     pub fn default_log_filter(&self) -> &'static str {
         match self {
             #[cfg(feature = "harness")]
-            Command::Demo(_) | Command::Bench(_) => "weft=error",
+            Command::Demo(_) | Command::Bench(_) | Command::Drill(_) => "weft=error",
             _ => "weft=info",
         }
     }
@@ -122,6 +126,8 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Run { config } => run(config).await,
         #[cfg(feature = "harness")]
         Command::Demo(args) => crate::harness::demo::run(args).await,
+        #[cfg(feature = "harness")]
+        Command::Drill(args) => crate::harness::drill::run(args).await,
         #[cfg(feature = "harness")]
         Command::Bench(args) => crate::harness::bench::run(args).await,
         Command::Status { config, json } => status(config, json).await,

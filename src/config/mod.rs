@@ -213,8 +213,27 @@ address = "127.0.0.1:3"
             None
         );
         let f = node_file("[http]\nlisten = \"metrics.local\"");
-        let err = NodeConfig::resolve(f, t, Path::new("a.toml")).unwrap_err().to_string();
+        let err = NodeConfig::resolve(f, t.clone(), Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("http.listen") && err.contains("not a host:port"), "{err}");
+        // The console acts on the database: never without a token.
+        let f = node_file("[http]\nlisten = \"0.0.0.0:9464\"\nconsole = true");
+        let err = NodeConfig::resolve(f, t.clone(), Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("http.console") && err.contains("set http.token_file"),
+            "{err}"
+        );
+        let f = node_file("[http]\nlisten = \"0.0.0.0:9464\"\nconsole = true\ntoken_file = \"t\"");
+        assert!(
+            NodeConfig::resolve(f, t, Path::new("a.toml"))
+                .unwrap()
+                .http
+                .unwrap()
+                .console
+        );
     }
 
     fn node_file(extra: &str) -> NodeConfigFile {

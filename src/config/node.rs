@@ -168,6 +168,10 @@ pub struct HttpFile {
     /// (relative to the config file's folder); without it `/metrics` is open.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
+    /// Serve the web console under `/console` (needs `token_file`: it resolves conflicts
+    /// and acts on dead letters).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub console: bool,
 }
 
 fn default_ready_max_lag_secs() -> u64 {
@@ -180,6 +184,7 @@ pub struct HttpConfig {
     pub listen: std::net::SocketAddr,
     pub ready_max_lag: Duration,
     pub token_file: Option<PathBuf>,
+    pub console: bool,
 }
 
 /// The `[kafka]` section: librdkafka settings passed through to every Kafka client of the
@@ -441,23 +446,7 @@ impl NodeConfig {
                 "is set by weft (the brokers come from the topology's [kafka]; the rest carries its guarantees); remove it",
             ));
         }
-        let http = match &file.http {
-            None => None,
-            Some(h) => Some(HttpConfig {
-                listen: h.listen.parse().map_err(|e| {
-                    invalid(
-                        path,
-                        "http.listen",
-                        format!(
-                            "`{}` is not a host:port address ({e}); write for example \"0.0.0.0:9464\"",
-                            h.listen
-                        ),
-                    )
-                })?,
-                ready_max_lag: Duration::from_secs(h.ready_max_lag_secs),
-                token_file: h.token_file.clone(),
-            }),
-        };
+        let http = resolve_http(file.http.as_ref(), path)?;
         Ok(Self {
             http,
             kafka: file.kafka.settings.clone(),
@@ -485,4 +474,37 @@ impl NodeConfig {
     pub fn region(&self) -> &str {
         &self.topology.node(&self.node).expect("validated").region
     }
+}
+
+/// The `[http]` section, checked.
+fn resolve_http(file: Option<&HttpFile>, path: &Path) -> Result<Option<HttpConfig>, ConfigError> {
+    let http = match file {
+        None => None,
+        Some(h) => Some(HttpConfig {
+            listen: h.listen.parse().map_err(|e| {
+                invalid(
+                    path,
+                    "http.listen",
+                    format!(
+                        "`{}` is not a host:port address ({e}); write for example \"0.0.0.0:9464\"",
+                        h.listen
+                    ),
+                )
+            })?,
+            ready_max_lag: Duration::from_secs(h.ready_max_lag_secs),
+            token_file: h.token_file.clone(),
+            console: h.console,
+        }),
+    };
+    if let Some(h) = file.filter(|h| h.console && h.token_file.is_none()) {
+        return Err(invalid(
+            path,
+            "http.console",
+            format!(
+                "the console on {} resolves conflicts and acts on dead letters, so it needs a token: set http.token_file to a file holding one",
+                h.listen
+            ),
+        ));
+    }
+    Ok(http)
 }

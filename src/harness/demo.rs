@@ -328,15 +328,7 @@ async fn seed_rows(mesh: &LoopbackMesh) -> anyhow::Result<()> {
             .execute(seed_app)
             .await?;
     }
-    for (i, region) in mesh.regions.iter().enumerate() {
-        for n in 0..ACCOUNTS_EACH {
-            sqlx::query("INSERT INTO accounts (id, home_region, balance) VALUES (?, ?, 0)")
-                .bind(i as i64 * 1000 + n)
-                .bind(&region.region)
-                .execute(&region.app)
-                .await?;
-        }
-    }
+    mesh.seed_accounts(ACCOUNTS_EACH).await?;
     Ok(())
 }
 

@@ -151,6 +151,21 @@ impl LoopbackMesh {
         })
     }
 
+    /// Each region's application creates its accounts: ids `region index * 1000 + 0..each`,
+    /// `home_region` its own, balance 0 (the demo's and the drill's `ownership` table).
+    pub async fn seed_accounts(&self, each: i64) -> anyhow::Result<()> {
+        for (i, region) in self.regions.iter().enumerate() {
+            for n in 0..each {
+                sqlx::query("INSERT INTO accounts (id, home_region, balance) VALUES (?, ?, 0)")
+                    .bind(i as i64 * 1000 + n)
+                    .bind(&region.region)
+                    .execute(&region.app)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
     pub async fn start(&mut self, i: usize) -> anyhow::Result<()> {
         let region = &mut self.regions[i];
         let config = NodeConfig::load(&region.config_file)?;

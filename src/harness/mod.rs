@@ -1,6 +1,6 @@
 //! What runs weft on one machine for a demonstration, a benchmark or a test, never in a
 //! deployed sidecar: the loopback mesh, throw-away PostgreSQL clusters (installed from Debian
-//! when missing), `weft demo` and `weft bench`, and canonical renderings of a region for
+//! when missing), `weft demo`, `weft drill` and `weft bench`, and canonical renderings of a region for
 //! convergence checks. Behind the `harness` cargo feature (on by default, so `cargo run --
 //! demo` works); a production build leaves it out with `--no-default-features`. This is the
 //! one part of the library that reports errors with `anyhow`.
@@ -10,6 +10,7 @@ mod bench_pg;
 pub mod cluster;
 pub mod compare;
 pub mod demo;
+pub mod drill;
 pub mod kafka;
 pub mod loopback;
 

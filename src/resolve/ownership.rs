@@ -8,8 +8,28 @@
 //! then arrives as a stale event). Concurrent claims are resolved, never refused: the higher
 //! epoch wins, and at equal epochs (two regions insert a new key at once) LWW decides,
 //! identically everywhere, and the conflict is logged (see [`judge_remote`]).
+//!
+//! A forced failover (`weft ownership failover`, run on a survivor when an owner region is
+//! lost) moves a row without its owner: its claim jumps to the next *term* boundary (a
+//! multiple of [`TERM`]), so it outranks every claim the lost owner can still make. A write
+//! that lost to a claim of a higher term was fenced: the receiver records it as a fenced dead
+//! letter besides the conflict ([`Verdict::fenced`]), which is what the returning region
+//! loses, counted and listed, never merged into the row.
 use crate::config::OwnerRule;
 use crate::event::{Key, Ownership, Value};
+
+/// The epochs of one term: a forced failover moves a row to the first epoch of the next one.
+pub const TERM: u64 = 1 << 32;
+
+/// The epoch a forced failover gives a row last claimed at `epoch`: the next term's first.
+pub fn fence_after(epoch: u64) -> u64 {
+    (epoch / TERM + 1) * TERM
+}
+
+/// Whether a claim at `epoch` is a forced failover's fence.
+pub fn is_fence(claim: &Ownership) -> bool {
+    claim.transfer && claim.epoch > 0 && claim.epoch.is_multiple_of(TERM)
+}
 
 /// What a node knows of a row's owner.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,13 +65,24 @@ pub fn rule_owner(rule: &OwnerRule, key_columns: &[String], key: &Key) -> Option
 }
 
 /// What a receiver makes of a remote write to an ownership table.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Verdict {
     /// The owner to record if the write wins.
     pub owner: Option<Owner>,
     /// For a write concurrent with the local version: the side whose claim has the higher
     /// epoch, which wins whatever LWW says (`None`: equal epochs, LWW decides).
     pub by_epoch: Option<crate::resolve::Winner>,
+    /// The side that loses because its claim is of an earlier term than the other's: a
+    /// write its region made after a forced failover moved the row, without knowing of it.
+    pub fenced: Option<Fenced>,
+}
+
+/// A write that loses to a forced failover it did not know of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fenced {
+    pub loser: crate::resolve::Winner,
+    /// Why, for the fenced dead letter.
+    pub reason: String,
 }
 
 /// Judges a remote write to an ownership table: `Err(reason)` if it must be dead-lettered,
@@ -96,9 +127,21 @@ pub fn judge_remote(
         return Err(reason);
     }
     let claim = claim.ok_or_else(|| format!("{origin_region} sent no ownership with this write"))?;
+    use crate::resolve::Winner;
     let by_epoch = match known.as_ref().filter(|_| concurrent) {
-        Some(k) if claim.epoch > k.epoch => Some(crate::resolve::Winner::Remote),
-        Some(k) if claim.epoch < k.epoch => Some(crate::resolve::Winner::Local),
+        Some(k) if claim.epoch > k.epoch => Some(Winner::Remote),
+        Some(k) if claim.epoch < k.epoch => Some(Winner::Local),
+        _ => None,
+    };
+    let fenced = match known.as_ref().filter(|_| concurrent) {
+        Some(k) if claim.epoch / TERM > k.epoch / TERM => Some(Fenced {
+            loser: Winner::Local,
+            reason: fenced_reason(&k.region, k.epoch, &claim.owner, claim.epoch),
+        }),
+        Some(k) if claim.epoch / TERM < k.epoch / TERM => Some(Fenced {
+            loser: Winner::Remote,
+            reason: fenced_reason(&claim.owner, claim.epoch, &k.region, k.epoch),
+        }),
         _ => None,
     };
     Ok(Verdict {
@@ -107,7 +150,14 @@ pub fn judge_remote(
             epoch: claim.epoch,
         }),
         by_epoch,
+        fenced,
     })
+}
+
+fn fenced_reason(lost: &str, lost_epoch: u64, owner: &str, fence: u64) -> String {
+    format!(
+        "fenced: written under {lost}'s ownership (epoch {lost_epoch}) without knowing that a forced failover had moved the row to {owner} (epoch {fence}); it is not applied anywhere, and this letter holds its data: write it again in {owner} if it is still wanted, then discard the letter"
+    )
 }
 
 /// The owner a local write leaves the row with, as the capture trigger allowed it: the
@@ -128,9 +178,15 @@ pub fn owner_after_local_write(
     }
 }
 
-/// The claim a local write carries, given the row's owner column after the write.
-pub fn local_write(previous: Option<&Owner>, owner_now: &str) -> Ownership {
+/// The claim a local write carries, given the row's owner column after the write. `forced`:
+/// the write is a forced failover's move, which claims the next term (see [`fence_after`]).
+pub fn local_write(previous: Option<&Owner>, owner_now: &str, forced: bool) -> Ownership {
     match previous {
+        Some(p) if forced => Ownership {
+            owner: owner_now.to_owned(),
+            epoch: fence_after(p.epoch),
+            transfer: true,
+        },
         None => Ownership {
             owner: owner_now.to_owned(),
             epoch: 0,
@@ -169,6 +225,10 @@ pub fn refusal(
     let (Some(l), false) = (local, concurrent) else {
         return None;
     };
+    // A forced failover moves the row without its owner, from any surviving region.
+    if is_fence(claim) && claim.epoch > l.epoch {
+        return None;
+    }
     if claim.epoch < l.epoch {
         return Some(format!(
             "{origin_region} wrote (epoch {}) after the row moved to {} (epoch {}), yet had seen that",
@@ -307,6 +367,7 @@ mod tests {
             Ok(Verdict {
                 owner: Some(o),
                 by_epoch: None,
+                fenced: None,
             })
         };
         assert_eq!(judge(1, None, "a", claim("a", 0, false)), took(owner("a", 0)));
@@ -330,9 +391,14 @@ mod tests {
 
     #[test]
     fn local_writes_keep_or_move_ownership() {
-        assert_eq!(local_write(None, "a"), claim("a", 0, false));
-        assert_eq!(local_write(Some(&owner("a", 3)), "a"), claim("a", 3, false));
-        assert_eq!(local_write(Some(&owner("a", 3)), "b"), claim("b", 4, true));
+        assert_eq!(local_write(None, "a", false), claim("a", 0, false));
+        assert_eq!(local_write(Some(&owner("a", 3)), "a", false), claim("a", 3, false));
+        assert_eq!(local_write(Some(&owner("a", 3)), "b", false), claim("b", 4, true));
+        assert_eq!(local_write(Some(&owner("a", 3)), "b", true), claim("b", TERM, true));
+        assert_eq!(
+            local_write(Some(&owner("b", TERM + 2)), "c", true),
+            claim("c", 2 * TERM, true)
+        );
     }
 
     /// Table: (local owner, origin, claim, concurrent, refused?)
@@ -357,6 +423,12 @@ mod tests {
             (Some(owner("c", 0)), "b", Some(claim("c", 2, true)), false, false),
             (Some(owner("a", 0)), "a", None, false, true),
             (Some(owner("a", 0)), "a", None, true, true),
+            // A forced failover: any region fences the row over to another, or to itself.
+            (Some(owner("a", 3)), "c", Some(claim("b", TERM, true)), false, false),
+            (Some(owner("a", 3)), "b", Some(claim("b", TERM, true)), false, false),
+            (Some(owner("b", TERM)), "c", Some(claim("c", TERM, true)), false, true),
+            // The fenced owner's write after it saw the fence.
+            (Some(owner("b", TERM)), "a", Some(claim("a", 3, false)), false, true),
         ];
         for (local, origin, claim, concurrent, refused) in cases {
             let reason = refusal(local.as_ref(), origin, claim.as_ref(), concurrent);
@@ -379,5 +451,33 @@ mod tests {
         assert_eq!(judge(owner("b", 0), "a", claim("c", 1, true)), Some(Winner::Remote));
         assert_eq!(judge(owner("c", 1), "b", claim("b", 0, false)), Some(Winner::Local));
         assert_eq!(judge(owner("a", 0), "b", claim("b", 0, false)), None);
+    }
+
+    #[test]
+    fn a_fence_outranks_the_lost_owners_concurrent_writes() {
+        use crate::resolve::Winner;
+        let verdict = |known: Owner, origin: &str, c: Ownership| {
+            judge_remote(None, &Key(vec![]), Some(known), origin, Some(&c), true).unwrap()
+        };
+        // At a survivor: the lost owner's write, made without knowing of the fence.
+        let late = verdict(owner("b", TERM), "a", claim("a", 7, false));
+        assert_eq!(late.by_epoch, Some(Winner::Local));
+        assert_eq!(late.fenced.map(|f| f.loser), Some(Winner::Remote));
+        // At the returning region: the fence arrives over its own write.
+        let fence = verdict(owner("a", 7), "c", claim("b", TERM, true));
+        assert_eq!(fence.by_epoch, Some(Winner::Remote));
+        let fenced = fence.fenced.unwrap();
+        assert_eq!(fenced.loser, Winner::Local);
+        assert!(
+            fenced.reason.contains("under a's ownership (epoch 7)"),
+            "{}",
+            fenced.reason
+        );
+        // A planned transfer within a term fences nothing.
+        let planned = verdict(owner("a", 7), "a", claim("b", 8, true));
+        assert_eq!(planned.fenced, None);
+        assert_eq!(fence_after(0), TERM);
+        assert_eq!(fence_after(TERM - 1), TERM);
+        assert_eq!(fence_after(TERM), 2 * TERM);
     }
 }

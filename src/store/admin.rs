@@ -120,8 +120,9 @@ impl History {
     }
 }
 
-/// A dead letters row: id, origin, seq, table, key, reason, event, at, attempts, retry at.
-pub type LetterRow = (i64, String, i64, String, String, String, Vec<u8>, i64, i64, i64);
+/// A dead letters row: id, origin, seq, table, key, reason, event, at, attempts, retry at,
+/// cause.
+pub type LetterRow = (i64, String, i64, String, String, String, Vec<u8>, i64, i64, i64, String);
 
 /// An event the node could not apply, as the operator sees it.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -137,6 +138,9 @@ pub struct DeadLetter {
     pub attempts: i64,
     /// When the sidecar tries it next (0: at its next round).
     pub retry_at_micros: i64,
+    /// Why, in one word: `ownership`, `refused`, `fenced` (lost to a forced failover; never
+    /// retried), ...
+    pub cause: String,
     /// The event as stored, decoded: its op and row, version, HLC; `null` if it does not
     /// decode.
     pub event: serde_json::Value,
@@ -144,7 +148,7 @@ pub struct DeadLetter {
 
 impl DeadLetter {
     pub fn from_row(row: LetterRow) -> Self {
-        let (id, origin, seq, table, key, reason, bytes, at_micros, attempts, retry_at_micros) = row;
+        let (id, origin, seq, table, key, reason, bytes, at_micros, attempts, retry_at_micros, cause) = row;
         let event = crate::wire::decode_event(&bytes).map_or(serde_json::Value::Null, |e| {
             serde_json::json!({
                 "op": e.op.to_json(),
@@ -164,6 +168,7 @@ impl DeadLetter {
             at_micros,
             attempts,
             retry_at_micros,
+            cause,
             event,
         }
     }
@@ -186,6 +191,18 @@ pub struct Transfer {
     pub by: String,
     /// What was asked for, as the person put it, for the transfers table.
     pub asked: String,
+}
+
+/// A forced failover: every row (or a table's rows) a lost region owns, fenced over to
+/// another region from a surviving node.
+#[derive(Debug, Clone)]
+pub struct Failover {
+    /// The lost region.
+    pub from: String,
+    pub to: String,
+    /// One ownership table, or (`None`) all of them.
+    pub table: Option<String>,
+    pub by: String,
 }
 
 /// A transfer as recorded in the transfers table.
@@ -213,14 +230,16 @@ pub trait AdminTxn: Txn {
     /// that finds no row fires no trigger, yet its version must replicate.
     async fn queue_deleted(&mut self, table: &Self::Table, key: &Key) -> Result<(), StoreError>;
     async fn insert_resolution(&mut self, resolved: &Resolved, row: &str) -> Result<(), StoreError>;
-    async fn history(&mut self) -> Result<History, StoreError>;
+    /// Every resolution, or (`recent`) the latest of each kind.
+    async fn history(&mut self, recent: Option<i64>) -> Result<History, StoreError>;
     /// Dead letters (all, or just `id`), oldest first.
     async fn dead_letters(&mut self, id: Option<i64>) -> Result<Vec<LetterRow>, StoreError>;
     /// Makes the letters `ids` (or all) due for a retry now, or (`discard`) deletes them;
     /// returns how many there were.
     async fn act_on_letters(&mut self, ids: Option<&[i64]>, discard: bool) -> Result<u64, StoreError>;
-    /// Allows owner changes in this transaction (the ownership triggers check the mark).
-    async fn begin_transfer(&mut self) -> Result<(), StoreError>;
+    /// Allows owner changes in this transaction (the ownership triggers check the mark);
+    /// `forced`: also of rows another region owns (a forced failover).
+    async fn begin_transfer(&mut self, forced: bool) -> Result<(), StoreError>;
     /// Sets `column` to `to` on the row `key`, or on every row whose owner is `from`;
     /// returns how many rows changed.
     async fn move_owner_column(
@@ -315,13 +334,21 @@ impl Admin {
         on!(self, on => on.resolve(id, choice, by).await)
     }
 
-    pub async fn history(&self) -> Result<History, StoreError> {
-        on!(self, on => on.history().await)
+    /// Who resolved what and every automatic resolution, oldest first; `recent`: only the
+    /// latest that many of each.
+    pub async fn history(&self, recent: Option<i64>) -> Result<History, StoreError> {
+        on!(self, on => on.history(recent).await)
     }
 
     /// Moves rows of an ownership table to another region; returns how many moved.
     pub async fn transfer(&self, transfer: &Transfer) -> Result<u64, StoreError> {
         on!(self, on => on.transfer(transfer).await)
+    }
+
+    /// Fences the rows a lost region owns over to another region (see
+    /// [`crate::resolve::ownership`]); returns how many moved, per table.
+    pub async fn failover(&self, failover: &Failover) -> Result<Vec<(String, u64)>, StoreError> {
+        on!(self, on => on.failover(failover).await)
     }
 
     /// Re-emits a row's winning version, found by `weft audit`, as a change of this node
@@ -348,6 +375,21 @@ impl Admin {
             Letters::All => None,
             Letters::Ids(ids) => Some(ids.as_slice()),
         };
+        if let (Some(ids), false) = (ids, discard) {
+            let fenced: Vec<String> = self
+                .dead_letters(None)
+                .await?
+                .into_iter()
+                .filter(|l| l.cause == "fenced" && ids.contains(&l.id))
+                .map(|l| l.id.to_string())
+                .collect();
+            if !fenced.is_empty() {
+                return Err(refused(format!(
+                    "dead letter(s) {} lost to a forced ownership failover: a retry would lose again; write their data anew in the row's owner region if it is still wanted, then discard them",
+                    fenced.join(", ")
+                )));
+            }
+        }
         on!(self, on => on.in_transaction(&Tables::new(), async |txn| txn.act_on_letters(ids, discard).await).await)
     }
 
@@ -530,9 +572,38 @@ where
         .await
     }
 
-    async fn history(&self) -> Result<History, StoreError> {
+    async fn history(&self, recent: Option<i64>) -> Result<History, StoreError> {
         let tables = Tables::new();
-        self.in_transaction(&tables, async |txn| txn.history().await).await
+        self.in_transaction(&tables, async |txn| txn.history(recent).await)
+            .await
+    }
+
+    async fn failover(&self, failover: &Failover) -> Result<Vec<(String, u64)>, StoreError> {
+        let me = self.config.region().to_owned();
+        let mut described = Vec::new();
+        for name in failover_tables(&self.config, failover, &me)? {
+            described.push(self.table(&name).await?);
+        }
+        let tables = Tables::new();
+        self.in_transaction(&tables, async |txn| {
+            let mut moved = Vec::new();
+            for table in &described {
+                txn.begin_transfer(true).await?;
+                let n = fence_rows(txn, table, failover).await?;
+                let record = TransferRecord {
+                    table: table.name(),
+                    rows: format!("forced failover of all rows of {}", failover.from),
+                    moved: n,
+                    from: &failover.from,
+                    to: &failover.to,
+                    by: &failover.by,
+                };
+                txn.end_transfer(&record).await?;
+                moved.push((table.name().to_owned(), n));
+            }
+            Ok(moved)
+        })
+        .await
     }
 
     async fn transfer(&self, transfer: &Transfer) -> Result<u64, StoreError> {
@@ -542,7 +613,7 @@ where
         let table = self.table(&transfer.table).await?;
         let tables = Tables::new();
         self.in_transaction(&tables, async |txn| {
-            txn.begin_transfer().await?;
+            txn.begin_transfer(false).await?;
             let moved = match (table.owner_column(), table.owner_rule()) {
                 (Some(column), _) => by_column(txn, &table, column, transfer, &me).await?,
                 (None, Some(rule)) => by_rule(txn, &table, rule, transfer, &me).await?,
@@ -566,6 +637,82 @@ where
         })
         .await
     }
+}
+
+/// The ownership tables a failover moves rows of, or why it cannot run here.
+fn failover_tables(config: &NodeConfig, failover: &Failover, me: &str) -> Result<Vec<String>, StoreError> {
+    let regions: std::collections::BTreeSet<&str> = config.topology.nodes.iter().map(|n| n.region.as_str()).collect();
+    for region in [&failover.from, &failover.to] {
+        if !regions.contains(region.as_str()) {
+            return Err(refused(format!(
+                "`{region}` is not a region of mesh `{}`: its regions are {}",
+                config.topology.mesh,
+                regions.iter().copied().collect::<Vec<_>>().join(", ")
+            )));
+        }
+    }
+    if failover.from == me {
+        return Err(refused(format!(
+            "this node is in `{me}`, the region to fail over from: run the failover on a node of a surviving region"
+        )));
+    }
+    if failover.from == failover.to {
+        return Err(refused("--from and --to name the same region".to_owned()));
+    }
+    let owned = config.tables.iter().filter(|t| t.strategy == Strategy::Ownership);
+    let names: Vec<String> = match &failover.table {
+        None => owned.map(|t| t.name.clone()).collect(),
+        Some(table) => {
+            let transfer = Transfer {
+                table: table.clone(),
+                keys: None,
+                to: failover.to.clone(),
+                by: failover.by.clone(),
+                asked: String::new(),
+            };
+            let Some(config_of) = config.tables.iter().find(|t| &t.name == table) else {
+                return Err(refused(format!("table `{table}` is not in the node's config")));
+            };
+            check_transfer(config, config_of, &transfer, "")?;
+            vec![table.clone()]
+        }
+    };
+    if names.is_empty() {
+        return Err(refused("the node's config has no ownership table".to_owned()));
+    }
+    Ok(names)
+}
+
+/// Fences every row of `table` that `failover.from` owns over to `failover.to`: records the
+/// move as `moving_to` on a row the lost region owns (which the drain numbers as the next
+/// term, see `engine::settle_local`), writing the owner column under the forced mark.
+async fn fence_rows<T: AdminTxn>(txn: &mut T, table: &T::Table, failover: &Failover) -> Result<u64, StoreError> {
+    let mut moved = 0;
+    for key in txn.row_keys(table, None).await? {
+        let known = txn.owner(table, &key.to_bytes()).await?;
+        let owner = match (known, table.owner_rule()) {
+            (Some(known), _) => known.owner,
+            (None, Some(rule)) => match rule_owner(rule, table.key(), &key) {
+                Some(region) => Owner { region, epoch: 0 },
+                None => continue,
+            },
+            // A row no owner record names was never written under weft's ownership.
+            (None, None) => continue,
+        };
+        if owner.region != failover.from {
+            continue;
+        }
+        match table.owner_column() {
+            Some(column) => {
+                txn.move_owner_column(table, column, Some(&key), &failover.from, &failover.to)
+                    .await?;
+            }
+            None => txn.queue_capture(table, &key).await?,
+        }
+        txn.store_owner(table, &key, &owner, Some(&failover.to)).await?;
+        moved += 1;
+    }
+    Ok(moved)
 }
 
 /// Refuses a transfer the mesh cannot carry out.
@@ -714,8 +861,11 @@ macro_rules! forward_admin_io {
             metadata::insert_resolution(self.conn, resolved, row).await
         }
 
-        async fn history(&mut self) -> Result<$crate::store::admin::History, $crate::store::StoreError> {
-            metadata::history(self.conn).await
+        async fn history(
+            &mut self,
+            recent: Option<i64>,
+        ) -> Result<$crate::store::admin::History, $crate::store::StoreError> {
+            metadata::history(self.conn, recent).await
         }
 
         async fn dead_letters(

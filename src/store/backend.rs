@@ -237,6 +237,9 @@ pub enum Cause {
     Ownership,
     /// The database refused the write (a constraint, a trigger, a value).
     Refused,
+    /// A write that lost to a forced ownership failover it did not know of: kept as a record
+    /// of what the failover discarded, never retried (it would lose again).
+    Fenced,
 }
 
 impl Cause {
@@ -248,6 +251,7 @@ impl Cause {
             Cause::Crdt => "crdt",
             Cause::Ownership => "ownership",
             Cause::Refused => "refused",
+            Cause::Fenced => "fenced",
         }
     }
 }
@@ -262,6 +266,9 @@ pub enum Group {
 
 /// A dead letter due for a retry: its id, the event as stored, and its attempts so far.
 pub type DueLetter = (i64, Vec<u8>, u32);
+
+/// A retry delay that never comes (a fenced letter's): far beyond any clock, without overflow.
+pub const NEVER_MICROS: i64 = i64::MAX / 2;
 
 /// How long after its `attempts`-th failed retry a dead letter is tried again: doubling from
 /// a second, at most an hour.

@@ -296,14 +296,18 @@ async fn decide_event<R: Txn>(
 }
 
 /// What the event means for an ownership table's row (`ownership::judge_remote`), or why
-/// the event is refused.
+/// the event is refused; nothing for another table's, or for a stale event.
 async fn judge_owner<R: Txn>(
     rows: &mut R,
     table: &R::Table,
     key: &[u8],
     event: &Event,
-    conflict: bool,
+    decision: &Decision,
 ) -> Result<Result<ownership::Verdict, String>, StoreError> {
+    if !table.is_owned() || *decision == Decision::Stale {
+        return Ok(Ok(ownership::Verdict::default()));
+    }
+    let conflict = matches!(decision, Decision::Conflict { .. });
     let known = rows.owner(table, key).await?.map(|k| k.owner);
     let rule = table.owner_rule().map(|r| (r, table.key()));
     Ok(ownership::judge_remote(
@@ -474,14 +478,10 @@ async fn apply_one<R: Txn>(
     let local_row_exists = local.as_ref().is_some_and(|l| !l.deleted);
     let (decision, local_row) = decide_event(rows, &table, local.as_ref(), event).await?;
     let conflict = matches!(decision, Decision::Conflict { .. });
-    let mut claimed = None;
-    let mut by_epoch = None;
-    if table.is_owned() && decision != Decision::Stale {
-        match judge_owner(rows, &table, &id.1, event, conflict).await? {
-            Ok(verdict) => (claimed, by_epoch) = (verdict.owner, verdict.by_epoch),
-            Err(reason) => return dead_lettered(rows, event, &reason, Cause::Ownership, report).await,
-        }
-    }
+    let (claimed, by_epoch, fenced) = match judge_owner(rows, &table, &id.1, event, &decision).await? {
+        Ok(verdict) => (verdict.owner, verdict.by_epoch, verdict.fenced),
+        Err(reason) => return dead_lettered(rows, event, &reason, Cause::Ownership, report).await,
+    };
     let (next, winner) = match decision {
         Decision::Stale => {
             report.stale += 1;
@@ -534,10 +534,33 @@ async fn apply_one<R: Txn>(
         .await?;
     }
     if let Some(local) = local.as_ref().filter(|_| conflict) {
-        audit::log_conflict(rows, &*table, event, local, local_row.as_ref(), winner).await?;
-        report.conflicts += 1;
+        let lost = fenced.filter(|f| f.loser != winner);
+        record_conflict(rows, &*table, event, (local, local_row.as_ref()), winner, lost, report).await?;
     }
     Ok(Outcome::Changed(id, next))
+}
+
+/// Logs a conflict `winner` decided; a loser `fenced` by a forced failover is also listed as
+/// a fenced dead letter: what the failover discarded, not only a lost conflict.
+async fn record_conflict<R: Txn>(
+    rows: &mut R,
+    table: &R::Table,
+    event: &Event,
+    (local, local_row): (&RowVersion, Option<&Row>),
+    winner: Winner,
+    fenced: Option<ownership::Fenced>,
+    report: &mut ApplyReport,
+) -> Result<(), StoreError> {
+    audit::log_conflict(rows, table, event, local, local_row, winner).await?;
+    report.conflicts += 1;
+    if let Some(fenced) = fenced {
+        let lost = match fenced.loser {
+            Winner::Remote => event.clone(),
+            Winner::Local => version_event(local, local_row, event),
+        };
+        audit::dead_letter(rows, &lost, &fenced.reason, Cause::Fenced, report).await?;
+    }
+    Ok(())
 }
 
 async fn dead_lettered<R: Txn>(
@@ -626,25 +649,7 @@ async fn with_concurrent<R: Txn>(
 ) -> Result<Vec<Event>, StoreError> {
     let mut set = rows.siblings(table.name(), key).await?;
     if set.is_empty() {
-        // Siblings are versions, not stream positions: seq 1 only keeps the encoding valid.
-        set.push(Event {
-            origin: local.origin.clone(),
-            origin_region: String::new(),
-            seq: 1,
-            batch_end: 1,
-            hlc: local.hlc,
-            table: table.name().to_owned(),
-            key: event.key.clone(),
-            op: match local_row {
-                Some(row) if !local.deleted => Op::Upsert(row.clone()),
-                _ => Op::Delete,
-            },
-            version: local.version.clone(),
-            path: Vec::new(),
-            committed_at_micros: 0,
-            crdt: Vec::new(),
-            ownership: None,
-        });
+        set.push(version_event(local, local_row, event));
     }
     // Siblings are keyed by (origin, HLC). No honest origin stamps two versions of a row
     // alike (each write is stamped after its previous one, and dominates it), so such a
@@ -659,6 +664,29 @@ async fn with_concurrent<R: Txn>(
     });
     set.push(as_sibling(event));
     Ok(set)
+}
+
+/// The local version of `event`'s row as an event: what it is (origin, HLC, row, version).
+/// It is a version, not a stream position: seq 1 only keeps the encoding valid.
+fn version_event(local: &RowVersion, local_row: Option<&Row>, event: &Event) -> Event {
+    Event {
+        origin: local.origin.clone(),
+        origin_region: String::new(),
+        seq: 1,
+        batch_end: 1,
+        hlc: local.hlc,
+        table: event.table.clone(),
+        key: event.key.clone(),
+        op: match local_row {
+            Some(row) if !local.deleted => Op::Upsert(row.clone()),
+            _ => Op::Delete,
+        },
+        version: local.version.clone(),
+        path: Vec::new(),
+        committed_at_micros: 0,
+        crdt: Vec::new(),
+        ownership: None,
+    }
 }
 
 /// A version as the sibling set keeps it: what it is (origin, HLC, row, version), not where
@@ -732,7 +760,13 @@ pub(crate) async fn settle_local<R: Txn>(
                 region: identity.region.clone(),
                 epoch: k.owner.epoch + 1,
             });
-        let claim = ownership::local_write(reclaimed.as_ref().or(previous.as_ref()), &owner_now);
+        // A transfer recorded here for a row another region owns is a forced failover: only
+        // `weft ownership failover` records one (a planned transfer moves this region's rows).
+        let forced = reclaimed.is_none()
+            && known
+                .as_ref()
+                .is_some_and(|k| k.moving_to.is_some() && k.owner.region != identity.region);
+        let claim = ownership::local_write(reclaimed.as_ref().or(previous.as_ref()), &owner_now, forced);
         let owner = Owner {
             region: claim.owner.clone(),
             epoch: claim.epoch,

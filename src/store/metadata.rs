@@ -514,7 +514,10 @@ macro_rules! metadata_io {
                 .bind(event.key.to_string())
                 .bind(letter.reason)
                 .bind($crate::wire::encode_event(event))
-                .bind($crate::store::backend::retry_backoff_micros(0))
+                .bind(match letter.cause {
+                    $crate::store::backend::Cause::Fenced => $crate::store::backend::NEVER_MICROS,
+                    _ => $crate::store::backend::retry_backoff_micros(0),
+                })
                 .bind(letter.cause.as_str())
                 .execute(&mut *conn)
                 .await?;
@@ -555,7 +558,7 @@ macro_rules! metadata_io {
         }
 
         pub(super) async fn dead_letters_due_now(conn: &mut $conn) -> Result<(), $crate::store::StoreError> {
-            sqlx::query(meta("UPDATE {w}dead_letters SET retry_at = 0 WHERE retry_at > 0"))
+            sqlx::query(meta("UPDATE {w}dead_letters SET retry_at = 0 WHERE retry_at > 0 AND cause <> 'fenced'"))
                 .execute(&mut *conn)
                 .await?;
             Ok(())
@@ -570,13 +573,13 @@ macro_rules! metadata_io {
         }
 
         /// Dead letters (all, or just `id`), oldest first: id, origin, seq, table, key,
-        /// reason, event, at, attempts, retry at.
+        /// reason, event, at, attempts, retry at, cause.
         pub(super) async fn dead_letters(
             conn: &mut $conn,
             id: Option<i64>,
         ) -> Result<Vec<$crate::store::admin::LetterRow>, $crate::store::StoreError> {
             let sql = meta(
-                "SELECT id, origin, seq, tbl, key, reason, event, at, attempts, retry_at FROM {w}dead_letters \
+                "SELECT id, origin, seq, tbl, key, reason, event, at, attempts, retry_at, cause FROM {w}dead_letters \
                  WHERE CAST($1 AS BIGINT) IS NULL OR id = $1 ORDER BY id",
             );
             Ok(sqlx::query_as(sql).bind(id).fetch_all(&mut *conn).await?)
@@ -588,17 +591,18 @@ macro_rules! metadata_io {
             ids: Option<&[i64]>,
             discard: bool,
         ) -> Result<u64, $crate::store::StoreError> {
+            // A fenced write would lose again: it is never retried, only discarded.
             let verb = if discard {
-                "DELETE FROM {w}dead_letters"
+                "DELETE FROM {w}dead_letters WHERE TRUE"
             } else {
-                "UPDATE {w}dead_letters SET retry_at = 0"
+                "UPDATE {w}dead_letters SET retry_at = 0 WHERE cause <> 'fenced'"
             };
             let Some(ids) = ids else {
                 return Ok(sqlx::query(meta(verb)).execute(&mut *conn).await?.rows_affected());
             };
             let mut done = 0;
             for id in ids {
-                let sql = meta(&format!("{verb} WHERE id = $1"));
+                let sql = meta(&format!("{verb} AND id = $1"));
                 done += sqlx::query(sql).bind(id).execute(&mut *conn).await?.rows_affected();
             }
             Ok(done)
@@ -638,11 +642,20 @@ macro_rules! metadata_io {
         }
 
         /// Every resolution by a person and every automatic one.
-        pub(super) async fn history(conn: &mut $conn) -> Result<$crate::store::admin::History, $crate::store::StoreError> {
-            let sql = meta("SELECT queue_id, tbl, key_text, decided_by, decision, at FROM {w}resolutions ORDER BY id");
-            let resolved = sqlx::query_as(sql).fetch_all(&mut *conn).await?;
-            let sql = meta("SELECT id, tbl, key, strategy, winner, loser, at FROM {w}conflicts ORDER BY id");
-            let automatic = sqlx::query_as(sql).fetch_all(&mut *conn).await?;
+        pub(super) async fn history(
+            conn: &mut $conn,
+            recent: Option<i64>,
+        ) -> Result<$crate::store::admin::History, $crate::store::StoreError> {
+            // The latest `recent` of each, read newest first and put back in order.
+            let limit = recent.unwrap_or(i64::MAX);
+            let sql = meta(
+                "SELECT queue_id, tbl, key_text, decided_by, decision, at FROM {w}resolutions ORDER BY id DESC LIMIT $1",
+            );
+            let mut resolved: Vec<_> = sqlx::query_as(sql).bind(limit).fetch_all(&mut *conn).await?;
+            resolved.reverse();
+            let sql = meta("SELECT id, tbl, key, strategy, winner, loser, at FROM {w}conflicts ORDER BY id DESC LIMIT $1");
+            let mut automatic: Vec<_> = sqlx::query_as(sql).bind(limit).fetch_all(&mut *conn).await?;
+            automatic.reverse();
             Ok($crate::store::admin::History::from_rows(resolved, automatic))
         }
 

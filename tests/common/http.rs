@@ -11,13 +11,18 @@ pub const TOKEN: &str = "s3cret-scrape-token";
 
 /// Turns the endpoints on in every region's config; returns where each listens.
 pub fn enable_http(sidecars: &Sidecars) -> Vec<u16> {
+    enable_http_with(sidecars, "")
+}
+
+/// `enable_http`, with `extra` lines in the `[http]` section.
+pub fn enable_http_with(sidecars: &Sidecars, extra: &str) -> Vec<u16> {
     let dir = &sidecars.mesh.dir;
     std::fs::write(dir.join("metrics.token"), format!("{TOKEN}\n")).unwrap();
     let ports = weft::harness::loopback::free_ports(sidecars.mesh.regions.len()).unwrap();
     for (region, port) in sidecars.mesh.regions.iter().zip(&ports) {
         let mut config = std::fs::read_to_string(&region.config_file).unwrap();
         config += &format!(
-            "\n[http]\nlisten = \"127.0.0.1:{port}\"\nready_max_lag_secs = 10\ntoken_file = \"metrics.token\"\n"
+            "\n[http]\nlisten = \"127.0.0.1:{port}\"\nready_max_lag_secs = 10\ntoken_file = \"metrics.token\"\n{extra}"
         );
         std::fs::write(&region.config_file, config).unwrap();
     }

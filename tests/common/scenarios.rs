@@ -54,13 +54,7 @@ pub async fn counter_decremented_from_two_regions(sidecars: &Sidecars) {
 /// and every committed write survives everywhere, with no dead letter.
 pub async fn ownership_transfer_under_load(sidecars: &Sidecars) {
     let east = &sidecars.mesh.regions[0];
-    for id in 0..20 {
-        sqlx::query("INSERT INTO accounts (id, home, balance) VALUES (?, 'east', 0)")
-            .bind(id)
-            .execute(&east.app)
-            .await
-            .unwrap();
-    }
+    east_accounts(sidecars, 20).await;
     sidecars.mesh.wait_converged(Duration::from_secs(30)).await.unwrap();
 
     // East keeps writing; halfway through, it hands every account to west.
@@ -163,40 +157,7 @@ pub async fn queued_row_edited_everywhere_resolved_once(sidecars: &Sidecars) {
         .unwrap();
     sidecars.mesh.wait_converged(Duration::from_secs(30)).await.unwrap();
 
-    // With every sidecar down, no region sees another's edit: the three are truly
-    // concurrent. (Killed, not paused: a paused sidecar may hold SQLite's write lock.)
-    for i in 0..3 {
-        sidecars.kill9(i);
-    }
-    for (i, region) in regions.iter().enumerate() {
-        sqlx::query("UPDATE contracts SET amount = ?, terms = ? WHERE id = 1")
-            .bind(200 + i as i64)
-            .bind(format!("terms of {}", region.region))
-            .execute(&region.app)
-            .await
-            .unwrap();
-    }
-    sidecars.spawn_all().await;
-    let siblings = "SELECT count(*) FROM _weft_siblings s JOIN _weft_queue q ON q.tbl = s.tbl AND q.key = s.key WHERE q.closed_at IS NULL";
-    let started = std::time::Instant::now();
-    for region in regions {
-        loop {
-            let n: i64 = sqlx::query_scalar(siblings).fetch_one(&region.app).await.unwrap();
-            let open: i64 = sqlx::query_scalar("SELECT count(*) FROM _weft_queue WHERE closed_at IS NULL")
-                .fetch_one(&region.app)
-                .await
-                .unwrap();
-            if n == 3 && open == 1 {
-                break;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "{}: {open} open entries, {n} siblings",
-                region.region
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+    edit_contract_everywhere_at_once(sidecars).await;
 
     let config = regions[1].config_file.to_str().unwrap().to_owned();
     let weft = |args: &[&str]| {
@@ -239,5 +200,192 @@ pub async fn queued_row_edited_everywhere_resolved_once(sidecars: &Sidecars) {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+/// `weft <command> --config <config> <args>`, which must succeed; its standard output.
+fn weft_cli(command: &str, config: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args([command, "--config", config.to_str().unwrap()])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "weft {command} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Forced failover: east dies with four writes to its accounts not replicated; west takes
+/// every east account over with `weft ownership failover`, and writes two of them. When east
+/// comes back, its four writes are refused everywhere, listed as fenced dead letters in every
+/// region (the exact RPO), never merged; every region converges on west's rows, and east's
+/// application can no longer write them.
+pub async fn forced_failover_fences_the_lost_regions_writes(sidecars: &Sidecars) {
+    let regions = &sidecars.mesh.regions;
+    let (east, west) = (&regions[0], &regions[1]);
+    east_accounts(sidecars, 10).await;
+    sidecars.mesh.wait_converged(Duration::from_secs(30)).await.unwrap();
+
+    // East dies; its application commits four more writes that nobody else sees.
+    sidecars.kill9(0);
+    for id in 0..4i64 {
+        sqlx::query("UPDATE accounts SET balance = 7 WHERE id = ?")
+            .bind(id)
+            .execute(&east.app)
+            .await
+            .unwrap();
+    }
+
+    // West cannot write east's rows, then takes them over.
+    let refused = sqlx::query("UPDATE accounts SET balance = 1 WHERE id = 0")
+        .execute(&west.app)
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("owned by east"), "{refused}");
+    let said = weft_cli(
+        "ownership",
+        &west.config_file,
+        &["failover", "--from", "east", "--to", "west", "--by", "drill"],
+    );
+    assert!(said.contains("fenced 10 row(s) of east over to west"), "{said}");
+    for id in 0..2i64 {
+        sqlx::query("UPDATE accounts SET balance = ? WHERE id = ?")
+            .bind(100 + id)
+            .bind(id)
+            .execute(&west.app)
+            .await
+            .unwrap();
+    }
+    let south = &regions[2];
+    let started = std::time::Instant::now();
+    while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM accounts WHERE home = 'west'")
+        .fetch_one(&south.app)
+        .await
+        .unwrap()
+        < 10
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the failover never reached south"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // East comes back.
+    sidecars.spawn(0, None).await;
+    sidecars.mesh.wait_converged(Duration::from_secs(60)).await.unwrap();
+    let mut a_letter = 0;
+    for region in regions {
+        let rows: Vec<(i64, String, i64)> = sqlx::query_as("SELECT id, home, balance FROM accounts ORDER BY id")
+            .fetch_all(&region.app)
+            .await
+            .unwrap();
+        let expected: Vec<(i64, String, i64)> = (0..10)
+            .map(|id| (id, "west".to_owned(), if id < 2 { 100 + id } else { 0 }))
+            .collect();
+        assert_eq!(
+            rows, expected,
+            "{}: west's rows, none of east's fenced writes",
+            region.region
+        );
+        let listed = weft_cli(
+            "dead-letters",
+            &region.config_file,
+            &["list", "--cause", "fenced", "--json"],
+        );
+        let letters: Vec<serde_json::Value> = serde_json::from_str(&listed).unwrap();
+        let mut keys: Vec<String> = letters.iter().map(|l| l["key"].as_str().unwrap().to_owned()).collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            ["[0]", "[1]", "[2]", "[3]"],
+            "{}: the fenced writes: {listed}",
+            region.region
+        );
+        a_letter = letters[0]["id"].as_i64().unwrap();
+        for letter in &letters {
+            assert!(letter["origin"].as_str().unwrap().starts_with("east"), "{letter}");
+            assert!(
+                letter["reason"].as_str().unwrap().contains("forced failover"),
+                "{letter}"
+            );
+            assert_eq!(letter["event"]["op"]["balance"], 7, "{letter}");
+        }
+        let other: i64 = sqlx::query_scalar("SELECT count(*) FROM _weft_dead_letters WHERE cause <> 'fenced'")
+            .fetch_one(&region.app)
+            .await
+            .unwrap();
+        assert_eq!(other, 0, "{}", region.region);
+    }
+    // A fenced letter is not retried: it would lose again.
+    let retry = std::process::Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args([
+            "dead-letters",
+            "--config",
+            regions[2].config_file.to_str().unwrap(),
+            "retry",
+        ])
+        .arg(a_letter.to_string())
+        .output()
+        .unwrap();
+    assert!(!retry.status.success());
+    assert!(String::from_utf8_lossy(&retry.stderr).contains("forced ownership failover"));
+    let refused = sqlx::query("UPDATE accounts SET balance = 9 WHERE id = 5")
+        .execute(&east.app)
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("owned by west"), "{refused}");
+}
+
+/// Every region edits contract 1 with its sidecar down, so the three edits are truly
+/// concurrent; returns once every region has the conflict open with the three versions.
+/// (Killed, not paused: a paused sidecar may hold SQLite's write lock.)
+pub async fn edit_contract_everywhere_at_once(sidecars: &Sidecars) {
+    let regions = &sidecars.mesh.regions;
+    for i in 0..3 {
+        sidecars.kill9(i);
+    }
+    for (i, region) in regions.iter().enumerate() {
+        sqlx::query("UPDATE contracts SET amount = ?, terms = ? WHERE id = 1")
+            .bind(200 + i as i64)
+            .bind(format!("terms of {}", region.region))
+            .execute(&region.app)
+            .await
+            .unwrap();
+    }
+    sidecars.spawn_all().await;
+    let siblings = "SELECT count(*) FROM _weft_siblings s JOIN _weft_queue q ON q.tbl = s.tbl AND q.key = s.key WHERE q.closed_at IS NULL";
+    let started = std::time::Instant::now();
+    for region in regions {
+        loop {
+            let n: i64 = sqlx::query_scalar(siblings).fetch_one(&region.app).await.unwrap();
+            let open: i64 = sqlx::query_scalar("SELECT count(*) FROM _weft_queue WHERE closed_at IS NULL")
+                .fetch_one(&region.app)
+                .await
+                .unwrap();
+            if n == 3 && open == 1 {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "{}: {open} open entries, {n} siblings",
+                region.region
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Accounts 0 to `n - 1`, east's, with a zero balance, written in east.
+async fn east_accounts(sidecars: &Sidecars, n: i64) {
+    for id in 0..n {
+        sqlx::query("INSERT INTO accounts (id, home, balance) VALUES (?, 'east', 0)")
+            .bind(id)
+            .execute(&sidecars.mesh.regions[0].app)
+            .await
+            .unwrap();
     }
 }

@@ -129,8 +129,9 @@ impl AdminTxn for PgTxn<'_> {
         Ok(())
     }
 
-    async fn begin_transfer(&mut self) -> Result<(), StoreError> {
-        sqlx::query("SELECT set_config('weft.transfer', 'on', true)")
+    async fn begin_transfer(&mut self, forced: bool) -> Result<(), StoreError> {
+        sqlx::query("SELECT set_config('weft.transfer', $1, true)")
+            .bind(if forced { "forced" } else { "on" })
             .execute(&mut *self.conn)
             .await?;
         Ok(())

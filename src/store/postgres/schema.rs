@@ -557,7 +557,8 @@ fn owner_of(table: &PgTable, row: &str) -> String {
 }
 
 /// The ownership trigger of an ownership table: only the owner region writes a row, the
-/// owner column changes only inside `weft ownership transfer` (which sets `weft.transfer`),
+/// owner column changes only inside `weft ownership transfer` (which sets `weft.transfer`;
+/// `weft ownership failover` sets it to `forced`, and may move rows another region owns),
 /// and under a rule a key change must stay within this region's keys. Runs with weft's
 /// canonical text settings, so key text matches `weft.owners.ktext`.
 fn owner_sql(table: &PgTable, region: &str) -> Option<String> {
@@ -581,7 +582,7 @@ fn owner_sql(table: &PgTable, region: &str) -> Option<String> {
     };
     let owner_kept = match &table.owner_column {
         Some(column) => format!(
-            "IF TG_OP = 'UPDATE' AND NEW.{0} IS DISTINCT FROM OLD.{0} AND current_setting('weft.transfer', true) IS DISTINCT FROM 'on' THEN
+            "IF TG_OP = 'UPDATE' AND NEW.{0} IS DISTINCT FROM OLD.{0} AND coalesce(current_setting('weft.transfer', true), '') NOT IN ('on', 'forced') THEN
              RAISE EXCEPTION 'weft: the owner of a % row changes only by weft ownership transfer', {name} USING ERRCODE = 'insufficient_privilege';
              END IF;",
             quote(column)
@@ -596,7 +597,7 @@ fn owner_sql(table: &PgTable, region: &str) -> Option<String> {
          IF current_setting('weft.applying', true) IS DISTINCT FROM 'on' THEN\n\
          IF TG_OP <> 'INSERT' THEN\n\
          holder := {old};\n\
-         IF holder IS DISTINCT FROM {here} THEN {refuse} END IF;\n\
+         IF holder IS DISTINCT FROM {here} AND (TG_OP = 'DELETE' OR current_setting('weft.transfer', true) IS DISTINCT FROM 'forced') THEN {refuse} END IF;\n\
          END IF;\n\
          IF {check_new} THEN\n\
          holder := {new};\n\

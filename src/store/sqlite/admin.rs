@@ -86,8 +86,9 @@ impl AdminTxn for SqliteTxn<'_> {
         self.queue_capture(table, key).await
     }
 
-    async fn begin_transfer(&mut self) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO _weft_transfer (marker) VALUES (1)")
+    async fn begin_transfer(&mut self, forced: bool) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO _weft_transfer (marker) VALUES (?)")
+            .bind(if forced { 2 } else { 1 })
             .execute(&mut *self.conn)
             .await?;
         Ok(())

@@ -389,7 +389,7 @@ impl Capture<'_> {
             (Some(column), _) => {
                 let c = quote(column);
                 format!(
-                    "SELECT RAISE(ABORT, 'weft: this ' || '{table}' || ' row is owned by ' || coalesce({row}.{c}, 'no region') || ', not by {region}: write it in its owner region, or move it there with weft ownership transfer') WHERE {row}.{c} IS NOT '{region}';\n  "
+                    "SELECT RAISE(ABORT, 'weft: this ' || '{table}' || ' row is owned by ' || coalesce({row}.{c}, 'no region') || ', not by {region}: write it in its owner region, or move it there with weft ownership transfer') WHERE {row}.{c} IS NOT '{region}'{when};\n  "
                 )
             }
         }
@@ -489,6 +489,9 @@ impl Capture<'_> {
     }
 }
 
+/// Unless `weft ownership failover` is moving rows another region owns (its mark, 2).
+const FORCED_ELSEWHERE: &str = " AND NOT EXISTS (SELECT 1 FROM _weft_transfer WHERE marker = 2)";
+
 /// The three capture triggers of a table, as (name, full SQL).
 fn trigger_sql(info: &TableInfo, region: &str) -> Vec<(String, String)> {
     let c = Capture { info, region };
@@ -508,7 +511,7 @@ fn trigger_sql(info: &TableInfo, region: &str) -> Vec<(String, String)> {
     let update_sql = format!(
         "CREATE TRIGGER {update} AFTER UPDATE ON {q} {skip}\nBEGIN\n  {}{}{}{}\n  INSERT INTO _weft_outbox (tbl, k1, k2, k3, k4, at) SELECT '{table}', {}, {NOW_MICROS} WHERE {};\n  {}\nEND",
         c.null_guard("NEW"),
-        c.owned("OLD", ""),
+        c.owned("OLD", FORCED_ELSEWHERE),
         c.owned_new_key(),
         c.owner_kept(),
         c.slots("OLD"),
