@@ -256,6 +256,12 @@ impl Context {
     pub fn connected(&self, peer: &str, connected: &Connected) {
         self.record_acks(peer, &connected.acknowledged);
         self.observer.peer_connected(peer, connected.own_sent);
+        for origin in &connected.relays_ended {
+            tracing::info!(%peer, %origin, "stopped relaying {origin}'s events to {peer}: the stream to it restarted, and relays start over (it asks again if it still needs them)");
+        }
+        if !connected.relays_ended.is_empty() {
+            self.observer.relaying(peer, &[]);
+        }
         tracing::info!(%peer, resume = ?connected.resume, "streaming to peer");
     }
 

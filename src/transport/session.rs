@@ -92,6 +92,8 @@ pub struct Connected {
     pub resume: BTreeMap<NodeId, u64>,
     /// This node's own events counted as sent and acknowledged on this connection.
     pub own_sent: u64,
+    /// Origins relayed on the previous connection: relays start over, so they ended.
+    pub relays_ended: Vec<NodeId>,
 }
 
 /// What a binding does after a reply from the peer.
@@ -161,6 +163,8 @@ impl Feeder {
     /// again if it still needs them, and each resumes from its frontier then.
     pub fn on_welcome(&mut self, frontiers: BTreeMap<NodeId, u64>, now: Instant) -> Connected {
         self.theirs = frontiers;
+        let routed = &self.settings.routed;
+        let relays_ended = self.origins.iter().filter(|o| !routed.contains(o)).cloned().collect();
         self.origins = self.settings.routed.clone();
         self.sent = self
             .origins
@@ -176,6 +180,7 @@ impl Feeder {
             acknowledged: self.theirs.clone(),
             resume: self.sent.clone(),
             own_sent: self.own_sent(),
+            relays_ended,
         }
     }
 
@@ -564,6 +569,22 @@ mod tests {
         let _ = feeder.on_ack(frontiers(&[("c", 0)]), &[], t);
         let _ = feeder.on_ack(frontiers(&[("c", 1)]), &ids(&["c"]), t);
         assert_eq!(send(&mut feeder, &log), sent("c", 2..=3));
+    }
+
+    /// A reconnect starts relays over: the ones running end, and say so (a peer that still
+    /// needs one asks again, which starts it anew), instead of ending silently.
+    #[test]
+    fn a_reconnect_reports_the_relays_it_ended() {
+        let mut feeder = feeder();
+        let t = Instant::now();
+        let _ = feeder.on_welcome(frontiers(&[("c", 0)]), t);
+        let _ = feeder.on_ack(frontiers(&[("c", 0)]), &ids(&["c"]), t);
+        feeder.on_disconnect();
+        let connected = feeder.on_welcome(frontiers(&[("c", 0)]), t);
+        assert_eq!(connected.relays_ended, ids(&["c"]));
+        assert_eq!(feeder.origins(), ids(&["a"]));
+        feeder.on_disconnect();
+        assert_eq!(feeder.on_welcome(frontiers(&[]), t).relays_ended, Vec::<NodeId>::new());
     }
 
     #[test]
