@@ -61,12 +61,30 @@ fn signed_in(console: &Console, headers: &HeaderMap) -> Option<String> {
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let given = bearer.or_else(|| cookie(headers, TOKEN_COOKIE))?;
-    if !same(given.as_bytes(), console.token.as_bytes()) {
+    // The cookie holds the token in hex: a token may hold bytes a cookie cannot.
+    let given = match bearer {
+        Some(token) => token.as_bytes().to_vec(),
+        None => unhex(cookie(headers, TOKEN_COOKIE)?)?,
+    };
+    if !same(&given, console.token.as_bytes()) {
         return None;
     }
     let name = cookie(headers, NAME_COOKIE).filter(|n| valid_name(n));
     Some(name.unwrap_or("console").to_owned())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// Compares without stopping at the first difference, so timing tells nothing of the token.
@@ -220,7 +238,10 @@ async fn login(State(console): State<Console>, headers: HeaderMap, Form(form): F
     let secure = if console.https { "; Secure" } else { "" };
     let set = |k: &str, v: &str| format!("{k}={v}; Path=/console; HttpOnly; SameSite=Strict{secure}");
     let cookies = axum::response::AppendHeaders([
-        (header::SET_COOKIE, set(TOKEN_COOKIE, form.token.trim())),
+        (
+            header::SET_COOKIE,
+            set(TOKEN_COOKIE, &hex(form.token.trim().as_bytes())),
+        ),
         (header::SET_COOKIE, set(NAME_COOKIE, name)),
     ]);
     (cookies, Redirect::to("/console")).into_response()
@@ -551,5 +572,8 @@ mod tests {
         assert!(cross_site(&headers));
         assert!(same(b"abc", b"abc") && !same(b"abc", b"abd") && !same(b"abc", b"ab"));
         assert_eq!(url_encode("a b/é"), "a%20b%2F%C3%A9");
+        assert_eq!(unhex(&hex(b"t0k; en=\"x\"")).as_deref(), Some(&b"t0k; en=\"x\""[..]));
+        assert_eq!(unhex("abc"), None);
+        assert_eq!(unhex("zz"), None);
     }
 }
