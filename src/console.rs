@@ -1,8 +1,8 @@
 //! The web console of a sidecar: pages rendered on the server (no script, nothing fetched
 //! from elsewhere) under `/console` of the operations endpoints (`http`), when `[http]
-//! console = true`. It shows this node's view of the mesh (per link: backlog and RPO
-//! exposure of what it sends, lag and frontier of what it applies, stream state, a lag
-//! chart), the resolution queue with each conflict's versions side by side and a button to
+//! console = true`. It shows the mesh (per link of this node: backlog and RPO exposure of
+//! what it sends, lag and frontier of what it applies, stream state, a lag chart; and every
+//! link of the mesh by the frontiers the nodes gossip), the resolution queue with each conflict's versions side by side and a button to
 //! keep one, the dead letters with retry and discard, and the recent resolutions, automatic
 //! and by people.
 //!
@@ -296,10 +296,44 @@ async fn mesh(State(console): State<Console>, headers: HeaderMap) -> Response {
                 }
             }
         }
+        h2 { "The whole mesh, as its nodes report (events each node has not applied of each origin)" }
+        (mesh_matrix(&console.ctx.reports.all(), now))
         h2 { "Lag, commit in the origin to apply here (worst per 5 s, last 10 minutes)" }
         (lag_chart(&console.metrics.lag_window(), now))
     };
     page(&console, "Mesh", None, body).into_response()
+}
+
+/// Every link of the mesh from the reports the nodes gossip (each node's frontier per origin,
+/// its own last seq among them): per receiver and origin, how many of the origin's events
+/// the receiver has not applied, by the latest reports known here, and how old they are.
+fn mesh_matrix(reports: &[(String, i64, crate::stability::Frontiers)], now: i64) -> Markup {
+    let last_seq = |origin: &str| {
+        reports
+            .iter()
+            .find(|(node, _, _)| node == origin)
+            .and_then(|(_, _, f)| f.get(origin).copied())
+    };
+    html! {
+        table.mesh {
+            tr { th { "receiver \\ origin" } @for (origin, _, _) in reports { th { (origin) } } th { "report age" } }
+            @for (receiver, at, frontiers) in reports {
+                tr {
+                    th { (receiver) }
+                    @for (origin, _, _) in reports {
+                        @if origin == receiver { td { "-" } }
+                        @else {
+                            @let behind = last_seq(origin).map(|last| last.saturating_sub(frontiers.get(origin).copied().unwrap_or(0)));
+                            td.num class=[behind.filter(|b| *b > 0).map(|_| "diff")] {
+                                @match behind { Some(n) => (n), None => "?" }
+                            }
+                        }
+                    }
+                    td.num { (format!("{:.1} s", (now - at).max(0) as f64 / 1e6)) }
+                }
+            }
+        }
+    }
 }
 
 /// An SVG line per origin: the worst lag of each 5-second window.

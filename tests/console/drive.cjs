@@ -49,6 +49,8 @@ async function shot(page, name) {
   const mesh = await page.textContent('main');
   expect(mesh.includes('Sending') && mesh.includes('Applying'), 'the mesh page shows both directions');
   expect((await page.$$('svg[aria-label="lag chart"] polyline')).length > 0, 'the lag chart has a line');
+  const matrix = await page.$$('table.mesh tr');
+  expect(matrix.length === 4, `the whole mesh: a header and three nodes, saw ${matrix.length} rows`);
   console.log('mesh page ok');
   await shot(page, '1-mesh');
 
