@@ -107,7 +107,9 @@ impl Node {
             catch_ups: Arc::default(),
         };
         let mut tasks = JoinSet::new();
-
+        // The probes first: once the replication port answers, so do they (a supervisor or
+        // a test that waits for the one may ask the other at once).
+        let http = start_http(&mut tasks, &ctx, &metrics).await?;
         tasks.spawn(serve(ctx.clone(), listener, tls.clone()));
         if let Some(tls) = tls.clone() {
             tasks.spawn(watch_certificates(tls, shutdown_rx.clone()));
@@ -132,7 +134,6 @@ impl Node {
             tasks.spawn(audit_loop(ctx.clone(), metrics.clone(), every));
         }
         tasks.spawn(crate::transport::join::join_loop(ctx.clone(), join_requests_rx));
-        let http = start_http(&mut tasks, &ctx, &metrics).await?;
         tracing::info!(node = %config.node, %listen, peers = topology::downstream(&config.topology, &config.node).len(), "weft node started");
         Ok(Self {
             config,
