@@ -270,14 +270,18 @@ async fn lww_update_against_a_concurrent_delete() {
     // Concurrent: a deletes, then b updates (later HLC): the update wins everywhere.
     a.exec("DELETE FROM items WHERE id = 1;").await;
     a.drain().await;
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     b.exec("UPDATE items SET name = 'v2' WHERE id = 1;").await;
     b.drain().await;
     converge(&[&a, &b]).await;
     assert_eq!(a.rows("SELECT name FROM items").await, vec!["v2"]);
 
     // Concurrent again, the delete is later: the row is gone everywhere, as a tombstone.
+    // (Later by the clock: commit times are stamped to the millisecond, and at a tie the
+    // greater node id, b, would win.)
     b.exec("UPDATE items SET name = 'v3' WHERE id = 1;").await;
     b.drain().await;
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     a.exec("DELETE FROM items WHERE id = 1;").await;
     a.drain().await;
     converge(&[&a, &b]).await;
