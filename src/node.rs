@@ -82,6 +82,12 @@ impl Node {
         let config = Arc::new(config);
         let tls = server_tls(&config)?;
         let store = open_store(&config).await?;
+        // The probes' port first: once the replication port accepts, so does it (a
+        // supervisor or a test that waits for the one may ask the other at once).
+        let http_listener = match &config.http {
+            Some(http) => Some(bind(&http.listen.to_string()).await?),
+            None => None,
+        };
         let (listener, listen) = bind(&config.listen).await?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (log_grew, _) = watch::channel(store.last_seq().await);
@@ -107,9 +113,7 @@ impl Node {
             catch_ups: Arc::default(),
         };
         let mut tasks = JoinSet::new();
-        // The probes first: once the replication port answers, so do they (a supervisor or
-        // a test that waits for the one may ask the other at once).
-        let http = start_http(&mut tasks, &ctx, &metrics).await?;
+        let http = start_http(&mut tasks, &ctx, &metrics, http_listener).await?;
         tasks.spawn(serve(ctx.clone(), listener, tls.clone()));
         if let Some(tls) = tls.clone() {
             tasks.spawn(watch_certificates(tls, shutdown_rx.clone()));
@@ -377,13 +381,15 @@ async fn bind(address: &str) -> Result<(TcpListener, SocketAddr), NodeError> {
     Ok((listener, at))
 }
 
-/// Starts the operations endpoints of `[http]`, if configured; returns where they listen.
+/// Starts the operations endpoints of `[http]` on `listener`, bound for them; returns where
+/// they listen.
 async fn start_http(
     tasks: &mut JoinSet<()>,
     ctx: &Context,
     metrics: &Arc<Metrics>,
+    listener: Option<(TcpListener, SocketAddr)>,
 ) -> Result<Option<SocketAddr>, NodeError> {
-    let Some(http) = &ctx.config.http else {
+    let (Some(http), Some((listener, at))) = (&ctx.config.http, listener) else {
         return Ok(None);
     };
     let token = match &http.token_file {
@@ -400,7 +406,6 @@ async fn start_http(
         Some(paths) => Some(crate::transport::tls::http_server_config(&paths)?),
         None => None,
     };
-    let (listener, at) = bind(&http.listen.to_string()).await?;
     let endpoints = crate::http::Endpoints {
         ctx: ctx.clone(),
         metrics: metrics.clone(),

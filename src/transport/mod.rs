@@ -263,6 +263,12 @@ impl Context {
             self.observer.relaying(peer, &[]);
         }
         tracing::info!(%peer, resume = ?connected.resume, "streaming to peer");
+        // Wherever the peer's frontier of this node's events is learnt (the Welcome, an ack, a
+        // heartbeat), the catch-up display follows it: a peer may be caught up by a relay.
+        self.catching_up(
+            peer,
+            connected.acknowledged.get(&self.config.node).copied().unwrap_or(0),
+        );
     }
 
     /// Does what a session's answer to a reply asks.
@@ -273,6 +279,8 @@ impl Context {
         if let Some(own) = effects.own_acked {
             self.observer.acked(peer, own);
             self.catching_up(peer, own);
+        } else if let Some(own) = effects.acknowledged.as_ref().and_then(|f| f.get(&self.config.node)) {
+            self.catching_up(peer, *own);
         }
         if let Some(change) = effects.relay {
             for origin in &change.started {
