@@ -15,7 +15,6 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 use crate::config::NodeConfig;
-use crate::event::Identity;
 use crate::node::Node;
 use crate::store::Store;
 
@@ -275,15 +274,7 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
 
 async fn status(path: PathBuf, json: bool) -> anyhow::Result<()> {
     let config = NodeConfig::load(&path)?;
-    let identity = Identity {
-        node: config.node.clone(),
-        region: config.region().to_owned(),
-    };
-    let store = Store::inspect(&config.database, identity).await?;
-    let status = store
-        .status(&crate::topology::routed_origins(&config.topology, &config.node))
-        .await?;
-    store.close().await;
+    let status = Store::status_of(&config).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(());

@@ -393,16 +393,7 @@ struct Before {
 }
 
 async fn status_of(config: &Path) -> anyhow::Result<Before> {
-    let config = NodeConfig::load(config)?;
-    let identity = crate::event::Identity {
-        node: config.node.clone(),
-        region: config.region().to_owned(),
-    };
-    let store = crate::store::Store::inspect(&config.database, identity).await?;
-    let status = store
-        .status(&crate::topology::routed_origins(&config.topology, &config.node))
-        .await?;
-    store.close().await;
+    let status = crate::store::Store::status_of(&NodeConfig::load(config)?).await?;
     let now = crate::clock::now_micros();
     let own = status.peers.iter().filter(|p| p.origin == status.node);
     Ok(Before {

@@ -256,6 +256,21 @@ impl Store {
         })
     }
 
+    /// The status of the node `config` describes, read from its database as `weft status`
+    /// reads it (a sidecar may be serving it).
+    pub async fn status_of(config: &crate::config::NodeConfig) -> Result<Status, StoreError> {
+        let identity = crate::event::Identity {
+            node: config.node.clone(),
+            region: config.region().to_owned(),
+        };
+        let store = Store::inspect(&config.database, identity).await?;
+        let status = store
+            .status(&crate::topology::routed_origins(&config.topology, &config.node))
+            .await;
+        store.close().await;
+        status
+    }
+
     /// Keeps the events of these remote origins in the log once applied, to relay them.
     pub fn relaying(self, origins: std::collections::BTreeSet<NodeId>) -> Self {
         match self {
