@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::event::NodeId;
 
-use super::{CONFIG_VERSION, ConfigError, NodeSpec, Shape, TableConfig, Topology, invalid};
+use super::{CONFIG_VERSION, ConfigError, NodeSpec, Shape, Strategy, TableConfig, Topology, invalid};
 
 /// Tuning knobs; every one has a default that suits a LAN-to-WAN mesh.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -397,7 +397,7 @@ impl NodeConfig {
     }
 
     /// Validates a parsed file against its topology.
-    pub fn resolve(file: NodeConfigFile, topology: Topology, path: &Path) -> Result<Self, ConfigError> {
+    pub fn resolve(mut file: NodeConfigFile, topology: Topology, path: &Path) -> Result<Self, ConfigError> {
         if file.version != CONFIG_VERSION {
             return Err(invalid(
                 path,
@@ -447,6 +447,12 @@ impl NodeConfig {
             ));
         }
         let http = resolve_http(file.http.as_ref(), path)?;
+        let mut regions: Vec<String> = topology.nodes.iter().map(|n| n.region.clone()).collect();
+        regions.sort();
+        regions.dedup();
+        for table in file.tables.iter_mut().filter(|t| t.strategy == Strategy::Ownership) {
+            table.mesh_regions = regions.clone();
+        }
         Ok(Self {
             http,
             kafka: file.kafka.settings.clone(),

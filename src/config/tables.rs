@@ -41,6 +41,10 @@ pub struct TableConfig {
     /// `ALTER TABLE ... ADD COLUMN` that reached the sender first).
     #[serde(default, skip_serializing_if = "UnknownColumns::is_wait")]
     pub unknown_columns: UnknownColumns,
+    /// The regions of the mesh, from the topology (not from the file): the owners a SQLite
+    /// capture trigger can name when it refuses a write (it cannot quote a value it reads).
+    #[serde(skip)]
+    pub mesh_regions: Vec<String>,
 }
 
 /// What a receiver does with an event naming a column its table does not have.
@@ -236,6 +240,7 @@ impl TableConfig {
             owner_column: None,
             owner_rule: None,
             unknown_columns: UnknownColumns::Wait,
+            mesh_regions: Vec::new(),
         }
     }
 

@@ -65,6 +65,8 @@ pub struct Table<D> {
     pub auto_key: bool,
     /// What events naming columns this table lacks do.
     pub unknown_columns: UnknownColumns,
+    /// The mesh's regions, when the config knew them (`TableConfig::mesh_regions`).
+    pub mesh_regions: Vec<String>,
     /// This region's dropped and renamed columns (`store::evolve`).
     pub history: crate::store::evolve::TableHistory,
     pub dialect: D,
@@ -94,6 +96,7 @@ impl<D> Table<D> {
             owner_rule: None,
             auto_key: false,
             unknown_columns: UnknownColumns::Wait,
+            mesh_regions: Vec::new(),
             history: Default::default(),
             dialect,
         }
@@ -122,6 +125,7 @@ impl<D: ColumnTypes> Table<D> {
         };
         self.strategy = config.strategy;
         self.unknown_columns = config.unknown_columns;
+        self.mesh_regions = config.mesh_regions.clone();
         for (column, kind) in &config.columns {
             let what = if !self.columns.contains(column) {
                 Some("does not exist")

@@ -49,6 +49,7 @@ pub async fn replica_in(
     schema: &str,
     tables: &[weft::config::TableConfig],
 ) -> Replica {
+    let tables = &in_test_mesh(tables);
     let db = dir.join(format!("{node}.db"));
     let app = weft::harness::app_pool(&db).await.unwrap();
     sqlx::raw_sql(sqlx::AssertSqlSafe(schema.to_owned()))
@@ -148,6 +149,17 @@ impl Replica {
     pub async fn deliver(&self, from: &Replica, back: u64, ahead: u64, len: usize) -> ApplyReport {
         deliver((&self.node, &self.store), (&from.node, &from.store), back, ahead, len).await
     }
+}
+
+/// The test mesh's regions, as a node's config gives them to its ownership tables: the
+/// capture triggers name an owner only among them (`TableConfig::mesh_regions`).
+pub fn in_test_mesh(tables: &[weft::config::TableConfig]) -> Vec<weft::config::TableConfig> {
+    let mut tables = tables.to_vec();
+    let owned = |t: &weft::config::TableConfig| t.strategy == weft::config::Strategy::Ownership;
+    for table in tables.iter_mut().filter(|t| owned(t) && t.mesh_regions.is_empty()) {
+        table.mesh_regions = ["a", "b", "c", "d"].iter().map(|n| format!("region-of-{n}")).collect();
+    }
+    tables
 }
 
 /// Node `node`'s own events after `after`, decoded from `store`'s log.

@@ -30,6 +30,14 @@ fn identity(node: &str) -> Identity {
     }
 }
 
+/// A region's store on `database`, its ownership tables in the test mesh.
+async fn open_store(database: &Database, node: &str, tables: &[TableConfig]) -> Store {
+    let tables = super::in_test_mesh(tables);
+    Store::open(database, identity(node), &tables, Duration::from_millis(500))
+        .await
+        .unwrap()
+}
+
 pub fn lww(tables: &[&str]) -> Vec<TableConfig> {
     tables.iter().map(|t| TableConfig::lww(t)).collect()
 }
@@ -43,9 +51,7 @@ impl Region {
             .await
             .unwrap();
         let database = Database::Sqlite(path);
-        let store = Store::open(&database, identity(node), tables, Duration::from_millis(500))
-            .await
-            .unwrap();
+        let store = open_store(&database, node, tables).await;
         Region {
             node: node.into(),
             store,
@@ -83,9 +89,7 @@ impl Region {
             .await
             .unwrap();
         let database = Database::Postgres(url);
-        let store = Store::open(&database, identity(node), tables, Duration::from_millis(500))
-            .await
-            .unwrap();
+        let store = open_store(&database, node, tables).await;
         Region {
             node: node.into(),
             store,
@@ -104,9 +108,7 @@ impl Region {
             database,
         } = self;
         store.close().await;
-        let store = Store::open(&database, identity(&node), tables, Duration::from_millis(500))
-            .await
-            .unwrap();
+        let store = open_store(&database, &node, tables).await;
         Region {
             node,
             store,

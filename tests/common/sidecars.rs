@@ -56,6 +56,7 @@ impl Sidecars {
                 owner_column: None,
                 owner_rule: None,
                 unknown_columns: Default::default(),
+                mesh_regions: Vec::new(),
             },
             TableConfig {
                 name: "accounts".into(),
@@ -64,6 +65,7 @@ impl Sidecars {
                 owner_column: Some("home".into()),
                 owner_rule: None,
                 unknown_columns: Default::default(),
+                mesh_regions: Vec::new(),
             },
             TableConfig {
                 name: "contracts".into(),
@@ -72,6 +74,7 @@ impl Sidecars {
                 owner_column: None,
                 owner_rule: None,
                 unknown_columns: Default::default(),
+                mesh_regions: Vec::new(),
             },
         ];
         let replication = ReplicationConfig {

@@ -83,6 +83,42 @@ fn sidecar_lock(path: &Path) -> Result<std::fs::File, StoreError> {
     Ok(file)
 }
 
+/// The oldest SQLite an application may open a weft database with: every trigger, index and
+/// table weft writes parses and runs there (`tests/old_sqlite.rs` runs them in 3.34.1).
+pub const OLDEST_APPLICATION_SQLITE: u32 = 3_034_000;
+
+/// `3034001` as `3.34.1`.
+fn version_text(number: u32) -> String {
+    format!("{}.{}.{}", number / 1_000_000, number / 1_000 % 1_000, number % 1_000)
+}
+
+/// Refuses a database whose header says a SQLite older than [`OLDEST_APPLICATION_SQLITE`]
+/// wrote it last: that is the application's library (weft has not written it yet, or the
+/// application wrote after it), and it could not read the schema weft is about to write,
+/// so starting would lock the application out of its own database.
+fn check_last_writer(path: &Path) -> Result<(), StoreError> {
+    use std::io::Read as _;
+    let mut header = [0u8; 100];
+    let read = std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut header));
+    // A new or empty file has no writer yet; one that is not SQLite fails later, saying so.
+    if read.is_err() || !header.starts_with(b"SQLite format 3\0") {
+        return Ok(());
+    }
+    let writer = u32::from_be_bytes([header[96], header[97], header[98], header[99]]);
+    if writer == 0 || writer >= OLDEST_APPLICATION_SQLITE {
+        return Ok(());
+    }
+    Err(StoreError::Refused(format!(
+        "{}: this database was last written by SQLite {}, and the capture triggers weft installs need SQLite {} or newer \
+         in every program that opens the database (older ones could no longer read its schema); upgrade the \
+         application's SQLite library (Debian 11, Ubuntu 22.04 and later ship a newer one), then start weft again; \
+         nothing was written",
+        path.display(),
+        version_text(writer),
+        version_text(OLDEST_APPLICATION_SQLITE).trim_end_matches(".0"),
+    )))
+}
+
 fn options(path: &Path) -> SqliteConnectOptions {
     SqliteConnectOptions::new()
         .filename(path)
@@ -121,6 +157,7 @@ impl Replica<Sqlite> {
         tables: &[TableConfig],
         max_clock_skew: Duration,
     ) -> Result<Self, StoreError> {
+        check_last_writer(path)?;
         let backend = Sqlite {
             _sidecar: Some(sidecar_lock(path)?),
             ..Sqlite::lazy(path)

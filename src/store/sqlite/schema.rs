@@ -377,19 +377,63 @@ impl Capture<'_> {
             .join(" OR ")
     }
 
+    /// `RAISE(ABORT, ...)` naming the owner `o` (an SQL expression) in `message`. SQLite
+    /// before 3.47 takes only a literal there, so each region weft can name (the mesh's and
+    /// the owner rule's) gets a literal of its own, and any other owner the fallback words.
+    fn refusal(&self, o: &str, fallback: &str, message: impl Fn(&str) -> String) -> String {
+        let mut arms = format!("WHEN {o} IS NULL THEN RAISE(ABORT, {})", literal(&message("no region")));
+        let mut named: Vec<&str> = self
+            .info
+            .owner_rule
+            .as_ref()
+            .map(|r| r.named_regions())
+            .unwrap_or_default();
+        named.extend(self.info.mesh_regions.iter().map(String::as_str));
+        named.sort_unstable();
+        named.dedup();
+        for region in named.into_iter().filter(|r| *r != self.region) {
+            arms += &format!(
+                " WHEN {o} = {} THEN RAISE(ABORT, {})",
+                literal(region),
+                literal(&message(region))
+            );
+        }
+        format!("CASE {arms} ELSE RAISE(ABORT, {}) END", literal(&message(fallback)))
+    }
+
+    /// What a refusal calls an owner it cannot name.
+    fn unnamed_owner(&self) -> String {
+        match &self.info.owner_column {
+            Some(column) => format!("the region in its `{column}` column"),
+            None => "another region (by its owner rule or a transfer)".into(),
+        }
+    }
+
     /// Ownership tables: only the owner region writes a row (`when`: an extra condition).
     fn owned(&self, row: &str, when: &str) -> String {
         let (table, region) = (&self.info.name, self.region);
+        let message = |owner: &str| {
+            let owner = match owner {
+                "no region" if self.info.owner_rule.is_some() => "no region (the owner rule maps its key to none)",
+                other => other,
+            };
+            format!(
+                "weft: this {table} row is owned by {owner}, not by {region}: write it in its owner region, or move it there with weft ownership transfer"
+            )
+        };
+        let here = literal(region);
         match (&self.info.owner_column, &self.info.owner_rule) {
             (None, None) => String::new(),
             (None, Some(rule)) => format!(
-                "SELECT RAISE(ABORT, 'weft: this ' || '{table}' || ' row is owned by ' || coalesce(o, 'no region (the owner rule maps its key to none)') || ', not by {region}: write it in its owner region, or move it there with weft ownership transfer') FROM (SELECT {} AS o) WHERE o IS NOT '{region}'{when};\n  ",
+                "SELECT {} FROM (SELECT {} AS o) WHERE o IS NOT {here}{when};\n  ",
+                self.refusal("o", &self.unnamed_owner(), message),
                 rule_owner_sql(rule, self.info, row)
             ),
             (Some(column), _) => {
-                let c = quote(column);
+                let o = format!("{row}.{}", quote(column));
                 format!(
-                    "SELECT RAISE(ABORT, 'weft: this ' || '{table}' || ' row is owned by ' || coalesce({row}.{c}, 'no region') || ', not by {region}: write it in its owner region, or move it there with weft ownership transfer') WHERE {row}.{c} IS NOT '{region}'{when};\n  "
+                    "SELECT {} WHERE {o} IS NOT {here}{when};\n  ",
+                    self.refusal(&o, &self.unnamed_owner(), message)
                 )
             }
         }
@@ -400,8 +444,11 @@ impl Capture<'_> {
         match &self.info.owner_column {
             None => String::new(),
             Some(column) => format!(
-                "SELECT RAISE(ABORT, 'weft: the owner of a ' || '{}' || ' row changes only by weft ownership transfer') WHERE NEW.{1} IS NOT OLD.{1} AND NOT EXISTS (SELECT 1 FROM _weft_transfer);\n  ",
-                self.info.name,
+                "SELECT RAISE(ABORT, {}) WHERE NEW.{1} IS NOT OLD.{1} AND NOT EXISTS (SELECT 1 FROM _weft_transfer);\n  ",
+                literal(&format!(
+                    "weft: the owner of a {} row changes only by weft ownership transfer",
+                    self.info.name
+                )),
                 quote(column)
             ),
         }
@@ -464,9 +511,16 @@ impl Capture<'_> {
         };
         let mut body = String::new();
         if let Some(owner) = owner {
+            let message = |o: &str| {
+                format!(
+                    "weft: this insert would replace a {table} row owned by {o}, not by {region} (INSERT OR REPLACE deletes the rows it conflicts with): write it in its owner region"
+                )
+            };
             body += &format!(
-                "SELECT RAISE(ABORT, 'weft: this insert would replace a ' || '{table}' || ' row owned by ' || coalesce(o, 'no region') || ', not by {region} (INSERT OR REPLACE deletes the rows it conflicts with): write it in its owner region') FROM (SELECT {owner} AS o FROM {} r WHERE {any}) WHERE o IS NOT '{region}';\n  ",
-                quote(table)
+                "SELECT {} FROM (SELECT {owner} AS o FROM {} r WHERE {any}) WHERE o IS NOT {};\n  ",
+                self.refusal("o", &self.unnamed_owner(), message),
+                quote(table),
+                literal(region)
             );
         }
         if !self.info.unique.is_empty() {
