@@ -166,6 +166,43 @@ async fn a_tls_mesh_replicates_and_refuses_every_client_without_the_right_certif
         refused.contains("PermissionDenied") && refused.contains("not for west-1"),
         "{refused}"
     );
+    // The refusing node says so too: who was claimed, from where, and why.
+    let log = wait_log(&s, "its certificate is not for west-1").await;
+    let line = log
+        .lines()
+        .find(|l| l.contains("its certificate is not for west-1"))
+        .unwrap();
+    assert!(
+        line.contains("refused") && line.contains("west-1") && line.contains("127.0.0.1") && line.contains("audit"),
+        "{line}"
+    );
+    // The same for a replication stream whose Hello claims west.
+    let mut impostor = client(&s, &ca, own("south-1"), "east-1").await.unwrap();
+    let hello = proto::SendFrame {
+        body: Some(proto::send_frame::Body::Hello(proto::Hello {
+            protocol: weft::wire::PROTOCOL,
+            node_id: "west-1".into(),
+            region: "west".into(),
+            mesh: s.mesh.topology.mesh.clone(),
+            knows_of_you: 0,
+        })),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(hello).await.unwrap();
+    let opened = impostor
+        .replicate(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await;
+    let refused = match opened {
+        Ok(mut replies) => replies.get_mut().message().await.map(drop).unwrap_err(),
+        Err(status) => status,
+    };
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    let log = wait_log(&s, "replicate").await;
+    assert!(
+        log.lines()
+            .any(|l| l.contains("refused") && l.contains("replicate") && l.contains("not for west-1")),
+        "{log}"
+    );
 
     // East's certificate does not name west: a client that expects west there refuses it.
     let refused = ask(&s, &ca, own("south-1"), "west-1", "south-1").await.unwrap_err();

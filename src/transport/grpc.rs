@@ -64,6 +64,16 @@ pub fn max_ahead_ms(max_clock_skew: Duration) -> i64 {
     (max_clock_skew.as_millis() as i64 * 10).max(60_000)
 }
 
+/// Whether a status refuses the requester for who it is (its certificate, mesh, node or
+/// protocol), rather than for what this node cannot do now.
+fn refused_for_who(status: &Status) -> bool {
+    use tonic::Code;
+    matches!(
+        status.code(),
+        Code::PermissionDenied | Code::Unauthenticated | Code::FailedPrecondition | Code::InvalidArgument
+    )
+}
+
 fn refusal_status(refusal: Refusal) -> Status {
     let message = refusal.to_string();
     match refusal {
@@ -100,6 +110,33 @@ impl Service {
         (self.ctx.gate)
             .open(info.addr.ip(), std::time::Instant::now())
             .map_err(|busy| Status::resource_exhausted(busy.to_string()))
+    }
+
+    /// Logs a request this node refuses on the connection it came by: what it asked, the
+    /// node it claimed to be, its address, and why (rate-limited per address and kind);
+    /// returns the status for the peer.
+    fn refuse(&self, rpc: &'static str, extensions: &tonic::Extensions, claimed: &str, status: Status) -> Status {
+        let addr = extensions.get::<super::tls::PeerInfo>().map(|i| i.addr);
+        let ip = addr.map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+        if self
+            .ctx
+            .gate
+            .log_refusal(ip, &format!("{rpc} {claimed}"), std::time::Instant::now())
+        {
+            let from = addr.map_or_else(
+                || "an address the listener did not record".to_owned(),
+                |a| a.to_string(),
+            );
+            tracing::warn!(
+                rpc,
+                %from,
+                claims = %claimed,
+                code = ?status.code(),
+                "refused a peer's {rpc} request from {from} claiming to be `{claimed}`: {} (logged once a minute per address and kind)",
+                status.message()
+            );
+        }
+        status
     }
 
     pub fn new(ctx: Context) -> Self {
@@ -279,16 +316,29 @@ impl proto::replication_server::Replication for Service {
     ) -> Result<Response<Self::SnapshotStream>, Status> {
         let (_, extensions, request) = request.into_parts();
         self.opened(&extensions)?;
-        let hello = request.hello.as_ref().map(|h| h.node_id.as_str()).unwrap_or_default();
-        super::tls::check_peer(&extensions, hello, self.ctx.insecure())?;
-        let chunks = super::join::serve(self.ctx.clone(), request).await?;
+        let hello = request.hello.as_ref().map(|h| h.node_id.clone()).unwrap_or_default();
+        let refuse = |status| self.refuse("snapshot", &extensions, &hello, status);
+        super::tls::check_peer(&extensions, &hello, self.ctx.insecure()).map_err(refuse)?;
+        let chunks =
+            super::join::serve(self.ctx.clone(), request)
+                .await
+                .map_err(|status| match refused_for_who(&status) {
+                    true => refuse(status),
+                    false => status,
+                })?;
         Ok(Response::new(chunks))
     }
 
     async fn audit(&self, request: Request<proto::AuditRequest>) -> Result<Response<proto::AuditReply>, Status> {
         let (_, extensions, request) = request.into_parts();
         self.opened(&extensions)?;
-        let reply = super::audit::answer(&self.ctx, &self.trees, &extensions, request).await?;
+        let claimed = request.hello.as_ref().map(|h| h.node_id.clone()).unwrap_or_default();
+        let reply = super::audit::answer(&self.ctx, &self.trees, &extensions, request)
+            .await
+            .map_err(|status| match refused_for_who(&status) {
+                true => self.refuse("audit", &extensions, &claimed, status),
+                false => status,
+            })?;
         Ok(Response::new(reply))
     }
 
@@ -314,8 +364,9 @@ impl proto::replication_server::Replication for Service {
             node: &hello.node_id,
             mesh: &hello.mesh,
         };
-        handshake::check_hello(claim, &config.topology, &config.node).map_err(refusal_status)?;
-        super::tls::check_peer(&extensions, &hello.node_id, self.ctx.insecure())?;
+        let refuse = |status| self.refuse("replicate", &extensions, &hello.node_id, status);
+        handshake::check_hello(claim, &config.topology, &config.node).map_err(|r| refuse(refusal_status(r)))?;
+        super::tls::check_peer(&extensions, &hello.node_id, self.ctx.insecure()).map_err(refuse)?;
         self.check_history(&hello).await?;
         let frontiers = self
             .ctx

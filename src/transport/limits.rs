@@ -38,7 +38,13 @@ struct Books {
     buckets: HashMap<IpAddr, Bucket>,
     /// Addresses whose refusal was logged and that have not been admitted since.
     logged: HashMap<IpAddr, [bool; 2]>,
+    /// Requests refused after the connection was admitted (a peer claiming another node,
+    /// another mesh): when each (address, what) was last logged.
+    refusals: HashMap<(IpAddr, String), Instant>,
 }
+
+/// How often one address's refusal of one kind is logged at most.
+const REFUSAL_LOGGED_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 #[derive(Clone, Copy)]
 struct Bucket {
@@ -174,6 +180,27 @@ impl Gate {
     }
 }
 
+impl Gate {
+    /// Whether a request of `addr` refused for `what` (an RPC and the node it claimed) is
+    /// logged now: once a minute per address and kind, so a flood cannot fill the log.
+    pub fn log_refusal(&self, addr: IpAddr, what: &str, now: Instant) -> bool {
+        let mut books = self.inner.lock().expect("gate lock");
+        if books.refusals.len() > 4096 {
+            books
+                .refusals
+                .retain(|_, at| now.duration_since(*at) < REFUSAL_LOGGED_EVERY);
+        }
+        let key = (addr, what.to_owned());
+        match books.refusals.get(&key) {
+            Some(at) if now.duration_since(*at) < REFUSAL_LOGGED_EVERY => false,
+            _ => {
+                books.refusals.insert(key, now);
+                true
+            }
+        }
+    }
+}
+
 fn log_once(books: &mut Books, addr: IpAddr, busy: &Busy) {
     if books.logged.len() > 4096 {
         books.logged.clear();
@@ -218,6 +245,18 @@ mod tests {
         assert_eq!(gate.connect(b).err(), Some(Busy::Full { total: 3 }));
         drop(first);
         assert!(gate.connect(a).is_ok(), "a closed connection gives its place back");
+    }
+
+    #[test]
+    fn a_refusal_is_logged_once_a_minute_per_address_and_kind() {
+        let gate = gate();
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let t = Instant::now();
+        assert!(gate.log_refusal(a, "audit west-1", t));
+        assert!(!gate.log_refusal(a, "audit west-1", t + Duration::from_secs(59)));
+        assert!(gate.log_refusal(a, "replicate west-1", t), "another kind");
+        assert!(gate.log_refusal(b, "audit west-1", t), "another address");
+        assert!(gate.log_refusal(a, "audit west-1", t + Duration::from_secs(61)));
     }
 
     #[test]
