@@ -52,11 +52,22 @@ pub enum NodeError {
          `--features kafka` (on by default), or make the link grpc"
     )]
     NoKafka(String),
-    #[error("[http] token_file {path}: {source}; write the token /metrics wants into it, or remove token_file")]
+    #[error("[http] token file {path}: {source}; write the token into it, or remove the setting")]
     Token {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("[http] {0}")]
+    SameToken(String),
+}
+
+/// A token file's content, without surrounding whitespace.
+fn read_token(path: &std::path::Path) -> Result<Arc<str>, NodeError> {
+    let text = std::fs::read_to_string(path).map_err(|source| NodeError::Token {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(Arc::from(text.trim()))
 }
 
 pub struct Node {
@@ -393,15 +404,24 @@ async fn start_http(
         return Ok(None);
     };
     let token = match &http.token_file {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|source| NodeError::Token {
-                path: path.clone(),
-                source,
-            })?;
-            Some(Arc::from(text.trim()))
-        }
+        Some(path) => Some(read_token(path)?),
         None => None,
     };
+    let console_token = match (&http.console_token_file, http.console) {
+        (Some(path), true) => Some(read_token(path)?),
+        _ => None,
+    };
+    if let (Some(scrape), Some(console)) = (&token, &console_token)
+        && scrape == console
+    {
+        return Err(NodeError::SameToken(format!(
+            "console_token_file holds the same token as http.token_file: whoever can scrape /metrics could then act in the console; give the console a token of its own ({})",
+            http.console_token_file
+                .as_ref()
+                .map(|f| f.display().to_string())
+                .unwrap_or_default()
+        )));
+    }
     let tls = match tls_paths(&ctx.config) {
         Some(paths) => Some(crate::transport::tls::http_server_config(&paths)?),
         None => None,
@@ -412,12 +432,12 @@ async fn start_http(
         token,
         ready_max_lag: http.ready_max_lag,
     };
-    let console = match (&endpoints.token, http.console) {
-        (Some(token), true) => Some(crate::console::Console {
+    let console = match console_token {
+        Some(token) => Some(crate::console::Console {
             ctx: ctx.clone(),
             metrics: metrics.clone(),
             admin: Arc::new(crate::store::admin::Admin::open((*ctx.config).clone()).await?),
-            token: token.clone(),
+            token,
             https: tls.is_some(),
         }),
         _ => None,

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::http::TOKEN;
+use common::http::{CONSOLE_TOKEN, TOKEN};
 use common::sidecars::Sidecars;
 
 /// Debian's Chromium (installed with apt when missing, as root) and `playwright-core` in
@@ -67,7 +67,7 @@ async fn a_conflict_resolved_by_clicking_in_the_console_closes_in_every_region()
     let node_modules = browser();
     let dir = tempfile::tempdir().unwrap();
     let sidecars = Sidecars::new(dir.path()).await;
-    let ports = common::http::enable_http_with(&sidecars, "console = true\n");
+    let ports = common::http::enable_http_with(&sidecars, "console = true\nconsole_token_file = \"console.token\"\n");
     let regions = &sidecars.mesh.regions;
     let refuse = "CREATE TRIGGER refuse BEFORE INSERT ON shared WHEN NEW.v LIKE 'poison%' \
                   BEGIN SELECT RAISE(ABORT, 'poison refused here'); END;";
@@ -117,12 +117,21 @@ async fn a_conflict_resolved_by_clicking_in_the_console_closes_in_every_region()
     let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
     let kept = shown["siblings"][1]["row"]["amount"].as_i64().unwrap();
 
+    // The scrape token reads /metrics and nothing of the console.
+    let dir = &sidecars.mesh.dir;
+    let (status, _) = common::http::get(dir, ports[1], "west-1", "/metrics", Some(TOKEN)).await;
+    assert_eq!(status, 200);
+    let (status, _) = common::http::get(dir, ports[1], "west-1", "/console/dead-letters", Some(TOKEN)).await;
+    assert_ne!(status, 200, "the scrape token opened the console");
+    let (status, _) = common::http::get(dir, ports[1], "west-1", "/console/dead-letters", Some(CONSOLE_TOKEN)).await;
+    assert_eq!(status, 200, "the console token opens it");
+
     // A person in the browser, on west's console.
     let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/console-screenshots");
     let out = Command::new("node")
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/console/drive.cjs"))
         .arg(format!("https://127.0.0.1:{}", ports[1]))
-        .arg(TOKEN)
+        .arg(CONSOLE_TOKEN)
         .arg(&shots)
         .env("NODE_PATH", &node_modules)
         .output()

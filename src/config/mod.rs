@@ -217,23 +217,32 @@ address = "127.0.0.1:3"
             .unwrap_err()
             .to_string();
         assert!(err.contains("http.listen") && err.contains("not a host:port"), "{err}");
-        // The console acts on the database: never without a token.
-        let f = node_file("[http]\nlisten = \"0.0.0.0:9464\"\nconsole = true");
+        // The console acts on the database: never without a token, and never with the
+        // scrape token (a Prometheus credential sits in many configs).
+        for extra in ["", "token_file = \"t\"\n"] {
+            let f = node_file(&format!("[http]\nlisten = \"0.0.0.0:9464\"\nconsole = true\n{extra}"));
+            let err = NodeConfig::resolve(f, t.clone(), Path::new("a.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("http.console") && err.contains("set http.console_token_file"),
+                "{err}"
+            );
+        }
+        let f = node_file(
+            "[http]\nlisten = \"0.0.0.0:9464\"\nconsole = true\ntoken_file = \"t\"\nconsole_token_file = \"t\"",
+        );
         let err = NodeConfig::resolve(f, t.clone(), Path::new("a.toml"))
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("http.console") && err.contains("set http.token_file"),
+            err.contains("http.console_token_file") && err.contains("scrape"),
             "{err}"
         );
-        let f = node_file("[http]\nlisten = \"0.0.0.0:9464\"\nconsole = true\ntoken_file = \"t\"");
-        assert!(
-            NodeConfig::resolve(f, t, Path::new("a.toml"))
-                .unwrap()
-                .http
-                .unwrap()
-                .console
-        );
+        let f = node_file("[http]\nlisten = \"0.0.0.0:9464\"\nconsole = true\nconsole_token_file = \"c\"");
+        let http = NodeConfig::resolve(f, t, Path::new("a.toml")).unwrap().http.unwrap();
+        assert!(http.console && http.token_file.is_none());
+        assert_eq!(http.console_token_file.as_deref(), Some(Path::new("c")));
     }
 
     fn node_file(extra: &str) -> NodeConfigFile {

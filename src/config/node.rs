@@ -168,10 +168,15 @@ pub struct HttpFile {
     /// (relative to the config file's folder); without it `/metrics` is open.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
-    /// Serve the web console under `/console` (needs `token_file`: it resolves conflicts
-    /// and acts on dead letters).
+    /// Serve the web console under `/console` (needs `console_token_file`: it resolves
+    /// conflicts and acts on dead letters).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub console: bool,
+    /// A file holding the token the console wants (signing in, or as a bearer token),
+    /// another than `token_file`'s: a scrape credential lives in many configs, and must not
+    /// act on the database.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console_token_file: Option<PathBuf>,
 }
 
 fn default_ready_max_lag_secs() -> u64 {
@@ -185,6 +190,7 @@ pub struct HttpConfig {
     pub ready_max_lag: Duration,
     pub token_file: Option<PathBuf>,
     pub console: bool,
+    pub console_token_file: Option<PathBuf>,
 }
 
 /// The `[kafka]` section: librdkafka settings passed through to every Kafka client of the
@@ -392,6 +398,7 @@ impl NodeConfig {
         config.security = Security::resolve(file.tls.as_ref(), base, &config.topology, path)?;
         if let Some(http) = &mut config.http {
             http.token_file = http.token_file.as_ref().map(|f| base.join(f));
+            http.console_token_file = http.console_token_file.as_ref().map(|f| base.join(f));
         }
         Ok(config)
     }
@@ -500,15 +507,29 @@ fn resolve_http(file: Option<&HttpFile>, path: &Path) -> Result<Option<HttpConfi
             ready_max_lag: Duration::from_secs(h.ready_max_lag_secs),
             token_file: h.token_file.clone(),
             console: h.console,
+            console_token_file: h.console_token_file.clone(),
         }),
     };
-    if let Some(h) = file.filter(|h| h.console && h.token_file.is_none()) {
+    if let Some(h) = file.filter(|h| h.console && h.console_token_file.is_none()) {
         return Err(invalid(
             path,
             "http.console",
             format!(
-                "the console on {} resolves conflicts and acts on dead letters, so it needs a token: set http.token_file to a file holding one",
+                "the console on {} resolves conflicts and acts on dead letters, so it needs a token of its own: set http.console_token_file to a file holding one (not the scrape token)",
                 h.listen
+            ),
+        ));
+    }
+    if let Some(h) = file.filter(|h| h.console_token_file.is_some() && h.console_token_file == h.token_file) {
+        return Err(invalid(
+            path,
+            "http.console_token_file",
+            format!(
+                "is the scrape token's file ({}): whoever can scrape /metrics could then resolve conflicts and act on dead letters; give the console a token of its own",
+                h.token_file
+                    .as_ref()
+                    .map(|f| f.display().to_string())
+                    .unwrap_or_default()
             ),
         ));
     }

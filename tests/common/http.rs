@@ -8,6 +8,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::sidecars::Sidecars;
 
 pub const TOKEN: &str = "s3cret-scrape-token";
+/// The console's token, another than the scrape token.
+pub const CONSOLE_TOKEN: &str = "console-token; with \"bytes\" a cookie cannot hold";
 
 /// Turns the endpoints on in every region's config; returns where each listens.
 pub fn enable_http(sidecars: &Sidecars) -> Vec<u16> {
@@ -18,6 +20,7 @@ pub fn enable_http(sidecars: &Sidecars) -> Vec<u16> {
 pub fn enable_http_with(sidecars: &Sidecars, extra: &str) -> Vec<u16> {
     let dir = &sidecars.mesh.dir;
     std::fs::write(dir.join("metrics.token"), format!("{TOKEN}\n")).unwrap();
+    std::fs::write(dir.join("console.token"), format!("{CONSOLE_TOKEN}\n")).unwrap();
     let ports = weft::harness::loopback::free_ports(sidecars.mesh.regions.len()).unwrap();
     for (region, port) in sidecars.mesh.regions.iter().zip(&ports) {
         let mut config = std::fs::read_to_string(&region.config_file).unwrap();
