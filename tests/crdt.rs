@@ -26,6 +26,7 @@ async fn stock(dir: &Path, node: &str) -> Replica {
         owner_column: None,
         owner_rule: None,
         unknown_columns: Default::default(),
+        renamed_from: Default::default(),
         mesh_regions: Vec::new(),
     };
     replica_configured(dir, node, SCHEMA, &[table]).await

@@ -530,3 +530,36 @@ async fn postgres_capture_renders_values_exactly_whatever_the_application_sessio
         b.snapshot(&["v"]).await
     );
 }
+
+/// PostgreSQL proves a rename: `RENAME COLUMN` keeps the column's `attnum`, so peers' values
+/// under the old name apply under the new one; a column dropped and another of the same type
+/// added in its place has a new `attnum`, and peers' values for the dropped one are left out.
+#[tokio::test]
+async fn on_postgres_a_renamed_column_is_proven_by_its_attnum_and_a_drop_and_add_is_not_one() {
+    use common::regions::{Region, lww, sync as sync_regions};
+    use weft::harness::cluster::{Cluster, Settings};
+    let cluster = Cluster::start(Settings::default()).expect("a throw-away PostgreSQL cluster");
+    let dir = tempfile::tempdir().unwrap();
+    let tables = lww(&["t"]);
+    let pg = "CREATE TABLE t (id bigint PRIMARY KEY, note text, legacy text);";
+    let lite = "CREATE TABLE t (id INTEGER PRIMARY KEY, note TEXT, legacy TEXT);";
+    let a = Region::pg(&cluster, "a", pg, &tables).await;
+    let b = Region::sqlite(dir.path(), "b", lite, &tables).await;
+    b.exec("INSERT INTO t VALUES (1, 'n0', 'l0');").await;
+    sync_regions(&[&a, &b]).await;
+    a.exec("ALTER TABLE t RENAME COLUMN note TO memo;").await;
+    a.exec("BEGIN; ALTER TABLE t DROP COLUMN legacy; ALTER TABLE t ADD COLUMN email text; COMMIT;")
+        .await;
+    a.exec("INSERT INTO t (id) VALUES (2);").await;
+    sync_regions(&[&a, &b]).await;
+    b.exec("UPDATE t SET note = 'n1', legacy = 'l1' WHERE id = 1;").await;
+    sync_regions(&[&a, &b]).await;
+    let renamed = "SELECT count(*) FROM t WHERE id = 1 AND memo = 'n1'";
+    assert_eq!(a.count(renamed).await, 1, "the renamed column took the peer's value");
+    let misplaced = "SELECT count(*) FROM t WHERE email IS NOT NULL";
+    assert_eq!(
+        a.count(misplaced).await,
+        0,
+        "the dropped column's values stay out of the new one"
+    );
+}

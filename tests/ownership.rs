@@ -20,6 +20,7 @@ fn table() -> TableConfig {
         owner_column: Some("home".into()),
         owner_rule: None,
         unknown_columns: Default::default(),
+        renamed_from: Default::default(),
         mesh_regions: Vec::new(),
     }
 }
@@ -386,6 +387,7 @@ mod rule {
                 owner_column: None,
                 owner_rule: Some(rule),
                 unknown_columns: Default::default(),
+                renamed_from: Default::default(),
                 mesh_regions: Vec::new(),
             })
             .collect()

@@ -23,6 +23,7 @@ fn table(name: &str, strategy: Strategy) -> TableConfig {
         owner_column: None,
         owner_rule: None,
         unknown_columns: Default::default(),
+        renamed_from: Default::default(),
         mesh_regions: Vec::new(),
     }
 }

@@ -19,6 +19,7 @@ async fn node(dir: &Path, name: &str) -> Replica {
         owner_column: None,
         owner_rule: None,
         unknown_columns: Default::default(),
+        renamed_from: Default::default(),
         mesh_regions: Vec::new(),
     };
     replica_configured(dir, name, SCHEMA, &[table]).await

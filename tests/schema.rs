@@ -273,3 +273,38 @@ async fn a_postgresql_region_with_an_added_column_is_fed_by_a_sqlite_region_with
     assert_eq!(set, 30, "every value written with the column reached the SQLite region");
     mesh.terminate_all();
 }
+
+/// A column dropped and another of the same type added in its place (one migration) is not
+/// a rename: values peers still send for the dropped column are left out, never written into
+/// the new one. A rename declared in the table's config (`renamed_from`) is applied as one.
+#[tokio::test]
+async fn a_drop_and_an_add_in_one_migration_is_no_rename_unless_declared() {
+    use weft::config::TableConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let schema = "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT, legacy_note TEXT);";
+    let mut declared = TableConfig::lww("t");
+    declared.renamed_from = [("email".to_owned(), "legacy_note".to_owned())].into();
+    let a = common::replica_with(dir.path(), "a", schema, &["t"]).await;
+    let b = common::replica_with(dir.path(), "b", schema, &["t"]).await;
+    let c = common::replica_configured(dir.path(), "c", schema, &[declared]).await;
+    a.exec("INSERT INTO t VALUES (1, 'one', 'old note');").await;
+    common::sync(&[&a, &b, &c]).await;
+    let migration = "BEGIN; ALTER TABLE t DROP COLUMN legacy_note; ALTER TABLE t ADD COLUMN email TEXT; COMMIT;";
+    a.exec(migration).await;
+    c.exec(migration).await;
+    a.exec("INSERT INTO t (id, v) VALUES (2, 'two');").await;
+    c.exec("INSERT INTO t (id, v) VALUES (3, 'three');").await;
+    common::sync(&[&a, &b, &c]).await;
+    b.exec("UPDATE t SET legacy_note = 'n' WHERE id = 1;").await;
+    common::sync(&[&a, &b, &c]).await;
+    assert_eq!(
+        a.rows("SELECT id, v, email FROM t ORDER BY id").await,
+        ["1|one|NULL", "2|two|NULL", "3|three|NULL"]
+    );
+    assert_eq!(
+        c.rows("SELECT email FROM t WHERE id = 1").await,
+        ["n"],
+        "a declared rename applies"
+    );
+    assert_eq!(a.count("SELECT count(*) FROM _weft_dead_letters").await, 0);
+}

@@ -41,6 +41,12 @@ pub struct TableConfig {
     /// `ALTER TABLE ... ADD COLUMN` that reached the sender first).
     #[serde(default, skip_serializing_if = "UnknownColumns::is_wait")]
     pub unknown_columns: UnknownColumns,
+    /// Columns renamed in this region's table, new name to old name: values peers still
+    /// send under the old name apply under the new one. SQLite cannot tell a rename from a
+    /// column dropped and another added, so weft never guesses one there; PostgreSQL's
+    /// renames are recognised without this.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub renamed_from: std::collections::BTreeMap<String, String>,
     /// The regions of the mesh, from the topology (not from the file): the owners a SQLite
     /// capture trigger can name when it refuses a write (it cannot quote a value it reads).
     #[serde(skip)]
@@ -240,6 +246,7 @@ impl TableConfig {
             owner_column: None,
             owner_rule: None,
             unknown_columns: UnknownColumns::Wait,
+            renamed_from: Default::default(),
             mesh_regions: Vec::new(),
         }
     }

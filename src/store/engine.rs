@@ -105,6 +105,10 @@ pub trait TableRules {
     fn set_history(&mut self, history: crate::store::evolve::TableHistory);
     /// The replicated columns with their declared types, in table order.
     fn typed_columns(&self) -> Vec<(String, String)>;
+    /// The database's identity of each of `typed_columns` (PostgreSQL's `attnum`), or none.
+    fn column_ids(&self) -> Vec<i64>;
+    /// Renames the table's config declares: new name to old name.
+    fn renamed_from(&self) -> &BTreeMap<String, String>;
 }
 
 /// What this node knows of one row's owner.

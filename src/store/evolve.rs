@@ -17,8 +17,12 @@
 //! - an added column is captured from the next drain and applied from the next apply;
 //! - a dropped column is remembered: values peers still send for it are left out, quietly,
 //!   because this region chose to drop them;
-//! - a renamed column (same place in the table, same declared type, a new name) is remembered
-//!   too: values peers still send under the old name are applied under the new one;
+//! - a renamed column is remembered too: values peers still send under the old name are
+//!   applied under the new one. A rename is never guessed from names, places or types (a
+//!   column dropped and another of the same type added in its place looks the same): it is
+//!   proven by the database (PostgreSQL keeps a renamed column's `attnum`; a drop and an add
+//!   give the new column a new one) or declared in the table's config (`renamed_from`);
+//!   otherwise it is a drop plus an add;
 //! - a changed type is logged; values travel as they did and the database converts or refuses
 //!   them (a refusal is a dead letter with the database's reason, retried after the next
 //!   schema change).
@@ -45,6 +49,10 @@ pub const HISTORY_KEY: &str = "schema_history";
 pub struct TableHistory {
     /// Replicated columns and their declared types at the last check, in table order.
     pub columns: Vec<(String, String)>,
+    /// The database's identity of each of `columns` (PostgreSQL's `attnum`), where the
+    /// dialect has one: it survives a rename and not a drop.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ids: Vec<i64>,
     /// Columns this region's table had and dropped: peers' values for them are left out.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub dropped: BTreeSet<String>,
@@ -74,43 +82,64 @@ impl Change {
     }
 }
 
-/// How `old` became `new` (both in table order). A column that is gone while another of the
-/// same declared type took its place, the rest of the table unchanged in length, counts as
-/// renamed; everything else is a drop plus an add (SQLite and PostgreSQL keep a renamed
-/// column's place, and appending is the only way either adds one).
-pub fn diff(old: &[(String, String)], new: &[(String, String)]) -> Change {
-    let old_names: BTreeSet<&str> = old.iter().map(|(c, _)| c.as_str()).collect();
-    let new_names: BTreeSet<&str> = new.iter().map(|(c, _)| c.as_str()).collect();
+/// A table's columns at one check: names with declared types in table order, and the
+/// database's identity of each where it has one (else empty).
+#[derive(Debug, Clone, Copy)]
+pub struct Columns<'a> {
+    pub typed: &'a [(String, String)],
+    pub ids: &'a [i64],
+}
+
+/// How `old` became `new`. A column gone while another appeared is a rename only when that is
+/// proven (both checks carry the database's column identities, and the two share one) or
+/// `declared` (new name to old name, the table's `renamed_from`); everything else is a drop
+/// plus an add.
+pub fn diff(old: Columns, new: Columns, declared: &BTreeMap<String, String>) -> Change {
+    let old_names: BTreeSet<&str> = old.typed.iter().map(|(c, _)| c.as_str()).collect();
+    let new_names: BTreeSet<&str> = new.typed.iter().map(|(c, _)| c.as_str()).collect();
+    let gone: Vec<&str> = old_names.difference(&new_names).copied().collect();
+    let came: Vec<&str> = new_names.difference(&old_names).copied().collect();
+    let id_of = |columns: Columns, name: &str| {
+        let at = columns.typed.iter().position(|(c, _)| c == name)?;
+        (columns.ids.len() == columns.typed.len()).then(|| columns.ids[at])
+    };
     let mut change = Change::default();
-    if old.len() == new.len() {
-        for ((was, was_type), (now, now_type)) in old.iter().zip(new) {
-            if was != now
-                && !new_names.contains(was.as_str())
-                && !old_names.contains(now.as_str())
-                && was_type == now_type
-            {
-                change.renamed.push((was.clone(), now.clone()));
-            }
+    for now in &came {
+        let proven = gone
+            .iter()
+            .find(|was| id_of(old, was).is_some_and(|id| Some(id) == id_of(new, now)));
+        let said = declared.get(*now).map(String::as_str).filter(|was| gone.contains(was));
+        if let Some(was) = proven.copied().or(said) {
+            change.renamed.push(((*was).to_owned(), (*now).to_owned()));
         }
     }
     let renamed_from: BTreeSet<&str> = change.renamed.iter().map(|(o, _)| o.as_str()).collect();
     let renamed_to: BTreeSet<&str> = change.renamed.iter().map(|(_, n)| n.as_str()).collect();
     change.dropped = old
+        .typed
         .iter()
         .map(|(c, _)| c)
         .filter(|c| !new_names.contains(c.as_str()) && !renamed_from.contains(c.as_str()))
         .cloned()
         .collect();
     change.added = new
+        .typed
         .iter()
         .map(|(c, _)| c)
         .filter(|c| !old_names.contains(c.as_str()) && !renamed_to.contains(c.as_str()))
         .cloned()
         .collect();
-    for (column, now_type) in new {
-        if let Some((_, was_type)) = old.iter().find(|(c, _)| c == column)
-            && was_type != now_type
-        {
+    for (column, now_type) in new.typed {
+        let was_type = old
+            .typed
+            .iter()
+            .find(|(c, _)| c == column)
+            .or_else(|| {
+                let (was, _) = change.renamed.iter().find(|(_, n)| n == column)?;
+                old.typed.iter().find(|(c, _)| c == was)
+            })
+            .map(|(_, t)| t);
+        if let Some(was_type) = was_type.filter(|t| *t != now_type) {
             change
                 .retyped
                 .push((column.clone(), was_type.clone(), now_type.clone()));
@@ -120,16 +149,28 @@ pub fn diff(old: &[(String, String)], new: &[(String, String)]) -> Change {
 }
 
 impl TableHistory {
-    /// The history after the table's columns became `now`, and what changed. The first check
-    /// of a table (no recorded columns) changes nothing.
-    pub fn advance(&self, now: Vec<(String, String)>) -> (TableHistory, Change) {
+    /// The history after the table's columns became `now` (with the database's column
+    /// identities `ids`, or none), and what changed; `declared` are the table's configured
+    /// renames (new name to old name). The first check of a table (no recorded columns)
+    /// changes nothing.
+    pub fn advance(
+        &self,
+        now: Vec<(String, String)>,
+        ids: Vec<i64>,
+        declared: &BTreeMap<String, String>,
+    ) -> (TableHistory, Change) {
         let change = if self.columns.is_empty() {
             Change::default()
         } else {
-            diff(&self.columns, &now)
+            let old = Columns {
+                typed: &self.columns,
+                ids: &self.ids,
+            };
+            diff(old, Columns { typed: &now, ids: &ids }, declared)
         };
         let mut next = TableHistory {
             columns: now,
+            ids,
             dropped: self.dropped.clone(),
             renamed: self.renamed.clone(),
         };
@@ -146,6 +187,15 @@ impl TableHistory {
         for (column, _) in &next.columns {
             next.dropped.remove(column);
             next.renamed.remove(column);
+        }
+        // A declared rename holds whenever the old name is not a column here and the new one
+        // is, also when the table was created with the new name.
+        for (new, old) in declared {
+            let has = |c: &str| next.columns.iter().any(|(name, _)| name == c);
+            if has(new) && !has(old) {
+                next.dropped.remove(old);
+                next.renamed.insert(old.clone(), new.clone());
+            }
         }
         next.renamed
             .retain(|_, target| next.columns.iter().any(|(c, _)| c == target));
@@ -165,7 +215,7 @@ pub(crate) async fn record<T: Txn>(txn: &mut T, tables: &mut [T::Table]) -> Resu
     let mut changed = false;
     for table in tables.iter_mut() {
         let recorded = histories.get(table.name()).cloned().unwrap_or_default();
-        let (next, change) = recorded.advance(table.typed_columns());
+        let (next, change) = recorded.advance(table.typed_columns(), table.column_ids(), table.renamed_from());
         log_change(table.name(), &change);
         changed |= !change.is_empty();
         table.set_history(next.clone());
@@ -310,71 +360,114 @@ mod tests {
         names.iter().map(|(c, t)| ((*c).to_owned(), (*t).to_owned())).collect()
     }
 
+    fn plain(typed: &[(String, String)]) -> Columns<'_> {
+        Columns { typed, ids: &[] }
+    }
+
+    fn none() -> BTreeMap<String, String> {
+        BTreeMap::new()
+    }
+
     #[test]
     fn an_appended_column_is_added() {
         let change = diff(
-            &cols(&[("id", "INTEGER"), ("v", "TEXT")]),
-            &cols(&[("id", "INTEGER"), ("v", "TEXT"), ("extra", "TEXT")]),
+            plain(&cols(&[("id", "INTEGER"), ("v", "TEXT")])),
+            plain(&cols(&[("id", "INTEGER"), ("v", "TEXT"), ("extra", "TEXT")])),
+            &none(),
         );
         assert_eq!(change.added, vec!["extra".to_string()]);
         assert!(change.dropped.is_empty() && change.renamed.is_empty());
     }
 
     #[test]
-    fn a_column_in_place_with_its_type_and_a_new_name_is_renamed() {
-        let change = diff(
-            &cols(&[("id", "INTEGER"), ("v", "TEXT"), ("w", "INTEGER")]),
-            &cols(&[("id", "INTEGER"), ("value", "TEXT"), ("w", "INTEGER")]),
+    fn a_rename_is_proven_by_the_column_s_identity_or_declared_never_guessed() {
+        let old = cols(&[("id", "INTEGER"), ("v", "TEXT"), ("w", "INTEGER")]);
+        let new = cols(&[("id", "INTEGER"), ("value", "TEXT"), ("w", "INTEGER")]);
+        // Same place, same type, a new name: without proof, a drop and an add.
+        let change = diff(plain(&old), plain(&new), &none());
+        assert!(change.renamed.is_empty(), "{change:?}");
+        assert_eq!(
+            (change.dropped.clone(), change.added.clone()),
+            (vec!["v".into()], vec!["value".into()])
         );
+        // PostgreSQL keeps a renamed column's attnum.
+        let ids = [1, 2, 3];
+        let proven = diff(
+            Columns { typed: &old, ids: &ids },
+            Columns { typed: &new, ids: &ids },
+            &none(),
+        );
+        assert_eq!(proven.renamed, vec![("v".to_string(), "value".to_string())]);
+        assert!(proven.added.is_empty() && proven.dropped.is_empty());
+        // A drop and an add give the new column a new one.
+        let readded = diff(
+            Columns { typed: &old, ids: &ids },
+            Columns {
+                typed: &new,
+                ids: &[1, 4, 3],
+            },
+            &none(),
+        );
+        assert!(readded.renamed.is_empty());
+        // Declared in the config.
+        let declared = [("value".to_owned(), "v".to_owned())].into();
+        let change = diff(plain(&old), plain(&new), &declared);
         assert_eq!(change.renamed, vec![("v".to_string(), "value".to_string())]);
-        assert!(change.added.is_empty() && change.dropped.is_empty());
+        // A declaration naming a column that did not go is no rename.
+        let declared = [("value".to_owned(), "w".to_owned())].into();
+        assert!(diff(plain(&old), plain(&new), &declared).renamed.is_empty());
     }
 
     #[test]
     fn a_drop_and_an_add_are_not_a_rename() {
-        // Dropping the middle column shifts the rest: different length, no rename.
         let change = diff(
-            &cols(&[("id", "INTEGER"), ("v", "TEXT"), ("w", "INTEGER")]),
-            &cols(&[("id", "INTEGER"), ("w", "INTEGER"), ("x", "TEXT")]),
+            plain(&cols(&[("id", "INTEGER"), ("v", "TEXT"), ("w", "INTEGER")])),
+            plain(&cols(&[("id", "INTEGER"), ("w", "INTEGER"), ("x", "TEXT")])),
+            &none(),
         );
         assert_eq!(change.dropped, vec!["v".to_string()]);
         assert_eq!(change.added, vec!["x".to_string()]);
         assert!(change.renamed.is_empty());
-        // Another type in the same place is not a rename either.
-        let change = diff(
-            &cols(&[("id", "INTEGER"), ("v", "TEXT")]),
-            &cols(&[("id", "INTEGER"), ("n", "INTEGER")]),
-        );
-        assert_eq!((change.dropped.len(), change.added.len()), (1, 1));
     }
 
     #[test]
     fn history_chains_renames_and_forgets_names_that_come_back() {
         let start = TableHistory {
             columns: cols(&[("id", "INTEGER"), ("a", "TEXT"), ("gone", "TEXT")]),
+            ids: vec![1, 2, 3],
             ..TableHistory::default()
         };
-        // Dropping the last column changes the length: a drop, not a rename.
-        let (h, change) = start.advance(cols(&[("id", "INTEGER"), ("a", "TEXT")]));
+        let (h, change) = start.advance(cols(&[("id", "INTEGER"), ("a", "TEXT")]), vec![1, 2], &none());
         assert_eq!(change.dropped, vec!["gone".to_string()]);
         assert!(change.renamed.is_empty() && change.added.is_empty(), "{change:?}");
         assert!(h.dropped.contains("gone"));
         // a -> b -> c: both old names lead to the name the table has now.
-        let (h, change) = h.advance(cols(&[("id", "INTEGER"), ("b", "TEXT")]));
+        let (h, change) = h.advance(cols(&[("id", "INTEGER"), ("b", "TEXT")]), vec![1, 2], &none());
         assert_eq!(change.renamed, vec![("a".to_string(), "b".to_string())]);
-        let (h, _) = h.advance(cols(&[("id", "INTEGER"), ("c", "TEXT")]));
+        let (h, _) = h.advance(cols(&[("id", "INTEGER"), ("c", "TEXT")]), vec![1, 2], &none());
         assert_eq!(h.renamed.get("a").map(String::as_str), Some("c"));
         assert_eq!(h.renamed.get("b").map(String::as_str), Some("c"));
         // A column added back under a dropped name is live again.
-        let (h, change) = h.advance(cols(&[("id", "INTEGER"), ("c", "TEXT"), ("gone", "TEXT")]));
+        let (h, change) = h.advance(
+            cols(&[("id", "INTEGER"), ("c", "TEXT"), ("gone", "TEXT")]),
+            vec![1, 2, 4],
+            &none(),
+        );
         assert_eq!(change.added, vec!["gone".to_string()]);
         assert!(!h.dropped.contains("gone"), "a column added back is live again");
         assert_eq!(h.renamed.len(), 2);
+        // A declared rename holds even for a table created with the new name.
+        let (h, _) = TableHistory::default().advance(
+            cols(&[("id", "INTEGER"), ("email", "TEXT")]),
+            Vec::new(),
+            &[("email".to_owned(), "mail".to_owned())].into(),
+        );
+        assert_eq!(h.renamed.get("mail").map(String::as_str), Some("email"));
     }
 
     #[test]
     fn the_first_check_changes_nothing() {
-        let (h, change) = TableHistory::default().advance(cols(&[("id", "INTEGER")]));
+        let (h, change) = TableHistory::default().advance(cols(&[("id", "INTEGER")]), Vec::new(), &none());
         assert!(change.is_empty());
         assert_eq!(h.columns.len(), 1);
     }

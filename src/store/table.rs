@@ -67,6 +67,10 @@ pub struct Table<D> {
     pub unknown_columns: UnknownColumns,
     /// The mesh's regions, when the config knew them (`TableConfig::mesh_regions`).
     pub mesh_regions: Vec<String>,
+    /// The database's identity of each column (PostgreSQL's `attnum`), or empty.
+    pub column_ids: Vec<i64>,
+    /// Renames the config declares (`TableConfig::renamed_from`).
+    pub renamed_from: BTreeMap<String, String>,
     /// This region's dropped and renamed columns (`store::evolve`).
     pub history: crate::store::evolve::TableHistory,
     pub dialect: D,
@@ -97,6 +101,8 @@ impl<D> Table<D> {
             auto_key: false,
             unknown_columns: UnknownColumns::Wait,
             mesh_regions: Vec::new(),
+            column_ids: Vec::new(),
+            renamed_from: BTreeMap::new(),
             history: Default::default(),
             dialect,
         }
@@ -126,6 +132,7 @@ impl<D: ColumnTypes> Table<D> {
         self.strategy = config.strategy;
         self.unknown_columns = config.unknown_columns;
         self.mesh_regions = config.mesh_regions.clone();
+        self.renamed_from = config.renamed_from.clone();
         for (column, kind) in &config.columns {
             let what = if !self.columns.contains(column) {
                 Some("does not exist")
@@ -225,6 +232,12 @@ impl<D: ColumnTypes> TableRules for Table<D> {
             .cloned()
             .zip(self.declared.iter().cloned())
             .collect()
+    }
+    fn column_ids(&self) -> Vec<i64> {
+        self.column_ids.clone()
+    }
+    fn renamed_from(&self) -> &BTreeMap<String, String> {
+        &self.renamed_from
     }
     fn advisories(&self) -> Vec<String> {
         let keys = self.dialect.key_advisory(&self.name, &self.key);

@@ -56,6 +56,7 @@ impl Sidecars {
                 owner_column: None,
                 owner_rule: None,
                 unknown_columns: Default::default(),
+                renamed_from: Default::default(),
                 mesh_regions: Vec::new(),
             },
             TableConfig {
@@ -65,6 +66,7 @@ impl Sidecars {
                 owner_column: Some("home".into()),
                 owner_rule: None,
                 unknown_columns: Default::default(),
+                renamed_from: Default::default(),
                 mesh_regions: Vec::new(),
             },
             TableConfig {
@@ -74,6 +76,7 @@ impl Sidecars {
                 owner_column: None,
                 owner_rule: None,
                 unknown_columns: Default::default(),
+                renamed_from: Default::default(),
                 mesh_regions: Vec::new(),
             },
         ];

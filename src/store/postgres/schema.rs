@@ -331,7 +331,8 @@ pub async fn describe(conn: &mut PgConnection, table: &str) -> Result<PgTable, S
         "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), \
                 coalesce(bt.typname, t.typname)::text, \
                 coalesce((SELECT k.n FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(att, n) WHERE k.att = a.attnum), 0)::int4, a.attgenerated::text, \
-                (a.attidentity <> '' OR coalesce(pg_get_expr(d.adbin, d.adrelid), '') LIKE 'nextval(%') \
+                (a.attidentity <> '' OR coalesce(pg_get_expr(d.adbin, d.adrelid), '') LIKE 'nextval(%'), \
+                a.attnum::int8 \
          FROM pg_attribute a \
          LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
          JOIN pg_type t ON t.oid = a.atttypid \
@@ -348,7 +349,7 @@ pub async fn describe(conn: &mut PgConnection, table: &str) -> Result<PgTable, S
             "does not exist in schema public; create it before starting weft, or remove it from the config".into(),
         ));
     }
-    let (mut columns, mut types, mut kinds) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut columns, mut types, mut kinds, mut ids) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut key: Vec<(i32, String)> = Vec::new();
     let mut auto_key = false;
     for row in rows {
@@ -370,6 +371,7 @@ pub async fn describe(conn: &mut PgConnection, table: &str) -> Result<PgTable, S
         columns.push(name);
         types.push(row.try_get(1)?);
         kinds.push(Kind::of(&row.try_get::<String, _>(2)?));
+        ids.push(row.try_get::<i64, _>(6)?);
     }
     if key.is_empty() {
         return Err(problem(
@@ -392,6 +394,8 @@ pub async fn describe(conn: &mut PgConnection, table: &str) -> Result<PgTable, S
     let typed = columns.iter().cloned().zip(dialect.types.iter().cloned()).collect();
     let mut described = Table::described(table, typed, key, dialect);
     described.auto_key = auto_key;
+    // attnum survives RENAME COLUMN, and a dropped column's number is never given again.
+    described.column_ids = ids;
     Ok(described)
 }
 
