@@ -95,6 +95,17 @@ impl Clock {
         stamp
     }
 
+    /// The timestamp of a local change whose commit time is unknown (a row captured again
+    /// after its table was rebuilt without weft's triggers): just after `recorded`, the
+    /// row's version this node holds. It wins over that version and over whatever it had
+    /// beaten, and loses to every later write this node had not seen yet, as an unknown
+    /// instant must not be taken for "now".
+    pub fn stamp_after(&self, recorded: Hlc) -> Hlc {
+        let stamp = Hlc(recorded.0.saturating_add(1));
+        self.last_stamp.fetch_max(stamp.0, Ordering::Relaxed);
+        stamp
+    }
+
     /// The greatest timestamp issued or observed so far (what a store persists).
     pub fn last(&self) -> Hlc {
         Hlc(self.generator.timestamp().as_u64())

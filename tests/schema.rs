@@ -118,6 +118,9 @@ async fn a_sqlite_table_rebuild_while_writing_loses_no_write() {
     wait_identical(&s, Duration::from_secs(30)).await;
 
     s.pause_idle(0).await;
+    // Another region's update that east has not applied when it rebuilds: re-capturing the
+    // rebuilt table must not make east's older version of the row win over it.
+    exec(&s, 1, "UPDATE shared SET v = 'west wins' WHERE id = 5").await;
     exec(
         &s,
         0,
@@ -160,7 +163,77 @@ async fn a_sqlite_table_rebuild_while_writing_loses_no_write() {
             count(&s, i, "SELECT count(*) FROM shared WHERE extra IS NOT NULL").await,
             40
         );
+        assert_eq!(
+            count(&s, i, "SELECT count(*) FROM shared WHERE id = 5 AND v = 'west wins'").await,
+            1,
+            "region {i}: the update made before the rebuild, in flight to east, lost to the re-capture"
+        );
     }
+    let log = s.log(0);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("WARN") && l.contains("rebuilt or recreated")),
+        "east warns that it re-captured a rebuilt table:\n{log}"
+    );
+    s.terminate_all();
+}
+
+/// An ownership table recreated in one region without the rows another region owns (a
+/// restore of that region's own rows): the missing rows are not this region's to delete, so
+/// they are not sent as deletions (every peer refused those batches whole, and east's streams
+/// stopped for good); the region says so, and replication goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ownership_table_recreated_without_other_regions_rows_does_not_wedge_the_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Sidecars::new(dir.path()).await;
+    s.spawn_all().await;
+    let homes = s.mesh.regions.iter().map(|r| r.region.clone()).collect::<Vec<_>>();
+    for (i, home) in homes.iter().enumerate().take(2) {
+        for id in 0..5 {
+            let sql = format!("INSERT INTO accounts VALUES ({}, '{home}', 10)", 10 * i + id);
+            exec(&s, i, &sql).await;
+        }
+    }
+    wait_identical(&s, Duration::from_secs(30)).await;
+    let recreate = format!(
+        "BEGIN;
+         CREATE TABLE accounts_copy AS SELECT * FROM accounts WHERE home = '{}';
+         DROP TABLE accounts;
+         CREATE TABLE accounts (id INTEGER PRIMARY KEY, home TEXT NOT NULL, balance INTEGER NOT NULL);
+         INSERT INTO accounts SELECT * FROM accounts_copy;
+         DROP TABLE accounts_copy;
+         COMMIT;",
+        homes[0]
+    );
+    exec(&s, 0, &recreate).await;
+    exec(&s, 0, "UPDATE accounts SET balance = 11 WHERE id = 1").await;
+    s.write(0, 0, 20, 10).await;
+    for i in 1..3 {
+        s.wait_items(i, 20, "east's later writes reach the others").await;
+        let west_rows = format!("SELECT count(*) FROM accounts WHERE home = '{}'", homes[1]);
+        assert_eq!(count(&s, i, &west_rows).await, 5, "region {i} keeps west's accounts");
+    }
+    let east_update = "SELECT count(*) FROM accounts WHERE id = 1 AND balance = 11";
+    for i in 0..3 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while count(&s, i, east_update).await != 1 {
+            assert!(
+                Instant::now() < deadline,
+                "east's own account update reaches region {i}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let log = s.log(0);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("WARN") && l.contains("owned by another region")),
+        "east says it left other regions' missing rows alone:\n{log}"
+    );
+    assert!(
+        !s.log(1).contains("not the owner"),
+        "west refused none of east's batches"
+    );
     s.terminate_all();
 }
 

@@ -79,7 +79,7 @@ impl From<FrontierStatus> for (NodeId, u64, u64) {
 
 /// A database connection of the backend: the writer's, or a pooled one.
 pub trait Backend: Send + Sync + Sized + 'static {
-    type Db: sqlx::Database;
+    type Db: sqlx::Database + sqlx::database::HasStatementCache;
     /// What this dialect knows of a replicated table.
     type Table: TableRules + Send + Sync + 'static;
     /// The write transaction port over the writer connection.

@@ -105,7 +105,7 @@ impl<B: Backend> Replica<B> {
             });
         };
         let more = captured.len() as i64 >= DRAIN_PIECE;
-        let changes = coalesce(captured);
+        let mut changes = coalesce(captured);
         let mut keys: HashMap<&str, Vec<Vec<u8>>> = HashMap::new();
         for (key, change) in &changes {
             keys.entry(change.table.name()).or_default().push(key.clone());
@@ -114,6 +114,7 @@ impl<B: Backend> Replica<B> {
         for (table, keys) in keys {
             stored.insert(table.to_owned(), txn.versions(table, &keys).await?);
         }
+        leave_foreign_rows(txn, &self.identity, &mut changes, &stored).await?;
         let unknown = changes
             .iter()
             .any(|(key, c)| !stored.get(c.table.name()).is_some_and(|m| m.contains_key(key)));
@@ -165,6 +166,50 @@ impl<B: Backend> Replica<B> {
             last_seq: batch_end,
         })
     }
+}
+
+/// The commit time of an outbox row queued by a re-capture (a table that lost weft's
+/// triggers): unknown, so the drain stamps it just after the row's recorded version.
+pub const UNKNOWN_COMMIT: i64 = 0;
+
+/// Leaves out re-captured changes of rows another region owns: the capture triggers would
+/// have refused such a change, and every peer refuses a batch carrying one (for its owner's
+/// claim), which stopped this node's streams for good. The row is left as it is here, said
+/// once per table, for the audit to find.
+async fn leave_foreign_rows<T: Txn>(
+    txn: &mut T,
+    identity: &Identity,
+    changes: &mut Vec<(Vec<u8>, Captured<T::Table>)>,
+    stored: &HashMap<String, HashMap<Vec<u8>, RowVersion>>,
+) -> Result<(), StoreError> {
+    let mut left: HashMap<String, u64> = HashMap::new();
+    let mut kept = Vec::with_capacity(changes.len());
+    for (key, change) in changes.drain(..) {
+        let recaptured = change.committed_at == UNKNOWN_COMMIT && change.table.is_owned();
+        let live = stored
+            .get(change.table.name())
+            .and_then(|m| m.get(&key))
+            .is_some_and(|v| !v.deleted);
+        if recaptured && live {
+            let known = txn.owner(&change.table, &key).await?;
+            if known.is_some_and(|k| k.moving_to.is_none() && k.owner.region != identity.region) {
+                *left.entry(change.table.name().to_owned()).or_default() += 1;
+                continue;
+            }
+        }
+        kept.push((key, change));
+    }
+    *changes = kept;
+    for (table, rows) in left {
+        tracing::warn!(
+            %table,
+            rows,
+            "rows owned by another region changed here while capture was missing (the table was rebuilt or \
+             recreated); they are not this region's to change, so nothing is sent for them and they stay as they \
+             are here: `weft audit --repair` brings them back in line with their owner"
+        );
+    }
+    Ok(())
 }
 
 /// One change per row, keyed by its canonical key bytes: the last image, the latest commit
@@ -220,18 +265,27 @@ fn local_events<'a>(
         .map(|c| {
             let mut version = c.previous.map_or_else(|| floor.clone(), |l| l.version.clone());
             version.increment(me);
+            // A commit time of 0 is unknown: a row captured again after a rebuild.
+            let (hlc, committed_at) = match (c.committed_at, c.previous) {
+                (UNKNOWN_COMMIT, Some(previous)) => (clock.stamp_after(previous.hlc), crate::clock::now_micros()),
+                (UNKNOWN_COMMIT, None) => {
+                    let now = crate::clock::now_micros();
+                    (clock.stamp_commit(now), now)
+                }
+                (at, _) => (clock.stamp_commit(at), at),
+            };
             let event = Event {
                 origin: me.clone(),
                 origin_region: identity.region.clone(),
                 seq: 0,
                 batch_end: 0,
-                hlc: clock.stamp_commit(c.committed_at),
+                hlc,
                 table: c.table,
                 key: c.key,
                 op: c.image.map(Op::Upsert).unwrap_or(Op::Delete),
                 version,
                 path: vec![me.clone()],
-                committed_at_micros: c.committed_at,
+                committed_at_micros: committed_at,
                 crdt: Vec::new(),
                 ownership: None,
             };

@@ -121,6 +121,10 @@ impl<B: Backend> Replica<B> {
             return Ok(self.tables());
         }
         tracing::info!("the schema of the database changed; reading the replicated tables again");
+        // Statements prepared before may name a table's row type that is gone (a table
+        // dropped and recreated): PostgreSQL then refuses to run them ("function in FROM has
+        // unsupported return type"), which stopped every drain of the region for good.
+        sqlx::Connection::clear_cached_statements(&mut *tx).await?;
         let mut installed = B::install(tx, &self.configs, &self.identity.region).await?;
         let empty = Tables::new();
         let mut txn = self.backend.txn(&empty, tx);

@@ -246,18 +246,19 @@ impl<D: ColumnTypes> TableRules for Table<D> {
 }
 
 /// Says what became of the rows a table held when weft started capturing it: `rows` were
-/// queued as this region's writes (replicated like any, with versions from this node).
-/// `deleted` keys weft had replicated were gone: the table had lost its capture triggers
-/// (rebuilt or recreated), so it is captured again whole, its missing rows as deletions.
-pub fn adopted<D>(table: &Table<D>, rows: u64, deleted: u64) {
-    if deleted > 0 {
+/// queued as this region's writes (replicated like any, with versions from this node). When
+/// weft had captured the table before (`recaptured`), it had lost its capture triggers
+/// (rebuilt or recreated): it is captured again whole, `deleted` missing rows as deletions.
+pub fn adopted<D>(table: &Table<D>, recaptured: bool, rows: u64, deleted: u64) {
+    if recaptured {
         tracing::warn!(
             table = %table.name,
             rows,
             deleted,
             "the table's capture triggers were gone (the table was rebuilt or recreated); capturing it again \
              whole, so that writes made meanwhile replicate: its rows go out again as this region's writes, \
-             rows it no longer has as deletions"
+             stamped just after the version this region had of each (so they lose to any later write it had \
+             not seen yet), and rows of this region it no longer has as deletions"
         );
         return;
     }
@@ -274,6 +275,21 @@ pub fn adopted<D>(table: &Table<D>, rows: u64, deleted: u64) {
             table = %table.name,
             "adopted rows of a crdt table add their counter values to those other regions adopt for the same keys; \
              adopt such a table's rows in one region only"
+        );
+    }
+}
+
+/// Says that `rows` rows another region owns are missing from a re-captured table: they are
+/// not this region's to delete, so they are left out of the re-capture (peers refuse a
+/// deletion by a region that does not own the row, and refused the whole batch with it).
+pub fn left_foreign(table: &str, rows: u64) {
+    if rows > 0 {
+        tracing::warn!(
+            table,
+            rows,
+            "rows owned by another region are missing from this region's rebuilt or recreated table; they are \
+             not this region's to delete, so no deletion is sent for them and other regions keep them: \
+             `weft audit --repair` brings them back here"
         );
     }
 }

@@ -402,13 +402,19 @@ pub async fn describe(conn: &mut PgConnection, table: &str) -> Result<PgTable, S
 /// Queues, as deletions, the keys weft knows as live rows of a table that no longer has
 /// them: the table lost its capture triggers (dropped and recreated, or swapped in by a
 /// rename) and rows went while nothing captured. Returns how many were queued.
-async fn recapture_deletes(conn: &mut PgConnection, table: &PgTable) -> Result<u64, StoreError> {
-    let live: Vec<Vec<u8>> = sqlx::query_scalar("SELECT key FROM weft.rows WHERE tbl = $1 AND NOT deleted")
-        .bind(&table.name)
-        .fetch_all(&mut *conn)
-        .await?;
-    let mut images = Vec::new();
-    for bytes in live {
+async fn recapture_deletes(conn: &mut PgConnection, table: &PgTable, region: &str) -> Result<u64, StoreError> {
+    // Rows another region owns are not this region's to delete (`store::table::left_foreign`).
+    let live: Vec<(Vec<u8>, bool)> = sqlx::query_as(
+        "SELECT r.key, EXISTS (SELECT 1 FROM weft.owners w WHERE w.tbl = r.tbl AND w.key = r.key \
+          AND w.moving_to IS NULL AND w.owner IS DISTINCT FROM $2) \
+         FROM weft.rows r WHERE r.tbl = $1 AND NOT r.deleted",
+    )
+    .bind(&table.name)
+    .bind(region)
+    .fetch_all(&mut *conn)
+    .await?;
+    let (mut images, mut foreign) = (Vec::new(), Vec::new());
+    for (bytes, elsewhere) in live {
         let key = crate::event::Key::from_bytes(&bytes).map_err(StoreError::Corrupt)?;
         let values: Vec<&crate::event::Value> = key.0.iter().collect();
         // A key this table cannot hold any more cannot be one of its rows either.
@@ -421,10 +427,11 @@ async fn recapture_deletes(conn: &mut PgConnection, table: &PgTable) -> Result<u
             .zip(texts)
             .map(|(k, t)| (k.clone(), t.map_or(serde_json::Value::Null, serde_json::Value::String)))
             .collect();
-        images.push(serde_json::Value::Object(image).to_string());
-    }
-    if images.is_empty() {
-        return Ok(0);
+        let image = serde_json::Value::Object(image).to_string();
+        match elsewhere {
+            true => foreign.push(image),
+            false => images.push(image),
+        }
     }
     let same_key = table
         .key
@@ -432,19 +439,62 @@ async fn recapture_deletes(conn: &mut PgConnection, table: &PgTable) -> Result<u
         .map(|k| format!("r.{0} = x.{0}", quote(k)))
         .collect::<Vec<_>>()
         .join(" AND ");
-    let sql = format!(
-        "INSERT INTO weft.outbox (tbl, deleted, image, at) \
-         SELECT {}, true, k.image::jsonb, weft.now_micros() FROM unnest($1::text[]) AS k(image) \
+    let missing = format!(
+        "FROM unnest($1::text[]) AS k(image) \
          CROSS JOIN LATERAL jsonb_populate_record(NULL::{q}, k.image::jsonb) x \
          WHERE NOT EXISTS (SELECT 1 FROM {q} r WHERE {same_key})",
-        literal(&table.name),
         q = table.qualified()
+    );
+    let left: i64 = sqlx::query_scalar(AssertSqlSafe(format!("SELECT count(*) {missing}")))
+        .bind(foreign)
+        .fetch_one(&mut *conn)
+        .await?;
+    crate::store::table::left_foreign(&table.name, left as u64);
+    let sql = format!(
+        "INSERT INTO weft.outbox (tbl, deleted, image, at) SELECT {}, true, k.image::jsonb, {} {missing}",
+        literal(&table.name),
+        crate::store::capture::UNKNOWN_COMMIT,
     );
     Ok(sqlx::query(AssertSqlSafe(sql))
         .bind(images)
         .execute(&mut *conn)
         .await?
         .rows_affected())
+}
+
+/// Queues a table's rows for capture when weft starts capturing it: adopted rows (a table
+/// weft never captured) with the time of adoption, or, for a table weft knew whose triggers
+/// were gone (dropped and recreated), every row this region may write with an unknown commit
+/// time, and the live rows it no longer has as deletions (see `store::table::adopted`).
+async fn capture_again(conn: &mut PgConnection, table: &PgTable, region: &str) -> Result<(), StoreError> {
+    let known: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM weft.rows WHERE tbl = $1)")
+        .bind(&table.name)
+        .fetch_one(&mut *conn)
+        .await?;
+    let at = match known {
+        true => crate::store::capture::UNKNOWN_COMMIT.to_string(),
+        false => "weft.now_micros()".to_owned(),
+    };
+    let filter = match table.is_owned() {
+        true => format!("{} IS NOT DISTINCT FROM {}", owner_of(table, "r"), literal(region)),
+        false => "true".into(),
+    };
+    // The writer's session renders images as the capture functions do.
+    let sql = format!(
+        "INSERT INTO weft.outbox (tbl, deleted, image, at) SELECT {}, false, to_jsonb(r), {at} FROM {} r WHERE {filter}",
+        literal(&table.name),
+        table.qualified()
+    );
+    let rows = sqlx::raw_sql(AssertSqlSafe(sql))
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    let deleted = match known {
+        true => recapture_deletes(conn, table, region).await?,
+        false => 0,
+    };
+    crate::store::table::adopted(table, known, rows, deleted);
+    Ok(())
 }
 
 /// Creates or updates weft's schema and triggers. Runs inside the caller's transaction.
@@ -473,22 +523,7 @@ pub async fn install(
             .execute(&mut *conn)
             .await?;
         if !captured_before {
-            let filter = match table.is_owned() {
-                true => format!("{} IS NOT DISTINCT FROM {}", owner_of(&table, "r"), literal(region)),
-                false => "true".into(),
-            };
-            // The writer's session renders images as the capture functions do.
-            let sql = format!(
-                "INSERT INTO weft.outbox (tbl, deleted, image, at) SELECT {}, false, to_jsonb(r), weft.now_micros() FROM {} r WHERE {filter}",
-                literal(&table.name),
-                table.qualified()
-            );
-            let adopted = sqlx::raw_sql(AssertSqlSafe(sql))
-                .execute(&mut *conn)
-                .await?
-                .rows_affected();
-            let deleted = recapture_deletes(conn, &table).await?;
-            crate::store::table::adopted(&table, adopted, deleted);
+            capture_again(conn, &table, region).await?;
         }
         if let Some(sql) = owner_sql(&table, region) {
             sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut *conn).await?;

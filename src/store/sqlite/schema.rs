@@ -588,37 +588,91 @@ fn trigger_sql(info: &TableInfo, region: &str) -> Vec<(String, String)> {
 
 /// Queues, as deletions, the keys weft knows as live rows of a table that no longer has
 /// them: the table lost its capture triggers (a rebuild: create new, copy, drop, rename) and
-/// rows went while nothing captured. Returns how many were queued (none for a table weft
-/// captures for the first time).
-async fn recapture_deletes(conn: &mut SqliteConnection, info: &TableInfo) -> Result<u64, StoreError> {
-    let live: Vec<Vec<u8>> = sqlx::query_scalar("SELECT key FROM _weft_rows WHERE tbl = ? AND NOT deleted")
-        .bind(&info.name)
-        .fetch_all(&mut *conn)
-        .await?;
+/// rows went while nothing captured. Their commit time is unknown (`UNKNOWN_COMMIT`). Rows
+/// another region owns are not this region's to delete: left alone (`capture` says so).
+/// Returns how many were queued.
+async fn recapture_deletes(conn: &mut SqliteConnection, info: &TableInfo, region: &str) -> Result<u64, StoreError> {
+    let foreign = match info.owner_column.is_some() || info.owner_rule.is_some() {
+        true => format!(
+            "EXISTS (SELECT 1 FROM _weft_owners w WHERE w.tbl = r.tbl AND w.key = r.key \
+             AND w.moving_to IS NULL AND w.owner IS NOT {})",
+            literal(region)
+        ),
+        false => "0".into(),
+    };
+    let live: Vec<(Vec<u8>, bool)> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT r.key, {foreign} FROM _weft_rows r WHERE r.tbl = ? AND NOT r.deleted"
+    )))
+    .bind(&info.name)
+    .fetch_all(&mut *conn)
+    .await?;
     let slots = (0..MAX_KEY_COLUMNS)
         .map(|i| if i < info.key.len() { "?" } else { "0" })
         .collect::<Vec<_>>()
         .join(", ");
-    let sql = format!(
-        "INSERT INTO _weft_outbox (tbl, k1, k2, k3, k4, at) SELECT {}, {slots}, {NOW_MICROS} \
-         WHERE NOT EXISTS (SELECT 1 FROM {} WHERE {})",
-        literal(&info.name),
+    let missing = format!(
+        "NOT EXISTS (SELECT 1 FROM {} WHERE {})",
         quote(&info.name),
         key_predicate(&info.key)
     );
-    let mut queued = 0;
-    for bytes in live {
+    let queue = format!(
+        "INSERT INTO _weft_outbox (tbl, k1, k2, k3, k4, at) SELECT {}, {slots}, {} WHERE {missing}",
+        literal(&info.name),
+        crate::store::capture::UNKNOWN_COMMIT,
+    );
+    let count = format!("SELECT {missing}");
+    let (mut queued, mut left) = (0, 0);
+    for (bytes, foreign) in live {
         let key = crate::event::Key::from_bytes(&bytes).map_err(StoreError::Corrupt)?;
         if key.0.len() != info.key.len() {
             continue;
         }
+        let sql = if foreign { &count } else { &queue };
         let mut query = sqlx::query(AssertSqlSafe(sql.as_str()));
-        for value in key.0.iter().chain(&key.0) {
+        let binds = if foreign { 1 } else { 2 };
+        for value in std::iter::repeat_n(&key.0, binds).flatten() {
             query = super::values::bind(query, value);
         }
-        queued += query.execute(&mut *conn).await?.rows_affected();
+        match foreign {
+            true => left += u64::from(query.fetch_one(&mut *conn).await?.try_get::<bool, _>(0)?),
+            false => queued += query.execute(&mut *conn).await?.rows_affected(),
+        }
     }
+    crate::store::table::left_foreign(&info.name, left);
     Ok(queued)
+}
+
+/// Queues a table's rows for capture when weft starts capturing it: adopted rows (a table
+/// weft never captured) with the time of adoption, or, for a table weft knew whose triggers
+/// were gone (rebuilt or recreated), every row this region may write with an unknown commit
+/// time, and the live rows it no longer has as deletions (see `store::table::adopted`).
+async fn capture_again(conn: &mut SqliteConnection, info: &TableInfo, region: &str) -> Result<(), StoreError> {
+    let known: Option<i64> = sqlx::query_scalar("SELECT 1 FROM _weft_rows WHERE tbl = ? LIMIT 1")
+        .bind(&info.name)
+        .fetch_optional(&mut *conn)
+        .await?;
+    let at = match known {
+        Some(_) => crate::store::capture::UNKNOWN_COMMIT.to_string(),
+        None => NOW_MICROS.to_owned(),
+    };
+    let c = Capture { info, region };
+    let sql = format!(
+        "INSERT INTO _weft_outbox (tbl, k1, k2, k3, k4, at) SELECT {}, {}, {at} FROM {} r WHERE {}",
+        literal(&info.name),
+        c.slots("r"),
+        quote(&info.name),
+        c.adoptable("r")
+    );
+    let rows = sqlx::query(AssertSqlSafe(sql))
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    let deleted = match known {
+        Some(_) => recapture_deletes(conn, info, region).await?,
+        None => 0,
+    };
+    crate::store::table::adopted(info, known.is_some(), rows, deleted);
+    Ok(())
 }
 
 /// Creates or updates weft's tables and triggers. Runs inside the caller's transaction.
@@ -657,20 +711,7 @@ pub async fn install(
             wanted.insert(name);
         }
         if captured_before.is_none() {
-            let c = Capture { info: &info, region };
-            let sql = format!(
-                "INSERT INTO _weft_outbox (tbl, k1, k2, k3, k4, at) SELECT {}, {}, {NOW_MICROS} FROM {} r WHERE {}",
-                literal(table),
-                c.slots("r"),
-                quote(table),
-                c.adoptable("r")
-            );
-            let adopted = sqlx::query(AssertSqlSafe(sql))
-                .execute(&mut *conn)
-                .await?
-                .rows_affected();
-            let deleted = recapture_deletes(conn, &info).await?;
-            crate::store::table::adopted(&info, adopted, deleted);
+            capture_again(conn, &info, region).await?;
         }
         infos.push(info);
     }
