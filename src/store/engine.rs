@@ -560,7 +560,17 @@ async fn record_conflict<R: Txn>(
     if let Some(fenced) = fenced {
         let lost = match fenced.loser {
             Winner::Remote => event.clone(),
-            Winner::Local => version_event(local, local_row, event),
+            // The write this node holds, by its identity: its origin's entry in the row's
+            // vector is that write's seq (a node sets its entry to its event's seq), so
+            // every region lists the letter alike, whichever side of it it was on.
+            Winner::Local => {
+                let seq = local.version.get(&local.origin).max(1);
+                Event {
+                    seq,
+                    batch_end: seq,
+                    ..version_event(local, local_row, event)
+                }
+            }
         };
         audit::dead_letter(rows, &lost, &fenced.reason, Cause::Fenced, report).await?;
     }

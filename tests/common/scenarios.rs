@@ -278,6 +278,7 @@ pub async fn forced_failover_fences_the_lost_regions_writes(sidecars: &Sidecars)
     sidecars.spawn(0, None).await;
     sidecars.mesh.wait_converged(Duration::from_secs(60)).await.unwrap();
     let mut a_letter = 0;
+    let mut identities: Vec<Vec<(String, String, i64)>> = Vec::new();
     for region in regions {
         let rows: Vec<(i64, String, i64)> = sqlx::query_as("SELECT id, home, balance FROM accounts ORDER BY id")
             .fetch_all(&region.app)
@@ -306,6 +307,20 @@ pub async fn forced_failover_fences_the_lost_regions_writes(sidecars: &Sidecars)
             region.region
         );
         a_letter = letters[0]["id"].as_i64().unwrap();
+        // Listed alike: the same writes, by their identity (origin, seq), in every region.
+        let mut identity: Vec<(String, String, i64)> = letters
+            .iter()
+            .map(|l| {
+                let origin = l["origin"].as_str().unwrap().to_owned();
+                (
+                    l["key"].as_str().unwrap().to_owned(),
+                    origin,
+                    l["seq"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        identity.sort();
+        identities.push(identity);
         for letter in &letters {
             assert!(letter["origin"].as_str().unwrap().starts_with("east"), "{letter}");
             assert!(
@@ -319,6 +334,13 @@ pub async fn forced_failover_fences_the_lost_regions_writes(sidecars: &Sidecars)
             .await
             .unwrap();
         assert_eq!(other, 0, "{}", region.region);
+    }
+    for (region, identity) in regions.iter().zip(&identities) {
+        assert_eq!(
+            identity, &identities[0],
+            "{} lists the fenced writes as {}",
+            region.region, regions[0].region
+        );
     }
     // A fenced letter is not retried: it would lose again.
     let retry = std::process::Command::new(env!("CARGO_BIN_EXE_weft"))
