@@ -508,7 +508,7 @@ fn letter_row(l: &DeadLetter) -> Markup {
             td { (l.cause) } td { (l.reason) } td.num { (l.attempts) }
             td {
                 form method="post" action=(action("retry")) style="display:inline" {
-                    button type="submit" disabled[l.cause == "fenced"] { "Retry" }
+                    button type="submit" disabled[!crate::store::backend::Cause::retried_by_name(&l.cause)] { "Retry" }
                 }
                 " "
                 form method="post" action=(action("discard")) style="display:inline" {

@@ -272,7 +272,8 @@ async fn open_store(config: &NodeConfig) -> Result<Arc<Store>, NodeError> {
         &config.node,
         config.relay_repair(),
     ))
-    .bounding_dead_letters(config.replication.max_dead_letters_per_cause);
+    .bounding_dead_letters(config.replication.max_dead_letters_per_cause)
+    .bounding_messages(config.replication.max_payload_bytes());
     for advice in store.advisories() {
         tracing::warn!("{advice}");
     }

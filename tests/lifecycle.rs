@@ -419,7 +419,7 @@ async fn copy_snapshot(
     for table in start.table_rows.keys() {
         let mut after = Vec::new();
         loop {
-            let rows = from.snapshot_page(table, &after, page).await.unwrap();
+            let (rows, _) = from.snapshot_page(table, &after, page, usize::MAX).await.unwrap();
             let Some(last) = rows.last() else { break };
             after = last.row.key.to_bytes();
             let rows: Vec<SnapshotRow> = rows

@@ -35,9 +35,11 @@ pub struct ReplicationConfig {
     /// even if a peer still needs them: that peer re-seeds by snapshot. 0 = no limit.
     pub log_retain_mib: u64,
     pub log_retain_secs: u64,
-    /// Largest gRPC message either side accepts, in MiB. Batches (about `batch_max_events`
-    /// events) and snapshot chunks (`snapshot_page_rows` rows) stay far below it; raise it
-    /// only for rows of several megabytes.
+    /// Largest message a link carries, in MiB (a gRPC frame, a snapshot chunk, a Kafka
+    /// record), on both sides: set it alike on every node. Frames and chunks are cut by
+    /// bytes to stay within it, capture batches (pieces of a source transaction) hold at
+    /// most a quarter of it, and one row change too large for any message is refused at its
+    /// source (a `too large` dead letter there). Raise it only for rows that large.
     pub max_message_mib: usize,
     /// Every this many seconds, audit the whole mesh (`weft audit`, without repair) and
     /// report through the log, `weft status` and the metrics. 0 = never (the default).
@@ -85,6 +87,9 @@ impl Default for ReplicationConfig {
     }
 }
 
+/// Room kept in a message for everything but its events or rows (headers, frontiers).
+pub const MESSAGE_OVERHEAD: usize = 64 << 10;
+
 impl ReplicationConfig {
     pub fn heartbeat(&self) -> Duration {
         Duration::from_millis(self.heartbeat_ms)
@@ -99,6 +104,16 @@ impl ReplicationConfig {
 
     pub fn max_message_bytes(&self) -> usize {
         self.max_message_mib.saturating_mul(1 << 20)
+    }
+    /// The most a frame's events (or a chunk's rows) may hold, leaving room for the
+    /// message's own fields.
+    pub fn max_payload_bytes(&self) -> usize {
+        self.max_message_bytes().saturating_sub(MESSAGE_OVERHEAD)
+    }
+    /// What a frame or a snapshot chunk gathers up to before it goes (it then ends at the
+    /// next capture batch boundary, still within `max_payload_bytes`).
+    pub fn frame_budget(&self) -> usize {
+        self.max_payload_bytes() / 2
     }
     /// The log's retention limits (bytes, age); `u64::MAX` and `Duration::MAX` when off.
     pub fn log_retention(&self) -> (u64, Duration) {

@@ -60,7 +60,7 @@ pub async fn sqlite_rendering(
 }
 
 /// What a region has captured and applied, read from its database: (last own seq,
-/// outbox rows pending, frontier per origin).
+/// outbox rows pending, plus one while it joins by snapshot, frontier per origin).
 pub async fn sqlite_progress(pool: &SqlitePool) -> Result<(u64, u64, BTreeMap<NodeId, u64>), StoreError> {
     // One read transaction: a drain committing between two of these reads would otherwise
     // show an old last seq next to an empty outbox, and look caught up.
@@ -68,9 +68,12 @@ pub async fn sqlite_progress(pool: &SqlitePool) -> Result<(u64, u64, BTreeMap<No
     let last: Option<i64> = sqlx::query_scalar("SELECT value FROM _weft_node WHERE name = 'last_seq'")
         .fetch_optional(&mut *conn)
         .await?;
-    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM _weft_outbox")
-        .fetch_one(&mut *conn)
-        .await?;
+    // A region joining by snapshot has rows still to come: it counts as one pending change.
+    let pending: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM _weft_outbox) + (SELECT count(*) FROM _weft_node WHERE name = 'join')",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
     let rows = sqlx::query("SELECT origin, seq FROM _weft_frontier")
         .fetch_all(&mut *conn)
         .await?;
@@ -83,7 +86,7 @@ pub async fn sqlite_progress(pool: &SqlitePool) -> Result<(u64, u64, BTreeMap<No
 }
 
 /// What a region has captured and applied, read in one snapshot: (last own seq, outbox
-/// rows pending, frontier per origin).
+/// rows pending, plus one while it joins by snapshot, frontier per origin).
 pub async fn postgres_progress(pool: &PgPool) -> Result<(u64, u64, BTreeMap<NodeId, u64>), StoreError> {
     let mut tx = pool.begin().await?;
     sqlx::raw_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -92,9 +95,11 @@ pub async fn postgres_progress(pool: &PgPool) -> Result<(u64, u64, BTreeMap<Node
     let last = <postgres::Postgres as Backend>::node_record(&mut tx)
         .await?
         .map_or(0, |r| r.last_seq);
-    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM weft.outbox")
-        .fetch_one(&mut *tx)
-        .await?;
+    let pending: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM weft.outbox) + (SELECT count(*) FROM weft.node WHERE name = 'join')",
+    )
+    .fetch_one(&mut *tx)
+    .await?;
     let mut frontiers = BTreeMap::new();
     for row in sqlx::query("SELECT origin, seq FROM weft.frontier")
         .fetch_all(&mut *tx)

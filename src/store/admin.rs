@@ -376,17 +376,26 @@ impl Admin {
             Letters::Ids(ids) => Some(ids.as_slice()),
         };
         if let (Some(ids), false) = (ids, discard) {
-            let fenced: Vec<String> = self
-                .dead_letters(None)
-                .await?
-                .into_iter()
-                .filter(|l| l.cause == "fenced" && ids.contains(&l.id))
-                .map(|l| l.id.to_string())
-                .collect();
+            let letters = self.dead_letters(None).await?;
+            let never = |cause: &str| {
+                letters
+                    .iter()
+                    .filter(|l| l.cause == cause && ids.contains(&l.id))
+                    .map(|l| l.id.to_string())
+                    .collect::<Vec<_>>()
+            };
+            let fenced = never("fenced");
             if !fenced.is_empty() {
                 return Err(refused(format!(
                     "dead letter(s) {} lost to a forced ownership failover: a retry would lose again; write their data anew in the row's owner region if it is still wanted, then discard them",
                     fenced.join(", ")
+                )));
+            }
+            let large = never("too large");
+            if !large.is_empty() {
+                return Err(refused(format!(
+                    "dead letter(s) {} are changes too large for any message (max_message_mib): a retry would not fit either; write the row smaller, or raise max_message_mib on every node and write the row again, then discard them",
+                    large.join(", ")
                 )));
             }
         }

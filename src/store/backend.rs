@@ -240,6 +240,9 @@ pub enum Cause {
     /// A write that lost to a forced ownership failover it did not know of: kept as a record
     /// of what the failover discarded, never retried (it would lose again).
     Fenced,
+    /// A change of this region's too large for any message (`max_message_mib`), kept at its
+    /// source: never retried (it would not fit again); the row must be written anew.
+    TooLarge,
 }
 
 impl Cause {
@@ -252,7 +255,19 @@ impl Cause {
             Cause::Ownership => "ownership",
             Cause::Refused => "refused",
             Cause::Fenced => "fenced",
+            Cause::TooLarge => "too large",
         }
+    }
+
+    /// Whether letters of the cause named `name` (as stored) are ever retried.
+    pub fn retried_by_name(name: &str) -> bool {
+        ![Cause::Fenced, Cause::TooLarge].iter().any(|c| c.as_str() == name)
+    }
+
+    /// Whether a retry could ever apply such a letter: not a fenced one (it would lose
+    /// again) nor a change too large to send (it would not fit again).
+    pub fn retried(self) -> bool {
+        !matches!(self, Cause::Fenced | Cause::TooLarge)
     }
 }
 
@@ -293,6 +308,10 @@ pub trait Txn {
     /// order per table: committed transactions only, the last one possibly cut at the limit.
     /// Remembers which outbox rows it took, for `write_meta`. `None` if the outbox is empty.
     async fn take_outbox(&mut self, limit: i64) -> Result<Option<Vec<Captured<Self::Table>>>, StoreError>;
+    /// Of what `take_outbox` took, keeps only the outbox rows up to id `last_id` (`changes`
+    /// of them of replicated tables) for `write_meta` to delete; the later ones stay for the
+    /// next drain.
+    fn take_only_through(&mut self, last_id: i64, changes: u64);
     /// Stored versions of `keys` of one table; absent keys are missing from the map.
     async fn versions(&mut self, table: &str, keys: &[Vec<u8>]) -> Result<HashMap<Vec<u8>, RowVersion>, StoreError>;
     /// Writes row versions, log entries, frontiers, the node's last seq and clock, and deletes
@@ -427,6 +446,12 @@ macro_rules! forward_txn_io {
             };
             self.taken = Some(taken);
             Ok(Some(captured))
+        }
+
+        fn take_only_through(&mut self, last_id: i64, changes: u64) {
+            if let Some(taken) = &mut self.taken {
+                taken.through(last_id, changes);
+            }
         }
 
         async fn write_meta(

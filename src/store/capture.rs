@@ -18,7 +18,7 @@ use std::collections::HashMap;
 
 use crate::clock::Clock;
 use crate::config::Strategy;
-use crate::event::{Event, Identity, Key, Op, Row};
+use crate::event::{Event, Identity, Key, Op, Row, Value};
 use crate::replicate::RowVersion;
 use crate::store::backend::{Backend, Captured, Conn, Meta, Txn};
 use crate::store::engine::{self, TableRules};
@@ -97,15 +97,22 @@ impl<B: Backend> Replica<B> {
     /// One piece of the outbox, at most [`DRAIN_PIECE`] rows, into the log.
     async fn drain_piece<T: Txn<Table = B::Table>>(&self, txn: &mut T) -> Result<DrainReport, StoreError> {
         let last_seq = txn.last_seq().await?;
-        let Some(captured) = txn.take_outbox(DRAIN_PIECE).await? else {
+        let Some(mut captured) = txn.take_outbox(DRAIN_PIECE).await? else {
             return Ok(DrainReport {
                 events: 0,
                 last_seq,
                 more: false,
             });
         };
-        let more = captured.len() as i64 >= DRAIN_PIECE;
+        let mut more = captured.len() as i64 >= DRAIN_PIECE;
+        captured.sort_by_key(|c| c.id);
+        if let Some(cut) = piece_end(&captured, self.messages.piece_bytes) {
+            txn.take_only_through(captured[cut - 1].id, cut as u64);
+            captured.truncate(cut);
+            more = true;
+        }
         let mut changes = coalesce(captured);
+        self.refuse_oversized(txn, &mut changes).await?;
         let mut keys: HashMap<&str, Vec<Vec<u8>>> = HashMap::new();
         for (key, change) in &changes {
             keys.entry(change.table.name()).or_default().push(key.clone());
@@ -165,6 +172,104 @@ impl<B: Backend> Replica<B> {
             events: events.len() as u64,
             last_seq: batch_end,
         })
+    }
+}
+
+/// About how many bytes a change's event takes on the wire: its key and image, CRDT columns
+/// counted three times (their states travel beside the values), and room for the rest.
+fn wire_size<T: TableRules>(change: &Captured<T>) -> usize {
+    let value = |v: &Value| {
+        4 + match v {
+            Value::Text(t) => t.len(),
+            Value::Blob(b) => b.len(),
+            _ => 9,
+        }
+    };
+    let crdt = change.table.crdt();
+    let image = change.image.as_ref().map_or(0, |row| {
+        row.0
+            .iter()
+            .map(|(c, v)| c.len() + value(v) * if crdt.contains_key(c) { 3 } else { 1 })
+            .sum()
+    });
+    256 + change.key.0.iter().map(value).sum::<usize>() + image
+}
+
+/// Where a piece of outbox rows (in id order) ends so that its events hold at most `budget`
+/// bytes: the count of rows to take, if fewer than all. A piece takes at least one row.
+fn piece_end<T: TableRules>(captured: &[Captured<T>], budget: usize) -> Option<usize> {
+    let mut total = 0usize;
+    for (i, change) in captured.iter().enumerate() {
+        total = total.saturating_add(wire_size(change));
+        if total > budget && i > 0 {
+            return Some(i);
+        }
+    }
+    None
+}
+
+impl<B: Backend> Replica<B> {
+    /// Takes out of the piece every change too large for any message, each kept as a `too
+    /// large` dead letter here with an error: no link could carry it (a frame or record over
+    /// `max_message_mib` is refused and resent forever), and nothing behind it may wait. The
+    /// row stays as it is in this region only, until it is written smaller or the limit is
+    /// raised on every node and the row written again.
+    async fn refuse_oversized<T: Txn<Table = B::Table>>(
+        &self,
+        txn: &mut T,
+        changes: &mut Vec<(Vec<u8>, Captured<B::Table>)>,
+    ) -> Result<(), StoreError> {
+        let limit = self.messages.event_bytes;
+        if changes.iter().all(|(_, c)| wire_size(c) <= limit) {
+            return Ok(());
+        }
+        let mut report = crate::store::ApplyReport {
+            dead_letter_limit: u64::MAX,
+            ..Default::default()
+        };
+        let mut kept = Vec::with_capacity(changes.len());
+        for (key, change) in changes.drain(..) {
+            let size = wire_size(&change);
+            if size <= limit {
+                kept.push((key, change));
+                continue;
+            }
+            let reason = format!(
+                "this change of {} row {} is about {} MiB on the wire, more than any message may carry \
+                 (max_message_mib allows {} MiB of events): it is not replicated, and stays in this region only. \
+                 Write the row smaller, or raise max_message_mib on every node and write it again",
+                change.table.name(),
+                change.key,
+                size >> 20,
+                limit >> 20
+            );
+            tracing::error!(table = %change.table.name(), key = %change.key, bytes = size, "{reason}");
+            let event = Event {
+                origin: self.identity.node.clone(),
+                origin_region: self.identity.region.clone(),
+                seq: 0,
+                batch_end: 0,
+                hlc: self.clock.now(),
+                table: change.table.name().to_owned(),
+                key: change.key.clone(),
+                op: Op::Delete,
+                version: VersionVector::new(),
+                path: Vec::new(),
+                committed_at_micros: change.committed_at,
+                crdt: Vec::new(),
+                ownership: None,
+            };
+            crate::store::audit::dead_letter(
+                txn,
+                &event,
+                &reason,
+                crate::store::backend::Cause::TooLarge,
+                &mut report,
+            )
+            .await?;
+        }
+        *changes = kept;
+        Ok(())
     }
 }
 

@@ -514,9 +514,9 @@ macro_rules! metadata_io {
                 .bind(event.key.to_string())
                 .bind(letter.reason)
                 .bind($crate::wire::encode_event(event))
-                .bind(match letter.cause {
-                    $crate::store::backend::Cause::Fenced => $crate::store::backend::NEVER_MICROS,
-                    _ => $crate::store::backend::retry_backoff_micros(0),
+                .bind(match letter.cause.retried() {
+                    false => $crate::store::backend::NEVER_MICROS,
+                    true => $crate::store::backend::retry_backoff_micros(0),
                 })
                 .bind(letter.cause.as_str())
                 .execute(&mut *conn)
@@ -558,7 +558,7 @@ macro_rules! metadata_io {
         }
 
         pub(super) async fn dead_letters_due_now(conn: &mut $conn) -> Result<(), $crate::store::StoreError> {
-            sqlx::query(meta("UPDATE {w}dead_letters SET retry_at = 0 WHERE retry_at > 0 AND cause <> 'fenced'"))
+            sqlx::query(meta("UPDATE {w}dead_letters SET retry_at = 0 WHERE retry_at > 0 AND cause NOT IN ('fenced', 'too large')"))
                 .execute(&mut *conn)
                 .await?;
             Ok(())
@@ -595,7 +595,7 @@ macro_rules! metadata_io {
             let verb = if discard {
                 "DELETE FROM {w}dead_letters WHERE TRUE"
             } else {
-                "UPDATE {w}dead_letters SET retry_at = 0 WHERE cause <> 'fenced'"
+                "UPDATE {w}dead_letters SET retry_at = 0 WHERE cause NOT IN ('fenced', 'too large')"
             };
             let Some(ids) = ids else {
                 return Ok(sqlx::query(meta(verb)).execute(&mut *conn).await?.rows_affected());

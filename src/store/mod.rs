@@ -288,6 +288,15 @@ impl Store {
         }
     }
 
+    /// Sizes capture batches for messages of at most `payload` bytes of events, and refuses
+    /// a row change larger than that at its source (`replica::MessageBounds`).
+    pub fn bounding_messages(self, payload: usize) -> Self {
+        match self {
+            Store::Sqlite(s) => Store::Sqlite(s.bounding_messages(payload)),
+            Store::Postgres(s) => Store::Postgres(s.bounding_messages(payload)),
+        }
+    }
+
     pub fn identity(&self) -> &crate::event::Identity {
         both!(self, s => s.identity())
     }
@@ -366,6 +375,18 @@ impl Store {
         both!(self, s => s.read_log(origin, after, max).await)
     }
 
+    /// `read_log`, ending at the first capture-batch boundary past `bytes.0` and leaving
+    /// out a batch that would take it past `bytes.1` (`Replica::read_log_within`).
+    pub async fn read_log_within(
+        &self,
+        origin: &str,
+        after: u64,
+        max: usize,
+        bytes: (usize, usize),
+    ) -> Result<Vec<LogEntry>, StoreError> {
+        both!(self, s => s.read_log_within(origin, after, max, bytes).await)
+    }
+
     /// Records acknowledgements, then trims log entries every peer that needs them has
     /// (`needs`: per origin, those peers). Returns how many entries went.
     pub async fn record_acks_and_collect(
@@ -432,14 +453,16 @@ impl Store {
         both!(self, s => s.snapshot_start().await)
     }
 
-    /// Up to `limit` rows of `table` after the key bytes `after`.
+    /// Up to `limit` rows of `table` after the key bytes `after`, ending early once they
+    /// hold `max_bytes` on the wire; and whether rows of the table may follow.
     pub async fn snapshot_page(
         &self,
         table: &str,
         after: &[u8],
         limit: usize,
-    ) -> Result<Vec<snapshot::SnapshotRow>, StoreError> {
-        both!(self, s => s.snapshot_page(table, after, limit).await)
+        max_bytes: usize,
+    ) -> Result<(Vec<snapshot::SnapshotRow>, bool), StoreError> {
+        both!(self, s => s.snapshot_page(table, after, limit, max_bytes).await)
     }
 
     /// The purge floor (`gc`): above every tombstone this node purged.
@@ -497,7 +520,7 @@ fn futures_are_send(s: &'static Store) {
     send(s.apply(Vec::new()));
     send(s.read_log("a", 0, 1));
     send(s.status(&[]));
-    send(s.snapshot_page("t", &[], 1));
+    send(s.snapshot_page("t", &[], 1, 1));
     send(s.install_page(Vec::new(), None, &BTreeMap::new()));
     send(s.record_acks_and_collect(&[], &BTreeMap::new()));
 }

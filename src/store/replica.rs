@@ -43,6 +43,30 @@ pub struct Replica<B: Backend> {
     actor: std::sync::RwLock<String>,
     /// Dead letters of one cause kept at most (`max_dead_letters_per_cause`).
     pub(crate) dead_letter_limit: u64,
+    /// How large a message may be (`max_message_mib`): what bounds capture batches and the
+    /// largest row change this node will send (`capture`).
+    pub(crate) messages: MessageBounds,
+}
+
+/// What a link's message size means for capture: a capture batch (a piece of a source
+/// transaction) holds at most `piece_bytes` of events unless it is one event; an event
+/// larger than `event_bytes` fits no message and is refused at its source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageBounds {
+    pub piece_bytes: usize,
+    pub event_bytes: usize,
+}
+
+impl MessageBounds {
+    /// The bounds for messages of at most `payload` bytes of events (`max_payload_bytes`):
+    /// a piece of a quarter, so a frame that gathers half a message and then completes one
+    /// batch stays within it.
+    pub fn of(payload: usize) -> Self {
+        Self {
+            piece_bytes: (payload / 4).max(1),
+            event_bytes: payload,
+        }
+    }
 }
 
 /// Dead letters of one cause a store keeps unless told otherwise.
@@ -183,6 +207,7 @@ impl<B: Backend> Replica<B> {
             identity,
             relayed: BTreeSet::new(),
             dead_letter_limit: DEFAULT_DEAD_LETTER_LIMIT,
+            messages: MessageBounds::of(crate::config::ReplicationConfig::default().max_payload_bytes()),
             tables: std::sync::RwLock::new(Arc::new(
                 tables
                     .into_iter()
@@ -209,6 +234,13 @@ impl<B: Backend> Replica<B> {
     /// Keeps at most `limit` dead letters per cause (`StoreError::DeadLettersFull`).
     pub fn bounding_dead_letters(mut self, limit: u64) -> Self {
         self.dead_letter_limit = limit;
+        self
+    }
+
+    /// Sizes capture batches for messages of at most `payload` bytes of events, and refuses
+    /// a row change larger than that at its source (`MessageBounds`).
+    pub fn bounding_messages(mut self, payload: usize) -> Self {
+        self.messages = MessageBounds::of(payload);
         self
     }
 
@@ -283,22 +315,51 @@ impl<B: Backend> Replica<B> {
     /// Log entries of `origin` after `after`, about `max` of them, but always ending on a
     /// capture-batch boundary so a capture batch is never split on the wire.
     pub async fn read_log(&self, origin: &str, after: u64, max: usize) -> Result<Vec<LogEntry>, StoreError> {
+        self.read_log_within(origin, after, max, (usize::MAX, usize::MAX)).await
+    }
+
+    /// `read_log` within byte bounds: it stops at the first capture-batch boundary past
+    /// `bytes.0` of events, and leaves out a batch that would take it past `bytes.1` (but
+    /// for the first, which it always holds whole). Reads in small statements, so a log of
+    /// large rows is never held in memory beyond that.
+    pub async fn read_log_within(
+        &self,
+        origin: &str,
+        after: u64,
+        max: usize,
+        (soft, hard): (usize, usize),
+    ) -> Result<Vec<LogEntry>, StoreError> {
+        const STEP: i64 = 256;
         let mut out: Vec<LogEntry> = Vec::new();
+        let mut batch: Vec<LogEntry> = Vec::new();
+        let (mut bytes, mut batch_bytes) = (0usize, 0usize);
         let mut cursor = after;
-        let mut limit = max as i64;
         loop {
-            let rows = self.backend.read_log(origin, cursor, limit).await?;
-            let fetched = rows.len();
-            out.extend(rows);
-            let Some(last) = out.last() else { break };
-            if last.seq >= last.batch_end || fetched == 0 {
-                break;
+            let rows = self.backend.read_log(origin, cursor, STEP).await?;
+            let fetched = rows.len() as i64;
+            for entry in rows {
+                cursor = entry.seq;
+                let closes = entry.seq >= entry.batch_end;
+                batch_bytes += entry.bytes.len();
+                batch.push(entry);
+                if !closes {
+                    continue;
+                }
+                if !out.is_empty() && bytes + batch_bytes > hard {
+                    return Ok(out);
+                }
+                bytes += std::mem::take(&mut batch_bytes);
+                out.append(&mut batch);
+                if out.len() >= max || bytes >= soft {
+                    return Ok(out);
+                }
             }
-            // Finish the batch the limit cut into.
-            cursor = last.seq;
-            limit = (last.batch_end - last.seq) as i64;
+            if fetched < STEP {
+                // The log ends inside a batch only if it was trimmed mid-batch: what is there.
+                out.append(&mut batch);
+                return Ok(out);
+            }
         }
-        Ok(out)
     }
 
     /// Records acknowledgements and drops log entries every peer that needs them has.

@@ -229,8 +229,16 @@ impl<B: Backend> Replica<B> {
         Ok(SnapshotStart { frontiers, table_rows })
     }
 
-    /// Up to `limit` rows of `table` after the key bytes `after`, in one read transaction.
-    pub async fn snapshot_page(&self, table: &str, after: &[u8], limit: usize) -> Result<Vec<SnapshotRow>, StoreError> {
+    /// Up to `limit` rows of `table` after the key bytes `after`, in one read transaction,
+    /// ending early once they hold `max_bytes` on the wire (at least one row); and whether
+    /// rows of the table may follow them.
+    pub async fn snapshot_page(
+        &self,
+        table: &str,
+        after: &[u8],
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<SnapshotRow>, bool), StoreError> {
         let tables = self.tables();
         let rules = tables
             .get(table)
@@ -239,8 +247,14 @@ impl<B: Backend> Replica<B> {
         let mut read = self.backend.begin_read().await?;
         let mut txn = self.backend.txn(&tables, &mut read);
         let versions = txn.row_page(table, after, limit as i64).await?;
+        let mut more = versions.len() == limit;
         let mut rows = Vec::with_capacity(versions.len());
+        let mut bytes = 0usize;
         for (key_bytes, version) in versions {
+            if bytes >= max_bytes {
+                more = true;
+                break;
+            }
             let key = Key::from_bytes(&key_bytes)
                 .map_err(|e| StoreError::Corrupt(format!("a key of {table} in the row metadata: {e}")))?;
             let op = match version.deleted {
@@ -263,7 +277,7 @@ impl<B: Backend> Replica<B> {
                 Strategy::Queue => txn.siblings(table, &key_bytes).await?,
                 _ => Vec::new(),
             };
-            rows.push(SnapshotRow {
+            let row = SnapshotRow {
                 row: Event {
                     origin: version.origin,
                     // An owned row is claimed by its owner; the claim is the owner's to make.
@@ -281,11 +295,18 @@ impl<B: Backend> Replica<B> {
                     ownership,
                 },
                 siblings,
-            });
+            };
+            bytes += crate::wire::encode_event(&row.row).len()
+                + row
+                    .siblings
+                    .iter()
+                    .map(|s| crate::wire::encode_event(s).len())
+                    .sum::<usize>();
+            rows.push(row);
         }
         drop(txn);
         read.commit().await?;
-        Ok(rows)
+        Ok((rows, more))
     }
 
     /// Raises this node's last own seq to `seq` (never lowers it), with the clock, in one

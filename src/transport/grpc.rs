@@ -64,6 +64,14 @@ pub fn max_ahead_ms(max_clock_skew: Duration) -> i64 {
     (max_clock_skew.as_millis() as i64 * 10).max(60_000)
 }
 
+/// Whether gRPC refused a message for its size (either end's limit), by what it said.
+fn refused_for_size(message: &str) -> bool {
+    let lower = message.to_ascii_lowercase();
+    ["message length too large", "message too large"]
+        .iter()
+        .any(|needle| lower.contains(needle))
+}
+
 /// Whether a status refuses the requester for who it is (its certificate, mesh, node or
 /// protocol), rather than for what this node cannot do now.
 fn refused_for_who(status: &Status) -> bool {
@@ -180,7 +188,18 @@ impl Inbound {
                 "no frame from {} for {silence:?}",
                 self.peer
             ))),
-            Ok(Err(status)) => Err(status),
+            Ok(Err(status)) => {
+                if refused_for_size(status.message()) {
+                    tracing::error!(
+                        peer = %self.peer,
+                        limit_mib = self.ctx.config.replication.max_message_mib,
+                        "refused a frame from {} for its size ({}): it is larger than max_message_mib allows here; set max_message_mib alike on every node",
+                        self.peer,
+                        status.message()
+                    );
+                }
+                Err(status)
+            }
             Ok(Ok(None)) => return None,
             Ok(Ok(Some(proto::SendFrame {
                 body: Some(Outgoing::Heartbeat(_)),
@@ -414,6 +433,14 @@ pub async fn feed_peer(ctx: Context, peer: NodeSpec) {
         let redial = backoff.on_failure(started.elapsed());
         if let TransportError::BehindLog(behind) = &error {
             ctx.behind_log(behind).await;
+        } else if refused_for_size(&error.to_string()) {
+            tracing::error!(
+                peer = %peer.id,
+                %error,
+                failures = redial.failures,
+                "a frame to {} was refused for its size: the peer's max_message_mib is smaller than what this node sends; set max_message_mib alike on every node",
+                peer.id
+            );
         } else if redial.worth_reporting() {
             tracing::warn!(peer = %peer.id, %error, failures = redial.failures, "peer stream down; redialling");
         }
@@ -566,14 +593,27 @@ impl Outbound<'_> {
     }
 
     /// Sends the batches the feeder names until its window is full or the log is exhausted.
+    /// A frame gathers the origins' reads until it holds `frame_budget` bytes of events (a
+    /// read ends on a capture-batch boundary, so it may pass the budget by part of a batch,
+    /// never `max_payload_bytes`: a batch that would take it past waits for the next frame).
     async fn fill_window(&mut self) -> Result<(), TransportError> {
+        let tuning = &self.ctx.config.replication;
+        let (budget, hard) = (tuning.frame_budget(), tuning.max_payload_bytes());
         while let Some(reads) = self.feeder.next_batch_bounds() {
             let mut events = Vec::new();
             let mut last = Vec::new();
+            let mut bytes = 0usize;
             for read in reads {
+                if bytes >= budget {
+                    break;
+                }
                 // This node's last seq before its log: a drain between the two only adds.
                 let produced = (read.origin == self.ctx.config.node).then(|| *self.ctx.log_grew.borrow());
-                let entries = self.ctx.store.read_log(&read.origin, read.after, read.max).await?;
+                let entries = self
+                    .ctx
+                    .store
+                    .read_log_within(&read.origin, read.after, read.max, (budget - bytes, hard - bytes))
+                    .await?;
                 let first = entries.first().map(|e| e.seq);
                 if let Some(behind) = BehindLog::check(self.peer, &read.origin, read.after, first, produced) {
                     // Tell the peer, so it re-seeds by snapshot; the stream ends either way.
@@ -586,6 +626,14 @@ impl Outbound<'_> {
                         .await;
                     return Err(TransportError::BehindLog(behind));
                 }
+                let size: usize = entries.iter().map(|e| e.bytes.len()).sum();
+                if events.is_empty() && size > hard {
+                    return Err(self.too_large(&read.origin, &entries, size, hard));
+                }
+                if bytes + size > hard {
+                    break;
+                }
+                bytes += size;
                 if let Some(entry) = entries.last() {
                     last.push((read.origin, entry.seq));
                 }
@@ -603,6 +651,23 @@ impl Outbound<'_> {
             self.ctx.observer.sent(self.peer, own);
         }
         Ok(())
+    }
+
+    /// A capture batch too large for any message (written before capture batches were
+    /// bounded by bytes, or under a larger `max_message_mib` than this node's): it cannot be
+    /// sent, and the peer cannot get past it. Said as an error, each time the stream fails.
+    fn too_large(&self, origin: &str, entries: &[crate::store::LogEntry], size: usize, limit: usize) -> TransportError {
+        let (first, last) = (entries[0].seq, entries[entries.len() - 1].seq);
+        let mib = |bytes: usize| format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20));
+        let message = format!(
+            "{origin}'s capture batch {first}..={last} is {}, more than a message may carry ({} of events under \
+             max_message_mib): it cannot be sent to {}; raise max_message_mib on this node and the peer",
+            mib(size),
+            mib(limit),
+            self.peer
+        );
+        tracing::error!(peer = %self.peer, %origin, first, last, bytes = size, "{message}");
+        self.protocol(&message)
     }
 
     fn on_reply(&mut self, message: Option<proto::ReceiveFrame>) -> Result<(), TransportError> {

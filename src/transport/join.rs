@@ -136,7 +136,8 @@ async fn chunk_of(
     after: &mut Vec<u8>,
     rows: usize,
 ) -> Result<proto::SnapshotChunk, crate::store::StoreError> {
-    let page = ctx.store.snapshot_page(table, after, rows).await?;
+    let budget = ctx.config.replication.frame_budget();
+    let (page, more) = ctx.store.snapshot_page(table, after, rows, budget).await?;
     let floor = ctx.store.purge_floor().await?;
     if let Some(last) = page.last() {
         *after = last.row.key.to_bytes();
@@ -145,7 +146,7 @@ async fn chunk_of(
         table: table.to_owned(),
         rows: page.iter().map(row_to_proto).collect(),
         purge_floor: wire::vector_to_proto(&floor),
-        table_done: page.len() < rows,
+        table_done: !more,
         ..Default::default()
     })
 }

@@ -146,6 +146,9 @@ pub struct Feeder {
     sent: BTreeMap<NodeId, u64>,
     theirs: BTreeMap<NodeId, u64>,
     link: Option<Link>,
+    /// Batches sent: the next batch's reads start at origin `turn % origins`, so when a
+    /// frame's byte budget runs out before its last read, every origin still gets its turn.
+    turn: usize,
 }
 
 impl Feeder {
@@ -156,6 +159,7 @@ impl Feeder {
             sent: BTreeMap::new(),
             theirs: BTreeMap::new(),
             link: None,
+            turn: 0,
         }
     }
 
@@ -197,7 +201,9 @@ impl Feeder {
         if link.in_flight >= self.settings.window || self.origins.is_empty() {
             return None;
         }
-        let reads = self.origins.iter().map(|origin| LogRead {
+        let first = self.turn % self.origins.len();
+        let in_turn = self.origins[first..].iter().chain(&self.origins[..first]);
+        let reads = in_turn.map(|origin| LogRead {
             origin: origin.clone(),
             after: self
                 .sent
@@ -215,6 +221,7 @@ impl Feeder {
         for (origin, seq) in last {
             self.sent.insert(origin, seq);
         }
+        self.turn = self.turn.wrapping_add(1);
         if let Some(link) = &mut self.link {
             link.in_flight += 1;
         }

@@ -21,7 +21,15 @@ use crate::store::metadata::stored_version;
 use crate::wire;
 
 /// Which outbox rows a drain took: their ids.
-pub(super) type Taken = Vec<i64>;
+#[derive(Default)]
+pub(super) struct Taken(Vec<i64>);
+
+impl Taken {
+    /// Only the rows up to `last_id` (every id listed is of a committed row).
+    pub(super) fn through(&mut self, last_id: i64, _changes: u64) {
+        self.0.retain(|id| *id <= last_id);
+    }
+}
 
 /// The first `limit` outbox rows visible now (of replicated tables, with their images), and
 /// the ids taken; `None` if the outbox is empty.
@@ -80,7 +88,7 @@ pub(super) async fn take_outbox(
             "dropping outbox rows of tables no longer replicated"
         );
     }
-    Ok(Some((out, ids)))
+    Ok(Some((out, Taken(ids))))
 }
 
 /// The stored versions of `keys` of one table; absent keys are missing from the map.
@@ -113,7 +121,7 @@ pub(super) async fn write_meta(
     meta: Meta<'_>,
     taken: Option<Taken>,
 ) -> Result<(), StoreError> {
-    let drained = taken.unwrap_or_default();
+    let drained = taken.unwrap_or_default().0;
     let mut last: HashMap<(&str, &[u8]), usize> = HashMap::new();
     for (i, (table, key, _)) in meta.versions.iter().enumerate() {
         last.insert((*table, *key), i);

@@ -29,6 +29,14 @@ pub(super) struct Taken {
     matched: u64,
 }
 
+impl Taken {
+    /// Only the rows up to `last_id`, `changes` of them of replicated tables.
+    pub(super) fn through(&mut self, last_id: i64, changes: u64) {
+        self.max_id = self.max_id.min(last_id);
+        self.matched = changes;
+    }
+}
+
 /// Runs `head (?, ?, ...), (?, ...) tail` over `rows` in as few statements as fit.
 pub(super) async fn insert(
     conn: &mut SqliteConnection,
