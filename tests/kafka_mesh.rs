@@ -570,3 +570,133 @@ async fn a_restored_region_on_a_mixed_mesh_checks_its_topic_before_numbering() {
     sidecars.assert_exactly_once(35).await;
     sidecars.terminate_all();
 }
+
+/// Two regions, east and west, linked over Kafka.
+fn kafka_pair(mesh: &str) -> Topology {
+    let mut topology = LoopbackMesh::all_to_all(&["east", "west"]);
+    topology.mesh = mesh.to_owned();
+    topology.transport = Transport::Kafka;
+    topology.kafka = Some(KafkaClusters {
+        bootstrap: Some(broker().bootstrap.clone()),
+        ..Default::default()
+    });
+    topology
+}
+
+/// Waits until `query` (one integer) reads `want` in region `i` (60 s at most); the panic
+/// says what did not happen and what the publishing region (0) logged about Kafka.
+async fn wait_value(sidecars: &Sidecars, i: usize, query: &'static str, want: i64, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let have: Option<i64> = sqlx::query_scalar(query)
+            .fetch_optional(&sidecars.mesh.regions[i].app)
+            .await
+            .unwrap();
+        if have == Some(want) {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            let said: Vec<String> = (sidecars.log(0).lines())
+                .filter(|l| l.contains("Kafka") || l.contains("topic"))
+                .map(str::to_owned)
+                .collect();
+            panic!(
+                "{what}: {query} reads {have:?}, not {want}; east logged:\n{}",
+                said.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A row of 1.5 MB, over librdkafka's and the broker's default record limit (about 1 MB),
+/// crosses a Kafka link, and so does the small row written after it: the producer and the
+/// topic take one record as large as `max_message_mib` (64 MiB here) allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_over_a_megabyte_crosses_a_kafka_link_and_the_rows_after_it_follow() {
+    let _shared = FAULTS.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sidecars = sidecars(dir.path(), kafka_pair("large-row")).await;
+    sidecars.spawn_all().await;
+    sqlx::query("INSERT INTO shared (id, v) VALUES (1, randomblob(1500000))")
+        .execute(&sidecars.mesh.regions[0].app)
+        .await
+        .unwrap();
+    sidecars.write(0, 0, 1, 1).await;
+    let large = "SELECT length(v) FROM shared WHERE id = 1";
+    wait_value(&sidecars, 1, large, 1_500_000, "the 1.5 MB row never reached west").await;
+    wait_value(
+        &sidecars,
+        1,
+        "SELECT count(*) FROM items",
+        1,
+        "the row after it never reached west",
+    )
+    .await;
+    sidecars.assert_exactly_once(1).await;
+    sidecars.terminate_all();
+}
+
+/// The documents of a changes topic, read from its beginning (`count` of them, or what came
+/// in 30 s), with their `weft-format` header.
+fn changes_documents(topic: &str, count: usize) -> Vec<(String, serde_json::Value)> {
+    use rdkafka::Message as _;
+    use rdkafka::message::Headers as _;
+    (read_topic(topic, count).iter())
+        .map(|m| {
+            let format = (m.headers().unwrap().iter())
+                .find(|h| h.key == "weft-format")
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default();
+            (format, serde_json::from_slice(m.payload().unwrap()).unwrap())
+        })
+        .collect()
+}
+
+/// With `[kafka] changes`, a change whose JSON document is larger than the largest record
+/// (a 700 KB blob is 1.4 MB of hex, and `max_message_mib = 1` here) is replaced in the
+/// changes topic by a `too_large` marker naming it, said at ERROR, and the changes after it
+/// follow. The link carries the row itself (its protobuf record is within the limit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_too_large_for_the_changes_topic_is_marked_and_the_changes_after_it_follow() {
+    let _shared = FAULTS.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut topology = kafka_pair("large-change");
+    topology.kafka.as_mut().unwrap().changes = true;
+    let replication = ReplicationConfig {
+        max_message_mib: 1,
+        ..ReplicationConfig::default()
+    };
+    let sidecars = Sidecars::with(dir.path(), topology, replication).await;
+    sidecars.spawn_all().await;
+    sqlx::query("INSERT INTO shared (id, v) VALUES (1, randomblob(700000))")
+        .execute(&sidecars.mesh.regions[0].app)
+        .await
+        .unwrap();
+    sidecars.write(0, 0, 1, 1).await;
+    sidecars.assert_exactly_once(1).await;
+    let documents = changes_documents("weft.large-change.east-1.changes", 2);
+    assert_eq!(documents.len(), 2, "a marker and the next change: {documents:?}");
+    let (format, marker) = &documents[0];
+    assert_eq!(format, "weft.v1.Marker+json", "{marker}");
+    assert_eq!(marker["marker"], "too_large");
+    assert_eq!(
+        (marker["source"]["seq"].as_u64(), marker["source"]["table"].as_str()),
+        (Some(1), Some("shared"))
+    );
+    assert_eq!(marker["source"]["key"][0], 1);
+    assert!(marker["bytes"].as_u64() > marker["limit"].as_u64(), "{marker}");
+    let (format, next) = &documents[1];
+    assert_eq!(format, "weft.v1.Envelope+json");
+    assert_eq!(
+        (next["source"]["seq"].as_u64(), next["after"]["v"].as_i64()),
+        (Some(2), Some(0))
+    );
+    let said = sidecars.log(0);
+    assert!(
+        said.lines().any(|l| l.contains("ERROR") && l.contains("too large")),
+        "east never said at ERROR that the change was too large:\n{said}"
+    );
+    sidecars.terminate_all();
+}

@@ -59,7 +59,9 @@ pub async fn consume_peer(ctx: Context, peer: NodeId) {
         };
         let reseeding = match &error {
             LinkError::Expired { .. } => Some((peer.clone(), frontier(&ctx, &peer).await + 1)),
-            LinkError::Gap { origin, have, .. } => Some((origin.clone(), have + 1)),
+            LinkError::Gap { origin, have, .. } | LinkError::Hole { origin, have, .. } => {
+                Some((origin.clone(), have + 1))
+            }
             _ => None,
         };
         if let Some((origin, needs)) = reseeding {
@@ -115,10 +117,20 @@ async fn reseed(ctx: &Context, peer: &str, origin: NodeId, needs: u64, reason: S
     }
 }
 
-/// A record's events kept for this node, with the offset it was read at.
+/// A record's events kept for this node, with the offset it was read at; or a gap record
+/// of an origin kept for this node.
 struct Held {
     offset: i64,
     events: Vec<Event>,
+    gap: Option<Gap>,
+}
+
+/// Events `from..=to` of `origin` are not in the topic (a gap record).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Gap {
+    origin: NodeId,
+    from: u64,
+    to: u64,
 }
 
 struct Reader<'a> {
@@ -232,19 +244,28 @@ impl<'a> Reader<'a> {
         self.ctx.heard.mark(self.peer, Instant::now());
         let offset = message.offset();
         let headers = super::record_headers(message.headers());
-        let events =
-            record::decode(&headers, message.payload().unwrap_or_default()).map_err(|error| LinkError::Record {
+        let contents =
+            record::read(&headers, message.payload().unwrap_or_default()).map_err(|error| LinkError::Record {
                 topic: self.topic.clone(),
                 offset,
                 error,
             })?;
         let config = &self.ctx.config;
-        let events = (events.into_iter())
-            .filter(|e| {
-                e.origin == self.peer || crate::topology::forwards(&config.topology, self.peer, &config.node, &e.origin)
-            })
-            .collect();
-        Ok(Held { offset, events })
+        let kept = |origin: &str| {
+            origin == self.peer || crate::topology::forwards(&config.topology, self.peer, &config.node, origin)
+        };
+        Ok(match contents {
+            record::Contents::Events(events) => Held {
+                offset,
+                events: events.into_iter().filter(|e| kept(&e.origin)).collect(),
+                gap: None,
+            },
+            record::Contents::Gap { origin, from, to } => Held {
+                offset,
+                events: Vec::new(),
+                gap: kept(&origin).then_some(Gap { origin, from, to }),
+            },
+        })
     }
 
     fn consume_error(&self, error: KafkaError) -> LinkError {
@@ -269,28 +290,48 @@ impl<'a> Reader<'a> {
 
     /// How many held records form a run in which every capture batch is complete.
     fn complete_prefix(&self) -> usize {
-        let mut open = std::collections::BTreeSet::new();
-        let mut cut = 0;
-        for (i, held) in self.held.iter().enumerate() {
-            if let Some(last) = held.events.last() {
-                if last.seq == last.batch_end {
-                    open.remove(&last.origin);
-                } else {
-                    open.insert(last.origin.clone());
-                }
-            }
-            if open.is_empty() {
-                cut = i + 1;
-            }
-        }
-        cut
+        complete_prefix(&self.held)
     }
 
-    /// Checks and applies a run of records, moving the stored position past them.
-    async fn apply(&mut self, run: Vec<Held>) -> Result<(), LinkError> {
-        let next = run.last().expect("a run holds a record").offset + 1;
+    /// Checks and applies a run of records, moving the stored position past them. A gap
+    /// record of events this node lacks ends the run: what is before it is applied, the
+    /// position stays at it, and the reader stops for a re-seed (`LinkError::Hole`).
+    async fn apply(&mut self, mut run: Vec<Held>) -> Result<(), LinkError> {
+        let mut hole = None;
+        if run.iter().any(|h| h.gap.is_some()) {
+            let frontiers = self.ctx.store.frontiers().await?;
+            let have = |gap: &Gap| frontiers.get(&gap.origin).copied().unwrap_or(0);
+            let lacking = run.iter().position(|h| h.gap.as_ref().is_some_and(|g| have(g) < g.to));
+            if let Some(at) = lacking {
+                let gap = run[at].gap.clone().expect("the record found holds a gap");
+                hole = Some((run[at].offset, have(&gap), gap));
+                run.truncate(at + 1);
+            }
+        }
         let first = run[0].offset;
-        let events: Vec<Event> = run.into_iter().flat_map(|h| h.events).collect();
+        let next = match &hole {
+            Some((offset, ..)) => *offset,
+            None => run.last().expect("a run holds a record").offset + 1,
+        };
+        let events = usable_events(run);
+        if !events.is_empty() || hole.is_none() {
+            self.apply_events(events, first, next).await?;
+        }
+        match hole {
+            Some((_, have, Gap { origin, from, to })) => Err(LinkError::Hole {
+                topic: self.topic.clone(),
+                origin,
+                from,
+                to,
+                have,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks and applies `events`, read from offset `first` on, storing `next` as where
+    /// reading resumes.
+    async fn apply_events(&mut self, events: Vec<Event>, first: i64, next: i64) -> Result<(), LinkError> {
         let config = &self.ctx.config;
         let admission = crate::transport::admission::Admission {
             topology: &config.topology,
@@ -365,5 +406,114 @@ impl<'a> Reader<'a> {
                 tracing::debug!(peer = %self.peer, %error, "committing the position to Kafka failed; the next commit says it")
             }
         }
+    }
+}
+
+/// How many of `held` records form a run in which every capture batch is complete. A gap
+/// record of an origin completes its open batch: the rest of it is not in the topic.
+fn complete_prefix(held: &[Held]) -> usize {
+    let mut open = std::collections::BTreeSet::new();
+    let mut cut = 0;
+    for (i, held) in held.iter().enumerate() {
+        if let Some(gap) = &held.gap {
+            open.remove(&gap.origin);
+        }
+        if let Some(last) = held.events.last() {
+            if last.seq == last.batch_end {
+                open.remove(&last.origin);
+            } else {
+                open.insert(last.origin.clone());
+            }
+        }
+        if open.is_empty() {
+            cut = i + 1;
+        }
+    }
+    cut
+}
+
+/// The events of `run`, without the part of any capture batch a gap record in it leaves
+/// incomplete: half a transaction is never applied (a receiver that lacks the rest
+/// re-seeds; one that has it has these too).
+fn usable_events(run: Vec<Held>) -> Vec<Event> {
+    let mut events: Vec<Event> = Vec::new();
+    for held in run {
+        if let Some(gap) = &held.gap {
+            let complete = (events.iter())
+                .rposition(|e| e.origin == gap.origin && e.seq == e.batch_end)
+                .map_or(0, |i| i + 1);
+            let mut index = 0;
+            events.retain(|e| {
+                index += 1;
+                index <= complete || e.origin != gap.origin
+            });
+        }
+        events.extend(held.events);
+    }
+    events
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Hlc, Key, Op, Row, Value};
+
+    /// Event `seq` of `origin`, in a capture batch ending at `batch_end`.
+    fn event(origin: &str, seq: u64, batch_end: u64) -> Event {
+        Event {
+            origin: origin.into(),
+            origin_region: "r".into(),
+            seq,
+            batch_end,
+            hlc: Hlc(seq << 22),
+            table: "t".into(),
+            key: Key(vec![Value::Integer(seq as i64)]),
+            op: Op::Upsert(Row(vec![("id".into(), Value::Integer(seq as i64))])),
+            version: [(origin.to_string(), seq)].into_iter().collect(),
+            path: vec![origin.into()],
+            committed_at_micros: 0,
+            crdt: Vec::new(),
+            ownership: None,
+        }
+    }
+
+    fn record(offset: i64, events: Vec<Event>) -> Held {
+        Held {
+            offset,
+            events,
+            gap: None,
+        }
+    }
+
+    fn gap(offset: i64, origin: &str, from: u64, to: u64) -> Held {
+        Held {
+            offset,
+            events: Vec::new(),
+            gap: Some(Gap {
+                origin: origin.into(),
+                from,
+                to,
+            }),
+        }
+    }
+
+    #[test]
+    fn a_gap_record_completes_the_batch_it_cuts_and_that_batch_is_never_applied() {
+        // a's batch 3..=5 is cut after 4 (its publisher lost the rest); b's batch is whole.
+        let held = vec![
+            record(0, vec![event("a", 1, 2), event("a", 2, 2)]),
+            record(1, vec![event("a", 3, 5), event("a", 4, 5)]),
+            record(2, vec![event("b", 1, 1)]),
+        ];
+        assert_eq!(complete_prefix(&held), 1, "a's second batch is open");
+        let mut held = held;
+        held.push(gap(3, "a", 5, 9));
+        assert_eq!(complete_prefix(&held), 4, "the gap record closes it");
+        let seqs: Vec<(String, u64)> = (usable_events(held).into_iter()).map(|e| (e.origin, e.seq)).collect();
+        assert_eq!(
+            seqs,
+            [("a".into(), 1), ("a".into(), 2), ("b".into(), 1)],
+            "half a transaction is never applied"
+        );
     }
 }
