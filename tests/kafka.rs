@@ -523,3 +523,38 @@ async fn a_topic_is_made_or_raised_to_take_records_of_max_message_mib() {
         "never lowered"
     );
 }
+
+/// Retention trims the log to its limits, but never past what a Kafka topic has taken (its
+/// readers could not get the rest back): that part stays, and is reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_never_trims_past_what_a_topic_has_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = common::replica(dir.path(), "a").await;
+    for id in 1..=10 {
+        a.exec(&format!("INSERT INTO items (id, name) VALUES ({id}, 'item')"))
+            .await;
+        a.drain().await;
+    }
+    let kept: std::collections::BTreeSet<String> = ["a".to_owned()].into();
+    let held = [("a".to_owned(), 4)].into();
+    let report = a.store.enforce_retention(0, Duration::MAX, &kept, &held).await.unwrap();
+    assert_eq!(
+        report.trimmed, 4,
+        "a limit of 0 bytes drops all but what the topic lacks"
+    );
+    assert_eq!(report.kept_back, [("a".to_owned(), (5, 10))].into());
+    let left: Vec<u64> = a
+        .store
+        .read_log("a", 0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(left, (5..=10).collect::<Vec<u64>>());
+    let all = a
+        .store
+        .enforce_retention(0, Duration::MAX, &kept, &[("a".to_owned(), 10)].into())
+        .await;
+    assert_eq!(all.unwrap().trimmed, 6, "once the topic has them, they go");
+}

@@ -700,3 +700,60 @@ async fn a_change_too_large_for_the_changes_topic_is_marked_and_the_changes_afte
     );
     sidecars.terminate_all();
 }
+/// Retention never trims what a topic has not taken. `log_retain_mib = 1`; the broker is down
+/// while east writes 20,000 rows (several MiB of log). East says at ERROR that its log is past
+/// its limit and why, and keeps the events; once the broker is back its changes topic holds
+/// every change, `source.seq` running without a jump, and west reads the link topic without
+/// having to re-seed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_what_the_topics_have_not_taken() {
+    let _alone = FAULTS.write().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut topology = kafka_pair("retain-unpublished");
+    topology.kafka.as_mut().unwrap().changes = true;
+    let replication = ReplicationConfig {
+        log_retain_mib: 1,
+        ..ReplicationConfig::default()
+    };
+    let sidecars = Sidecars::with(dir.path(), topology, replication).await;
+    sidecars.spawn_all().await;
+    sidecars.write(0, 0, 10, 5).await;
+    sidecars.wait_items(1, 10, "west never read east's topic").await;
+    broker().stop(false);
+    sidecars.write(0, 10, 20_000, 500).await;
+    // Retention runs every 10 s: wait until it has met the log past its limit.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !(sidecars.log(0).contains("dropped log events") || sidecars.log(0).contains("past its retention limit")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "east's retention never met its log past 1 MiB:\n{}",
+            sidecars.log(0)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    broker().restart().unwrap();
+    let documents = changes_documents("weft.retain-unpublished.east-1.changes", 20_010);
+    let seqs: Vec<u64> = (documents.iter())
+        .map(|(_, d)| d["source"]["seq"].as_u64().unwrap())
+        .collect();
+    if let Some(jump) = seqs.windows(2).find(|w| w[1] != w[0] + 1) {
+        panic!(
+            "source.seq jumps from {} to {} in the changes topic ({} documents)",
+            jump[0],
+            jump[1],
+            seqs.len()
+        );
+    }
+    assert_eq!(seqs, (1..=20_010).collect::<Vec<u64>>());
+    assert!(documents.iter().all(|(format, _)| format == "weft.v1.Envelope+json"));
+    sidecars.assert_exactly_once(20_010).await;
+    // (What the topics had taken before the broker went may go: they hold it.)
+    let said = sidecars.log(0);
+    assert!(
+        said.lines()
+            .any(|l| l.contains("ERROR") && l.contains("past its retention limit")),
+        "east never said at ERROR why its log outgrew its limit:\n{said}"
+    );
+    assert!(!sidecars.log(1).contains("joined the mesh"), "west had to re-seed");
+    sidecars.terminate_all();
+}
