@@ -757,3 +757,55 @@ async fn retention_keeps_what_the_topics_have_not_taken() {
     assert!(!sidecars.log(1).contains("joined the mesh"), "west had to re-seed");
     sidecars.terminate_all();
 }
+
+/// A capture batch whose rest never comes into a topic (its publisher stopped relaying that
+/// origin, or its log lost the rest) must not hold back the records behind it. West reads
+/// south's events from the hub's topic; a record holding only the head of one of south's
+/// batches, which west already applied, is put into that topic (as a relay leaves one when it
+/// fails mid-batch and never publishes the rest). The hub's own rows written after it still
+/// reach west.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_rest_never_comes_does_not_hold_back_the_records_behind_it() {
+    use rdkafka::Message as _;
+    use weft::transport::record;
+    let _shared = FAULTS.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sidecars = sidecars(dir.path(), kafka_mesh("open-batch", Shape::Star, Vec::new())).await;
+    sidecars.spawn_all().await;
+    sidecars.write(2, 0, 10, 5).await;
+    sidecars.assert_exactly_once(10).await;
+    let hub = "weft.open-batch.east-1";
+    let relayed = read_topic(hub, 1);
+    let events = (relayed.iter())
+        .filter(|m| m.key() == Some(&b"south-1"[..]))
+        .map(|m| {
+            let headers = weft::transport::kafka::record_headers(m.headers().map(|h| h.as_borrowed()));
+            record::decode(&headers, m.payload().unwrap()).unwrap()
+        })
+        .find(|events| events.len() > 1)
+        .expect("the hub relays a batch of south's");
+    let head = record::encode(&events[..1], 1 << 20).remove(0);
+    assert!(
+        events[0].batch_end > events[0].seq,
+        "the head of a batch, not all of it"
+    );
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &broker().bootstrap)
+        .create()
+        .unwrap();
+    let sent = rdkafka::producer::FutureRecord::to(hub)
+        .key(&head.key)
+        .payload(&head.value)
+        .headers(weft::transport::kafka::kafka_headers(&head));
+    producer
+        .send(sent, Duration::from_secs(30))
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    sidecars.write(0, 0, 5, 5).await;
+    sidecars
+        .wait_items(1, 15, "west never applied the hub's rows written after the open batch")
+        .await;
+    sidecars.assert_exactly_once(15).await;
+    sidecars.terminate_all();
+}

@@ -90,6 +90,18 @@ pub enum LinkError {
         to: u64,
         have: u64,
     },
+    #[error(
+        "{topic}: a capture batch of {origin} has stayed open for {secs} s with {behind} events of other origins \
+         held behind it; its rest is not coming (its publisher stopped carrying {origin}, or lost it), so it is \
+         taken as a gap (this node has {origin} up to {have})"
+    )]
+    OpenBatch {
+        topic: String,
+        origin: String,
+        have: u64,
+        behind: usize,
+        secs: u64,
+    },
     #[error("{0}")]
     Publish(#[from] PublishError),
     #[error(
