@@ -104,18 +104,27 @@ pub enum LinkError {
     },
     #[error("{0}")]
     Publish(#[from] PublishError),
-    #[error(
-        "topic {topic} takes records of at most {found} bytes (its max.message.bytes), and weft needs {needed} \
-         for [replication] max_message_mib: {cause}. Raise it (kafka-configs --alter --entity-type topics \
-         --entity-name {topic} --add-config max.message.bytes={needed}), let weft's principal alter the topic's \
-         settings, or lower max_message_mib on every node"
-    )]
+    #[error("{}", record_limit(topic, *found, *needed, cause))]
     RecordLimit {
         topic: String,
-        found: String,
+        /// Its `max.message.bytes`, if the cluster said.
+        found: Option<usize>,
         needed: usize,
         cause: String,
     },
+}
+
+/// What `LinkError::RecordLimit` says: what is wrong with the topic, and what to do.
+fn record_limit(topic: &str, found: Option<usize>, needed: usize, cause: &str) -> String {
+    let what = match found {
+        Some(found) => format!("topic {topic} takes records of at most {found} bytes (its max.message.bytes)"),
+        None => format!("the max.message.bytes of topic {topic} is unknown"),
+    };
+    format!(
+        "{what}, and weft needs {needed} for [replication] max_message_mib: {cause}. Raise it (kafka-configs \
+         --alter --entity-type topics --entity-name {topic} --add-config max.message.bytes={needed}), let weft's \
+         principal describe and alter the topic's settings, or lower max_message_mib on every node"
+    )
 }
 
 /// A client configuration for the cluster of `region`: its bootstrap servers from the
@@ -139,4 +148,34 @@ pub fn client(config: &NodeConfig, region: &str) -> Result<ClientConfig, LinkErr
 /// The record sizes of this node's `max_message_mib`.
 pub fn sizes(config: &NodeConfig) -> Sizes {
     Sizes::of(config.replication.max_message_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_topic_too_small_for_its_records_is_named_with_what_to_do() {
+        let error = LinkError::RecordLimit {
+            topic: "weft.m.a".into(),
+            found: Some(1_048_588),
+            needed: 67_239_936,
+            cause: "raising it failed: Broker: Topic authorization failed".into(),
+        };
+        let said = error.to_string();
+        for part in [
+            "topic weft.m.a takes records of at most 1048588 bytes (its max.message.bytes)",
+            "weft needs 67239936 for [replication] max_message_mib",
+            "Topic authorization failed",
+            "--entity-name weft.m.a --add-config max.message.bytes=67239936",
+        ] {
+            assert!(said.contains(part), "{said}");
+        }
+        let unknown = record_limit("weft.m.a", None, 67_239_936, "the cluster did not say");
+        assert!(
+            unknown
+                .to_string()
+                .starts_with("the max.message.bytes of topic weft.m.a is unknown")
+        );
+    }
 }

@@ -122,8 +122,7 @@ impl Publisher {
                     record: self.record_limit,
                 };
                 let pieces = layout::lay_out(after, &self.readable(&entries), &self.format, limits);
-                let records: Vec<record::Record> = pieces.iter().map(|p| p.record.clone()).collect();
-                self.send(&records).await?;
+                self.send(pieces.iter().map(|p| &p.record)).await?;
                 let position = Position {
                     source: self.source(origin),
                     next: last as i64,
@@ -170,7 +169,7 @@ impl Publisher {
     /// `enable.gapless.guarantee` (and no local timeout) a failure that could leave a hole
     /// behind a record stops the producer instead (it is made again for the next round), so
     /// the topic never holds a later event without the earlier ones.
-    async fn send(&self, records: &[record::Record]) -> Result<(), PublishError> {
+    async fn send<'r>(&self, records: impl ExactSizeIterator<Item = &'r record::Record>) -> Result<(), PublishError> {
         let mut deliveries = Vec::with_capacity(records.len());
         for r in records {
             let mut message = FutureRecord::to(&self.topic)

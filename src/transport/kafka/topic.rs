@@ -134,7 +134,7 @@ async fn check_record_limit(
     let needed = sizes.topic();
     let refused = |found: Option<usize>, cause: String| LinkError::RecordLimit {
         topic: topic.to_owned(),
-        found: found.map_or("unknown".to_owned(), |f| f.to_string()),
+        found,
         needed,
         cause,
     };
