@@ -7,7 +7,8 @@
 //! peer), the capture
 //! loop (drains the outbox whenever another connection commits, once a peer's Welcome has
 //! confirmed that this database did not go back in time), upkeep (persists
-//! acknowledgements, trims the log, retries due dead letters every 5 s, logs a status line),
+//! acknowledgements, trims the log (never what a Kafka topic of the node lacks), retries due
+//! dead letters every 5 s, logs a status line),
 //! and the join loop (re-seeds by snapshot when a peer says this node cannot catch up). `Node::stop` is graceful: one shutdown
 //! signal, a final drain, feeders wait briefly for outstanding acks, then the store closes.
 use std::collections::BTreeMap;
@@ -603,11 +604,14 @@ async fn audit_loop(ctx: Context, metrics: Arc<Metrics>, every: Duration) {
 async fn upkeep_loop(ctx: Context, metrics: Arc<Metrics>) {
     let mut shutdown = ctx.shutdown.clone();
     let mut needs_by_origin = topology::log_needs(&ctx.config.topology, &ctx.config.node, ctx.config.relay_repair());
-    if ctx.config.topology.kafka_changes() {
-        // The changes topic is a reader of this node's own events, like a peer.
-        let own = needs_by_origin.entry(ctx.config.node.clone()).or_default();
-        own.push(crate::transport::record::CHANGES_READER.into());
+    // Each Kafka topic this node publishes is a reader of the origins it carries, like a
+    // peer: the log keeps what the topic lacks even when every peer has it.
+    for (reader, origins) in topic_readers(&ctx.config) {
+        for origin in origins {
+            needs_by_origin.entry(origin).or_default().push(reader.into());
+        }
     }
+    let mut kept_back_said: Option<tokio::time::Instant> = None;
     let mut persisted: BTreeMap<(NodeId, NodeId), u64> = BTreeMap::new();
     let mut ticks = 0u64;
     let mut applied_at_last_retry = 0;
@@ -658,7 +662,7 @@ async fn upkeep_loop(ctx: Context, metrics: Arc<Metrics>) {
             }
         }
         if ticks.is_multiple_of(50) && !stopping {
-            retain(&ctx, &metrics).await;
+            retain(&ctx, &metrics, &mut kept_back_said).await;
         }
         if gc_every > 0 && ticks.is_multiple_of(gc_every) && !stopping && *ctx.verified.borrow() {
             collect_tombstones(&ctx, &mut horizon, &metrics).await;
@@ -674,26 +678,92 @@ async fn upkeep_loop(ctx: Context, metrics: Arc<Metrics>) {
 
 /// Holds the log to its retention limits. What goes was still needed by some peer (the
 /// acknowledged part is trimmed as soon as it is), which re-seeds when it next connects.
-async fn retain(ctx: &Context, metrics: &Metrics) {
+/// Never what a Kafka topic of this node has not taken (`topic_floors`): its readers could
+/// not get it back. The log then grows past its limits, said at ERROR once a minute
+/// (`kept_back_said`: when it was last said).
+async fn retain(ctx: &Context, metrics: &Metrics, kept_back_said: &mut Option<tokio::time::Instant>) {
     let (bytes, age) = ctx.config.replication.log_retention();
     let config = &ctx.config;
     let mut kept = topology::kept_origins(&config.topology, &config.node, config.relay_repair());
     kept.insert(config.node.clone());
-    match ctx.store.enforce_retention(bytes, age, &kept).await {
-        Ok(0) => {}
-        Ok(trimmed) => {
-            metrics
-                .log_trimmed_unacked
-                .fetch_add(trimmed, std::sync::atomic::Ordering::Relaxed);
-            tracing::warn!(
-                trimmed,
-                max_mib = ctx.config.replication.log_retain_mib,
-                max_secs = ctx.config.replication.log_retain_secs,
-                "dropped log events before every peer had them: the log went past its retention limit (or they \
-                 are of nodes taken out of the topology); a peer that still needed them will re-seed by snapshot \
-                 when it connects (`weft status` shows it)"
-            );
-        }
-        Err(error) => tracing::warn!(%error, "cannot hold the log to its retention limit; will try again"),
+    let floors = match topic_floors(ctx).await {
+        Ok(floors) => floors,
+        Err(error) => return tracing::warn!(%error, "cannot read what the Kafka topics have taken; retention waits"),
+    };
+    let held = floors.iter().map(|(origin, (seq, _))| (origin.clone(), *seq)).collect();
+    let report = match ctx.store.enforce_retention(bytes, age, &kept, &held).await {
+        Ok(report) => report,
+        Err(error) => return tracing::warn!(%error, "cannot hold the log to its retention limit; will try again"),
+    };
+    if report.trimmed > 0 {
+        metrics
+            .log_trimmed_unacked
+            .fetch_add(report.trimmed, std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(
+            trimmed = report.trimmed,
+            max_mib = ctx.config.replication.log_retain_mib,
+            max_secs = ctx.config.replication.log_retain_secs,
+            "dropped log events before every peer had them: the log went past its retention limit (or they \
+             are of nodes taken out of the topology); a peer that still needed them will re-seed by snapshot \
+             when it connects (`weft status` shows it)"
+        );
     }
+    let quiet = kept_back_said.is_some_and(|at| at.elapsed() < Duration::from_secs(60));
+    if report.kept_back.is_empty() || quiet {
+        return;
+    }
+    *kept_back_said = Some(tokio::time::Instant::now());
+    let kept_back: Vec<String> = (report.kept_back.iter())
+        .map(|(origin, (from, to))| {
+            let topic = floors.get(origin).map_or("", |(_, topic)| topic.as_str());
+            format!("{origin} {from}..={to} (not yet in {topic})")
+        })
+        .collect();
+    tracing::error!(
+        kept = %kept_back.join(", "),
+        max_mib = ctx.config.replication.log_retain_mib,
+        max_secs = ctx.config.replication.log_retain_secs,
+        "the log is past its retention limit but keeps the events a Kafka topic of this node has not taken \
+         (its cluster is unreachable, or refuses them: see the publishing warnings), so that the topic gets no \
+         hole; they go once published. Bring the cluster back, or give the database room meanwhile"
+    );
+}
+
+/// The Kafka topics this node publishes into, as readers of its log: the name each
+/// acknowledges under, and the origins it carries.
+#[cfg(feature = "kafka")]
+fn topic_readers(config: &NodeConfig) -> Vec<(&'static str, Vec<NodeId>)> {
+    (crate::transport::kafka::publish::published_topics(config).into_iter())
+        .map(|topic| (topic.reader, topic.origins))
+        .collect()
+}
+
+/// Without the Kafka binding there are no topics (a topology that asks for one is refused).
+#[cfg(not(feature = "kafka"))]
+fn topic_readers(_: &NodeConfig) -> Vec<(&'static str, Vec<NodeId>)> {
+    Vec::new()
+}
+
+/// Per origin, the last seq every Kafka topic carrying it has taken (its publisher's
+/// recorded position), and the topic that has taken least.
+#[cfg(feature = "kafka")]
+async fn topic_floors(ctx: &Context) -> Result<BTreeMap<NodeId, (u64, String)>, StoreError> {
+    use crate::transport::kafka::publish::published_source;
+    let mut floors: BTreeMap<NodeId, (u64, String)> = BTreeMap::new();
+    for published in crate::transport::kafka::publish::published_topics(&ctx.config) {
+        for origin in &published.origins {
+            let source = published_source(&published.topic, origin);
+            let taken = ctx.store.position(&source).await?.unwrap_or(0) as u64;
+            let floor = floors.entry(origin.clone()).or_insert((taken, published.topic.clone()));
+            if taken < floor.0 {
+                *floor = (taken, published.topic.clone());
+            }
+        }
+    }
+    Ok(floors)
+}
+
+#[cfg(not(feature = "kafka"))]
+async fn topic_floors(_: &Context) -> Result<BTreeMap<NodeId, (u64, String)>, StoreError> {
+    Ok(BTreeMap::new())
 }

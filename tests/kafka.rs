@@ -365,7 +365,8 @@ async fn a_publisher_writes_the_log_into_the_topic_once_and_a_reader_resumes_whe
     };
     write(1).await;
     write(301).await;
-    let mut publisher = Publisher::new(store.clone(), config(broker), topic.clone(), vec!["a".into()]).unwrap();
+    let mut publisher =
+        Publisher::new(store.clone(), config(broker), topic.clone(), vec!["a".into()], sizes()).unwrap();
     publisher.read_max = 250;
     publisher.max_record_bytes = 8 * 1024;
     let first = publisher.publish_pending().await.unwrap();
@@ -379,7 +380,7 @@ async fn a_publisher_writes_the_log_into_the_topic_once_and_a_reader_resumes_whe
     assert_eq!(b.snapshot().await, rendering(&a.app).await);
 
     write(601).await;
-    let again = Publisher::new(store.clone(), config(broker), topic.clone(), vec!["a".into()]).unwrap();
+    let again = Publisher::new(store.clone(), config(broker), topic.clone(), vec!["a".into()], sizes()).unwrap();
     let second = again.publish_pending().await.unwrap();
     assert_eq!(
         first + second,
@@ -400,9 +401,160 @@ async fn a_publisher_writes_the_log_into_the_topic_once_and_a_reader_resumes_whe
     );
 }
 
+/// The record sizes of weft's default `max_message_mib`.
+fn sizes() -> weft::transport::kafka::Sizes {
+    weft::transport::kafka::Sizes::of(weft::config::ReplicationConfig::default().max_message_bytes())
+}
+
 /// The rows of `items` and `pairs` in a database, as `Replica::snapshot` renders them.
 async fn rendering(app: &sqlx::SqlitePool) -> std::collections::BTreeMap<String, Vec<String>> {
     weft::harness::compare::sqlite_rendering(app, &["items".to_string(), "pairs".to_string()])
         .await
         .unwrap()
+}
+
+/// Every record of `topic` from its beginning to its end, as (`weft-format`, `weft-seq`,
+/// `weft-end`) headers.
+fn record_headers_of(broker: &Broker, topic: &str) -> Vec<(String, u64, u64)> {
+    let consumer = reader(broker, topic, 0);
+    let (_, high) = consumer.fetch_watermarks(topic, 0, Duration::from_secs(10)).unwrap();
+    let mut out = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while (out.len() as i64) < high {
+        assert!(std::time::Instant::now() < deadline, "read {out:?} of {high} records");
+        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let headers = weft::transport::kafka::record_headers(message.unwrap().headers());
+        let text = |name: &str| {
+            let (_, v) = headers.iter().find(|(k, _)| k == name).unwrap();
+            String::from_utf8(v.clone()).unwrap()
+        };
+        out.push((
+            text("weft-format"),
+            text("weft-seq").parse().unwrap(),
+            text("weft-end").parse().unwrap(),
+        ));
+    }
+    out
+}
+
+/// An event larger than the largest record the publisher may write (here about 160 KB, for
+/// messages of 100 KB, and a 300 KB row) does not stop publishing: a gap record stands in its place, so receivers know
+/// the topic lacks it, and the events after it are published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_too_large_for_a_record_is_published_as_a_gap_and_the_events_after_it_follow() {
+    use std::sync::Arc;
+    use weft::transport::{kafka::Publisher, record};
+    let _shared = FAULTS.read().await;
+    let broker = broker();
+    let dir = tempfile::tempdir().unwrap();
+    let a = common::replica(dir.path(), "a").await;
+    a.exec("INSERT INTO items (id, name) VALUES (1, 'small')").await;
+    a.drain().await;
+    a.exec("INSERT INTO items (id, name, data) VALUES (2, 'large', randomblob(300000))")
+        .await;
+    a.drain().await;
+    a.exec("INSERT INTO items (id, name) VALUES (3, 'small')").await;
+    a.drain().await;
+    let topic = record::topic("too-large", "a");
+    create_topic(broker, &topic, &[]).await;
+    let store = Arc::new(a.store);
+    let small = weft::transport::kafka::Sizes::of(100_000);
+    assert!(small.record() < 300_000, "the row is too large for a record");
+    let publisher = Publisher::new(store.clone(), config(broker), topic.clone(), vec!["a".into()], small).unwrap();
+    let published = publisher.publish_pending().await;
+    assert_eq!(published.map_err(|e| e.to_string()).unwrap(), 3);
+    let records = tokio::task::block_in_place(|| record_headers_of(broker, &topic));
+    assert_eq!(
+        records,
+        [
+            ("weft.v1.Batch".to_owned(), 1, 1),
+            ("weft.v1.Gap".to_owned(), 2, 2),
+            ("weft.v1.Batch".to_owned(), 3, 3)
+        ]
+    );
+}
+
+/// A topic's settings as the broker describes them.
+async fn topic_settings(broker: &Broker, topic: &str) -> std::collections::BTreeMap<String, String> {
+    use rdkafka::admin::ResourceSpecifier;
+    let admin: AdminClient<DefaultClientContext> = config(broker).create().unwrap();
+    let described = admin
+        .describe_configs([&ResourceSpecifier::Topic(topic)], &AdminOptions::new())
+        .await
+        .unwrap()
+        .pop()
+        .unwrap()
+        .unwrap();
+    (described.entries.into_iter())
+        .filter_map(|e| Some((e.name, e.value?)))
+        .collect()
+}
+
+/// weft's topics take records of `max_message_mib`: a topic weft creates is made so, and an
+/// existing one below it (a topic made by hand, or by an older weft) is raised, keeping the
+/// settings it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_is_made_or_raised_to_take_records_of_max_message_mib() {
+    use weft::transport::kafka::{Sizes, ensure_topic};
+    let _shared = FAULTS.read().await;
+    let broker = broker();
+    let sizes = Sizes::of(64 << 20);
+    ensure_topic(&config(broker), "weft.sizes.new", sizes).await.unwrap();
+    let made = topic_settings(broker, "weft.sizes.new").await;
+    assert_eq!(made["max.message.bytes"], sizes.topic().to_string());
+
+    let topic = "weft.sizes.old";
+    create_topic(
+        broker,
+        topic,
+        &[("max.message.bytes", "1000000"), ("retention.ms", "123456789")],
+    )
+    .await;
+    ensure_topic(&config(broker), topic, sizes).await.unwrap();
+    let raised = topic_settings(broker, topic).await;
+    assert_eq!(raised["max.message.bytes"], sizes.topic().to_string());
+    assert_eq!(raised["retention.ms"], "123456789", "its own settings are kept");
+    ensure_topic(&config(broker), topic, Sizes::of(1 << 20)).await.unwrap();
+    assert_eq!(
+        topic_settings(broker, topic).await["max.message.bytes"],
+        sizes.topic().to_string(),
+        "never lowered"
+    );
+}
+
+/// Retention trims the log to its limits, but never past what a Kafka topic has taken (its
+/// readers could not get the rest back): that part stays, and is reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_never_trims_past_what_a_topic_has_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = common::replica(dir.path(), "a").await;
+    for id in 1..=10 {
+        a.exec(&format!("INSERT INTO items (id, name) VALUES ({id}, 'item')"))
+            .await;
+        a.drain().await;
+    }
+    let kept: std::collections::BTreeSet<String> = ["a".to_owned()].into();
+    let held = [("a".to_owned(), 4)].into();
+    let report = a.store.enforce_retention(0, Duration::MAX, &kept, &held).await.unwrap();
+    assert_eq!(
+        report.trimmed, 4,
+        "a limit of 0 bytes drops all but what the topic lacks"
+    );
+    assert_eq!(report.kept_back, [("a".to_owned(), (5, 10))].into());
+    let left: Vec<u64> = a
+        .store
+        .read_log("a", 0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(left, (5..=10).collect::<Vec<u64>>());
+    let all = a
+        .store
+        .enforce_retention(0, Duration::MAX, &kept, &[("a".to_owned(), 10)].into())
+        .await;
+    assert_eq!(all.unwrap().trimmed, 6, "once the topic has them, they go");
 }

@@ -570,3 +570,242 @@ async fn a_restored_region_on_a_mixed_mesh_checks_its_topic_before_numbering() {
     sidecars.assert_exactly_once(35).await;
     sidecars.terminate_all();
 }
+
+/// Two regions, east and west, linked over Kafka.
+fn kafka_pair(mesh: &str) -> Topology {
+    let mut topology = LoopbackMesh::all_to_all(&["east", "west"]);
+    topology.mesh = mesh.to_owned();
+    topology.transport = Transport::Kafka;
+    topology.kafka = Some(KafkaClusters {
+        bootstrap: Some(broker().bootstrap.clone()),
+        ..Default::default()
+    });
+    topology
+}
+
+/// Waits until `query` (one integer) reads `want` in region `i` (60 s at most); the panic
+/// says what did not happen and what the publishing region (0) logged about Kafka.
+async fn wait_value(sidecars: &Sidecars, i: usize, query: &'static str, want: i64, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let have: Option<i64> = sqlx::query_scalar(query)
+            .fetch_optional(&sidecars.mesh.regions[i].app)
+            .await
+            .unwrap();
+        if have == Some(want) {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            let said: Vec<String> = (sidecars.log(0).lines())
+                .filter(|l| l.contains("Kafka") || l.contains("topic"))
+                .map(str::to_owned)
+                .collect();
+            panic!(
+                "{what}: {query} reads {have:?}, not {want}; east logged:\n{}",
+                said.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A row of 1.5 MB, over librdkafka's and the broker's default record limit (about 1 MB),
+/// crosses a Kafka link, and so does the small row written after it: the producer and the
+/// topic take one record as large as `max_message_mib` (64 MiB here) allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_over_a_megabyte_crosses_a_kafka_link_and_the_rows_after_it_follow() {
+    let _shared = FAULTS.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sidecars = sidecars(dir.path(), kafka_pair("large-row")).await;
+    sidecars.spawn_all().await;
+    sqlx::query("INSERT INTO shared (id, v) VALUES (1, randomblob(1500000))")
+        .execute(&sidecars.mesh.regions[0].app)
+        .await
+        .unwrap();
+    sidecars.write(0, 0, 1, 1).await;
+    let large = "SELECT length(v) FROM shared WHERE id = 1";
+    wait_value(&sidecars, 1, large, 1_500_000, "the 1.5 MB row never reached west").await;
+    wait_value(
+        &sidecars,
+        1,
+        "SELECT count(*) FROM items",
+        1,
+        "the row after it never reached west",
+    )
+    .await;
+    sidecars.assert_exactly_once(1).await;
+    sidecars.terminate_all();
+}
+
+/// The documents of a changes topic, read from its beginning (`count` of them, or what came
+/// in 30 s), with their `weft-format` header.
+fn changes_documents(topic: &str, count: usize) -> Vec<(String, serde_json::Value)> {
+    use rdkafka::Message as _;
+    use rdkafka::message::Headers as _;
+    (read_topic(topic, count).iter())
+        .map(|m| {
+            let format = (m.headers().unwrap().iter())
+                .find(|h| h.key == "weft-format")
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default();
+            (format, serde_json::from_slice(m.payload().unwrap()).unwrap())
+        })
+        .collect()
+}
+
+/// With `[kafka] changes`, a change whose JSON document is larger than the largest record
+/// (a 700 KB blob is 1.4 MB of hex, and `max_message_mib = 1` here) is replaced in the
+/// changes topic by a `too_large` marker naming it, said at ERROR, and the changes after it
+/// follow. The link carries the row itself (its protobuf record is within the limit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_too_large_for_the_changes_topic_is_marked_and_the_changes_after_it_follow() {
+    let _shared = FAULTS.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut topology = kafka_pair("large-change");
+    topology.kafka.as_mut().unwrap().changes = true;
+    let replication = ReplicationConfig {
+        max_message_mib: 1,
+        ..ReplicationConfig::default()
+    };
+    let sidecars = Sidecars::with(dir.path(), topology, replication).await;
+    sidecars.spawn_all().await;
+    sqlx::query("INSERT INTO shared (id, v) VALUES (1, randomblob(700000))")
+        .execute(&sidecars.mesh.regions[0].app)
+        .await
+        .unwrap();
+    sidecars.write(0, 0, 1, 1).await;
+    sidecars.assert_exactly_once(1).await;
+    let documents = changes_documents("weft.large-change.east-1.changes", 2);
+    assert_eq!(documents.len(), 2, "a marker and the next change: {documents:?}");
+    let (format, marker) = &documents[0];
+    assert_eq!(format, "weft.v1.Marker+json", "{marker}");
+    assert_eq!(marker["marker"], "too_large");
+    assert_eq!(
+        (marker["source"]["seq"].as_u64(), marker["source"]["table"].as_str()),
+        (Some(1), Some("shared"))
+    );
+    assert_eq!(marker["source"]["key"][0], 1);
+    assert!(marker["bytes"].as_u64() > marker["limit"].as_u64(), "{marker}");
+    let (format, next) = &documents[1];
+    assert_eq!(format, "weft.v1.Envelope+json");
+    assert_eq!(
+        (next["source"]["seq"].as_u64(), next["after"]["v"].as_i64()),
+        (Some(2), Some(0))
+    );
+    let said = sidecars.log(0);
+    assert!(
+        said.lines().any(|l| l.contains("ERROR") && l.contains("too large")),
+        "east never said at ERROR that the change was too large:\n{said}"
+    );
+    sidecars.terminate_all();
+}
+/// Retention never trims what a topic has not taken. `log_retain_mib = 1`; the broker is down
+/// while east writes 20,000 rows (several MiB of log). East says at ERROR that its log is past
+/// its limit and why, and keeps the events; once the broker is back its changes topic holds
+/// every change, `source.seq` running without a jump, and west reads the link topic without
+/// having to re-seed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_what_the_topics_have_not_taken() {
+    let _alone = FAULTS.write().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut topology = kafka_pair("retain-unpublished");
+    topology.kafka.as_mut().unwrap().changes = true;
+    let replication = ReplicationConfig {
+        log_retain_mib: 1,
+        ..ReplicationConfig::default()
+    };
+    let sidecars = Sidecars::with(dir.path(), topology, replication).await;
+    sidecars.spawn_all().await;
+    sidecars.write(0, 0, 10, 5).await;
+    sidecars.wait_items(1, 10, "west never read east's topic").await;
+    broker().stop(false);
+    sidecars.write(0, 10, 20_000, 500).await;
+    // Retention runs every 10 s: wait until it has met the log past its limit.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !(sidecars.log(0).contains("dropped log events") || sidecars.log(0).contains("past its retention limit")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "east's retention never met its log past 1 MiB:\n{}",
+            sidecars.log(0)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    broker().restart().unwrap();
+    let documents = changes_documents("weft.retain-unpublished.east-1.changes", 20_010);
+    let seqs: Vec<u64> = (documents.iter())
+        .map(|(_, d)| d["source"]["seq"].as_u64().unwrap())
+        .collect();
+    if let Some(jump) = seqs.windows(2).find(|w| w[1] != w[0] + 1) {
+        panic!(
+            "source.seq jumps from {} to {} in the changes topic ({} documents)",
+            jump[0],
+            jump[1],
+            seqs.len()
+        );
+    }
+    assert_eq!(seqs, (1..=20_010).collect::<Vec<u64>>());
+    assert!(documents.iter().all(|(format, _)| format == "weft.v1.Envelope+json"));
+    sidecars.assert_exactly_once(20_010).await;
+    // (What the topics had taken before the broker went may go: they hold it.)
+    let said = sidecars.log(0);
+    assert!(
+        said.lines()
+            .any(|l| l.contains("ERROR") && l.contains("past its retention limit")),
+        "east never said at ERROR why its log outgrew its limit:\n{said}"
+    );
+    assert!(!sidecars.log(1).contains("joined the mesh"), "west had to re-seed");
+    sidecars.terminate_all();
+}
+
+/// A capture batch whose rest never comes into a topic (its publisher stopped relaying that
+/// origin, or its log lost the rest) must not hold back the records behind it. West reads
+/// south's events from the hub's topic; a record holding only the head of one of south's
+/// batches, which west already applied, is put into that topic (as a relay leaves one when it
+/// fails mid-batch and never publishes the rest). The hub's own rows written after it still
+/// reach west.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_rest_never_comes_does_not_hold_back_the_records_behind_it() {
+    use rdkafka::Message as _;
+    use weft::transport::record;
+    let _shared = FAULTS.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sidecars = sidecars(dir.path(), kafka_mesh("open-batch", Shape::Star, Vec::new())).await;
+    sidecars.spawn_all().await;
+    sidecars.write(2, 0, 10, 5).await;
+    sidecars.assert_exactly_once(10).await;
+    let hub = "weft.open-batch.east-1";
+    let relayed = read_topic(hub, 1);
+    let events = (relayed.iter())
+        .filter(|m| m.key() == Some(&b"south-1"[..]))
+        .map(|m| {
+            let headers = weft::transport::kafka::record_headers(m.headers().map(|h| h.as_borrowed()));
+            record::decode(&headers, m.payload().unwrap()).unwrap()
+        })
+        .find(|events| events.len() > 1)
+        .expect("the hub relays a batch of south's");
+    let head = record::encode(&events[..1], 1 << 20).remove(0);
+    assert!(
+        events[0].batch_end > events[0].seq,
+        "the head of a batch, not all of it"
+    );
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &broker().bootstrap)
+        .create()
+        .unwrap();
+    let sent = rdkafka::producer::FutureRecord::to(hub)
+        .key(&head.key)
+        .payload(&head.value)
+        .headers(weft::transport::kafka::kafka_headers(&head));
+    producer
+        .send(sent, Duration::from_secs(30))
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    sidecars.write(0, 0, 5, 5).await;
+    sidecars
+        .wait_items(1, 15, "west never applied the hub's rows written after the open batch")
+        .await;
+    sidecars.assert_exactly_once(15).await;
+    sidecars.terminate_all();
+}

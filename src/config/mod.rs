@@ -11,8 +11,8 @@ mod topology;
 use std::path::{Path, PathBuf};
 
 pub use node::{
-    Database, HttpConfig, HttpFile, KAFKA_RESERVED, KafkaFile, NodeConfig, NodeConfigFile, ReplicationConfig, Security,
-    TlsFile,
+    Database, HttpConfig, HttpFile, KAFKA_MAX_MESSAGE_MIB, KAFKA_RESERVED, KafkaFile, NodeConfig, NodeConfigFile,
+    ReplicationConfig, Security, TlsFile,
 };
 pub use tables::{OwnerRange, OwnerRule, Strategy, TableConfig, UnknownColumns};
 pub use topology::{KafkaClusters, LinkSpec, NodeSpec, Shape, Topology, Transport};
@@ -190,11 +190,33 @@ address = "127.0.0.1:3"
         let c = NodeConfig::resolve(f, t.clone(), Path::new("a.toml")).unwrap();
         assert_eq!(c.kafka.get("security.protocol").map(String::as_str), Some("SASL_SSL"));
         let f = node_file("[kafka.settings]\n\"auto.offset.reset\" = \"latest\"");
-        let err = NodeConfig::resolve(f, t, Path::new("a.toml")).unwrap_err().to_string();
+        let err = NodeConfig::resolve(f, t.clone(), Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("kafka.settings.auto.offset.reset") && err.contains("set by weft"),
             "{err}"
         );
+        let f = node_file("[kafka.settings]\n\"message.max.bytes\" = \"2000000\"");
+        let err = NodeConfig::resolve(f, t, Path::new("a.toml")).unwrap_err().to_string();
+        assert!(err.contains("from [replication] max_message_mib"), "{err}");
+    }
+
+    #[test]
+    fn max_message_mib_on_kafka_stays_within_what_a_record_can_hold() {
+        let on_kafka = format!("{TOPOLOGY}[kafka]\nchanges = true\nbootstrap = \"k:1\"\n");
+        let at = |mib: usize, topology: &str| {
+            let t = Topology::parse(topology, Path::new("t.toml")).unwrap();
+            let f = node_file(&format!("[replication]\nmax_message_mib = {mib}"));
+            NodeConfig::resolve(f, t, Path::new("a.toml")).map_err(|e| e.to_string())
+        };
+        assert!(at(KAFKA_MAX_MESSAGE_MIB, &on_kafka).is_ok());
+        let err = at(KAFKA_MAX_MESSAGE_MIB + 1, &on_kafka).unwrap_err();
+        assert!(
+            err.contains("replication.max_message_mib") && err.contains("at most 900"),
+            "{err}"
+        );
+        assert!(at(2_000, TOPOLOGY).is_ok(), "gRPC alone has no such ceiling");
     }
 
     #[test]

@@ -231,7 +231,13 @@ pub const KAFKA_RESERVED: &[&str] = &[
     "enable.auto.offset.store",
     "auto.offset.reset",
     "isolation.level",
+    "message.max.bytes",
+    "receive.message.max.bytes",
 ];
+
+/// The largest `max_message_mib` a mesh with Kafka takes: librdkafka sends no record over
+/// 1,000,000,000 bytes, and a record needs room for its framing besides the message.
+pub const KAFKA_MAX_MESSAGE_MIB: usize = 900;
 
 /// The `[tls]` section as written: the mesh CA bundle, this node's certificate and key
 /// (PEM, relative to the config file's folder), or `insecure = true` for plain text.
@@ -465,7 +471,19 @@ impl NodeConfig {
             return Err(invalid(
                 path,
                 format!("kafka.settings.{key}"),
-                "is set by weft (the brokers come from the topology's [kafka]; the rest carries its guarantees); remove it",
+                "is set by weft (the brokers come from the topology's [kafka], the record sizes from [replication] \
+                 max_message_mib; the rest carries its guarantees); remove it",
+            ));
+        }
+        if topology.uses_kafka() && file.replication.max_message_mib > KAFKA_MAX_MESSAGE_MIB {
+            return Err(invalid(
+                path,
+                "replication.max_message_mib",
+                format!(
+                    "is {}, more than a Kafka record can hold (librdkafka stops at 1,000,000,000 bytes): at most \
+                     {KAFKA_MAX_MESSAGE_MIB} on a mesh with Kafka links or [kafka] changes",
+                    file.replication.max_message_mib
+                ),
             ));
         }
         let http = resolve_http(file.http.as_ref(), path)?;

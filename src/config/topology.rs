@@ -239,6 +239,12 @@ impl Topology {
         Ok(())
     }
 
+    /// Whether any node produces into or reads from Kafka (a Kafka link, or `[kafka]
+    /// changes`).
+    pub fn uses_kafka(&self) -> bool {
+        !self.kafka_regions().is_empty()
+    }
+
     /// The regions with a node on a Kafka link, or every region when the nodes publish
     /// their changes.
     fn kafka_regions(&self) -> std::collections::BTreeSet<String> {

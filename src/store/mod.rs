@@ -143,6 +143,16 @@ pub struct ApplyReport {
     pub dead_letter_limit: u64,
 }
 
+/// What a round of log retention did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RetentionReport {
+    /// Log entries dropped.
+    pub trimmed: u64,
+    /// Per origin, the entries past the limits that stay because a reader that must never
+    /// miss one (a Kafka topic) lacks them: (first kept, last that would have gone).
+    pub kept_back: BTreeMap<NodeId, (u64, u64)>,
+}
+
 /// What a round of dead-letter retries did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RetryReport {
@@ -397,14 +407,16 @@ impl Store {
         both!(self, s => s.record_acks_and_collect(acks, needs).await)
     }
 
-    /// Drops log entries past the retention limits, needed or not (see `Replica`).
+    /// Drops log entries past the retention limits, needed by a peer or not, but never past
+    /// `held` (see `Replica`).
     pub async fn enforce_retention(
         &self,
         max_bytes: u64,
         max_age: std::time::Duration,
         kept: &std::collections::BTreeSet<NodeId>,
-    ) -> Result<u64, StoreError> {
-        both!(self, s => s.enforce_retention(max_bytes, max_age, kept).await)
+        held: &BTreeMap<NodeId, u64>,
+    ) -> Result<RetentionReport, StoreError> {
+        both!(self, s => s.enforce_retention(max_bytes, max_age, kept, held).await)
     }
 
     /// Replication state for `weft status`, read in one snapshot; `peers` lists each peer

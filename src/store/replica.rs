@@ -390,24 +390,34 @@ impl<B: Backend> Replica<B> {
 
     /// Drops the oldest log entries past the retention limits (`max_bytes` of events, none
     /// older than `max_age`), whether or not every peer has them: a peer that needed them is
-    /// found behind the log when it connects, and re-seeds. Returns how many went.
-    /// Entries of origins not in `kept` (nodes taken out of the topology) go too.
+    /// found behind the log when it connects, and re-seeds. Entries of origins not in `kept`
+    /// (nodes taken out of the topology) go too. Never an entry past `held` of its origin:
+    /// the last seq a reader that cannot re-seed (a Kafka topic) has taken; what stays so is
+    /// reported (`RetentionReport::kept_back`).
     pub async fn enforce_retention(
         &self,
         max_bytes: u64,
         max_age: Duration,
         kept: &BTreeSet<NodeId>,
-    ) -> Result<u64, StoreError> {
+        held: &BTreeMap<NodeId, u64>,
+    ) -> Result<crate::store::RetentionReport, StoreError> {
         let before = crate::clock::now_micros() - max_age.as_micros().min(i64::MAX as u128) as i64;
         let max_bytes = max_bytes.min(i64::MAX as u64) as i64;
         self.with_writer(async |_: &Self, conn: &mut Conn<B>, _: &mut u64| {
             let mut tx = sqlx::Connection::begin_with(conn, sqlx::AssertSqlSafe(B::BEGIN)).await?;
-            let mut removed = 0;
-            for (origin, through) in B::retention_cutoffs(&mut tx, max_bytes, before, kept).await? {
-                removed += B::trim_log(&mut tx, &origin, through).await?;
+            let mut report = crate::store::RetentionReport::default();
+            for (origin, wanted) in B::retention_cutoffs(&mut tx, max_bytes, before, kept).await? {
+                let through = match held.get(&origin) {
+                    Some(&taken) if taken < wanted => {
+                        report.kept_back.insert(origin.clone(), (taken + 1, wanted));
+                        taken
+                    }
+                    _ => wanted,
+                };
+                report.trimmed += B::trim_log(&mut tx, &origin, through).await?;
             }
             tx.commit().await?;
-            Ok(removed)
+            Ok(report)
         })
         .await
     }

@@ -1,5 +1,4 @@
-//! weft's Kafka record format: how a node's outgoing log is laid out in its topic, and the
-//! optional JSON envelope standard consumers can read without weft.
+//! weft's Kafka record format: how a node's outgoing log is laid out in its topic.
 //!
 //! - **Topic**: one per node, `weft.<mesh>.<node>`, one partition, so the order of the
 //!   node's log (its own events and those it relays) is total.
@@ -10,34 +9,29 @@
 //!   protobuf `weft.v1.Batch` of `proto/weft/v1/weft.proto`, the message the gRPC binding
 //!   sends. A consumer applies events of a capture batch together (`Event::batch_end` says
 //!   where each batch ends), so it may have to read several records before it applies.
-//! - **Envelope** (`envelope`): one JSON document per event in the shape Debezium
-//!   consumers know (`before`, `after`, `source`, `op`, `ts_ms`). weft captures the row
-//!   after each write, not before it, so `before` is always null and an insert and an update
-//!   are both `"u"`; a delete is `"d"` with the key in `source.key`. With `[kafka] changes`
-//!   in the topology, each node publishes its own events so into `weft.<mesh>.<node>.changes`
-//!   (`changes_topic`, `envelopes`): one record per event, keyed by table and primary key
-//!   (JSON `{"table": .., "key": [..]}`), headers `weft-format` (`weft.v1.Envelope+json`),
-//!   `weft-origin` and `weft-seq`. A change may appear twice there after a crash of the
-//!   publisher (never out of order, never with a hole before it); a consumer that must count
-//!   each once drops a document whose `source.seq` is not past the last it read, unless its
-//!   `source.hlc` is new: a region restored from an older copy numbers new changes after what
-//!   its peers have, which may reuse seqs its changes topic already holds.
+//! - **Gap record** (`gap`): stands for events `weft-seq..=weft-end` of `weft-origin` that
+//!   the topic does not hold and never will (`weft-format` `weft.v1.Gap`; the value is JSON
+//!   `{"origin", "from", "to", "reason"}`): the publisher's log no longer had them, or one was
+//!   too large for a record. A receiver that lacks them re-seeds; one that has them goes on.
+//!   Any capture batch of that origin still open before it is never completed.
+//! - The changes topic (`[kafka] changes`, `changes_topic`) holds JSON documents instead:
+//!   `kafka::envelope`.
 //!
-//! `decode` checks a record against its headers, so a record written by something else, or
+//! `read` checks a record against its headers, so a record written by something else, or
 //! damaged, is refused with what is wrong instead of being applied.
-use crate::event::{Event, Op};
+use crate::event::{Event, NodeId};
 use crate::wire::{self, proto};
 
-/// The `weft-format` header of a record this build writes.
+/// The `weft-format` header of a record of events.
 pub const FORMAT: &str = "weft.v1.Batch";
+
+/// The `weft-format` header of a gap record.
+pub const GAP_FORMAT: &str = "weft.v1.Gap";
 
 /// The topic holding `node`'s outgoing log in `mesh`.
 pub fn topic(mesh: &str, node: &str) -> String {
     format!("weft.{mesh}.{node}")
 }
-
-/// The `weft-format` header of a record of a changes topic.
-pub const ENVELOPE_FORMAT: &str = "weft.v1.Envelope+json";
 
 /// The topic holding `node`'s own changes as JSON documents (`[kafka] changes`).
 pub fn changes_topic(mesh: &str, node: &str) -> String {
@@ -48,12 +42,34 @@ pub fn changes_topic(mesh: &str, node: &str) -> String {
 /// so the log keeps what it lacks (no node id can hold a `~`).
 pub const CHANGES_READER: &str = "~changes";
 
+/// The name under which a node's own topic acknowledges the events it took, as a peer does:
+/// the log keeps what the topic lacks, even when every peer has it another way.
+pub const TOPIC_READER: &str = "~topic";
+
 /// One Kafka record of a node's topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     pub key: String,
     pub headers: Vec<(String, Vec<u8>)>,
     pub value: Vec<u8>,
+}
+
+impl Record {
+    /// About what the record weighs against a producer's `message.max.bytes` (librdkafka
+    /// adds a few bytes of framing per header and per record; this overcounts them).
+    pub fn wire_size(&self) -> usize {
+        let headers: usize = self.headers.iter().map(|(k, v)| k.len() + v.len() + 10).sum();
+        self.key.len() + self.value.len() + headers + 64
+    }
+}
+
+/// What a record of a node's topic holds.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Contents {
+    /// Consecutive events of one origin.
+    Events(Vec<Event>),
+    /// Events `from..=to` of `origin` are not in the topic (a gap record).
+    Gap { origin: NodeId, from: u64, to: u64 },
 }
 
 /// Why a record cannot be read as weft events.
@@ -113,12 +129,50 @@ fn record(events: &[Event], encoded: Vec<proto::Event>) -> Record {
     }
 }
 
-/// The events of a record, checked against its headers: the format, one origin, and seqs
-/// running without a gap from `weft-seq` to `weft-end`.
-pub fn decode(headers: &[(String, Vec<u8>)], value: &[u8]) -> Result<Vec<Event>, RecordError> {
-    let text = |name: &'static str| -> Result<&str, RecordError> {
-        let (_, bytes) = headers
-            .iter()
+/// A gap record: events `from..=to` of `origin` are not in the topic, for `reason`.
+pub fn gap(origin: &str, from: u64, to: u64, reason: &str) -> Record {
+    let header = |name: &str, value: String| (name.to_owned(), value.into_bytes());
+    let value = serde_json::json!({ "origin": origin, "from": from, "to": to, "reason": reason });
+    Record {
+        key: origin.to_owned(),
+        headers: vec![
+            header("weft-format", GAP_FORMAT.to_owned()),
+            header("weft-origin", origin.to_owned()),
+            header("weft-seq", from.to_string()),
+            header("weft-end", to.to_string()),
+        ],
+        value: value.to_string().into_bytes(),
+    }
+}
+
+/// What a record holds, checked against its headers: events (`decode`) or a gap, whose
+/// `weft-seq..=weft-end` must be a range of seqs.
+pub fn read(headers: &[(String, Vec<u8>)], value: &[u8]) -> Result<Contents, RecordError> {
+    let fields = Headers(headers);
+    if fields.text("weft-format")? != GAP_FORMAT {
+        return decode(headers, value).map(Contents::Events);
+    }
+    let (origin, from, to) = (
+        fields.text("weft-origin")?,
+        fields.number("weft-seq")?,
+        fields.number("weft-end")?,
+    );
+    if from == 0 || from > to {
+        return Err(RecordError::Mismatch(format!("a gap from seq {from} to {to}")));
+    }
+    Ok(Contents::Gap {
+        origin: origin.to_owned(),
+        from,
+        to,
+    })
+}
+
+/// A record's headers, read as weft's.
+struct Headers<'a>(&'a [(String, Vec<u8>)]);
+
+impl Headers<'_> {
+    fn text(&self, name: &'static str) -> Result<&str, RecordError> {
+        let (_, bytes) = (self.0.iter())
             .find(|(n, _)| n == name)
             .ok_or(RecordError::MissingHeader(name))?;
         std::str::from_utf8(bytes).map_err(|_| RecordError::BadHeader {
@@ -126,15 +180,24 @@ pub fn decode(headers: &[(String, Vec<u8>)], value: &[u8]) -> Result<Vec<Event>,
             value: String::from_utf8_lossy(bytes).into_owned(),
             expected: "UTF-8 text",
         })
-    };
-    let number = |name: &'static str| -> Result<u64, RecordError> {
-        let value = text(name)?;
+    }
+
+    fn number(&self, name: &'static str) -> Result<u64, RecordError> {
+        let value = self.text(name)?;
         value.parse().map_err(|_| RecordError::BadHeader {
             header: name,
             value: value.to_owned(),
             expected: "a decimal number",
         })
-    };
+    }
+}
+
+/// The events of a record, checked against its headers: the format, one origin, and seqs
+/// running without a gap from `weft-seq` to `weft-end`.
+pub fn decode(headers: &[(String, Vec<u8>)], value: &[u8]) -> Result<Vec<Event>, RecordError> {
+    let fields = Headers(headers);
+    let text = |name: &'static str| fields.text(name);
+    let number = |name: &'static str| fields.number(name);
     let format = text("weft-format")?;
     if format != FORMAT {
         return Err(RecordError::BadHeader {
@@ -173,57 +236,10 @@ fn describe(seqs: &[u64]) -> String {
     }
 }
 
-/// The records of a changes topic holding `events`, one per event (see the module docs).
-pub fn envelopes(events: &[Event], mesh: &str) -> Vec<Record> {
-    let header = |name: &str, value: String| (name.to_owned(), value.into_bytes());
-    (events.iter())
-        .map(|event| {
-            let key: Vec<serde_json::Value> = event.key.0.iter().map(crate::event::Value::to_json).collect();
-            Record {
-                key: serde_json::json!({ "table": event.table, "key": key }).to_string(),
-                headers: vec![
-                    header("weft-format", ENVELOPE_FORMAT.to_owned()),
-                    header("weft-origin", event.origin.clone()),
-                    header("weft-seq", event.seq.to_string()),
-                ],
-                value: envelope(event, mesh).to_string().into_bytes(),
-            }
-        })
-        .collect()
-}
-
-/// One event as a Debezium-shaped JSON document (see the module docs).
-pub fn envelope(event: &Event, mesh: &str) -> serde_json::Value {
-    let (after, op) = match &event.op {
-        Op::Upsert(row) => (row.to_json(), "u"),
-        Op::Delete => (serde_json::Value::Null, "d"),
-        Op::Undecodable { .. } => (event.op.to_json(), "u"),
-    };
-    let key: Vec<serde_json::Value> = event.key.0.iter().map(crate::event::Value::to_json).collect();
-    serde_json::json!({
-        "before": null,
-        "after": after,
-        "source": {
-            "connector": "weft",
-            "version": env!("CARGO_PKG_VERSION"),
-            "name": mesh,
-            "node": event.origin,
-            "region": event.origin_region,
-            "table": event.table,
-            "key": key,
-            "seq": event.seq,
-            "hlc": event.hlc.to_string(),
-            "version_vector": serde_json::from_str::<serde_json::Value>(&event.version.to_json()).unwrap_or_default(),
-        },
-        "op": op,
-        "ts_ms": event.committed_at_micros.div_euclid(1000),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Hlc, Key, Row, Value};
+    use crate::event::{Hlc, Key, Op, Row, Value};
 
     fn event(seq: u64, text: &str) -> Event {
         Event {
@@ -296,35 +312,22 @@ mod tests {
     }
 
     #[test]
-    fn the_envelope_has_the_shape_debezium_consumers_read() {
-        let json = envelope(&event(4, "four"), "prod");
-        assert_eq!(json["op"], "u");
-        assert_eq!(json["before"], serde_json::Value::Null);
-        assert_eq!(json["after"]["v"], "four");
-        assert_eq!(json["source"]["table"], "t");
-        assert_eq!(json["source"]["seq"], 4);
-        assert_eq!(json["ts_ms"], 1_700_000_000_123i64);
-        let mut deleted = event(5, "");
-        deleted.op = Op::Delete;
-        let json = envelope(&deleted, "prod");
+    fn a_gap_record_reads_back_as_the_range_it_stands_for() {
+        let record = gap("n1", 4, 9, "trimmed before it was published");
         assert_eq!(
-            (json["op"].as_str(), json["source"]["key"][0].as_i64()),
-            (Some("d"), Some(5))
+            read(&record.headers, &record.value),
+            Ok(Contents::Gap {
+                origin: "n1".into(),
+                from: 4,
+                to: 9
+            })
         );
-    }
-
-    #[test]
-    fn a_changes_record_is_one_event_keyed_by_table_and_key() {
-        let records = envelopes(&[event(4, "four"), event(5, "five")], "prod");
-        assert_eq!(records.len(), 2);
-        assert_eq!(records[1].key, r#"{"key":[5],"table":"t"}"#);
-        let value: serde_json::Value = serde_json::from_slice(&records[1].value).unwrap();
-        assert_eq!(value, envelope(&event(5, "five"), "prod"));
-        let seq = records[1].headers.iter().find(|(k, _)| k == "weft-seq");
-        assert_eq!(seq.map(|(_, v)| v.as_slice()), Some(&b"5"[..]));
-        assert!(
-            decode(&records[1].headers, &records[1].value).is_err(),
-            "not a weft.v1.Batch"
-        );
+        let value: serde_json::Value = serde_json::from_slice(&record.value).unwrap();
+        assert_eq!(value["reason"], "trimmed before it was published");
+        let backwards = gap("n1", 9, 4, "");
+        assert!(read(&backwards.headers, &backwards.value).is_err(), "not a range");
+        assert!(decode(&record.headers, &record.value).is_err(), "no events in it");
+        let events = encode(&[event(1, "a")], 1 << 20).remove(0);
+        assert!(matches!(read(&events.headers, &events.value), Ok(Contents::Events(e)) if e.len() == 1));
     }
 }

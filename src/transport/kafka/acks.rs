@@ -243,7 +243,7 @@ impl HistoryCheck {
             None => {
                 let client = super::client(&ctx.config, ctx.config.region())?;
                 let topic = record::topic(&ctx.config.topology.mesh, me);
-                super::ensure_topic(&client, &topic).await?;
+                super::ensure_topic(&client, &topic, super::sizes(&ctx.config)).await?;
                 let me = me.clone();
                 let scan = tokio::task::spawn_blocking(move || last_own_seq(&client, &topic, &me));
                 *self

@@ -1,11 +1,12 @@
 //! The Kafka binding: links on which a sender writes its outgoing log into its topic and the
 //! receiver reads it from there, with the same outcome in the database as the gRPC binding.
 //!
-//! - [`publish`]: the sender's half. One topic per node (`record::topic`), one partition,
-//!   created here if missing; an idempotent producer (`acks=all`, gapless) writes the log of
-//!   every origin the node sends over Kafka, in order, with no hole. With `[kafka] changes`,
-//!   a second one writes the node's own changes as JSON documents into
-//!   `weft.<mesh>.<node>.changes`.
+//! - [`publish`]: the sender's half. One topic per node (`record::topic`); an idempotent
+//!   producer (`acks=all`, gapless) writes the log of every origin the node sends over
+//!   Kafka, in order, with no hole that is not marked by a gap record ([`layout`]: what
+//!   stands in for what the log no longer holds or what is too large). With `[kafka]
+//!   changes`, a second one writes the node's own changes as JSON documents ([`envelope`])
+//!   into `weft.<mesh>.<node>.changes`.
 //! - [`consume`]: the receiver's half, one reader per upstream peer. It assigns partition 0
 //!   and seeks to the position stored in its own database (no group membership, no
 //!   rebalancing, `auto.offset.reset=error`), applies whole capture batches through the same
@@ -13,6 +14,9 @@
 //!   rows (`Store::apply_from`), so it applies each event exactly once without Kafka
 //!   transactions. A position outside the log (retention expired, topic recreated) and a gap
 //!   take the re-seed path (`join`): never a silent jump.
+//! - [`topic`]: weft's topics (one partition, created if missing) and how large a record in
+//!   them may be: `[replication] max_message_mib`, as on gRPC, set on every client and
+//!   checked (raised where allowed) on every topic weft writes.
 //! - [`acks`]: what a receiver says back. It commits its position to the group
 //!   `weft.<receiver>` (so Kafka's own tools show its lag) with a [`acks::Receipt`] as the
 //!   offset's metadata: its frontiers and the node reports it knows. The sender reads those
@@ -25,16 +29,15 @@
 //! `weft.<mesh>.X`; every record still passes admission as on gRPC.
 pub mod acks;
 pub mod consume;
+pub mod envelope;
+pub mod layout;
 pub mod publish;
+pub mod topic;
 
 pub use publish::{PublishError, Publisher, kafka_headers, record_headers};
-
-use std::time::Duration;
+pub use topic::{Sizes, ensure_topic};
 
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::error::RDKafkaErrorCode;
 
 use crate::config::NodeConfig;
 
@@ -76,12 +79,57 @@ pub enum LinkError {
         have: u64,
         got: u64,
     },
+    #[error(
+        "{topic} holds no events {from}..={to} of {origin} (a gap record: its publisher no longer had them, or \
+         one was too large for a record), and this node has {origin} only up to {have}"
+    )]
+    Hole {
+        topic: String,
+        origin: String,
+        from: u64,
+        to: u64,
+        have: u64,
+    },
+    #[error(
+        "{topic}: a capture batch of {origin} has stayed open for {secs} s with {behind} events of other origins \
+         held behind it; its rest is not coming (its publisher stopped carrying {origin}, or lost it), so it is \
+         taken as a gap (this node has {origin} up to {have})"
+    )]
+    OpenBatch {
+        topic: String,
+        origin: String,
+        have: u64,
+        behind: usize,
+        secs: u64,
+    },
     #[error("{0}")]
     Publish(#[from] PublishError),
+    #[error("{}", record_limit(topic, *found, *needed, cause))]
+    RecordLimit {
+        topic: String,
+        /// Its `max.message.bytes`, if the cluster said.
+        found: Option<usize>,
+        needed: usize,
+        cause: String,
+    },
+}
+
+/// What `LinkError::RecordLimit` says: what is wrong with the topic, and what to do.
+fn record_limit(topic: &str, found: Option<usize>, needed: usize, cause: &str) -> String {
+    let what = match found {
+        Some(found) => format!("topic {topic} takes records of at most {found} bytes (its max.message.bytes)"),
+        None => format!("the max.message.bytes of topic {topic} is unknown"),
+    };
+    format!(
+        "{what}, and weft needs {needed} for [replication] max_message_mib: {cause}. Raise it (kafka-configs \
+         --alter --entity-type topics --entity-name {topic} --add-config max.message.bytes={needed}), let weft's \
+         principal describe and alter the topic's settings, or lower max_message_mib on every node"
+    )
 }
 
 /// A client configuration for the cluster of `region`: its bootstrap servers from the
-/// topology, and the node's `[kafka]` settings (TLS, SASL).
+/// topology, the node's `[kafka]` settings (TLS, SASL), and the record sizes of
+/// `max_message_mib` (`topic::Sizes`).
 pub fn client(config: &NodeConfig, region: &str) -> Result<ClientConfig, LinkError> {
     let bootstrap = (config.topology)
         .kafka_bootstrap(region)
@@ -93,44 +141,41 @@ pub fn client(config: &NodeConfig, region: &str) -> Result<ClientConfig, LinkErr
     for (key, value) in &config.kafka {
         client.set(key, value);
     }
+    sizes(config).apply(&mut client);
     Ok(client)
 }
 
-/// Creates `topic` with one partition (and the cluster's default replication) if it does
-/// not exist; refuses a topic of more partitions, whose order would not be total.
-pub async fn ensure_topic(client: &ClientConfig, topic: &str) -> Result<(), LinkError> {
-    let admin: std::sync::Arc<AdminClient<DefaultClientContext>> = std::sync::Arc::new(client.create()?);
-    let new = NewTopic::new(topic, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "delete");
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    for result in admin.create_topics([&new], &options).await? {
-        match result {
-            Ok(_) => tracing::info!(%topic, "created the topic of this node's outgoing log"),
-            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((_, code)) => return Err(rdkafka::error::KafkaError::AdminOp(code).into()),
+/// The record sizes of this node's `max_message_mib`.
+pub fn sizes(config: &NodeConfig) -> Sizes {
+    Sizes::of(config.replication.max_message_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_topic_too_small_for_its_records_is_named_with_what_to_do() {
+        let error = LinkError::RecordLimit {
+            topic: "weft.m.a".into(),
+            found: Some(1_048_588),
+            needed: 67_239_936,
+            cause: "raising it failed: Broker: Topic authorization failed".into(),
+        };
+        let said = error.to_string();
+        for part in [
+            "topic weft.m.a takes records of at most 1048588 bytes (its max.message.bytes)",
+            "weft needs 67239936 for [replication] max_message_mib",
+            "Topic authorization failed",
+            "--entity-name weft.m.a --add-config max.message.bytes=67239936",
+        ] {
+            assert!(said.contains(part), "{said}");
         }
+        let unknown = record_limit("weft.m.a", None, 67_239_936, "the cluster did not say");
+        assert!(
+            unknown
+                .to_string()
+                .starts_with("the max.message.bytes of topic weft.m.a is unknown")
+        );
     }
-    // A topic just created may show no partitions until its metadata has spread.
-    let mut partitions = 0;
-    for _ in 0..50 {
-        let (admin, topic_name) = (admin.clone(), topic.to_owned());
-        partitions = tokio::task::spawn_blocking(move || {
-            let metadata = admin
-                .inner()
-                .fetch_metadata(Some(&topic_name), Duration::from_secs(30))?;
-            Ok::<_, rdkafka::error::KafkaError>(metadata.topics().first().map_or(0, |t| t.partitions().len()))
-        })
-        .await
-        .expect("the metadata task does not panic")?;
-        if partitions > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    if partitions != 1 {
-        return Err(LinkError::Partitions {
-            topic: topic.to_owned(),
-            partitions,
-        });
-    }
-    Ok(())
 }
