@@ -586,7 +586,7 @@ async fn audit_loop(ctx: Context, metrics: Arc<Metrics>, every: Duration) {
             .store(summary.unsettled as u64, std::sync::atomic::Ordering::Relaxed);
         match summary.differing {
             0 => {
-                tracing::info!(audit = %summary.audit, rows = summary.rows_read, unsettled = summary.unsettled, "background audit: every node holds the same rows")
+                tracing::info!(audit = %summary.audit, rows = summary.rows_read, unsettled = summary.unsettled, waiting_on_dead_letters = summary.waiting, "background audit: every node holds the same rows")
             }
             n => tracing::warn!(
                 audit = %summary.audit, differing = n, keys = ?summary.keys,

@@ -249,6 +249,7 @@ pub fn audit_row_to_proto(row: &crate::store::checksum::AuditRow) -> proto::Audi
         deleted: version.is_some_and(|v| v.deleted),
         present: row.image.is_some(),
         image: row.image.as_ref().map(columns_to_proto).unwrap_or_default(),
+        waiting: row.waiting,
     }
 }
 
@@ -278,6 +279,7 @@ pub fn audit_row_from_proto(row: proto::AuditRow) -> Result<crate::store::checks
         key: row.key,
         version,
         image,
+        waiting: row.waiting,
     })
 }
 

@@ -86,6 +86,7 @@ fn audit_request(s: &Sidecars, claim: &str) -> proto::AuditRequest {
             level: 0,
             nodes: vec![0],
         })),
+        columns: Vec::new(),
     }
 }
 

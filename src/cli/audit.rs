@@ -4,7 +4,8 @@
 //!
 //! Exit status: 0 when every node holds the same rows, 1 when some differ (also after a
 //! repair: run it again once the repairs replicated), 3 when nothing differs for sure but
-//! some rows never stopped changing, or the nodes did not catch up with each other.
+//! some rows never stopped changing, the nodes did not catch up with each other, or some
+//! rows wait on dead letters (they apply once the letters' cause is fixed).
 use std::path::Path;
 
 use crate::config::NodeConfig;
@@ -49,7 +50,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         true => println!("{}", serde_json::to_string_pretty(&report)?),
         false => print(&report, &args.config),
     }
-    let code = match (report.differing(), report.unsettled()) {
+    let code = match (report.differing(), report.unsettled() + report.waiting()) {
         (0, 0) => return Ok(()),
         (0, _) => 3,
         _ => 1,
@@ -71,12 +72,19 @@ fn print(report: &Report, config: &Path) {
     );
     for table in &report.tables {
         println!(
-            "\n{}: {} differing, {} unsettled ({} candidates from the checksums)",
+            "\n{}: {} differing, {} unsettled, {} waiting on dead letters ({} candidates from the checksums)",
             table.table,
             table.differing.len(),
             table.unsettled.len(),
+            table.waiting.len(),
             table.candidates
         );
+        if !table.not_compared.is_empty() {
+            println!(
+                "  not compared: column(s) {} (not every node's table has them yet)",
+                table.not_compared.join(", ")
+            );
+        }
         for finding in &table.differing {
             println!("  key {}", finding.key);
             for seen in &finding.seen {
@@ -86,10 +94,10 @@ fn print(report: &Report, config: &Path) {
                     (None, false) => "no row".into(),
                 };
                 let version = seen.version.as_deref().unwrap_or("no metadata");
-                let odd = if seen.consistent {
-                    ""
-                } else {
-                    "  (disagrees with its metadata)"
+                let odd = match (seen.waiting, seen.consistent) {
+                    (true, _) => "  (holds a dead letter of it: does not decide)",
+                    (false, true) => "",
+                    (false, false) => "  (disagrees with its metadata)",
                 };
                 println!("    {:<12} {version:<24} {row}{odd}", seen.node);
             }
@@ -105,6 +113,13 @@ fn print(report: &Report, config: &Path) {
         }
         for key in &table.unsettled {
             println!("  key {key}: kept changing; not compared");
+        }
+        for waiting in &table.waiting {
+            println!(
+                "  key {}: waits on dead letters at {} (`weft dead-letters list` there says why); not repaired",
+                waiting.key,
+                waiting.nodes.join(", ")
+            );
         }
         if let Some(note) = &table.note {
             println!("  note: {note}");

@@ -327,10 +327,11 @@ async fn status(path: PathBuf, json: bool) -> anyhow::Result<()> {
     if let Some(audit) = &status.last_audit {
         let at = audit["at_micros"].as_i64().unwrap_or(now);
         println!(
-            "\nlast background audit {} ago: {} rows differ, {} kept changing ({} rows read)",
+            "\nlast background audit {} ago: {} rows differ, {} kept changing, {} wait on dead letters ({} rows read)",
             age(at),
             audit["differing"],
             audit["unsettled"],
+            audit["waiting"].as_u64().unwrap_or(0),
             audit["rows_read"]
         );
         for key in audit["keys"].as_array().into_iter().flatten() {

@@ -208,6 +208,21 @@ pub struct ConflictRecord<'a> {
     pub loser: String,
 }
 
+/// A dead letter as a snapshot hands it to a joiner (`transport::join`).
+#[derive(Debug, Clone)]
+pub struct CopiedLetter {
+    /// Its id at the source (to page on); not kept by the joiner.
+    pub id: i64,
+    pub origin: NodeId,
+    pub seq: u64,
+    pub table: String,
+    pub key: String,
+    pub reason: String,
+    pub cause: String,
+    /// The event, encoded.
+    pub event: Vec<u8>,
+}
+
 /// An event that cannot be applied, with why.
 pub struct DeadLetter<'a> {
     pub event: &'a Event,
@@ -341,6 +356,10 @@ pub trait Txn {
     async fn tombstones(&mut self, limit: i64) -> Result<Vec<(String, Vec<u8>, RowVersion)>, StoreError>;
     /// (table, key text) of every dead letter.
     async fn dead_letter_keys(&mut self) -> Result<std::collections::HashSet<(String, String)>, StoreError>;
+    /// Up to `limit` letters after id `after` that a snapshot hands a joiner.
+    async fn letters_to_copy(&mut self, after: i64, limit: i64) -> Result<Vec<CopiedLetter>, StoreError>;
+    /// Stores another node's letter as this node's, once; whether it was new.
+    async fn copy_letter(&mut self, letter: &CopiedLetter) -> Result<bool, StoreError>;
     /// Makes the recorded version of `key` a tombstone.
     async fn mark_deleted(&mut self, table: &str, key: &[u8]) -> Result<(), StoreError>;
     /// Removes the tombstone of `key` with what it kept (CRDT states, siblings).
@@ -527,6 +546,21 @@ macro_rules! forward_txn_io {
             &mut self,
         ) -> Result<std::collections::HashSet<(String, String)>, $crate::store::StoreError> {
             metadata::dead_letter_keys(self.conn).await
+        }
+
+        async fn letters_to_copy(
+            &mut self,
+            after: i64,
+            limit: i64,
+        ) -> Result<Vec<$crate::store::backend::CopiedLetter>, $crate::store::StoreError> {
+            metadata::letters_to_copy(self.conn, after, limit).await
+        }
+
+        async fn copy_letter(
+            &mut self,
+            letter: &$crate::store::backend::CopiedLetter,
+        ) -> Result<bool, $crate::store::StoreError> {
+            metadata::copy_letter(self.conn, letter).await
         }
 
         async fn mark_deleted(&mut self, table: &str, key: &[u8]) -> Result<(), $crate::store::StoreError> {

@@ -16,6 +16,12 @@
 //! some buckets with their digests, and [`Replica::audit_rows`] reads some rows in full with
 //! the frontiers they are at least as new as. The last two are fresh reads: the caller
 //! compares two of them to tell a row being written from one that differs.
+//!
+//! Every read takes the columns to compare ([`Compared`]): during a rolling `ADD COLUMN` or
+//! `DROP COLUMN` the regions' tables differ by a column, and the auditor compares only the
+//! columns every region has. A row read in full also says whether the node holds a dead
+//! letter of its key ([`AuditRow::waiting`]): an event it has not applied, so its row is
+//! unknown there, not deleted.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use sha2::{Digest as _, Sha256};
@@ -118,6 +124,19 @@ pub struct AuditRow {
     pub key: Vec<u8>,
     pub version: Option<RowVersion>,
     pub image: Option<Row>,
+    /// The node holds a dead letter of this key (see the module doc).
+    pub waiting: bool,
+}
+
+/// The columns an audit compares: `None` for every column of the table.
+pub type Compared<'c> = Option<&'c [String]>;
+
+/// `row` with only the `compared` columns.
+pub fn restrict(mut row: Row, compared: Compared<'_>) -> Row {
+    if let Some(columns) = compared {
+        row.0.retain(|(c, _)| columns.contains(c));
+    }
+    row
 }
 
 impl AuditRow {
@@ -151,7 +170,12 @@ impl<B: Backend> Replica<B> {
 
     /// Calls `visit` with the key bytes and digest part of every metadata entry and every
     /// row of `table`, all in one read transaction.
-    async fn sum_table(&self, table: &str, visit: &mut (dyn FnMut(&[u8], Sum) + Send)) -> Result<u64, StoreError> {
+    async fn sum_table(
+        &self,
+        table: &str,
+        compared: Compared<'_>,
+        visit: &mut (dyn FnMut(&[u8], Sum) + Send),
+    ) -> Result<u64, StoreError> {
         let rules = self.audited(table)?;
         let tables = self.tables();
         let mut read = self.backend.begin_read().await?;
@@ -174,7 +198,7 @@ impl<B: Backend> Replica<B> {
         rows += txn
             .scan_rows(&rules, &mut |row: Row| {
                 let key = key_of(&key_columns, &row).to_bytes();
-                visit(&key, image_part(&key, &row));
+                visit(&key, image_part(&key, &restrict(row, compared)));
             })
             .await?;
         drop(txn);
@@ -200,11 +224,16 @@ impl<B: Backend> Replica<B> {
         .await
     }
 
+    /// The columns of `table` here, in the table's order.
+    pub fn audit_shape(&self, table: &str) -> Result<Vec<String>, StoreError> {
+        Ok(self.audited(table)?.columns().to_vec())
+    }
+
     /// Every bucket of `table`, from one consistent view.
-    pub async fn audit_tree(&self, table: &str) -> Result<Tree, StoreError> {
+    pub async fn audit_tree(&self, table: &str, compared: Compared<'_>) -> Result<Tree, StoreError> {
         let mut leaves: Vec<Sum> = vec![0; LEAVES as usize];
         let rows = self
-            .sum_table(table, &mut |key, part| {
+            .sum_table(table, compared, &mut |key, part| {
                 let leaf = &mut leaves[bucket(key) as usize];
                 *leaf = leaf.wrapping_add(part);
             })
@@ -213,9 +242,14 @@ impl<B: Backend> Replica<B> {
     }
 
     /// The keys of `table` in `buckets`, with their digests, in key byte order.
-    pub async fn audit_keys(&self, table: &str, buckets: &BTreeSet<u32>) -> Result<Vec<(Vec<u8>, Sum)>, StoreError> {
+    pub async fn audit_keys(
+        &self,
+        table: &str,
+        buckets: &BTreeSet<u32>,
+        compared: Compared<'_>,
+    ) -> Result<Vec<(Vec<u8>, Sum)>, StoreError> {
         let mut keys: HashMap<Vec<u8>, Sum> = HashMap::new();
-        self.sum_table(table, &mut |key, part| {
+        self.sum_table(table, compared, &mut |key, part| {
             if buckets.contains(&bucket(key)) {
                 let sum = keys.entry(key.to_vec()).or_default();
                 *sum = sum.wrapping_add(part);
@@ -233,20 +267,27 @@ impl<B: Backend> Replica<B> {
         &self,
         table: &str,
         keys: &[Vec<u8>],
+        compared: Compared<'_>,
     ) -> Result<(Vec<AuditRow>, BTreeMap<NodeId, u64>), StoreError> {
         let rules = self.audited(table)?;
         let tables = self.tables();
         let mut read = self.backend.begin_read().await?;
         let mut txn = self.backend.txn(&tables, &mut read);
         let mut versions = txn.versions(table, keys).await?;
+        let letters = match keys.is_empty() {
+            true => Default::default(),
+            false => txn.dead_letter_keys().await?,
+        };
         let mut rows = Vec::with_capacity(keys.len());
         for bytes in keys {
             let key = Key::from_bytes(bytes)
                 .map_err(|e| StoreError::Refused(format!("an audited key of {table} does not decode: {e}")))?;
+            let image = txn.read_row(&rules, &key).await?;
             rows.push(AuditRow {
                 key: bytes.clone(),
                 version: versions.remove(bytes),
-                image: txn.read_row(&rules, &key).await?,
+                image: image.map(|row| restrict(row, compared)),
+                waiting: letters.contains(&(table.to_owned(), key.to_string())),
             });
         }
         // In the rows' snapshot: everything of this node's the rows include is at or below it.
@@ -292,6 +333,7 @@ mod tests {
             key: key.clone(),
             version: Some(version(&[("a", 1)], false)),
             image: Some(row("x")),
+            waiting: false,
         };
         let mut reordered = base.clone();
         reordered.image.as_mut().unwrap().0.reverse();
@@ -313,11 +355,13 @@ mod tests {
             key: key.clone(),
             version: Some(version(&[("a", 2)], true)),
             image: None,
+            waiting: false,
         };
         let purged = AuditRow {
             key,
             version: None,
             image: None,
+            waiting: false,
         };
         assert_eq!(
             tombstone.digest(),

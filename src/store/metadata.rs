@@ -300,6 +300,79 @@ macro_rules! metadata_io {
             Ok(rows.into_iter().collect())
         }
 
+        /// Up to `limit` dead letters after id `after` (oldest first), but those refused as
+        /// too large: what a snapshot hands a joiner (`transport::join`).
+        pub(super) async fn letters_to_copy(
+            conn: &mut $conn,
+            after: i64,
+            limit: i64,
+        ) -> Result<Vec<$crate::store::backend::CopiedLetter>, $crate::store::StoreError> {
+            let sql = meta(
+                "SELECT id, origin, seq, tbl, key, reason, cause, event FROM {w}dead_letters \
+                 WHERE id > $1 AND cause <> $2 ORDER BY id LIMIT $3",
+            );
+            let rows: Vec<(i64, String, i64, String, String, String, String, Vec<u8>)> = sqlx::query_as(sql)
+                .bind(after)
+                .bind($crate::store::backend::Cause::TooLarge.as_str())
+                .bind(limit)
+                .fetch_all(&mut *conn)
+                .await?;
+            Ok(rows
+                .into_iter()
+                .map(|(id, origin, seq, table, key, reason, cause, event)| $crate::store::backend::CopiedLetter {
+                    id,
+                    origin,
+                    seq: seq as u64,
+                    table,
+                    key,
+                    reason,
+                    cause,
+                    event,
+                })
+                .collect())
+        }
+
+        /// Stores `letter` (another node's) as a letter of this node, unless it holds that
+        /// letter already (same event, key and cause). Returns whether it was new.
+        pub(super) async fn copy_letter(
+            conn: &mut $conn,
+            letter: &$crate::store::backend::CopiedLetter,
+        ) -> Result<bool, $crate::store::StoreError> {
+            let held = meta(
+                "SELECT count(*) FROM {w}dead_letters WHERE origin = $1 AND seq = $2 AND tbl = $3 AND key = $4 AND cause = $5",
+            );
+            let count: i64 = sqlx::query_scalar(held)
+                .bind(&letter.origin)
+                .bind(letter.seq as i64)
+                .bind(&letter.table)
+                .bind(&letter.key)
+                .bind(&letter.cause)
+                .fetch_one(&mut *conn)
+                .await?;
+            if count > 0 {
+                return Ok(false);
+            }
+            let sql = meta(
+                "INSERT INTO {w}dead_letters (origin, seq, tbl, key, reason, event, at, attempts, retry_at, cause) \
+                 VALUES ($1, $2, $3, $4, $5, $6, {now}, 0, {now} + $7, $8)",
+            );
+            sqlx::query(sql)
+                .bind(&letter.origin)
+                .bind(letter.seq as i64)
+                .bind(&letter.table)
+                .bind(&letter.key)
+                .bind(&letter.reason)
+                .bind(&letter.event)
+                .bind(match $crate::store::backend::Cause::retried_by_name(&letter.cause) {
+                    false => $crate::store::backend::NEVER_MICROS,
+                    true => $crate::store::backend::retry_backoff_micros(0),
+                })
+                .bind(&letter.cause)
+                .execute(&mut *conn)
+                .await?;
+            Ok(true)
+        }
+
         /// Makes the recorded version of `key` a tombstone.
         pub(super) async fn mark_deleted(
             conn: &mut $conn,

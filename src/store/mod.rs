@@ -357,9 +357,32 @@ impl Store {
         both!(self, s => s.record_audit(summary).await)
     }
 
+    /// The source's dead letters for a joiner after id `after` (`snapshot`).
+    pub async fn snapshot_letters(
+        &self,
+        after: i64,
+        max_bytes: usize,
+    ) -> Result<(Vec<backend::CopiedLetter>, bool), StoreError> {
+        both!(self, s => s.snapshot_letters(after, max_bytes).await)
+    }
+
+    /// Keeps a snapshot source's dead letters as this node's (`snapshot`).
+    pub async fn copy_letters(&self, letters: &[backend::CopiedLetter]) -> Result<u64, StoreError> {
+        both!(self, s => s.copy_letters(letters).await)
+    }
+
+    /// The columns of `table` here (`checksum`).
+    pub fn audit_shape(&self, table: &str) -> Result<Vec<String>, StoreError> {
+        both!(self, s => s.audit_shape(table))
+    }
+
     /// Every bucket of `table`'s audit tree, from one consistent view (`checksum`).
-    pub async fn audit_tree(&self, table: &str) -> Result<checksum::Tree, StoreError> {
-        both!(self, s => s.audit_tree(table).await)
+    pub async fn audit_tree(
+        &self,
+        table: &str,
+        compared: checksum::Compared<'_>,
+    ) -> Result<checksum::Tree, StoreError> {
+        both!(self, s => s.audit_tree(table, compared).await)
     }
 
     /// The keys of `table` in `buckets`, with their digests (`checksum`).
@@ -367,8 +390,9 @@ impl Store {
         &self,
         table: &str,
         buckets: &std::collections::BTreeSet<u32>,
+        compared: checksum::Compared<'_>,
     ) -> Result<Vec<(Vec<u8>, checksum::Sum)>, StoreError> {
-        both!(self, s => s.audit_keys(table, buckets).await)
+        both!(self, s => s.audit_keys(table, buckets, compared).await)
     }
 
     /// The rows `keys` of `table` in full, with the frontiers they are at most as new as.
@@ -376,8 +400,9 @@ impl Store {
         &self,
         table: &str,
         keys: &[Vec<u8>],
+        compared: checksum::Compared<'_>,
     ) -> Result<(Vec<checksum::AuditRow>, BTreeMap<NodeId, u64>), StoreError> {
-        both!(self, s => s.audit_rows(table, keys).await)
+        both!(self, s => s.audit_rows(table, keys, compared).await)
     }
 
     /// About `max` log entries of `origin` after `after`, ending on a capture-batch boundary.

@@ -18,6 +18,13 @@
 //! with a hole. The last page raises the frontiers to the snapshot's (never lowers one), then
 //! clears the join; this node's own seq is raised to what the source had of it before the
 //! first page (`raise_own_seq`), so nothing drained meanwhile reuses a seq.
+//!
+//! Dead letters (`snapshot_letters`, `copy_letters`): the source's frontiers count the events
+//! it dead-lettered, which its rows lack; the joiner's frontiers are raised to them, so no log
+//! will bring those events again. The source hands its letters over (read after its
+//! frontiers, before any row) and the joiner keeps them as its own, once each, retrying them
+//! as it does its own. A row the joiner holds and the source lacks only because it holds the
+//! row's event as a letter is kept, not swept as a purged delete ([`Sweep`]).
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -170,9 +177,19 @@ async fn sweep_purged<T: Txn>(txn: &mut T, sweep: &Sweep) -> Result<(), StoreErr
             break;
         }
     }
+    // A row the source lacks because it holds the row's event as a dead letter was never
+    // applied there, not deleted: its letters were copied here before any table's rows.
+    let waiting = match victims.is_empty() {
+        true => Default::default(),
+        false => txn.dead_letter_keys().await?,
+    };
     for (key_bytes, version) in victims {
         let key = Key::from_bytes(&key_bytes)
             .map_err(|e| StoreError::Corrupt(format!("a key of {} in the row metadata: {e}", sweep.table)))?;
+        if waiting.contains(&(sweep.table.clone(), key.to_string())) {
+            tracing::info!(table = %sweep.table, %key, "joining: kept a row the source holds as a dead letter");
+            continue;
+        }
         let event = Event {
             origin: version.origin.clone(),
             origin_region: String::new(),
@@ -307,6 +324,59 @@ impl<B: Backend> Replica<B> {
         drop(txn);
         read.commit().await?;
         Ok((rows, more))
+    }
+
+    /// Dead letters after id `after` for a joiner, up to about `max_bytes` (at least one);
+    /// and whether more may follow.
+    pub async fn snapshot_letters(
+        &self,
+        after: i64,
+        max_bytes: usize,
+    ) -> Result<(Vec<crate::store::backend::CopiedLetter>, bool), StoreError> {
+        const PAGE: i64 = 500;
+        let tables = Tables::new();
+        let mut read = self.backend.begin_read().await?;
+        let mut letters = self
+            .backend
+            .txn(&tables, &mut read)
+            .letters_to_copy(after, PAGE)
+            .await?;
+        read.commit().await?;
+        let mut more = letters.len() as i64 == PAGE;
+        let mut bytes = 0;
+        let fits = letters
+            .iter()
+            .take_while(|l| {
+                let fits = bytes < max_bytes;
+                bytes += l.event.len() + l.reason.len() + l.key.len();
+                fits
+            })
+            .count();
+        if fits < letters.len() {
+            letters.truncate(fits);
+            more = true;
+        }
+        Ok((letters, more))
+    }
+
+    /// Stores a snapshot source's dead letters as this node's own (each once), in one
+    /// transaction; returns how many were new.
+    pub async fn copy_letters(&self, letters: &[crate::store::backend::CopiedLetter]) -> Result<u64, StoreError> {
+        self.with_writer(
+            async |store: &Self, conn: &mut crate::store::backend::Conn<B>, _: &mut u64| {
+                let mut tx = sqlx::Connection::begin_with(conn, sqlx::AssertSqlSafe(B::BEGIN)).await?;
+                let tables = Tables::new();
+                let mut txn = store.backend.txn(&tables, &mut tx);
+                let mut copied = 0;
+                for letter in letters {
+                    copied += u64::from(txn.copy_letter(letter).await?);
+                }
+                drop(txn);
+                tx.commit().await?;
+                Ok(copied)
+            },
+        )
+        .await
     }
 
     /// Raises this node's last own seq to `seq` (never lowers it), with the clock, in one

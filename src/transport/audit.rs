@@ -17,6 +17,15 @@
 //! reported as unsettled if it never stops changing. Nothing a region does while the audit
 //! runs can make it report a difference that replication is still carrying.
 //!
+//! Before the descent the auditor asks every node for the table's columns and compares only
+//! those every node has (the others are named in the table's note): a column one region added
+//! (or dropped) ahead of the others during a rolling migration is no difference.
+//!
+//! A node that holds a dead letter of a key (an event of the row it has not applied: it waits
+//! for a column, a parent row, a fix) does not know the row; it takes no part in deciding it.
+//! Where the other nodes agree, the row is reported as waiting, never as a difference, and
+//! `--repair` leaves it alone: the letter applies once its cause is fixed.
+//!
 //! The winner of a differing row ([`decide`]): the rows that agree with their own metadata
 //! first (a row changed behind weft's back disagrees: its image moved without its version,
 //! or it vanished while its metadata says live); among them the newest version; where
@@ -105,13 +114,16 @@ pub async fn answer(
     }
     let store = &ctx.store;
     let table = request.table;
+    let compared = (!request.columns.is_empty()).then_some(request.columns.as_slice());
     let mut reply = proto::AuditReply::default();
     match request.ask {
+        Some(Ask::Shape(_)) => reply.columns = store.audit_shape(&table).map_err(store_status)?,
         Some(Ask::Tree(ask)) => {
             let tree = match trees.get(&request.audit, &table) {
                 Some(tree) => tree,
                 None => {
-                    let tree = std::sync::Arc::new(store.audit_tree(&table).await.map_err(store_status)?);
+                    let tree = store.audit_tree(&table, compared).await.map_err(store_status)?;
+                    let tree = std::sync::Arc::new(tree);
                     trees.put(&request.audit, &table, tree.clone());
                     tree
                 }
@@ -126,7 +138,11 @@ pub async fn answer(
         }
         Some(Ask::Buckets(ask)) => {
             let buckets: BTreeSet<u32> = ask.buckets.into_iter().collect();
-            for (key, sum) in store.audit_keys(&table, &buckets).await.map_err(store_status)? {
+            for (key, sum) in store
+                .audit_keys(&table, &buckets, compared)
+                .await
+                .map_err(store_status)?
+            {
                 reply.keys.push(proto::AuditKey {
                     key,
                     digest: sum.to_be_bytes().to_vec(),
@@ -134,7 +150,10 @@ pub async fn answer(
             }
         }
         Some(Ask::Rows(ask)) => {
-            let (rows, watermark) = store.audit_rows(&table, &ask.keys).await.map_err(store_status)?;
+            let (rows, watermark) = store
+                .audit_rows(&table, &ask.keys, compared)
+                .await
+                .map_err(store_status)?;
             reply.rows = rows.iter().map(wire::audit_row_to_proto).collect();
             reply.watermark = wire::frontiers_to_proto(&watermark);
             let floor = store.purge_floor().await.map_err(store_status)?;
@@ -188,6 +207,16 @@ pub struct Seen {
     pub row: Option<serde_json::Value>,
     /// Whether the row agrees with its metadata.
     pub consistent: bool,
+    /// The node holds a dead letter of the key: it does not know the row.
+    pub waiting: bool,
+}
+
+/// A row some nodes lack only because they hold a dead letter of it; the others agree.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Waiting {
+    pub key: String,
+    /// The nodes holding the letters (`weft dead-letters list` there says why).
+    pub nodes: Vec<NodeId>,
 }
 
 /// A row that differs for good.
@@ -215,6 +244,10 @@ pub struct TableReport {
     pub differing: Vec<Finding>,
     /// Keys that kept changing through every round, or whose nodes did not catch up.
     pub unsettled: Vec<String>,
+    /// Rows that wait on dead letters (see the module doc).
+    pub waiting: Vec<Waiting>,
+    /// Columns some nodes' tables have and others lack: left out of the comparison.
+    pub not_compared: Vec<String>,
     pub note: Option<String>,
 }
 
@@ -238,6 +271,10 @@ impl Report {
     pub fn unsettled(&self) -> usize {
         self.tables.iter().map(|t| t.unsettled.len()).sum()
     }
+
+    pub fn waiting(&self) -> usize {
+        self.tables.iter().map(|t| t.waiting.len()).sum()
+    }
 }
 
 /// What a background audit found, as `weft status` shows it.
@@ -249,6 +286,7 @@ pub struct Summary {
     pub rows_read: u64,
     pub differing: usize,
     pub unsettled: usize,
+    pub waiting: usize,
     /// The first differing rows, as `table key`.
     pub keys: Vec<String>,
     pub elapsed_ms: u64,
@@ -263,6 +301,7 @@ impl Report {
             rows_read: self.tables.iter().flat_map(|t| t.rows_read.values()).sum(),
             differing: self.differing(),
             unsettled: self.unsettled(),
+            waiting: self.waiting(),
             keys: self
                 .tables
                 .iter()
@@ -305,6 +344,8 @@ pub struct Audit {
     options: Options,
     peers: Vec<Peer>,
     report: Report,
+    /// The columns compared in the table being audited (empty: all).
+    compared: Vec<String>,
 }
 
 /// Per node: the rows read, its watermark and its purge floor.
@@ -347,6 +388,7 @@ impl Audit {
             options,
             peers,
             report,
+            compared: Vec::new(),
         })
     }
 
@@ -387,6 +429,7 @@ impl Audit {
             audit: self.report.audit.clone(),
             table: table.to_owned(),
             ask: Some(ask),
+            columns: self.compared.clone(),
         };
         let peer = &mut self.peers[i];
         let reply = peer
@@ -423,12 +466,46 @@ impl Audit {
             table: table.to_owned(),
             ..TableReport::default()
         };
+        self.shape(table, &mut report).await?;
         let candidates = self.candidates(table, &mut report).await?;
         report.candidates = candidates.len();
         if !candidates.is_empty() {
             self.confirm(table, candidates, &mut report).await?;
         }
         Ok(report)
+    }
+
+    /// Asks every node for the table's columns; compares those all of them have.
+    async fn shape(&mut self, table: &str, report: &mut TableReport) -> Result<(), AuditError> {
+        self.compared.clear();
+        let mut shapes = Vec::new();
+        for i in 0..self.peers.len() {
+            shapes.push(self.ask(i, table, Ask::Shape(proto::AuditShapeAsk {})).await?.columns);
+        }
+        let Some(first) = shapes.first() else { return Ok(()) };
+        let common: Vec<String> = first
+            .iter()
+            .filter(|c| shapes.iter().all(|s| s.contains(c)))
+            .cloned()
+            .collect();
+        let mut others: BTreeSet<String> = shapes.iter().flatten().cloned().collect();
+        others.retain(|c| !common.contains(c));
+        if !others.is_empty() {
+            let at = |column: &String| {
+                self.peers
+                    .iter()
+                    .zip(&shapes)
+                    .filter(|(_, s)| s.contains(column))
+                    .map(|(p, _)| p.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let named: Vec<String> = others.iter().map(|c| format!("{c} (only at {})", at(c))).collect();
+            tracing::info!(%table, columns = %named.join("; "), "compared without the columns not every node has");
+            report.not_compared = others.into_iter().collect();
+            self.compared = common;
+        }
+        Ok(())
     }
 
     /// The Merkle descent: the keys whose digests differ between nodes.
@@ -577,6 +654,14 @@ impl Audit {
                     continue;
                 }
                 let rows: Vec<(NodeId, AuditRow)> = self.peers.iter().map(|p| p.id.clone()).zip(now).collect();
+                let knowing: Vec<&AuditRow> = rows.iter().filter(|(_, r)| !r.waiting).map(|(_, r)| r).collect();
+                if knowing.iter().all(|r| r.digest() == knowing[0].digest()) {
+                    report.waiting.push(Waiting {
+                        key: key_text(&key),
+                        nodes: rows.iter().filter(|(_, r)| r.waiting).map(|(n, _)| n.clone()).collect(),
+                    });
+                    continue;
+                }
                 let floors: Vec<VersionVector> = second.iter().map(|(_, _, f)| f.clone()).collect();
                 report
                     .differing
@@ -626,6 +711,7 @@ fn row_of(rows: &BTreeMap<Vec<u8>, AuditRow>, key: &[u8]) -> AuditRow {
         key: key.to_vec(),
         version: None,
         image: None,
+        waiting: false,
     })
 }
 
@@ -648,14 +734,21 @@ fn finding(
             deleted: row.version.as_ref().is_some_and(|v| v.deleted),
             row: row.image.as_ref().map(|r| r.to_json()),
             consistent: row.consistent(),
+            waiting: row.waiting,
         })
         .collect();
+    // A node waiting on a dead letter of the row does not know it: the others decide.
+    let (rows, floors): (Vec<_>, Vec<_>) = rows
+        .into_iter()
+        .zip(floors.iter().cloned())
+        .filter(|((_, row), _)| !row.waiting)
+        .unzip();
     Finding {
         table: table.to_owned(),
         key: key_text(key),
         key_bytes: key.to_vec(),
         seen,
-        winner: decide(&rows, floors, prefer),
+        winner: decide(&rows, &floors, prefer),
         repaired: None,
     }
 }

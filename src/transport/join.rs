@@ -9,6 +9,9 @@
 //! after the last chunk installed. The serving side reads a chunk only when the previous one
 //! has been taken (a channel of two), so neither side holds more than a few chunks.
 //!
+//! Before any table, the source sends its dead letters, which the joiner keeps as its own
+//! (`store::snapshot` says why).
+//!
 //! While a node joins, `weft status` says so and the node serves no snapshot of its own.
 //! Streams keep flowing both ways meanwhile: an event the copy already includes is stale by
 //! its version vector and changes nothing.
@@ -27,6 +30,7 @@ use crate::clock::now_micros;
 use crate::config::NodeSpec;
 use crate::event::NodeId;
 use crate::shutdown::stopped;
+use crate::store::backend::CopiedLetter;
 use crate::store::snapshot::{JoinState, SnapshotRow, Sweep};
 use crate::wire::{self, PROTOCOL, frontiers_from_proto, frontiers_to_proto, proto};
 
@@ -92,6 +96,10 @@ pub async fn serve(
         if tx.send(Ok(first)).await.is_err() {
             return;
         }
+        // A join that resumes in a table has its letters already.
+        if request.table.is_empty() && !send_letters(&ctx, &tx).await {
+            return;
+        }
         let tables = start.table_rows.keys().filter(|t| **t >= request.table);
         for table in tables {
             let mut after = if *table == request.table {
@@ -128,6 +136,38 @@ pub async fn serve(
     Ok(ReceiverStream::new(rx))
 }
 
+/// Sends every dead letter a joiner keeps (`store::snapshot`), in chunks; `false` if the
+/// joiner went away or the letters could not be read (said to the joiner).
+async fn send_letters(ctx: &Context, tx: &mpsc::Sender<Result<proto::SnapshotChunk, Status>>) -> bool {
+    let mut after = 0;
+    loop {
+        let budget = ctx.config.replication.frame_budget();
+        let (letters, more) = match ctx.store.snapshot_letters(after, budget).await {
+            Ok(page) => page,
+            Err(error) => {
+                let status = Status::unavailable(format!("reading the dead letters: {error}"));
+                let _ = tx.send(Err(status)).await;
+                return false;
+            }
+        };
+        if let Some(last) = letters.last() {
+            after = last.id;
+        }
+        if !letters.is_empty() {
+            let chunk = proto::SnapshotChunk {
+                letters: letters.iter().map(letter_to_proto).collect(),
+                ..Default::default()
+            };
+            if tx.send(Ok(chunk)).await.is_err() {
+                return false;
+            }
+        }
+        if !more {
+            return true;
+        }
+    }
+}
+
 /// The next chunk of `table` after the key bytes `after` (moved past its rows), with the
 /// purge floor read after them: every tombstone purged before the rows were read is below it.
 async fn chunk_of(
@@ -149,6 +189,31 @@ async fn chunk_of(
         table_done: !more,
         ..Default::default()
     })
+}
+
+fn letter_to_proto(letter: &CopiedLetter) -> proto::CopiedLetter {
+    proto::CopiedLetter {
+        origin: letter.origin.clone(),
+        seq: letter.seq,
+        table: letter.table.clone(),
+        key: letter.key.clone(),
+        reason: letter.reason.clone(),
+        cause: letter.cause.clone(),
+        event: letter.event.clone(),
+    }
+}
+
+fn letter_from_proto(letter: proto::CopiedLetter) -> CopiedLetter {
+    CopiedLetter {
+        id: 0,
+        origin: letter.origin,
+        seq: letter.seq,
+        table: letter.table,
+        key: letter.key,
+        reason: letter.reason,
+        cause: letter.cause,
+        event: letter.event,
+    }
 }
 
 fn row_to_proto(row: &SnapshotRow) -> proto::SnapshotRow {
@@ -319,6 +384,17 @@ async fn join_once(ctx: &Context, peer: &NodeSpec, state: &mut JoinState) -> Res
             ctx.store.install_page(Vec::new(), None, &frontiers).await?;
             progress.finish(state, &peer.id);
             return Ok(());
+        }
+        if !chunk.letters.is_empty() {
+            let letters: Vec<CopiedLetter> = chunk.letters.into_iter().map(letter_from_proto).collect();
+            let copied = ctx.store.copy_letters(&letters).await?;
+            if copied > 0 {
+                tracing::warn!(
+                    source = %peer.id, letters = copied,
+                    "joining: kept the source's dead letters as this node's (events its copy lacks); `weft dead-letters list` shows them"
+                );
+            }
+            continue;
         }
         let report = install_chunk(ctx, chunk, state).await?;
         crate::crashpoint::hit("after-snapshot-page");

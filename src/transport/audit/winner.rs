@@ -128,6 +128,7 @@ mod tests {
                 deleted: value.is_none(),
             }),
             image: value.map(|v| Row(vec![("v".into(), Value::Text(v.into()))])),
+            waiting: false,
         }
     }
 
@@ -181,6 +182,7 @@ mod tests {
             key: vec![1],
             version: None,
             image: None,
+            waiting: false,
         };
         let floors = |b: u64| {
             vec![
