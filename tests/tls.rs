@@ -2,7 +2,8 @@
 //! `weft certs`: the mesh replicates over TLS; clients without a certificate, with one from
 //! another CA, with an expired one, or with a valid one for another node are refused, with
 //! the reason and the peer in the sidecar's log; a peer whose certificate names another
-//! node is not trusted as the expected one.
+//! node is not trusted as the expected one; connections that never start their handshake,
+//! from many addresses, do not keep the mesh out.
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -315,15 +316,16 @@ async fn garbage_and_an_oversized_frame_leave_the_node_serving() {
     s.terminate_all();
 }
 
-/// Connections per address and stream opens per address are bounded: a connection over the
-/// limit is closed before its handshake, a stream opened too fast is answered
-/// RESOURCE_EXHAUSTED with when to retry, and the node keeps serving and replicating.
+/// Handshakes in progress per address and stream opens per address are bounded: a
+/// connection over the limit is closed before its handshake, a stream opened too fast is
+/// answered RESOURCE_EXHAUSTED with when to retry, and the node keeps serving and
+/// replicating.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_and_stream_opens_per_address_are_bounded() {
+async fn handshakes_and_stream_opens_per_address_are_bounded() {
     use tokio::io::AsyncReadExt as _;
     let dir = tempfile::tempdir().unwrap();
     let replication = weft::config::ReplicationConfig {
-        max_connections_per_address: 3,
+        max_handshakes_per_address: 2,
         opens_per_address_per_sec: 1,
         ..Default::default()
     };
@@ -334,17 +336,20 @@ async fn connections_and_stream_opens_per_address_are_bounded() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let address = s.mesh.topology.nodes[0].address.clone();
     let mut held = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..2 {
         held.push(tokio::net::TcpStream::connect(&address).await.unwrap());
     }
     let mut extra = tokio::net::TcpStream::connect(&address).await.unwrap();
     let closed = tokio::time::timeout(Duration::from_secs(3), extra.read(&mut [0u8; 16])).await;
     assert!(
         matches!(closed, Ok(Ok(0) | Err(_))),
-        "the fourth connection is closed at once: {closed:?}"
+        "the third connection is closed: {closed:?}"
     );
     let log = wait_log(&s, "turned away").await;
-    assert!(log.contains("holds 3 connections, the most one address may"), "{log}");
+    assert!(
+        log.contains("has 2 TLS handshakes in progress, the most one address may"),
+        "{log}"
+    );
     let mut waiting = held.pop().unwrap();
     let open = tokio::time::timeout(Duration::from_millis(300), waiting.read(&mut [0u8; 16])).await;
     assert!(open.is_err(), "a connection within the limit stays open: {open:?}");
@@ -394,4 +399,85 @@ async fn connections_and_stream_opens_per_address_are_bounded() {
     s.write(1, 0, 20, 10).await;
     s.assert_exactly_once(40).await;
     s.terminate_all();
+}
+
+/// Silent connections (a TCP connect, then nothing) from eight other loopback addresses, 64
+/// each and reopened as east closes them, do not keep the mesh out: west starts during the
+/// flood, dials east and replicates, and east says whom it turned away and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_silent_connections_leaves_room_for_the_mesh() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let topology = weft::harness::loopback::LoopbackMesh::all_to_all(&["east", "west"]);
+    let s = Sidecars::with(dir.path(), topology, weft::config::ReplicationConfig::default()).await;
+    s.spawn(0, None).await;
+    let east: std::net::SocketAddr = s.mesh.topology.nodes[0].address.parse().unwrap();
+    let opened = std::sync::Arc::new(AtomicUsize::new(0));
+    let flood: Vec<_> = (2..=9u8)
+        .flat_map(|host| std::iter::repeat_n(std::net::Ipv4Addr::new(127, 0, 0, host), 64))
+        .map(|from| tokio::spawn(silent(from, east, opened.clone())))
+        .collect();
+    let started = std::time::Instant::now();
+    while opened.load(Ordering::Relaxed) < 512 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the flood never opened 512 connections"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The flood's connections would be let go only after east's handshake deadline: a node
+    // of the mesh asking now must get in all the same.
+    let certs = dir.path().join("certs");
+    let own = || Some((certs.join("west-1.pem"), certs.join("west-1.key")));
+    let mut refused = Vec::new();
+    while let Err(error) = ask(&s, &certs.join("ca.pem"), own(), "east-1", "west-1").await {
+        refused.push(error);
+        assert!(
+            refused.len() < 20,
+            "the flood kept a node of the mesh out: {refused:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    s.spawn(1, None).await;
+    s.write(1, 0, 20, 10).await;
+    s.wait_items(0, 20, "west's rows never reached east during the flood")
+        .await;
+    s.write(0, 0, 20, 10).await;
+    s.wait_items(1, 40, "east's rows never reached west during the flood")
+        .await;
+    let log = wait_log(&s, "turned away").await;
+    assert!(
+        log.lines().any(|l| l.contains("turned away") && l.contains("127.0.0.")),
+        "{log}"
+    );
+    for task in flood {
+        task.abort();
+    }
+    s.terminate_all();
+}
+
+/// One attacker's connection from `from` to `to`, sending nothing: reopened at once when
+/// the server drops it after holding it a while, a second later when it was closed at once.
+async fn silent(
+    from: std::net::Ipv4Addr,
+    to: std::net::SocketAddr,
+    opened: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use tokio::io::AsyncReadExt as _;
+    loop {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind((from, 0).into()).unwrap();
+        let Ok(mut tcp) = socket.connect(to).await else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        };
+        opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let held = std::time::Instant::now();
+        let _ = tcp.read(&mut [0u8; 1]).await;
+        if held.elapsed() < Duration::from_secs(1) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
 }

@@ -47,14 +47,21 @@ pub struct ReplicationConfig {
     /// Every this many seconds, purge the tombstones every node has seen along with every
     /// write concurrent with them (the causal stability horizon). 0 = keep them forever.
     pub tombstone_gc_secs: u64,
-    /// Connections the listener holds at once, in all and per remote address; more are
-    /// closed as they are accepted (`transport::limits`).
+    /// Connections the listener holds at once past their TLS handshake, in all and per
+    /// remote address (an IPv6 /64 counts as one address); more are dropped once their
+    /// handshake is done (`transport::limits`).
     pub max_connections: usize,
     pub max_connections_per_address: usize,
+    /// TLS handshakes in progress at once, in all and per remote address. An address over
+    /// its share is closed at accept; when every place is taken, a newcomer takes the place
+    /// of the oldest handshake of the address holding the most, if it holds more than the
+    /// newcomer's.
+    pub max_handshakes: usize,
+    pub max_handshakes_per_address: usize,
     /// Concurrent HTTP/2 streams on one connection.
     pub max_streams_per_connection: u32,
-    /// Streams (replication Hellos, snapshots, audit requests) one address may open per
-    /// second, in bursts of up to four times as many.
+    /// Connections, and apart from them streams (replication Hellos, snapshots, audit
+    /// requests), one address may open per second, in bursts of up to four times as many.
     pub opens_per_address_per_sec: u32,
     /// Dead letters kept per cause (table not replicated, shape, undecodable, CRDT,
     /// ownership, refused by the database). Past it, a batch that would add one is refused
@@ -80,6 +87,8 @@ impl Default for ReplicationConfig {
             tombstone_gc_secs: 10,
             max_connections: 512,
             max_connections_per_address: 64,
+            max_handshakes: 128,
+            max_handshakes_per_address: 16,
             max_streams_per_connection: 32,
             opens_per_address_per_sec: 50,
             max_dead_letters_per_cause: 100_000,
@@ -362,6 +371,8 @@ impl ReplicationConfig {
             || r.max_message_mib == 0
             || r.max_connections == 0
             || r.max_connections_per_address == 0
+            || r.max_handshakes == 0
+            || r.max_handshakes_per_address == 0
             || r.max_streams_per_connection == 0
             || r.opens_per_address_per_sec == 0
             || r.max_dead_letters_per_cause == 0
@@ -370,7 +381,7 @@ impl ReplicationConfig {
                 path,
                 "replication",
                 "batch_max_events, window, poll_ms, heartbeat_ms, snapshot_page_rows, max_message_mib, max_connections, \
-                 max_connections_per_address, max_streams_per_connection, opens_per_address_per_sec and max_dead_letters_per_cause must be > 0",
+                 max_connections_per_address, max_handshakes, max_handshakes_per_address, max_streams_per_connection, opens_per_address_per_sec and max_dead_letters_per_cause must be > 0",
             ));
         }
         if r.peer_timeout_ms <= r.heartbeat_ms {

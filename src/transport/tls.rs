@@ -5,9 +5,12 @@
 //!   node id. [`mint`] makes them (`weft certs`); an existing PKI works as well.
 //! - Server ([`ServerTls`], [`incoming`]): the TLS handshake is weft's own, so that it
 //!   can require a client certificate signed by the CA, log every refused handshake with its
-//!   reason and the peer's address, reload the files without a restart, and hand the
-//!   verified chain to the handlers ([`PeerInfo`]). A handler admits a Hello only from the
-//!   node its certificate names ([`check_peer`]).
+//!   reason and the peer's address (once a minute per address and reason), reload the
+//!   files without a restart, and hand the verified chain to the handlers ([`PeerInfo`]).
+//!   A handler admits a Hello only from the node its certificate names ([`check_peer`]).
+//!   A handshake holds one of the listener's
+//!   handshake places (`limits`) for at most two seconds, and a connection takes one of its
+//!   established places only once its handshake is done.
 //! - Client ([`client_tls`]): tonic's rustls client with the CA, this node's certificate,
 //!   and the peer's id as the name its certificate must carry. The files are read at each
 //!   dial, so a redial after a rotation uses the new ones.
@@ -16,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::task::{Context as TaskContext, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -27,8 +30,10 @@ use tonic::Status;
 
 use super::limits::{Gate, Permit};
 
-/// How long a TLS handshake may take before the connection is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a TLS handshake may take before the connection is dropped. A peer's takes a
+/// round trip or two and milliseconds of work; a silent client holds a handshake place
+/// (`limits`) no longer than this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -215,11 +220,22 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Conn<S> {
 
 /// The TLS connections accepted on `listener`, each handshake on its own task (a slow or
 /// silent client holds up no one) and only within the `gate`'s limits; a refused handshake
-/// is logged with its reason and the peer's address. Ends when the receiver is dropped.
+/// is logged with its reason and the peer's address, once a minute per address and reason.
+/// Ends when the receiver is dropped.
 pub fn incoming(listener: TcpListener, tls: Arc<ServerTls>, gate: Arc<Gate>) -> Incoming<TlsStream<TcpStream>> {
-    accept(listener, gate, move |tcp, addr| {
+    accept(listener, gate.clone(), move |tcp, addr| {
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+        let gate = gate.clone();
         async move {
+            let refused = |reason: &str, kind: &str| {
+                if gate.log_refusal(addr.ip(), kind, Instant::now()) {
+                    tracing::warn!(
+                        peer = %addr,
+                        %reason,
+                        "refused a TLS connection from {addr}: {reason} (logged once a minute per address and reason)"
+                    );
+                }
+            };
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => stream,
                 // Closed before a word: a port probe (a health check), not a refusal.
@@ -229,11 +245,15 @@ pub fn incoming(listener: TcpListener, tls: Arc<ServerTls>, gate: Arc<Gate>) -> 
                 }
                 Ok(Err(error)) => {
                     let reason = why_refused(&error);
-                    tracing::warn!(peer = %addr, %reason, "refused a TLS connection: {reason}");
+                    // The detail in brackets (dates, names) does not make another kind.
+                    refused(&reason, reason.split(" (").next().unwrap_or_default());
                     return None;
                 }
                 Err(_) => {
-                    tracing::warn!(peer = %addr, "refused a TLS connection: no handshake within {HANDSHAKE_TIMEOUT:?}");
+                    refused(
+                        &format!("no handshake within {HANDSHAKE_TIMEOUT:?}"),
+                        "handshake timeout",
+                    );
                     return None;
                 }
             };
@@ -256,8 +276,10 @@ pub fn incoming_plain(listener: TcpListener, gate: Arc<Gate>) -> Incoming<TcpStr
 
 pub type Incoming<S> = tokio_stream::wrappers::ReceiverStream<std::io::Result<Conn<S>>>;
 
-/// Accepts on `listener`: a connection over the `gate`'s limits is closed at once; the
-/// others go through `handshake` on a task each.
+/// Accepts on `listener`: a connection the `gate` has no handshake place for is closed at
+/// once; the others go through `handshake` on a task each, which ends early if the gate
+/// gives their place to a newcomer, and take an established place once it is done (the gate
+/// logs every refusal).
 fn accept<S, H, F>(listener: TcpListener, gate: Arc<Gate>, handshake: H) -> Incoming<S>
 where
     S: Send + 'static,
@@ -278,13 +300,21 @@ where
                     }
                 },
             };
-            // Over the limits: dropped before its handshake costs anything (`Gate` logs it).
-            let Ok(permit) = gate.connect(addr.ip()) else { continue };
+            let Ok(place) = gate.arrive(addr.ip(), Instant::now()) else {
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let shaken = handshake(tcp, addr);
             let tx = tx.clone();
             tokio::spawn(async move {
-                let Some((stream, chain)) = shaken.await else { return };
+                let shaken = tokio::select! {
+                    shaken = shaken => shaken,
+                    () = place.cut() => None,
+                };
+                let Some((stream, chain)) = shaken else { return };
+                let Ok(permit) = place.establish(Instant::now()) else {
+                    return;
+                };
                 let info = PeerInfo {
                     addr,
                     chain: Arc::new(chain),
