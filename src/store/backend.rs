@@ -258,6 +258,10 @@ pub enum Cause {
     /// A change of this region's too large for any message (`max_message_mib`), kept at its
     /// source: never retried (it would not fit again); the row must be written anew.
     TooLarge,
+    /// A row that lost one of its UNIQUE values to another region's row (`store::engine`):
+    /// every region keeps the same winner and holds this letter; retried, it applies once the
+    /// value is free.
+    Unique,
 }
 
 impl Cause {
@@ -271,6 +275,7 @@ impl Cause {
             Cause::Refused => "refused",
             Cause::Fenced => "fenced",
             Cause::TooLarge => "too large",
+            Cause::Unique => "unique",
         }
     }
 
@@ -352,6 +357,9 @@ pub trait Txn {
     async fn flush(&mut self) -> Step;
     /// The row's current image (queued writes are flushed first by the engine).
     async fn read_row(&mut self, table: &Self::Table, key: &Key) -> Result<Option<Row>, StoreError>;
+    /// Another row than `key` holding `row`'s values in every column of one of the table's
+    /// UNIQUE constraints (none NULL): the row a write of `row` collides with.
+    async fn unique_holder(&mut self, table: &Self::Table, key: &Key, row: &Row) -> Result<Option<Row>, StoreError>;
     /// Up to `limit` tombstones: (table, key bytes, version).
     async fn tombstones(&mut self, limit: i64) -> Result<Vec<(String, Vec<u8>, RowVersion)>, StoreError>;
     /// (table, key text) of every dead letter.
@@ -533,6 +541,15 @@ macro_rules! forward_txn_io {
             key: &$crate::event::Key,
         ) -> Result<Option<$crate::event::Row>, $crate::store::StoreError> {
             apply::read_row(self.conn, table, key).await
+        }
+
+        async fn unique_holder(
+            &mut self,
+            table: &Self::Table,
+            key: &$crate::event::Key,
+            row: &$crate::event::Row,
+        ) -> Result<Option<$crate::event::Row>, $crate::store::StoreError> {
+            apply::unique_holder(self.conn, table, key, row).await
         }
 
         async fn tombstones(

@@ -11,7 +11,10 @@
 //!   [`Txn::write`] leaves nothing of a refused write behind. There a refused write is set
 //!   aside and retried after the rest of the run (constraints then see the order they
 //!   accept), a cycle of unique values is written as one group, and only what is still
-//!   refused is dead-lettered (see [`apply_in_passes`]).
+//!   refused is dead-lettered (see [`apply_in_passes`]). A write refused because another
+//!   row holds one of its UNIQUE values is ordered against that row's write as under `lww`,
+//!   alike in every region; the loser leaves the table and waits as a `unique` dead letter
+//!   (see [`collide`]).
 //! - CRDT columns merge whatever the row-level decision; the row shows the merged values.
 //!   Ownership tables dead-letter writes the row's owner did not make. `queue` tables keep
 //!   concurrent versions as siblings until a write covering them all closes the entry.
@@ -389,9 +392,7 @@ async fn apply_in_passes<R: Txn>(
             if !swap_as_one(rows, &refused, run, report).await? {
                 for &event in &refused {
                     match apply_one(rows, event, &run.versions, report, Mode::EventByEvent).await? {
-                        Outcome::Refused(reason) => {
-                            audit::dead_letter(rows, event, &reason, Cause::Refused, report).await?
-                        }
+                        Outcome::Refused(reason) => collide(rows, event, &reason, run, report).await?,
                         outcome => run.record(outcome),
                     }
                 }
@@ -400,6 +401,85 @@ async fn apply_in_passes<R: Txn>(
         }
         pending = refused;
     }
+}
+
+/// A write still refused after every pass: where another row holds one of its UNIQUE values,
+/// the two rows' writes are ordered as under `lww` (the greater (hlc, origin) wins), which
+/// every region does alike whichever of the two it met first. The loser leaves the table,
+/// here as everywhere (its own region included), and becomes a `unique` dead letter named
+/// by its write's (origin, seq), so every region lists it alike with its data; it is retried
+/// and applies once the value is free. Any other refusal is dead-lettered as `refused`.
+async fn collide<R: Txn>(
+    rows: &mut R,
+    event: &Event,
+    reason: &str,
+    run: &mut Run,
+    report: &mut ApplyReport,
+) -> Result<(), Halt> {
+    let refused = async |rows: &mut R, report: &mut ApplyReport| {
+        audit::dead_letter(rows, event, reason, Cause::Refused, report).await
+    };
+    let (Op::Upsert(row), Some(table)) = (&event.op, rows.table(&event.table)) else {
+        return Ok(refused(rows, report).await?);
+    };
+    let Some(held) = rows.unique_holder(&table, &event.key, row).await? else {
+        return Ok(refused(rows, report).await?);
+    };
+    let holder = crate::store::checksum::key_of(table.key(), &held);
+    let id: RowId = (event.table.clone(), holder.to_bytes());
+    let version = match run.versions.get(&id) {
+        Some(version) => Some(version.clone()),
+        None => rows
+            .versions(&event.table, std::slice::from_ref(&id.1))
+            .await?
+            .remove(&id.1),
+    };
+    // A row weft never recorded (written behind its back) has no place in the order.
+    let Some(version) = version.filter(|v| !v.deleted) else {
+        return Ok(refused(rows, report).await?);
+    };
+    let holder_event = {
+        let seq = version.version.get(&version.origin).max(1);
+        Event {
+            seq,
+            batch_end: seq,
+            key: holder.clone(),
+            ..version_event(&version, Some(&held), event)
+        }
+    };
+    let incoming_wins = (event.hlc, &event.origin) > (version.hlc, &version.origin);
+    let (winner, loser) = match incoming_wins {
+        true => (event, &holder_event),
+        false => (&holder_event, event),
+    };
+    let why = format!(
+        "lost a UNIQUE value of `{}` to key {} (written by {} at {}), the later of the two writes: \
+         every region keeps that row and lists this letter; it applies by itself once the value is \
+         free, or write the row anew with another value and discard it",
+        event.table, winner.key, winner.origin, winner.hlc
+    );
+    if !incoming_wins {
+        tracing::warn!(table = %event.table, key = %event.key, winner = %holder, "a row lost a unique value to a row this region holds");
+        return Ok(audit::dead_letter(rows, event, &why, Cause::Unique, report).await?);
+    }
+    let remove = Event {
+        op: Op::Delete,
+        ..holder_event.clone()
+    };
+    if rows.write(&table, &remove, Mode::EventByEvent).await? != Written::Done {
+        return Ok(refused(rows, report).await?);
+    }
+    // No tombstone is kept: the letter must apply here as anywhere once the value is free.
+    rows.mark_deleted(&event.table, &id.1).await?;
+    rows.purge_tombstone(&event.table, &id.1).await?;
+    run.versions.remove(&id);
+    tracing::warn!(table = %event.table, key = %holder, winner = %event.key, "a row this region held lost a unique value to a later row: it leaves the table and waits as a dead letter");
+    audit::dead_letter(rows, loser, &why, Cause::Unique, report).await?;
+    match apply_one(rows, event, &run.versions, report, Mode::EventByEvent).await? {
+        Outcome::Refused(reason) => audit::dead_letter(rows, event, &reason, Cause::Refused, report).await?,
+        outcome => run.record(outcome),
+    }
+    Ok(())
 }
 
 /// Writes refused upserts that may form a cycle of unique values as one group: deletes

@@ -162,7 +162,9 @@ impl Batch {
                     (Shape::Upsert { .. }, false) => {
                         format!("ON CONFLICT ({key_names}) DO UPDATE SET {}", updates.join(", "))
                     }
-                    _ => "ON CONFLICT DO NOTHING".to_owned(),
+                    // Only the key: another UNIQUE value taken is a refusal (a collision
+                    // between two regions' rows, `store::engine`), not the application's race.
+                    _ => format!("ON CONFLICT ({key_names}) DO NOTHING"),
                 };
                 format!(
                     "INSERT INTO {} ({}) {} {on_conflict}",
@@ -213,6 +215,54 @@ pub(super) async fn read_row(tx: &mut PgConnection, table: &PgTable, key: &Key) 
         Some(row) => Ok(Some(read_image(table, &row, 0)?)),
         None => Ok(None),
     }
+}
+
+/// Another row of `table` than `key` holding `row`'s values (none NULL) in every column of
+/// one of the table's UNIQUE constraints: the row a write of `row` collides with.
+pub(super) async fn unique_holder(
+    tx: &mut PgConnection,
+    table: &PgTable,
+    key: &Key,
+    row: &Row,
+) -> Result<Option<Row>, StoreError> {
+    let Ok(key_texts) = table.texts(&table.key, &key.0.iter().collect::<Vec<_>>()) else {
+        return Ok(None);
+    };
+    for set in &table.unique {
+        let values: Option<Vec<&crate::event::Value>> = set
+            .iter()
+            .map(|c| row.get(c).filter(|v| !matches!(v, crate::event::Value::Null)))
+            .collect();
+        let Some(values) = values else { continue };
+        let Ok(texts) = table.texts(set, &values) else { continue };
+        let predicate = set
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                format!(
+                    "t.{} = ${}::text::{}",
+                    quote(c),
+                    i + 1,
+                    table.type_of(c).unwrap_or("text")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        let sql = format!(
+            "SELECT {} FROM {} t WHERE {predicate} AND NOT ({}) LIMIT 1",
+            table.select_list("t"),
+            table.qualified(),
+            table.key_predicate(set.len() + 1)
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for text in texts.into_iter().chain(key_texts.iter().cloned()) {
+            query = query.bind(text);
+        }
+        if let Some(found) = query.fetch_optional(&mut *tx).await? {
+            return Ok(Some(read_image(table, &found, 0)?));
+        }
+    }
+    Ok(None)
 }
 
 /// Locks the existing rows the events touch, table by table in name order, and returns

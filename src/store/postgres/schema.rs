@@ -121,6 +121,23 @@ async fn migrate(conn: &mut PgConnection) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The column lists of a table's UNIQUE constraints and indexes besides the primary key,
+/// leaving out partial and expression indexes.
+async fn unique_indexes(conn: &mut PgConnection, table: &str) -> Result<Vec<Vec<String>>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT array_agg(a.attname::text ORDER BY k.n) \
+         FROM pg_index i \
+         CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(att, n) \
+         JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.att \
+         WHERE i.indrelid = to_regclass($1) AND i.indisunique AND NOT i.indisprimary \
+           AND i.indpred IS NULL AND i.indexprs IS NULL \
+         GROUP BY i.indexrelid ORDER BY i.indexrelid",
+    )
+    .bind(format!("public.{}", quote(table)))
+    .fetch_all(&mut *conn)
+    .await?)
+}
+
 /// What PostgreSQL adds to a table description: the declared type of each replicated
 /// (non-generated) column, in table order, and how its values are read.
 #[derive(Debug, Clone)]
@@ -131,6 +148,9 @@ pub struct PgColumns {
     pub key_index: Vec<usize>,
     /// The replicated columns again, so a type can be found by name.
     names: Vec<String>,
+    /// The columns of each UNIQUE constraint or index besides the primary key (not partial,
+    /// no expressions): what a unique collision between two regions' rows is found by.
+    pub unique: Vec<Vec<String>>,
 }
 
 /// A replicated table of a PostgreSQL database.
@@ -385,11 +405,13 @@ pub async fn describe(conn: &mut PgConnection, table: &str) -> Result<PgTable, S
         .iter()
         .map(|k| columns.iter().position(|c| c == k).expect("key columns are columns"))
         .collect();
+    let unique = unique_indexes(conn, table).await?;
     let dialect = PgColumns {
         types,
         kinds,
         key_index,
         names: columns.clone(),
+        unique,
     };
     let typed = columns.iter().cloned().zip(dialect.types.iter().cloned()).collect();
     let mut described = Table::described(table, typed, key, dialect);

@@ -109,7 +109,7 @@ impl Batch {
                     .map(|c| format!("{0} = excluded.{0}", quote(c)))
                     .collect();
                 let on_conflict = if updates.is_empty() {
-                    " ON CONFLICT DO NOTHING".to_owned()
+                    format!(" ON CONFLICT ({keys}) DO NOTHING")
                 } else {
                     format!(" ON CONFLICT ({keys}) DO UPDATE SET {}", updates.join(", "))
                 };
@@ -146,6 +146,47 @@ pub(super) async fn read_row(
         Some(row) => Ok(Some(read_image(table, &row, 0)?)),
         None => Ok(None),
     }
+}
+
+/// Another row of `table` than `key` holding `row`'s values (none NULL) in every column of
+/// one of the table's UNIQUE constraints: the row a write of `row` collides with.
+pub(super) async fn unique_holder(
+    conn: &mut SqliteConnection,
+    table: &TableInfo,
+    key: &Key,
+    row: &Row,
+) -> Result<Option<Row>, StoreError> {
+    let columns = table.columns.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", ");
+    let other_key = table
+        .key
+        .iter()
+        .map(|k| format!("{} IS ?", quote(k)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    for set in &table.unique {
+        let values: Option<Vec<&Value>> = set
+            .iter()
+            .map(|c| row.get(c).filter(|v| !matches!(v, Value::Null)))
+            .collect();
+        let Some(values) = values else { continue };
+        let predicate = set
+            .iter()
+            .map(|c| format!("{} = ?", quote(c)))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        let sql = format!(
+            "SELECT {columns} FROM {} WHERE {predicate} AND NOT ({other_key}) LIMIT 1",
+            quote(&table.name)
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(false);
+        for value in values.into_iter().chain(&key.0) {
+            query = bind(query, value);
+        }
+        if let Some(found) = query.fetch_optional(&mut *conn).await? {
+            return Ok(Some(read_image(table, &found, 0)?));
+        }
+    }
+    Ok(None)
 }
 
 /// Every row of `table`, streamed to `visit`; returns how many.
