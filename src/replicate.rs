@@ -18,15 +18,23 @@ pub struct RowVersion {
     pub hlc: Hlc,
     pub origin: NodeId,
     pub deleted: bool,
+    /// The digest of the image weft last wrote or captured for the row
+    /// (`store::checksum::recorded_image`), if that image was the whole row as the table
+    /// holds it; `None` if unknown (a tombstone, a partial image, merged CRDT columns, a row
+    /// recorded before digests were kept). Not part of the version: the store sets it when
+    /// it writes the row, and a version that keeps the local row keeps its digest.
+    pub image: Option<i64>,
 }
 
 impl RowVersion {
+    /// The event's version, its image's digest unknown (the store records it, if it knows).
     pub fn of_event(event: &Event) -> Self {
         Self {
             version: event.version.clone(),
             hlc: event.hlc,
             origin: event.origin.clone(),
             deleted: event.op.is_delete(),
+            image: None,
         }
     }
 }

@@ -250,6 +250,7 @@ pub fn audit_row_to_proto(row: &crate::store::checksum::AuditRow) -> proto::Audi
         present: row.image.is_some(),
         image: row.image.as_ref().map(columns_to_proto).unwrap_or_default(),
         waiting: row.waiting,
+        edited: row.edited,
     }
 }
 
@@ -260,6 +261,8 @@ pub fn audit_row_from_proto(row: proto::AuditRow) -> Result<crate::store::checks
         hlc: Hlc(row.hlc),
         origin: row.origin.clone(),
         deleted: row.deleted,
+        // The digest stays with the node: it sends whether its row still matches (`edited`).
+        image: None,
     });
     let image = match row.present {
         false => None,
@@ -280,6 +283,7 @@ pub fn audit_row_from_proto(row: proto::AuditRow) -> Result<crate::store::checks
         version,
         image,
         waiting: row.waiting,
+        edited: row.edited,
     })
 }
 

@@ -206,8 +206,8 @@ async fn an_audit_under_continuous_writes_reports_no_false_difference() {
 /// A SQLite region and a PostgreSQL region: equal rows have equal digests across the two
 /// stores, and a row changed behind weft's back in PostgreSQL (as a replica session, where
 /// weft's triggers do not fire) and one deleted behind its back in SQLite are found and
-/// repaired; the changed row, one version with two images and no majority, waits for
-/// `--prefer`.
+/// repaired without `--prefer`: the changed row no longer matches the digest PostgreSQL's
+/// row metadata recorded, so SQLite's row, which does, wins.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_audit_compares_and_repairs_across_sqlite_and_postgresql() {
     use common::mixed::{Kind, Mesh};
@@ -234,17 +234,21 @@ async fn the_audit_compares_and_repairs_across_sqlite_and_postgresql() {
     )
     .await
     .unwrap();
-    // Two regions, one version, two rows: only a person can say which is right.
+    // Two regions, one version, two rows: the one that still matches its recorded digest wins.
     let (code, report) = audit_with(&m.regions[0].config, &[]);
     assert_eq!(code, 1, "{report:#}");
-    let tie = report["tables"][0]["differing"]
+    let edited = report["tables"][0]["differing"]
         .as_array()
         .unwrap()
         .iter()
         .find(|f| f["key"] == "[3]")
         .unwrap_or_else(|| panic!("{report:#}"));
-    assert!(tie["winner"]["Err"].as_str().unwrap().contains("--prefer"), "{tie:#}");
-    let (code, report) = audit_with(&m.regions[0].config, &["--repair", "--prefer", &m.regions[0].node]);
+    assert_eq!(
+        edited["winner"]["Ok"]["node"].as_str(),
+        Some(m.regions[0].node.as_str()),
+        "{edited:#}"
+    );
+    let (code, report) = audit_with(&m.regions[1].config, &["--repair"]);
     let mut found = differing(&report);
     found.sort();
     assert_eq!(code, 1, "{report:#}");
@@ -266,7 +270,7 @@ async fn the_audit_compares_and_repairs_across_sqlite_and_postgresql() {
             .unwrap(),
         common::regions::App::Sqlite(_) => unreachable!("region 1 is PostgreSQL"),
     };
-    assert_eq!(v, 3, "--prefer r0 chose r0's row");
+    assert_eq!(v, 3, "the recorded row won over the edited one");
     m.terminate_all();
 }
 
@@ -436,4 +440,176 @@ async fn a_column_one_region_added_first_is_no_difference() {
     assert_eq!(code, 1, "{report:#}");
     assert_eq!(differing(&report), vec![("shared".to_string(), "[5]".to_string())]);
     s.terminate_all();
+}
+
+/// A row changed in place behind weft's back in two regions, each differently: one version,
+/// three images, no majority. The row weft recorded (the one matching the digest in its row
+/// metadata) wins over the edited ones, `--repair` writes it everywhere, and a second audit
+/// finds nothing. Before, no row had a majority and the repair waited for `--prefer`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_in_place_behind_weft_loses_to_the_recorded_row_and_repair_converges() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Sidecars::new(dir.path()).await;
+    s.spawn_all().await;
+    seed(&s).await;
+    behind_weft(&s, 1, "UPDATE shared SET v = 'fixed in west' WHERE id = 5").await;
+    behind_weft(&s, 2, "UPDATE shared SET v = 'fixed in south' WHERE id = 5").await;
+
+    let (code, report) = audit(&s, 1, &["--repair"]);
+    assert_eq!(code, 1, "{report:#}");
+    assert_eq!(
+        differing(&report),
+        vec![("shared".to_string(), "[5]".to_string())],
+        "{report:#}"
+    );
+    let finding = &report["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["table"] == "shared")
+        .unwrap()["differing"][0];
+    let winner = &finding["winner"]["Ok"];
+    assert_eq!(
+        winner["node"].as_str(),
+        Some(s.mesh.regions[0].node_id.as_str()),
+        "the unedited row wins: {finding:#}"
+    );
+    assert!(
+        winner["why"].as_str().unwrap().contains("behind weft's back"),
+        "{finding:#}"
+    );
+    assert!(finding["repaired"].get("Ok").is_some(), "{finding:#}");
+
+    s.mesh.wait_converged(Duration::from_secs(60)).await.unwrap();
+    for region in &s.mesh.regions {
+        let v: String = sqlx::query_scalar("SELECT v FROM shared WHERE id = 5")
+            .fetch_one(&region.app)
+            .await
+            .unwrap();
+        assert_eq!(v, "v0-5", "{}", region.region);
+    }
+    let (code, report) = audit(&s, 2, &[]);
+    assert_eq!((code, differing(&report)), (0, vec![]), "after the repair: {report:#}");
+    s.terminate_all();
+}
+
+/// Regions on PostgreSQL and SQLite, with a table of every strategy, after a mixed workload
+/// (inserts of every value kind, conflicting updates, an update against a delete, queue
+/// siblings, CRDT merges, owned rows) and convergence: every row the regions hold matches
+/// the digest its metadata recorded, as the store reads the row back. A digest recorded
+/// from an image the database holds differently would flag rows as edited behind weft's
+/// back that were not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_converged_mixed_mesh_holds_no_row_flagged_as_edited() {
+    use common::regions::{Region, sync};
+    use weft::config::{Strategy, TableConfig};
+    use weft::crdt::CrdtType;
+    use weft::store::checksum::LEAVES;
+
+    let pg = weft::harness::cluster::Cluster::start(weft::harness::cluster::Settings::default())
+        .expect("a throw-away PostgreSQL cluster");
+    let dir = tempfile::tempdir().unwrap();
+    let table = |name: &str, strategy: Strategy| TableConfig {
+        strategy,
+        ..TableConfig::lww(name)
+    };
+    let mut stock = table("stock", Strategy::Crdt);
+    stock.columns = [("qty", CrdtType::Counter), ("tags", CrdtType::Set)]
+        .into_iter()
+        .map(|(c, t)| (c.to_string(), t))
+        .collect();
+    let mut accounts = table("accounts", Strategy::Ownership);
+    accounts.owner_column = Some("owner".into());
+    let configs = [
+        table("items", Strategy::Lww),
+        table("contracts", Strategy::Queue),
+        stock,
+        accounts,
+    ];
+    let sqlite = "CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT, qty INTEGER, price REAL, data BLOB, \
+                  flag INTEGER, note TEXT); \
+                  CREATE TABLE contracts (id INTEGER PRIMARY KEY, client TEXT, amount INTEGER); \
+                  CREATE TABLE stock (id INTEGER PRIMARY KEY, qty INTEGER NOT NULL DEFAULT 0, tags TEXT, price INTEGER); \
+                  CREATE TABLE accounts (id INTEGER PRIMARY KEY, owner TEXT, balance INTEGER);";
+    let postgres = "CREATE TABLE items (id bigint PRIMARY KEY, name text, qty bigint, price float8, data bytea, \
+                    flag boolean, note text); \
+                    CREATE TABLE contracts (id bigint PRIMARY KEY, client text, amount bigint); \
+                    CREATE TABLE stock (id bigint PRIMARY KEY, qty integer NOT NULL DEFAULT 0, tags text, price bigint); \
+                    CREATE TABLE accounts (id bigint PRIMARY KEY, owner text, balance bigint);";
+    let a = Region::pg(&pg, "a", postgres, &configs).await;
+    let b = Region::sqlite(dir.path(), "b", sqlite, &configs).await;
+    let c = Region::pg(&pg, "c", postgres, &configs).await;
+    let all = [&a, &b, &c];
+
+    a.exec(
+        "INSERT INTO items VALUES (1, 'one', 1, 0.1, '\\x00ff'::bytea, true, NULL), \
+         (2, 'two', -2, 1e300, NULL, false, 'n'), (3, 'three', 3, -0.5, '\\x'::bytea, NULL, 'é'); \
+         INSERT INTO contracts VALUES (1, 'acme', 10); \
+         INSERT INTO stock VALUES (1, 5, '[\"red\"]', 7); \
+         INSERT INTO accounts VALUES (1, 'region-of-a', 100);",
+    )
+    .await;
+    b.exec(
+        "INSERT INTO items VALUES (11, 'eleven', 11, 2.5, x'0102', 1, NULL), (12, NULL, NULL, NULL, NULL, NULL, NULL); \
+         INSERT INTO accounts VALUES (2, 'region-of-b', 5);",
+    )
+    .await;
+    sync(&all).await;
+    // Concurrent: an update in a and in b of one row, an update against a delete, a queue
+    // conflict, CRDT increments in two regions.
+    a.exec(
+        "UPDATE items SET name = 'one in a', price = 3.25 WHERE id = 1; UPDATE items SET qty = 20 WHERE id = 2; \
+         UPDATE contracts SET amount = 11 WHERE id = 1; UPDATE stock SET qty = qty + 1 WHERE id = 1; \
+         UPDATE accounts SET balance = 90 WHERE id = 1;",
+    )
+    .await;
+    b.exec(
+        "UPDATE items SET name = 'one in b', data = x'ff' WHERE id = 1; DELETE FROM items WHERE id = 2; \
+         UPDATE contracts SET amount = 12 WHERE id = 1; UPDATE stock SET qty = qty + 2 WHERE id = 1; \
+         UPDATE accounts SET balance = 6 WHERE id = 2;",
+    )
+    .await;
+    c.exec("UPDATE items SET note = 'from c' WHERE id = 11; INSERT INTO items (id, name) VALUES (21, 'partial');")
+        .await;
+    sync(&all).await;
+    sync(&all).await;
+
+    let buckets: std::collections::BTreeSet<u32> = (0..LEAVES).collect();
+    for region in all {
+        for table in ["items", "contracts", "stock", "accounts"] {
+            let keys: Vec<Vec<u8>> = region
+                .store
+                .audit_keys(table, &buckets, None)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect();
+            assert!(!keys.is_empty(), "{} {table}", region.node);
+            let (rows, _) = region.store.audit_rows(table, &keys, None).await.unwrap();
+            for row in rows {
+                assert!(row.consistent() && !row.edited, "{} {table}: {row:?}", region.node);
+            }
+        }
+        let rows = match region.node.as_str() {
+            "b" => "_weft_rows",
+            _ => "weft.rows",
+        };
+        let unknown = region
+            .count(&format!(
+                "SELECT count(*) FROM {rows} WHERE tbl = 'items' AND NOT deleted AND image_sum IS NULL"
+            ))
+            .await;
+        let live = region
+            .count(&format!(
+                "SELECT count(*) FROM {rows} WHERE tbl = 'items' AND NOT deleted"
+            ))
+            .await;
+        assert_eq!(
+            (unknown, live),
+            (0, 5),
+            "every live items row has its digest in {}",
+            region.node
+        );
+    }
 }

@@ -36,12 +36,35 @@ async fn a_sqlite_database_from_before_numbered_migrations_upgrades_in_place() {
     a.exec("INSERT INTO items VALUES (1, 'one');").await;
     a.drain().await;
     assert_eq!(a.store.last_seq().await, 4, "numbering goes on after the upgrade");
+    let digests = "SELECT count(*) FROM _weft_rows WHERE image_sum IS NOT NULL";
+    assert_eq!(a.count(digests).await, 1, "the upgraded metadata records image digests");
 
     // b, upgraded from the same schema, receives a's write: the upgraded metadata works.
     let schema = format!("{ITEMS_SQLITE}\n{v0}\n{}", state("_weft_", "b"));
     let b = Region::sqlite(dir.path(), "b", &schema, &lww(&["items"])).await;
     sync(&[&a, &b]).await;
     assert_eq!(b.count("SELECT count(*) FROM items WHERE name = 'one'").await, 1);
+    assert_eq!(b.count(digests).await, 1);
+
+    // A row edited in place behind weft's back is flagged while its digest is known; a row
+    // whose metadata has none (as one written before digests were kept) is not.
+    let behind = "INSERT INTO _weft_applying (marker) VALUES (1); UPDATE items SET name = 'fixed' WHERE id = 1; \
+                  DELETE FROM _weft_applying;";
+    a.exec(behind).await;
+    let edited = async |r: &Region| {
+        let buckets = (0..weft::store::checksum::LEAVES).collect();
+        let keys: Vec<Vec<u8>> = (r.store.audit_keys("items", &buckets, None).await.unwrap())
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        let (rows, _) = r.store.audit_rows("items", &keys, None).await.unwrap();
+        rows.iter()
+            .map(|row| (row.edited, row.consistent()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(edited(&a).await, vec![(true, false)]);
+    a.exec("UPDATE _weft_rows SET image_sum = NULL").await;
+    assert_eq!(edited(&a).await, vec![(false, true)]);
 }
 
 #[tokio::test]

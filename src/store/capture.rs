@@ -153,7 +153,7 @@ impl<B: Backend> Replica<B> {
             }
         }
         let batch_end = last_seq + events.len() as u64;
-        let versions: Vec<RowVersion> = events.iter().map(|(_, e)| RowVersion::of_event(e)).collect();
+        let versions = drained_versions(txn, &events);
         let meta = Meta {
             versions: events
                 .iter()
@@ -356,6 +356,19 @@ struct LocalChange<'a> {
 /// each gets the row's stored vector with this node's entry set to the event's seq, and the
 /// HLC of its commit. A row inserted
 /// and deleted between two drains, which nobody ever saw, gives no event.
+/// The row versions a drain records for its events, with the digests of their images: a
+/// captured image is the whole row as the table holds it (`engine::image_digest` leaves out
+/// tables with CRDT columns, whose values the drain may have normalized in the row).
+fn drained_versions<T: Txn>(txn: &T, events: &[(Vec<u8>, Event)]) -> Vec<RowVersion> {
+    events
+        .iter()
+        .map(|(key, e)| RowVersion {
+            image: txn.table(&e.table).and_then(|t| engine::image_digest(&*t, key, &e.op)),
+            ..RowVersion::of_event(e)
+        })
+        .collect()
+}
+
 fn local_events<'a>(
     identity: &Identity,
     clock: &Clock,

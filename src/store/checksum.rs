@@ -22,6 +22,13 @@
 //! columns every region has. A row read in full also says whether the node holds a dead
 //! letter of its key ([`AuditRow::waiting`]): an event it has not applied, so its row is
 //! unknown there, not deleted.
+//!
+//! It also says whether the row was changed in place behind weft's back
+//! ([`AuditRow::edited`]): the row metadata keeps a digest of the image weft last wrote or
+//! captured for the row ([`recorded_image`], `RowVersion::image`), and the node's row, all
+//! its columns (not only the compared ones), no longer matches it. The digest itself stays
+//! on the node. Such a row disagrees with its metadata ([`AuditRow::consistent`]) as much as
+//! one that vanished or appeared; a row with no digest recorded is never edited.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use sha2::{Digest as _, Sha256};
@@ -81,6 +88,19 @@ pub fn image_part(key: &[u8], row: &Row) -> Sum {
     hash(b"image", key, &row.to_bytes())
 }
 
+/// The digest row metadata records of a row's image (`RowVersion::image`): the low 64 bits
+/// of [`image_part`] over its columns that are not NULL, so a column added with no default
+/// does not change the digest of the rows written before.
+pub fn recorded_image(key: &[u8], row: &Row) -> i64 {
+    let set = Row(row
+        .0
+        .iter()
+        .filter(|(_, v)| !matches!(v, Value::Null))
+        .cloned()
+        .collect());
+    image_part(key, &set) as u64 as i64
+}
+
 /// The key of a table row.
 pub fn key_of(key_columns: &[String], row: &Row) -> Key {
     Key(key_columns
@@ -126,6 +146,9 @@ pub struct AuditRow {
     pub image: Option<Row>,
     /// The node holds a dead letter of this key (see the module doc).
     pub waiting: bool,
+    /// The node's row no longer matches the digest its metadata recorded (see the module
+    /// doc): it was changed in place behind weft's back.
+    pub edited: bool,
 }
 
 /// The columns an audit compares: `None` for every column of the table.
@@ -150,13 +173,15 @@ impl AuditRow {
         v.wrapping_add(r)
     }
 
-    /// Whether the table agrees with the metadata: a live row has its image, a tombstone or
-    /// an unknown key has none. A row that disagrees was changed behind weft's back.
+    /// Whether the table agrees with the metadata: a live row has its image, unchanged since
+    /// weft recorded it (when it recorded a digest), a tombstone or an unknown key has none.
+    /// A row that disagrees was changed behind weft's back.
     pub fn consistent(&self) -> bool {
-        match &self.version {
-            Some(v) => v.deleted == self.image.is_none(),
-            None => self.image.is_none(),
-        }
+        !self.edited
+            && match &self.version {
+                Some(v) => v.deleted == self.image.is_none(),
+                None => self.image.is_none(),
+            }
     }
 }
 
@@ -283,11 +308,16 @@ impl<B: Backend> Replica<B> {
             let key = Key::from_bytes(bytes)
                 .map_err(|e| StoreError::Refused(format!("an audited key of {table} does not decode: {e}")))?;
             let image = txn.read_row(&rules, &key).await?;
+            let mut version = versions.remove(bytes);
+            // Over the whole row, before the columns are restricted: the digest covers them all.
+            let recorded = version.as_mut().and_then(|v| v.image.take().filter(|_| !v.deleted));
+            let edited = matches!((recorded, &image), (Some(sum), Some(row)) if recorded_image(bytes, row) != sum);
             rows.push(AuditRow {
                 key: bytes.clone(),
-                version: versions.remove(bytes),
+                version,
                 image: image.map(|row| restrict(row, compared)),
                 waiting: letters.contains(&(table.to_owned(), key.to_string())),
+                edited,
             });
         }
         // In the rows' snapshot: everything of this node's the rows include is at or below it.
@@ -316,6 +346,7 @@ mod tests {
             hlc: Hlc(1),
             origin: "a".into(),
             deleted,
+            image: None,
         }
     }
 
@@ -334,6 +365,7 @@ mod tests {
             version: Some(version(&[("a", 1)], false)),
             image: Some(row("x")),
             waiting: false,
+            edited: false,
         };
         let mut reordered = base.clone();
         reordered.image.as_mut().unwrap().0.reverse();
@@ -351,23 +383,46 @@ mod tests {
         assert_eq!(base.digest(), zero_counter.digest());
         assert_ne!(base.digest(), no_row.digest());
         assert!(base.consistent() && !no_row.consistent());
+        let mut edited = base.clone();
+        edited.edited = true;
+        assert!(
+            !edited.consistent(),
+            "a row edited in place disagrees with its metadata"
+        );
         let tombstone = AuditRow {
             key: key.clone(),
             version: Some(version(&[("a", 2)], true)),
             image: None,
             waiting: false,
+            edited: false,
         };
         let purged = AuditRow {
             key,
             version: None,
             image: None,
             waiting: false,
+            edited: false,
         };
         assert_eq!(
             tombstone.digest(),
             purged.digest(),
             "a purged tombstone is no difference"
         );
+    }
+
+    #[test]
+    fn a_recorded_image_ignores_column_order_and_null_columns_but_not_values() {
+        let key = Key(vec![Value::Integer(1)]).to_bytes();
+        let mut reordered = row("x");
+        reordered.0.reverse();
+        let mut added = row("x");
+        added.0.push(("extra".into(), Value::Null));
+        assert_eq!(recorded_image(&key, &row("x")), recorded_image(&key, &reordered));
+        assert_eq!(recorded_image(&key, &row("x")), recorded_image(&key, &added));
+        assert_ne!(recorded_image(&key, &row("x")), recorded_image(&key, &row("y")));
+        let mut nulled = row("x");
+        nulled.0[1].1 = Value::Null;
+        assert_ne!(recorded_image(&key, &row("x")), recorded_image(&key, &nulled));
     }
 
     #[test]

@@ -204,6 +204,17 @@ async fn run_versions<R: Txn>(rows: &mut R, events: &[&Event]) -> Result<HashMap
     Ok(versions)
 }
 
+/// The digest row metadata records of the row `op` leaves in `table` (`RowVersion::image`):
+/// only when its image is the whole row as the table holds it, every column of the table
+/// and no CRDT column (whose stored values are merged); `None` (unknown) otherwise, and for
+/// a delete.
+pub fn image_digest<T: TableRules + ?Sized>(table: &T, key: &[u8], op: &Op) -> Option<i64> {
+    let Op::Upsert(row) = op else { return None };
+    let columns = table.columns();
+    let whole = row.0.len() == columns.len() && columns.iter().all(|c| row.0.iter().any(|(name, _)| name == c));
+    (whole && table.crdt().is_empty()).then(|| crate::store::checksum::recorded_image(key, row))
+}
+
 /// The local table an event is for, or `None` once it is dead-lettered for not fitting.
 async fn fitting_table<R: Txn>(
     rows: &mut R,
@@ -566,7 +577,9 @@ async fn apply_one<R: Txn>(
         Ok(verdict) => (verdict.owner, verdict.by_epoch, verdict.fenced),
         Err(reason) => return dead_lettered(rows, event, &reason, Cause::Ownership, report).await,
     };
-    let (next, winner) = match decision {
+    // A kept local row keeps its digest (`next` is the local version's); a written one gets
+    // the digest of what was written, below.
+    let (mut next, winner) = match decision {
         Decision::Stale => {
             report.stale += 1;
             if let Some(merged) = merged.filter(|m| m.changed) {
@@ -597,6 +610,8 @@ async fn apply_one<R: Txn>(
             Written::Done => report.applied += 1,
             Written::Refused(reason) => return Ok(Outcome::Refused(reason)),
         }
+        // The image written is the (fitted) event's: its digest, if it is the whole row.
+        next.image = image_digest(&*table, &id.1, &event.op);
     }
     if let Some(merged) = merged.filter(|m| m.changed) {
         // A remote image already carries the merged values; a kept local row needs them.

@@ -13,13 +13,14 @@ use crate::replicate::RowVersion;
 use crate::store::StoreError;
 use crate::version::VersionVector;
 
-/// A row version as `{w}rows` stores it: the vector as JSON, the HLC, the origin, deleted.
+/// A row version as `{w}rows` stores it: the vector as JSON, the HLC, the origin, deleted,
+/// and the digest of the row's image (`image_sum`, NULL when unknown).
 pub fn stored_version(
     table: &str,
     version: &str,
     hlc: i64,
     origin: String,
-    deleted: bool,
+    (deleted, image): (bool, Option<i64>),
 ) -> Result<RowVersion, StoreError> {
     Ok(RowVersion {
         version: VersionVector::from_json(version)
@@ -27,6 +28,7 @@ pub fn stored_version(
         hlc: Hlc(hlc as u64),
         origin,
         deleted,
+        image,
     })
 }
 
@@ -257,18 +259,19 @@ macro_rules! metadata_io {
             limit: i64,
         ) -> Result<Vec<(Vec<u8>, $crate::replicate::RowVersion)>, $crate::store::StoreError> {
             let sql = meta(
-                "SELECT key, version, hlc, origin, CAST(CASE WHEN deleted THEN 1 ELSE 0 END AS BIGINT) \
+                "SELECT key, version, hlc, origin, CAST(CASE WHEN deleted THEN 1 ELSE 0 END AS BIGINT), image_sum \
                  FROM {w}rows WHERE tbl = $1 AND key > $2 ORDER BY key LIMIT $3",
             );
-            let rows: Vec<(Vec<u8>, String, i64, String, i64)> = sqlx::query_as(sql)
+            let rows: Vec<(Vec<u8>, String, i64, String, i64, Option<i64>)> = sqlx::query_as(sql)
                 .bind(table)
                 .bind(after)
                 .bind(limit)
                 .fetch_all(&mut *conn)
                 .await?;
             rows.into_iter()
-                .map(|(key, version, hlc, origin, deleted)| {
-                    let version = $crate::store::metadata::stored_version(table, &version, hlc, origin, deleted != 0)?;
+                .map(|(key, version, hlc, origin, deleted, image)| {
+                    let version =
+                        $crate::store::metadata::stored_version(table, &version, hlc, origin, (deleted != 0, image))?;
                     Ok((key, version))
                 })
                 .collect()
@@ -284,7 +287,7 @@ macro_rules! metadata_io {
                 sqlx::query_as(sql).bind(limit).fetch_all(&mut *conn).await?;
             rows.into_iter()
                 .map(|(table, key, version, hlc, origin)| {
-                    let version = $crate::store::metadata::stored_version(&table, &version, hlc, origin, true)?;
+                    let version = $crate::store::metadata::stored_version(&table, &version, hlc, origin, (true, None))?;
                     Ok((table, key, version))
                 })
                 .collect()
@@ -379,7 +382,7 @@ macro_rules! metadata_io {
             table: &str,
             key: &[u8],
         ) -> Result<(), $crate::store::StoreError> {
-            sqlx::query(meta("UPDATE {w}rows SET deleted = $3 WHERE tbl = $1 AND key = $2"))
+            sqlx::query(meta("UPDATE {w}rows SET deleted = $3, image_sum = NULL WHERE tbl = $1 AND key = $2"))
                 .bind(table)
                 .bind(key)
                 .bind(true)

@@ -69,6 +69,9 @@ pub const META_TABLES: &[TableDef] = &[
             col("hlc", Int),
             col("origin", Text),
             col("deleted", Bool),
+            // The digest of the image weft last wrote or captured for the row
+            // (`checksum::recorded_image`); NULL when unknown (see `RowVersion::image`).
+            null("image_sum", Int),
         ],
         key: &["tbl", "key"],
     },
@@ -207,6 +210,9 @@ pub enum Step {
     /// Tables added since the baseline (`positions`): the baseline again, which creates
     /// only what is missing.
     NewTables,
+    /// Row metadata gains `image_sum`, the digest of the image weft last wrote or captured
+    /// for the row (NULL, unknown, for rows written before).
+    ImageSums,
 }
 
 /// The schema's history, in order; a database's `schema_version` is the number of the last
@@ -217,6 +223,7 @@ pub const MIGRATIONS: &[(u32, &str, Step)] = &[
     (3, "dead letter retries", Step::DeadLetterRetries),
     (4, "dead letter causes", Step::DeadLetterCauses),
     (5, "stream positions", Step::NewTables),
+    (6, "row image digests", Step::ImageSums),
 ];
 
 /// The schema version this build writes.

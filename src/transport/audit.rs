@@ -27,10 +27,11 @@
 //! `--repair` leaves it alone: the letter applies once its cause is fixed.
 //!
 //! The winner of a differing row ([`decide`]): the rows that agree with their own metadata
-//! first (a row changed behind weft's back disagrees: its image moved without its version,
-//! or it vanished while its metadata says live); among them the newest version; where
-//! versions are concurrent, the greatest (hlc, origin) as under `lww`; where one version
-//! holds different images, the image most nodes hold, or `--prefer`'s. `--repair` writes the
+//! first (a row changed behind weft's back disagrees: it was edited in place, so it no
+//! longer matches the digest its metadata recorded of the image weft last wrote, or it
+//! vanished while its metadata says live, or appeared without metadata); among them the
+//! newest version; where versions are concurrent, the greatest (hlc, origin) as under `lww`;
+//! where one version holds different images, the image most nodes hold, or `--prefer`'s. `--repair` writes the
 //! winner on the auditing node as a change whose version covers every node's, which then
 //! replicates as any newer write does (`store::admin::Repair`).
 use std::collections::{BTreeMap, BTreeSet};
@@ -712,6 +713,7 @@ fn row_of(rows: &BTreeMap<Vec<u8>, AuditRow>, key: &[u8]) -> AuditRow {
         version: None,
         image: None,
         waiting: false,
+        edited: false,
     })
 }
 

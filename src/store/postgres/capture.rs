@@ -98,7 +98,7 @@ pub(super) async fn load_versions(
     keys: &[Vec<u8>],
 ) -> Result<HashMap<Vec<u8>, RowVersion>, StoreError> {
     let rows = sqlx::query(
-        "SELECT r.key, r.version, r.hlc, r.origin, r.deleted FROM unnest($2::bytea[]) AS k(key) \
+        "SELECT r.key, r.version, r.hlc, r.origin, r.deleted, r.image_sum FROM unnest($2::bytea[]) AS k(key) \
          JOIN weft.rows r ON r.tbl = $1 AND r.key = k.key",
     )
     .bind(table)
@@ -108,7 +108,8 @@ pub(super) async fn load_versions(
     let mut out = HashMap::with_capacity(rows.len());
     for row in rows {
         let version: String = row.try_get(1)?;
-        let stored = stored_version(table, &version, row.try_get(2)?, row.try_get(3)?, row.try_get(4)?)?;
+        let flags = (row.try_get(4)?, row.try_get(5)?);
+        let stored = stored_version(table, &version, row.try_get(2)?, row.try_get(3)?, flags)?;
         out.insert(row.try_get::<Vec<u8>, _>(0)?, stored);
     }
     Ok(out)
@@ -131,10 +132,11 @@ pub(super) async fn write_meta(
     let v = |i: &usize| &meta.versions[*i];
     // Joins, not `= ANY`, for the outbox: a backlog of many ids must stay linear.
     sqlx::query(
-        "WITH v AS (INSERT INTO weft.rows (tbl, key, version, hlc, origin, deleted) \
-              SELECT * FROM unnest($1::text[], $2::bytea[], $3::text[], $4::int8[], $5::text[], $6::bool[]) \
+        "WITH v AS (INSERT INTO weft.rows (tbl, key, version, hlc, origin, deleted, image_sum) \
+              SELECT * FROM unnest($1::text[], $2::bytea[], $3::text[], $4::int8[], $5::text[], $6::bool[], \
+              $18::int8[]) \
               ON CONFLICT (tbl, key) DO UPDATE SET version = excluded.version, hlc = excluded.hlc, \
-              origin = excluded.origin, deleted = excluded.deleted), \
+              origin = excluded.origin, deleted = excluded.deleted, image_sum = excluded.image_sum), \
          l AS (INSERT INTO weft.log (origin, seq, batch_end, committed_at, event) \
               SELECT * FROM unnest($7::text[], $8::int8[], $9::int8[], $10::int8[], $11::bytea[])), \
          f AS (INSERT INTO weft.frontier (origin, seq, processed) \
@@ -162,6 +164,12 @@ pub(super) async fn write_meta(
     .bind(&drained)
     .bind((meta.hlc as i64).to_string())
     .bind(meta.last_seq.map(|s| s.to_string()))
+    .bind(
+        order
+            .iter()
+            .map(|i| v(i).2.image.filter(|_| !v(i).2.deleted))
+            .collect::<Vec<_>>(),
+    )
     .execute(&mut *conn)
     .await?;
     Ok(())

@@ -101,6 +101,11 @@ async fn migrate(conn: &mut PgConnection) -> Result<(), StoreError> {
             Step::NewTables => {
                 sqlx::raw_sql(AssertSqlSafe(baseline())).execute(&mut *conn).await?;
             }
+            Step::ImageSums => {
+                sqlx::raw_sql("ALTER TABLE weft.rows ADD COLUMN IF NOT EXISTS image_sum bigint")
+                    .execute(&mut *conn)
+                    .await?;
+            }
             Step::DeadLetterCauses => {
                 sqlx::raw_sql(
                     "ALTER TABLE weft.dead_letters ADD COLUMN IF NOT EXISTS cause text NOT NULL DEFAULT 'other'; \

@@ -121,7 +121,7 @@ pub(super) async fn load_versions(
     let mut out = HashMap::with_capacity(keys.len());
     for chunk in keys.chunks(MAX_PARAMS - 1) {
         let sql = format!(
-            "SELECT key, version, hlc, origin, deleted FROM _weft_rows WHERE tbl = ? AND key IN ({})",
+            "SELECT key, version, hlc, origin, deleted, image_sum FROM _weft_rows WHERE tbl = ? AND key IN ({})",
             vec!["?"; chunk.len()].join(", ")
         );
         let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(false).bind(table);
@@ -131,7 +131,8 @@ pub(super) async fn load_versions(
         for row in query.fetch_all(&mut *conn).await? {
             let version: String = row.try_get(1)?;
             let deleted = row.try_get::<i64, _>(4)? != 0;
-            let stored = stored_version(table, &version, row.try_get(2)?, row.try_get(3)?, deleted)?;
+            let image = row.try_get(5)?;
+            let stored = stored_version(table, &version, row.try_get(2)?, row.try_get(3)?, (deleted, image))?;
             out.insert(row.try_get::<Vec<u8>, _>(0)?, stored);
         }
     }
@@ -155,11 +156,12 @@ pub(super) async fn write_meta(
                 Value::Integer(v.hlc.0 as i64),
                 Value::Text(v.origin.clone()),
                 Value::Integer(i64::from(v.deleted)),
+                v.image.filter(|_| !v.deleted).map_or(Value::Null, Value::Integer),
             ]
         })
         .collect();
-    let head = "INSERT OR REPLACE INTO _weft_rows (tbl, key, version, hlc, origin, deleted) VALUES";
-    insert(conn, head, "", 6, &versions).await?;
+    let head = "INSERT OR REPLACE INTO _weft_rows (tbl, key, version, hlc, origin, deleted, image_sum) VALUES";
+    insert(conn, head, "", 7, &versions).await?;
     let log: Vec<Vec<Value>> = meta
         .log
         .iter()

@@ -83,6 +83,7 @@ async fn migrate(conn: &mut SqliteConnection) -> Result<(), StoreError> {
             Step::NewTables => {
                 sqlx::raw_sql(AssertSqlSafe(baseline())).execute(&mut *conn).await?;
             }
+            Step::ImageSums => image_sums(conn).await?,
         }
         sqlx::query("INSERT OR REPLACE INTO _weft_node (name, value) VALUES ('schema_version', ?)")
             .bind(*number as i64)
@@ -105,6 +106,20 @@ async fn dead_letter_retries(conn: &mut SqliteConnection) -> Result<(), StoreErr
         )
         .execute(&mut *conn)
         .await?;
+    }
+    Ok(())
+}
+
+/// Row metadata made before image digests lacks `image_sum` (NULL: unknown).
+async fn image_sums(conn: &mut SqliteConnection) -> Result<(), StoreError> {
+    let present: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pragma_table_info('_weft_rows') WHERE name = 'image_sum'")
+            .fetch_one(&mut *conn)
+            .await?;
+    if present == 0 {
+        sqlx::raw_sql("ALTER TABLE _weft_rows ADD COLUMN image_sum INTEGER")
+            .execute(&mut *conn)
+            .await?;
     }
     Ok(())
 }

@@ -126,9 +126,11 @@ mod tests {
                 hlc: Hlc(hlc),
                 origin: "a".into(),
                 deleted: value.is_none(),
+                image: None,
             }),
             image: value.map(|v| Row(vec![("v".into(), Value::Text(v.into()))])),
             waiting: false,
+            edited: false,
         }
     }
 
@@ -143,6 +145,21 @@ mod tests {
         let winner = decide(&nodes(vec![row(&[("a", 1)], 1, Some("x")), vanished]), &[], None).unwrap();
         assert_eq!(winner.node, "a");
         assert!(matches!(winner.op, Op::Upsert(_)));
+    }
+
+    #[test]
+    fn a_row_edited_in_place_loses_to_the_recorded_one_without_a_majority() {
+        let v = &[("a", 1)];
+        let mut edited = row(v, 1, Some("y"));
+        edited.edited = true;
+        let two = nodes(vec![row(v, 1, Some("x")), edited.clone()]);
+        let winner = decide(&two, &[], None).unwrap();
+        assert_eq!(winner.node, "a");
+        assert!(winner.why.contains("behind weft's back"), "{}", winner.why);
+        let mut other = row(v, 1, Some("z"));
+        other.edited = true;
+        let winner = decide(&nodes(vec![edited, other, row(v, 1, Some("x"))]), &[], None).unwrap();
+        assert_eq!(winner.node, "c");
     }
 
     #[test]
@@ -183,6 +200,7 @@ mod tests {
             version: None,
             image: None,
             waiting: false,
+            edited: false,
         };
         let floors = |b: u64| {
             vec![
