@@ -347,6 +347,13 @@ impl Store {
         both!(self, s => s.frontiers().await)
     }
 
+    /// How far this node's log of `origin` went before retention or acknowledgements
+    /// trimmed it (0 if nothing was trimmed): a peer behind that is behind the log, even
+    /// when nothing of `origin` is left in it.
+    pub async fn log_high(&self, origin: &str) -> Result<u64, StoreError> {
+        both!(self, s => s.log_high(origin).await)
+    }
+
     /// Purges the tombstones below the causal stability `horizon` (`gc`).
     pub async fn purge_tombstones(&self, horizon: &crate::version::VersionVector) -> Result<gc::Purged, StoreError> {
         both!(self, s => s.purge_tombstones(horizon).await)

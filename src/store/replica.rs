@@ -312,6 +312,11 @@ impl<B: Backend> Replica<B> {
         self.backend.frontiers().await
     }
 
+    /// The highest seq of `origin` the log has held and dropped since (0 if none).
+    pub async fn log_high(&self, origin: &str) -> Result<u64, StoreError> {
+        self.backend.log_high(origin).await
+    }
+
     /// Log entries of `origin` after `after`, about `max` of them, but always ending on a
     /// capture-batch boundary so a capture batch is never split on the wire.
     pub async fn read_log(&self, origin: &str, after: u64, max: usize) -> Result<Vec<LogEntry>, StoreError> {

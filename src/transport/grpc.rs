@@ -607,14 +607,22 @@ impl Outbound<'_> {
                 if bytes >= budget {
                     break;
                 }
-                // This node's last seq before its log: a drain between the two only adds.
-                let produced = (read.origin == self.ctx.config.node).then(|| *self.ctx.log_grew.borrow());
+                // How far the log of this origin went: for this node's own, its last seq read
+                // before the log (a drain between the two only adds).
+                let own = (read.origin == self.ctx.config.node).then(|| *self.ctx.log_grew.borrow());
                 let entries = self
                     .ctx
                     .store
                     .read_log_within(&read.origin, read.after, read.max, (budget - bytes, hard - bytes))
                     .await?;
                 let first = entries.first().map(|e| e.seq);
+                // A relayed origin trimmed to nothing: what the log dropped of it says how far
+                // it went (the peer is behind if that is past its frontier).
+                let produced = match (own, first) {
+                    (Some(own), _) => Some(own),
+                    (None, None) => Some(self.ctx.store.log_high(&read.origin).await?),
+                    (None, Some(_)) => None,
+                };
                 if let Some(behind) = BehindLog::check(self.peer, &read.origin, read.after, first, produced) {
                     // Tell the peer, so it re-seeds by snapshot; the stream ends either way.
                     let _ = self
