@@ -108,6 +108,11 @@ impl Node {
         let alone = topology::downstream(&config.topology, &config.node).is_empty();
         let ctx = Context {
             verified: watch::channel(alone).0,
+            history: Arc::new(std::sync::Mutex::new(crate::transport::history::Gate::new(
+                grpc_peers(&config),
+                tokio::time::Instant::now(),
+                config.replication.history_wait(),
+            ))),
             joining: watch::channel(None).0,
             join_requests,
             config: config.clone(),
@@ -254,6 +259,19 @@ fn start_kafka(
     }
 }
 
+/// The peers this node exchanges with over gRPC, either way: those whose word the history
+/// gate waits for.
+fn grpc_peers(config: &NodeConfig) -> Vec<NodeId> {
+    let (topology, me) = (&config.topology, &config.node);
+    (topology::downstream(topology, me).into_iter())
+        .chain(topology::upstream(topology, me))
+        .filter(|peer| topology.link_transport(me, &peer.id) == Transport::Grpc)
+        .map(|peer| peer.id.clone())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
 /// Opens (installing if needed) the node's store, keeping the origins it relays, and logs
 /// what the operator should know about its tables.
 async fn open_store(config: &NodeConfig) -> Result<Arc<Store>, NodeError> {
@@ -281,6 +299,40 @@ async fn open_store(config: &NodeConfig) -> Result<Arc<Store>, NodeError> {
     Ok(Arc::new(store))
 }
 
+/// What `weft status` shows of the history gate while capture waits on it (kept in the
+/// database, written when it changes and cleared once the history is confirmed).
+struct HistoryNote(Option<String>);
+
+impl HistoryNote {
+    fn text(verdict: &crate::transport::history::Verdict) -> String {
+        use crate::transport::history::Verdict;
+        match verdict {
+            Verdict::Waiting { unheard } => format!(
+                "waiting for {} to say how many of this node's events they have (at most history_wait_secs from start)",
+                unheard.join(", ")
+            ),
+            Verdict::WentBack(went_back) => format!(
+                "the database went back in time: {} has this node's events up to {}, it holds up to {}; re-seeding",
+                went_back.peer, went_back.peer_has, went_back.ours
+            ),
+            Verdict::Confirmed { .. } => "confirmed".to_owned(),
+        }
+    }
+
+    async fn say(&mut self, ctx: &Context, verdict: &crate::transport::history::Verdict) {
+        let text = match verdict {
+            crate::transport::history::Verdict::Confirmed { .. } => None,
+            _ => Some(Self::text(verdict)),
+        };
+        if self.0 != text {
+            if let Err(error) = ctx.store.note_history(text.as_deref()).await {
+                tracing::debug!(%error, "cannot record the history gate for weft status");
+            }
+            self.0 = text;
+        }
+    }
+}
+
 /// Drains the outbox whenever another connection has committed; once more at shutdown.
 async fn capture_loop(ctx: Context, metrics: Arc<Metrics>) {
     let mut shutdown = ctx.shutdown.clone();
@@ -288,18 +340,23 @@ async fn capture_loop(ctx: Context, metrics: Arc<Metrics>) {
     let mut failures = 0u32;
     let mut verified = ctx.verified.subscribe();
     let mut waiting_since = tokio::time::Instant::now();
+    // Something to clear: a note left by a run that stopped while it waited.
+    let mut history_note = HistoryNote(Some(String::new()));
     loop {
         let mut again = false;
         let stopping = *shutdown.borrow();
         if !*verified.borrow_and_update() {
-            // Changes wait in the outbox until a peer confirms this database's history.
+            // Changes wait in the outbox until the peers confirm this database's history.
             if stopping {
                 return;
             }
+            let verdict = ctx.reconsider_history().await;
+            history_note.say(&ctx, &verdict).await;
             if waiting_since.elapsed() >= Duration::from_secs(30) {
                 waiting_since = tokio::time::Instant::now();
                 tracing::warn!(
-                    "no peer has confirmed this database's history yet; local changes wait in the outbox until one answers"
+                    "this database's history is not confirmed yet ({}); local changes wait in the outbox",
+                    HistoryNote::text(&verdict)
                 );
             }
             tokio::select! {
@@ -308,6 +365,10 @@ async fn capture_loop(ctx: Context, metrics: Arc<Metrics>) {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
             continue;
+        }
+        if history_note.0.is_some() {
+            let confirmed = crate::transport::history::Verdict::Confirmed { unheard: Vec::new() };
+            history_note.say(&ctx, &confirmed).await;
         }
         match ctx.store.data_version().await {
             Ok(version) if Some(version) == seen && !stopping => {}

@@ -578,3 +578,83 @@ async fn a_region_down_longer_than_the_logs_are_kept_reseeds_when_it_returns() {
     wait_log(&sidecars, 1, "joined the mesh").await;
     sidecars.terminate_all();
 }
+
+/// Sends region `from`'s dials of region `to` through a proxy the test holds (a `[dial]`
+/// entry in `from`'s config); returns the proxy.
+async fn proxied(sidecars: &common::sidecars::Sidecars, from: usize, to: usize) -> common::proxy::Proxy {
+    let node = &sidecars.mesh.regions[to].node_id;
+    let address = sidecars.mesh.topology.node(node).unwrap().address.clone();
+    let proxy = common::proxy::Proxy::start(&address).await;
+    let config = &sidecars.mesh.regions[from].config_file;
+    let mut text = std::fs::read_to_string(config).unwrap();
+    text += &format!("\n[dial]\n\"{node}\" = \"{}\"\n", proxy.listen);
+    std::fs::write(config, text).unwrap();
+    proxy
+}
+
+/// Peers differ by the tail that was in flight when a region was lost. A region restored from
+/// a backup used to trust the first peer that answered: west, which lacks east's last events,
+/// answered first (the link to south held up here), east numbered its new writes after what
+/// west had, and south, which had east's events under those numbers, dropped the new writes
+/// as duplicates. East now waits for every peer's word (up to `history_wait_secs`) and numbers
+/// after the most any of them has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_region_confirms_its_history_with_the_best_informed_peer() {
+    use common::sidecars::Sidecars;
+    let dir = tempfile::tempdir().unwrap();
+    // No relay: west must not get east's last events from south while east is away.
+    let replication = weft::config::ReplicationConfig {
+        relay_after_ms: 0,
+        ..Default::default()
+    };
+    let topology = weft::harness::loopback::LoopbackMesh::all_to_all(&["east", "west", "south"]);
+    let mut sidecars = Sidecars::with(dir.path(), topology, replication).await;
+    let east_to_south = proxied(&sidecars, 0, 2).await;
+    let south_to_east = proxied(&sidecars, 2, 0).await;
+    sidecars.spawn_all().await;
+    sidecars.write(0, 0, 10, 5).await;
+    sidecars.assert_exactly_once(10).await;
+    let backup = dir.path().join("east-backup.db");
+    sidecars.back_up(0, &backup).await;
+    sidecars.write(0, 10, 10, 5).await;
+    sidecars.wait_items(1, 20, "west never got east's rows").await;
+    // West is away while east writes its last rows: only south has them.
+    sidecars.stop(1).await;
+    sidecars.write(0, 20, 10, 5).await;
+    sidecars.wait_items(2, 30, "south never got east's last rows").await;
+    sidecars.stop(0).await;
+    sidecars.restore(0, &backup).await;
+
+    // South is slow to answer; west is back at once.
+    east_to_south.stall();
+    south_to_east.stall();
+    sidecars.spawn(1, None).await;
+    sidecars.write(0, 30, 5, 5).await;
+    // East's log runs on from its first life: only what it says from here on counts.
+    let before = sidecars.log(0).len();
+    sidecars.spawn(0, None).await;
+    wait_log(&sidecars, 0, "went back in time").await;
+    let started = std::time::Instant::now();
+    loop {
+        let log = sidecars.log(0)[before..].to_owned();
+        if log.contains("history; capturing") {
+            // It trusted west alone: its new writes are numbered and reach west.
+            sidecars.wait_items(1, 25, "west never got east's new rows").await;
+            break;
+        }
+        if log.contains("waits for south-1") {
+            break;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(20), "{log}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    east_to_south.resume();
+    south_to_east.resume();
+    sidecars
+        .wait_items(2, 35, "south lacks east's writes made after the restore")
+        .await;
+    sidecars.assert_exactly_once(35).await;
+    let log = sidecars.log(0);
+    assert!(log.contains("own events 11..=30 are in south-1's copy"), "{log}");
+    sidecars.terminate_all();
+}

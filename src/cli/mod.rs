@@ -288,6 +288,11 @@ async fn status(path: PathBuf, json: bool) -> anyhow::Result<()> {
         "dead letters {}, conflicts logged {}",
         status.dead_letters, status.conflicts
     );
+    if let Some(history) = &status.history {
+        println!(
+            "\nCAPTURE WAITS: the history of this database is not confirmed: {history}; local changes wait in the outbox"
+        );
+    }
     if let Some(join) = &status.joining {
         let percent = 100.0 * join.rows_done as f64 / join.rows_total.max(1) as f64;
         println!(

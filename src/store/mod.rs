@@ -190,6 +190,8 @@ pub struct Status {
     /// topic's name, next offset), and how far this node's log is published
     /// (`published:<topic>:<origin>`, last seq).
     pub positions: Vec<(String, i64)>,
+    /// What the history gate waits for while capture waits on it (`transport::history`).
+    pub history: Option<String>,
     /// What the database counts by table, strategy and cause.
     pub breakdown: Breakdown,
 }
@@ -330,6 +332,11 @@ impl Store {
     /// fallback, a second) on PostgreSQL.
     pub async fn wait_for_change(&self, poll: std::time::Duration) {
         both!(self, s => backend::Backend::wait_for_change(&s.backend, poll).await)
+    }
+
+    /// Records (or clears) for `weft status` what the history gate waits for.
+    pub async fn note_history(&self, note: Option<&str>) -> Result<(), StoreError> {
+        both!(self, s => s.note_history(note).await)
     }
 
     /// Records (or clears) for `weft status` that `peer` is behind this node's log of `origin`.

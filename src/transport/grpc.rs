@@ -300,27 +300,21 @@ impl Inbound {
 }
 
 impl Service {
-    /// What the peer has of this node's own events confirms this database's history, or
-    /// shows that it went back in time: then the node re-seeds from the peer, and the stream
-    /// waits until it has.
+    /// What the peer has of this node's own events is its word to the history gate. More
+    /// than this database holds shows it went back in time: the stream is refused until the
+    /// node has re-seeded (from the peer that has most of its events, once the gate has
+    /// heard the others).
     async fn check_history(&self, hello: &proto::Hello) -> Result<(), Status> {
         let me = &self.ctx.config.node;
-        let knows = [(me.clone(), hello.knows_of_you)].into_iter().collect();
         let ours = self.ctx.store.last_seq().await;
-        match handshake::WentBack::check(me, &hello.node_id, &knows, ours) {
-            None => {
-                self.ctx.peer_confirmed();
-                Ok(())
-            }
-            Some(went_back) => {
-                self.ctx
-                    .request_join(super::join::JoinRequest::went_back(&hello.node_id, me, &went_back));
-                Err(Status::unavailable(format!(
-                    "{me}'s database went back in time; it is re-seeding from {}",
-                    hello.node_id
-                )))
-            }
+        self.ctx.history_heard(&hello.node_id, hello.knows_of_you, ours);
+        self.ctx.reconsider_history().await;
+        if hello.knows_of_you > ours {
+            return Err(Status::unavailable(format!(
+                "{me}'s database went back in time; it re-seeds from the peer that has most of its events"
+            )));
         }
+        Ok(())
     }
 }
 
@@ -546,14 +540,14 @@ impl Outbound<'_> {
             .map_err(|refusal| self.protocol(&refusal.to_string()))?;
         let frontiers = frontiers_from_proto(welcome.frontiers);
         let ours = self.ctx.store.last_seq().await;
-        if let Some(went_back) = handshake::WentBack::check(&config.node, self.peer, &frontiers, ours) {
+        let knows = frontiers.get(&config.node).copied().unwrap_or(0);
+        self.ctx.history_heard(self.peer, knows, ours);
+        self.ctx.reconsider_history().await;
+        if knows > ours {
             // Nothing is numbered until this is settled (capture waits for `verified`): the
-            // join raises this node's seq past what the peer has, then re-seeds from it.
-            self.ctx
-                .request_join(super::join::JoinRequest::went_back(self.peer, &config.node, &went_back));
-            return Err(self.protocol("this node's database went back in time; re-seeding from this peer"));
+            // join raises this node's seq past what the best-informed peer has, then re-seeds.
+            return Err(self.protocol("this node's database went back in time; it re-seeds before streaming"));
         }
-        self.ctx.peer_confirmed();
         let connected = self.feeder.on_welcome(frontiers, Instant::now());
         self.ctx.connected(self.peer, &connected);
         Ok(inbound)
