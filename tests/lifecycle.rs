@@ -658,3 +658,105 @@ async fn a_restored_region_confirms_its_history_with_the_best_informed_peer() {
     assert!(log.contains("own events 11..=30 are in south-1's copy"), "{log}");
     sidecars.terminate_all();
 }
+
+/// The events of `origin` still in region `at`'s log.
+async fn logged_of(sidecars: &common::sidecars::Sidecars, at: usize, origin: usize) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM _weft_log WHERE origin = ?")
+        .bind(&sidecars.mesh.regions[origin].node_id)
+        .fetch_one(&sidecars.mesh.regions[at].app)
+        .await
+        .unwrap()
+}
+
+/// Waits until region `at`'s database records that region `peer` has region `origin`'s
+/// events up to `seq`.
+async fn wait_acked(sidecars: &common::sidecars::Sidecars, at: usize, peer: usize, origin: usize, seq: i64) {
+    let regions = &sidecars.mesh.regions;
+    let started = std::time::Instant::now();
+    loop {
+        let acked: Option<i64> = sqlx::query_scalar("SELECT seq FROM _weft_acks WHERE peer = ? AND origin = ?")
+            .bind(&regions[peer].node_id)
+            .bind(&regions[origin].node_id)
+            .fetch_optional(&regions[at].app)
+            .await
+            .unwrap();
+        if acked >= Some(seq) {
+            return;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "{} never heard that {} has {}'s events up to {seq}: {acked:?}",
+            regions[at].region,
+            regions[peer].region,
+            regions[origin].region
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// A region lost for good is taken out of the topology while another survivor is down. The
+/// survivors used to drop the leaver's events from their logs at the reload and refuse them
+/// from each other, so the one that was down never got the leaver's last writes. They now
+/// keep them until every remaining node has them, pass them on when asked, and `weft topology
+/// check --against` says who lacks what before the reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_region_s_last_events_reach_a_survivor_that_was_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let topology = weft::harness::loopback::LoopbackMesh::all_to_all(&["east", "west", "south", "north"]);
+    let sidecars = common::sidecars::Sidecars::with(dir.path(), topology, Default::default()).await;
+    let four_file = dir.path().join("four.toml");
+    std::fs::copy(&sidecars.mesh.topology_file, &four_file).unwrap();
+    let mut three = sidecars.mesh.topology.clone();
+    three.nodes.pop();
+    let three_file = dir.path().join("three.toml");
+    std::fs::write(&three_file, toml::to_string(&three).unwrap()).unwrap();
+    sidecars.spawn_all().await;
+    sidecars.write(3, 0, 10, 5).await;
+    sidecars.assert_exactly_once(10).await;
+    // East knows what the others have from their acknowledgements and heartbeats.
+    wait_acked(&sidecars, 0, 2, 3, 10).await;
+    sidecars.stop(2).await;
+    sidecars.write(3, 10, 100, 20).await;
+    sidecars.wait_items(0, 110, "east never got north's rows").await;
+    wait_acked(&sidecars, 0, 1, 3, 110).await;
+    sidecars.kill9(3);
+
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["topology", "check"])
+        .arg(&three_file)
+        .arg("--against")
+        .arg(&four_file)
+        .arg("--config")
+        .arg(&sidecars.mesh.regions[0].config_file)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    std::fs::copy(&three_file, &sidecars.mesh.topology_file).unwrap();
+    for i in 0..2 {
+        sidecars.signal(i, "HUP");
+    }
+    // Past a retention pass of the reloaded survivors (every 10 s).
+    tokio::time::sleep(std::time::Duration::from_secs(11)).await;
+    sidecars.spawn(2, None).await;
+    sidecars
+        .wait_items(
+            2,
+            110,
+            "south never got the last events of north, which left while it was down",
+        )
+        .await;
+    assert!(said.contains("south-1 lacks north-1's events 11..=110"), "{said}");
+    let started = std::time::Instant::now();
+    while logged_of(&sidecars, 0, 3).await > 0 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "east kept north's events after every remaining node had them"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    sidecars.terminate_all();
+}

@@ -271,14 +271,21 @@ impl Store {
     /// The status of the node `config` describes, read from its database as `weft status`
     /// reads it (a sidecar may be serving it).
     pub async fn status_of(config: &crate::config::NodeConfig) -> Result<Status, StoreError> {
+        let peers = crate::topology::routed_origins(&config.topology, &config.node);
+        Store::status_for(config, &peers).await
+    }
+
+    /// `status_of`, with what each of `peers` has acknowledged of the origins named with it.
+    pub async fn status_for(
+        config: &crate::config::NodeConfig,
+        peers: &[(NodeId, Vec<NodeId>)],
+    ) -> Result<Status, StoreError> {
         let identity = crate::event::Identity {
             node: config.node.clone(),
             region: config.region().to_owned(),
         };
         let store = Store::inspect(&config.database, identity).await?;
-        let status = store
-            .status(&crate::topology::routed_origins(&config.topology, &config.node))
-            .await;
+        let status = store.status(peers).await;
         store.close().await;
         status
     }

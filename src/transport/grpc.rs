@@ -292,10 +292,15 @@ impl Inbound {
         })))
     }
 
+    /// The origins this node asks the peer to relay: those whose direct link is silent, and
+    /// those taken out of the topology, whose last events any remaining peer may hold.
     fn relay_wanted(&self) -> Vec<NodeId> {
-        self.ctx
+        let mut wanted = self
+            .ctx
             .heard
-            .relay_requests(&self.ctx.config, &self.peer, Instant::now())
+            .relay_requests(&self.ctx.config, &self.peer, Instant::now());
+        wanted.extend(self.ctx.removed.iter().cloned());
+        wanted
     }
 }
 
@@ -412,7 +417,7 @@ impl proto::replication_server::Replication for Service {
 /// Feeds one peer until shutdown, redialling with the feeder's backoff after any failure.
 pub async fn feed_peer(ctx: Context, peer: NodeSpec) {
     let mut shutdown = ctx.shutdown.clone();
-    let mut feeder = Feeder::new(Settings::for_peer(&ctx.config, &peer.id));
+    let mut feeder = Feeder::new(Settings::for_peer(&ctx.config, &peer.id).keeping(&ctx.removed));
     let mut backoff = Backoff::default();
     loop {
         if *shutdown.borrow() {

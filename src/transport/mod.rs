@@ -122,6 +122,9 @@ pub struct Context {
     /// go back in time (or it has no peer to ask). Until then nothing is drained: numbering
     /// changes after a restore would reuse seqs the peers have, which they would drop.
     pub verified: watch::Sender<bool>,
+    /// Origins taken out of the topology whose events this node holds
+    /// (`topology::removed_origins`), as of its start.
+    pub removed: Arc<std::collections::BTreeSet<NodeId>>,
     /// What the peers said of this node's own events since it started (`history`).
     pub history: Arc<Mutex<history::Gate>>,
     /// The latest report of every node this node has heard of (`stability`).
@@ -289,7 +292,11 @@ impl Context {
         }
         if let Some(change) = effects.relay {
             for origin in &change.started {
-                tracing::warn!(%peer, %origin, "relaying {origin}'s events to {peer}: their direct link is down");
+                if self.config.topology.node(origin).is_none() {
+                    tracing::info!(%peer, %origin, "passing {origin}'s last events on to {peer} where it lacks them: {origin} was taken out of the topology");
+                } else {
+                    tracing::warn!(%peer, %origin, "relaying {origin}'s events to {peer}: their direct link is down");
+                }
             }
             for origin in &change.stopped {
                 tracing::info!(%peer, %origin, "stopped relaying {origin}'s events to {peer}: their link is back");

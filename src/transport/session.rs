@@ -72,6 +72,13 @@ impl Settings {
             peer_timeout: config.replication.peer_timeout(),
         }
     }
+
+    /// Also relays, when the peer asks, the origins taken out of the topology this node
+    /// still holds events of (`topology::removed_origins`).
+    pub fn keeping(mut self, removed: &BTreeSet<NodeId>) -> Self {
+        self.kept.extend(removed.iter().cloned());
+        self
+    }
 }
 
 /// One read of the log: up to about `max` events of `origin` with seq > `after`.
