@@ -6,7 +6,9 @@
 //!
 //! A pure record of the peers' words, decided against this node's last seq and the time
 //! since it started (`Gate::verdict`); the binding feeds it the `knows_of_you` of each Hello
-//! and the frontier of each Welcome, and `Context::reconsider_history` acts on the verdict.
+//! and the frontier of this node in each Welcome, acknowledgement and heartbeat reply (so a
+//! peer that was joining when it connected is heard once it has joined), and
+//! `Context::reconsider_history` acts on the verdict.
 //!
 //! The rule, bounded and logged:
 //! - the gate waits for the word of every peer this node exchanges with over gRPC (peers

@@ -283,6 +283,12 @@ impl Context {
     pub fn follow(&self, peer: &str, effects: Effects) {
         if let Some(frontiers) = &effects.acknowledged {
             self.record_acks(peer, frontiers);
+            if !*self.verified.borrow() {
+                // A peer that was joining when it said Welcome has its word by now: the gate
+                // need not wait for it to redial.
+                let knows = frontiers.get(&self.config.node).copied().unwrap_or(0);
+                self.history.lock().expect("history lock").heard(peer, knows);
+            }
         }
         if let Some(own) = effects.own_acked {
             self.observer.acked(peer, own);
