@@ -11,7 +11,7 @@
 //! dead letters every 5 s, logs a status line),
 //! and the join loop (re-seeds by snapshot when a peer says this node cannot catch up). `Node::stop` is graceful: one shutdown
 //! signal, a final drain, feeders wait briefly for outstanding acks, then the store closes.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -93,7 +93,8 @@ impl Node {
     pub async fn start_with_metrics(config: NodeConfig, metrics: Arc<Metrics>) -> Result<Self, NodeError> {
         let config = Arc::new(config);
         let tls = server_tls(&config)?;
-        let store = open_store(&config).await?;
+        let (store, removed) = open_store(&config).await?;
+        let removed = Arc::new(removed);
         // The probes' port first: once the replication port accepts, so does it (a
         // supervisor or a test that waits for the one may ask the other at once).
         let http_listener = match &config.http {
@@ -108,6 +109,12 @@ impl Node {
         let alone = topology::downstream(&config.topology, &config.node).is_empty();
         let ctx = Context {
             verified: watch::channel(alone).0,
+            removed,
+            history: Arc::new(std::sync::Mutex::new(crate::transport::history::Gate::new(
+                grpc_peers(&config),
+                tokio::time::Instant::now(),
+                config.replication.history_wait(),
+            ))),
             joining: watch::channel(None).0,
             join_requests,
             config: config.clone(),
@@ -254,9 +261,23 @@ fn start_kafka(
     }
 }
 
+/// The peers this node exchanges with over gRPC, either way: those whose word the history
+/// gate waits for.
+fn grpc_peers(config: &NodeConfig) -> Vec<NodeId> {
+    let (topology, me) = (&config.topology, &config.node);
+    (topology::downstream(topology, me).into_iter())
+        .chain(topology::upstream(topology, me))
+        .filter(|peer| topology.link_transport(me, &peer.id) == Transport::Grpc)
+        .map(|peer| peer.id.clone())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
 /// Opens (installing if needed) the node's store, keeping the origins it relays, and logs
-/// what the operator should know about its tables.
-async fn open_store(config: &NodeConfig) -> Result<Arc<Store>, NodeError> {
+/// what the operator should know about its tables. Returns it with the origins taken out of
+/// the topology that it holds events of (`topology::removed_origins`), which it keeps too.
+async fn open_store(config: &NodeConfig) -> Result<(Arc<Store>, BTreeSet<NodeId>), NodeError> {
     let identity = Identity {
         node: config.node.clone(),
         region: config.region().to_owned(),
@@ -267,18 +288,56 @@ async fn open_store(config: &NodeConfig) -> Result<Arc<Store>, NodeError> {
         &config.tables,
         config.replication.max_clock_skew(),
     )
-    .await?
-    .relaying(topology::kept_origins(
-        &config.topology,
-        &config.node,
-        config.relay_repair(),
-    ))
-    .bounding_dead_letters(config.replication.max_dead_letters_per_cause)
-    .bounding_messages(config.replication.max_payload_bytes());
+    .await?;
+    let known = store.frontiers().await?;
+    let removed = topology::removed_origins(&config.topology, &config.node, known.keys());
+    for origin in &removed {
+        tracing::info!(%origin, "{origin} is not in the topology any more: this node keeps its last events until every remaining node has them, and passes them on to those that lack them");
+    }
+    let mut kept = topology::kept_origins(&config.topology, &config.node, config.relay_repair());
+    kept.extend(removed.iter().cloned());
+    let store = store
+        .relaying(kept)
+        .bounding_dead_letters(config.replication.max_dead_letters_per_cause)
+        .bounding_messages(config.replication.max_payload_bytes());
     for advice in store.advisories() {
         tracing::warn!("{advice}");
     }
-    Ok(Arc::new(store))
+    Ok((Arc::new(store), removed))
+}
+
+/// What `weft status` shows of the history gate while capture waits on it (kept in the
+/// database, written when it changes and cleared once the history is confirmed).
+struct HistoryNote(Option<String>);
+
+impl HistoryNote {
+    fn text(verdict: &crate::transport::history::Verdict) -> String {
+        use crate::transport::history::Verdict;
+        match verdict {
+            Verdict::Waiting { unheard } => format!(
+                "waiting for {} to say how many of this node's events they have (at most history_wait_secs from start)",
+                unheard.join(", ")
+            ),
+            Verdict::WentBack(went_back) => format!(
+                "the database went back in time: {} has this node's events up to {}, it holds up to {}; re-seeding",
+                went_back.peer, went_back.peer_has, went_back.ours
+            ),
+            Verdict::Confirmed { .. } => "confirmed".to_owned(),
+        }
+    }
+
+    async fn say(&mut self, ctx: &Context, verdict: &crate::transport::history::Verdict) {
+        let text = match verdict {
+            crate::transport::history::Verdict::Confirmed { .. } => None,
+            _ => Some(Self::text(verdict)),
+        };
+        if self.0 != text {
+            if let Err(error) = ctx.store.note_history(text.as_deref()).await {
+                tracing::debug!(%error, "cannot record the history gate for weft status");
+            }
+            self.0 = text;
+        }
+    }
 }
 
 /// Drains the outbox whenever another connection has committed; once more at shutdown.
@@ -288,18 +347,23 @@ async fn capture_loop(ctx: Context, metrics: Arc<Metrics>) {
     let mut failures = 0u32;
     let mut verified = ctx.verified.subscribe();
     let mut waiting_since = tokio::time::Instant::now();
+    // Something to clear: a note left by a run that stopped while it waited.
+    let mut history_note = HistoryNote(Some(String::new()));
     loop {
         let mut again = false;
         let stopping = *shutdown.borrow();
         if !*verified.borrow_and_update() {
-            // Changes wait in the outbox until a peer confirms this database's history.
+            // Changes wait in the outbox until the peers confirm this database's history.
             if stopping {
                 return;
             }
+            let verdict = ctx.reconsider_history().await;
+            history_note.say(&ctx, &verdict).await;
             if waiting_since.elapsed() >= Duration::from_secs(30) {
                 waiting_since = tokio::time::Instant::now();
                 tracing::warn!(
-                    "no peer has confirmed this database's history yet; local changes wait in the outbox until one answers"
+                    "this database's history is not confirmed yet ({}); local changes wait in the outbox",
+                    HistoryNote::text(&verdict)
                 );
             }
             tokio::select! {
@@ -308,6 +372,10 @@ async fn capture_loop(ctx: Context, metrics: Arc<Metrics>) {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
             continue;
+        }
+        if history_note.0.is_some() {
+            let confirmed = crate::transport::history::Verdict::Confirmed { unheard: Vec::new() };
+            history_note.say(&ctx, &confirmed).await;
         }
         match ctx.store.data_version().await {
             Ok(version) if Some(version) == seen && !stopping => {}
@@ -604,6 +672,11 @@ async fn audit_loop(ctx: Context, metrics: Arc<Metrics>, every: Duration) {
 async fn upkeep_loop(ctx: Context, metrics: Arc<Metrics>) {
     let mut shutdown = ctx.shutdown.clone();
     let mut needs_by_origin = topology::log_needs(&ctx.config.topology, &ctx.config.node, ctx.config.relay_repair());
+    needs_by_origin.extend(topology::removed_needs(
+        &ctx.config.topology,
+        &ctx.config.node,
+        &ctx.removed,
+    ));
     // Each Kafka topic this node publishes is a reader of the origins it carries, like a
     // peer: the log keeps what the topic lacks even when every peer has it.
     for (reader, origins) in topic_readers(&ctx.config) {
@@ -686,6 +759,7 @@ async fn retain(ctx: &Context, metrics: &Metrics, kept_back_said: &mut Option<to
     let config = &ctx.config;
     let mut kept = topology::kept_origins(&config.topology, &config.node, config.relay_repair());
     kept.insert(config.node.clone());
+    kept.extend(ctx.removed.iter().cloned());
     let floors = match topic_floors(ctx).await {
         Ok(floors) => floors,
         Err(error) => return tracing::warn!(%error, "cannot read what the Kafka topics have taken; retention waits"),

@@ -148,6 +148,34 @@ pub fn kept_origins(topology: &Topology, me: &str, relay_repair: bool) -> BTreeS
         .collect()
 }
 
+/// Origins taken out of the topology whose events `me` has applied (it holds a frontier of
+/// them, `known`): their last events may still be missing at another remaining node, so `me`
+/// keeps them in its log until every remaining node has them, asks its peers to pass them on,
+/// and admits them from its peers (`transport::admission`).
+pub fn removed_origins<'k>(
+    topology: &Topology,
+    me: &str,
+    known: impl IntoIterator<Item = &'k NodeId>,
+) -> BTreeSet<NodeId> {
+    known
+        .into_iter()
+        .filter(|origin| *origin != me && topology.node(origin).is_none())
+        .cloned()
+        .collect()
+}
+
+/// The remaining nodes that must have a removed origin's events before `me` drops them.
+pub fn removed_needs(topology: &Topology, me: &str, removed: &BTreeSet<NodeId>) -> BTreeMap<NodeId, Vec<NodeId>> {
+    let survivors: Vec<NodeId> = (topology.nodes.iter())
+        .map(|n| n.id.clone())
+        .filter(|id| id != me)
+        .collect();
+    removed
+        .iter()
+        .map(|origin| (origin.clone(), survivors.clone()))
+        .collect()
+}
+
 /// Each downstream peer of `me` with the origins routed to it (what `weft status` reports on).
 pub fn routed_origins(topology: &Topology, me: &str) -> Vec<(NodeId, Vec<NodeId>)> {
     downstream(topology, me)
@@ -246,7 +274,7 @@ pub fn changes(old: &Topology, new: &Topology) -> Vec<String> {
     for node in &old.nodes {
         if new.node(&node.id).is_none() {
             out.push(format!(
-                "{} leaves: the others stop streaming to it and stop keeping their logs for it; stop its sidecar first",
+                "{} leaves: the others stop streaming to it, pass its last events on to those of them that lack them, and keep them in their logs until every remaining node has them; stop its sidecar first",
                 node.id
             ));
         }
@@ -450,6 +478,12 @@ mod tests {
             shrunk.iter().any(|c| c.starts_with("n3 leaves") && c.contains("logs")),
             "{shrunk:?}"
         );
+        // What n0 applied of n3 stays with it until n1 and n2 have it all.
+        let known = ["n0".to_owned(), "n1".to_owned(), "n3".to_owned()];
+        let removed = removed_origins(&three, "n0", &known);
+        assert_eq!(removed.iter().collect::<Vec<_>>(), ["n3"]);
+        let needs = removed_needs(&three, "n0", &removed);
+        assert_eq!(needs["n3"], ["n1", "n2"]);
         let ring = mesh("shape = \"ring\"", 3);
         let reshaped = changes(&three, &ring);
         assert!(

@@ -579,6 +579,188 @@ async fn a_region_down_longer_than_the_logs_are_kept_reseeds_when_it_returns() {
     sidecars.terminate_all();
 }
 
+/// Sends region `from`'s dials of region `to` through a proxy the test holds (a `[dial]`
+/// entry in `from`'s config); returns the proxy.
+async fn proxied(sidecars: &common::sidecars::Sidecars, from: usize, to: usize) -> common::proxy::Proxy {
+    let node = &sidecars.mesh.regions[to].node_id;
+    let address = sidecars.mesh.topology.node(node).unwrap().address.clone();
+    let proxy = common::proxy::Proxy::start(&address).await;
+    let config = &sidecars.mesh.regions[from].config_file;
+    let mut text = std::fs::read_to_string(config).unwrap();
+    text += &format!("\n[dial]\n\"{node}\" = \"{}\"\n", proxy.listen);
+    std::fs::write(config, text).unwrap();
+    proxy
+}
+
+/// Peers differ by the tail that was in flight when a region was lost. A region restored from
+/// a backup used to trust the first peer that answered: west, which lacks east's last events,
+/// answered first (the link to south held up here), east numbered its new writes after what
+/// west had, and south, which had east's events under those numbers, dropped the new writes
+/// as duplicates. East now waits for every peer's word (up to `history_wait_secs`) and numbers
+/// after the most any of them has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_region_confirms_its_history_with_the_best_informed_peer() {
+    use common::sidecars::Sidecars;
+    let dir = tempfile::tempdir().unwrap();
+    // No relay: west must not get east's last events from south while east is away.
+    let replication = weft::config::ReplicationConfig {
+        relay_after_ms: 0,
+        ..Default::default()
+    };
+    let topology = weft::harness::loopback::LoopbackMesh::all_to_all(&["east", "west", "south"]);
+    let mut sidecars = Sidecars::with(dir.path(), topology, replication).await;
+    let east_to_south = proxied(&sidecars, 0, 2).await;
+    let south_to_east = proxied(&sidecars, 2, 0).await;
+    sidecars.spawn_all().await;
+    sidecars.write(0, 0, 10, 5).await;
+    sidecars.assert_exactly_once(10).await;
+    let backup = dir.path().join("east-backup.db");
+    sidecars.back_up(0, &backup).await;
+    sidecars.write(0, 10, 10, 5).await;
+    sidecars.wait_items(1, 20, "west never got east's rows").await;
+    // West is away while east writes its last rows: only south has them.
+    sidecars.stop(1).await;
+    sidecars.write(0, 20, 10, 5).await;
+    sidecars.wait_items(2, 30, "south never got east's last rows").await;
+    sidecars.stop(0).await;
+    sidecars.restore(0, &backup).await;
+
+    // South is slow to answer; west is back at once.
+    east_to_south.stall();
+    south_to_east.stall();
+    sidecars.spawn(1, None).await;
+    sidecars.write(0, 30, 5, 5).await;
+    // East's log runs on from its first life: only what it says from here on counts.
+    let before = sidecars.log(0).len();
+    sidecars.spawn(0, None).await;
+    wait_log(&sidecars, 0, "went back in time").await;
+    let started = std::time::Instant::now();
+    loop {
+        let log = sidecars.log(0)[before..].to_owned();
+        if log.contains("history; capturing") {
+            // It trusted west alone: its new writes are numbered and reach west.
+            sidecars.wait_items(1, 25, "west never got east's new rows").await;
+            break;
+        }
+        if log.contains("waits for south-1") {
+            break;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(20), "{log}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    east_to_south.resume();
+    south_to_east.resume();
+    sidecars
+        .wait_items(2, 35, "south lacks east's writes made after the restore")
+        .await;
+    sidecars.assert_exactly_once(35).await;
+    let log = sidecars.log(0);
+    assert!(log.contains("own events 11..=30 are in south-1's copy"), "{log}");
+    sidecars.terminate_all();
+}
+
+/// The events of `origin` still in region `at`'s log.
+async fn logged_of(sidecars: &common::sidecars::Sidecars, at: usize, origin: usize) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM _weft_log WHERE origin = ?")
+        .bind(&sidecars.mesh.regions[origin].node_id)
+        .fetch_one(&sidecars.mesh.regions[at].app)
+        .await
+        .unwrap()
+}
+
+/// Waits until region `at`'s database records that region `peer` has region `origin`'s
+/// events up to `seq`.
+async fn wait_acked(sidecars: &common::sidecars::Sidecars, at: usize, peer: usize, origin: usize, seq: i64) {
+    let regions = &sidecars.mesh.regions;
+    let started = std::time::Instant::now();
+    loop {
+        let acked: Option<i64> = sqlx::query_scalar("SELECT seq FROM _weft_acks WHERE peer = ? AND origin = ?")
+            .bind(&regions[peer].node_id)
+            .bind(&regions[origin].node_id)
+            .fetch_optional(&regions[at].app)
+            .await
+            .unwrap();
+        if acked >= Some(seq) {
+            return;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "{} never heard that {} has {}'s events up to {seq}: {acked:?}",
+            regions[at].region,
+            regions[peer].region,
+            regions[origin].region
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// A region lost for good is taken out of the topology while another survivor is down. The
+/// survivors used to drop the leaver's events from their logs at the reload and refuse them
+/// from each other, so the one that was down never got the leaver's last writes. They now
+/// keep them until every remaining node has them, pass them on when asked, and `weft topology
+/// check --against` says who lacks what before the reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_region_s_last_events_reach_a_survivor_that_was_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let topology = weft::harness::loopback::LoopbackMesh::all_to_all(&["east", "west", "south", "north"]);
+    let sidecars = common::sidecars::Sidecars::with(dir.path(), topology, Default::default()).await;
+    let four_file = dir.path().join("four.toml");
+    std::fs::copy(&sidecars.mesh.topology_file, &four_file).unwrap();
+    let mut three = sidecars.mesh.topology.clone();
+    three.nodes.pop();
+    let three_file = dir.path().join("three.toml");
+    std::fs::write(&three_file, toml::to_string(&three).unwrap()).unwrap();
+    sidecars.spawn_all().await;
+    sidecars.write(3, 0, 10, 5).await;
+    sidecars.assert_exactly_once(10).await;
+    // East knows what the others have from their acknowledgements and heartbeats.
+    wait_acked(&sidecars, 0, 2, 3, 10).await;
+    sidecars.stop(2).await;
+    sidecars.write(3, 10, 100, 20).await;
+    sidecars.wait_items(0, 110, "east never got north's rows").await;
+    wait_acked(&sidecars, 0, 1, 3, 110).await;
+    sidecars.kill9(3);
+
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["topology", "check"])
+        .arg(&three_file)
+        .arg("--against")
+        .arg(&four_file)
+        .arg("--config")
+        .arg(&sidecars.mesh.regions[0].config_file)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    std::fs::copy(&three_file, &sidecars.mesh.topology_file).unwrap();
+    for i in 0..2 {
+        sidecars.signal(i, "HUP");
+    }
+    // Past a retention pass of the reloaded survivors (every 10 s).
+    tokio::time::sleep(std::time::Duration::from_secs(11)).await;
+    sidecars.spawn(2, None).await;
+    sidecars
+        .wait_items(
+            2,
+            110,
+            "south never got the last events of north, which left while it was down",
+        )
+        .await;
+    assert!(said.contains("south-1 lacks north-1's events 11..=110"), "{said}");
+    let started = std::time::Instant::now();
+    while logged_of(&sidecars, 0, 3).await > 0 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "east kept north's events after every remaining node had them"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    sidecars.terminate_all();
+}
+
 async fn count_in(sidecars: &common::sidecars::Sidecars, i: usize, sql: &str) -> i64 {
     sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
         .fetch_one(&sidecars.mesh.regions[i].app)

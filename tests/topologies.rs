@@ -134,3 +134,54 @@ async fn all_to_all_relays_around_a_cut_link_until_it_is_back() {
     }
     sidecars.terminate_all();
 }
+
+/// The events of `origin` still in region `at`'s log.
+async fn logged_of(sidecars: &Sidecars, at: usize, origin: usize) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM _weft_log WHERE origin = ?")
+        .bind(&sidecars.mesh.regions[origin].node_id)
+        .fetch_one(&sidecars.mesh.regions[at].app)
+        .await
+        .unwrap()
+}
+
+/// A hub that only relays (its own application idle) keeps a stopped spoke's share of another
+/// spoke's events until its retention drops them. That spoke used to come back to an empty
+/// read of the relayed origin: nothing sent, nothing said, and the rows missing for good once
+/// their origin was gone. The hub now remembers how far its log of each origin went, so an
+/// empty read below that finds the spoke behind, and it re-seeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_origin_trimmed_to_nothing_is_reported_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let replication = ReplicationConfig {
+        log_retain_secs: 1,
+        ..Default::default()
+    };
+    let sidecars = Sidecars::with(dir.path(), topology("shape = \"star\"\nhub = \"r1-1\"", 3), replication).await;
+    sidecars.spawn_all().await;
+    sidecars.write(0, 0, 5, 5).await;
+    sidecars.wait_items(2, 5, "r2 never got r0's first rows").await;
+    sidecars.stop(2).await;
+    sidecars.write(0, 5, 10, 5).await;
+    sidecars.wait_items(1, 15, "the hub never got r0's rows").await;
+    sidecars.kill9(0);
+    // The hub's retention drops r0's events (older than a second) at its next pass.
+    let started = Instant::now();
+    while logged_of(&sidecars, 1, 0).await > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(40),
+            "the hub never trimmed r0's events"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    sidecars.spawn(2, None).await;
+    sidecars
+        .wait_items(
+            2,
+            15,
+            "r2 never got r0's last rows, which only the hub's trimmed log had",
+        )
+        .await;
+    let log = std::fs::read_to_string(dir.path().join("r2.log")).unwrap();
+    assert!(log.contains("joined the mesh"), "{log}");
+    sidecars.terminate_all();
+}

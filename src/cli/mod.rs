@@ -103,6 +103,10 @@ pub enum TopologyCommand {
         file: PathBuf,
         #[arg(long, value_name = "OLD")]
         against: Option<PathBuf>,
+        /// With `--against`: the config of a node that remains, whose database says how far
+        /// each remaining node has the events of the nodes that leave.
+        #[arg(long, value_name = "NODE_CONFIG", requires = "against")]
+        config: Option<PathBuf>,
     },
     /// Draw the graph of FILE in the terminal.
     Show { file: PathBuf },
@@ -136,8 +140,8 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Ownership { config, command } => ownership::run(&config, command).await,
         Command::DeadLetters { config, command } => dead_letters::run(&config, command).await,
         Command::Topology {
-            command: TopologyCommand::Check { file, against },
-        } => topology::check(&file, against.as_deref()),
+            command: TopologyCommand::Check { file, against, config },
+        } => topology::check(&file, against.as_deref(), config.as_deref()).await,
         Command::Topology {
             command: TopologyCommand::Show { file },
         } => topology::show(&file),
@@ -288,6 +292,11 @@ async fn status(path: PathBuf, json: bool) -> anyhow::Result<()> {
         "dead letters {}, conflicts logged {}",
         status.dead_letters, status.conflicts
     );
+    if let Some(history) = &status.history {
+        println!(
+            "\nCAPTURE WAITS: the history of this database is not confirmed: {history}; local changes wait in the outbox"
+        );
+    }
     if let Some(join) = &status.joining {
         let percent = 100.0 * join.rows_done as f64 / join.rows_total.max(1) as f64;
         println!(

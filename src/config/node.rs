@@ -67,6 +67,10 @@ pub struct ReplicationConfig {
     /// ownership, refused by the database). Past it, a batch that would add one is refused
     /// and resent later: the link from that peer waits, nothing is lost.
     pub max_dead_letters_per_cause: u64,
+    /// At start, how long this node waits for every gRPC peer to say how many of its own
+    /// events it has before it numbers changes (`transport::history`); past it, the peers
+    /// that answered decide. 0 = decide on the first answer.
+    pub history_wait_secs: u64,
 }
 
 impl Default for ReplicationConfig {
@@ -92,6 +96,7 @@ impl Default for ReplicationConfig {
             max_streams_per_connection: 32,
             opens_per_address_per_sec: 50,
             max_dead_letters_per_cause: 100_000,
+            history_wait_secs: 30,
         }
     }
 }
@@ -141,6 +146,9 @@ impl ReplicationConfig {
     }
     pub fn max_clock_skew(&self) -> Duration {
         Duration::from_millis(self.max_clock_skew_ms)
+    }
+    pub fn history_wait(&self) -> Duration {
+        Duration::from_secs(self.history_wait_secs)
     }
     pub fn relay_after(&self) -> Option<Duration> {
         (self.relay_after_ms > 0).then(|| Duration::from_millis(self.relay_after_ms))

@@ -130,6 +130,8 @@ pub trait Backend: Send + Sync + Sized + 'static {
     async fn read_log(&self, origin: &str, after: u64, limit: i64) -> Result<Vec<LogEntry>, StoreError>;
     /// Applied frontier per origin, read without the writer.
     async fn frontiers(&self) -> Result<BTreeMap<NodeId, u64>, StoreError>;
+    /// The highest seq of `origin` the log has dropped (0 if none), read without the writer.
+    async fn log_high(&self, origin: &str) -> Result<u64, StoreError>;
 
     /// A connection on which acknowledgements are recorded beside the writer, or `None` to
     /// use the writer (SQLite has a single writer).

@@ -129,8 +129,21 @@ macro_rules! metadata_io {
                 .collect())
         }
 
-        /// Drops log entries of `origin` up to `through`; returns how many went.
+        /// Drops log entries of `origin` up to `through`; returns how many went. The highest
+        /// seq dropped raises the origin's high-water mark (`log_high`) first, so a log
+        /// trimmed to nothing still says how far it went.
         pub(super) async fn trim_log(conn: &mut $conn, origin: &str, through: u64) -> Result<u64, $crate::store::StoreError> {
+            let sql = meta("SELECT max(seq) FROM {w}log WHERE origin = $1 AND seq <= $2");
+            let dropped: Option<i64> = sqlx::query_scalar(sql)
+                .bind(origin)
+                .bind(through.min(i64::MAX as u64) as i64)
+                .fetch_one(&mut *conn)
+                .await?;
+            let key = log_high_key(origin);
+            let high = node_text(conn, &key).await?.and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
+            if let Some(dropped) = dropped.filter(|&d| d > high) {
+                set_node_text(conn, &key, Some(&dropped.to_string())).await?;
+            }
             let sql = meta("DELETE FROM {w}log WHERE origin = $1 AND seq <= $2");
             Ok(sqlx::query(sql)
                 .bind(origin)
@@ -234,6 +247,21 @@ macro_rules! metadata_io {
                 queue_open: queue_open as u64,
                 queue_siblings: queue_siblings as u64,
             })
+        }
+
+        fn log_high_key(origin: &str) -> String {
+            format!("log_high:{origin}")
+        }
+
+        /// The highest seq of `origin` this node's log has dropped (0 if none): the log went
+        /// at least that far, whatever it holds now.
+        pub(super) async fn log_high<'c>(
+            executor: impl sqlx::Executor<'c, Database = $db>,
+            origin: &str,
+        ) -> Result<u64, $crate::store::StoreError> {
+            let sql = meta("SELECT CAST(value AS TEXT) FROM {w}node WHERE name = $1");
+            let value: Option<String> = sqlx::query_scalar(sql).bind(log_high_key(origin)).fetch_optional(executor).await?;
+            Ok(value.and_then(|v| v.parse().ok()).unwrap_or(0))
         }
 
         fn behind_log_key(peer: &str, origin: &str) -> String {

@@ -190,6 +190,8 @@ pub struct Status {
     /// topic's name, next offset), and how far this node's log is published
     /// (`published:<topic>:<origin>`, last seq).
     pub positions: Vec<(String, i64)>,
+    /// What the history gate waits for while capture waits on it (`transport::history`).
+    pub history: Option<String>,
     /// What the database counts by table, strategy and cause.
     pub breakdown: Breakdown,
 }
@@ -269,14 +271,21 @@ impl Store {
     /// The status of the node `config` describes, read from its database as `weft status`
     /// reads it (a sidecar may be serving it).
     pub async fn status_of(config: &crate::config::NodeConfig) -> Result<Status, StoreError> {
+        let peers = crate::topology::routed_origins(&config.topology, &config.node);
+        Store::status_for(config, &peers).await
+    }
+
+    /// `status_of`, with what each of `peers` has acknowledged of the origins named with it.
+    pub async fn status_for(
+        config: &crate::config::NodeConfig,
+        peers: &[(NodeId, Vec<NodeId>)],
+    ) -> Result<Status, StoreError> {
         let identity = crate::event::Identity {
             node: config.node.clone(),
             region: config.region().to_owned(),
         };
         let store = Store::inspect(&config.database, identity).await?;
-        let status = store
-            .status(&crate::topology::routed_origins(&config.topology, &config.node))
-            .await;
+        let status = store.status(peers).await;
         store.close().await;
         status
     }
@@ -332,6 +341,11 @@ impl Store {
         both!(self, s => backend::Backend::wait_for_change(&s.backend, poll).await)
     }
 
+    /// Records (or clears) for `weft status` what the history gate waits for.
+    pub async fn note_history(&self, note: Option<&str>) -> Result<(), StoreError> {
+        both!(self, s => s.note_history(note).await)
+    }
+
     /// Records (or clears) for `weft status` that `peer` is behind this node's log of `origin`.
     pub async fn note_behind_log(&self, peer: &str, origin: &str, note: Option<&str>) -> Result<(), StoreError> {
         both!(self, s => s.note_behind_log(peer, origin, note).await)
@@ -345,6 +359,13 @@ impl Store {
     /// Applied frontier per origin: what this node has of each origin's events.
     pub async fn frontiers(&self) -> Result<BTreeMap<NodeId, u64>, StoreError> {
         both!(self, s => s.frontiers().await)
+    }
+
+    /// How far this node's log of `origin` went before retention or acknowledgements
+    /// trimmed it (0 if nothing was trimmed): a peer behind that is behind the log, even
+    /// when nothing of `origin` is left in it.
+    pub async fn log_high(&self, origin: &str) -> Result<u64, StoreError> {
+        both!(self, s => s.log_high(origin).await)
     }
 
     /// Purges the tombstones below the causal stability `horizon` (`gc`).

@@ -74,6 +74,8 @@ pub const DEFAULT_DEAD_LETTER_LIMIT: u64 = 100_000;
 
 /// The node-table entry holding this node's CRDT actor name, once it differs from its id.
 pub(crate) const CRDT_ACTOR: &str = "crdt_actor";
+/// The node-table entry that says what the history gate waits for (`note_history`).
+const HISTORY_NOTE: &str = "history_wait";
 
 /// The writer connection (dialled on demand) and the last own seq it committed, kept for
 /// reporting (`last_seq`); drains number from the database's value, read in their own
@@ -275,6 +277,20 @@ impl<B: Backend> Replica<B> {
         .await
     }
 
+    /// Records for `weft status` what the history gate waits for (`None`: nothing).
+    pub async fn note_history(&self, note: Option<&str>) -> Result<(), StoreError> {
+        self.with_writer(async |this: &Self, conn: &mut Conn<B>, _: &mut u64| {
+            let mut tx = sqlx::Connection::begin_with(conn, sqlx::AssertSqlSafe(B::BEGIN)).await?;
+            this.backend
+                .txn(&Tables::new(), &mut tx)
+                .set_node_text(HISTORY_NOTE, note)
+                .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Runs `f` on the writer connection, dialling it first if needed. Any error drops the
     /// connection (its transaction rolled back); the next call redials.
     pub(crate) async fn with_writer<T>(
@@ -310,6 +326,11 @@ impl<B: Backend> Replica<B> {
     /// Applied frontier per origin.
     pub async fn frontiers(&self) -> Result<BTreeMap<NodeId, u64>, StoreError> {
         self.backend.frontiers().await
+    }
+
+    /// The highest seq of `origin` the log has held and dropped since (0 if none).
+    pub async fn log_high(&self, origin: &str) -> Result<u64, StoreError> {
+        self.backend.log_high(origin).await
     }
 
     /// Log entries of `origin` after `after`, about `max` of them, but always ending on a
@@ -439,6 +460,7 @@ impl<B: Backend> Replica<B> {
             joining: None,
             last_audit: None,
             positions: Vec::new(),
+            history: None,
             breakdown: B::breakdown(&mut tx).await?,
         };
         for (peer, origins) in peers {
@@ -455,6 +477,11 @@ impl<B: Backend> Replica<B> {
             .await?;
         status.last_audit = audit.and_then(|json| serde_json::from_str(&json).ok());
         status.positions = self.backend.txn(&Tables::new(), &mut tx).positions().await?;
+        status.history = self
+            .backend
+            .txn(&Tables::new(), &mut tx)
+            .node_text(HISTORY_NOTE)
+            .await?;
         tx.commit().await?;
         Ok(status)
     }

@@ -7,7 +7,9 @@
 //! the binding counts it and logs it once per cause (`Context::refused`). The checks, per
 //! event:
 //! - **Origin and region**: the origin is a node of the topology and the event claims that
-//!   node's region.
+//!   node's region; or it is a node taken out of the topology whose last events this node
+//!   asked the peer for (it is among `relay_wanted`), whose region and ownership claims can
+//!   no longer be checked.
 //! - **Route**: the origin is the peer itself, one the topology routes through the peer to
 //!   this node, or one this node asked the peer to relay; the path runs from the origin to
 //!   the peer.
@@ -50,16 +52,22 @@ impl Admission<'_> {
     /// Checks every event of a batch; the first refusal refuses it all.
     pub fn check(&self, events: &[Event]) -> Result<(), Refusal> {
         events.iter().try_for_each(|event| {
-            self.origin(event)?;
+            let member = self.origin(event)?;
             self.route(event)?;
-            self.ownership(event)?;
+            if member {
+                self.ownership(event)?;
+            }
             self.version(event)?;
             self.clock(event)
         })
     }
 
-    fn origin(&self, event: &Event) -> Result<(), Refusal> {
+    /// Checks the origin; `false` for a removed origin this node asked for.
+    fn origin(&self, event: &Event) -> Result<bool, Refusal> {
         let Some(node) = self.topology.node(&event.origin) else {
+            if self.relay_wanted.contains(&event.origin) {
+                return Ok(false);
+            }
             return Err(Refusal::UnknownOrigin {
                 origin: event.origin.clone(),
             });
@@ -71,7 +79,7 @@ impl Admission<'_> {
                 region: node.region.clone(),
             });
         }
-        Ok(())
+        Ok(true)
     }
 
     fn route(&self, event: &Event) -> Result<(), Refusal> {
@@ -255,6 +263,35 @@ mod tests {
         assert!(
             refused.to_string().contains("a write by r1 to a row it says r0 owns"),
             "{refused}"
+        );
+    }
+
+    #[test]
+    fn a_removed_origin_is_taken_only_when_asked_for() {
+        let topology = topology();
+        let mut gone = event();
+        gone.origin = "n9".into();
+        gone.origin_region = "r9".into();
+        gone.path = vec!["n9".into(), "n1".into()];
+        gone.version = [("n9".to_string(), 3)].into_iter().collect();
+        gone.ownership.as_mut().unwrap().owner = "r9".into();
+        let admission = |wanted: &[NodeId]| {
+            Admission {
+                topology: &topology,
+                me: "n0",
+                peer: "n1",
+                relay_wanted: wanted,
+                max_ahead_ms: 1000,
+                now_ms: Hlc(1 << 22).physical_ms(),
+                my_last_seq: 5,
+            }
+            .check(std::slice::from_ref(&gone))
+        };
+        assert_eq!(admission(&[]).unwrap_err().cause(), "unknown origin");
+        assert_eq!(
+            admission(&["n9".to_owned()]),
+            Ok(()),
+            "its region and owner left with it"
         );
     }
 

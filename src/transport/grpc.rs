@@ -292,35 +292,34 @@ impl Inbound {
         })))
     }
 
+    /// The origins this node asks the peer to relay: those whose direct link is silent, and
+    /// those taken out of the topology, whose last events any remaining peer may hold.
     fn relay_wanted(&self) -> Vec<NodeId> {
-        self.ctx
+        let mut wanted = self
+            .ctx
             .heard
-            .relay_requests(&self.ctx.config, &self.peer, Instant::now())
+            .relay_requests(&self.ctx.config, &self.peer, Instant::now());
+        wanted.extend(self.ctx.removed.iter().cloned());
+        wanted
     }
 }
 
 impl Service {
-    /// What the peer has of this node's own events confirms this database's history, or
-    /// shows that it went back in time: then the node re-seeds from the peer, and the stream
-    /// waits until it has.
+    /// What the peer has of this node's own events is its word to the history gate. More
+    /// than this database holds shows it went back in time: the stream is refused until the
+    /// node has re-seeded (from the peer that has most of its events, once the gate has
+    /// heard the others).
     async fn check_history(&self, hello: &proto::Hello) -> Result<(), Status> {
         let me = &self.ctx.config.node;
-        let knows = [(me.clone(), hello.knows_of_you)].into_iter().collect();
         let ours = self.ctx.store.last_seq().await;
-        match handshake::WentBack::check(me, &hello.node_id, &knows, ours) {
-            None => {
-                self.ctx.peer_confirmed();
-                Ok(())
-            }
-            Some(went_back) => {
-                self.ctx
-                    .request_join(super::join::JoinRequest::went_back(&hello.node_id, me, &went_back));
-                Err(Status::unavailable(format!(
-                    "{me}'s database went back in time; it is re-seeding from {}",
-                    hello.node_id
-                )))
-            }
+        self.ctx.history_heard(&hello.node_id, hello.knows_of_you, ours);
+        self.ctx.reconsider_history().await;
+        if hello.knows_of_you > ours {
+            return Err(Status::unavailable(format!(
+                "{me}'s database went back in time; it re-seeds from the peer that has most of its events"
+            )));
         }
+        Ok(())
     }
 }
 
@@ -418,7 +417,7 @@ impl proto::replication_server::Replication for Service {
 /// Feeds one peer until shutdown, redialling with the feeder's backoff after any failure.
 pub async fn feed_peer(ctx: Context, peer: NodeSpec) {
     let mut shutdown = ctx.shutdown.clone();
-    let mut feeder = Feeder::new(Settings::for_peer(&ctx.config, &peer.id));
+    let mut feeder = Feeder::new(Settings::for_peer(&ctx.config, &peer.id).keeping(&ctx.removed));
     let mut backoff = Backoff::default();
     loop {
         if *shutdown.borrow() {
@@ -546,14 +545,14 @@ impl Outbound<'_> {
             .map_err(|refusal| self.protocol(&refusal.to_string()))?;
         let frontiers = frontiers_from_proto(welcome.frontiers);
         let ours = self.ctx.store.last_seq().await;
-        if let Some(went_back) = handshake::WentBack::check(&config.node, self.peer, &frontiers, ours) {
+        let knows = frontiers.get(&config.node).copied().unwrap_or(0);
+        self.ctx.history_heard(self.peer, knows, ours);
+        self.ctx.reconsider_history().await;
+        if knows > ours {
             // Nothing is numbered until this is settled (capture waits for `verified`): the
-            // join raises this node's seq past what the peer has, then re-seeds from it.
-            self.ctx
-                .request_join(super::join::JoinRequest::went_back(self.peer, &config.node, &went_back));
-            return Err(self.protocol("this node's database went back in time; re-seeding from this peer"));
+            // join raises this node's seq past what the best-informed peer has, then re-seeds.
+            return Err(self.protocol("this node's database went back in time; it re-seeds before streaming"));
         }
-        self.ctx.peer_confirmed();
         let connected = self.feeder.on_welcome(frontiers, Instant::now());
         self.ctx.connected(self.peer, &connected);
         Ok(inbound)
@@ -607,14 +606,22 @@ impl Outbound<'_> {
                 if bytes >= budget {
                     break;
                 }
-                // This node's last seq before its log: a drain between the two only adds.
-                let produced = (read.origin == self.ctx.config.node).then(|| *self.ctx.log_grew.borrow());
+                // How far the log of this origin went: for this node's own, its last seq read
+                // before the log (a drain between the two only adds).
+                let own = (read.origin == self.ctx.config.node).then(|| *self.ctx.log_grew.borrow());
                 let entries = self
                     .ctx
                     .store
                     .read_log_within(&read.origin, read.after, read.max, (budget - bytes, hard - bytes))
                     .await?;
                 let first = entries.first().map(|e| e.seq);
+                // A relayed origin trimmed to nothing: what the log dropped of it says how far
+                // it went (the peer is behind if that is past its frontier).
+                let produced = match (own, first) {
+                    (Some(own), _) => Some(own),
+                    (None, None) => Some(self.ctx.store.log_high(&read.origin).await?),
+                    (None, Some(_)) => None,
+                };
                 if let Some(behind) = BehindLog::check(self.peer, &read.origin, read.after, first, produced) {
                     // Tell the peer, so it re-seeds by snapshot; the stream ends either way.
                     let _ = self

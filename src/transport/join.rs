@@ -3,7 +3,9 @@
 //! holds and why pages need not be one point in time).
 //!
 //! A join starts when a peer's feeder finds this node behind its log and says so with a
-//! `Reseed` frame, or at start when the database holds a join in progress. It copies every
+//! `Reseed` frame, when the history gate finds this database went back in time (from the
+//! peer that has most of its events), or at start when the database holds a join in
+//! progress. Requests that come while a join runs wait for their turn. It copies every
 //! replicated table from that one peer in chunks of `snapshot_page_rows`, installing each
 //! chunk with the join's progress in one transaction, so a crash or a lost connection resumes
 //! after the last chunk installed. The serving side reads a chunk only when the previous one
@@ -362,9 +364,11 @@ async fn join_once(ctx: &Context, peer: &NodeSpec, state: &mut JoinState) -> Res
         state.rows_total = first.table_rows.values().sum();
         tracing::info!(source = %peer.id, rows = state.rows_total, frontiers = ?state.frontiers, "snapshot begins");
     }
-    // This node's own seq goes past what the source has of it before anything is drained
-    // (the first page drains), so no change made here reuses a seq the mesh already has.
-    let own = state.frontiers.get(&config.node).copied().unwrap_or(0);
+    // This node's own seq goes past what the source (or any peer that answered the history
+    // gate) has of it before anything is drained (the first page drains), so no change made
+    // here reuses a seq the mesh already has.
+    let source_has = state.frontiers.get(&config.node).copied().unwrap_or(0);
+    let own = source_has.max(ctx.history.lock().expect("history lock").most_known());
     let ours = ctx.store.last_seq().await;
     if own > ours {
         ctx.store.raise_own_seq(own).await?;
@@ -376,7 +380,8 @@ async fn join_once(ctx: &Context, peer: &NodeSpec, state: &mut JoinState) -> Res
             peer.id
         );
     }
-    ctx.peer_confirmed();
+    ctx.history_heard(&peer.id, source_has, own.max(ours));
+    ctx.reconsider_history().await;
     let mut progress = Progress::new(state);
     while let Some(chunk) = chunks.message().await.map_err(refused)? {
         if chunk.done {

@@ -4,6 +4,8 @@
 //! - [`session`]: the sender's sans-IO state machine (resume from the receiver's frontier,
 //!   window, acks, relay requests, redial backoff), shared by every binding;
 //! - [`handshake`]: Hello admission, a pure check every receiving binding runs first;
+//! - [`history`]: the history gate, which holds capture until the peers have said how many
+//!   of this node's events they have;
 //! - [`grpc`]: the tonic binding (endpoint, streams, framing);
 //! - [`kafka`]: the Kafka binding (feature `kafka`): a topic per node's outgoing log, read
 //!   by each receiver from the position stored with its rows.
@@ -17,6 +19,7 @@ pub mod admission;
 pub mod audit;
 pub mod grpc;
 pub mod handshake;
+pub mod history;
 pub mod join;
 #[cfg(feature = "kafka")]
 pub mod kafka;
@@ -115,10 +118,15 @@ pub struct Context {
     pub joining: watch::Sender<Option<NodeId>>,
     /// Where a peer's word that this node must re-seed goes (`join::join_loop`).
     pub join_requests: tokio::sync::mpsc::Sender<join::JoinRequest>,
-    /// Whether a peer has confirmed, since this node started, that its database did not go
-    /// back in time (or it has no peer to ask). Until then nothing is drained: numbering
+    /// Whether the peers have confirmed, since this node started, that its database did not
+    /// go back in time (or it has no peer to ask). Until then nothing is drained: numbering
     /// changes after a restore would reuse seqs the peers have, which they would drop.
     pub verified: watch::Sender<bool>,
+    /// Origins taken out of the topology whose events this node holds
+    /// (`topology::removed_origins`), as of its start.
+    pub removed: Arc<std::collections::BTreeSet<NodeId>>,
+    /// What the peers said of this node's own events since it started (`history`).
+    pub history: Arc<Mutex<history::Gate>>,
     /// The latest report of every node this node has heard of (`stability`).
     pub reports: Arc<Reports>,
     /// (peer, cause) of the batches refused so far, each logged once.
@@ -275,6 +283,12 @@ impl Context {
     pub fn follow(&self, peer: &str, effects: Effects) {
         if let Some(frontiers) = &effects.acknowledged {
             self.record_acks(peer, frontiers);
+            if !*self.verified.borrow() {
+                // A peer that was joining when it said Welcome has its word by now: the gate
+                // need not wait for it to redial.
+                let knows = frontiers.get(&self.config.node).copied().unwrap_or(0);
+                self.history.lock().expect("history lock").heard(peer, knows);
+            }
         }
         if let Some(own) = effects.own_acked {
             self.observer.acked(peer, own);
@@ -284,7 +298,11 @@ impl Context {
         }
         if let Some(change) = effects.relay {
             for origin in &change.started {
-                tracing::warn!(%peer, %origin, "relaying {origin}'s events to {peer}: their direct link is down");
+                if self.config.topology.node(origin).is_none() {
+                    tracing::info!(%peer, %origin, "passing {origin}'s last events on to {peer} where it lacks them: {origin} was taken out of the topology");
+                } else {
+                    tracing::warn!(%peer, %origin, "relaying {origin}'s events to {peer}: their direct link is down");
+                }
             }
             for origin in &change.stopped {
                 tracing::info!(%peer, %origin, "stopped relaying {origin}'s events to {peer}: their link is back");
@@ -356,13 +374,70 @@ impl Context {
         }
     }
 
-    /// A peer says this node needs events its log no longer holds: ask for a join from it
-    /// (the join loop takes one at a time and drops requests that no longer hold).
+    /// A peer says this node needs events its log no longer holds: ask for a join from it.
+    /// The join loop takes one at a time, keeps those that come while a join runs, and drops
+    /// those that no longer hold when their turn comes.
     pub fn request_join(&self, request: join::JoinRequest) {
         tracing::warn!(peer = %request.peer, origin = %request.origin, needs = request.needs, "{}", request.reason);
-        if self.joining.borrow().is_none() && self.join_requests.try_send(request).is_err() {
-            tracing::debug!("a re-seed request is already waiting");
+        if self.join_requests.try_send(request).is_err() {
+            tracing::debug!("re-seed requests are already waiting");
         }
+    }
+
+    /// Records `peer`'s word on this node's history: it has this node's events up to
+    /// `knows`. A new word showing the database went back is said at WARN (once per word).
+    pub fn history_heard(&self, peer: &str, knows: u64, ours: u64) {
+        let new = self.history.lock().expect("history lock").heard(peer, knows);
+        if let Some(went_back) = handshake::WentBack::check(
+            &self.config.node,
+            peer,
+            &[(self.config.node.clone(), knows)].into(),
+            ours,
+        ) && new
+        {
+            tracing::warn!(%peer, has = knows, ours, "{went_back}");
+        }
+    }
+
+    /// Acts on what the history gate says now: confirms this node's history, asks for a
+    /// re-seed from the peer that has most of its events, or says whom it waits for.
+    pub async fn reconsider_history(&self) -> history::Verdict {
+        let ours = self.store.last_seq().await;
+        let verdict = self.history.lock().expect("history lock").verdict(ours, Instant::now());
+        match &verdict {
+            history::Verdict::Confirmed { unheard } => {
+                if !unheard.is_empty() && !*self.verified.borrow() {
+                    let wait = self.history.lock().expect("history lock").wait();
+                    tracing::warn!(
+                        unheard = %unheard.join(", "),
+                        "confirming this database's history without the word of {} after waiting {wait:?} \
+                         (history_wait_secs): if one of them has more of this node's events, those are numbered \
+                         again here and lost there",
+                        unheard.join(", ")
+                    );
+                }
+                self.peer_confirmed();
+            }
+            history::Verdict::WentBack(went_back) => {
+                if self.history.lock().expect("history lock").ask(went_back) {
+                    self.request_join(join::JoinRequest::went_back(
+                        &went_back.peer,
+                        &self.config.node,
+                        went_back,
+                    ));
+                }
+            }
+            history::Verdict::Waiting { unheard } => {
+                if self.history.lock().expect("history lock").waiting_changed(unheard) {
+                    tracing::info!(
+                        "this node waits for {} to say how many of its events they have before it numbers any change \
+                         (at most history_wait_secs from start, then those that answered decide)",
+                        unheard.join(", ")
+                    );
+                }
+            }
+        }
+        verdict
     }
 
     /// Whether this node publishes its log into a Kafka topic (a downstream peer on a Kafka
@@ -375,8 +450,8 @@ impl Context {
             .any(|peer| topology.link_transport(me, &peer.id) == crate::config::Transport::Kafka)
     }
 
-    /// A gRPC peer (or a join from one) confirmed this node's history: enough unless the
-    /// node publishes on Kafka (`publishes_on_kafka`), where the Kafka check decides.
+    /// The gRPC peers (`history`) confirmed this node's history: enough unless the node
+    /// publishes on Kafka (`publishes_on_kafka`), where the Kafka check decides.
     pub fn peer_confirmed(&self) {
         if !self.publishes_on_kafka() {
             self.verify();
@@ -389,7 +464,7 @@ impl Context {
             let was = *v;
             *v = true;
             if !was {
-                tracing::info!("a peer confirmed this database's history; capturing");
+                tracing::info!("the peers confirmed this database's history; capturing");
             }
             !was
         });

@@ -72,6 +72,13 @@ impl Settings {
             peer_timeout: config.replication.peer_timeout(),
         }
     }
+
+    /// Also relays, when the peer asks, the origins taken out of the topology this node
+    /// still holds events of (`topology::removed_origins`).
+    pub fn keeping(mut self, removed: &BTreeSet<NodeId>) -> Self {
+        self.kept.extend(removed.iter().cloned());
+        self
+    }
 }
 
 /// One read of the log: up to about `max` events of `origin` with seq > `after`.
@@ -423,6 +430,9 @@ mod tests {
         assert!(behind.to_string().contains("log starts at seq 41"), "{behind}");
         let behind = BehindLog::check("p", "o", 3, None, Some(40)).unwrap();
         assert!(behind.to_string().contains("holds none of them"), "{behind}");
+        // A relayed origin trimmed to nothing: its log went to 12, the peer has 3.
+        assert!(BehindLog::check("p", "r", 3, None, Some(12)).is_some());
+        assert_eq!(BehindLog::check("p", "r", 12, None, Some(12)), None);
     }
 
     use super::*;
@@ -658,8 +668,9 @@ pub struct BehindLog {
 
 impl BehindLog {
     /// Whether a read of `origin`'s log after `after` shows `peer` behind it: `first` is the
-    /// first entry found; `produced`, for this node's own origin, its last seq read before
-    /// the log (everything past `after` up to it should be there).
+    /// first entry found; `produced` how far the log of `origin` went (for this node's own
+    /// origin its last seq read before the log, for another the highest seq its log dropped):
+    /// everything past `after` up to it should be there.
     pub fn check(peer: &str, origin: &str, after: u64, first: Option<u64>, produced: Option<u64>) -> Option<Self> {
         let missing = match first {
             Some(seq) => seq > after + 1,

@@ -342,6 +342,10 @@ impl Backend for Postgres {
         metadata::frontiers(&self.readers).await
     }
 
+    async fn log_high(&self, origin: &str) -> Result<u64, StoreError> {
+        metadata::log_high(&self.readers, origin).await
+    }
+
     async fn ack_connection(&self) -> Result<Option<sqlx::pool::PoolConnection<PgDb>>, StoreError> {
         Ok(Some(self.readers.acquire().await?))
     }

@@ -287,6 +287,10 @@ impl Backend for Sqlite {
         metadata::frontiers(&self.readers).await
     }
 
+    async fn log_high(&self, origin: &str) -> Result<u64, StoreError> {
+        metadata::log_high(&self.readers, origin).await
+    }
+
     async fn ack_connection(&self) -> Result<Option<sqlx::pool::PoolConnection<SqliteDb>>, StoreError> {
         Ok(None)
     }
