@@ -473,7 +473,11 @@ async fn a_sidecar_down_during_a_huge_transaction_catches_up_in_bounded_pieces()
         .unwrap();
     sidecars.spawn(0, None).await;
     sidecars.write(0, ROWS, 100, 10).await;
-    sidecars.assert_exactly_once(ROWS + 100).await;
+    // Not a speed test (the benchmarks measure throughput): on two shared cores, with the
+    // other tests of this file running beside it, shipping 200,000 rows twice takes minutes.
+    sidecars
+        .assert_exactly_once_within(ROWS + 100, std::time::Duration::from_secs(300))
+        .await;
     for i in 0..3 {
         let peak = sidecars.peak_rss_mib(i);
         println!("{}: peak RSS {peak} MiB", sidecars.mesh.regions[i].region);

@@ -367,7 +367,14 @@ impl Sidecars {
     }
 
     pub async fn assert_exactly_once(&self, expected_rows: i64) {
-        self.mesh.wait_converged(Duration::from_secs(90)).await.unwrap();
+        self.assert_exactly_once_within(expected_rows, Duration::from_secs(90))
+            .await;
+    }
+
+    /// `assert_exactly_once`, waiting up to `within` for the regions to converge (a test that
+    /// ships hundreds of thousands of rows on a shared machine needs longer).
+    pub async fn assert_exactly_once_within(&self, expected_rows: i64, within: Duration) {
+        self.mesh.wait_converged(within).await.unwrap();
         for region in &self.mesh.regions {
             let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM items")
                 .fetch_one(&region.app)
