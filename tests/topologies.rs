@@ -181,7 +181,18 @@ async fn a_relayed_origin_trimmed_to_nothing_is_reported_behind() {
             "r2 never got r0's last rows, which only the hub's trimmed log had",
         )
         .await;
-    let log = std::fs::read_to_string(dir.path().join("r2.log")).unwrap();
-    assert!(log.contains("joined the mesh"), "{log}");
+    // The rows are in before the join's last page, which logs the line.
+    let started = Instant::now();
+    loop {
+        let log = std::fs::read_to_string(dir.path().join("r2.log")).unwrap();
+        if log.contains("joined the mesh") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "r2 never re-seeded:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     sidecars.terminate_all();
 }
