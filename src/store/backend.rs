@@ -210,7 +210,8 @@ pub struct ConflictRecord<'a> {
     pub loser: String,
 }
 
-/// A dead letter as a snapshot hands it to a joiner (`transport::join`).
+/// A dead letter's stored fields: as a snapshot hands it to a joiner (`transport::join`),
+/// and as `insert_dead_letter` stores a new one.
 #[derive(Debug, Clone)]
 pub struct CopiedLetter {
     /// Its id at the source (to page on); not kept by the joiner.

@@ -363,6 +363,33 @@ macro_rules! metadata_io {
                 .collect())
         }
 
+        /// Inserts `letter` as a new dead letter, due for a retry at once unless its cause is
+        /// never retried.
+        async fn store_letter(
+            conn: &mut $conn,
+            letter: &$crate::store::backend::CopiedLetter,
+        ) -> Result<(), $crate::store::StoreError> {
+            let sql = meta(
+                "INSERT INTO {w}dead_letters (origin, seq, tbl, key, reason, event, at, attempts, retry_at, cause) \
+                 VALUES ($1, $2, $3, $4, $5, $6, {now}, 0, {now} + $7, $8)",
+            );
+            sqlx::query(sql)
+                .bind(&letter.origin)
+                .bind(letter.seq as i64)
+                .bind(&letter.table)
+                .bind(&letter.key)
+                .bind(&letter.reason)
+                .bind(&letter.event)
+                .bind(match $crate::store::backend::Cause::retried_by_name(&letter.cause) {
+                    false => $crate::store::backend::NEVER_MICROS,
+                    true => $crate::store::backend::retry_backoff_micros(0),
+                })
+                .bind(&letter.cause)
+                .execute(&mut *conn)
+                .await?;
+            Ok(())
+        }
+
         /// Stores `letter` (another node's) as a letter of this node, unless it holds that
         /// letter already (same event, key and cause). Returns whether it was new.
         pub(super) async fn copy_letter(
@@ -383,24 +410,7 @@ macro_rules! metadata_io {
             if count > 0 {
                 return Ok(false);
             }
-            let sql = meta(
-                "INSERT INTO {w}dead_letters (origin, seq, tbl, key, reason, event, at, attempts, retry_at, cause) \
-                 VALUES ($1, $2, $3, $4, $5, $6, {now}, 0, {now} + $7, $8)",
-            );
-            sqlx::query(sql)
-                .bind(&letter.origin)
-                .bind(letter.seq as i64)
-                .bind(&letter.table)
-                .bind(&letter.key)
-                .bind(&letter.reason)
-                .bind(&letter.event)
-                .bind(match $crate::store::backend::Cause::retried_by_name(&letter.cause) {
-                    false => $crate::store::backend::NEVER_MICROS,
-                    true => $crate::store::backend::retry_backoff_micros(0),
-                })
-                .bind(&letter.cause)
-                .execute(&mut *conn)
-                .await?;
+            store_letter(conn, letter).await?;
             Ok(true)
         }
 
@@ -607,24 +617,17 @@ macro_rules! metadata_io {
                     stored: stored as u64,
                 });
             }
-            let sql = meta(
-                "INSERT INTO {w}dead_letters (origin, seq, tbl, key, reason, event, at, attempts, retry_at, cause) \
-                 VALUES ($1, $2, $3, $4, $5, $6, {now}, 0, {now} + $7, $8)",
-            );
-            sqlx::query(sql)
-                .bind(&event.origin)
-                .bind(event.seq as i64)
-                .bind(&event.table)
-                .bind(event.key.to_string())
-                .bind(letter.reason)
-                .bind($crate::wire::encode_event(event))
-                .bind(match letter.cause.retried() {
-                    false => $crate::store::backend::NEVER_MICROS,
-                    true => $crate::store::backend::retry_backoff_micros(0),
-                })
-                .bind(letter.cause.as_str())
-                .execute(&mut *conn)
-                .await?;
+            let row = $crate::store::backend::CopiedLetter {
+                id: 0,
+                origin: event.origin.clone(),
+                seq: event.seq,
+                table: event.table.clone(),
+                key: event.key.to_string(),
+                reason: letter.reason.to_owned(),
+                cause: letter.cause.as_str().to_owned(),
+                event: $crate::wire::encode_event(event),
+            };
+            store_letter(conn, &row).await?;
             Ok(())
         }
 
